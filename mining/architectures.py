@@ -1,0 +1,194 @@
+"""Per-architecture table: TransformerLens hook sites -> Hugging Face module paths.
+
+Each site names a module inside one block and whether the activation is that module's
+input (forward pre-hook) or output (forward hook). "" is the block itself.
+
+| site                | gpt2 / gpt_neo          | gpt_neox (Pythia)         | gptj          | llama-like              | bert                        |
+|---------------------|-------------------------|---------------------------|---------------|-------------------------|-----------------------------|
+| hook_resid_pre      | block in                | block in                  | block in      | block in                | layer in                    |
+| attn.hook_z         | attn.c_proj in          | attention.dense in        | attn.out_proj | self_attn.o_proj in     | attention.output.dense in   |
+|                     | (neo: attn.attention.out_proj)                      | in            |                         |                             |
+| hook_resid_mid      | ln_2 in                 | post_attention_layernorm  | -             | post_attention_layernorm| attention.output.LayerNorm  |
+|                     |                         | in (only if not parallel) |               | in                      | out                         |
+| mlp.hook_pre        | mlp.c_fc out            | mlp.dense_h_to_4h out     | mlp.fc_in out | mlp.gate_proj out       | intermediate.dense out      |
+| mlp.hook_pre_linear | -                       | -                         | -             | mlp.up_proj out         | -                           |
+| mlp.hook_post       | mlp.c_proj in           | mlp.dense_4h_to_h in      | mlp.fc_out in | mlp.down_proj in        | output.dense in             |
+| hook_resid_post     | block out               | block out                 | block out     | block out               | layer out                   |
+
+llama-like = llama, mistral, qwen2, qwen3, smollm3 (same module names, pre-norm, gated MLP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from torch import nn
+
+from .errors import UserError
+
+IN, OUT = "input", "output"
+
+SITE_ORDER = (
+    "hook_resid_pre",
+    "attn.hook_z",
+    "hook_resid_mid",
+    "mlp.hook_pre",
+    "mlp.hook_pre_linear",
+    "mlp.hook_post",
+    "hook_resid_post",
+)
+"""Every site any architecture can have, in the order they happen inside a block."""
+
+NOT_YET = {
+    "attn.hook_pattern": "attention patterns are not supported yet (they only exist with eager attention "
+    "and are (heads, T, T) per token, not a fixed-width activation)",
+}
+
+
+@dataclass(frozen=True)
+class Arch:
+    family: str
+    base: str
+    """Attribute holding the base model inside task wrappers (LlamaForCausalLM.model, GPT2LMHeadModel.transformer)."""
+    layers: str
+    """Path of the nn.ModuleList of blocks inside the base model."""
+    sites: Mapping[str, tuple[str, str]]
+    """site -> (module path inside the block, IN or OUT)."""
+    final_norm: str | None
+    """Path of the norm applied before the unembedding, inside the base model."""
+    parallel: Callable[[object], bool] = field(default=lambda config: False)
+    """True when attention and MLP both read the block input (no residual stream between them)."""
+
+    @property
+    def gated(self) -> bool:
+        return "mlp.hook_pre_linear" in self.sites
+
+
+def _sites(z: str, mid: str | None, pre: str, post: str, pre_linear: str | None = None, mid_dir: str = IN):
+    s = {"hook_resid_pre": ("", IN), "attn.hook_z": (z, IN)}
+    if mid is not None:
+        s["hook_resid_mid"] = (mid, mid_dir)
+    s["mlp.hook_pre"] = (pre, OUT)
+    if pre_linear is not None:
+        s["mlp.hook_pre_linear"] = (pre_linear, OUT)
+    s["mlp.hook_post"] = (post, IN)
+    s["hook_resid_post"] = ("", OUT)
+    return s
+
+
+GPT2 = Arch("gpt2", "transformer", "h", _sites("attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"), "ln_f")
+GPT_NEO = Arch(
+    "gpt_neo", "transformer", "h", _sites("attn.attention.out_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"), "ln_f"
+)
+GPT_NEOX = Arch(
+    "gpt_neox",
+    "gpt_neox",
+    "layers",
+    _sites("attention.dense", "post_attention_layernorm", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    "final_layer_norm",
+    parallel=lambda config: bool(getattr(config, "use_parallel_residual", True)),
+)
+GPTJ = Arch(
+    "gptj", "transformer", "h", _sites("attn.out_proj", None, "mlp.fc_in", "mlp.fc_out"), "ln_f",
+    parallel=lambda config: True,
+)
+LLAMA = Arch(
+    "llama",
+    "model",
+    "layers",
+    _sites("self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj"),
+    "norm",
+)
+# BERT is post-norm: the residual stream between attention and MLP is the attention LayerNorm's output.
+BERT = Arch(
+    "bert",
+    "bert",
+    "encoder.layer",
+    _sites("attention.output.dense", "attention.output.LayerNorm", "intermediate.dense", "output.dense",
+           mid_dir=OUT),
+    None,
+)
+
+MODEL_TYPES: dict[str, Arch] = {
+    "gpt2": GPT2,
+    "gpt_neo": GPT_NEO,
+    "gpt_neox": GPT_NEOX,
+    "gptj": GPTJ,
+    "llama": LLAMA,
+    "mistral": LLAMA,
+    "qwen2": LLAMA,
+    "qwen3": LLAMA,
+    "smollm3": LLAMA,
+    "bert": BERT,
+}
+
+
+def module_outline(model: nn.Module, depth: int = 3, limit: int = 40) -> str:
+    """Module names up to `depth` named levels, layer indices collapsed to '*'."""
+    seen: dict[str, None] = {}
+    for name, _ in model.named_modules():
+        parts = ["*" if p.isdigit() else p for p in name.split(".")] if name else []
+        if parts and sum(p != "*" for p in parts) <= depth:
+            seen[".".join(parts)] = None
+    names = list(seen)
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more if names else "(no submodules)"
+
+
+def model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def arch_of(model: nn.Module) -> Arch:
+    mt = model_type(model)
+    if mt in MODEL_TYPES:
+        return MODEL_TYPES[mt]
+    what = f"model_type {mt!r}" if mt else f"a model without a Hugging Face config ({type(model).__name__})"
+    raise UserError(
+        f"unsupported architecture: {what}; supported model types: {', '.join(sorted(MODEL_TYPES))}; "
+        f"this model's modules: {module_outline(model)}"
+    )
+
+
+def locate(model: nn.Module, arch: Arch) -> tuple[str, nn.ModuleList]:
+    """(prefix of the base model, e.g. "model." or "" for a bare base model; its block list)."""
+    for prefix in (arch.base + ".", ""):
+        try:
+            blocks = model.get_submodule(prefix + arch.layers)
+        except AttributeError:
+            continue
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return prefix, blocks
+    raise UserError(
+        f"{model_type(model)} model {type(model).__name__} has no block list at {arch.base}.{arch.layers} "
+        f"or {arch.layers}; its modules: {module_outline(model)}"
+    )
+
+
+def sites_for(arch: Arch, config: object) -> dict[str, tuple[str, str]]:
+    sites = dict(arch.sites)
+    if arch.parallel(config):
+        sites.pop("hook_resid_mid", None)
+    return sites
+
+
+def why_missing(arch: Arch, config: object, site: str) -> str | None:
+    """Why a known TransformerLens site does not exist for this model; None for an unknown site."""
+    if site in NOT_YET:
+        return NOT_YET[site]
+    if site == "hook_resid_mid" and arch.parallel(config):
+        return (f"hook_resid_mid does not exist for {arch.family} with parallel residual: attention and MLP "
+                "both read the block input, so there is no residual stream between them")
+    if site == "mlp.hook_pre_linear" and not arch.gated:
+        return f"mlp.hook_pre_linear only exists for gated MLPs (llama-like); {arch.family} has a plain MLP"
+    return None
+
+
+def dims(config: object) -> dict[str, int]:
+    """d_model, d_mlp, n_heads, d_head from a Hugging Face config (attribute maps cover gpt2's n_embd etc.)."""
+    d_model = int(config.hidden_size)
+    n_heads = int(config.num_attention_heads)
+    d_head = getattr(config, "head_dim", None) or d_model // n_heads
+    d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model
+    return {"d_model": d_model, "d_mlp": int(d_mlp), "n_heads": n_heads, "d_head": int(d_head)}

@@ -1,0 +1,205 @@
+"""TransformerLens-style hook names on Hugging Face models, captured with plain PyTorch hooks.
+
+    points = resolve_hooks(model, ["blocks.*.mlp.hook_post", "blocks.3.hook_resid_post"])
+    with capture(model, points, lambda point, x: ...):   # x: (B, T, point.width), a view
+        model(input_ids)
+
+Sites (per block L): hook_resid_pre, attn.hook_z, hook_resid_mid, mlp.hook_pre,
+mlp.hook_pre_linear (gated MLPs), mlp.hook_post, hook_resid_post. The module each one maps to,
+per architecture, is in mining/architectures.py. Hooks read tensors only, so they work under
+torch.inference_mode and with any attention implementation.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .architectures import IN, SITE_ORDER, arch_of, dims, locate, model_type, sites_for, why_missing
+from .errors import UserError
+
+_NAME = re.compile(r"blocks\.(\*|-?\d+)\.([A-Za-z_.]+)")
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    name: str
+    """Full TransformerLens name, e.g. "blocks.5.mlp.hook_post"."""
+    site: str
+    """Name without the layer, e.g. "mlp.hook_post"."""
+    layer: int
+    module_path: str
+    """Hugging Face module hooked, e.g. "model.layers.5.mlp.down_proj"."""
+    direction: str
+    """"input" (forward pre-hook) or "output" (forward hook)."""
+    width: int
+    """Features per token after flattening heads."""
+    n_heads: int | None = None
+    """attn.hook_z only: width == n_heads * d_head, head-major."""
+    d_head: int | None = None
+
+
+def architecture(model: nn.Module) -> str:
+    """Normalized family name: gpt2, gpt_neo, gpt_neox, gptj, llama (also mistral, qwen2, qwen3, smollm3), bert."""
+    return arch_of(model).family
+
+
+def available_sites(model: nn.Module) -> list[str]:
+    """Sites this model has, in block order, e.g. ["hook_resid_pre", "attn.hook_z", ...]."""
+    return [s for s in SITE_ORDER if s in sites_for(arch_of(model), model.config)]
+
+
+def _valid_names(model: nn.Module, n_layers: int) -> str:
+    sites = ", ".join(f"blocks.{{L}}.{s}" for s in available_sites(model))
+    return f"valid hooks for this {model_type(model)} model: {sites} with L in 0..{n_layers - 1} or *"
+
+
+def resolve_hooks(model: nn.Module, patterns: Sequence[str] | str) -> list[HookPoint]:
+    """Hook names (a `*` layer means every layer) -> points sorted by (layer, site order), deduplicated."""
+    arch = arch_of(model)
+    prefix, blocks = locate(model, arch)
+    n_layers = len(blocks)
+    sites = sites_for(arch, model.config)
+    d = dims(model.config)
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not patterns:
+        raise UserError(f"no hook names given; {_valid_names(model, n_layers)}")
+
+    points: dict[str, HookPoint] = {}
+    for pattern in patterns:
+        m = _NAME.fullmatch(str(pattern).strip())
+        if m is None:
+            raise UserError(f"bad hook name {pattern!r}; {_valid_names(model, n_layers)}")
+        layer_s, site = m.groups()
+        if site not in sites:
+            reason = why_missing(arch, model.config, site) or f"unknown site {site!r}"
+            raise UserError(f"{pattern!r}: {reason}; {_valid_names(model, n_layers)}")
+        if layer_s == "*":
+            layers = range(n_layers)
+        else:
+            layers = [int(layer_s)]
+            if not 0 <= layers[0] < n_layers:
+                raise UserError(f"{pattern!r}: layer {layer_s} out of range, this model has layers 0..{n_layers - 1}")
+        rel, direction = sites[site]
+        for layer in layers:
+            path = f"{prefix}{arch.layers}.{layer}" + (f".{rel}" if rel else "")
+            name = f"blocks.{layer}.{site}"
+            if site == "attn.hook_z":
+                extra = {"width": d["n_heads"] * d["d_head"], "n_heads": d["n_heads"], "d_head": d["d_head"]}
+            else:
+                extra = {"width": d["d_mlp"] if site.startswith("mlp.") else d["d_model"]}
+            points[name] = HookPoint(name, site, layer, path, direction, **extra)
+    return sorted(points.values(), key=lambda p: (p.layer, SITE_ORDER.index(p.site)))
+
+
+def _as_btw(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
+    if x.dim() > 3:
+        x = x.flatten(2)
+    if x.shape[-1] != point.width:
+        raise UserError(
+            f"{point.name} ({point.module_path} {point.direction}) has {x.shape[-1]} features but the model "
+            f"config implies {point.width}; config and weights disagree"
+        )
+    return x
+
+
+def _first_tensor(value):
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+@contextmanager
+def capture(model: nn.Module, points: Sequence[HookPoint], fn: Callable[[HookPoint, torch.Tensor], None]):
+    """Registers hooks; fn receives each activation as (B, T, width) (a view, no copy) during the forward;
+    hooks removed in finally."""
+    handles = []
+
+    def pre_hook(point: HookPoint):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            fn(point, _as_btw(point, x))
+
+        return hook
+
+    def post_hook(point: HookPoint):
+        def hook(module, args, output):
+            fn(point, _as_btw(point, _first_tensor(output)))
+
+        return hook
+
+    try:
+        for point in points:
+            try:
+                module = model.get_submodule(point.module_path)
+            except AttributeError:
+                raise UserError(f"hook {point.name}: this model has no module {point.module_path}") from None
+            if point.direction == IN:
+                handles.append(module.register_forward_pre_hook(pre_hook(point), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(post_hook(point)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def record(model: nn.Module, points: Sequence[HookPoint | str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Yields a dict name -> detached clone of the activation (B, T, width) from the last forward.
+
+    `points` may be HookPoints or hook names/patterns. For tests and small jobs only: it copies.
+    """
+    names = [p for p in points if isinstance(p, str)]
+    resolved = [p for p in points if not isinstance(p, str)] + (resolve_hooks(model, names) if names else [])
+    out: dict[str, torch.Tensor] = {}
+
+    def keep(point: HookPoint, x: torch.Tensor) -> None:
+        out[point.name] = x.detach().clone()
+
+    with capture(model, resolved, keep):
+        yield out
+
+
+# ---- helpers for direct logit attribution -------------------------------------------------------
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied to the last residual stream before the unembedding; None for BERT (post-norm:
+    the last block's output is already normalized; BertForMaskedLM's head transform is not a norm)."""
+    arch = arch_of(model)
+    if arch.final_norm is None:
+        return None
+    prefix, _ = locate(model, arch)
+    return model.get_submodule(prefix + arch.final_norm)
+
+
+def unembedding(model: nn.Module) -> torch.Tensor:
+    """W_U as (d_model, vocab), a view of the weight (no copy). Bare base models fall back to the
+    input embedding when the config ties the two."""
+    arch_of(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        if not getattr(model.config, "tie_word_embeddings", False):
+            raise UserError(
+                f"{type(model).__name__} has no unembedding (and untied embeddings); load the model with its LM head"
+            )
+        head = model.get_input_embeddings()
+    return head.weight.T
+
+
+def mlp_out_weight(model: nn.Module, layer: int) -> torch.Tensor:
+    """The MLP output projection as (width, d_model) so that hook_post @ W (+ bias) = MLP output.
+    GPT-2's Conv1D already stores (in, out); nn.Linear stores (out, in) and is transposed (a view)."""
+    point = resolve_hooks(model, [f"blocks.{layer}.mlp.hook_post"])[0]
+    module = model.get_submodule(point.module_path)
+    w = module.weight.T if isinstance(module, nn.Linear) else module.weight
+    d_model = dims(model.config)["d_model"]
+    if tuple(w.shape) != (point.width, d_model):
+        raise UserError(f"{point.module_path} weight has shape {tuple(module.weight.shape)}, "
+                        f"expected ({point.width}, {d_model}) or its transpose")
+    return w

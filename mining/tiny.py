@@ -1,0 +1,84 @@
+"""Tiny random Hugging Face models for fast offline tests.
+
+Configs are built in code (no downloads). Weights are drawn with a larger initializer_range
+than the HF default so activations are O(1) and numeric comparisons in tests mean something.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+_D = 32  # d_model
+_H = 4  # heads
+_L = 2  # layers
+_MLP = 64  # MLP width
+_POS = 128  # max positions
+
+
+def _llama_like(**extra: Any) -> dict[str, Any]:
+    return dict(
+        hidden_size=_D,
+        intermediate_size=_MLP,
+        num_hidden_layers=_L,
+        num_attention_heads=_H,
+        num_key_value_heads=2,
+        max_position_embeddings=_POS,
+        initializer_range=0.1,
+        **extra,
+    )
+
+
+# arch -> (config class name, causal/masked-LM class name, base class name, config kwargs)
+_SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", "GPT2Model",
+             dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_MLP, n_positions=_POS, initializer_range=0.1)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", "GPTNeoXModel",
+                 dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, intermediate_size=_MLP,
+                      max_position_embeddings=_POS, use_parallel_residual=True, initializer_range=0.1)),
+    # GPT-Neo alternates global/local attention; attention_types must expand to num_layers entries.
+    "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM", "GPTNeoModel",
+                dict(hidden_size=_D, num_layers=_L, num_heads=_H, intermediate_size=_MLP,
+                     attention_types=[[["global", "local"], _L // 2]], window_size=8,
+                     max_position_embeddings=_POS, initializer_range=0.1)),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", "GPTJModel",
+             dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_MLP, rotary_dim=4, n_positions=_POS,
+                  initializer_range=0.1)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "LlamaModel", _llama_like()),
+    "mistral": ("MistralConfig", "MistralForCausalLM", "MistralModel", _llama_like(sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "Qwen2Model", _llama_like(use_sliding_window=False)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "Qwen3Model", _llama_like(head_dim=16, use_sliding_window=False)),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", "SmolLM3Model",
+                _llama_like(use_sliding_window=False, pad_token_id=None, bos_token_id=1, eos_token_id=2)),
+    "bert": ("BertConfig", "BertForMaskedLM", "BertModel",
+             dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, intermediate_size=_MLP,
+                  max_position_embeddings=_POS, initializer_range=0.1)),
+}
+
+ARCHS = tuple(_SPECS)
+_GPT_IDS = {"gpt2", "gpt_neo", "gptj"}
+
+
+def tiny_model(arch: str, vocab_size: int = 512, seed: int = 0, *, head: bool = True, **overrides: Any):
+    """A small random model of family `arch` (see ARCHS), eval mode, float32.
+
+    head=False returns the bare base model (GPT2Model, LlamaModel, BertModel, ...);
+    otherwise the *ForCausalLM / BertForMaskedLM wrapper. `overrides` go into the config.
+    The same (arch, vocab_size, seed, overrides) always gives the same weights; the global
+    torch RNG is left untouched.
+    """
+    import transformers
+
+    if arch not in _SPECS:
+        raise UserError(f"no tiny model for architecture {arch!r}; available: {', '.join(ARCHS)}")
+    config_cls, head_cls, base_cls, kwargs = _SPECS[arch]
+    # GPT-style configs default to token id 50256 for bos/eos, outside a small vocabulary.
+    special = {"bos_token_id": vocab_size - 1, "eos_token_id": vocab_size - 1} if arch in _GPT_IDS else {}
+    config = getattr(transformers, config_cls)(**{**kwargs, **special, "vocab_size": vocab_size, **overrides})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, head_cls if head else base_cls)(config)
+    return model.to(torch.float32).eval()

@@ -1,0 +1,333 @@
+"""Hook names -> HF modules, checked against recomputation from each layer's own weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mining.errors import UserError
+from mining.hooks import (
+    HookPoint,
+    architecture,
+    available_sites,
+    capture,
+    final_norm,
+    mlp_out_weight,
+    record,
+    resolve_hooks,
+    unembedding,
+)
+from mining.tiny import ARCHS, tiny_model
+
+B, T = 2, 7
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3"}
+PARALLEL = {"gpt_neox", "gptj"}  # tiny gpt_neox uses Pythia's parallel residual
+# family -> (block list inside the base model, MLP module, input projection, up projection, activation,
+#            attention module whose output[0] is z @ W_O + b)
+LAYOUT = {
+    "gpt2": ("h", "mlp", "mlp.c_fc", None, "mlp.act", "attn"),
+    "gpt_neo": ("h", "mlp", "mlp.c_fc", None, "mlp.act", "attn"),
+    "gptj": ("h", "mlp", "mlp.fc_in", None, "mlp.act", "attn"),
+    "gpt_neox": ("layers", "mlp", "mlp.dense_h_to_4h", None, "mlp.act", "attention"),
+    "llama": ("layers", "mlp", "mlp.gate_proj", "mlp.up_proj", "mlp.act_fn", "self_attn"),
+    "bert": ("encoder.layer", "intermediate", "intermediate.dense", None, "intermediate.intermediate_act_fn",
+             "attention.output.dense"),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
+
+
+def ids(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def layout(arch: str):
+    return LAYOUT["llama" if arch in LLAMA_LIKE else arch]
+
+
+def block(model, layer: int) -> nn.Module:
+    blocks, *_ = layout(architecture(model))
+    base = getattr(model, model.base_model_prefix, model)
+    return base.get_submodule(blocks)[layer]
+
+
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Recompute a projection from its raw weights (GPT-2's Conv1D stores (in, out))."""
+    if isinstance(module, nn.Linear):
+        y = x @ module.weight.T
+    else:
+        y = x @ module.weight
+    return y if module.bias is None else y + module.bias
+
+
+def plain_capture(module: nn.Module, out: dict, key: str, direction: str):
+    """An independent plain PyTorch hook, for reference values."""
+    if direction == "input":
+        return module.register_forward_pre_hook(lambda m, a: out.__setitem__(key, a[0].clone()))
+    return module.register_forward_hook(
+        lambda m, a, o: out.__setitem__(key, (o[0] if isinstance(o, tuple) else o).clone())
+    )
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape
+    assert b.abs().max() > 1e-3, "reference is ~0; the comparison would be vacuous"
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def hook_counts(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("head", [True, False], ids=["wrapper", "base"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mlp_hooks_match_recomputation(arch, head):
+    model = tiny_model(arch, head=head)
+    family = architecture(model)
+    _, mlp_path, in_path, up_path, act_path, _ = layout(family)
+    layer = 1
+    blk = block(model, layer)
+    ref: dict = {}
+    handles = [plain_capture(blk.get_submodule(mlp_path), ref, "x", "input"),
+               plain_capture(blk.get_submodule(mlp_path if family != "bert" else "output.dense"), ref, "out", "output")]
+    names = [f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post"]
+    if up_path:
+        names.append(f"blocks.{layer}.mlp.hook_pre_linear")
+    try:
+        with record(model, names) as got:
+            model(ids())
+    finally:
+        for h in handles:
+            h.remove()
+
+    x = ref["x"]
+    act = blk.get_submodule(act_path)
+    pre = linear(blk.get_submodule(in_path), x)
+    close(got[f"blocks.{layer}.mlp.hook_pre"], pre)
+    if up_path:
+        up = linear(blk.get_submodule(up_path), x)
+        close(got[f"blocks.{layer}.mlp.hook_pre_linear"], up)
+        close(got[f"blocks.{layer}.mlp.hook_post"], act(pre) * up)
+    else:
+        close(got[f"blocks.{layer}.mlp.hook_post"], act(pre))
+
+    # DLA helper: hook_post @ W_out + b is the MLP's output projection.
+    point = resolve_hooks(model, f"blocks.{layer}.mlp.hook_post")[0]
+    out_proj = model.get_submodule(point.module_path)
+    w = mlp_out_weight(model, layer)
+    assert w.shape == (point.width, model.config.hidden_size)
+    bias = out_proj.bias if out_proj.bias is not None else 0
+    close(got[point.name] @ w + bias, ref["out"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_residual_stream_matches_hidden_states(arch):
+    model = tiny_model(arch)
+    n = model.config.num_hidden_layers
+    with record(model, ["blocks.*.hook_resid_pre", "blocks.*.hook_resid_post"]) as got:
+        hs = model(ids(), output_hidden_states=True).hidden_states
+    assert len(hs) == n + 1
+    for layer in range(n):
+        close(got[f"blocks.{layer}.hook_resid_pre"], hs[layer])
+        if layer + 1 < n:
+            close(got[f"blocks.{layer}.hook_resid_post"], hs[layer + 1])
+            close(got[f"blocks.{layer}.hook_resid_post"], got[f"blocks.{layer + 1}.hook_resid_pre"])
+    # The last hidden state is after the final norm (decoders); BERT has none.
+    norm = final_norm(model)
+    last = got[f"blocks.{n - 1}.hook_resid_post"]
+    close(norm(last) if norm is not None else last, hs[n])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hook_z_and_resid_mid(arch):
+    model = tiny_model(arch)
+    family = architecture(model)
+    *_, attn_path = layout(family)
+    layer = 1
+    blk = block(model, layer)
+    ref: dict = {}
+    h = plain_capture(blk.get_submodule(attn_path), ref, "attn", "output")
+    names = [f"blocks.{layer}.{s}" for s in ("attn.hook_z", "hook_resid_pre", "hook_resid_post")]
+    if arch not in PARALLEL:
+        names.append(f"blocks.{layer}.hook_resid_mid")
+    points = resolve_hooks(model, names)
+    try:
+        with record(model, points) as got:
+            model(ids())
+    finally:
+        h.remove()
+
+    z_point = next(p for p in points if p.site == "attn.hook_z")
+    cfg = model.config
+    assert z_point.n_heads == cfg.num_attention_heads
+    assert z_point.width == z_point.n_heads * z_point.d_head
+    z = got[z_point.name]
+    assert z.shape == (B, T, z_point.width)
+    attn_out = linear(model.get_submodule(z_point.module_path), z)
+    close(attn_out, ref["attn"])
+
+    if arch in PARALLEL:
+        return
+    resid_pre, resid_mid = got[f"blocks.{layer}.hook_resid_pre"], got[f"blocks.{layer}.hook_resid_mid"]
+    if family == "bert":  # post-norm: LayerNorm(attn_out + resid_pre)
+        close(blk.attention.output.LayerNorm(attn_out + resid_pre), resid_mid)
+    else:  # pre-norm: the residual stream after attention
+        close(resid_pre + attn_out, resid_mid)
+
+
+def test_gpt_neox_sequential_residual_has_resid_mid():
+    model = tiny_model("gpt_neox", use_parallel_residual=False)
+    assert "hook_resid_mid" in available_sites(model)
+    with record(model, ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid"]) as got:
+        model(ids())
+    attn = block(model, 0).attention
+    ref: dict = {}
+    h = plain_capture(attn, ref, "attn", "output")
+    model(ids())
+    h.remove()
+    close(got["blocks.0.hook_resid_pre"] + ref["attn"], got["blocks.0.hook_resid_mid"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_sites_shapes_under_inference_mode(arch):
+    model = tiny_model(arch)
+    points = resolve_hooks(model, [f"blocks.*.{s}" for s in available_sites(model)])
+    seen: dict[str, tuple] = {}
+
+    def fn(point: HookPoint, x: torch.Tensor) -> None:
+        seen[point.name] = tuple(x.shape)
+
+    with torch.inference_mode(), capture(model, points, fn):
+        model(ids())
+    assert seen == {p.name: (B, T, p.width) for p in points}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unembedding_and_final_norm(arch):
+    model = tiny_model(arch)
+    w_u = unembedding(model)
+    assert w_u.shape == (model.config.hidden_size, model.config.vocab_size)
+    if architecture(model) == "bert":
+        assert final_norm(model) is None
+        assert unembedding(tiny_model(arch, head=False)).shape == w_u.shape  # tied embeddings
+        return
+    n = model.config.num_hidden_layers
+    with record(model, [f"blocks.{n - 1}.hook_resid_post"]) as got:
+        logits = model(ids()).logits
+    bias = model.get_output_embeddings().bias
+    close(final_norm(model)(got[f"blocks.{n - 1}.hook_resid_post"]) @ w_u + (0 if bias is None else bias), logits)
+
+
+def test_glob_sort_dedup_and_paths():
+    model = tiny_model("llama")
+    points = resolve_hooks(
+        model, ["blocks.1.hook_resid_post", "blocks.*.mlp.hook_post", "blocks.0.hook_resid_pre", "blocks.1.mlp.hook_post"]
+    )
+    assert [p.name for p in points] == [
+        "blocks.0.hook_resid_pre", "blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post", "blocks.1.hook_resid_post",
+    ]
+    post = points[1]
+    assert (post.site, post.layer, post.module_path, post.direction, post.width) == (
+        "mlp.hook_post", 0, "model.layers.0.mlp.down_proj", "input", 64,
+    )
+    assert points[0].module_path == "model.layers.0" and points[0].direction == "input"
+    assert resolve_hooks(tiny_model("llama", head=False), "blocks.0.mlp.hook_post")[0].module_path == "layers.0.mlp.down_proj"
+    assert [p.module_path for p in resolve_hooks(tiny_model("gpt2"), "blocks.*.mlp.hook_post")] == [
+        "transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj",
+    ]
+    assert resolve_hooks(tiny_model("bert"), "blocks.1.hook_resid_mid")[0].module_path == (
+        "bert.encoder.layer.1.attention.output.LayerNorm"
+    )
+    for arch in ARCHS:
+        m = tiny_model(arch)
+        assert [p.layer for p in resolve_hooks(m, "blocks.*.mlp.hook_post")] == list(range(m.config.num_hidden_layers))
+
+
+def test_capture_gives_views_not_copies():
+    model = tiny_model("gpt2")
+    point = resolve_hooks(model, "blocks.0.mlp.hook_post")[0]
+    ptrs: dict = {}
+    h = model.get_submodule(point.module_path).register_forward_pre_hook(
+        lambda m, a: ptrs.__setitem__("ref", a[0].data_ptr())
+    )
+    with capture(model, [point], lambda p, x: ptrs.__setitem__("got", x.data_ptr())):
+        model(ids())
+    h.remove()
+    assert ptrs["got"] == ptrs["ref"]
+
+
+@pytest.mark.parametrize(
+    "arch, name, expect",
+    [
+        ("llama", "blocks.0.mlp.hook_postt", "blocks.{L}.mlp.hook_post"),
+        ("llama", "mlp.hook_post", "blocks.{L}.hook_resid_pre"),
+        ("llama", "blocks.x.mlp.hook_post", "0..1"),
+        ("llama", "blocks.2.mlp.hook_post", "layers 0..1"),
+        ("gpt2", "blocks.-1.hook_resid_post", "layers 0..1"),
+        ("gpt2", "blocks.0.mlp.hook_pre_linear", "gated"),
+        ("gpt_neox", "blocks.0.hook_resid_mid", "parallel residual"),
+        ("gptj", "blocks.*.hook_resid_mid", "parallel residual"),
+        ("bert", "blocks.0.attn.hook_pattern", "not supported yet"),
+    ],
+)
+def test_bad_names(arch, name, expect):
+    model = tiny_model(arch)
+    with pytest.raises(UserError) as e:
+        resolve_hooks(model, [name])
+    assert expect in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_empty_patterns():
+    with pytest.raises(UserError, match="no hook names"):
+        resolve_hooks(tiny_model("gpt2"), [])
+
+
+def test_unknown_architecture_lists_modules():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(
+        T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    ).eval()
+    with pytest.raises(UserError) as e:
+        resolve_hooks(t5, ["blocks.0.mlp.hook_post"])
+    msg = str(e.value)
+    assert "'t5'" in msg and "encoder.block.*.layer" in msg and "llama" in msg
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.ReLU())])
+
+    for fn in (architecture, available_sites, final_norm):
+        with pytest.raises(UserError) as e:
+            fn(Custom())
+        assert "Custom" in str(e.value) and "trunk.*" in str(e.value)
+
+
+def test_hooks_removed_even_on_exception():
+    model = tiny_model("qwen2")
+    before = hook_counts(model)
+    points = resolve_hooks(model, [f"blocks.*.{s}" for s in available_sites(model)])
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture(model, points, lambda p, x: None):
+            assert hook_counts(model) == before + len(points)
+            model(ids())
+            raise RuntimeError("boom")
+    assert hook_counts(model) == before
+
+    def explode(point, x):
+        raise ValueError("from fn")
+
+    with pytest.raises(ValueError, match="from fn"):
+        with capture(model, points, explode):
+            model(ids())
+    assert hook_counts(model) == before
+    with record(model, points) as got:
+        model(ids())
+    assert len(got) == len(points) and hook_counts(model) == before
