@@ -1,0 +1,51 @@
+"""`mine demo`: mine jobs/demo.yaml (or reuse a complete store) and print a few real answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .query import connect, run_named, write_result
+from .runner import run_job
+from .spec import load_spec
+from .store import Store
+
+
+def bundled_job() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "jobs" / "demo.yaml", here / "jobs" / "demo.yaml"):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError("jobs/demo.yaml")
+
+
+def run_demo(store: Path, job: str | None, fresh: bool, overrides: list[str]) -> int:
+    spec = load_spec(job or bundled_job(), overrides)
+    s = Store(store)
+    if s.complete and not fresh:
+        print(f"{store} is already mined (use --fresh to mine again); answering from it\n")
+    else:
+        resume = store.exists() and not fresh and (store / "job.yaml").exists()
+        summary = run_job(spec, store, resume=resume, overwrite=fresh and store.exists())
+        print(f"\nmined {summary.tokens:,} tokens of {spec.corpus.source} with {spec.model.id} "
+              f"in {summary.seconds:.0f} s -> {store}\n")
+    con = connect(store)
+    section("Heavy-tailed neurons (highest excess kurtosis): rare, strong features",
+            run_named(con, "heavy-tailed", {"limit": "5"}))
+    heavy = run_named(con, "heavy-tailed", {"limit": "2"}).to_pylist()
+    for row in heavy:
+        layer, neuron = row["layer"], row["neuron"]
+        section(f"Top contexts of layer {layer} neuron {neuron} (the activating token is «marked»)",
+                run_named(con, "top-activations", {"layer": str(layer), "neuron": str(neuron), "k": "5"}))
+        section(f"Quantiles of layer {layer} neuron {neuron}",
+                run_named(con, "quantiles", {"layer": str(layer), "neuron": str(neuron)}))
+    section("Top contexts of layer 5 neuron 100",
+            run_named(con, "top-activations", {"layer": "5", "neuron": "100", "k": "5"}))
+    section("Dead and dense neurons", run_named(con, "dead-and-dense", {"limit": "5"}))
+    print(f"Ask your own: mine query {store} \"SELECT ...\"   |   mine queries")
+    return 0
+
+
+def section(title: str, table) -> None:
+    print(f"== {title}")
+    write_result(table, "table")
+    print()

@@ -1,0 +1,194 @@
+"""Mine one shard: batched forward passes with hooks feeding the reducers.
+
+Activations never leave the device as whole tensors: each hook hands its (B, T, N) output
+straight to that hook's reducers, which keep O(K·N + bins·N) state. Only the token table
+(two floats a token) and the opt-in dense sample are copied to the host.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .hooks import HookPoint, capture, resolve_hooks
+from .models import LoadedModel
+from .reducers import ContextTopK, Histogram, HistogramBins, Moments, TopK
+from .shards import Shard
+from .spec import JobSpec
+
+
+def histogram_bins(spec: JobSpec) -> HistogramBins:
+    s = spec.stats
+    return HistogramBins(s.histogram_mantissa_bits, s.histogram_min_exp, s.histogram_max_exp)
+
+
+@dataclass
+class HookStats:
+    """All reducers of one hook point. Merge and persistence go reducer by reducer."""
+
+    top: TopK | None = None
+    bottom: TopK | None = None
+    contexts: ContextTopK | None = None
+    histogram: Histogram | None = None
+    moments: Moments | None = None
+
+    @classmethod
+    def empty(cls, spec: JobSpec) -> "HookStats":
+        k = spec.stats.top_k
+        return cls(
+            top=TopK(k, largest=True),
+            bottom=TopK(k, largest=False),
+            contexts=ContextTopK(k),
+            histogram=Histogram(histogram_bins(spec)) if spec.stats.histogram else None,
+            moments=Moments() if spec.stats.moments else None,
+        )
+
+    def update(self, x: torch.Tensor, toks: torch.Tensor, mask: torch.Tensor, flat_toks: torch.Tensor) -> None:
+        # x: (B, T, N); toks: (B, T) global index, -1 where not mined; mask = toks >= 0
+        flat = x[mask].float()  # (M, N): only the mined positions
+        self.top.update(flat, flat_toks)
+        self.bottom.update(flat, flat_toks)
+        self.contexts.update(x, toks)
+        if self.histogram is not None:
+            self.histogram.update(flat)
+        if self.moments is not None:
+            self.moments.update(flat)
+
+    def parts(self) -> dict[str, object]:
+        return {name: r for name, r in vars(self).items() if r is not None}
+
+    def merge(self, other: "HookStats") -> "HookStats":
+        return HookStats(**{name: r.merge(getattr(other, name)) for name, r in self.parts().items()})
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{key}": t for name, r in self.parts().items() for key, t in r.state_dict().items()}
+
+    @classmethod
+    def from_state_dict(cls, spec: JobSpec, tensors: dict[str, torch.Tensor]) -> "HookStats":
+        template = cls.empty(spec)
+        out = {}
+        for name, reducer in template.parts().items():
+            part = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == name}
+            out[name] = type(reducer).from_state_dict(part)
+        return cls(**out)
+
+
+@dataclass
+class ShardResult:
+    index: int
+    stats: dict[str, HookStats]
+    """Hook name -> reducer states."""
+    tokens: pa.Table | None
+    dense: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    """Hook name -> (tok (n,), float16 values (n, N))."""
+    n_tokens: int = 0
+    seconds: float = 0.0
+
+
+def dense_selected(toks: np.ndarray, fraction: float) -> np.ndarray:
+    """Stable pseudo-random choice by token index alone, so it is the same whatever the sharding."""
+    h = (toks.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    h ^= h >> np.uint64(29)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(32)
+    return (h >> np.uint64(40)).astype(np.float64) / float(1 << 24) < fraction
+
+
+class ShardMiner:
+    """Holds the loaded model and resolved hooks; `mine(shard)` is one coarse call per shard."""
+
+    def __init__(self, spec: JobSpec, loaded: LoadedModel):
+        self.spec = spec
+        self.loaded = loaded
+        self.points: list[HookPoint] = resolve_hooks(loaded.model, spec.hooks)
+        self.dense_points = resolve_hooks(loaded.model, spec.dense.hooks) if spec.dense.hooks else []
+
+    @torch.inference_mode()
+    def mine(self, shard: Shard) -> ShardResult:
+        start = time.perf_counter()
+        dev = self.loaded.device
+        stats = {p.name: HookStats.empty(self.spec) for p in self.points}
+        dense: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {p.name: [] for p in self.dense_points}
+        token_parts: list[dict[str, np.ndarray]] = []
+        tok_grid = shard.tok_grid()  # (C, L)
+        B = self.spec.compute.batch_size
+        for lo in range(0, len(shard.ids), B):
+            sl = slice(lo, lo + B)
+            T = int(shard.length[sl].max())
+            ids = torch.from_numpy(shard.ids[sl, :T]).to(dev)
+            attention = (torch.arange(T)[None, :] < torch.from_numpy(shard.length[sl])[:, None]).long().to(dev)
+            toks_np = tok_grid[sl, :T]
+            toks = torch.from_numpy(toks_np).to(dev)
+            mask = toks >= 0
+            flat_toks = toks[mask]
+            pick = {name: dense_selected(toks_np, self.spec.dense.token_fraction) & (toks_np >= 0) for name in dense}
+
+            def on_activation(point: HookPoint, x: torch.Tensor) -> None:
+                if point.name in stats:
+                    stats[point.name].update(x, toks, mask, flat_toks)
+                if point.name in dense and pick[point.name].any():
+                    sel = torch.from_numpy(pick[point.name]).to(x.device)
+                    dense[point.name].append((toks_np[pick[point.name]], x[sel].to(torch.float16).cpu().numpy()))
+
+            points = self.points + [p for p in self.dense_points if p.name not in stats]
+            with capture(self.loaded.model, points, on_activation):
+                out = self.loaded.model(input_ids=ids, attention_mask=attention)
+            if self.spec.stats.token_table:
+                token_parts.append(self._token_rows(shard, sl, T, out, toks_np))
+        result = ShardResult(shard.index, stats, _concat(token_parts, shard.index), n_tokens=shard.n_tokens)
+        result.dense = {name: (np.concatenate([t for t, _ in parts]), np.concatenate([v for _, v in parts]))
+                        for name, parts in dense.items() if parts}
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _token_rows(self, shard: Shard, sl: slice, T: int, out, toks_np: np.ndarray) -> dict[str, np.ndarray]:
+        C = len(shard.ids[sl])
+        valid = toks_np >= 0  # (C, T)
+        logprob = np.full((C, T), np.nan, dtype=np.float32)
+        entropy = np.full((C, T), np.nan, dtype=np.float32)
+        logits = getattr(out, "logits", None)
+        if self.loaded.causal and logits is not None:
+            ids = shard.ids[sl, :T]
+            # Target of position p is the document's next token: the context's own next position,
+            # or, at the last mined position, the token that the next context starts with.
+            target = np.full((C, T), -1, dtype=np.int64)
+            target[:, :-1] = np.where(valid[:, 1:], ids[:, 1:], -1)
+            last = shard.first[sl] + shard.mined[sl] - 1
+            target[np.arange(C), last] = shard.next_id[sl]
+            target = np.where(valid, target, -1)
+            for c in range(C):  # one context at a time keeps the (T, V) float32 log-softmax small
+                lsm = torch.log_softmax(logits[c].float(), dim=-1)  # (T, V)
+                ent = -(lsm.exp() * lsm).sum(-1)
+                entropy[c] = ent.cpu().numpy()
+                tgt = torch.from_numpy(target[c]).to(lsm.device)
+                lp = lsm.gather(-1, tgt.clamp(min=0)[:, None])[:, 0]
+                logprob[c] = torch.where(tgt >= 0, lp, torch.nan).cpu().numpy()
+        ctx = np.broadcast_to(shard.ctx[sl, None], (C, T))
+        doc = np.broadcast_to(shard.doc_id[sl, None], (C, T))
+        pos = np.broadcast_to(np.arange(T)[None, :], (C, T))
+        spans = shard.spans[sl, :T]
+        ids = shard.ids[sl, :T]
+        return {
+            "tok": toks_np[valid], "ctx": ctx[valid], "pos": pos[valid].astype(np.int32), "doc_id": doc[valid],
+            "char_start": spans[..., 0][valid], "char_end": spans[..., 1][valid],
+            "token_id": ids[valid].astype(np.int32),
+            "token": shard.token_text[toks_np[valid] - shard.first_tok], "logprob": logprob[valid], "entropy": entropy[valid],
+        }
+
+
+def _concat(parts: list[dict[str, np.ndarray]], shard_index: int) -> pa.Table | None:
+    if not parts:
+        return None
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    n = len(cols["tok"])
+    cols["shard"] = np.full(n, shard_index, dtype=np.int32)
+    table = pa.table(cols)
+    # NaN -> NULL: "unknown" (no next token, or no LM head) reads better in SQL than NaN
+    for name in ("logprob", "entropy"):
+        arr = table[name].to_numpy()
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(arr, mask=np.isnan(arr)))
+    return table

@@ -1,0 +1,122 @@
+"""Driver side: merge shard states in shard order and write the final tables.
+
+Merging is a left fold in shard-index order, so the result does not depend on how many actors
+mined the shards or in which order they finished (each shard's state depends only on its own
+contexts). Top-k and counts are exact under any order; moments are float64 and the fixed order
+makes them bit-identical from run to run.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from .engine import HookStats, histogram_bins
+from .spec import JobSpec
+from .store import Store
+
+HOOK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def split_hook(name: str) -> tuple[str, int]:
+    """'blocks.5.mlp.hook_post' -> ('mlp.hook_post', 5)."""
+    m = HOOK_NAME.match(name)
+    if not m:
+        return name, -1
+    return m.group(2), int(m.group(1))
+
+
+def merge_shards(store: Store, spec: JobSpec, shards: Sequence[int]) -> dict[str, HookStats]:
+    merged: dict[str, HookStats] = {}
+    for index in sorted(shards):
+        for hook, tensors in store.load_states(index).items():
+            state = HookStats.from_state_dict(spec, tensors)
+            merged[hook] = state if hook not in merged else merged[hook].merge(state)
+    return merged
+
+
+def final_tables(merged: dict[str, HookStats], spec: JobSpec) -> dict[str, pa.Table]:
+    hooks = sorted(merged, key=lambda h: (split_hook(h)[1], split_hook(h)[0]))
+    parts: dict[str, list[pa.Table]] = {}
+    for hook in hooks:
+        site, layer = split_hook(hook)
+        st = merged[hook]
+        for name, table in _hook_tables(st, site, layer, spec).items():
+            parts.setdefault(name, []).append(table)
+    return {name: pa.concat_tables(tables) for name, tables in parts.items()}
+
+
+def _hook_tables(st: HookStats, site: str, layer: int, spec: JobSpec) -> dict[str, pa.Table]:
+    out = {
+        "top_examples": _examples(*st.top.finalize(), site, layer),
+        "bottom_examples": _examples(*st.bottom.finalize(), site, layer),
+        "top_contexts": _examples(*st.contexts.finalize(), site, layer),
+    }
+    if st.moments is not None:
+        m = {k: (v.cpu().numpy() if hasattr(v, "cpu") else np.asarray(v)) for k, v in st.moments.finalize().items()}
+        n = len(m["mean"])
+        out["neurons"] = pa.table({
+            "hook": pa.array([site] * n), "layer": np.full(n, layer, np.int32), "neuron": np.arange(n, dtype=np.int32),
+            "count": np.broadcast_to(np.asarray(m["count"], np.int64), (n,)).copy(),
+            **{k: np.asarray(m[k], np.float64) for k in ("mean", "std", "skew", "kurtosis", "frac_active", "min", "max")},
+        })
+    if st.histogram is not None:
+        counts = st.histogram.finalize().cpu().numpy()  # (N, bins)
+        lo, hi = histogram_bins(spec).edges()
+        neuron, bin_ = np.nonzero(counts)
+        out["histograms"] = pa.table({
+            "hook": pa.array([site] * len(neuron)), "layer": np.full(len(neuron), layer, np.int32),
+            "neuron": neuron.astype(np.int32), "bin": bin_.astype(np.int32),
+            "lo": lo[bin_], "hi": hi[bin_], "count": counts[neuron, bin_].astype(np.int64),
+        })
+    return out
+
+
+def _examples(values, toks, site: str, layer: int) -> pa.Table:
+    v = values.cpu().numpy() if hasattr(values, "cpu") else np.asarray(values)  # (K, N)
+    t = toks.cpu().numpy() if hasattr(toks, "cpu") else np.asarray(toks)
+    neuron, rank = np.nonzero(t.T >= 0)  # row-major over (neuron, rank): rows sorted by neuron, then rank
+    return pa.table({
+        "hook": pa.array([site] * len(neuron)), "layer": np.full(len(neuron), layer, np.int32),
+        "neuron": neuron.astype(np.int32), "rank": (rank + 1).astype(np.int32),
+        "value": v[rank, neuron].astype(np.float32), "tok": t[rank, neuron].astype(np.int64),
+    })
+
+
+def manifest_table(markers: list[dict]) -> pa.Table:
+    import json
+
+    markers = sorted(markers, key=lambda m: m["shard"])
+    return pa.table({
+        "shard": pa.array([m["shard"] for m in markers], pa.int32()),
+        "status": [m["status"] for m in markers],
+        "tokens": pa.array([m["tokens"] for m in markers], pa.int64()),
+        "first_tok": pa.array([m.get("first_tok", -1) for m in markers], pa.int64()),
+        "contexts": pa.array([m.get("contexts", 0) for m in markers], pa.int64()),
+        "rows": pa.array([m["rows"]["tokens"] for m in markers], pa.int64()),
+        "seconds": pa.array([m.get("seconds", 0.0) for m in markers], pa.float64()),
+        "checksum": [_combined(m["files"]) for m in markers],
+        "files": [json.dumps(m["files"], sort_keys=True) for m in markers],
+    })
+
+
+def _combined(files: dict[str, str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}={files[name]};".encode())
+    return h.hexdigest()
+
+
+def finalize(store: Store, spec: JobSpec, n_shards: int) -> dict[str, int]:
+    """Merge every shard, write the final tables, then the manifest last. Returns row counts."""
+    merged = merge_shards(store, spec, range(n_shards))
+    tables = final_tables(merged, spec)
+    for name, table in tables.items():
+        store.write_table(name, table)
+    store.write_table("manifest", manifest_table([store.read_marker(i) for i in range(n_shards)]))
+    return {name: t.num_rows for name, t in tables.items()}

@@ -1,0 +1,153 @@
+"""Run a job: validate, plan shards, mine them on Ray actors, merge, write the store.
+
+The driver plans (tokenizes the corpus into shards), hands one shard at a time to whichever
+actor is free (a dynamic queue, not a static split), and merges states when all are done.
+Actors load the model once, write their shard's files straight into the store and return
+only a small marker dict — no tensors travel through the object store.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from . import __version__
+from .corpus import check_source, iter_documents
+from .errors import UserError
+from .merge import finalize
+from .models import load_config, load_tokenizer, resolve_source
+from .shards import Shard, build_shards, iter_contexts, special_tokens
+from .spec import JobSpec
+from .store import Store
+
+
+@dataclass
+class RunSummary:
+    store: Path
+    tokens: int
+    shards: int
+    mined_shards: int
+    seconds: float
+    tables: dict[str, int]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def validate(spec: JobSpec) -> Any:
+    """Everything that can be checked without weights: corpus, model files, hook names, lengths."""
+    check_source(spec.corpus)
+    resolve_source(spec.model)
+    config = load_config(spec.model)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and spec.corpus.context_length > limit:
+        raise UserError(f"corpus.context_length: {spec.corpus.context_length} exceeds the model's maximum of {limit}")
+    meta = meta_model(config)
+    from .hooks import resolve_hooks
+
+    resolve_hooks(meta, spec.hooks)
+    if spec.dense.hooks:
+        resolve_hooks(meta, spec.dense.hooks)
+    return config
+
+
+def meta_model(config: Any) -> Any:
+    """The module tree without weights (instant), to resolve hook names before loading anything."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from .models import ENCODER_TYPES
+
+    auto = AutoModel if config.model_type in ENCODER_TYPES else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def plan(spec: JobSpec, tokenizer: Any) -> tuple[list[Shard], pa.Table]:
+    source = resolve_source(spec.model)
+    specials = special_tokens(tokenizer, spec.corpus.bos, source.bos)
+    docs: list[Any] = []
+    doc_tokens: dict[int, int] = {}
+
+    def remember(iterator):
+        for doc in iterator:
+            docs.append(doc)
+            yield doc
+
+    contexts = iter_contexts(remember(iter_documents(spec.corpus)), tokenizer, spec.corpus.context_length,
+                             spec.corpus.max_tokens, specials, doc_tokens)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    shards = build_shards(contexts, specials, spec.corpus.context_length, spec.compute.shard_tokens, pad)
+    if not shards:
+        raise UserError(f"corpus.source: {spec.corpus.source!r} produced no tokens (empty corpus?)")
+    docs = [d for d in docs if d.doc_id in doc_tokens]
+    table = pa.table({
+        "doc_id": pa.array([d.doc_id for d in docs], pa.int64()),
+        "source": [d.source for d in docs],
+        "path": [d.path for d in docs],
+        "n_chars": pa.array([len(d.text) for d in docs], pa.int64()),
+        "n_tokens": pa.array([doc_tokens[d.doc_id] for d in docs], pa.int64()),
+        "text": [d.text for d in docs],
+    })
+    return shards, table
+
+
+def provenance(spec: JobSpec, tokenizer: Any, shards: list[Shard]) -> dict[str, Any]:
+    from .models import weights_hash
+
+    source = resolve_source(spec.model)
+    packages = {}
+    for name in ("torch", "transformers", "ray", "duckdb", "pyarrow", "zarr", "datasets", "tokenizers"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "mining_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": sys.version.split()[0], "platform": platform.platform(), "packages": packages,
+        "model": {"id": spec.model.id, "path": source.path, "gguf_file": source.gguf_file,
+                  "revision": source.revision, "weights_sha256": weights_hash(source)},
+        "tokenizer": {"class": type(tokenizer).__name__, "name": getattr(tokenizer, "name_or_path", None),
+                      "vocab_size": len(tokenizer)},
+        "corpus": {"source": spec.corpus.source, "context_length": spec.corpus.context_length,
+                   "max_tokens": spec.corpus.max_tokens, "bos": spec.corpus.bos},
+        "shards": [{"shard": s.index, "first_tok": s.first_tok, "tokens": s.n_tokens, "contexts": len(s.ids),
+                    "first_ctx": int(s.ctx[0])} for s in shards],
+    }
+
+
+def run_job(spec: JobSpec, store_dir: Path, *, address: str | None = None, resume: bool = False,
+            overwrite: bool = False, progress: bool = True) -> RunSummary:
+    start = time.perf_counter()
+    store = Store(store_dir)
+    job = spec.to_dict()
+    store.prepare(job, resume=resume, overwrite=overwrite)  # refuses before anything is loaded
+    validate(spec)
+    tokenizer = load_tokenizer(spec.model)
+    shards, docs = plan(spec, tokenizer)
+    store.begin(job, provenance(spec, tokenizer, shards), resume=resume)
+    if not (store.root / "docs.parquet").exists() or not resume:
+        store.write_table("docs", docs)
+    todo = [s for s in shards if not (resume and store.shard_done(s.index))]
+    from .ray_pool import mine_on_ray
+
+    mine_on_ray(spec, store, todo, total_tokens=sum(s.n_tokens for s in shards),
+                done_tokens=sum(s.n_tokens for s in shards) - sum(s.n_tokens for s in todo),
+                address=address, progress=progress)
+    tables = finalize(store, spec, len(shards))
+    return RunSummary(store.root, sum(s.n_tokens for s in shards), len(shards), len(todo),
+                      time.perf_counter() - start, tables)
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

@@ -1,0 +1,89 @@
+-- Macros over the store's views, created by mining.query.connect() after the views.
+-- A macro whose tables the store lacks (e.g. no histograms) is skipped.
+
+-- Quantile q of every neuron of hook h (layer l, or every layer when l < 0), read from the
+-- histograms. The rule mirrors the Python reducer exactly:
+--   q <= 0 -> min; q >= 1 -> max; else rank r = greatest(1, ceil(q * count)) and the bin whose
+--   cumulative count (in bin order) first reaches r; estimate = midpoint of the bin clamped to
+--   [min, max]; the exact-zero bin (lo = hi = 0) gives 0.
+-- value_firing: the same among firing tokens only (bins with lo >= 0, the zero bin excluded;
+--   n = their count; q >= 1 -> max; NULL when the neuron never fires).
+CREATE OR REPLACE MACRO neuron_quantiles(h, l, q) AS TABLE
+WITH nr AS (
+    SELECT hook, layer, neuron, count AS total, min AS vmin, max AS vmax
+    FROM neurons
+    WHERE hook = h AND (l < 0 OR layer = l)
+),
+
+bins AS (
+    SELECT
+        hb.hook,
+        hb.layer,
+        hb.neuron,
+        hb.bin,
+        nr.total,
+        CASE
+            WHEN hb.lo = 0 AND hb.hi = 0 THEN 0.0
+            ELSE (greatest(hb.lo, nr.vmin) + least(hb.hi, nr.vmax)) / 2
+        END AS est,
+        hb.lo >= 0 AND NOT (hb.lo = 0 AND hb.hi = 0) AS firing,
+        sum(hb.count) OVER (PARTITION BY hb.hook, hb.layer, hb.neuron ORDER BY hb.bin) AS cum,
+        sum(CASE WHEN firing THEN hb.count ELSE 0 END)
+            OVER (PARTITION BY hb.hook, hb.layer, hb.neuron ORDER BY hb.bin) AS cum_firing,
+        sum(CASE WHEN firing THEN hb.count ELSE 0 END)
+            OVER (PARTITION BY hb.hook, hb.layer, hb.neuron) AS n_firing
+    FROM histograms AS hb
+    INNER JOIN nr ON hb.hook = nr.hook AND hb.layer = nr.layer AND hb.neuron = nr.neuron
+),
+
+picked AS (
+    SELECT
+        hook,
+        layer,
+        neuron,
+        max(n_firing) AS n_firing,
+        arg_min(est, bin) FILTER (WHERE cum >= greatest(1, ceil(q::DOUBLE * total))) AS value,
+        arg_min(est, bin) FILTER (
+            WHERE firing AND cum_firing >= greatest(1, ceil(q::DOUBLE * n_firing))
+        ) AS value_firing
+    FROM bins
+    GROUP BY hook, layer, neuron
+)
+
+SELECT
+    nr.hook,
+    nr.layer,
+    nr.neuron,
+    CASE WHEN q <= 0 THEN nr.vmin WHEN q >= 1 THEN nr.vmax ELSE p.value END AS value,
+    CASE
+        WHEN coalesce(p.n_firing, 0) = 0 THEN NULL
+        WHEN q >= 1 THEN nr.vmax
+        ELSE p.value_firing
+    END AS value_firing
+FROM nr
+LEFT JOIN picked AS p ON nr.hook = p.hook AND nr.layer = p.layer AND nr.neuron = p.neuron;
+
+-- Quantile q of neuron n in layer l of hook h (unconditional).
+CREATE OR REPLACE MACRO neuron_quantile(h, l, n, q) AS (
+    SELECT value FROM neuron_quantiles(h, l, q) WHERE neuron = n
+);
+
+-- Quantile q of neuron n among its firing (> 0) tokens; NULL when it never fires.
+CREATE OR REPLACE MACRO neuron_quantile_firing(h, l, n, q) AS (
+    SELECT value_firing FROM neuron_quantiles(h, l, q) WHERE neuron = n
+);
+
+-- v as a fraction of neuron n's maximum activation.
+CREATE OR REPLACE MACRO neuron_frac_of_max(h, l, n, v) AS (
+    SELECT v / nullif(max, 0) FROM neurons WHERE hook = h AND layer = l AND neuron = n
+);
+
+-- Text of the tokens within w positions of global token t in its context, t marked «like this».
+-- tok is contiguous within a context (tok - pos is constant there), so the tok range is the
+-- same window; it lets the Parquet scan skip row groups.
+CREATE OR REPLACE MACRO tok_context(t, w) AS (
+    SELECT string_agg(CASE WHEN x.tok = t THEN '«' || x.token || '»' ELSE x.token END, '' ORDER BY x.pos)
+    FROM tokens AS x
+    INNER JOIN (SELECT ctx AS c_ctx, pos AS c_pos FROM tokens WHERE tok = t) ON x.ctx = c_ctx
+    WHERE x.tok BETWEEN t - w AND t + w AND x.pos BETWEEN c_pos - w AND c_pos + w
+);
