@@ -29,9 +29,10 @@ def run_demo(store: Path, job: str | None, fresh: bool, overrides: list[str]) ->
         print(f"\nmined {summary.tokens:,} tokens of {spec.corpus.source} with {spec.model.id} "
               f"in {summary.seconds:.0f} s -> {store}\n")
     con = connect(store)
+    firing = {"min_frac_active": "0.001"}  # neurons that do fire: their top contexts say something
     section("Heavy-tailed neurons (highest excess kurtosis): rare, strong features",
-            run_named(con, "heavy-tailed", {"limit": "5"}))
-    heavy = run_named(con, "heavy-tailed", {"limit": "2"}).to_pylist()
+            run_named(con, "heavy-tailed", {"limit": "5", **firing}))
+    heavy = run_named(con, "heavy-tailed", {"limit": "2", **firing}).to_pylist()
     for row in heavy:
         layer, neuron = row["layer"], row["neuron"]
         section(f"Top contexts of layer {layer} neuron {neuron} (the activating token is «marked»)",
