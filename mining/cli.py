@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="finish an interrupted store, skipping completed shards")
     run.add_argument("--overwrite", action="store_true", help="replace an existing store")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
+    run.add_argument("--allow-failed-shards", action="store_true",
+                     help="exit 0 even if some shards failed after their retries (they are listed in the manifest)")
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(func=cmd_run)
 
@@ -72,6 +74,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fresh", action="store_true", help="re-mine even if the store is complete")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(func=cmd_demo)
+
+    address_help = "Ray dashboard URL (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS if http, else http://127.0.0.1:8265)"
+    sm = sub.add_parser("submit", help="run a job spec on a Ray cluster through the Jobs API")
+    sm.add_argument("job", help="job spec (YAML)")
+    sm.add_argument("--address", help=address_help)
+    sm.add_argument("--store", help="absolute store path on storage every node shares (default: the spec's `store`)")
+    sm.add_argument("--resume", action="store_true", help="finish an interrupted store, skipping completed shards")
+    sm.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    sm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
+    sm.add_argument("--wait", action="store_true", help="follow the logs until the job ends; non-zero exit if it failed")
+    sm.set_defaults(func=cmd_submit)
+
+    jobs = sub.add_parser("jobs", help="status, logs, stop and list of submitted jobs")
+    jsub = jobs.add_subparsers(metavar="ACTION", required=True)
+    for action, text in (("status", "a job's status"), ("logs", "a job's output"), ("stop", "stop a running job")):
+        a = jsub.add_parser(action, help=text)
+        a.add_argument("job_id")
+        a.add_argument("--address", help=address_help)
+        if action == "logs":
+            a.add_argument("--follow", action="store_true", help="stream until the job ends")
+        a.set_defaults(func=cmd_jobs, action=action)
+    ls = jsub.add_parser("list", help="every job the cluster knows")
+    ls.add_argument("--address", help=address_help)
+    ls.set_defaults(func=cmd_jobs, action="list", job_id=None)
     return p
 
 
@@ -86,11 +112,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("--resume and --overwrite exclude each other; pick one")
     spec = load_spec(args.job, args.set)
     summary = run_job(spec, store_path(spec, args.store), address=args.address, resume=args.resume,
-                      overwrite=args.overwrite, progress=not args.no_progress)
+                      overwrite=args.overwrite, progress=not args.no_progress,
+                      allow_failed=args.allow_failed_shards)
     print(f"mined {summary.tokens:,} tokens in {summary.shards} shards ({summary.mined_shards} this run) "
           f"in {summary.seconds:.1f} s ({summary.tokens_per_s:,.0f} tok/s overall) -> {summary.store}")
     for name, rows in sorted(summary.tables.items()):
         print(f"  {name}: {rows:,} rows")
+    if summary.retried or summary.failed:
+        print(f"  {summary.retried} shard attempt(s) retried; {len(summary.failed)} shard(s) failed"
+              + "".join(f"\n    shard {m['shard']}: {m['error']}" for m in summary.failed))
     return 0
 
 
@@ -151,6 +181,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(Path(args.store), args.job, args.fresh, args.set)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .submit import check_finished, follow, submit
+
+    client, url, job_id = submit(args.job, args.address, args.set, args.store, resume=args.resume,
+                                 overwrite=args.overwrite)
+    print(job_id, flush=True)
+    if not args.wait:
+        print(f"follow it: mine jobs logs {job_id} --address {url} --follow", file=sys.stderr)
+        return 0
+    try:
+        status = follow(client, url, job_id)
+    except KeyboardInterrupt:
+        raise UserError(f"stopped following; the job runs on: mine jobs stop {job_id} --address {url}") from None
+    check_finished(client, url, job_id, status)
+    print(f"job {job_id} {status}", file=sys.stderr)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from . import submit as sj
+
+    client, url = sj.connect(args.address)
+    if args.action == "list":
+        for info in sorted(sj._call(url, "*", client.list_jobs), key=lambda i: i.start_time or 0):
+            print(sj.describe(info))
+    elif args.action == "status":
+        info = sj._call(url, args.job_id, client.get_job_info, args.job_id)
+        print(f"{args.job_id} {info.status.value}" + (f": {sj._first_line(info.message)}" if info.message else ""))
+    elif args.action == "logs" and args.follow:
+        try:
+            sj.follow(client, url, args.job_id)
+        except KeyboardInterrupt:
+            return 130
+    elif args.action == "logs":
+        sys.stdout.write(sj._call(url, args.job_id, client.get_job_logs, args.job_id))
+    else:
+        status = sj.stop(client, url, args.job_id)
+        print(f"{args.job_id} {status}")
+    return 0
 
 
 def parse_params(items: list[str]) -> dict[str, str]:

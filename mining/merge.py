@@ -98,6 +98,8 @@ def manifest_table(markers: list[dict]) -> pa.Table:
         "contexts": pa.array([m.get("contexts", 0) for m in markers], pa.int64()),
         "rows": pa.array([m["rows"]["tokens"] for m in markers], pa.int64()),
         "seconds": pa.array([m.get("seconds", 0.0) for m in markers], pa.float64()),
+        "attempts": pa.array([m.get("attempts", 1) for m in markers], pa.int32()),
+        "error": pa.array([m.get("error") for m in markers], pa.string()),
         "checksum": [_combined(m["files"]) for m in markers],
         "files": [json.dumps(m["files"], sort_keys=True) for m in markers],
     })
@@ -112,11 +114,15 @@ def _combined(files: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def finalize(store: Store, spec: JobSpec, n_shards: int) -> dict[str, int]:
-    """Merge every shard, write the final tables, then the manifest last. Returns row counts."""
-    merged = merge_shards(store, spec, range(n_shards))
-    tables = final_tables(merged, spec)
+def finalize(store: Store, spec: JobSpec, n_shards: int) -> tuple[dict[str, int], list[dict]]:
+    """Merge every complete shard, write the final tables, then the manifest last.
+
+    Returns the row counts and the markers of failed shards (their tokens are left out of every
+    table; the manifest lists them with their reason, and `mine run --resume` retries them)."""
+    markers = [store.read_marker(i) for i in range(n_shards)]
+    complete = [m["shard"] for m in markers if m["status"] == "complete"]
+    tables = final_tables(merge_shards(store, spec, complete), spec) if complete else {}
     for name, table in tables.items():
         store.write_table(name, table)
-    store.write_table("manifest", manifest_table([store.read_marker(i) for i in range(n_shards)]))
-    return {name: t.num_rows for name, t in tables.items()}
+    store.write_table("manifest", manifest_table(markers))
+    return {name: t.num_rows for name, t in tables.items()}, [m for m in markers if m["status"] != "complete"]

@@ -7,7 +7,9 @@ in the cache directory so every later load (actors, export replays, tests) takes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import importlib.util
 import json
 import os
@@ -225,7 +227,8 @@ def _converted_gguf(source: ModelSource) -> Path:
         kw: dict[str, Any] = {"gguf_file": source.gguf_file}
         if source.revision:
             kw["revision"] = source.revision
-        quantized = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **kw)
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers draws a bare tqdm bar here
+            quantized = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **kw)
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kw)
         config = AutoConfig.from_pretrained(source.path, **kw)
     except Exception as e:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
@@ -35,16 +37,32 @@ class MinerActor:
         self.miner = ShardMiner(self.spec, load_model(self.spec.model))
         self.store = Store(store)
 
-    def mine(self, shard: Shard) -> dict[str, Any]:
+    def mine(self, shard: Shard, attempt: int = 0) -> dict[str, Any]:
+        """Mine one shard and write its files; any failure comes back as a marker, not an exception."""
         try:
+            _injected_fault(shard.index, attempt)
             result = self.miner.mine(shard)
             return self.store.write_shard(result, {"first_tok": shard.first_tok, "contexts": len(shard.ids),
-                                                   "worker": os.getpid()})
-        except UserError as e:
-            return {"shard": shard.index, "status": "error", "error": str(e)}
+                                                   "attempts": attempt + 1, "worker": os.getpid()})
+        except Exception as e:  # noqa: BLE001 - reported per shard; the driver decides on retries
+            return {"shard": shard.index, "status": "error", "error": f"{type(e).__name__}: {_first_line(e)}"}
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> int:
+        return os.getpid()
+
+
+def _injected_fault(shard: int, attempt: int) -> None:
+    """Test hook: MINING_INJECT_FAULT="fail:3" fails shard 3 on every attempt (a deterministic bad
+    shard); "crash:3" kills the worker process mining shard 3 on its first attempt."""
+    spec = os.environ.get("MINING_INJECT_FAULT", "")
+    for item in filter(None, spec.split(",")):
+        kind, _, index = item.partition(":")
+        if int(index) != shard:
+            continue
+        if kind == "fail":
+            raise RuntimeError(f"injected failure of shard {shard}")
+        if kind == "crash" and attempt == 0:
+            os._exit(1)
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -55,7 +73,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:  # embedded local cluster: loopback only, no dashboard
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
                  _node_ip_address="127.0.0.1")
 
 
@@ -73,44 +91,102 @@ def actor_count(spec: JobSpec, n_shards: int) -> tuple[int, int]:
     return max(1, min(n, n_shards)), (1 if wants_gpu else 0)
 
 
+@dataclass
+class PoolReport:
+    mined: int = 0
+    retried: int = 0
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    actors: int = 0
+
+
 def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_tokens: int, done_tokens: int,
-                address: str | None, progress: bool) -> None:
+                address: str | None, progress: bool) -> PoolReport:
+    """Feed shards to actors as they free up; retry shards whose attempt failed or whose worker
+    (or node) died, up to compute.max_retries, then record them as failed and go on."""
+    report = PoolReport()
     if not shards:
-        return
+        return report
     import ray
+    from ray.exceptions import RayActorError, RayError
 
     start_ray(address)
     n_actors, gpus = actor_count(spec, len(shards))
-    remote = ray.remote(num_cpus=spec.compute.cpus_per_actor, num_gpus=gpus)(MinerActor)
-    actors = [remote.remote(spec.to_dict(), str(store.root.resolve()), spec.compute.cpus_per_actor)
-              for _ in range(n_actors)]
-    queue = list(reversed(shards))
+    env = {k: v for k, v in os.environ.items() if k == "MINING_INJECT_FAULT"}
+    remote = ray.remote(num_cpus=spec.compute.cpus_per_actor, num_gpus=gpus,
+                        runtime_env={"env_vars": env} if env else None)(MinerActor)
+
+    def new_actor():
+        return remote.remote(spec.to_dict(), str(store.root.resolve()), spec.compute.cpus_per_actor)
+
+    actors = [new_actor() for _ in range(n_actors)]
+    try:
+        ray.get([a.ready.remote() for a in actors])  # a model that cannot load fails here, once, clearly
+    except RayError as e:
+        for a in actors:
+            ray.kill(a)
+        raise UserError(f"actors could not start: {_first_line(e)}") from None
+    report.actors = n_actors
+    queue = deque(shards)
+    attempts: dict[int, int] = {}
+    idle = list(actors)
     running: dict[Any, tuple[Any, Shard]] = {}
     bar = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, disable=not progress,
                desc=f"mining ({n_actors} actor{'s' if n_actors > 1 else ''})", dynamic_ncols=True, mininterval=1.0)
+
+    def status() -> None:
+        bar.set_postfix_str(f"shards {report.mined}/{len(shards)} done, {len(report.failed)} failed, "
+                            f"{report.retried} retried", refresh=False)
+
+    def retry_or_fail(shard: Shard, error: str) -> None:
+        attempts[shard.index] = attempts.get(shard.index, 0) + 1
+        if attempts[shard.index] > spec.compute.max_retries:
+            report.failed.append(store.write_failed(shard, error, attempts[shard.index]))
+            bar.write(f"shard {shard.index} failed after {attempts[shard.index]} attempts: {error}")
+        else:
+            report.retried += 1
+            queue.append(shard)  # to the back: other shards go first, maybe to another actor
+
     try:
-        for actor in actors:
-            if queue:
-                shard = queue.pop()
-                running[actor.mine.remote(shard)] = (actor, shard)
-        while running:
-            ready, _ = ray.wait(list(running), num_returns=1)
-            ref = ready[0]
+        while queue or running:
+            while idle and queue:
+                actor, shard = idle.pop(), queue.popleft()
+                running[actor.mine.remote(shard, attempts.get(shard.index, 0))] = (actor, shard)
+            if not running:  # every actor died and none could be replaced
+                raise UserError("no actors left to mine on (workers or nodes died); finish with `mine run --resume`")
+            [ref], _ = ray.wait(list(running), num_returns=1)
             actor, shard = running.pop(ref)
             try:
                 marker = ray.get(ref)
-            except ray.exceptions.RayError as e:
-                raise UserError(f"shard {shard.index} failed: {_first_line(e)}") from None
+            except RayActorError as e:  # the worker process or its node died mid-shard
+                retry_or_fail(shard, f"worker died: {_first_line(e)}")
+                ray.kill(actor)
+                if _room_for_actor(spec, gpus):
+                    idle.append(new_actor())
+                status()
+                continue
+            except RayError as e:
+                marker = {"status": "error", "error": _first_line(e)}
+            idle.append(actor)
             if marker.get("status") == "error":
-                raise UserError(marker["error"])
-            bar.update(shard.n_tokens)
-            if queue:
-                nxt = queue.pop()
-                running[actor.mine.remote(nxt)] = (actor, nxt)
+                retry_or_fail(shard, marker["error"])
+            else:
+                report.mined += 1
+                bar.update(shard.n_tokens)
+            status()
     finally:
         bar.close()
-        for actor in actors:
+        for actor in idle + [a for a, _ in running.values()]:
             ray.kill(actor)
+    return report
+
+
+def _room_for_actor(spec: JobSpec, gpus: int) -> bool:
+    """Whether the cluster has free resources for a replacement actor right now (else the
+    remaining actors finish the queue rather than waiting on one that may never start)."""
+    import ray
+
+    free = ray.available_resources()
+    return free.get("CPU", 0) >= spec.compute.cpus_per_actor and free.get("GPU", 0) >= gpus
 
 
 def _quiet_transformers() -> None:

@@ -12,7 +12,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ class RunSummary:
     mined_shards: int
     seconds: float
     tables: dict[str, int]
+    retried: int = 0
+    failed: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -127,7 +129,7 @@ def provenance(spec: JobSpec, tokenizer: Any, shards: list[Shard]) -> dict[str, 
 
 
 def run_job(spec: JobSpec, store_dir: Path, *, address: str | None = None, resume: bool = False,
-            overwrite: bool = False, progress: bool = True) -> RunSummary:
+            overwrite: bool = False, progress: bool = True, allow_failed: bool = False) -> RunSummary:
     start = time.perf_counter()
     store = Store(store_dir)
     job = spec.to_dict()
@@ -141,12 +143,17 @@ def run_job(spec: JobSpec, store_dir: Path, *, address: str | None = None, resum
     todo = [s for s in shards if not (resume and store.shard_done(s.index))]
     from .ray_pool import mine_on_ray
 
-    mine_on_ray(spec, store, todo, total_tokens=sum(s.n_tokens for s in shards),
-                done_tokens=sum(s.n_tokens for s in shards) - sum(s.n_tokens for s in todo),
-                address=address, progress=progress)
-    tables = finalize(store, spec, len(shards))
-    return RunSummary(store.root, sum(s.n_tokens for s in shards), len(shards), len(todo),
-                      time.perf_counter() - start, tables)
+    pool = mine_on_ray(spec, store, todo, total_tokens=sum(s.n_tokens for s in shards),
+                       done_tokens=sum(s.n_tokens for s in shards) - sum(s.n_tokens for s in todo),
+                       address=address, progress=progress)
+    tables, failed = finalize(store, spec, len(shards))
+    summary = RunSummary(store.root, sum(s.n_tokens for s in shards), len(shards), len(todo),
+                         time.perf_counter() - start, tables, pool.retried, failed)
+    if failed and not allow_failed:
+        reasons = "; ".join(f"shard {m['shard']}: {m['error']}" for m in failed[:3])
+        raise UserError(f"{len(failed)} of {len(shards)} shards failed ({reasons}); the store holds the rest and "
+                        "the manifest lists them: retry with `mine run --resume`, or pass --allow-failed-shards")
+    return summary
 
 
 def default_threads() -> int:

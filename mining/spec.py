@@ -119,6 +119,8 @@ class ComputeSpec:
     """Contexts per forward pass."""
     shard_tokens: int = 65536
     """Tokens per shard: the unit of work, retry and resume."""
+    max_retries: int = 2
+    """Retries of a shard whose attempt failed or whose worker died, before it is recorded as failed."""
 
     def __post_init__(self) -> None:
         if isinstance(self.actors, str) and self.actors != "auto":
@@ -128,6 +130,8 @@ class ComputeSpec:
         _positive("compute.cpus_per_actor", self.cpus_per_actor)
         _positive("compute.batch_size", self.batch_size)
         _positive("compute.shard_tokens", self.shard_tokens)
+        if self.max_retries < 0:
+            raise UserError(f"compute.max_retries: must be >= 0, got {self.max_retries}")
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,8 @@ class Store:
             return False
         try:
             info = json.loads(path.read_text())
+            if info.get("status") != "complete":
+                return False  # a failed shard is retried by --resume
             return all(checksum(self.root / rel) == digest for rel, digest in info["files"].items())
         except (OSError, ValueError, KeyError):
             return False
@@ -124,6 +126,13 @@ class Store:
             "files": {str(p.relative_to(self.root)): checksum(p) for p in files.values()},
         }
         atomic_write_text(self.marker(i), json.dumps(marker, indent=1))
+        return marker
+
+    def write_failed(self, shard: Any, error: str, attempts: int) -> dict[str, Any]:
+        """Record a shard that failed every attempt, so the manifest can say which and why."""
+        marker = {"shard": shard.index, "status": "failed", "tokens": shard.n_tokens, "first_tok": shard.first_tok,
+                  "contexts": len(shard.ids), "attempts": attempts, "error": error, "rows": {"tokens": 0}, "files": {}}
+        atomic_write_text(self.marker(shard.index), json.dumps(marker, indent=1))
         return marker
 
     def load_states(self, shard: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -169,7 +178,7 @@ def _decompress(blob: bytes) -> bytes:
 
 def _incompatible(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """The first key that differs in a way that changes results (actor count and store path do not)."""
-    ignore = {"store", "compute.actors", "compute.cpus_per_actor"}
+    ignore = {"store", "compute.actors", "compute.cpus_per_actor", "compute.max_retries"}
 
     def walk(a: Any, b: Any, prefix: str) -> str | None:
         if isinstance(a, dict) and isinstance(b, dict):
