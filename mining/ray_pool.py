@@ -73,8 +73,22 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:  # embedded local cluster: loopback only, no dashboard
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+        _loopback_only()
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+
+
+def _loopback_only() -> None:
+    """Make an embedded cluster bind every server to 127.0.0.1. Ray turns an explicit 127.0.0.1
+    node address into the host's routable IP unless it believes it is a single-machine
+    (Windows/macOS-style) install; that switch is read from the environment by Ray's child
+    processes and from `ray_constants` by this one."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    except (ImportError, AttributeError):  # a future Ray without the switch: it then binds as it likes
+        pass
 
 
 def actor_count(spec: JobSpec, n_shards: int) -> tuple[int, int]:
