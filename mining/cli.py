@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(func=cmd_demo)
 
-    address_help = "Ray dashboard URL (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS if http, else http://127.0.0.1:8265)"
+    address_help = ("Ray dashboard URL (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS if http, "
+                    "else http://127.0.0.1:8265)")
     sm = sub.add_parser("submit", help="run a job spec on a Ray cluster through the Jobs API")
     sm.add_argument("job", help="job spec (YAML)")
     sm.add_argument("--address", help=address_help)
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--resume", action="store_true", help="finish an interrupted store, skipping completed shards")
     sm.add_argument("--overwrite", action="store_true", help="replace an existing store")
     sm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")
-    sm.add_argument("--wait", action="store_true", help="follow the logs until the job ends; non-zero exit if it failed")
+    sm.add_argument("--wait", action="store_true",
+                    help="follow the logs until the job ends; non-zero exit if it failed")
     sm.set_defaults(func=cmd_submit)
 
     jobs = sub.add_parser("jobs", help="status, logs, stop and list of submitted jobs")
@@ -115,7 +117,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                       overwrite=args.overwrite, progress=not args.no_progress,
                       allow_failed=args.allow_failed_shards)
     print(f"mined {summary.tokens:,} tokens in {summary.shards} shards ({summary.mined_shards} this run) "
-          f"in {summary.seconds:.1f} s ({summary.tokens_per_s:,.0f} tok/s overall) -> {summary.store}")
+          f"in {summary.seconds:.1f} s ({summary.tokens_per_s:,.0f} tok/s overall; "
+          f"{summary.mining_tokens_per_s:,.0f} tok/s on {summary.actors} actor(s) once loaded) -> {summary.store}")
     for name, rows in sorted(summary.tables.items()):
         print(f"  {name}: {rows:,} rows")
     if summary.retried or summary.failed:

@@ -24,10 +24,11 @@ from .hooks import capture, resolve_hooks
 from .models import load_model, resolve_source
 from .shards import special_tokens
 from .spec import spec_from_dict
-from .store import atomic_write, atomic_write_text
+from .storage import atomic_write, atomic_write_text, is_url
 
 
-def export_examples(store: Path, hook: str, neurons: Sequence[tuple[int, int]], k: int, fmt: str, out: Path) -> int:
+def export_examples(store: str | Path, hook: str, neurons: Sequence[tuple[int, int]], k: int, fmt: str,
+                    out: Path) -> int:
     rows = example_rows(store, hook, neurons, k)
     if fmt == "jsonl":
         atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -36,10 +37,16 @@ def export_examples(store: Path, hook: str, neurons: Sequence[tuple[int, int]], 
     return len(rows)
 
 
-def example_rows(store: Path, hook: str, neurons: Sequence[tuple[int, int]], k: int) -> list[dict]:
-    if not (store / "manifest.parquet").exists():
+def example_rows(store: str | Path, hook: str, neurons: Sequence[tuple[int, int]], k: int) -> list[dict]:
+    if is_url(store):  # read the tables from the same local mirror queries use
+        from .mirror import mirror
+
+        root = mirror(str(store))
+    else:
+        root = Path(store)
+    if not (root / "manifest.parquet").exists():
         raise UserError(f"{store}: not a complete store (no manifest.parquet); finish it with `mine run --resume`")
-    top = pq.read_table(store / "top_examples.parquet",
+    top = pq.read_table(root / "top_examples.parquet",
                         filters=[("hook", "=", hook), ("rank", "<=", k)]).to_pylist()
     wanted = {}
     for layer, neuron in neurons:
@@ -48,14 +55,14 @@ def example_rows(store: Path, hook: str, neurons: Sequence[tuple[int, int]], k: 
             raise UserError(f"neuron {layer}:{neuron} of {hook} is not in {store} (see `mine query {store} "
                             f"--named neuron-index`)")
         wanted[(layer, neuron)] = sorted(found, key=lambda r: r["rank"])
-    tokens = ds.dataset(store / "tokens", format="parquet")
+    tokens = ds.dataset(root / "tokens", format="parquet")
     toks = [r["tok"] for rs in wanted.values() for r in rs]
     peak_rows = tokens.to_table(filter=pc.field("tok").isin(toks)).to_pylist()
     by_tok = {r["tok"]: r for r in peak_rows}
     ctxs = sorted({by_tok[t]["ctx"] for t in toks})
     ctx_rows = tokens.to_table(filter=pc.field("ctx").isin(ctxs)).sort_by([("ctx", "ascending"), ("pos", "ascending")])
     contexts = _group_contexts(ctx_rows)
-    acts = _replay(store, hook, sorted({layer for layer, _ in neurons}), contexts)
+    acts = _replay(root, hook, sorted({layer for layer, _ in neurons}), contexts)
     out = []
     for (layer, neuron), examples in wanted.items():
         for r in examples:

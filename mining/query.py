@@ -3,9 +3,9 @@
 `connect(store)` opens an in-memory DuckDB with one view per store table (every top-level
 `NAME.parquet` and every `NAME/` directory holding Parquet; private `_*`, `.*` and
 `activations.zarr` excluded), then the macros of `queries/_macros.sql`, then locks itself in:
-only the store directory is readable, no extension may be installed or loaded, and the
-configuration cannot be changed back. This module is the only place store file paths appear
-in SQL. Named queries are `queries/*.sql` files with a header:
+only the store directory (for an s3:// or other remote store: its local mirror) is readable,
+no extension may be installed or loaded, and the configuration cannot be changed back. This
+module is the only place store file paths appear in SQL. Named queries are `queries/*.sql` files with a header:
 
     -- name: top-activations
     -- purpose: one line
@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import UserError
+from .storage import is_url
 
 MACROS = "_macros.sql"
 PRIVATE = {"activations.zarr"}
@@ -54,7 +55,14 @@ FORMATS = ("table", "csv", "json", "parquet")
 
 
 def connect(store: str | Path) -> duckdb.DuckDBPyConnection:
-    root = Path(store).expanduser().resolve()
+    """A sandboxed connection over a store; a remote store (s3://...) is queried through a local
+    mirror of its tables (mirror.py), so DuckDB never needs network access."""
+    if is_url(store):
+        from .mirror import mirror
+
+        root = mirror(str(store))
+    else:
+        root = Path(store).expanduser().resolve()
     if not (root / "manifest.parquet").is_file():
         raise UserError(f"{store}: not a complete store (no manifest.parquet); "
                         "finish it with `mine run --resume` or point at a store directory")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,10 +72,31 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        check_address(address)
+        try:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        except Exception as e:  # noqa: BLE001 - connection, auth and version errors all mean "cannot join"
+            raise UserError(f"--address {address}: cannot join the Ray cluster: {_first_line(e)} "
+                            "(a token-auth cluster also needs RAY_AUTH_MODE=token)") from None
     else:  # embedded local cluster: loopback only, no dashboard
         _loopback_only()
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+
+
+def check_address(address: str) -> None:
+    """Fail in seconds, not after Ray's minutes of retries, when nothing listens at the address."""
+    import socket
+
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except ValueError:
+        raise UserError(f"--address {address}: expected auto, HOST:PORT or ray://HOST:PORT") from None
+    except OSError as e:
+        raise UserError(f"--address {address}: nothing answers there ({e.strerror or e}); is the cluster up?") from None
 
 
 def _loopback_only() -> None:
@@ -111,6 +133,8 @@ class PoolReport:
     retried: int = 0
     failed: list[dict[str, Any]] = field(default_factory=list)
     actors: int = 0
+    seconds: float = 0.0
+    """Wall time from the actors being ready (model loaded) to the last shard: the mining itself."""
 
 
 def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_tokens: int, done_tokens: int,
@@ -140,6 +164,7 @@ def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_token
             ray.kill(a)
         raise UserError(f"actors could not start: {_first_line(e)}") from None
     report.actors = n_actors
+    started = time.perf_counter()
     queue = deque(shards)
     attempts: dict[int, int] = {}
     idle = list(actors)
@@ -188,6 +213,7 @@ def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_token
                 bar.update(shard.n_tokens)
             status()
     finally:
+        report.seconds = time.perf_counter() - started
         bar.close()
         for actor in idle + [a for a, _ in running.values()]:
             ray.kill(actor)

@@ -39,6 +39,14 @@ class RunSummary:
     tables: dict[str, int]
     retried: int = 0
     failed: list[dict[str, Any]] = field(default_factory=list)
+    mined_tokens: int = 0
+    mining_seconds: float = 0.0
+    actors: int = 0
+
+    @property
+    def mining_tokens_per_s(self) -> float:
+        """Throughput once the actors hold their model: what scales with actors and GPUs."""
+        return self.mined_tokens / self.mining_seconds if self.mining_seconds else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -134,6 +142,10 @@ def run_job(spec: JobSpec, store_dir: Path, *, address: str | None = None, resum
     store = Store(store_dir)
     job = spec.to_dict()
     store.prepare(job, resume=resume, overwrite=overwrite)  # refuses before anything is loaded
+    if address:
+        from .ray_pool import check_address
+
+        check_address(address)
     validate(spec)
     tokenizer = load_tokenizer(spec.model)
     shards, docs = plan(spec, tokenizer)
@@ -148,7 +160,8 @@ def run_job(spec: JobSpec, store_dir: Path, *, address: str | None = None, resum
                        address=address, progress=progress)
     tables, failed = finalize(store, spec, len(shards))
     summary = RunSummary(store.root, sum(s.n_tokens for s in shards), len(shards), len(todo),
-                         time.perf_counter() - start, tables, pool.retried, failed)
+                         time.perf_counter() - start, tables, pool.retried, failed,
+                         sum(s.n_tokens for s in todo), pool.seconds, pool.actors)
     if failed and not allow_failed:
         reasons = "; ".join(f"shard {m['shard']}: {m['error']}" for m in failed[:3])
         raise UserError(f"{len(failed)} of {len(shards)} shards failed ({reasons}); the store holds the rest and "

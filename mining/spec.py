@@ -305,5 +305,10 @@ def _show(value: Any) -> str:
     return f"{type(value).__name__} {text[:60]}"
 
 
-def store_path(spec: JobSpec, override: str | None) -> Path:
-    return Path(override or spec.store or f"runs/{spec.name}")
+def store_path(spec: JobSpec, override: str | None) -> Path | str:
+    """A local directory as a Path; an object-storage URL (s3://...) as the string itself (a Path
+    would fold its `//`)."""
+    from .storage import is_url
+
+    raw = override or spec.store or f"runs/{spec.name}"
+    return raw if is_url(raw) else Path(raw)

@@ -1,4 +1,4 @@
-"""The store directory: layout, atomic writes, per-shard outputs and completion markers.
+"""The store: layout, per-shard outputs and completion markers, at a local directory or a URL.
 
     job.yaml, provenance.json        what was mined, with what (written at start)
     docs.parquet                     documents (text included, so examples resolve offline)
@@ -9,19 +9,17 @@
     neurons.parquet, histograms.parquet, top_examples.parquet, ...   final tables (driver)
     manifest.parquet                 one row per shard; written after every final table
 
-Every file is written under a temporary name and renamed when complete, so a crash never
-leaves a file that reads as complete; a store without manifest.parquet is incomplete.
+A local file is written under a temporary name and renamed when complete; an object in object
+storage appears only when its upload completes (see storage.py). Either way a crash never leaves
+a file that reads as complete, and a store without manifest.parquet is incomplete.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,140 +28,204 @@ import torch
 import yaml
 
 from .errors import UserError
+from .storage import (  # noqa: F401 - atomic_* and checksum are re-exported for callers
+    LocalFiles,
+    RemoteFiles,
+    RemotePath,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+    checksum,
+    is_url,
+    local_path,
+)
 
 SHARDS = "_shards"
+DENSE = "activations.zarr"
 MANIFEST = "manifest.parquet"
 
 
 class Store:
+    """A store at a local directory or an fsspec URL.
+
+    `root` is a Path for a local store and a `RemotePath` (the same few path operations) for a
+    remote one; `location` is the string to hand to another process (absolute path or URL)."""
+
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.files: LocalFiles | RemoteFiles
+        if is_url(root):
+            self.files = RemoteFiles(str(root))
+            self.root: Path | RemotePath = RemotePath(self.files)
+        else:
+            self.root = local_path(root)
+            self.files = LocalFiles(self.root)
 
-    # ------------------------------------------------------------ paths
-    def marker(self, shard: int) -> Path:
-        return self.root / SHARDS / f"shard-{shard:05d}.json"
+    @property
+    def remote(self) -> bool:
+        return self.files.remote
 
-    def states_path(self, shard: int) -> Path:
-        return self.root / SHARDS / f"shard-{shard:05d}.states.zst"
+    @property
+    def location(self) -> str:
+        """Absolute path or URL: what actors in other processes (or on other nodes) open."""
+        return self.files.location
 
-    def tokens_path(self, shard: int) -> Path:
-        return self.root / "tokens" / f"shard-{shard:05d}.parquet"
+    def exists(self, rel: str = "") -> bool:
+        return self.files.exists(rel)
 
-    def dense_path(self, hook: str, shard: int) -> Path:
-        return self.root / "activations.zarr" / hook / f"shard-{shard:05d}"
+    # ------------------------------------------------------------ paths (relative to the root)
+    @staticmethod
+    def marker_name(shard: int) -> str:
+        return f"{SHARDS}/shard-{shard:05d}.json"
+
+    @staticmethod
+    def states_name(shard: int) -> str:
+        return f"{SHARDS}/shard-{shard:05d}.states.zst"
+
+    @staticmethod
+    def tokens_name(shard: int) -> str:
+        return f"tokens/shard-{shard:05d}.parquet"
+
+    @staticmethod
+    def dense_name(hook: str, shard: int) -> str:
+        return f"{DENSE}/{hook}/shard-{shard:05d}"
+
+    def marker(self, shard: int) -> Path | RemotePath:
+        return self.root / self.marker_name(shard)
+
+    def states_path(self, shard: int) -> Path | RemotePath:
+        return self.root / self.states_name(shard)
+
+    def tokens_path(self, shard: int) -> Path | RemotePath:
+        return self.root / self.tokens_name(shard)
+
+    def dense_path(self, hook: str, shard: int) -> Path | RemotePath:
+        return self.root / self.dense_name(hook, shard)
 
     @property
     def complete(self) -> bool:
-        return (self.root / MANIFEST).exists()
+        return self.files.exists(MANIFEST)
 
     # ------------------------------------------------------------ lifecycle
     def prepare(self, job: dict[str, Any], resume: bool, overwrite: bool) -> None:
         """Check an existing store against the flags; never deletes anything that is not a store."""
-        if not self.root.exists():
+        if isinstance(self.files, RemoteFiles):
+            self.files.check()
+        if not self.files.exists():
             return
-        looks_like_store = (self.root / "job.yaml").exists()
+        looks_like_store = self.files.exists("job.yaml")
         if resume:
             if not looks_like_store:
                 raise UserError(f"{self.root}: --resume given but this is not a store (no job.yaml)")
-            old = yaml.safe_load((self.root / "job.yaml").read_text())
+            old = yaml.safe_load(self.files.read_bytes("job.yaml").decode())
             diff = _incompatible(old, job)
             if diff:
                 raise UserError(f"{self.root}: cannot resume: the store was mined with a different {diff}; "
                                 "use --overwrite or another --store")
             return
         if overwrite:
-            if not looks_like_store and any(self.root.iterdir()):
+            if not looks_like_store and self.files.listdir():
                 raise UserError(f"{self.root}: --overwrite refused: the directory is not a store and not empty")
-            shutil.rmtree(self.root)
+            self.files.remove_all()
             return
         raise UserError(f"{self.root}: store already exists; pass --resume to finish it or --overwrite to replace it")
 
     def begin(self, job: dict[str, Any], provenance: dict[str, Any], resume: bool) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / SHARDS).mkdir(exist_ok=True)
-        if resume and (self.root / MANIFEST).exists():
-            (self.root / MANIFEST).unlink()  # re-finalized below; until then the store reads as incomplete
-        atomic_write_text(self.root / "job.yaml", yaml.safe_dump(job, sort_keys=False))
-        atomic_write_text(self.root / "provenance.json", json.dumps(provenance, indent=2, default=str))
+        self.files.makedirs()
+        self.files.makedirs(SHARDS)
+        if resume and self.files.exists(MANIFEST):
+            self.files.remove(MANIFEST)  # re-finalized below; until then the store reads as incomplete
+        self.files.write_bytes("job.yaml", yaml.safe_dump(job, sort_keys=False).encode())
+        self.files.write_bytes("provenance.json", json.dumps(provenance, indent=2, default=str).encode())
 
     # ------------------------------------------------------------ shards
     def shard_done(self, shard: int) -> bool:
         """A marker exists and every file it names still has its recorded checksum."""
-        path = self.marker(shard)
-        if not path.exists():
-            return False
         try:
-            info = json.loads(path.read_text())
+            if not self.files.exists(self.marker_name(shard)):
+                return False
+            info = self.read_marker(shard)
             if info.get("status") != "complete":
                 return False  # a failed shard is retried by --resume
-            return all(checksum(self.root / rel) == digest for rel, digest in info["files"].items())
+            return all(self.files.checksum(rel) == digest for rel, digest in info["files"].items())
         except (OSError, ValueError, KeyError):
             return False
 
     def read_marker(self, shard: int) -> dict[str, Any]:
-        return json.loads(self.marker(shard).read_text())
+        return json.loads(self.files.read_bytes(self.marker_name(shard)))
 
     def write_shard(self, result: Any, extra: dict[str, Any]) -> dict[str, Any]:
         """Write a ShardResult's files, then its marker. Returns the marker."""
         i = result.index
-        files: dict[str, Path] = {}
+        files: dict[str, str] = {}  # relative name -> sha256 of what was written
         tensors = {f"{hook}/{key}": t.contiguous().cpu() for hook, st in result.stats.items()
                    for key, t in st.state_dict().items()}
-        atomic_write_bytes(self.states_path(i), _compress(safetensors.torch.save(tensors)))
-        files["states"] = self.states_path(i)
+        files[self.states_name(i)] = self.files.write_bytes(self.states_name(i),
+                                                            _compress(safetensors.torch.save(tensors)))
         if result.tokens is not None:
-            atomic_write(self.tokens_path(i), lambda p: pq.write_table(result.tokens, p, compression="zstd"))
-            files["tokens"] = self.tokens_path(i)
+            files[self.tokens_name(i)] = self.files.write_parquet(self.tokens_name(i), result.tokens)
         for hook, (toks, values) in sorted(result.dense.items()):
-            from .dense import write_dense_shard
-
-            write_dense_shard(self.dense_path(hook, i), toks, values)
-            files[f"dense:{hook}"] = self.dense_path(hook, i)
+            files[self.dense_name(hook, i)] = self._write_dense(self.dense_name(hook, i), toks, values)
         marker = {
             "shard": i, "status": "complete", "tokens": result.n_tokens, **extra,
             "rows": {"tokens": 0 if result.tokens is None else result.tokens.num_rows},
             "seconds": round(result.seconds, 3),
-            "files": {str(p.relative_to(self.root)): checksum(p) for p in files.values()},
+            "files": files,
         }
-        atomic_write_text(self.marker(i), json.dumps(marker, indent=1))
+        self.files.write_bytes(self.marker_name(i), json.dumps(marker, indent=1).encode())
         return marker
+
+    def _write_dense(self, rel: str, toks: Any, values: Any) -> str:
+        from .dense import build_dense_group, write_dense_shard
+
+        if isinstance(self.files, LocalFiles):
+            path = self.files.path(rel)
+            write_dense_shard(path, toks, values)
+            return checksum(path)
+        with tempfile.TemporaryDirectory(prefix="mining-dense-") as tmp:  # built locally, then uploaded
+            build_dense_group(Path(tmp) / "group", toks, values)
+            return self.files.put_dir(rel, Path(tmp) / "group")
 
     def write_failed(self, shard: Any, error: str, attempts: int) -> dict[str, Any]:
         """Record a shard that failed every attempt, so the manifest can say which and why."""
         marker = {"shard": shard.index, "status": "failed", "tokens": shard.n_tokens, "first_tok": shard.first_tok,
                   "contexts": len(shard.ids), "attempts": attempts, "error": error, "rows": {"tokens": 0}, "files": {}}
-        atomic_write_text(self.marker(shard.index), json.dumps(marker, indent=1))
+        self.files.write_bytes(self.marker_name(shard.index), json.dumps(marker, indent=1).encode())
         return marker
 
     def load_states(self, shard: int) -> dict[str, dict[str, torch.Tensor]]:
-        tensors = safetensors.torch.load(_decompress(self.states_path(shard).read_bytes()))
+        tensors = safetensors.torch.load(_decompress(self.files.read_bytes(self.states_name(shard))))
         by_hook: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
             hook, _, name = key.partition("/")
             by_hook.setdefault(hook, {})[name] = t
         return by_hook
 
+    def read_table(self, name: str) -> pa.Table:
+        """A top-level table (`name`.parquet), read through the store's filesystem."""
+        return pq.read_table(pa.BufferReader(self.files.read_bytes(f"{name}.parquet")))
+
     def verify(self) -> list[str]:
         """Problems found checking every shard file against the manifest's checksums (empty: intact)."""
         if not self.complete:
             return [f"{self.root}: no manifest.parquet: the store is incomplete (finish it with `mine run --resume`)"]
         problems = []
-        for row in pq.read_table(self.root / MANIFEST).to_pylist():
+        for row in self.read_table("manifest").to_pylist():
             if row["status"] != "complete":
                 problems.append(f"shard {row['shard']}: status {row['status']}")
                 continue
             for rel, digest in json.loads(row["files"]).items():
-                path = self.root / rel
-                if not path.exists():
+                try:
+                    found = self.files.checksum(rel)
+                except FileNotFoundError:
                     problems.append(f"shard {row['shard']}: {rel} is missing")
-                elif checksum(path) != digest:
+                    continue
+                if found != digest:
                     problems.append(f"shard {row['shard']}: {rel} does not match its checksum")
         return problems
 
-    def write_table(self, name: str, table: pa.Table) -> Path:
-        path = self.root / f"{name}.parquet"
-        atomic_write(path, lambda p: pq.write_table(table, p, compression="zstd"))
-        return path
+    def write_table(self, name: str, table: pa.Table) -> Path | RemotePath:
+        self.files.write_parquet(f"{name}.parquet", table)
+        return self.root / f"{name}.parquet"
 
 
 def _compress(data: bytes) -> bytes:
@@ -195,46 +257,3 @@ def _incompatible(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     return walk(old, new, "")
 
 
-# ---------------------------------------------------------------- atomic files
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    atomic_write(path, write)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def checksum(path: Path) -> str:
-    """sha256 of a file, or of a directory's files (relative names and contents, sorted)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    if not path.exists():
-        raise FileNotFoundError(path)
-    for f in files:
-        if f != path:
-            h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()

@@ -5,7 +5,7 @@ resolved spec as `.submitted-job.yaml`, staged in a temporary directory and uplo
 job's `working_dir`, so the code that runs is the code the user has — nothing needs to be
 installed on the cluster but the dependencies. The entrypoint is plain `mine run` joining the
 cluster (`--address auto`). The job runs in a temporary directory on the head node, so the
-store must be an absolute path on storage the workers share.
+store must be an absolute path on storage the workers share, or an object-storage URL (s3://...).
 """
 
 from __future__ import annotations
@@ -152,10 +152,9 @@ def cluster_store(spec: Any, override: str | None) -> str:
     from .spec import store_path
 
     raw = override or spec.store or f"runs/{spec.name}"
-    if "://" in raw:
-        raise UserError(f"store: {raw!r}: object-storage stores are not supported yet; give an absolute path "
-                        f"on a filesystem every node mounts, e.g. /shared/runs/{spec.name}")
     path = store_path(spec, override)
+    if isinstance(path, str):  # object storage (s3://...): every node reaches it with its own credentials
+        return path
     if not path.is_absolute():
         raise UserError(f"store: {raw!r} is relative, but the job runs in a temporary directory on the cluster; "
                         f"give an absolute path on shared storage, e.g. --store /shared/runs/{spec.name}")

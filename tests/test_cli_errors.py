@@ -63,3 +63,10 @@ def test_bad_sql_on_a_store(tmp_path):
     one_line_error(mine("query", store, "SELECT * FROM read_csv('/etc/passwd')"), "")
     r = mine("query", store, "SELECT count(*) AS n FROM neurons", "--format", "csv")
     assert r.returncode == 0 and r.stdout.splitlines()[0] == "n"
+
+
+def test_unreachable_cluster_address(tmp_path):
+    (tmp_path / "job.yaml").write_text(GOOD)
+    r = mine("run", str(tmp_path / "job.yaml"), "--store", str(tmp_path / "store"), "--address", "127.0.0.1:1")
+    one_line_error(r, "nothing answers")
+    assert not (tmp_path / "store").exists()

@@ -4,7 +4,8 @@ The head is started with `ray start --head` in its own session and a private --t
 torn down by killing exactly that session's processes (and their children). `ray stop` is never
 used: it stops every Ray process on the machine, including other tests' embedded clusters, and
 the private temp dir keeps this head out of /tmp/ray/ray_current_cluster, where a later
-`ray.init()` would otherwise find it.
+`ray.init()` would otherwise find it. Token authentication (Ray's default once a token exists)
+is on, with a token of the test's own passed through RAY_AUTH_TOKEN, so ~/.ray is never read.
 """
 
 import os
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import uuid
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +26,8 @@ import pytest
 from mining.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+TOKEN = uuid.uuid4().hex + uuid.uuid4().hex
 
 JOB = """
 name: submit-test
@@ -72,17 +76,28 @@ def _kill_session(sid: int) -> None:
             p.send_signal(signal.SIGTERM)
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(list(procs), timeout=10)
-    for p in alive:
+    deadline = time.monotonic() + 5  # SIGTERM grace, then SIGKILL
+    while time.monotonic() < deadline and any(_alive(p) for p in procs):
+        time.sleep(0.2)
+    for p in procs:
         try:
             p.kill()
         except psutil.Error:
             pass
 
 
+def _alive(p) -> bool:
+    import psutil
+
+    try:  # orphans stay zombies when nothing reaps them: they are gone all the same
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env["HF_HUB_OFFLINE"] = "1"
+    env.update(HF_HUB_OFFLINE="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
     return env
 
 
@@ -90,7 +105,6 @@ def _clean_env() -> dict[str, str]:
 def head():
     gcs, dash, client, agent = _free_ports(4)
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix sockets live under it
-    auth_mode = os.environ.get("RAY_AUTH_MODE")
     proc = subprocess.Popen(
         ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats",
@@ -105,7 +119,7 @@ def head():
             try:
                 urllib.request.urlopen(url + "/api/version", timeout=2)
                 break
-            except urllib.error.HTTPError:  # 401: up, and wants the token `mine` sends
+            except urllib.error.HTTPError:  # 401: up, and wants the token
                 break
             except OSError:
                 assert time.monotonic() < deadline, "the Ray dashboard never answered"
@@ -114,10 +128,6 @@ def head():
     finally:
         _kill_session(proc.pid)
         shutil.rmtree(temp, ignore_errors=True)
-        if auth_mode is None:  # `mine` switches token mode on in-process, as ray.init does
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = auth_mode
 
 
 @pytest.fixture(scope="module")
@@ -146,12 +156,11 @@ def _complete(store: Path) -> None:
     assert main(["query", str(store), "SELECT count(*) AS n FROM neurons", "--format", "csv"]) == 0
 
 
-def test_bad_address_is_one_line():
-    for address in ("http://127.0.0.1:1", "ray://127.0.0.1:10001", "http://host:notaport"):
-        result = _cli(["jobs", "list", "--address", address], timeout=30)
-        assert result.returncode == 2, result.stderr
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+def test_bad_address_is_one_line(capsys):
+    for address in ("http://127.0.0.1:1", "ray://127.0.0.1:10001", "http://host:notaport", "auto"):
+        assert main(["jobs", "list", "--address", address]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
 
 
 def test_relative_store_is_refused(job_file):
