@@ -8,12 +8,15 @@ straight to that hook's reducers, which keep O(K·N + bins·N) state. Only the t
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from .dla import DirectLogitAttribution
 from .hooks import HookPoint, capture, resolve_hooks
 from .models import LoadedModel
 from .reducers import ContextTopK, Histogram, HistogramBins, Moments, TopK
@@ -26,6 +29,10 @@ def histogram_bins(spec: JobSpec) -> HistogramBins:
     return HistogramBins(s.histogram_mantissa_bits, s.histogram_min_exp, s.histogram_max_exp)
 
 
+REDUCER_TYPES = {"top": TopK, "bottom": TopK, "contexts": ContextTopK, "histogram": Histogram, "moments": Moments,
+                 "dla_top": TopK, "dla_bottom": TopK, "dla_moments": Moments}
+
+
 @dataclass
 class HookStats:
     """All reducers of one hook point. Merge and persistence go reducer by reducer."""
@@ -35,9 +42,13 @@ class HookStats:
     contexts: ContextTopK | None = None
     histogram: Histogram | None = None
     moments: Moments | None = None
+    dla_top: TopK | None = None
+    """Direct logit attribution to the actual next token: most positive and most negative, and moments."""
+    dla_bottom: TopK | None = None
+    dla_moments: Moments | None = None
 
     @classmethod
-    def empty(cls, spec: JobSpec) -> "HookStats":
+    def empty(cls, spec: JobSpec, dla: bool = False) -> "HookStats":
         k = spec.stats.top_k
         return cls(
             top=TopK(k, largest=True),
@@ -45,6 +56,9 @@ class HookStats:
             contexts=ContextTopK(k),
             histogram=Histogram(histogram_bins(spec)) if spec.stats.histogram else None,
             moments=Moments() if spec.stats.moments else None,
+            dla_top=TopK(k, largest=True) if dla else None,
+            dla_bottom=TopK(k, largest=False) if dla else None,
+            dla_moments=Moments() if dla else None,
         )
 
     def update(self, x: torch.Tensor, toks: torch.Tensor, mask: torch.Tensor, flat_toks: torch.Tensor) -> None:
@@ -58,6 +72,12 @@ class HookStats:
         if self.moments is not None:
             self.moments.update(flat)
 
+    def update_dla(self, dla: torch.Tensor, toks: torch.Tensor) -> None:
+        """dla (M, N) for the mined positions that have a next token; toks (M,)."""
+        self.dla_top.update(dla, toks)
+        self.dla_bottom.update(dla, toks)
+        self.dla_moments.update(dla)
+
     def parts(self) -> dict[str, object]:
         return {name: r for name, r in vars(self).items() if r is not None}
 
@@ -68,12 +88,13 @@ class HookStats:
         return {f"{name}.{key}": t for name, r in self.parts().items() for key, t in r.state_dict().items()}
 
     @classmethod
-    def from_state_dict(cls, spec: JobSpec, tensors: dict[str, torch.Tensor]) -> "HookStats":
-        template = cls.empty(spec)
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor]) -> "HookStats":
+        """The parts present in the saved state (each reducer restores its own configuration)."""
+        names = sorted({k.split(".", 1)[0] for k in tensors})
         out = {}
-        for name, reducer in template.parts().items():
+        for name in names:
             part = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == name}
-            out[name] = type(reducer).from_state_dict(part)
+            out[name] = REDUCER_TYPES[name].from_state_dict(part)
         return cls(**out)
 
 
@@ -106,12 +127,14 @@ class ShardMiner:
         self.loaded = loaded
         self.points: list[HookPoint] = resolve_hooks(loaded.model, spec.hooks)
         self.dense_points = resolve_hooks(loaded.model, spec.dense.hooks) if spec.dense.hooks else []
+        self.dla = DirectLogitAttribution(loaded.model) if spec.stats.dla and loaded.causal else None
+        self.dla_points = {p.name for p in self.points if p.site == "mlp.hook_post"} if self.dla else set()
 
     @torch.inference_mode()
     def mine(self, shard: Shard) -> ShardResult:
         start = time.perf_counter()
         dev = self.loaded.device
-        stats = {p.name: HookStats.empty(self.spec) for p in self.points}
+        stats = {p.name: HookStats.empty(self.spec, dla=p.name in self.dla_points) for p in self.points}
         dense: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {p.name: [] for p in self.dense_points}
         token_parts: list[dict[str, np.ndarray]] = []
         tok_grid = shard.tok_grid()  # (C, L)
@@ -125,41 +148,45 @@ class ShardMiner:
             toks = torch.from_numpy(toks_np).to(dev)
             mask = toks >= 0
             flat_toks = toks[mask]
+            targets_np = next_token_targets(shard, sl, T, toks_np)
             pick = {name: dense_selected(toks_np, self.spec.dense.token_fraction) & (toks_np >= 0) for name in dense}
+            self._toks = toks
+            dla = self._dla_batch(targets_np) if self.dla else None
 
             def on_activation(point: HookPoint, x: torch.Tensor) -> None:
                 if point.name in stats:
                     stats[point.name].update(x, toks, mask, flat_toks)
+                if dla is not None and point.name in self.dla_points:
+                    dla.gain(point, x)
                 if point.name in dense and pick[point.name].any():
                     sel = torch.from_numpy(pick[point.name]).to(x.device)
                     dense[point.name].append((toks_np[pick[point.name]], x[sel].to(torch.float16).cpu().numpy()))
 
             points = self.points + [p for p in self.dense_points if p.name not in stats]
-            with capture(self.loaded.model, points, on_activation):
+            with capture(self.loaded.model, points, on_activation), (dla.watch_norm() if dla else nullcontext()):
                 out = self.loaded.model(input_ids=ids, attention_mask=attention)
+            if dla is not None:
+                for name, values in dla.finish():
+                    stats[name].update_dla(values, dla.toks)
             if self.spec.stats.token_table:
-                token_parts.append(self._token_rows(shard, sl, T, out, toks_np))
+                token_parts.append(self._token_rows(shard, sl, T, out, toks_np, targets_np))
         result = ShardResult(shard.index, stats, _concat(token_parts, shard.index), n_tokens=shard.n_tokens)
         result.dense = {name: (np.concatenate([t for t, _ in parts]), np.concatenate([v for _, v in parts]))
                         for name, parts in dense.items() if parts}
         result.seconds = time.perf_counter() - start
         return result
 
-    def _token_rows(self, shard: Shard, sl: slice, T: int, out, toks_np: np.ndarray) -> dict[str, np.ndarray]:
+    def _dla_batch(self, targets_np: np.ndarray) -> "_DlaBatch":
+        return _DlaBatch(self.dla, torch.from_numpy(targets_np).to(self.loaded.device), self._toks)
+
+    def _token_rows(self, shard: Shard, sl: slice, T: int, out, toks_np: np.ndarray,
+                    target: np.ndarray) -> dict[str, np.ndarray]:
         C = len(shard.ids[sl])
         valid = toks_np >= 0  # (C, T)
         logprob = np.full((C, T), np.nan, dtype=np.float32)
         entropy = np.full((C, T), np.nan, dtype=np.float32)
         logits = getattr(out, "logits", None)
         if self.loaded.causal and logits is not None:
-            ids = shard.ids[sl, :T]
-            # Target of position p is the document's next token: the context's own next position,
-            # or, at the last mined position, the token that the next context starts with.
-            target = np.full((C, T), -1, dtype=np.int64)
-            target[:, :-1] = np.where(valid[:, 1:], ids[:, 1:], -1)
-            last = shard.first[sl] + shard.mined[sl] - 1
-            target[np.arange(C), last] = shard.next_id[sl]
-            target = np.where(valid, target, -1)
             for c in range(C):  # one context at a time keeps the (T, V) float32 log-softmax small
                 lsm = torch.log_softmax(logits[c].float(), dim=-1)  # (T, V)
                 ent = -(lsm.exp() * lsm).sum(-1)
@@ -178,6 +205,51 @@ class ShardMiner:
             "token_id": ids[valid].astype(np.int32),
             "token": shard.token_text[toks_np[valid] - shard.first_tok], "logprob": logprob[valid], "entropy": entropy[valid],
         }
+
+
+def next_token_targets(shard: Shard, sl: slice, T: int, toks_np: np.ndarray) -> np.ndarray:
+    """(C, T) id of the document's next token at every mined position, -1 where there is none.
+
+    The target of position p is the context's own next position or, at the last mined position,
+    the token the next context of the document starts with (so no token goes unscored)."""
+    ids = shard.ids[sl, :T]
+    C = len(ids)
+    valid = toks_np >= 0
+    target = np.full((C, T), -1, dtype=np.int64)
+    target[:, :-1] = np.where(valid[:, 1:], ids[:, 1:], -1)
+    last = shard.first[sl] + shard.mined[sl] - 1
+    target[np.arange(C), last] = shard.next_id[sl]
+    return np.where(valid, target, -1)
+
+
+class _DlaBatch:
+    """One batch's DLA: each hooked layer's a·(w_out·d_t), divided by the final norm's scale at the end."""
+
+    def __init__(self, dla: DirectLogitAttribution, targets: torch.Tensor, toks: torch.Tensor):
+        self.dla = dla
+        self.sel = (toks >= 0) & (targets >= 0)
+        self.toks = toks[self.sel]
+        self.directions = dla.directions(targets[self.sel])  # (M, d)
+        self.raw: dict[str, torch.Tensor] = {}
+        self.scale: torch.Tensor | None = None
+
+    def gain(self, point: HookPoint, x: torch.Tensor) -> None:
+        self.raw[point.name] = x[self.sel].float() * self.dla.neuron_gain(point.layer, self.directions)
+
+    @contextmanager
+    def watch_norm(self) -> Iterator[None]:
+        def keep(module, args):
+            self.scale = self.dla.scale(args[0])[self.sel]
+
+        handle = self.dla.norm.register_forward_pre_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def finish(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, raw in self.raw.items():
+            yield name, raw / self.scale[:, None]
 
 
 def _concat(parts: list[dict[str, np.ndarray]], shard_index: int) -> pa.Table | None:

@@ -33,7 +33,7 @@ def merge_shards(store: Store, spec: JobSpec, shards: Sequence[int]) -> dict[str
     merged: dict[str, HookStats] = {}
     for index in sorted(shards):
         for hook, tensors in store.load_states(index).items():
-            state = HookStats.from_state_dict(spec, tensors)
+            state = HookStats.from_state_dict(tensors)
             merged[hook] = state if hook not in merged else merged[hook].merge(state)
     return merged
 
@@ -63,6 +63,15 @@ def _hook_tables(st: HookStats, site: str, layer: int, spec: JobSpec) -> dict[st
             "count": np.broadcast_to(np.asarray(m["count"], np.int64), (n,)).copy(),
             **{k: np.asarray(m[k], np.float64) for k in ("mean", "std", "skew", "kurtosis", "frac_active", "min", "max")},
         })
+    if st.dla_top is not None:
+        out["dla_examples"] = _dla_examples(st, layer)
+        m = st.dla_moments.finalize()
+        n = len(m["mean"])
+        out["dla_neurons"] = pa.table({
+            "layer": np.full(n, layer, np.int32), "neuron": np.arange(n, dtype=np.int32),
+            "count": np.asarray(m["count"], np.int64), "mean_dla": m["mean"], "std_dla": m["std"],
+            "frac_positive": m["frac_active"], "min_dla": m["min"], "max_dla": m["max"],
+        })
     if st.histogram is not None:
         counts = st.histogram.finalize().cpu().numpy()  # (N, bins)
         lo, hi = histogram_bins(spec).edges()
@@ -73,6 +82,15 @@ def _hook_tables(st: HookStats, site: str, layer: int, spec: JobSpec) -> dict[st
             "lo": lo[bin_], "hi": hi[bin_], "count": counts[neuron, bin_].astype(np.int64),
         })
     return out
+
+
+def _dla_examples(st: HookStats, layer: int) -> pa.Table:
+    parts = []
+    for sign, reducer in (("positive", st.dla_top), ("negative", st.dla_bottom)):
+        t = _examples(*reducer.finalize(), "", layer)
+        parts.append(pa.table({"layer": t["layer"], "neuron": t["neuron"], "sign": pa.array([sign] * t.num_rows),
+                               "rank": t["rank"], "dla": t["value"], "tok": t["tok"]}))
+    return pa.concat_tables(parts).sort_by([("neuron", "ascending"), ("sign", "descending"), ("rank", "ascending")])
 
 
 def _examples(values, toks, site: str, layer: int) -> pa.Table:

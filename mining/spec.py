@@ -82,6 +82,7 @@ class StatsSpec:
     """Per-token rows: log-prob of the next token and entropy (causal LMs)."""
     quantile_samples: int = 0
     dla: bool = False
+    """Direct logit attribution of every mlp.hook_post neuron to the actual next token (causal LMs)."""
     heads: bool = False
     head_ablation: bool = False
 
@@ -92,7 +93,7 @@ class StatsSpec:
         if not -126 <= self.histogram_min_exp < self.histogram_max_exp <= 127:
             raise UserError("stats.histogram_min_exp/max_exp: need -126 <= min_exp < max_exp <= 127")
         # Contract keys whose analyses land with later issues: refuse rather than silently skip.
-        for key in ("quantile_samples", "dla", "heads", "head_ablation"):
+        for key in ("quantile_samples", "heads", "head_ablation"):
             if getattr(self, key):
                 raise UserError(f"stats.{key}: not available in this version yet; remove it or set it off")
 

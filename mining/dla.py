@@ -1,0 +1,65 @@
+"""Direct logit attribution (DLA) of MLP neurons to the actual next token.
+
+The final norm is linear in the residual stream once its per-token scale s is held fixed:
+RMSNorm(x) = γ ⊙ x / s, LayerNorm(x) = γ ⊙ (x − mean x) / s + β. So a neuron that writes
+a · w_out into the stream moves the logit of token t by
+
+    dla = a · (w_out · d_t) / s,    d_t = γ ⊙ W_U[:, t]  (centred over d_model for LayerNorm)
+
+and the contributions of every component (embeddings, heads, neurons, biases) sum to the logit
+(tests/test_dla.py checks this). The scale s is only known after the forward pass, so each layer
+keeps a · (w_out · d_t) for the mined positions until the final norm's input has been seen.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .hooks import final_norm, mlp_out_weight, unembedding
+
+
+def _norm_kind(norm: nn.Module) -> str:
+    return "layer" if isinstance(norm, nn.LayerNorm) else "rms"
+
+
+def _eps(norm: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        if hasattr(norm, name):
+            return float(getattr(norm, name))
+    return 1e-6
+
+
+class DirectLogitAttribution:
+    """Per-model constants for DLA: the target directions and the final norm's scale."""
+
+    def __init__(self, model: nn.Module):
+        self.norm = final_norm(model)
+        if self.norm is None or not hasattr(self.norm, "weight"):
+            raise ValueError("direct logit attribution needs a pre-norm causal LM with a final norm")
+        self.kind = _norm_kind(self.norm)
+        self.eps = _eps(self.norm)
+        self.model = model
+        self.w_u = unembedding(model)  # (d, V) view
+        self.gamma = self.norm.weight
+        self._w_out: dict[int, torch.Tensor] = {}
+
+    def directions(self, targets: torch.Tensor) -> torch.Tensor:
+        """d_t for each target id (M,) -> (M, d), in float32."""
+        d = self.w_u[:, targets].T.float() * self.gamma.float()
+        if self.kind == "layer":
+            d = d - d.mean(dim=-1, keepdim=True)
+        return d
+
+    def scale(self, resid: torch.Tensor) -> torch.Tensor:
+        """The final norm's per-token divisor s from its input (…, d)."""
+        x = resid.float()
+        if self.kind == "layer":
+            return torch.sqrt(x.var(dim=-1, unbiased=False) + self.eps)
+        return torch.sqrt(x.pow(2).mean(dim=-1) + self.eps)
+
+    def neuron_gain(self, layer: int, directions: torch.Tensor) -> torch.Tensor:
+        """w_out · d_t for every neuron: (M, d) @ (d, N) -> (M, N)."""
+        if layer not in self._w_out:
+            self._w_out[layer] = mlp_out_weight(self.model, layer).float()  # (N, d)
+        return directions @ self._w_out[layer].T

@@ -1,0 +1,18 @@
+-- name: dla-neurons
+-- purpose: neurons whose mean direct logit attribution to the actual next token is largest (sign=negative: most harmful)
+-- param: sign = positive
+-- param: layer = -1
+-- param: limit = 20
+SELECT
+    layer,
+    neuron,
+    mean_dla,
+    std_dla,
+    frac_positive,
+    min_dla,
+    max_dla,
+    count
+FROM dla_neurons
+WHERE ($layer < 0 OR layer = $layer)
+ORDER BY CASE WHEN $sign = 'negative' THEN mean_dla ELSE -mean_dla END, layer, neuron
+LIMIT $limit;
