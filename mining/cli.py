@@ -160,7 +160,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         except ValueError:
             raise UserError(f"--neuron {item!r}: expected LAYER:NEURON, e.g. 5:100") from None
         neurons.append((layer, neuron))
-    n = export_examples(Path(args.store), args.hook, neurons, args.k, args.format, Path(args.out))
+    n = export_examples(args.store, args.hook, neurons, args.k, args.format, Path(args.out))
     print(f"wrote {n} examples to {args.out}")
     return 0
 

@@ -68,7 +68,12 @@ def mirror(url: str) -> Path:
         files.fs.get([files.full(rel) for rel in rels], [str(tmp / rel) for rel in rels])
         (tmp / "manifest.parquet").write_bytes(manifest)  # the very bytes the version was computed from
         (tmp / ".source").write_text(files.location + "\n")
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            shutil.rmtree(tmp)  # another process mirrored the same version first: use theirs
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception) and not isinstance(e, UserError):

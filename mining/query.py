@@ -11,6 +11,7 @@ module is the only place store file paths appear in SQL. Named queries are `quer
     -- purpose: one line
     -- param: layer          (required)
     -- param: k = 10         (default)
+    -- requires: dla_examples (tables only some jobs write; a clear error names the spec key)
 
 and DuckDB's native `$name` parameters in the body.
 """
@@ -169,6 +170,8 @@ class NamedQuery:
     params: tuple[Param, ...]
     sql: str
     path: Path
+    requires: tuple[str, ...] = ()
+    """Tables that only some jobs write (e.g. dla_examples needs stats.dla: true)."""
 
 
 def _default_queries_dir() -> Path:
@@ -180,7 +183,7 @@ def queries_dir() -> Path:
     return Path(env) if env else _default_queries_dir()
 
 
-_HEADER = re.compile(r"^--\s*(name|purpose|param)\s*:\s*(.*?)\s*$")
+_HEADER = re.compile(r"^--\s*(name|purpose|param|requires)\s*:\s*(.*?)\s*$")
 _PARAM = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*(?:=\s*(.*))?$")
 
 
@@ -204,7 +207,8 @@ def parse_named(path: Path) -> NamedQuery:
             params.append(Param(pm.group(1), pm.group(2).strip() if pm.group(2) is not None else None))
         else:
             fields[key] = value
-    return NamedQuery(fields.get("name", path.stem), fields.get("purpose", ""), tuple(params), text, path)
+    requires = tuple(t.strip() for t in fields.get("requires", "").split(",") if t.strip())
+    return NamedQuery(fields.get("name", path.stem), fields.get("purpose", ""), tuple(params), text, path, requires)
 
 
 def list_named() -> list[NamedQuery]:
@@ -237,6 +241,12 @@ def convert_param(value: Any) -> Any:
 
 def run_named(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, str]) -> pa.Table:
     q = load_named(name)
+    if q.requires:
+        present = {row[0] for row in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+        missing = [t for t in q.requires if t not in present]
+        if missing:
+            raise UserError(f"{name}: this store has no {', '.join(missing)} table; {_HOW_TO_GET.get(missing[0], '')}"
+                            .rstrip("; "))
     declared = {p.name: p for p in q.params}
     unknown = sorted(set(params) - set(declared))
     if unknown:
@@ -252,6 +262,15 @@ def run_named(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, str])
             raise UserError(f"{name}: missing required parameter {p.name} (give --param {p.name}=VALUE)")
     used = set(re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", _strip_comments(q.sql)))
     return run_sql(con, q.sql, {k: v for k, v in values.items() if k in used})
+
+
+_HOW_TO_GET = {
+    "dla_examples": "mine with `stats: {dla: true}`",
+    "dla_neurons": "mine with `stats: {dla: true}`",
+    "quantile_samples": "mine with `stats: {quantile_samples: 8}`",
+    "heads": "mine with `stats: {heads: true}`",
+    "logit_lens": "mine with `stats: {logit_lens: true}`",
+}
 
 
 def _strip_comments(sql: str) -> str:

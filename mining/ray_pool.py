@@ -154,7 +154,7 @@ def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_token
                         runtime_env={"env_vars": env} if env else None)(MinerActor)
 
     def new_actor():
-        return remote.remote(spec.to_dict(), str(store.root.resolve()), spec.compute.cpus_per_actor)
+        return remote.remote(spec.to_dict(), store.location, spec.compute.cpus_per_actor)
 
     actors = [new_actor() for _ in range(n_actors)]
     try:

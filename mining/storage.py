@@ -15,13 +15,15 @@ are given that environment reach the same bucket as the driver.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,8 +39,7 @@ def is_url(location: str | Path | Any) -> bool:
 
 
 def local_path(location: str | Path) -> Path:
-    text = str(location)
-    return Path(text[len("file://"):] if text.startswith("file://") else text)
+    return Path(str(location).removeprefix("file://"))
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -117,6 +118,22 @@ class LocalFiles:
 # ---------------------------------------------------------------- object storage (fsspec)
 
 
+def _one_line(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Backend errors (credentials, endpoint, permissions) become one UserError line naming the store;
+    FileNotFoundError passes through, as callers handle a missing file themselves."""
+
+    @functools.wraps(method)
+    def wrapper(self: RemoteFiles, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (UserError, FileNotFoundError):
+            raise
+        except Exception as e:  # noqa: BLE001 - any backend's own exception types
+            raise UserError(f"{self.location}: {type(e).__name__}: {_first_line(e)}") from None
+
+    return wrapper
+
+
 class RemoteFiles:
     remote = True
 
@@ -155,12 +172,15 @@ class RemoteFiles:
         except Exception as e:  # noqa: BLE001 - credentials, endpoint, permissions: say which, in one line
             raise UserError(f"{self.location}: cannot reach the store: {type(e).__name__}: {_first_line(e)}") from None
 
+    @_one_line
     def exists(self, rel: str = "") -> bool:
         return self.fs.exists(self._fresh(rel))
 
+    @_one_line
     def isdir(self, rel: str = "") -> bool:
         return self.fs.isdir(self._fresh(rel))
 
+    @_one_line
     def listdir(self, rel: str = "") -> list[tuple[str, bool]]:
         full = self._fresh(rel)
         try:
@@ -171,6 +191,7 @@ class RemoteFiles:
                if e["name"].rstrip("/") != full]
         return sorted(out)
 
+    @_one_line
     def find(self, rel: str = "") -> dict[str, dict[str, Any]]:
         """Every object under rel (recursively): relative name -> info (size, ETag where the store has one)."""
         full = self._fresh(rel)
@@ -178,9 +199,11 @@ class RemoteFiles:
         prefix = self.base + "/"
         return {name[len(prefix):]: info for name, info in found.items() if name.startswith(prefix)}
 
+    @_one_line
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.full(rel))
 
+    @_one_line
     def write_bytes(self, rel: str, data: bytes) -> str:
         self.fs.pipe_file(self.full(rel), data)  # one PUT: the object appears complete or not at all
         return hashlib.sha256(data).hexdigest()
@@ -188,6 +211,7 @@ class RemoteFiles:
     def write_parquet(self, rel: str, table: pa.Table) -> str:
         return self.write_bytes(rel, parquet_bytes(table))
 
+    @_one_line
     def put_dir(self, rel: str, local: Path) -> str:
         """Upload a local directory's files under rel, replacing whatever a crashed attempt left there."""
         files = sorted((p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()), key=_sort_key)
@@ -196,6 +220,7 @@ class RemoteFiles:
         self.fs.pipe({self.full(f"{rel}/{name}"): (local / name).read_bytes() for name in files})
         return checksum(local)
 
+    @_one_line
     def checksum(self, rel: str) -> str:
         full = self._fresh(rel)
         names = sorted(self.fs.find(full), key=lambda n: _sort_key(n[len(full):].lstrip("/")))
@@ -206,10 +231,12 @@ class RemoteFiles:
         contents = self.fs.cat(names)
         return _digest((name[len(full) + 1:], [contents[name]]) for name in names)
 
+    @_one_line
     def remove(self, rel: str) -> None:
         if self.exists(rel):
             self.fs.rm_file(self.full(rel))
 
+    @_one_line
     def remove_all(self) -> None:
         self.fs.rm(self.base, recursive=True)
         self.fs.invalidate_cache(self.base)

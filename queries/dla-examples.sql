@@ -4,6 +4,7 @@
 -- param: neuron
 -- param: sign = positive
 -- param: k = 10
+-- requires: dla_examples
 SELECT
     e.rank,
     e.dla,

@@ -3,6 +3,7 @@
 -- param: sign = positive
 -- param: layer = -1
 -- param: limit = 20
+-- requires: dla_neurons
 SELECT
     layer,
     neuron,

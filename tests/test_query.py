@@ -276,17 +276,19 @@ def test_invariants_hold_and_catch_a_broken_store(con, store, tmp_path):
 
 
 def test_every_named_query_runs_with_defaults(con):
+    present = {t for t in TABLES}
     for q in list_named():
         params = {p.name: "1" for p in q.params if p.default is None}
-        assert isinstance(run_named(con, q.name, params), pa.Table)
+        if set(q.requires) <= present:
+            assert isinstance(run_named(con, q.name, params), pa.Table)
+        else:  # a table only some jobs write: one line that says how to get it
+            with pytest.raises(UserError, match="this store has no .* table; mine with"):
+                run_named(con, q.name, params)
 
 
-def test_top_activations_is_fast_on_a_50k_token_store(tmp_path):
+def test_top_activations_on_a_50k_token_store(tmp_path):
     c = connect(make_synthetic_store(tmp_path, n_tokens=50_000, n_layers=1, k=10))
-    run_named(c, "top-activations", {"layer": "0", "neuron": "2"})  # warm the file metadata
-    t = time.perf_counter()
-    assert run_named(c, "top-activations", {"layer": "0", "neuron": "2"}).num_rows == 10
-    assert time.perf_counter() - t < 1.0
+    assert run_named(c, "top-activations", {"layer": "0", "neuron": "2"}).num_rows == 10  # speed: see mine bench
 
 
 # ---------------------------------------------------------------- named queries: files and errors
