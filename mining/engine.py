@@ -19,7 +19,7 @@ import torch
 from .dla import DirectLogitAttribution
 from .hooks import HookPoint, capture, resolve_hooks
 from .models import LoadedModel
-from .reducers import ContextTopK, Histogram, HistogramBins, Moments, TopK
+from .reducers import ContextTopK, Histogram, HistogramBins, Moments, QuantileSamples, TopK
 from .shards import Shard
 from .spec import JobSpec
 
@@ -30,7 +30,7 @@ def histogram_bins(spec: JobSpec) -> HistogramBins:
 
 
 REDUCER_TYPES = {"top": TopK, "bottom": TopK, "contexts": ContextTopK, "histogram": Histogram, "moments": Moments,
-                 "dla_top": TopK, "dla_bottom": TopK, "dla_moments": Moments}
+                 "dla_top": TopK, "dla_bottom": TopK, "dla_moments": Moments, "samples": QuantileSamples}
 
 
 @dataclass
@@ -46,6 +46,8 @@ class HookStats:
     """Direct logit attribution to the actual next token: most positive and most negative, and moments."""
     dla_bottom: TopK | None = None
     dla_moments: Moments | None = None
+    samples: QuantileSamples | None = None
+    """Examples sampled uniformly within quantile bands (three kinds), see reducers/samples.py."""
 
     @classmethod
     def empty(cls, spec: JobSpec, dla: bool = False) -> "HookStats":
@@ -59,6 +61,8 @@ class HookStats:
             dla_top=TopK(k, largest=True) if dla else None,
             dla_bottom=TopK(k, largest=False) if dla else None,
             dla_moments=Moments() if dla else None,
+            samples=QuantileSamples(histogram_bins(spec), spec.stats.quantile_samples)
+            if spec.stats.quantile_samples else None,
         )
 
     def update(self, x: torch.Tensor, toks: torch.Tensor, mask: torch.Tensor, flat_toks: torch.Tensor) -> None:
@@ -71,6 +75,8 @@ class HookStats:
             self.histogram.update(flat)
         if self.moments is not None:
             self.moments.update(flat)
+        if self.samples is not None:
+            self.samples.update(flat, flat_toks)
 
     def update_dla(self, dla: torch.Tensor, toks: torch.Tensor) -> None:
         """dla (M, N) for the mined positions that have a next token; toks (M,)."""

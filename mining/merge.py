@@ -72,6 +72,10 @@ def _hook_tables(st: HookStats, site: str, layer: int, spec: JobSpec) -> dict[st
             "count": np.asarray(m["count"], np.int64), "mean_dla": m["mean"], "std_dla": m["std"],
             "frac_positive": m["frac_active"], "min_dla": m["min"], "max_dla": m["max"],
         })
+    if st.samples is not None:
+        m = st.moments.finalize()
+        out["quantile_samples"] = _band_samples(st.samples.finalize(st.histogram.finalize().cpu().numpy(),
+                                                                    m["min"], m["max"]), site, layer)
     if st.histogram is not None:
         counts = st.histogram.finalize().cpu().numpy()  # (N, bins)
         lo, hi = histogram_bins(spec).edges()
@@ -82,6 +86,25 @@ def _hook_tables(st: HookStats, site: str, layer: int, spec: JobSpec) -> dict[st
             "lo": lo[bin_], "hi": hi[bin_], "count": counts[neuron, bin_].astype(np.int64),
         })
     return out
+
+
+def _band_samples(kinds: dict, site: str, layer: int) -> pa.Table:
+    """One row per sampled example: kind ('all' | 'firing' | 'frac_max'), band ('90-95'), rank."""
+    parts = []
+    for kind, r in kinds.items():
+        toks = r["toks"]  # (N, B, m)
+        neuron, band, rank = np.nonzero(toks >= 0)
+        labels = np.asarray(r["labels"], dtype=object)
+        parts.append(pa.table({
+            "hook": pa.array([site] * len(neuron)), "layer": np.full(len(neuron), layer, np.int32),
+            "neuron": neuron.astype(np.int32), "kind": pa.array([kind] * len(neuron)),
+            "band": pa.array(labels[band].tolist(), pa.string()), "band_index": band.astype(np.int32),
+            "rank": (rank + 1).astype(np.int32), "value": r["values"][neuron, band, rank].astype(np.float32),
+            "tok": toks[neuron, band, rank].astype(np.int64),
+            "exact": rank < r["n_exact"][neuron, band],
+            "band_lo": r["lo"][neuron, band].astype(np.float64), "band_hi": r["hi"][neuron, band].astype(np.float64),
+        }))
+    return pa.concat_tables(parts)
 
 
 def _dla_examples(st: HookStats, layer: int) -> pa.Table:

@@ -48,6 +48,25 @@ class MinerActor:
         except Exception as e:  # noqa: BLE001 - reported per shard; the driver decides on retries
             return {"shard": shard.index, "status": "error", "error": f"{type(e).__name__}: {_first_line(e)}"}
 
+    def model_tables(self, names: list[str], corpus_ids: Any) -> dict[str, Any]:
+        """Tables about the model rather than the corpus (logit lens, head scores), written here."""
+        try:
+            model, tokenizer = self.miner.loaded.model, self.miner.loaded.tokenizer
+            if "logit_lens" in names:
+                from .analyses.logit_lens import logit_lens_table
+
+                layers = sorted({p.layer for p in self.miner.points if p.site == "mlp.hook_post"})
+                self.store.write_table("logit_lens", logit_lens_table(model, tokenizer, layers,
+                                                                      k=self.spec.stats.logit_lens_k))
+            if "heads" in names:
+                from .analyses.heads import head_scores_table
+
+                bos = int(corpus_ids[0, 0]) if corpus_ids is not None and len(corpus_ids) else None  # as mined
+                self.store.write_table("heads", head_scores_table(model, tokenizer, corpus_ids=corpus_ids, bos_id=bos))
+            return {"status": "complete"}
+        except Exception as e:  # noqa: BLE001
+            return {"status": "error", "error": f"{type(e).__name__}: {_first_line(e)}"}
+
     def ready(self) -> int:
         return os.getpid()
 
@@ -138,17 +157,19 @@ class PoolReport:
 
 
 def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_tokens: int, done_tokens: int,
-                address: str | None, progress: bool) -> PoolReport:
+                address: str | None, progress: bool, model_tables: list[str] = (),
+                corpus_ids: Any = None) -> PoolReport:
     """Feed shards to actors as they free up; retry shards whose attempt failed or whose worker
-    (or node) died, up to compute.max_retries, then record them as failed and go on."""
+    (or node) died, up to compute.max_retries, then record them as failed and go on. Then one
+    actor writes the model-level tables (`model_tables`: logit_lens, heads)."""
     report = PoolReport()
-    if not shards:
+    if not shards and not model_tables:
         return report
     import ray
     from ray.exceptions import RayActorError, RayError
 
     start_ray(address)
-    n_actors, gpus = actor_count(spec, len(shards))
+    n_actors, gpus = actor_count(spec, max(1, len(shards)))
     env = {k: v for k, v in os.environ.items() if k == "MINING_INJECT_FAULT"}
     remote = ray.remote(num_cpus=spec.compute.cpus_per_actor, num_gpus=gpus,
                         runtime_env={"env_vars": env} if env else None)(MinerActor)
@@ -212,8 +233,14 @@ def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_token
                 report.mined += 1
                 bar.update(shard.n_tokens)
             status()
-    finally:
         report.seconds = time.perf_counter() - started
+        if model_tables and idle:
+            bar.set_description_str(f"model tables ({', '.join(model_tables)})")
+            result = ray.get(idle[0].model_tables.remote(list(model_tables), corpus_ids))
+            if result["status"] != "complete":
+                raise UserError(f"model tables {', '.join(model_tables)} failed: {result['error']}")
+    finally:
+        report.seconds = report.seconds or time.perf_counter() - started
         bar.close()
         for actor in idle + [a for a, _ in running.values()]:
             ray.kill(actor)

@@ -157,7 +157,8 @@ def run_job(spec: JobSpec, store_dir: Path, *, address: str | None = None, resum
 
     pool = mine_on_ray(spec, store, todo, total_tokens=sum(s.n_tokens for s in shards),
                        done_tokens=sum(s.n_tokens for s in shards) - sum(s.n_tokens for s in todo),
-                       address=address, progress=progress)
+                       address=address, progress=progress, model_tables=model_tables(spec, store, resume),
+                       corpus_ids=sample_contexts(shards))
     tables, failed = finalize(store, spec, len(shards))
     summary = RunSummary(store.root, sum(s.n_tokens for s in shards), len(shards), len(todo),
                          time.perf_counter() - start, tables, pool.retried, failed,
@@ -167,6 +168,21 @@ def run_job(spec: JobSpec, store_dir: Path, *, address: str | None = None, resum
         raise UserError(f"{len(failed)} of {len(shards)} shards failed ({reasons}); the store holds the rest and "
                         "the manifest lists them: retry with `mine run --resume`, or pass --allow-failed-shards")
     return summary
+
+
+def model_tables(spec: JobSpec, store: Store, resume: bool) -> list[str]:
+    """The model-level tables this job asks for that the store does not hold yet."""
+    wanted = [name for name, on in (("logit_lens", spec.stats.logit_lens), ("heads", spec.stats.heads)) if on]
+    return [name for name in wanted if not (resume and store.exists(f"{name}.parquet"))]
+
+
+def sample_contexts(shards: list[Shard], n: int = 8) -> Any:
+    """A few full-length contexts of the first shard (real text for attention sink and entropy)."""
+    import numpy as np
+
+    first = shards[0]
+    full = first.length == first.length.max()
+    return np.ascontiguousarray(first.ids[full][:n])
 
 
 def default_threads() -> int:

@@ -81,10 +81,15 @@ class StatsSpec:
     token_table: bool = True
     """Per-token rows: log-prob of the next token and entropy (causal LMs)."""
     quantile_samples: int = 0
+    """Examples kept per neuron and quantile band (0: off); needs histogram and moments."""
     dla: bool = False
     """Direct logit attribution of every mlp.hook_post neuron to the actual next token (causal LMs)."""
     heads: bool = False
+    """Attention-head scores (previous-token, duplicate, induction, BOS sink, entropy): the `heads` table."""
     head_ablation: bool = False
+    logit_lens: bool = False
+    """For every hooked mlp.hook_post neuron, the vocabulary its output direction boosts and suppresses."""
+    logit_lens_k: int = 10
 
     def __post_init__(self) -> None:
         _positive("stats.top_k", self.top_k)
@@ -93,7 +98,12 @@ class StatsSpec:
         if not -126 <= self.histogram_min_exp < self.histogram_max_exp <= 127:
             raise UserError("stats.histogram_min_exp/max_exp: need -126 <= min_exp < max_exp <= 127")
         # Contract keys whose analyses land with later issues: refuse rather than silently skip.
-        for key in ("quantile_samples", "heads", "head_ablation"):
+        _positive("stats.logit_lens_k", self.logit_lens_k)
+        if self.quantile_samples < 0:
+            raise UserError(f"stats.quantile_samples: must be >= 0, got {self.quantile_samples}")
+        if self.quantile_samples and not (self.histogram and self.moments):
+            raise UserError("stats.quantile_samples: needs stats.histogram and stats.moments on (bands come from them)")
+        for key in ("head_ablation",):
             if getattr(self, key):
                 raise UserError(f"stats.{key}: not available in this version yet; remove it or set it off")
 

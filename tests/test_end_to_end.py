@@ -24,7 +24,7 @@ name: e2e
 model: {id: smollm2-135m}
 corpus: {source: "builtin:python-docs", max_tokens: 1500, context_length: 64}
 hooks: ["blocks.3.mlp.hook_post", "blocks.20.mlp.hook_post"]
-stats: {top_k: 8}
+stats: {top_k: 8, quantile_samples: 4, dla: true, logit_lens: true, heads: true}
 dense: {hooks: ["blocks.3.mlp.hook_post"], token_fraction: 0.1}
 compute: {actors: 2, cpus_per_actor: 1, batch_size: 4, shard_tokens: 400}
 """
@@ -173,3 +173,31 @@ def test_resume_of_a_complete_store_changes_nothing(store, tmp_path):
     top = (store / "top_examples.parquet").read_bytes()
     assert main(["run", str(job), "--store", str(store), "--resume", "--no-progress"]) == 0
     assert (store / "top_examples.parquet").read_bytes() == top
+
+
+def test_quantile_band_samples_are_real_activations_in_their_band(store, brute):
+    tokens, acts, _, _ = brute
+    samples = pq.read_table(store / "quantile_samples.parquet").to_pandas()
+    assert set(samples.kind) == {"all", "firing", "frac_max"}
+    for layer in LAYERS:
+        for neuron in (0, 100, 777):
+            col = acts[layer][:, neuron]
+            mine = samples[(samples.layer == layer) & (samples.neuron == neuron)]
+            assert len(mine) > 0
+            np.testing.assert_allclose(mine.value, col[mine.tok.to_numpy()], rtol=1e-4, atol=1e-4)
+            assert ((mine.value >= mine.band_lo - 1e-6) & (mine.value <= mine.band_hi + 1e-6)).all()
+            every = mine[(mine.kind == "all") & mine.exact]
+            for band, group in every.groupby("band"):
+                lo, hi = (float(x) / 100 for x in band.split("-"))
+                ranks = np.searchsorted(np.sort(col), group.value, side="right") / len(col)
+                assert ((ranks >= lo - 0.03) & (ranks <= hi + 0.03)).all(), (layer, neuron, band)
+
+
+def test_model_tables_logit_lens_and_heads(store):
+    lens = pq.read_table(store / "logit_lens.parquet").to_pandas()
+    assert len(lens) == len(LAYERS) * 1536 * 2 * 10 and set(lens.sign) == {"boost", "suppress"}
+    heads = pq.read_table(store / "heads.parquet").to_pandas()
+    assert len(heads) == 30 * 9 and heads.induction.max() > 0.3
+    con = connect(store)
+    assert run_named(con, "heads", {"limit": "3"}).num_rows == 3
+    assert run_named(con, "dla-neurons", {"limit": "3"}).num_rows == 3

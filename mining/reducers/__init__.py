@@ -8,9 +8,11 @@ the data was sharded or in which order shards are merged (bit for bit for top-k 
 
 from .histogram import Histogram, HistogramBins, fraction_of_max, quantile_error_bound, quantile_from_counts
 from .moments import Moments
+from .samples import QuantileSamples
 from .topk import ContextTopK, TopK
 
 __all__ = [
+    "QuantileSamples",
     "TopK", "ContextTopK", "HistogramBins", "Histogram", "Moments",
     "quantile_from_counts", "quantile_error_bound", "fraction_of_max",
 ]

@@ -1,0 +1,143 @@
+"""Logit lens on MLP neurons: which tokens each neuron's output direction promotes and suppresses.
+
+A neuron n of layer L writes a_n * w_out[n] into the residual stream (w_out = row n of the MLP output
+projection, as (width, d_model)). Read straight through the final norm and the unembedding, its direct
+effect on the logits is
+
+    logits_n = W_U^T (gamma * w_out[n])            (vocab,)
+
+up to the positive per-token scale the norm divides by (RMS or std of the whole residual), which
+rescales every neuron alike and so does not change any ranking. What is left out, on purpose:
+
+- the norm's mean subtraction (LayerNorm: GPT-2, GPT-NeoX) - it only removes the component along
+  the all-ones direction; the weight `gamma` is used as an elementwise gain;
+- additive biases (the MLP output bias, LayerNorm's beta, an LM-head bias): they are the same vector
+  for every neuron, not part of any neuron's effect;
+- BERT's MLM head transform (dense + GELU + LayerNorm, not a norm): BERT has no final norm, so gamma = 1
+  and its table is only a rough lens.
+
+Cost: (vocab x d_model x width) multiply-adds per layer - 43 GFLOP for SmolLM2-135M - done as a few
+matmuls over chunks of neurons, each followed by a top-k along the vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from ..architectures import arch_of, locate
+from ..errors import UserError
+from ..hooks import final_norm, mlp_out_weight, unembedding
+
+SCHEMA = pa.schema([
+    ("layer", pa.int32()), ("neuron", pa.int32()), ("sign", pa.string()), ("rank", pa.int32()),
+    ("token_id", pa.int32()), ("token", pa.string()), ("weight", pa.float32()),
+])
+CHUNK = 512  # neurons per matmul: a (512, vocab) float32 block is 100 MB for a 49k vocabulary
+
+
+def _gain(model: nn.Module, d_model: int, device: torch.device) -> torch.Tensor:
+    """The final norm's elementwise weight (ones when there is no norm or it has no weight)."""
+    norm = final_norm(model)
+    weight = getattr(norm, "weight", None) if norm is not None else None
+    if weight is None:
+        return torch.ones(d_model, device=device)
+    return weight.detach().float()
+
+
+def neuron_logits(model: nn.Module, layer: int, neurons: slice | Sequence[int] | None = None) -> torch.Tensor:
+    """Direct logit effect of each neuron of `layer` (all, or the given ones): (n_neurons, vocab) float32."""
+    w_out = mlp_out_weight(model, layer)  # (width, d_model)
+    if neurons is not None:
+        w_out = w_out[neurons]
+    w_u, gain = _readout(model)
+    return (w_out.float() * gain) @ w_u
+
+
+def _readout(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_U as float32 (d_model, vocab) - a transposed view, no copy for float32 weights; the norm gain)."""
+    w_u = unembedding(model).float()
+    return w_u, _gain(model, w_u.shape[0], w_u.device)
+
+
+def topk_ids(x: torch.Tensor, k: int, largest: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (or bottom-k) of each row of x (rows, cols), best first, ties broken by the lower column index.
+
+    torch.topk's order among equal values is unspecified. One extra entry tells whether the k-th value
+    is tied with one left out; those rows (rare: e.g. an all-zero neuron) are redone exactly, and ties
+    inside the k are re-sorted. Returns (values, ids), numpy arrays of shape (rows, k).
+    """
+    k = min(k, x.shape[1])
+    vals, idx = x.topk(min(k + 1, x.shape[1]), dim=1, largest=largest, sorted=True)
+    ambiguous = torch.nonzero(vals[:, k - 1] == vals[:, -1]).flatten().tolist() if vals.shape[1] > k else []
+    vals, idx = vals[:, :k].float().cpu().numpy(), idx[:, :k].cpu().numpy()
+    for r in ambiguous:
+        kth = x[r, idx[r, -1]]
+        cand = torch.nonzero((x[r] >= kth) if largest else (x[r] <= kth)).flatten()
+        vals[r], idx[r] = _ranked(x[r, cand].float().cpu().numpy(), cand.cpu().numpy(), k, largest)
+    order = np.lexsort((idx, -vals if largest else vals), axis=1)
+    return np.take_along_axis(vals, order, 1), np.take_along_axis(idx, order, 1)
+
+
+def _ranked(values: np.ndarray, ids: np.ndarray, k: int, largest: bool) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((ids, -values if largest else values))[:k]
+    return values[order], ids[order]
+
+
+def decode_tokens(tokenizer: Any, ids: np.ndarray) -> np.ndarray:
+    """Decoded text of each id (object array), decoding each distinct id once; None where the tokenizer
+    has no such id (models often pad the vocabulary past the tokenizer's) or there is no tokenizer."""
+    flat = np.asarray(ids).ravel()
+    uniq, inverse = np.unique(flat, return_inverse=True)
+    texts = np.full(len(uniq), None, dtype=object)
+    if tokenizer is not None:
+        known = uniq < len(tokenizer)
+        texts[known] = tokenizer.batch_decode([[int(i)] for i in uniq[known]], skip_special_tokens=False,
+                                              clean_up_tokenization_spaces=False)
+    return texts[inverse].reshape(np.shape(ids))
+
+
+@torch.inference_mode()
+def logit_lens_table(model: nn.Module, tokenizer: Any, layers: list[int] | None = None, k: int = 10,
+                     chunk: int = CHUNK) -> pa.Table:
+    """The `logit_lens` table: for every MLP neuron of `layers` (default all), the k tokens its output
+    direction boosts most (sign 'boost', weight descending) and suppresses most (sign 'suppress', weight
+    ascending), rank 1-based, ties to the lower token id. `weight` is the direct logit effect per unit
+    activation, before the norm's per-token scale (see the module docstring)."""
+    _, blocks = locate(model, arch_of(model))
+    layers = list(range(len(blocks))) if layers is None else [int(layer) for layer in layers]
+    for layer in layers:
+        if not 0 <= layer < len(blocks):
+            raise UserError(f"logit lens: layer {layer} out of range, this model has layers 0..{len(blocks) - 1}")
+    if k < 1:
+        raise UserError(f"logit lens: k must be at least 1, got {k}")
+
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in ("layer", "neuron", "sign", "rank", "token_id", "weight")}
+    w_u, gain = _readout(model)
+    for layer in layers:
+        w_out = mlp_out_weight(model, layer)
+        for start in range(0, w_out.shape[0], chunk):
+            neurons = np.arange(start, min(start + chunk, w_out.shape[0]))
+            logits = (w_out[start:start + len(neurons)].float() * gain) @ w_u  # (chunk, vocab)
+            for sign, largest in (("boost", True), ("suppress", False)):
+                vals, ids = topk_ids(logits, k, largest)
+                n, kk = ids.shape
+                parts["layer"].append(np.full(n * kk, layer, np.int32))
+                parts["neuron"].append(np.repeat(neurons, kk).astype(np.int32))
+                parts["sign"].append(np.full(n * kk, sign, dtype=object))
+                parts["rank"].append(np.tile(np.arange(1, kk + 1, dtype=np.int32), n))
+                parts["token_id"].append(ids.ravel().astype(np.int32))
+                parts["weight"].append(vals.ravel().astype(np.float32))
+    cols = {c: np.concatenate(v) if v else np.array([], dtype=object if c == "sign" else np.int32)
+            for c, v in parts.items()}
+    # rows ordered (layer, neuron, sign, rank): boost before suppress per neuron
+    order = np.lexsort((cols["rank"], cols["sign"] == "suppress", cols["neuron"], cols["layer"]))
+    cols = {c: v[order] for c, v in cols.items()}
+    cols["token"] = decode_tokens(tokenizer, cols["token_id"])
+    return pa.table({name: pa.array(cols[name], type=SCHEMA.field(name).type) for name in SCHEMA.names},
+                    schema=SCHEMA)
