@@ -407,3 +407,23 @@ def test_table_keeps_the_marked_token_visible():
     long = "word " * 40 + "«peak»" + " word" * 40
     text = format_table(pa.table({"context": [long], "n": [1.23456789]}))
     assert "«peak»" in text and "1.23457" in text and max(len(s) for s in text.splitlines()) < 100
+
+
+def test_polysemanticity_matches_brute_force(con, store, tokens):
+    import collections
+    import math
+
+    text = dict(zip(tokens["tok"].to_pylist(), tokens["token"].to_pylist()))
+    peaks = collections.defaultdict(list)
+    for row in pq.read_table(store / "top_contexts.parquet").to_pylist():
+        if row["hook"] == "mlp.hook_post":
+            peaks[(row["layer"], row["neuron"])].append(text[row["tok"]])
+    rows = run_named(con, "polysemanticity", {"limit": "1000"}).to_pylist()
+    assert len(rows) == len(peaks)
+    for r in rows:
+        counts = collections.Counter(peaks[(r["layer"], r["neuron"])])
+        n = sum(counts.values())
+        entropy = -sum(c / n * math.log2(c / n) for c in counts.values())
+        assert r["entropy_bits"] == pytest.approx(entropy, abs=1e-9)
+        assert r["distinct_tokens"] == len(counts) and r["purity"] == pytest.approx(max(counts.values()) / n)
+    assert [r["entropy_bits"] for r in rows] == sorted((r["entropy_bits"] for r in rows), reverse=True)
