@@ -19,7 +19,9 @@ import torch
 from .dla import DirectLogitAttribution
 from .hooks import HookPoint, capture, resolve_hooks
 from .models import LoadedModel
+from .errors import UserError
 from .reducers import ContextTopK, Histogram, HistogramBins, Moments, QuantileSamples, TopK
+from .reducers.gate_cases import GateCases
 from .shards import Shard
 from .spec import JobSpec
 
@@ -30,7 +32,8 @@ def histogram_bins(spec: JobSpec) -> HistogramBins:
 
 
 REDUCER_TYPES = {"top": TopK, "bottom": TopK, "contexts": ContextTopK, "histogram": Histogram, "moments": Moments,
-                 "dla_top": TopK, "dla_bottom": TopK, "dla_moments": Moments, "samples": QuantileSamples}
+                 "dla_top": TopK, "dla_bottom": TopK, "dla_moments": Moments, "samples": QuantileSamples,
+                 "gate_cases": GateCases}
 
 
 @dataclass
@@ -48,9 +51,11 @@ class HookStats:
     dla_moments: Moments | None = None
     samples: QuantileSamples | None = None
     """Examples sampled uniformly within quantile bands (three kinds), see reducers/samples.py."""
+    gate_cases: GateCases | None = None
+    """Gated MLPs: count, mean and top examples of each (gate, up) sign case."""
 
     @classmethod
-    def empty(cls, spec: JobSpec, dla: bool = False) -> "HookStats":
+    def empty(cls, spec: JobSpec, dla: bool = False, gated: bool = False) -> "HookStats":
         k = spec.stats.top_k
         return cls(
             top=TopK(k, largest=True),
@@ -63,6 +68,7 @@ class HookStats:
             dla_moments=Moments() if dla else None,
             samples=QuantileSamples(histogram_bins(spec), spec.stats.quantile_samples)
             if spec.stats.quantile_samples else None,
+            gate_cases=GateCases(k) if gated else None,
         )
 
     def update(self, x: torch.Tensor, toks: torch.Tensor, mask: torch.Tensor, flat_toks: torch.Tensor) -> None:
@@ -77,6 +83,11 @@ class HookStats:
             self.moments.update(flat)
         if self.samples is not None:
             self.samples.update(flat, flat_toks)
+
+    def update_gate(self, x: torch.Tensor, mask: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                    flat_toks: torch.Tensor) -> None:
+        """gate, up: (M, N) booleans (pre-activation > 0) at the mined positions."""
+        self.gate_cases.update(x[mask].float(), gate, up, flat_toks)
 
     def update_dla(self, dla: torch.Tensor, toks: torch.Tensor) -> None:
         """dla (M, N) for the mined positions that have a next token; toks (M,)."""
@@ -135,12 +146,16 @@ class ShardMiner:
         self.dense_points = resolve_hooks(loaded.model, spec.dense.hooks) if spec.dense.hooks else []
         self.dla = DirectLogitAttribution(loaded.model) if spec.stats.dla and loaded.causal else None
         self.dla_points = {p.name for p in self.points if p.site == "mlp.hook_post"} if self.dla else set()
+        self.gate_points = gate_points(loaded.model, self.points) if spec.stats.gate_cases else {}
 
     @torch.inference_mode()
     def mine(self, shard: Shard) -> ShardResult:
         start = time.perf_counter()
         dev = self.loaded.device
-        stats = {p.name: HookStats.empty(self.spec, dla=p.name in self.dla_points) for p in self.points}
+        stats = {p.name: HookStats.empty(self.spec, dla=p.name in self.dla_points,
+                                         gated=p.site == "mlp.hook_post" and p.layer in self.gate_points)
+                 for p in self.points}
+        extra = {q.name: (layer, kind) for layer, pair in self.gate_points.items() for kind, q in zip(("gate", "up"), pair)}
         dense: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {p.name: [] for p in self.dense_points}
         token_parts: list[dict[str, np.ndarray]] = []
         tok_grid = shard.tok_grid()  # (C, L)
@@ -159,9 +174,17 @@ class ShardMiner:
             self._toks = toks
             dla = self._dla_batch(targets_np) if self.dla else None
 
+            signs: dict[int, dict[str, torch.Tensor]] = {}
+
             def on_activation(point: HookPoint, x: torch.Tensor) -> None:
+                if point.name in extra:  # a gated MLP's gate or up projection: keep only the signs
+                    layer, kind = extra[point.name]
+                    signs.setdefault(layer, {})[kind] = x[mask] > 0
                 if point.name in stats:
                     stats[point.name].update(x, toks, mask, flat_toks)
+                    if stats[point.name].gate_cases is not None:
+                        s = signs.pop(point.layer)
+                        stats[point.name].update_gate(x, mask, s["gate"], s["up"], flat_toks)
                 if dla is not None and point.name in self.dla_points:
                     dla.gain(point, x)
                 if point.name in dense and pick[point.name].any():
@@ -169,6 +192,7 @@ class ShardMiner:
                     dense[point.name].append((toks_np[pick[point.name]], x[sel].to(torch.float16).cpu().numpy()))
 
             points = self.points + [p for p in self.dense_points if p.name not in stats]
+            points += [q for pair in self.gate_points.values() for q in pair if q.name not in {p.name for p in points}]
             with capture(self.loaded.model, points, on_activation), (dla.watch_norm() if dla else nullcontext()):
                 out = self.loaded.model(input_ids=ids, attention_mask=attention)
             if dla is not None:
@@ -211,6 +235,21 @@ class ShardMiner:
             "token_id": ids[valid].astype(np.int32),
             "token": shard.token_text[toks_np[valid] - shard.first_tok], "logprob": logprob[valid], "entropy": entropy[valid],
         }
+
+
+def gate_points(model, points: list[HookPoint]) -> dict[int, tuple[HookPoint, HookPoint]]:
+    """layer -> (gate, up) hook points for every hooked mlp.hook_post of a gated MLP."""
+    out = {}
+    for p in points:
+        if p.site != "mlp.hook_post":
+            continue
+        try:
+            gate = resolve_hooks(model, [f"blocks.{p.layer}.mlp.hook_pre"])[0]
+            up = resolve_hooks(model, [f"blocks.{p.layer}.mlp.hook_pre_linear"])[0]
+        except UserError:
+            continue  # not a gated MLP
+        out[p.layer] = (gate, up)
+    return out
 
 
 def next_token_targets(shard: Shard, sl: slice, T: int, toks_np: np.ndarray) -> np.ndarray:

@@ -72,6 +72,8 @@ def _hook_tables(st: HookStats, site: str, layer: int, spec: JobSpec) -> dict[st
             "count": np.asarray(m["count"], np.int64), "mean_dla": m["mean"], "std_dla": m["std"],
             "frac_positive": m["frac_active"], "min_dla": m["min"], "max_dla": m["max"],
         })
+    if st.gate_cases is not None:
+        out["gate_cases"], out["gate_case_examples"] = _gate_tables(st.gate_cases.finalize(), site, layer)
     if st.samples is not None:
         m = st.moments.finalize()
         out["quantile_samples"] = _band_samples(st.samples.finalize(st.histogram.finalize().cpu().numpy(),
@@ -86,6 +88,27 @@ def _hook_tables(st: HookStats, site: str, layer: int, spec: JobSpec) -> dict[st
             "lo": lo[bin_], "hi": hi[bin_], "count": counts[neuron, bin_].astype(np.int64),
         })
     return out
+
+
+def _gate_tables(g: dict, site: str, layer: int) -> tuple[pa.Table, pa.Table]:
+    from .reducers.gate_cases import CASES
+
+    count, mean = g["count"], g["mean"]  # (4, N)
+    n = count.shape[1]
+    total = count.sum(0)
+    cases, examples = [], []
+    for c, gate_sign, up_sign in CASES:
+        cases.append(pa.table({
+            "hook": pa.array([site] * n), "layer": np.full(n, layer, np.int32), "neuron": np.arange(n, dtype=np.int32),
+            "gate_sign": pa.array([gate_sign] * n), "up_sign": pa.array([up_sign] * n),
+            "count": count[c].astype(np.int64), "frac": count[c] / np.maximum(total, 1),
+            "mean": np.where(count[c] > 0, mean[c], np.nan),
+        }))
+        t = _examples(*g["top"][c], site, layer)
+        examples.append(t.add_column(3, "gate_sign", pa.array([gate_sign] * t.num_rows))
+                        .add_column(4, "up_sign", pa.array([up_sign] * t.num_rows)))
+    sort = [("neuron", "ascending"), ("gate_sign", "descending"), ("up_sign", "descending")]
+    return pa.concat_tables(cases).sort_by(sort), pa.concat_tables(examples).sort_by(sort + [("rank", "ascending")])
 
 
 def _band_samples(kinds: dict, site: str, layer: int) -> pa.Table:

@@ -270,6 +270,7 @@ _HOW_TO_GET = {
     "quantile_samples": "mine with `stats: {quantile_samples: 8}`",
     "heads": "mine with `stats: {heads: true}`",
     "logit_lens": "mine with `stats: {logit_lens: true}`",
+    "gate_cases": "mine with `stats: {gate_cases: true}` (gated MLPs)",
 }
 
 

@@ -67,6 +67,12 @@ def validate(spec: JobSpec) -> Any:
     resolve_hooks(meta, spec.hooks)
     if spec.dense.hooks:
         resolve_hooks(meta, spec.dense.hooks)
+    if spec.stats.gate_cases:
+        from .engine import gate_points
+
+        if not gate_points(meta, resolve_hooks(meta, spec.hooks)):
+            raise UserError("stats.gate_cases: no hooked blocks.*.mlp.hook_post of a gated MLP "
+                            "(SwiGLU/GeGLU) in this job; turn it off for this model")
     return config
 
 

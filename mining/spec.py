@@ -87,6 +87,8 @@ class StatsSpec:
     heads: bool = False
     """Attention-head scores (previous-token, duplicate, induction, BOS sink, entropy): the `heads` table."""
     head_ablation: bool = False
+    gate_cases: bool = False
+    """Gated MLPs (SwiGLU): per neuron the count, mean and top examples of each (gate, up) sign case."""
     logit_lens: bool = False
     """For every hooked mlp.hook_post neuron, the vocabulary its output direction boosts and suppresses."""
     logit_lens_k: int = 10

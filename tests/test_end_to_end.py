@@ -24,7 +24,7 @@ name: e2e
 model: {id: smollm2-135m}
 corpus: {source: "builtin:python-docs", max_tokens: 1500, context_length: 64}
 hooks: ["blocks.3.mlp.hook_post", "blocks.20.mlp.hook_post"]
-stats: {top_k: 8, quantile_samples: 4, dla: true, logit_lens: true, heads: true}
+stats: {top_k: 8, quantile_samples: 4, dla: true, logit_lens: true, heads: true, gate_cases: true}
 dense: {hooks: ["blocks.3.mlp.hook_post"], token_fraction: 0.1}
 compute: {actors: 2, cpus_per_actor: 1, batch_size: 4, shard_tokens: 400}
 """
@@ -49,6 +49,10 @@ def brute(store, smollm2):
     grabbed = {}
     handles = [model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
         lambda mod, args, layer=layer: grabbed.__setitem__(layer, args[0][0])) for layer in LAYERS]
+    for layer in LAYERS:  # the gate and up projections' outputs, for the sign cases of gated neurons
+        for part in ("gate_proj", "up_proj"):
+            handles.append(getattr(model.model.layers[layer].mlp, part).register_forward_hook(
+                lambda mod, args, out, key=(layer, part): grabbed.__setitem__(key, out[0])))
     try:
         with torch.inference_mode():
             for ctx, group in tokens.groupby("ctx", sort=True):
@@ -56,6 +60,8 @@ def brute(store, smollm2):
                 logits = model(torch.tensor([ids])).logits[0].float()
                 for layer in LAYERS:
                     acts[layer].append(grabbed[layer][1:].numpy())
+                    for part in ("gate_proj", "up_proj"):
+                        acts.setdefault((layer, part), []).append(grabbed[(layer, part)][1:].numpy() > 0)
                 lsm = torch.log_softmax(logits[1:], -1)
                 nxt = ids[2:] + [-1]
                 logprob += [float(lsm[i, t]) if t >= 0 else math.nan for i, t in enumerate(nxt)]
@@ -201,3 +207,26 @@ def test_model_tables_logit_lens_and_heads(store):
     con = connect(store)
     assert run_named(con, "heads", {"limit": "3"}).num_rows == 3
     assert run_named(con, "dla-neurons", {"limit": "3"}).num_rows == 3
+
+
+def test_gate_sign_cases_match_brute_force(store, brute):
+    _, acts, _, _ = brute
+    cases = pq.read_table(store / "gate_cases.parquet").to_pandas()
+    examples = pq.read_table(store / "gate_case_examples.parquet").to_pandas()
+    for layer in LAYERS:
+        a, g, u = acts[layer], acts[(layer, "gate_proj")], acts[(layer, "up_proj")]
+        for neuron in (0, 100, 1535):
+            rows = cases[(cases.layer == layer) & (cases.neuron == neuron)]
+            assert rows["count"].sum() == 1500
+            for gs, us in (("+", "+"), ("+", "-"), ("-", "+"), ("-", "-")):
+                hit = (g[:, neuron] == (gs == "+")) & (u[:, neuron] == (us == "+"))
+                row = rows[(rows.gate_sign == gs) & (rows.up_sign == us)].iloc[0]
+                assert row["count"] == hit.sum()
+                top = examples[(examples.layer == layer) & (examples.neuron == neuron)
+                               & (examples.gate_sign == gs) & (examples.up_sign == us)].sort_values("rank")
+                if hit.any():
+                    vals = a[hit, neuron]
+                    best = np.sort(vals)[::-1] if gs == us else np.sort(vals)
+                    np.testing.assert_allclose(top.value, best[:len(top)], rtol=1e-4, atol=1e-4)
+                    np.testing.assert_allclose(row["mean"], vals.mean(), rtol=1e-3, atol=1e-5)
+    assert run_named(connect(store), "gate-cases", {"layer": "3", "neuron": "100"}).num_rows == 4
