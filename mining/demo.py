@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from .query import connect, run_named, write_result
 from .runner import run_job
 from .spec import load_spec
-from .store import Store
+from .store import Store, spec_difference
 
 
 def bundled_job() -> Path:
@@ -21,6 +23,10 @@ def bundled_job() -> Path:
 def run_demo(store: Path, job: str | None, fresh: bool, overrides: list[str]) -> int:
     spec = load_spec(job or bundled_job(), overrides)
     s = Store(store)
+    changed = s.complete and spec_difference(yaml.safe_load((store / "job.yaml").read_text()), spec.to_dict())
+    if changed and not fresh:
+        print(f"{store} was mined with a different {changed}; mining it again for this demo spec\n")
+        fresh = True
     if s.complete and not fresh:
         print(f"{store} is already mined (use --fresh to mine again); answering from it\n")
     else:
@@ -42,6 +48,12 @@ def run_demo(store: Path, job: str | None, fresh: bool, overrides: list[str]) ->
     section("Top contexts of layer 5 neuron 100",
             run_named(con, "top-activations", {"layer": "5", "neuron": "100", "k": "5"}))
     section("Dead and dense neurons", run_named(con, "dead-and-dense", {"limit": "5"}))
+    if spec.stats.dla:
+        helpful = run_named(con, "dla-neurons", {"limit": "3"})
+        section("Neurons that most raise the logit of the actual next token (mean direct logit attribution)", helpful)
+        best = helpful.to_pylist()[0]
+        section(f"Where layer {best['layer']} neuron {best['neuron']} helps most (next token shown)",
+                run_named(con, "dla-examples", {"layer": str(best["layer"]), "neuron": str(best["neuron"]), "k": "5"}))
     print(f"Ask your own: mine query {store} \"SELECT ...\"   |   mine queries")
     return 0
 

@@ -117,7 +117,7 @@ class Store:
             if not looks_like_store:
                 raise UserError(f"{self.root}: --resume given but this is not a store (no job.yaml)")
             old = yaml.safe_load(self.files.read_bytes("job.yaml").decode())
-            diff = _incompatible(old, job)
+            diff = spec_difference(old, job)
             if diff:
                 raise UserError(f"{self.root}: cannot resume: the store was mined with a different {diff}; "
                                 "use --overwrite or another --store")
@@ -238,7 +238,7 @@ def _decompress(blob: bytes) -> bytes:
     return pa.decompress(blob[8:], decompressed_size=size, codec="zstd", asbytes=True)
 
 
-def _incompatible(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+def spec_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """The first key that differs in a way that changes results (actor count and store path do not)."""
     ignore = {"store", "compute.actors", "compute.cpus_per_actor", "compute.max_retries"}
 
