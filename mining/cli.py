@@ -241,16 +241,12 @@ def _quiet() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        import warnings
+    import warnings
 
-        warnings.filterwarnings("ignore")
-        import transformers
+    from .models import quiet_transformers
 
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:
-        pass
+    warnings.filterwarnings("ignore")
+    quiet_transformers()
 
 
 if __name__ == "__main__":

@@ -171,8 +171,7 @@ class ShardMiner:
             flat_toks = toks[mask]
             targets_np = next_token_targets(shard, sl, T, toks_np)
             pick = {name: dense_selected(toks_np, self.spec.dense.token_fraction) & (toks_np >= 0) for name in dense}
-            self._toks = toks
-            dla = self._dla_batch(targets_np) if self.dla else None
+            dla = _DlaBatch(self.dla, torch.from_numpy(targets_np).to(dev), toks) if self.dla else None
 
             signs: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -205,9 +204,6 @@ class ShardMiner:
                         for name, parts in dense.items() if parts}
         result.seconds = time.perf_counter() - start
         return result
-
-    def _dla_batch(self, targets_np: np.ndarray) -> "_DlaBatch":
-        return _DlaBatch(self.dla, torch.from_numpy(targets_np).to(self.loaded.device), self._toks)
 
     def _token_rows(self, shard: Shard, sl: slice, T: int, out, toks_np: np.ndarray,
                     target: np.ndarray) -> dict[str, np.ndarray]:

@@ -249,6 +249,17 @@ def _converted_gguf(source: ModelSource) -> Path:
     return target
 
 
+def quiet_transformers() -> None:
+    """No progress bars or advisory warnings from transformers: commands print one line on error."""
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetics only
+        pass
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]

@@ -33,7 +33,9 @@ class MinerActor:
         from .spec import spec_from_dict
 
         torch.set_num_threads(threads)  # results and speed must not depend on the host's core count
-        _quiet_transformers()
+        from .models import quiet_transformers
+
+        quiet_transformers()
         self.spec = spec_from_dict(job)
         self.miner = ShardMiner(self.spec, load_model(self.spec.model))
         self.store = Store(store)
@@ -254,16 +256,6 @@ def _room_for_actor(spec: JobSpec, gpus: int) -> bool:
 
     free = ray.available_resources()
     return free.get("CPU", 0) >= spec.compute.cpus_per_actor and free.get("GPU", 0) >= gpus
-
-
-def _quiet_transformers() -> None:
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:
-        pass
 
 
 def _first_line(e: BaseException) -> str:
