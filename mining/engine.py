@@ -22,6 +22,7 @@ from .models import LoadedModel
 from .errors import UserError
 from .reducers import ContextTopK, Histogram, HistogramBins, Moments, QuantileSamples, TopK
 from .reducers.gate_cases import GateCases
+from .reducers.group_variance import GroupVariance
 from .shards import Shard
 from .spec import JobSpec
 
@@ -33,7 +34,7 @@ def histogram_bins(spec: JobSpec) -> HistogramBins:
 
 REDUCER_TYPES = {"top": TopK, "bottom": TopK, "contexts": ContextTopK, "histogram": Histogram, "moments": Moments,
                  "dla_top": TopK, "dla_bottom": TopK, "dla_moments": Moments, "samples": QuantileSamples,
-                 "gate_cases": GateCases}
+                 "gate_cases": GateCases, "by_token": GroupVariance, "by_position": GroupVariance}
 
 
 @dataclass
@@ -53,10 +54,14 @@ class HookStats:
     """Examples sampled uniformly within quantile bands (three kinds), see reducers/samples.py."""
     gate_cases: GateCases | None = None
     """Gated MLPs: count, mean and top examples of each (gate, up) sign case."""
+    by_token: GroupVariance | None = None
+    """Variance explained by the current token (its G most frequent ids, the rest pooled) and by position."""
+    by_position: GroupVariance | None = None
 
     @classmethod
     def empty(cls, spec: JobSpec, dla: bool = False, gated: bool = False) -> "HookStats":
         k = spec.stats.top_k
+        poly = spec.stats.polysemanticity
         return cls(
             top=TopK(k, largest=True),
             bottom=TopK(k, largest=False),
@@ -69,10 +74,14 @@ class HookStats:
             samples=QuantileSamples(histogram_bins(spec), spec.stats.quantile_samples)
             if spec.stats.quantile_samples else None,
             gate_cases=GateCases(k) if gated else None,
+            by_token=GroupVariance(spec.stats.token_groups + 1) if poly else None,
+            by_position=GroupVariance(spec.corpus.context_length) if poly else None,
         )
 
-    def update(self, x: torch.Tensor, toks: torch.Tensor, mask: torch.Tensor, flat_toks: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, toks: torch.Tensor, mask: torch.Tensor, flat_toks: torch.Tensor,
+               groups: dict[str, torch.Tensor] | None = None) -> None:
         # x: (B, T, N); toks: (B, T) global index, -1 where not mined; mask = toks >= 0
+        # groups: "by_token" / "by_position" -> (M,) group index of each mined position
         flat = x[mask].float()  # (M, N): only the mined positions
         self.top.update(flat, flat_toks)
         self.bottom.update(flat, flat_toks)
@@ -83,6 +92,9 @@ class HookStats:
             self.moments.update(flat)
         if self.samples is not None:
             self.samples.update(flat, flat_toks)
+        if self.by_token is not None:
+            self.by_token.update(flat, groups["by_token"])
+            self.by_position.update(flat, groups["by_position"])
 
     def update_gate(self, x: torch.Tensor, mask: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                     flat_toks: torch.Tensor) -> None:
@@ -139,7 +151,8 @@ def dense_selected(toks: np.ndarray, fraction: float) -> np.ndarray:
 class ShardMiner:
     """Holds the loaded model and resolved hooks; `mine(shard)` is one coarse call per shard."""
 
-    def __init__(self, spec: JobSpec, loaded: LoadedModel):
+    def __init__(self, spec: JobSpec, loaded: LoadedModel, token_groups: list[int] | None = None):
+        """token_groups: the corpus' most frequent token ids (stats.polysemanticity), from `frequent_tokens`."""
         self.spec = spec
         self.loaded = loaded
         self.points: list[HookPoint] = resolve_hooks(loaded.model, spec.hooks)
@@ -147,6 +160,12 @@ class ShardMiner:
         self.dla = DirectLogitAttribution(loaded.model) if spec.stats.dla and loaded.causal else None
         self.dla_points = {p.name for p in self.points if p.site == "mlp.hook_post"} if self.dla else set()
         self.gate_points = gate_points(loaded.model, self.points) if spec.stats.gate_cases else {}
+        self.token_group = None
+        if spec.stats.polysemanticity:
+            if token_groups is None:
+                raise ValueError("stats.polysemanticity needs the corpus' frequent token ids (token_groups)")
+            self.token_group = token_group_map(token_groups, spec.stats.token_groups, len(loaded.tokenizer),
+                                               loaded.device)
 
     @torch.inference_mode()
     def mine(self, shard: Shard) -> ShardResult:
@@ -172,6 +191,11 @@ class ShardMiner:
             targets_np = next_token_targets(shard, sl, T, toks_np)
             pick = {name: dense_selected(toks_np, self.spec.dense.token_fraction) & (toks_np >= 0) for name in dense}
             dla = _DlaBatch(self.dla, torch.from_numpy(targets_np).to(dev), toks) if self.dla else None
+            groups = None
+            if self.token_group is not None:
+                pos = torch.arange(T, device=dev).expand(len(ids), T)
+                groups = {"by_token": self.token_group[ids.clamp(max=len(self.token_group) - 1)][mask],
+                          "by_position": pos[mask]}
 
             signs: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -180,7 +204,7 @@ class ShardMiner:
                     layer, kind = extra[point.name]
                     signs.setdefault(layer, {})[kind] = x[mask] > 0
                 if point.name in stats:
-                    stats[point.name].update(x, toks, mask, flat_toks)
+                    stats[point.name].update(x, toks, mask, flat_toks, groups)
                     if stats[point.name].gate_cases is not None:
                         s = signs.pop(point.layer)
                         stats[point.name].update_gate(x, mask, s["gate"], s["up"], flat_toks)
@@ -231,6 +255,28 @@ class ShardMiner:
             "token_id": ids[valid].astype(np.int32),
             "token": shard.token_text[toks_np[valid] - shard.first_tok], "logprob": logprob[valid], "entropy": entropy[valid],
         }
+
+
+def frequent_tokens(shards: list[Shard], n: int) -> list[int]:
+    """The n most frequent token ids over every mined position of the corpus (ties: smaller id first),
+    computed on the driver so every actor groups tokens the same way."""
+    counts = np.zeros(0, dtype=np.int64)
+    for s in shards:
+        grid = s.tok_grid()
+        ids = s.ids[:, :grid.shape[1]][grid >= 0]
+        c = np.bincount(ids, minlength=len(counts))
+        c[:len(counts)] += counts
+        counts = c
+    order = np.lexsort((np.arange(len(counts)), -counts))
+    return [int(i) for i in order[:n] if counts[i] > 0]
+
+
+def token_group_map(token_groups: list[int], n: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """(vocab,) int64: token id -> its rank among the frequent ids, n for every other id."""
+    top = max([vocab - 1, *token_groups]) + 1
+    m = torch.full((top,), n, dtype=torch.int64)
+    m[torch.tensor(token_groups, dtype=torch.int64)] = torch.arange(len(token_groups))
+    return m.to(device)
 
 
 def gate_points(model, points: list[HookPoint]) -> dict[int, tuple[HookPoint, HookPoint]]:

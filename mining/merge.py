@@ -78,6 +78,15 @@ def _hook_tables(st: HookStats, site: str, layer: int, spec: JobSpec) -> dict[st
         m = st.moments.finalize()
         out["quantile_samples"] = _band_samples(st.samples.finalize(st.histogram.finalize().cpu().numpy(),
                                                                     m["min"], m["max"]), site, layer)
+    if st.by_token is not None:
+        tok, pos = st.by_token.finalize(), st.by_position.finalize()
+        n = len(tok["explained"])
+        grouped = st.by_token.count[:-1].sum().item() / max(tok["n"], 1)  # the last group pools the rare ids
+        out["neuron_variance"] = pa.table({
+            "hook": pa.array([site] * n), "layer": np.full(n, layer, np.int32), "neuron": np.arange(n, dtype=np.int32),
+            "var_token": tok["explained"], "var_position": pos["explained"],
+            "token_groups": np.full(n, tok["k"], np.int32), "token_coverage": np.full(n, grouped, np.float64),
+        })
     if st.histogram is not None:
         counts = st.histogram.finalize().cpu().numpy()  # (N, bins)
         lo, hi = histogram_bins(spec).edges()
@@ -178,8 +187,8 @@ def _combined(files: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def finalize(store: Store, spec: JobSpec, n_shards: int) -> tuple[dict[str, int], list[dict]]:
-    """Merge every complete shard, write the final tables, then the manifest last.
+def merge_into_tables(store: Store, spec: JobSpec, n_shards: int) -> tuple[dict[str, int], list[dict]]:
+    """Merge every complete shard and write the final tables (the manifest comes last, separately).
 
     Returns the row counts and the markers of failed shards (their tokens are left out of every
     table; the manifest lists them with their reason, and `mine run --resume` retries them)."""
@@ -188,5 +197,9 @@ def finalize(store: Store, spec: JobSpec, n_shards: int) -> tuple[dict[str, int]
     tables = final_tables(merge_shards(store, spec, complete), spec) if complete else {}
     for name, table in tables.items():
         store.write_table(name, table)
-    store.write_table("manifest", manifest_table(markers))
     return {name: t.num_rows for name, t in tables.items()}, [m for m in markers if m["status"] != "complete"]
+
+
+def write_manifest(store: Store, n_shards: int) -> None:
+    """Written last: its presence is what marks the store complete."""
+    store.write_table("manifest", manifest_table([store.read_marker(i) for i in range(n_shards)]))

@@ -271,6 +271,15 @@ _HOW_TO_GET = {
     "heads": "mine with `stats: {heads: true}`",
     "logit_lens": "mine with `stats: {logit_lens: true}`",
     "gate_cases": "mine with `stats: {gate_cases: true}` (gated MLPs)",
+    "neuron_variance": "mine with `stats: {polysemanticity: true}`",
+    "neuron_coherence": "mine with `stats: {polysemanticity: true}`",
+    "head_ablation": "mine with `stats: {head_ablation: true}`",
+    "regex_neurons": "run `mine analyze STORE regex PATTERN` (needs dense activations)",
+    "pca_components": "run `mine analyze STORE pca` (needs dense activations)",
+    "pca_examples": "run `mine analyze STORE pca` (needs dense activations)",
+    "pca_loadings": "run `mine analyze STORE pca` (needs dense activations)",
+    "cofiring": "run `mine analyze STORE cofire` (needs dense activations)",
+    "cofire_groups": "run `mine analyze STORE cofire` (needs dense activations)",
 }
 
 

@@ -12,7 +12,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from tqdm import tqdm
 
@@ -25,7 +25,7 @@ from .store import Store
 class MinerActor:
     """Wrapped with ray.remote at start-up so importing this module never needs Ray running."""
 
-    def __init__(self, job: dict[str, Any], store: str, threads: int):
+    def __init__(self, job: dict[str, Any], store: str, threads: int, token_groups: list[int] | None = None):
         import torch
 
         from .engine import ShardMiner
@@ -37,7 +37,7 @@ class MinerActor:
 
         quiet_transformers()
         self.spec = spec_from_dict(job)
-        self.miner = ShardMiner(self.spec, load_model(self.spec.model))
+        self.miner = ShardMiner(self.spec, load_model(self.spec.model), token_groups)
         self.store = Store(store)
 
     def mine(self, shard: Shard, attempt: int = 0) -> dict[str, Any]:
@@ -50,22 +50,22 @@ class MinerActor:
         except Exception as e:  # noqa: BLE001 - reported per shard; the driver decides on retries
             return {"shard": shard.index, "status": "error", "error": f"{type(e).__name__}: {_first_line(e)}"}
 
-    def model_tables(self, names: list[str], corpus_ids: Any) -> dict[str, Any]:
-        """Tables about the model rather than the corpus (logit lens, head scores), written here."""
+    def model_tables(self, names: list[str], inputs: dict[str, Any]) -> dict[str, Any]:
+        """Tables about the model rather than the corpus (logit lens, head scores, coherence), written here."""
         try:
-            model, tokenizer = self.miner.loaded.model, self.miner.loaded.tokenizer
-            if "logit_lens" in names:
-                from .analyses.logit_lens import logit_lens_table
+            from .model_tables import write_model_tables
 
-                layers = sorted({p.layer for p in self.miner.points if p.site == "mlp.hook_post"})
-                self.store.write_table("logit_lens", logit_lens_table(model, tokenizer, layers,
-                                                                      k=self.spec.stats.logit_lens_k))
-            if "heads" in names:
-                from .analyses.heads import head_scores_table
-
-                bos = int(corpus_ids[0, 0]) if corpus_ids is not None and len(corpus_ids) else None  # as mined
-                self.store.write_table("heads", head_scores_table(model, tokenizer, corpus_ids=corpus_ids, bos_id=bos))
+            write_model_tables(self.miner, self.store, names, inputs)
             return {"status": "complete"}
+        except Exception as e:  # noqa: BLE001
+            return {"status": "error", "error": f"{type(e).__name__}: {_first_line(e)}"}
+
+    def head_ablation(self, layer: int, input_ids: Any) -> dict[str, Any]:
+        """The head_ablation rows of one layer's heads (zero and mean ablation) over input_ids."""
+        try:
+            from .model_tables import head_ablation_layer
+
+            return {"status": "complete", "table": head_ablation_layer(self.miner, layer, input_ids)}
         except Exception as e:  # noqa: BLE001
             return {"status": "error", "error": f"{type(e).__name__}: {_first_line(e)}"}
 
@@ -160,10 +160,12 @@ class PoolReport:
 
 def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_tokens: int, done_tokens: int,
                 address: str | None, progress: bool, model_tables: list[str] = (),
-                corpus_ids: Any = None) -> PoolReport:
+                token_groups: list[int] | None = None,
+                after_shards: Callable[[], dict[str, Any]] | None = None) -> PoolReport:
     """Feed shards to actors as they free up; retry shards whose attempt failed or whose worker
-    (or node) died, up to compute.max_retries, then record them as failed and go on. Then one
-    actor writes the model-level tables (`model_tables`: logit_lens, heads)."""
+    (or node) died, up to compute.max_retries, then record them as failed and go on. Then
+    `after_shards()` (the driver's merge) returns the inputs of the model-level tables, which the
+    actors write: head_ablation spread layer by layer over every actor, the others on one."""
     report = PoolReport()
     if not shards and not model_tables:
         return report
@@ -177,7 +179,7 @@ def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_token
                         runtime_env={"env_vars": env} if env else None)(MinerActor)
 
     def new_actor():
-        return remote.remote(spec.to_dict(), store.location, spec.compute.cpus_per_actor)
+        return remote.remote(spec.to_dict(), store.location, spec.compute.cpus_per_actor, token_groups)
 
     actors = [new_actor() for _ in range(n_actors)]
     try:
@@ -236,17 +238,45 @@ def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_token
                 bar.update(shard.n_tokens)
             status()
         report.seconds = time.perf_counter() - started
+        inputs = after_shards() if after_shards else {}
         if model_tables and idle:
             bar.set_description_str(f"model tables ({', '.join(model_tables)})")
-            result = ray.get(idle[0].model_tables.remote(list(model_tables), corpus_ids))
-            if result["status"] != "complete":
-                raise UserError(f"model tables {', '.join(model_tables)} failed: {result['error']}")
+            _model_stage(store, idle, list(model_tables), inputs)
     finally:
         report.seconds = report.seconds or time.perf_counter() - started
         bar.close()
         for actor in idle + [a for a, _ in running.values()]:
             ray.kill(actor)
     return report
+
+
+def _model_stage(store: Store, actors: list[Any], names: list[str], inputs: dict[str, Any]) -> None:
+    """One actor writes the single-pass tables while the others (then it too) ablate heads layer by layer."""
+    import pyarrow as pa
+    import ray
+
+    tasks: deque = deque(("ablation", layer) for layer in inputs.get("ablation_layers", ()) if "head_ablation" in names)
+    single = [n for n in names if n != "head_ablation"]
+    if single:
+        tasks.appendleft(("tables", single))
+    idle, running, parts = list(actors), {}, {}
+    while tasks or running:
+        while idle and tasks:
+            actor, (kind, arg) = idle.pop(0), tasks.popleft()
+            ref = (actor.model_tables.remote(arg, inputs) if kind == "tables"
+                   else actor.head_ablation.remote(arg, inputs["ablation_ids"]))
+            running[ref] = (actor, kind, arg)
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        actor, kind, arg = running.pop(ref)
+        result = ray.get(ref)
+        if result["status"] != "complete":
+            what = ", ".join(arg) if kind == "tables" else f"head_ablation (layer {arg})"
+            raise UserError(f"model tables {what} failed: {result['error']}")
+        if kind == "ablation":
+            parts[arg] = result["table"]
+        idle.append(actor)
+    if parts:
+        store.write_table("head_ablation", pa.concat_tables([parts[layer] for layer in sorted(parts)]))
 
 
 def _room_for_actor(spec: JobSpec, gpus: int) -> bool:

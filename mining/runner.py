@@ -21,8 +21,9 @@ import pyarrow as pa
 
 from . import __version__
 from .corpus import check_source, iter_documents
+from .engine import frequent_tokens
 from .errors import UserError
-from .merge import finalize
+from .merge import merge_into_tables, write_manifest
 from .models import load_config, load_tokenizer, resolve_source
 from .shards import Shard, build_shards, iter_contexts, special_tokens
 from .spec import JobSpec
@@ -161,11 +162,22 @@ def run_job(spec: JobSpec, store_dir: Path, *, address: str | None = None, resum
     todo = [s for s in shards if not (resume and store.shard_done(s.index))]
     from .ray_pool import mine_on_ray
 
+    merged: dict[str, Any] = {}
+    wanted = model_tables(spec, store, resume)
+
+    def after_shards() -> dict[str, Any]:
+        merged["tables"], merged["failed"] = merge_into_tables(store, spec, len(shards))
+        return model_table_inputs(spec, store, shards, wanted)
+
+    token_groups = frequent_tokens(shards, spec.stats.token_groups) if spec.stats.polysemanticity else None
     pool = mine_on_ray(spec, store, todo, total_tokens=sum(s.n_tokens for s in shards),
                        done_tokens=sum(s.n_tokens for s in shards) - sum(s.n_tokens for s in todo),
-                       address=address, progress=progress, model_tables=model_tables(spec, store, resume),
-                       corpus_ids=sample_contexts(shards))
-    tables, failed = finalize(store, spec, len(shards))
+                       address=address, progress=progress, model_tables=wanted, token_groups=token_groups,
+                       after_shards=after_shards)
+    if "tables" not in merged:  # nothing left to mine and no model table to write: still merge
+        after_shards()
+    write_manifest(store, len(shards))
+    tables, failed = merged["tables"], merged["failed"]
     summary = RunSummary(store.root, sum(s.n_tokens for s in shards), len(shards), len(todo),
                          time.perf_counter() - start, tables, pool.retried, failed,
                          sum(s.n_tokens for s in todo), pool.seconds, pool.actors)
@@ -178,8 +190,42 @@ def run_job(spec: JobSpec, store_dir: Path, *, address: str | None = None, resum
 
 def model_tables(spec: JobSpec, store: Store, resume: bool) -> list[str]:
     """The model-level tables this job asks for that the store does not hold yet."""
-    wanted = [name for name, on in (("logit_lens", spec.stats.logit_lens), ("heads", spec.stats.heads)) if on]
+    s = spec.stats
+    wanted = [name for name, on in (("logit_lens", s.logit_lens), ("heads", s.heads),
+                                    ("neuron_coherence", s.polysemanticity), ("head_ablation", s.head_ablation)) if on]
     return [name for name in wanted if not (resume and store.exists(f"{name}.parquet"))]
+
+
+def model_table_inputs(spec: JobSpec, store: Store, shards: list[Shard], names: list[str]) -> dict[str, Any]:
+    """What the actors need for the model tables, gathered on the driver once the shards are merged."""
+    from .model_tables import ablation_contexts
+
+    import pyarrow.compute as pc
+
+    inputs: dict[str, Any] = {"corpus_ids": sample_contexts(shards)}
+    if not ({"neuron_coherence", "head_ablation"} & set(names)):
+        return inputs
+    contexts = store.read_table("top_contexts").select(["hook", "layer", "neuron", "tok"])
+    if "neuron_coherence" in names:
+        token_id = token_ids_by_tok(shards)
+        inputs["peaks"] = pa.table({**{c: contexts[c] for c in ("hook", "layer", "neuron")},
+                                    "token_id": token_id[contexts["tok"].to_numpy()]})
+    if "head_ablation" in names:
+        inputs["ablation_ids"] = ablation_contexts(shards, spec.stats.head_ablation_tokens)
+        inputs["ablation_layers"] = sorted(int(v) for v in pc.unique(contexts["layer"]).to_pylist() if v >= 0)
+    return inputs
+
+
+def token_ids_by_tok(shards: list[Shard]) -> Any:
+    """(total tokens,) int32: the token id of every global token index."""
+    import numpy as np
+
+    out = np.full(sum(s.n_tokens for s in shards), -1, dtype=np.int32)
+    for s in shards:
+        grid = s.tok_grid()
+        inside = grid >= 0
+        out[grid[inside]] = s.ids[:, :grid.shape[1]][inside]
+    return out
 
 
 def sample_contexts(shards: list[Shard], n: int = 8) -> Any:

@@ -87,11 +87,19 @@ class StatsSpec:
     heads: bool = False
     """Attention-head scores (previous-token, duplicate, induction, BOS sink, entropy): the `heads` table."""
     head_ablation: bool = False
+    """Per head of the hooked layers, the loss change under zero and mean ablation (`head_ablation`)."""
+    head_ablation_tokens: int = 1024
+    """Tokens of the corpus' first full contexts that every ablation is scored on (one forward per head and kind)."""
     gate_cases: bool = False
     """Gated MLPs (SwiGLU): per neuron the count, mean and top examples of each (gate, up) sign case."""
     logit_lens: bool = False
     """For every hooked mlp.hook_post neuron, the vocabulary its output direction boosts and suppresses."""
     logit_lens_k: int = 10
+    polysemanticity: bool = False
+    """Per neuron the variance explained by the current token and by position (`neuron_variance`), and the
+    embedding coherence of its top contexts' peak tokens (`neuron_coherence`)."""
+    token_groups: int = 256
+    """Token ids given their own group for `polysemanticity` (the most frequent; the rest share one)."""
 
     def __post_init__(self) -> None:
         _positive("stats.top_k", self.top_k)
@@ -99,15 +107,13 @@ class StatsSpec:
             raise UserError("stats.histogram_mantissa_bits: must be between 1 and 7")
         if not -126 <= self.histogram_min_exp < self.histogram_max_exp <= 127:
             raise UserError("stats.histogram_min_exp/max_exp: need -126 <= min_exp < max_exp <= 127")
-        # Contract keys whose analyses land with later issues: refuse rather than silently skip.
         _positive("stats.logit_lens_k", self.logit_lens_k)
+        _positive("stats.token_groups", self.token_groups)
         if self.quantile_samples < 0:
             raise UserError(f"stats.quantile_samples: must be >= 0, got {self.quantile_samples}")
         if self.quantile_samples and not (self.histogram and self.moments):
             raise UserError("stats.quantile_samples: needs stats.histogram and stats.moments on (bands come from them)")
-        for key in ("head_ablation",):
-            if getattr(self, key):
-                raise UserError(f"stats.{key}: not available in this version yet; remove it or set it off")
+        _positive("stats.head_ablation_tokens", self.head_ablation_tokens)
 
 
 @dataclass(frozen=True)

@@ -232,11 +232,34 @@ def make_synthetic_store(root: Path, n_tokens: int = 3000, n_layers: int = 2, n_
     for name, rows in tables.items():
         fields = _SCHEMAS.get(name, _SCHEMAS["examples"])
         pq.write_table(_to_table(rows, fields), store / f"{name}.parquet")
+    _polysemanticity_tables(store, acts, tokens, rng)
     pq.write_table(pa.Table.from_pylist(manifest).cast(pa.schema([
         ("shard", pa.int32()), ("status", pa.string()), ("tokens", pa.int64()), ("first_tok", pa.int64()),
         ("contexts", pa.int64()), ("rows", pa.int64()), ("seconds", pa.float64()), ("checksum", pa.string()),
         ("files", pa.string())])), store / "manifest.parquet")
     return store
+
+
+def _polysemanticity_tables(store: Path, acts: dict[str, np.ndarray], tokens: pa.Table,
+                            rng: np.random.Generator) -> None:
+    """neuron_variance by brute force (every token id its own group); neuron_coherence made up."""
+    from mining.reducers.group_variance import explained_brute_force
+
+    token_id, pos = tokens["token_id"].to_numpy(), tokens["pos"].to_numpy()
+    var, coh = [], []
+    for hook, a in acts.items():
+        for layer in range(a.shape[1]):
+            by_tok, by_pos = explained_brute_force(a[:, layer], token_id), explained_brute_force(a[:, layer], pos)
+            for neuron in range(a.shape[2]):
+                key = {"hook": hook, "layer": layer, "neuron": neuron}
+                var.append({**key, "var_token": float(by_tok[neuron]), "var_position": float(by_pos[neuron]),
+                            "token_groups": len(np.unique(token_id)), "token_coverage": 1.0})
+                coh.append({**key, "coherence": float(rng.uniform(-0.1, 1.0)), "peaks": 5, "distinct_tokens": 3})
+    pq.write_table(_to_table(var, [("var_token", pa.float64()), ("var_position", pa.float64()),
+                                   ("token_groups", pa.int32()), ("token_coverage", pa.float64())]),
+                   store / "neuron_variance.parquet")
+    pq.write_table(_to_table(coh, [("coherence", pa.float64()), ("peaks", pa.int32()),
+                                   ("distinct_tokens", pa.int32())]), store / "neuron_coherence.parquet")
 
 
 def load_activations(store: Path) -> dict[str, np.ndarray]:

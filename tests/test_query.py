@@ -22,7 +22,8 @@ from synthetic_store import HOOKS, bin_edges, bin_index, context_peaks, load_act
 
 K = 5
 QS = (0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1)
-TABLES = {"docs", "tokens", "neurons", "histograms", "top_examples", "bottom_examples", "top_contexts", "manifest"}
+TABLES = {"docs", "tokens", "neurons", "histograms", "top_examples", "bottom_examples", "top_contexts", "manifest",
+          "neuron_variance", "neuron_coherence"}
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +283,7 @@ def test_every_named_query_runs_with_defaults(con):
         if set(q.requires) <= present:
             assert isinstance(run_named(con, q.name, params), pa.Table)
         else:  # a table only some jobs write: one line that says how to get it
-            with pytest.raises(UserError, match="this store has no .* table; mine with"):
+            with pytest.raises(UserError, match="this store has no .* table; (mine with|run `mine analyze)"):
                 run_named(con, q.name, params)
 
 
@@ -418,7 +419,7 @@ def test_polysemanticity_matches_brute_force(con, store, tokens):
     for row in pq.read_table(store / "top_contexts.parquet").to_pylist():
         if row["hook"] == "mlp.hook_post":
             peaks[(row["layer"], row["neuron"])].append(text[row["tok"]])
-    rows = run_named(con, "polysemanticity", {"limit": "1000"}).to_pylist()
+    rows = run_named(con, "polysemanticity", {"limit": "1000", "by": "entropy"}).to_pylist()
     assert len(rows) == len(peaks)
     for r in rows:
         counts = collections.Counter(peaks[(r["layer"], r["neuron"])])
@@ -427,3 +428,12 @@ def test_polysemanticity_matches_brute_force(con, store, tokens):
         assert r["entropy_bits"] == pytest.approx(entropy, abs=1e-9)
         assert r["distinct_tokens"] == len(counts) and r["purity"] == pytest.approx(max(counts.values()) / n)
     assert [r["entropy_bits"] for r in rows] == sorted((r["entropy_bits"] for r in rows), reverse=True)
+    variance = {(r["hook"], r["layer"], r["neuron"]): r for r in pq.read_table(store / "neuron_variance.parquet").to_pylist()}
+    for r in rows:
+        v = variance[("mlp.hook_post", r["layer"], r["neuron"])]
+        assert r["var_token"] == pytest.approx(v["var_token"], nan_ok=True)
+        assert r["var_position"] == pytest.approx(v["var_position"], nan_ok=True)
+    by_coherence = run_named(con, "polysemanticity", {"limit": "1000"}).to_pylist()  # least coherent first
+    assert [r["coherence"] for r in by_coherence] == sorted(r["coherence"] for r in by_coherence)
+    with pytest.raises(Exception, match="by must be"):
+        run_named(con, "polysemanticity", {"by": "nonsense"})

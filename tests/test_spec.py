@@ -53,7 +53,7 @@ def test_overrides_are_validated_like_the_file(tmp_path):
     (GOOD.replace('corpus: {source: "builtin:python-docs", max_tokens: 1000, context_length: 64}\n', ""), "corpus: missing"),
     (GOOD.replace("builtin:python-docs", "ftp:x"), "corpus.source: expected"),
     (GOOD.replace("{id: smollm2-135m}", "{id: smollm2-135m, dtype: float8}"), "model.dtype"),
-    (GOOD.replace("stats: {top_k: 8}", "stats: {head_ablation: true}"), "stats.head_ablation: not available"),
+    (GOOD.replace("stats: {top_k: 8}", "stats: {head_ablation_tokens: 0}"), "stats.head_ablation_tokens: must be positive"),
     (GOOD.replace("stats: {top_k: 8}", "stats: {histogram: yes please}"), "stats.histogram: expected true or false"),
     (GOOD.replace("actors: 2", "actors: many"), "compute.actors"),
     ("name: [unclosed\n", "malformed YAML"),

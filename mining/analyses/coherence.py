@@ -1,0 +1,56 @@
+"""Embedding coherence of a neuron's peak tokens: our polysemanticity metric.
+
+Token entropy among the top examples calls a neuron polysemantic whenever its peaks fall on many
+different tokens - but a neuron for "digits" or "closing brackets" peaks on many tokens that mean
+one thing. Coherence asks whether the peak tokens are *alike*, in the model's own input-embedding
+space: the mean pairwise cosine similarity of their centered, unit-normalised embeddings,
+
+    coherence = (|sum_i u_i|^2 - n) / (n (n - 1))        over the n peaks (repeats included),
+
+1 for a single-token detector, high for one concept spread over several tokens, near 0 for peaks
+on unrelated tokens (several features sharing one neuron). Embeddings are first made isotropic
+("all-but-the-top", Mu & Viswanath 2018): centered, and their top principal direction removed -
+on SmolLM2 that direction separates frequent from rare tokens and alone makes unrelated common
+tokens look alike (mean cosine between unrelated word classes 0.36 centered only, 0.02 after).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def unit_embeddings(model: torch.nn.Module, vocab: int | None = None, drop: int = 1) -> torch.Tensor:
+    """(V, d) float32: the input embeddings, centered, without their top `drop` principal directions,
+    each of norm 1."""
+    w = model.get_input_embeddings().weight.detach().double().cpu()
+    if vocab is not None:
+        w = w[:vocab]  # rows past the tokenizer are padding
+    w = w - w.mean(0, keepdim=True)
+    if drop:
+        _, vecs = torch.linalg.eigh(w.T @ w)  # ascending eigenvalues: the last columns lead
+        top = vecs[:, -drop:]
+        w = w - (w @ top) @ top.T
+    return (w / w.norm(dim=1, keepdim=True).clamp(min=1e-12)).float()
+
+
+def coherence(units: torch.Tensor, peaks: np.ndarray) -> np.ndarray:
+    """peaks (R, n) token ids, -1 for none -> (R,) mean pairwise cosine, NaN with fewer than 2 peaks."""
+    ids = torch.from_numpy(np.asarray(peaks, dtype=np.int64))
+    valid = ids >= 0
+    sums = []
+    for lo in range(0, len(ids), 2048):  # (rows, n, d) at a time keeps memory small
+        u = units[ids[lo:lo + 2048].clamp(min=0)].double() * valid[lo:lo + 2048, :, None]
+        sums.append(u.sum(1))
+    s = torch.cat(sums) if sums else torch.zeros(0, units.shape[1], dtype=torch.float64)
+    n = valid.sum(1).double()
+    out = (((s * s).sum(1) - n) / (n * (n - 1))).clamp(-1.0, 1.0)
+    return torch.where(n >= 2, out, torch.nan).numpy()
+
+
+def coherence_brute_force(units: torch.Tensor, ids: list[int]) -> float:
+    """Reference: the mean over ordered pairs i != j of cos(u_i, u_j)."""
+    u = units[torch.tensor(ids)].double()
+    sims = u @ u.T
+    n = len(ids)
+    return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
