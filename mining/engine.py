@@ -20,6 +20,7 @@ from .dla import DirectLogitAttribution
 from .hooks import HookPoint, capture, resolve_hooks
 from .models import LoadedModel
 from .errors import UserError
+from .reducers.topk import check_toks
 from .reducers import ContextTopK, Histogram, HistogramBins, Moments, QuantileSamples, TopK
 from .reducers.gate_cases import GateCases
 from .reducers.group_variance import GroupVariance
@@ -83,9 +84,9 @@ class HookStats:
         # x: (B, T, N); toks: (B, T) global index, -1 where not mined; mask = toks >= 0
         # groups: "by_token" / "by_position" -> (M,) group index of each mined position
         flat = x[mask].float()  # (M, N): only the mined positions
-        self.top.update(flat, flat_toks)
-        self.bottom.update(flat, flat_toks)
-        self.contexts.update(x, toks)
+        self.top.update(flat, flat_toks, check=False)  # the miner checks the batch's token range once
+        self.bottom.update(flat, flat_toks, check=False)
+        self.contexts.update(x, toks, check=False)
         if self.histogram is not None:
             self.histogram.update(flat)
         if self.moments is not None:
@@ -103,9 +104,25 @@ class HookStats:
 
     def update_dla(self, dla: torch.Tensor, toks: torch.Tensor) -> None:
         """dla (M, N) for the mined positions that have a next token; toks (M,)."""
-        self.dla_top.update(dla, toks)
-        self.dla_bottom.update(dla, toks)
+        self.dla_top.update(dla, toks, check=False)
+        self.dla_bottom.update(dla, toks, check=False)
         self.dla_moments.update(dla)
+
+    FLOORED = ("top", "bottom", "contexts", "dla_top", "dla_bottom")
+
+    def ranked_parts(self) -> dict[str, TopK]:
+        """The top-k parts (the TopK inside ContextTopK), by name."""
+        out = {}
+        for name in self.FLOORED:
+            r = getattr(self, name)
+            if r is not None:
+                out[name] = r.top if isinstance(r, ContextTopK) else r
+        return out
+
+    def set_floors(self, floors: dict[str, torch.Tensor]) -> None:
+        for name, floor in floors.items():
+            if getattr(self, name) is not None:
+                getattr(self, name).set_floor(floor)
 
     def parts(self) -> dict[str, object]:
         return {name: r for name, r in vars(self).items() if r is not None}
@@ -160,6 +177,9 @@ class ShardMiner:
         self.dla = DirectLogitAttribution(loaded.model) if spec.stats.dla and loaded.causal else None
         self.dla_points = {p.name for p in self.points if p.site == "mlp.hook_post"} if self.dla else set()
         self.gate_points = gate_points(loaded.model, self.points) if spec.stats.gate_cases else {}
+        self.floors: dict[str, dict[str, torch.Tensor]] = {}
+        """hook -> part -> (N,) keys no entry below which can reach the merged top-k (see raise_floors)."""
+        self._union: dict[str, dict[str, TopK]] = {}
         self.token_group = None
         if spec.stats.polysemanticity:
             if token_groups is None:
@@ -174,6 +194,8 @@ class ShardMiner:
         stats = {p.name: HookStats.empty(self.spec, dla=p.name in self.dla_points,
                                          gated=p.site == "mlp.hook_post" and p.layer in self.gate_points)
                  for p in self.points}
+        for name, st in stats.items():
+            st.set_floors(self.floors.get(name, {}))
         extra = {q.name: (layer, kind) for layer, pair in self.gate_points.items() for kind, q in zip(("gate", "up"), pair)}
         dense: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {p.name: [] for p in self.dense_points}
         token_parts: list[dict[str, np.ndarray]] = []
@@ -188,6 +210,7 @@ class ShardMiner:
             toks = torch.from_numpy(toks_np).to(dev)
             mask = toks >= 0
             flat_toks = toks[mask]
+            check_toks(flat_toks)
             targets_np = next_token_targets(shard, sl, T, toks_np)
             pick = {name: dense_selected(toks_np, self.spec.dense.token_fraction) & (toks_np >= 0) for name in dense}
             dla = _DlaBatch(self.dla, torch.from_numpy(targets_np).to(dev), toks) if self.dla else None
@@ -228,6 +251,19 @@ class ShardMiner:
                         for name, parts in dense.items() if parts}
         result.seconds = time.perf_counter() - start
         return result
+
+    def raise_floors(self, result: ShardResult) -> None:
+        """Call once `result` is stored as complete. The union of the stored shards' top-k is kept, and
+        its k-th keys become floors for the next shards this miner mines, which then skip whatever can
+        never reach the merged top-k (see reducers/topk.py). Only stored shards count, since only
+        they are sure to be in the final merge."""
+        for name, st in result.stats.items():
+            union = self._union.setdefault(name, {})
+            for part, r in st.ranked_parts().items():
+                if r.keys is None:
+                    continue
+                union[part] = r if part not in union else union[part].merge(r)
+                self.floors.setdefault(name, {})[part] = union[part].threshold()
 
     def _token_rows(self, shard: Shard, sl: slice, T: int, out, toks_np: np.ndarray,
                     target: np.ndarray) -> dict[str, np.ndarray]:

@@ -45,8 +45,10 @@ class MinerActor:
         try:
             _injected_fault(shard.index, attempt)
             result = self.miner.mine(shard)
-            return self.store.write_shard(result, {"first_tok": shard.first_tok, "contexts": len(shard.ids),
-                                                   "attempts": attempt + 1, "worker": os.getpid()})
+            marker = self.store.write_shard(result, {"first_tok": shard.first_tok, "contexts": len(shard.ids),
+                                                     "attempts": attempt + 1, "worker": os.getpid()})
+            self.miner.raise_floors(result)  # stored: from now on a lower bound for this actor's next shards
+            return marker
         except Exception as e:  # noqa: BLE001 - reported per shard; the driver decides on retries
             return {"shard": shard.index, "status": "error", "error": f"{type(e).__name__}: {_first_line(e)}"}
 

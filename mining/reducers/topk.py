@@ -7,6 +7,11 @@ Top-k of keys is then one `torch.topk`, with no sort and no tie ambiguity: keys 
 as long as token indices are, which makes update and merge independent of sharding and
 merge order, bit for bit.
 
+A floor (the k-th key of another, completed shard of the same job) lets a shard skip every value that
+can never reach the merged top-k: at least k keys of that other shard rank above it. A floored state
+holds only its shard's keys at or above the floor, so it is no longer that shard's own top-k, but the
+merge over all shards is unchanged, bit for bit. Floors only ever come from shards in the final merge.
+
 Limits: token indices must lie in [0, 2**31) (ValueError otherwise). NaN values are ignored:
 they map to the empty-slot key, so they never displace a real value and are never emitted.
 -0.0 and +0.0 count as equal (ties go to the lower token) and come back as +0.0.
@@ -21,6 +26,7 @@ MAX_TOK = 2**31 - 1
 _SHIFT = 2**31
 _ABS = 0x7FFFFFFF  # float32 bits without the sign
 _INF_BITS = 0x7F800000  # |bits| above this is NaN
+SPARSE = 8  # candidates above 1/SPARSE of a batch: rank it densely instead
 
 
 def check_toks(tok: torch.Tensor) -> None:
@@ -81,26 +87,65 @@ class TopK:
         self.k = int(k)
         self.largest = bool(largest)
         self.keys: torch.Tensor | None = None  # (k, N) int64, best first; None until N is known
+        self.floor: torch.Tensor | None = None  # (N,) int64 keys that can never make the merged top-k
 
-    def update(self, x: torch.Tensor, tok: torch.Tensor) -> None:
-        """x (M, N) activations (cast to float32), tok (M,) global token index of each row."""
+    def set_floor(self, floor: torch.Tensor | None) -> None:
+        """Keys below `floor` (N,) are dropped: valid only if it comes from a shard in the final merge."""
+        self.floor = floor
+
+    def threshold(self) -> torch.Tensor:
+        """(N,) the key a new entry must beat: the k-th kept key, or the floor if higher."""
+        return self.keys[-1] if self.floor is None else torch.maximum(self.keys[-1], self.floor.to(self.keys.device))
+
+    def update(self, x: torch.Tensor, tok: torch.Tensor, check: bool = True) -> None:
+        """x (M, N) activations (cast to float32), tok (M,) global token index of each row.
+        check=False skips the token-range check (one host sync) when the caller has done it."""
         if x.ndim != 2 or tok.shape != (x.shape[0],):
             raise ValueError(f"expected x (M, N) and tok (M,), got {tuple(x.shape)} and {tuple(tok.shape)}")
-        check_toks(tok)
+        if check:
+            check_toks(tok)
         x, tok = x.float(), tok.to(x.device, torch.int64)[:, None]
-        if self._start(x.shape[1], x.device) or x.shape[0] == 0:
-            self.keys = _add_batch(self.keys, encode(x, tok, self.largest), self.k)
+        self._start(x.shape[1], x.device)
+        if x.shape[0] == 0:
             return
-        # Early exit, on the floats before any key is built: only columns with a value at least
-        # as extreme as their current k-th (ties may still win on a lower tok) can change.
-        kth, _ = decode(self.keys[-1], self.largest)
-        cols = ((x >= kth) if self.largest else (x <= kth)).any(0).nonzero()[:, 0]
-        if len(cols) == 0:
+        # Early exit on the floats, before any key is built: only values at least as extreme as
+        # their column's threshold can enter (ties may still win on a lower tok). Once thresholds
+        # settle that is a small fraction of the batch, ranked sparsely.
+        kth, _ = decode(self.threshold(), self.largest)
+        cand = (x >= kth) if self.largest else (x <= kth)
+        n = int(cand.sum())
+        if n == 0:
             return
-        if 2 * len(cols) > x.shape[1]:
-            self.keys = _add_batch(self.keys, encode(x, tok, self.largest), self.k)
-        else:  # steady state: few columns move, so only they are encoded and ranked
-            self.keys[:, cols] = _add_batch(self.keys[:, cols], encode(x[:, cols], tok, self.largest), self.k)
+        if n * SPARSE > cand.numel():
+            self.keys = _add_batch(self.keys, self._floored(encode(x, tok, self.largest), None), self.k)
+            return
+        rows, cols = cand.nonzero(as_tuple=True)
+        self._add_sparse(encode(x[rows, cols], tok[rows, 0], self.largest), cols)
+
+    def _add_sparse(self, keys: torch.Tensor, cols: torch.Tensor) -> None:
+        """Add keys (C,) of columns cols (C,): the best k of each column, then one merge with the state."""
+        keys = self._floored(keys, cols)
+        keep = keys > self.keys[-1, cols]  # cannot enter otherwise (keys are unique)
+        keys, cols = keys[keep], cols[keep]
+        if len(keys) == 0:
+            return
+        order = torch.sort(keys, descending=True).indices
+        order = order[torch.sort(cols[order], stable=True).indices]  # by column, best first within
+        keys, cols = keys[order], cols[order]
+        first = torch.searchsorted(cols, cols, right=False)  # start of each column's run
+        rank = torch.arange(len(cols), device=cols.device) - first
+        top = rank < self.k
+        buf = torch.full_like(self.keys, EMPTY)
+        buf[rank[top], cols[top]] = keys[top]
+        touched = torch.unique(cols)
+        self.keys[:, touched] = _best(self.keys[:, touched], buf[:, touched], self.k)
+
+    def _floored(self, keys: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+        """keys (M, N), or (C,) entries of columns `cols`, with those below the floor freed."""
+        if self.floor is None:
+            return keys
+        floor = self.floor.to(keys.device)
+        return keys.masked_fill_(keys < (floor if cols is None else floor[cols]), EMPTY)
 
     def _start(self, n: int, device: torch.device) -> bool:
         """Allocate an all-free state on first use; True if it was empty until now."""
@@ -108,15 +153,6 @@ class TopK:
             return False
         self.keys = torch.full((self.k, n), EMPTY, dtype=torch.int64, device=device)
         return True
-
-    def _update_keys(self, keys: torch.Tensor) -> None:
-        """Add already-encoded keys (M, N), e.g. per-context peaks."""
-        if self._start(keys.shape[1], keys.device) or keys.shape[0] == 0:
-            self.keys = _add_batch(self.keys, keys, self.k)
-            return
-        cols = (keys > self.keys[-1]).any(0).nonzero()[:, 0]
-        if len(cols):
-            self.keys[:, cols] = _add_batch(self.keys[:, cols], keys[:, cols], self.k)
 
     def _compatible(self, other: "TopK") -> None:
         if type(other) is not type(self) or (other.k, other.largest) != (self.k, self.largest):
@@ -171,23 +207,32 @@ class ContextTopK:
     def k(self) -> int:
         return self.top.k
 
-    def update(self, x: torch.Tensor, tok: torch.Tensor) -> None:
+    def set_floor(self, floor: torch.Tensor | None) -> None:
+        self.top.set_floor(floor)
+
+    def update(self, x: torch.Tensor, tok: torch.Tensor, check: bool = True) -> None:
         """x (B, T, N); tok (B, T) global token index, -1 where the position is not mined."""
         if x.ndim != 3 or tok.shape != x.shape[:2]:
             raise ValueError(f"expected x (B, T, N) and tok (B, T), got {tuple(x.shape)} and {tuple(tok.shape)}")
         tok = tok.to(x.device, torch.int64)
         mined = tok >= 0
-        check_toks(tok[mined])
+        if check:
+            check_toks(tok[mined])
         B, T, N = x.shape
-        rows = max(1, self.MAX_CHUNK // max(1, T * N))
-        peaks = []
-        for lo in range(0, B, rows):
-            sl = slice(lo, lo + rows)
-            keys = encode(x[sl].float(), tok[sl, :, None].clamp(min=0), largest=True)
-            keys.masked_fill_(~mined[sl, :, None], EMPTY)
-            peaks.append(keys.amax(dim=1))  # the key max is the peak value, lower tok on ties
-        # contexts without a mined position peak at EMPTY and never enter
-        self.top._update_keys(torch.cat(peaks) if peaks else torch.empty(0, N, dtype=torch.int64, device=x.device))
+        self.top._start(N, x.device)
+        if B == 0:
+            return
+        # Early exit on the floats: each context's peak value against the threshold; only the
+        # (context, neuron) pairs that could enter get keys (which break ties by the lower tok).
+        peak = x.float().masked_fill(~mined[..., None], float("-inf")).amax(dim=1)  # (B, N)
+        peak.nan_to_num_(nan=float("inf"))  # a NaN hides the context's real peak: keep it a candidate
+        kth, _ = decode(self.top.threshold(), largest=True)
+        ctx, cols = (peak >= kth).nonzero(as_tuple=True)
+        for lo in range(0, len(ctx), max(1, self.MAX_CHUNK // T)):  # (pairs, T) keys at a time
+            c, n = ctx[lo:lo + self.MAX_CHUNK // T], cols[lo:lo + self.MAX_CHUNK // T]
+            keys = encode(x[c, :, n].float(), tok[c].clamp(min=0), largest=True)  # (pairs, T)
+            keys.masked_fill_(~mined[c], EMPTY)
+            self.top._add_sparse(keys.amax(dim=1), n)  # the key max is the peak, lower tok on ties
 
     def merge(self, other: "ContextTopK") -> "ContextTopK":
         if not isinstance(other, ContextTopK):
