@@ -24,6 +24,7 @@ from .reducers.topk import check_toks
 from .reducers import ContextTopK, Histogram, HistogramBins, Moments, QuantileSamples, TopK
 from .reducers.gate_cases import GateCases
 from .reducers.group_variance import GroupVariance
+from .reducers.pair import CrossMoments, PairMoments
 from .shards import Shard
 from .spec import JobSpec
 
@@ -35,7 +36,8 @@ def histogram_bins(spec: JobSpec) -> HistogramBins:
 
 REDUCER_TYPES = {"top": TopK, "bottom": TopK, "contexts": ContextTopK, "histogram": Histogram, "moments": Moments,
                  "dla_top": TopK, "dla_bottom": TopK, "dla_moments": Moments, "samples": QuantileSamples,
-                 "gate_cases": GateCases, "by_token": GroupVariance, "by_position": GroupVariance}
+                 "gate_cases": GateCases, "by_token": GroupVariance, "by_position": GroupVariance,
+                 "top_b": TopK, "pair": PairMoments, "diff_top": TopK, "diff_bottom": TopK, "cross": CrossMoments}
 
 
 @dataclass
@@ -58,6 +60,13 @@ class HookStats:
     by_token: GroupVariance | None = None
     """Variance explained by the current token (its G most frequent ids, the rest pooled) and by position."""
     by_position: GroupVariance | None = None
+    # diff jobs (mining/diff.py): `top` is model A's, these pair A with B at the same tokens
+    top_b: TopK | None = None
+    pair: PairMoments | None = None
+    diff_top: TopK | None = None
+    """Tokens where B - A is largest (diff_bottom: smallest)."""
+    diff_bottom: TopK | None = None
+    cross: CrossMoments | None = None
 
     @classmethod
     def empty(cls, spec: JobSpec, dla: bool = False, gated: bool = False) -> "HookStats":

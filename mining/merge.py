@@ -50,11 +50,15 @@ def final_tables(merged: dict[str, HookStats], spec: JobSpec) -> dict[str, pa.Ta
 
 
 def _hook_tables(st: HookStats, site: str, layer: int, spec: JobSpec) -> dict[str, pa.Table]:
-    out = {
-        "top_examples": _examples(*st.top.finalize(), site, layer),
-        "bottom_examples": _examples(*st.bottom.finalize(), site, layer),
-        "top_contexts": _examples(*st.contexts.finalize(), site, layer),
-    }
+    out = {"top_examples": examples_table(*st.top.finalize(), site, layer)}
+    if st.bottom is not None:
+        out["bottom_examples"] = examples_table(*st.bottom.finalize(), site, layer)
+    if st.contexts is not None:
+        out["top_contexts"] = examples_table(*st.contexts.finalize(), site, layer)
+    if st.pair is not None:
+        from .diff import diff_hook_tables
+
+        out.update(diff_hook_tables(st, site, layer))
     if st.moments is not None:
         m = {k: (v.cpu().numpy() if hasattr(v, "cpu") else np.asarray(v)) for k, v in st.moments.finalize().items()}
         n = len(m["mean"])
@@ -113,7 +117,7 @@ def _gate_tables(g: dict, site: str, layer: int) -> tuple[pa.Table, pa.Table]:
             "count": count[c].astype(np.int64), "frac": count[c] / np.maximum(total, 1),
             "mean": np.where(count[c] > 0, mean[c], np.nan),
         }))
-        t = _examples(*g["top"][c], site, layer)
+        t = examples_table(*g["top"][c], site, layer)
         examples.append(t.add_column(3, "gate_sign", pa.array([gate_sign] * t.num_rows))
                         .add_column(4, "up_sign", pa.array([up_sign] * t.num_rows)))
     sort = [("neuron", "ascending"), ("gate_sign", "descending"), ("up_sign", "descending")]
@@ -142,13 +146,13 @@ def _band_samples(kinds: dict, site: str, layer: int) -> pa.Table:
 def _dla_examples(st: HookStats, layer: int) -> pa.Table:
     parts = []
     for sign, reducer in (("positive", st.dla_top), ("negative", st.dla_bottom)):
-        t = _examples(*reducer.finalize(), "", layer)
+        t = examples_table(*reducer.finalize(), "", layer)
         parts.append(pa.table({"layer": t["layer"], "neuron": t["neuron"], "sign": pa.array([sign] * t.num_rows),
                                "rank": t["rank"], "dla": t["value"], "tok": t["tok"]}))
     return pa.concat_tables(parts).sort_by([("neuron", "ascending"), ("sign", "descending"), ("rank", "ascending")])
 
 
-def _examples(values, toks, site: str, layer: int) -> pa.Table:
+def examples_table(values, toks, site: str, layer: int) -> pa.Table:
     v = values.cpu().numpy() if hasattr(values, "cpu") else np.asarray(values)  # (K, N)
     t = toks.cpu().numpy() if hasattr(toks, "cpu") else np.asarray(toks)
     neuron, rank = np.nonzero(t.T >= 0)  # row-major over (neuron, rank): rows sorted by neuron, then rank

@@ -3,6 +3,7 @@
     logit_lens        from the weights (hooked mlp.hook_post layers)
     heads             head scores on repeated random tokens plus a few corpus contexts
     neuron_coherence  embedding coherence of each neuron's merged top-context peak tokens
+    weight_diff       diff jobs: per parameter, neuron and head, how much B's weights differ from A's
     head_ablation     per head of the hooked layers, loss change under zero and mean ablation over
                       the first contexts of the corpus; one layer per call, spread over the actors
 
@@ -39,6 +40,11 @@ def write_model_tables(miner: ShardMiner, store: Store, names: list[str], inputs
         corpus_ids = inputs.get("corpus_ids")
         bos = int(corpus_ids[0, 0]) if corpus_ids is not None and len(corpus_ids) else None  # as mined
         store.write_table("heads", head_scores_table(model, tokenizer, corpus_ids=corpus_ids, bos_id=bos))
+    if "weight_diff" in names:
+        from .diff import weight_diff_tables
+
+        for name, table in weight_diff_tables(model, miner.loaded_b.model).items():
+            store.write_table(name, table)
     if "neuron_coherence" in names:
         store.write_table("neuron_coherence", coherence_table(miner, inputs["peaks"]))
 

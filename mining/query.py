@@ -75,6 +75,11 @@ def connect(store: str | Path) -> duckdb.DuckDBPyConnection:
     try:
         for name, source in store_tables(root).items():
             con.execute(f"CREATE VIEW {_ident(name)} AS SELECT * FROM {source}")
+        if "logprob_b" in {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
+                                                      "WHERE table_name = 'tokens'").fetchall()}:
+            # a diff store: both models' log-prob of the actual next token on each token row
+            con.execute("CREATE VIEW token_diff AS SELECT tok, logprob AS logprob_a, logprob_b, "
+                        "logprob_b - logprob AS diff FROM tokens")
         _create_macros(con)
         # order matters: the allow-list must be set while external access is still on, and
         # the lock must come last or the first SET would already be refused
@@ -274,6 +279,12 @@ _HOW_TO_GET = {
     "neuron_variance": "mine with `stats: {polysemanticity: true}`",
     "neuron_coherence": "mine with `stats: {polysemanticity: true}`",
     "head_ablation": "mine with `stats: {head_ablation: true}`",
+    "token_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`)",
+    "neuron_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`)",
+    "weight_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`)",
+    "neuron_weight_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`)",
+    "head_weight_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`)",
+    "neuron_match": "mine a diff job with `stats: {neuron_match: true}`",
     "regex_neurons": "run `mine analyze STORE regex PATTERN` (needs dense activations)",
     "pca_components": "run `mine analyze STORE pca` (needs dense activations)",
     "pca_examples": "run `mine analyze STORE pca` (needs dense activations)",

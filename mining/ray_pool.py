@@ -37,7 +37,12 @@ class MinerActor:
 
         quiet_transformers()
         self.spec = spec_from_dict(job)
-        self.miner = ShardMiner(self.spec, load_model(self.spec.model), token_groups)
+        if self.spec.is_diff:
+            from .diff import DiffMiner
+
+            self.miner = DiffMiner(self.spec, load_model(self.spec.models["a"]), load_model(self.spec.models["b"]))
+        else:
+            self.miner = ShardMiner(self.spec, load_model(self.spec.model), token_groups)
         self.store = Store(store)
 
     def mine(self, shard: Shard, attempt: int = 0) -> dict[str, Any]:

@@ -68,6 +68,8 @@ def validate(spec: JobSpec) -> Any:
     resolve_hooks(meta, spec.hooks)
     if spec.dense.hooks:
         resolve_hooks(meta, spec.dense.hooks)
+    if spec.is_diff:
+        validate_diff(spec, config)
     if spec.stats.gate_cases:
         from .engine import gate_points
 
@@ -75,6 +77,28 @@ def validate(spec: JobSpec) -> Any:
             raise UserError("stats.gate_cases: no hooked blocks.*.mlp.hook_post of a gated MLP "
                             "(SwiGLU/GeGLU) in this job; turn it off for this model")
     return config
+
+
+DIFF_UNSUPPORTED = ("dla", "quantile_samples", "gate_cases", "polysemanticity", "head_ablation", "heads",
+                    "logit_lens")
+
+
+def validate_diff(spec: JobSpec, config_a: Any) -> None:
+    """A diff job: B's files exist, both tokenize alike, the hooks exist in B; per-model analyses refused."""
+    on = [key for key in DIFF_UNSUPPORTED if getattr(spec.stats, key)]
+    if on:
+        raise UserError(f"stats.{on[0]}: not available in a diff job (models: a, b); mine each model on its own for it")
+    if spec.dense.hooks:
+        raise UserError("dense.hooks: not available in a diff job; mine each model on its own for dense activations")
+    b = spec.models["b"]
+    resolve_source(b)
+    from .diff import same_tokenizer
+    from .hooks import resolve_hooks
+
+    if not same_tokenizer(load_tokenizer(spec.models["a"]), load_tokenizer(b)):
+        raise UserError(f"models.a ({spec.models['a'].id}) and models.b ({b.id}) tokenize differently; "
+                        "a diff compares the same tokens, so both need the same tokenizer")
+    resolve_hooks(meta_model(load_config(b)), spec.hooks)
 
 
 def meta_model(config: Any) -> Any:
@@ -192,7 +216,8 @@ def model_tables(spec: JobSpec, store: Store, resume: bool) -> list[str]:
     """The model-level tables this job asks for that the store does not hold yet."""
     s = spec.stats
     wanted = [name for name, on in (("logit_lens", s.logit_lens), ("heads", s.heads),
-                                    ("neuron_coherence", s.polysemanticity), ("head_ablation", s.head_ablation)) if on]
+                                    ("neuron_coherence", s.polysemanticity), ("head_ablation", s.head_ablation),
+                                    ("weight_diff", spec.is_diff)) if on]
     return [name for name in wanted if not (resume and store.exists(f"{name}.parquet"))]
 
 

@@ -95,6 +95,8 @@ class StatsSpec:
     logit_lens: bool = False
     """For every hooked mlp.hook_post neuron, the vocabulary its output direction boosts and suppresses."""
     logit_lens_k: int = 10
+    neuron_match: bool = False
+    """Diff jobs: streaming cross-correlation of A's and B's neurons per layer and each A neuron's best B match."""
     polysemanticity: bool = False
     """Per neuron the variance explained by the current token and by position (`neuron_variance`), and the
     embedding coherence of its top contexts' peak tokens (`neuron_coherence`)."""
@@ -171,14 +173,25 @@ class JobSpec:
         if not self.name or "/" in self.name:
             raise UserError(f"name: expected a non-empty name without '/', got {self.name!r}")
         if self.models is not None:
-            raise UserError("models: two-model diff jobs are not available in this version yet; use `model`")
+            if self.model is not None:
+                raise UserError("models: a diff job names two models under `models: {a: ..., b: ...}`, not `model` too")
+            if set(self.models) != {"a", "b"}:
+                raise UserError(f"models: expected exactly the keys a and b, got {', '.join(sorted(self.models)) or 'none'}")
+            object.__setattr__(self, "model", self.models["a"])  # model A tokenizes and plans the corpus
         if self.model is None:
             raise UserError("model: missing; give a model id, e.g. `model: {id: smollm2-135m}`")
         if not self.hooks:
             raise UserError("hooks: give at least one hook, e.g. blocks.*.mlp.hook_post")
 
+    @property
+    def is_diff(self) -> bool:
+        return self.models is not None
+
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        out = _plain(dataclasses.asdict(self))
+        if self.is_diff:
+            out.pop("model")  # it is models.a
+        return out
 
 
 def _positive(key: str, value: int) -> None:

@@ -1,0 +1,237 @@
+"""Two models over the same tokens in one pass (`models: {a: ..., b: ...}`): what changed, and where.
+
+Per batch model A runs with its hooks keeping the mined positions' activations, then model B runs
+and each hook's (A, B) pair feeds the paired reducers:
+
+    pair         correlation of A's and B's activations, mean |B - A|        -> neuron_diff
+    diff_top/bottom  tokens where B - A is largest / smallest                -> neuron_diff_examples
+    top, top_b   each model's top-k (changed max-activating examples)        -> diff_top_examples
+    cross        A x B cross-correlation of a layer (stats.neuron_match)     -> neuron_match
+
+The token rows carry both models' log-prob of the actual next token (`token_diff` view). The
+weights are compared on an actor after mining (`weight_diff_tables`).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .engine import HookStats, ShardMiner, ShardResult, _concat, next_token_targets
+from .errors import UserError
+from .hooks import capture, mlp_out_weight, resolve_hooks
+from .models import LoadedModel
+from .reducers import TopK
+from .reducers.pair import CrossMoments, PairMoments
+from .reducers.topk import check_toks
+from .shards import Shard
+from .spec import JobSpec
+
+
+def same_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
+
+
+def diff_stats(spec: JobSpec) -> HookStats:
+    k = spec.stats.top_k
+    return HookStats(top=TopK(k), top_b=TopK(k), pair=PairMoments(), diff_top=TopK(k, largest=True),
+                     diff_bottom=TopK(k, largest=False),
+                     cross=CrossMoments() if spec.stats.neuron_match else None)
+
+
+class DiffMiner(ShardMiner):
+    """ShardMiner's batching and token rows for model A, plus model B through the same hooks."""
+
+    def __init__(self, spec: JobSpec, loaded_a: LoadedModel, loaded_b: LoadedModel):
+        super().__init__(spec, loaded_a)
+        self.loaded_b = loaded_b
+        if not same_tokenizer(loaded_a.tokenizer, loaded_b.tokenizer):
+            raise UserError("models.a and models.b tokenize differently; a diff compares the same tokens, "
+                            "so both need the same tokenizer")
+        self.points_b = {p.name: p for p in resolve_hooks(loaded_b.model, spec.hooks)}
+        for p in self.points:
+            q = self.points_b.get(p.name)
+            if q is None or q.width != p.width:
+                raise UserError(f"hook {p.name}: models.a and models.b differ there "
+                                f"({p.width} vs {q.width if q else 'missing'} features); a neuron diff needs "
+                                "the same structure")
+
+    @torch.inference_mode()
+    def mine(self, shard: Shard) -> ShardResult:
+        start = time.perf_counter()
+        dev = self.loaded.device
+        stats = {p.name: diff_stats(self.spec) for p in self.points}
+        token_parts = []
+        tok_grid = shard.tok_grid()
+        B = self.spec.compute.batch_size
+        for lo in range(0, len(shard.ids), B):
+            sl = slice(lo, lo + B)
+            T = int(shard.length[sl].max())
+            ids = torch.from_numpy(shard.ids[sl, :T]).to(dev)
+            attention = (torch.arange(T)[None, :] < torch.from_numpy(shard.length[sl])[:, None]).long().to(dev)
+            toks_np = tok_grid[sl, :T]
+            toks = torch.from_numpy(toks_np).to(dev)
+            mask = toks >= 0
+            flat_toks = toks[mask]
+            check_toks(flat_toks)
+            targets_np = next_token_targets(shard, sl, T, toks_np)
+            acts: dict[str, torch.Tensor] = {}
+
+            def keep_a(point, x: torch.Tensor) -> None:
+                acts[point.name] = x[mask].float()
+
+            def pair_b(point, x: torch.Tensor) -> None:
+                if point.name in acts:
+                    _update_pair(stats[point.name], acts.pop(point.name), x[mask].float(), flat_toks)
+
+            with capture(self.loaded.model, self.points, keep_a):
+                out_a = self.loaded.model(input_ids=ids, attention_mask=attention)
+            with capture(self.loaded_b.model, list(self.points_b.values()), pair_b):
+                out_b = self.loaded_b.model(input_ids=ids.to(self.loaded_b.device),
+                                            attention_mask=attention.to(self.loaded_b.device))
+            rows = self._token_rows(shard, sl, T, out_a, toks_np, targets_np)
+            rows["logprob_b"] = _logprobs(out_b, targets_np)[toks_np >= 0]
+            token_parts.append(rows)
+        result = ShardResult(shard.index, stats, _concat(token_parts, shard.index), n_tokens=shard.n_tokens)
+        result.seconds = time.perf_counter() - start
+        return result
+
+
+def _update_pair(st: HookStats, a: torch.Tensor, b: torch.Tensor, toks: torch.Tensor) -> None:
+    st.top.update(a, toks, check=False)
+    st.top_b.update(b, toks, check=False)
+    st.pair.update(a, b)
+    delta = b - a
+    st.diff_top.update(delta, toks, check=False)
+    st.diff_bottom.update(delta, toks, check=False)
+    if st.cross is not None:
+        st.cross.update(a, b)
+
+
+def _logprobs(out, target: np.ndarray) -> np.ndarray:
+    """(C, T) log-prob of each target (NaN where none) from a causal LM's logits."""
+    logits = out.logits
+    lp = np.full(target.shape, np.nan, dtype=np.float32)
+    for c in range(len(target)):
+        lsm = torch.log_softmax(logits[c, :target.shape[1]].float(), dim=-1)
+        tgt = torch.from_numpy(target[c]).to(lsm.device)
+        got = lsm.gather(-1, tgt.clamp(min=0)[:, None])[:, 0]
+        lp[c] = torch.where(tgt >= 0, got, torch.nan).cpu().numpy()
+    return lp
+
+
+# ---------------------------------------------------------------- tables at merge
+
+
+def diff_hook_tables(st: HookStats, site: str, layer: int) -> dict[str, pa.Table]:
+    """neuron_diff, neuron_diff_examples, diff_top_examples, neuron_match for one hook."""
+    from .merge import examples_table
+
+    p = st.pair.finalize()
+    n = len(p["corr"])
+    top_a, top_b = st.top.finalize()[1].cpu().numpy(), st.top_b.finalize()[1].cpu().numpy()  # (k, N) toks
+    overlap = np.array([len(set(top_a[:, j][top_a[:, j] >= 0]) & set(top_b[:, j][top_b[:, j] >= 0]))
+                        / max(1, int((top_a[:, j] >= 0).sum())) for j in range(n)])
+    key = {"hook": pa.array([site] * n), "layer": np.full(n, layer, np.int32), "neuron": np.arange(n, dtype=np.int32)}
+    out = {"neuron_diff": pa.table({**key, "corr": p["corr"], "mean_abs_diff": p["mean_abs_diff"],
+                                    "mean_a": p["mean_a"], "mean_b": p["mean_b"], "std_a": p["std_a"],
+                                    "std_b": p["std_b"], "top_overlap": overlap})}
+    parts = []
+    for sign, r in (("b_above_a", st.diff_top), ("a_above_b", st.diff_bottom)):
+        t = examples_table(*r.finalize(), site, layer)
+        t = t.add_column(3, "sign", pa.array([sign] * t.num_rows))
+        parts.append(t.rename_columns(["diff" if c == "value" else c for c in t.column_names]))
+    out["neuron_diff_examples"] = pa.concat_tables(parts)
+    tops = []
+    for model, r in (("a", st.top), ("b", st.top_b)):
+        t = examples_table(*r.finalize(), site, layer)
+        tops.append(t.add_column(3, "model", pa.array([model] * t.num_rows)))
+    out["diff_top_examples"] = pa.concat_tables(tops)
+    if st.cross is not None:
+        best, corr = st.cross.best_match()
+        out["neuron_match"] = pa.table({"hook": pa.array([site] * n), "layer_a": np.full(n, layer, np.int32),
+                                        "neuron_a": np.arange(n, dtype=np.int32),
+                                        "layer_b": np.full(n, layer, np.int32), "neuron_b": best.astype(np.int32),
+                                        "corr": corr, "self_corr": p["corr"]})
+    return out
+
+
+# ---------------------------------------------------------------- weights
+
+LAYER = re.compile(r"\.(\d+)\.")
+
+
+def weight_diff_tables(a: torch.nn.Module, b: torch.nn.Module) -> dict[str, pa.Table]:
+    """weight_diff(param, layer, rel_norm, norm_a): per parameter tensor ||B - A|| / ||A||;
+    neuron_weight_diff(layer, neuron, in_norm, out_norm, in_rel, out_rel): the change of each MLP
+    neuron's input rows (gate and up for gated MLPs) and output column; head_weight_diff(layer, head,
+    out_norm, out_rel): the change of each head's slice of the attention output projection."""
+    pb = dict(b.named_parameters())
+    rows = []
+    for name, wa in a.named_parameters():
+        wb = pb.get(name)
+        if wb is None or wb.shape != wa.shape:
+            continue
+        na = float(wa.detach().double().norm())
+        delta = float((wb.detach().double() - wa.detach().double()).norm())
+        m = LAYER.search(name)
+        rows.append({"param": name, "layer": int(m.group(1)) if m else -1,
+                     "rel_norm": delta / na if na > 0 else float("nan"), "norm_a": na})
+    if not rows:
+        raise UserError("models.a and models.b share no parameter of the same name and shape; nothing to compare")
+    return {"weight_diff": pa.Table.from_pylist(rows), "neuron_weight_diff": _neuron_weights(a, b),
+            "head_weight_diff": _head_weights(a, b)}
+
+
+def _feature_rows(model: torch.nn.Module, point) -> torch.Tensor:
+    """The weight of the module a hook sits on, as (features of the hook, the other side), float64.
+    nn.Linear stores (out, in), GPT-2's Conv1D (in, out); a pre-hook sees the module's input side."""
+    module = model.get_submodule(point.module_path)
+    w = module.weight.detach().double()
+    linear = isinstance(module, torch.nn.Linear)
+    return (w.T if linear else w) if point.direction == "input" else (w if linear else w.T)
+
+
+def _neuron_weights(a: torch.nn.Module, b: torch.nn.Module) -> pa.Table:
+    from .architectures import arch_of, locate
+
+    parts = []
+    for layer in range(len(locate(a, arch_of(a))[1])):
+        post = resolve_hooks(a, [f"blocks.{layer}.mlp.hook_post"])[0]
+        wo_a, wo_b = mlp_out_weight(a, layer).double(), mlp_out_weight(b, layer).double()  # (N, d)
+        out_norm = (wo_b - wo_a).norm(dim=1)
+        out_rel = out_norm / wo_a.norm(dim=1).clamp(min=1e-30)
+        in_sq, in_base = torch.zeros_like(out_norm), torch.zeros_like(out_norm)
+        for site in ("mlp.hook_pre", "mlp.hook_pre_linear"):
+            try:
+                point = resolve_hooks(a, [f"blocks.{layer}.{site}"])[0]
+            except UserError:
+                continue  # not a gated MLP: no separate up projection
+            wa, wb = _feature_rows(a, point), _feature_rows(b, point)  # (N, d)
+            in_sq += ((wb - wa) ** 2).sum(1)
+            in_base += (wa ** 2).sum(1)
+        n = post.width
+        parts.append(pa.table({"layer": np.full(n, layer, np.int32), "neuron": np.arange(n, dtype=np.int32),
+                               "in_norm": in_sq.sqrt().numpy(), "out_norm": out_norm.numpy(),
+                               "in_rel": (in_sq.sqrt() / in_base.sqrt().clamp(min=1e-30)).numpy(),
+                               "out_rel": out_rel.numpy()}))
+    return pa.concat_tables(parts)
+
+
+def _head_weights(a: torch.nn.Module, b: torch.nn.Module) -> pa.Table:
+    from .architectures import arch_of, locate
+
+    rows = []
+    for layer in range(len(locate(a, arch_of(a))[1])):
+        point = resolve_hooks(a, [f"blocks.{layer}.attn.hook_z"])[0]
+        wa, wb = _feature_rows(a, point), _feature_rows(b, point)  # (H * dh, d)
+        for h in range(point.n_heads):
+            sl = slice(h * point.d_head, (h + 1) * point.d_head)
+            delta = float((wb[sl] - wa[sl]).norm())
+            base = float(wa[sl].norm())
+            rows.append({"layer": layer, "head": h, "out_norm": delta, "out_rel": delta / base if base else float("nan")})
+    return pa.Table.from_pylist(rows)

@@ -1,0 +1,175 @@
+"""Diff jobs (`models: {a, b}`): tiny Llama pairs with a planted difference the diff must find first,
+checked against brute force; a permuted copy whose neuron correspondence must be recovered."""
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mining.cli import main
+from mining.query import connect, run_named
+from mining.tiny import tiny_model
+
+pytestmark = [pytest.mark.ray]
+
+SCALED_NEURON, SCALED_HEAD = (0, 7), (1, 2)
+JOB = """
+name: diff
+models: {a: {id: A}, b: {id: B}}
+corpus: {source: "builtin:python-docs", max_tokens: 700, context_length: 64}
+hooks: ["blocks.*.mlp.hook_post"]
+stats: {top_k: 4, neuron_match: true}
+compute: {actors: 2, batch_size: 4, shard_tokens: 300}
+"""
+
+
+def _save(model, tokenizer, folder):
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, smol_tokenizer):
+    """A, B = A with one neuron's input rows x3 and one head's output slice x2, and C = A with layer 0's
+    MLP neurons permuted (the same function)."""
+    root = tmp_path_factory.mktemp("pair")
+    a = tiny_model("llama", vocab_size=len(smol_tokenizer))
+    b = tiny_model("llama", vocab_size=len(smol_tokenizer))
+    layer, neuron = SCALED_NEURON
+    with torch.no_grad():
+        b.model.layers[layer].mlp.up_proj.weight[neuron] *= 3
+        hl, hh = SCALED_HEAD
+        d_head = a.config.hidden_size // a.config.num_attention_heads
+        b.model.layers[hl].self_attn.o_proj.weight[:, hh * d_head:(hh + 1) * d_head] *= 2
+    c = tiny_model("llama", vocab_size=len(smol_tokenizer))
+    perm = torch.randperm(a.config.intermediate_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        mlp = c.model.layers[0].mlp
+        mlp.gate_proj.weight.copy_(mlp.gate_proj.weight[perm])
+        mlp.up_proj.weight.copy_(mlp.up_proj.weight[perm])
+        mlp.down_proj.weight.copy_(mlp.down_proj.weight[:, perm])
+    return {"tokenizer": smol_tokenizer, "a": _save(a, smol_tokenizer, root / "a"), "b": _save(b, smol_tokenizer, root / "b"),
+            "c": _save(c, smol_tokenizer, root / "c"), "perm": perm.numpy(), "models": (a, b, c)}
+
+
+def mine_diff(tmp, a, b) -> object:
+    job = tmp / "job.yaml"
+    job.write_text(JOB.replace("{id: A}", f"{{id: '{a}'}}").replace("{id: B}", f"{{id: '{b}'}}"))
+    assert main(["run", str(job), "--store", str(tmp / "store"), "--no-progress"]) == 0
+    return tmp / "store"
+
+
+@pytest.fixture(scope="module")
+def scaled(pair, tmp_path_factory):
+    return mine_diff(tmp_path_factory.mktemp("scaled"), pair["a"], pair["b"])
+
+
+def _brute(models, store, tokenizer):
+    """Both models' layer activations and next-token log-probs at every mined token, context by context
+    (the contexts as planned, special tokens included), in tok order."""
+    from mining.runner import plan
+    from mining.spec import load_spec
+
+    shards, _ = plan(load_spec(store / "job.yaml"), tokenizer)
+    out = []
+    for model in models:
+        grabbed, acts, logprob, toks = {}, {0: [], 1: []}, [], []
+        handles = [model.model.layers[i].mlp.down_proj.register_forward_pre_hook(
+            lambda mod, args, i=i: grabbed.__setitem__(i, args[0][0])) for i in range(2)]
+        with torch.inference_mode():
+            for shard in shards:
+                grid = shard.tok_grid()
+                for c in range(len(shard.ids)):
+                    n = int(shard.length[c])
+                    ids = torch.from_numpy(shard.ids[c, :n])[None]
+                    lsm = torch.log_softmax(model(ids).logits[0].float(), -1)
+                    mined = np.nonzero(grid[c, :n] >= 0)[0]
+                    toks.append(grid[c, mined])
+                    nxt = np.minimum(mined + 1, n - 1)
+                    lp = lsm[torch.from_numpy(mined), ids[0, torch.from_numpy(nxt)]].numpy()
+                    logprob.append(np.where(mined + 1 < n, lp, np.nan))
+                    for i in range(2):
+                        acts[i].append(grabbed[i][torch.from_numpy(mined)].numpy())
+        for h in handles:
+            h.remove()
+        order = np.argsort(np.concatenate(toks))
+        out.append(({i: np.concatenate(v)[order] for i, v in acts.items()}, np.concatenate(logprob)[order]))
+    return np.sort(np.concatenate(toks)), out
+
+
+def test_planted_weight_change_is_found_first(scaled):
+    con = connect(scaled)
+    top = run_named(con, "weight-changes", {"what": "neuron", "limit": "1"}).to_pylist()[0]
+    assert (top["layer"], top["unit"]) == SCALED_NEURON and top["out_rel"] == 0
+    head = run_named(con, "weight-changes", {"what": "head", "limit": "2"}).to_pylist()
+    assert (head[0]["layer"], head[0]["unit"]) == SCALED_HEAD and head[1]["change"] == 0
+    params = {r["param"]: r["change"] for r in run_named(con, "weight-changes", {"what": "param", "limit": "100"}).to_pylist()}
+    assert {p for p, v in params.items() if v > 0} == {"model.layers.0.mlp.up_proj.weight",
+                                                        "model.layers.1.self_attn.o_proj.weight"}
+
+
+def test_activation_diff_matches_brute_force(scaled, pair):
+    toks, ((acts_a, _), (acts_b, _)) = _brute(pair["models"][:2], scaled, pair["tokenizer"])
+    diff = pq.read_table(scaled / "neuron_diff.parquet").to_pandas()
+    for layer in (0, 1):
+        a, b = acts_a[layer], acts_b[layer]
+        got = diff[diff.layer == layer].sort_values("neuron")
+        np.testing.assert_allclose(got.mean_abs_diff, np.abs(b - a).mean(0), rtol=1e-4, atol=1e-6)
+        want_corr = [np.corrcoef(a[:, j], b[:, j])[0, 1] for j in range(a.shape[1])]
+        np.testing.assert_allclose(got["corr"], want_corr, atol=1e-5)
+    first = run_named(connect(scaled), "neuron-diff", {"layer": "0", "limit": "1"}).to_pylist()[0]
+    assert first["neuron"] == SCALED_NEURON[1] and first["corr"] == pytest.approx(1.0, abs=1e-5)
+    ex = pq.read_table(scaled / "neuron_diff_examples.parquet").to_pandas()
+    ex = ex[(ex.layer == 0) & (ex.neuron == SCALED_NEURON[1]) & (ex.sign == "b_above_a")].sort_values("rank")
+    delta = acts_b[0][:, SCALED_NEURON[1]] - acts_a[0][:, SCALED_NEURON[1]]
+    assert ex.tok.tolist() == toks[np.argsort(-delta, kind="stable")[:4]].tolist()
+
+
+def test_token_diff_and_queries(scaled, pair):
+    toks, ((_, lp_a), (_, lp_b)) = _brute(pair["models"][:2], scaled, pair["tokenizer"])
+    con = connect(scaled)
+    got = con.sql("SELECT tok, logprob_a, logprob_b, diff FROM token_diff ORDER BY tok").fetchnumpy()
+    assert got["tok"].tolist() == toks.tolist()
+    inside = ~np.isnan(lp_a)  # the last position of a context predicts the next context's first token
+    np.testing.assert_allclose(got["logprob_a"][inside], lp_a[inside], atol=1e-4)
+    np.testing.assert_allclose(got["logprob_b"][inside], lp_b[inside], atol=1e-4)
+    np.testing.assert_allclose(got["diff"][inside], (lp_b - lp_a)[inside], atol=1e-4)
+    gains = run_named(con, "token-gains", {"k": "5"}).to_pylist()
+    assert gains[0]["diff"] == np.nanmax(got["diff"].astype(float))
+    losses = run_named(con, "token-gains", {"k": "5", "direction": "losses"}).to_pylist()
+    assert losses[0]["diff"] == np.nanmin(got["diff"].astype(float))
+    docs = run_named(con, "doc-diff", {}).to_pylist()
+    assert docs and docs[0]["mean_gain"] >= docs[-1]["mean_gain"]
+
+
+def test_permuted_copy_is_the_same_function_and_its_neurons_are_matched(pair, tmp_path):
+    store = mine_diff(tmp_path, pair["a"], pair["c"])
+    con = connect(store)
+    worst = con.sql("SELECT max(abs(diff)) FROM token_diff").fetchall()[0][0]
+    assert worst < 1e-4  # a permutation of neurons changes nothing the model computes
+    match = pq.read_table(store / "neuron_match.parquet").to_pandas().sort_values(["layer_a", "neuron_a"])
+    inverse = np.argsort(pair["perm"])  # B neuron j is A neuron perm[j]
+    layer0 = match[match.layer_a == 0]
+    assert (layer0.neuron_b.to_numpy() == inverse).mean() > 0.95
+    assert (layer0["corr"] > 0.999).mean() > 0.95
+    layer1 = match[match.layer_a == 1]
+    assert (layer1.neuron_b.to_numpy() == layer1.neuron_a.to_numpy()).mean() > 0.95
+    weights = run_named(con, "weight-changes", {"what": "neuron", "limit": "1"}).to_pylist()[0]
+    assert weights["change"] > 0 and weights["layer"] == 0  # permuted rows do differ by position
+
+
+def test_diff_job_refusals(pair, tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB.replace("{id: A}", f"{{id: '{pair['a']}'}}").replace("{id: B}", "{id: minilm-l6}"))
+    assert main(["run", str(job), "--store", str(tmp_path / "s")]) != 0
+    assert "tokenize differently" in capsys.readouterr().err
+    job.write_text(JOB.replace("{id: A}", f"{{id: '{pair['a']}'}}").replace("{id: B}", f"{{id: '{pair['b']}'}}")
+                   .replace("neuron_match: true", "dla: true"))
+    assert main(["run", str(job), "--store", str(tmp_path / "s")]) != 0
+    assert "stats.dla: not available in a diff job" in capsys.readouterr().err
+    job.write_text("name: x\nmodels: {a: smollm2-135m}\ncorpus: {source: 'builtin:python-docs'}\n")
+    assert main(["run", str(job), "--store", str(tmp_path / "s")]) != 0
+    assert "models: expected exactly the keys a and b" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
