@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output file")
     ex.set_defaults(func=cmd_export)
 
+    _add_analyze(sub)
+
     ver = sub.add_parser("verify", help="check every store file against the manifest's checksums")
     ver.add_argument("store")
     ver.set_defaults(func=cmd_verify)
@@ -74,6 +76,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fresh", action="store_true", help="re-mine even if the store is complete")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.set_defaults(func=cmd_demo)
+
+    from .bench import PARTS
+
+    bench = sub.add_parser("bench", help="mining throughput next to the bare forward pass; store size, memory, "
+                                          "query latency")
+    bench.add_argument("--model", default="smollm2-135m", help="alias, HF id, local dir or .gguf (default smollm2-135m)")
+    bench.add_argument("--tokens", type=int, default=4096, help="mined tokens per timed run (default 4096)")
+    bench.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass (default 8)")
+    bench.add_argument("--context-length", type=int, default=128, help="tokens per context (default 128)")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    bench.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
+    bench.add_argument("--threads", type=int, help="torch threads (default: torch's own, one per core)")
+    bench.add_argument("--repeats", type=int, default=2, help="interleaved rounds per variant, best counts (default 2)")
+    bench.add_argument("--parts", default="all", help=f"comma-separated subset of {','.join(PARTS)} (default all)")
+    bench.add_argument("--memory-tokens", type=int, help="N of the memory part, which mines N and 10N tokens "
+                                                         "(default: two full batches)")
+    bench.add_argument("--memory-variant", default="token_table", choices=["mining", "dla", "token_table", "dense"],
+                       help="what the memory part mines (default token_table: mining + DLA + token table)")
+    bench.add_argument("--synthetic-store", help="directory for the duckdb part's synthetic store, reused across "
+                                                 "runs (default: a temporary directory)")
+    bench.add_argument("--synthetic-tokens", type=int, default=10_000_000, help="token rows of that store (default 10M)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    bench.set_defaults(func=cmd_bench)
 
     address_help = ("Ray dashboard URL (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS if http, "
                     "else http://127.0.0.1:8265)")
@@ -100,7 +125,32 @@ def build_parser() -> argparse.ArgumentParser:
     ls = jsub.add_parser("list", help="every job the cluster knows")
     ls.add_argument("--address", help=address_help)
     ls.set_defaults(func=cmd_jobs, action="list", job_id=None)
+    _add_finetune(sub)
     return p
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    ft = sub.add_parser("finetune", help="save a briefly fine-tuned copy of a model (to diff against the original)")
+    ft.add_argument("--model", default="smollm2-135m", help="alias, HF id, local dir or .gguf (default smollm2-135m)")
+    ft.add_argument("--corpus", default="builtin:python-stdlib", help="corpus source (default: Python source code)")
+    ft.add_argument("--out", required=True, help="new directory for the fine-tuned copy")
+    ft.add_argument("--steps", type=int, default=20)
+    ft.add_argument("--lr", type=float, default=1e-4)
+    ft.add_argument("--batch-size", type=int, default=4)
+    ft.add_argument("--context-length", type=int, default=128)
+    ft.add_argument("--layers", default="all", help="blocks that train: all, 28,29 or 20-29 (the rest stay frozen)")
+    ft.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    r = finetune(args.model, args.corpus, Path(args.out), steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                 context_length=args.context_length, layers=args.layers)
+    print(f"fine-tuned {args.model} on {r.tokens:,} tokens of {args.corpus} ({r.steps} steps, layers "
+          f"{r.layers[0]}-{r.layers[-1] if len(r.layers) > 1 else r.layers[0]}): loss {r.loss_first:.3f} -> "
+          f"{r.loss_last:.3f} in {r.seconds:.0f} s -> {r.out}")
+    return 0
 
 
 # ---------------------------------------------------------------- commands
@@ -165,6 +215,47 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    an = sub.add_parser("analyze", help="analyses over the dense activations: regex, pca, cofire (tables in the store)")
+    an.add_argument("store")
+    kinds = an.add_subparsers(dest="kind", metavar="KIND", required=True)
+    hook_help = "dense hook: full name, glob or site (default: every dense hook)"
+
+    rx = kinds.add_parser("regex", help="correlate each neuron with 'the token overlaps a match' -> regex_neurons")
+    rx.add_argument("pattern", help="Python regular expression, matched in each document's text")
+    rx.add_argument("--hook", help=hook_help)
+    rx.add_argument("--name", help="label stored in the pattern column (default: the pattern itself)")
+
+    pc = kinds.add_parser("pca", help="principal components -> pca_components, pca_examples, pca_loadings")
+    pc.add_argument("--hook", help=hook_help)
+    pc.add_argument("--components", type=int, default=10, help="components to keep (default 10)")
+    pc.add_argument("--examples", type=int, default=20, help="top tokens per component and sign (default 20)")
+    pc.add_argument("--loadings", type=int, default=20, help="top neurons per component by |loading| (default 20)")
+
+    cf = kinds.add_parser("cofire", help="neuron pairs and groups that fire together -> cofiring, cofire_groups")
+    cf.add_argument("--hook", help=hook_help)
+    cf.add_argument("--threshold", type=float, default=0.5, help="Jaccard joining neurons into groups (default 0.5)")
+    cf.add_argument("--pairs", type=int, default=100, help="top pairs kept per layer (default 100)")
+    cf.add_argument("--quantile", type=float, default=0.9,
+                    help="a neuron fires above 0 and above this quantile of its own sample (default 0.9)")
+    cf.add_argument("--min-both", type=int, default=5, help="least tokens a pair must fire on together (default 5)")
+    an.set_defaults(func=cmd_analyze)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from . import analyze
+
+    if args.kind == "regex":
+        lines = analyze.analyze_regex(args.store, args.pattern, args.hook, args.name)
+    elif args.kind == "pca":
+        lines = analyze.analyze_pca(args.store, args.hook, args.components, args.examples, args.loadings)
+    else:
+        lines = analyze.analyze_cofire(args.store, args.hook, args.threshold, args.pairs, args.quantile,
+                                       args.min_both)
+    print("\n".join(lines))
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .store import Store
 
@@ -184,6 +275,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(Path(args.store), args.job, args.fresh, args.set)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import BenchConfig, format_report, parse_parts, run_bench
+
+    cfg = BenchConfig(model=args.model, tokens=args.tokens, batch_size=args.batch_size,
+                      context_length=args.context_length, dtype=args.dtype, device=args.device, threads=args.threads,
+                      repeats=args.repeats, parts=parse_parts(args.parts), memory_tokens=args.memory_tokens,
+                      memory_variant=args.memory_variant,
+                      synthetic_store=args.synthetic_store, synthetic_tokens=args.synthetic_tokens)
+    result = run_bench(cfg)
+    print(json.dumps(result) if args.json else format_report(result), flush=True)
+    return 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -1,0 +1,398 @@
+"""`mine bench`: what mining costs next to the bare forward pass, and what the store and its queries cost.
+
+One invocation measures, on the same model, corpus slice (planned by the normal spec/plan path),
+batches, dtype and device — each a `--parts` name:
+
+    forward       the bare forward pass (model + LM head, no hooks, inference mode): the baseline
+    mining        ShardMiner.mine — the code the actors run — in-process, without Ray: top/bottom-k,
+                  top contexts, histograms and moments of every blocks.*.mlp.hook_post neuron
+    dla           the same + direct logit attribution
+    tokens        the same + the token table (log-prob, entropy)
+    dense         the same + a dense float16 copy of the middle layer for every token
+    alternatives  what a user would do instead (bench_alternatives.py)
+    bytes         store size per mined token next to a dense float16 cache (bench_store.py)
+    memory        peak RSS of mining N and 10N tokens, each in a fresh process (bench_store.py)
+    duckdb        latency of named queries on a synthetic 10M-token store (bench_store.py)
+
+Each throughput variant gets a one-batch warm-up before every timed run; variants are interleaved
+(order reversed every round) and the best round of each counts, so slow drift on a shared machine
+hits them alike. Ratios are throughput over the bare forward's: 0.5 means mining takes twice as long.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UserError
+
+PARTS = ("forward", "mining", "dla", "tokens", "dense", "alternatives", "bytes", "memory", "duckdb")
+THROUGHPUT = ("forward", "mining", "dla", "tokens", "dense", "alternatives")
+# miner variant -> (part, stats keys on top of top-k/histogram/moments, dense copy of the middle layer)
+MINER_VARIANTS = {
+    "mining": ("mining", {}, False),
+    "dla": ("dla", {"dla": True}, False),
+    "token_table": ("tokens", {"dla": True, "token_table": True}, False),
+    "dense": ("dense", {"dla": True, "token_table": True}, True),
+}
+LABELS = {
+    "forward": "bare forward (model + LM head)",
+    "mining": "mining: top/bottom-k, contexts, histograms, moments",
+    "dla": "  + direct logit attribution",
+    "token_table": "  + token table",
+    "dense": "  + dense {dense_hook} (every token)",
+    "cache_to_disk": "alternative: hooks -> float16 cache on disk -> reduce",
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "smollm2-135m"
+    tokens: int = 4096
+    """Mined tokens per timed run (the corpus slice every variant processes)."""
+    batch_size: int = 8
+    context_length: int = 128
+    dtype: str = "float32"
+    device: str = "auto"
+    threads: int | None = None
+    """torch threads; None keeps torch's default (one per core)."""
+    repeats: int = 2
+    """Rounds of every throughput variant; the best counts."""
+    top_k: int = 32
+    corpus: str = "builtin:python-docs"
+    parts: tuple[str, ...] = PARTS
+    memory_tokens: int | None = None
+    """N of the memory part: fresh processes mine N and 10N tokens. None: two full batches, so that the
+    growth from N to 10N is the streaming's, not a partly filled batch's or the one-time step from one
+    batch to two (the previous batch's outputs are still held while the next forward runs)."""
+    memory_variant: str = "token_table"
+    """Miner variant the memory part mines (default: mining + DLA + token table, the demo's statistics)."""
+    synthetic_store: str | None = None
+    """Where the duckdb part keeps its synthetic store (reused when it matches); None: a temp dir."""
+    synthetic_tokens: int = 10_000_000
+    query_repeats: int = 5
+
+    def __post_init__(self) -> None:
+        for key in ("tokens", "batch_size", "context_length", "repeats", "top_k", "memory_tokens",
+                    "synthetic_tokens", "query_repeats"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise UserError(f"--{key.replace('_', '-')}: must be positive, got {getattr(self, key)}")
+        if self.threads is not None and self.threads <= 0:
+            raise UserError(f"--threads: must be positive, got {self.threads}")
+        if self.memory_variant not in MINER_VARIANTS:
+            raise UserError(f"--memory-variant: unknown variant {self.memory_variant!r}; "
+                            f"choose from {', '.join(MINER_VARIANTS)}")
+        if self.context_length < 4:
+            raise UserError(f"--context-length: must be at least 4, got {self.context_length}")
+
+
+def parse_parts(text: str | None) -> tuple[str, ...]:
+    if not text or text.strip() == "all":
+        return PARTS
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise UserError(f"--parts: unknown part {unknown[0] if unknown else text!r}; "
+                        f"choose from {','.join(PARTS)} (comma-separated) or all")
+    return tuple(p for p in PARTS if p in parts)
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- the shared workload
+
+
+class Workload:
+    """The model, loaded once, and the planned corpus slice every variant runs over."""
+
+    def __init__(self, cfg: BenchConfig):
+        from .hooks import resolve_hooks
+        from .models import load_model
+        from .runner import plan, validate
+        from .spec import spec_from_dict
+
+        self.cfg = cfg
+        spec = spec_from_dict(bench_job(cfg, "mining"))
+        validate(spec)  # hook names, context length vs the model, corpus source: before loading weights
+        log(f"loading {cfg.model}")
+        self.loaded = load_model(spec.model)
+        self.shards, self.docs = plan(spec, self.loaded.tokenizer)
+        self.warm = head(self.shards[0], cfg.batch_size)
+        self.n_tokens = sum(s.n_tokens for s in self.shards)
+        points = resolve_hooks(self.loaded.model, spec.hooks)
+        self.n_layers, self.n_neurons = len(points), sum(p.width for p in points)
+        self.dense_hook = points[len(points) // 2].name
+        self.kept: list[Any] | None = None
+        """ShardResults of the token_table variant (mining + DLA + token table): the bytes part writes them."""
+
+    def job(self, variant: str) -> dict[str, Any]:
+        return bench_job(self.cfg, variant, self.dense_hook)
+
+    def spec(self, variant: str):
+        from .spec import spec_from_dict
+
+        return spec_from_dict(self.job(variant))
+
+
+def bench_job(cfg: BenchConfig, variant: str, dense_hook: str | None = None) -> dict[str, Any]:
+    """The job spec (as YAML would give it) of a miner variant."""
+    _, extra, dense = MINER_VARIANTS[variant]
+    job: dict[str, Any] = {
+        "name": "bench",
+        "model": {"id": cfg.model, "dtype": cfg.dtype, "device": cfg.device},
+        "corpus": {"source": cfg.corpus, "max_tokens": cfg.tokens, "context_length": cfg.context_length},
+        "hooks": ["blocks.*.mlp.hook_post"],
+        "stats": {"top_k": cfg.top_k, "histogram": True, "moments": True, "dla": False, "token_table": False, **extra},
+        "compute": {"actors": 1, "batch_size": cfg.batch_size},
+    }
+    if dense:
+        job["dense"] = {"hooks": [dense_hook], "token_fraction": 1.0}
+    return job
+
+
+def head(shard, n_contexts: int):
+    """The first n contexts of a shard, as a shard (the warm-up batch)."""
+    n = min(n_contexts, len(shard.ids))
+    per_context = ("ids", "length", "first", "mined", "tok0", "ctx", "doc_id", "spans", "next_id")
+    cut = {name: getattr(shard, name)[:n] for name in per_context}
+    return dataclasses.replace(shard, **cut, token_text=shard.token_text[: int(shard.mined[:n].sum())])
+
+
+def iter_batches(shards, batch_size: int, device):
+    """(ids (B, T), attention (B, T), toks (B, T) global index or -1) exactly as the engine builds them."""
+    import torch
+
+    for shard in shards:
+        grid = shard.tok_grid()
+        for lo in range(0, len(shard.ids), batch_size):
+            sl = slice(lo, lo + batch_size)
+            T = int(shard.length[sl].max())
+            ids = torch.from_numpy(shard.ids[sl, :T]).to(device)
+            attention = (torch.arange(T)[None, :] < torch.from_numpy(shard.length[sl])[:, None]).long().to(device)
+            yield ids, attention, torch.from_numpy(grid[sl, :T]).to(device)
+
+
+def bare_forward(loaded, shards, batch_size: int) -> None:
+    import torch
+
+    with torch.inference_mode():
+        for ids, attention, _ in iter_batches(shards, batch_size, loaded.device):
+            loaded.model(input_ids=ids, attention_mask=attention)
+
+
+# ---------------------------------------------------------------- throughput
+
+
+def runners(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str, Callable[[list], Any]]:
+    from .engine import ShardMiner
+
+    B = work.cfg.batch_size
+    out: dict[str, Callable[[list], Any]] = {"forward": lambda shards: bare_forward(work.loaded, shards, B)}
+    for name, (part, _, _) in MINER_VARIANTS.items():
+        if part in parts:
+            miner = ShardMiner(work.spec(name), work.loaded)
+            out[name] = lambda shards, m=miner: [m.mine(s) for s in shards]
+    if "alternatives" in parts:
+        from .bench_alternatives import cache_then_reduce
+        from .engine import histogram_bins
+        from .hooks import resolve_hooks
+
+        spec = work.spec("mining")
+        points = resolve_hooks(work.loaded.model, spec.hooks)
+        out["cache_to_disk"] = lambda shards: cache_then_reduce(work.loaded, shards, B, points, spec.stats.top_k,
+                                                                histogram_bins(spec), scratch)
+    return out
+
+
+def measure(work: Workload, runs: dict[str, Callable[[list], Any]], repeats: int) -> tuple[dict, dict]:
+    """tok/s of every run per round (order reversed every other round), and the best round's details."""
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    details: dict[str, Any] = {}
+    order = list(runs)
+    for r in range(repeats):
+        for name in order if r % 2 == 0 else order[::-1]:
+            runs[name]([work.warm])
+            gc.collect()
+            _sync(work.loaded.device)
+            start = time.perf_counter()
+            out = runs[name](work.shards)
+            _sync(work.loaded.device)
+            rate = work.n_tokens / (time.perf_counter() - start)
+            if name == "token_table":
+                work.kept = out
+            if isinstance(out, dict) and (not rates[name] or rate > max(rates[name])):
+                details[name] = out
+            rates[name].append(rate)
+            del out
+            log(f"round {r + 1}/{repeats} {name}: {rate:,.0f} tok/s")
+    return rates, details
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def throughput(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str, Any]:
+    from .bench_alternatives import library_alternatives
+
+    rates, details = measure(work, runners(work, parts, scratch), work.cfg.repeats)
+    best = {name: max(r) for name, r in rates.items()}
+    bare = best["forward"]
+    out: dict[str, Any] = {"bare_tokens_per_s": bare}
+    for name in MINER_VARIANTS:
+        if name in best:
+            out[f"{name}_tokens_per_s"] = best[name]
+            out[f"{name}_ratio"] = best[name] / bare
+    out["rounds_tokens_per_s"] = rates
+    if "alternatives" in parts:
+        alt = {"tokens_per_s": best["cache_to_disk"], "ratio": best["cache_to_disk"] / bare,
+               **details.get("cache_to_disk", {})}
+        if "mining" in best:
+            alt["mining_speedup"] = best["mining"] / best["cache_to_disk"]
+        out["alternatives"] = {"cache_to_disk": alt,
+                               **library_alternatives(work.loaded, work.shards, work.warm, work.cfg.batch_size,
+                                                      work.n_tokens, bare)}
+    return out
+
+
+# ---------------------------------------------------------------- the whole bench
+
+
+def machine(work: Workload | None, cfg: BenchConfig) -> dict[str, Any]:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")), platform.processor())
+    info = {"cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "dtype": cfg.dtype, "device": str(work.loaded.device) if work else cfg.device}
+    if work and work.loaded.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(work.loaded.device)
+    return info
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    import tempfile
+
+    import torch
+
+    from . import bench_store
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    parts = cfg.parts
+    needs_model = any(p in parts for p in THROUGHPUT + ("bytes",))
+    work = Workload(cfg) if needs_model else None
+    result: dict[str, Any] = {"parts": list(parts)}
+    if work:
+        result["config"] = {
+            "model": cfg.model, "corpus": cfg.corpus, "tokens": work.n_tokens, "shards": len(work.shards),
+            "batch_size": cfg.batch_size, "context_length": cfg.context_length, "top_k": cfg.top_k,
+            "repeats": cfg.repeats, "hooks": "blocks.*.mlp.hook_post", "layers": work.n_layers,
+            "neurons": work.n_neurons, "dense_hook": work.dense_hook}
+    result["machine"] = machine(work, cfg)
+    with tempfile.TemporaryDirectory(prefix="mining-bench-") as scratch:
+        if any(p in parts for p in THROUGHPUT):
+            result.update(throughput(work, parts, scratch))
+        if "bytes" in parts:
+            result["store"] = bench_store.store_bytes(work, scratch)
+        if "memory" in parts:
+            result["memory"] = memory_part(cfg, work)
+        if "duckdb" in parts:
+            result["duckdb"] = bench_store.duckdb_latency(cfg.synthetic_store or os.path.join(scratch, "synthetic"),
+                                                          cfg.synthetic_tokens, cfg.query_repeats)
+    return result
+
+
+def memory_part(cfg: BenchConfig, work: Workload | None) -> dict[str, Any]:
+    import torch
+
+    from .bench_store import memory_growth
+    from .runner import validate
+    from .spec import spec_from_dict
+
+    job = bench_job(cfg, cfg.memory_variant, work.dense_hook if work else middle_hook(cfg))
+    if not work:
+        validate(spec_from_dict(job))  # a bad model or corpus: one line here, not a child's traceback
+    n = cfg.memory_tokens or 2 * cfg.batch_size * (cfg.context_length - 1)
+    return memory_growth(job, n, torch.get_num_threads())
+
+
+def middle_hook(cfg: BenchConfig) -> str:
+    """blocks.L.mlp.hook_post of the middle layer, from the model's config alone (no weights)."""
+    from .hooks import resolve_hooks
+    from .models import load_config
+    from .runner import meta_model
+    from .spec import ModelSpec
+
+    points = resolve_hooks(meta_model(load_config(ModelSpec(id=cfg.model))), ["blocks.*.mlp.hook_post"])
+    return points[len(points) // 2].name
+
+
+# ---------------------------------------------------------------- the readable report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    out = []
+    m, c = r["machine"], r.get("config")
+    where = f"{m['dtype']} on {m['device']}" if m.get("device") else "no model"
+    out.append(f"machine: {m['cpu']} ({m['cpus_usable']} usable of {m['cpu_count']} CPUs), torch {m['torch']}, "
+               f"{m['threads']} threads, {where}" + (f", {m['gpu']}" if m.get("gpu") else ""))
+    if c:
+        out.append(f"workload: {c['model']}, {c['tokens']:,} tokens of {c['corpus']}, batch {c['batch_size']} x "
+                   f"{c['context_length']}, top_k {c['top_k']}, {c['neurons']:,} neurons ({c['layers']} layers, "
+                   f"{c['hooks']}), best of {c['repeats']} interleaved rounds")
+    if "bare_tokens_per_s" in r:
+        out += ["", f"{'throughput':<58}{'tok/s':>9}{'ratio':>8}{'time':>8}"]
+        bare = r["bare_tokens_per_s"]
+        rows = [("forward", bare)] + [(n, r[f"{n}_tokens_per_s"]) for n in MINER_VARIANTS if f"{n}_tokens_per_s" in r]
+        alt = r.get("alternatives", {})
+        if "cache_to_disk" in alt:
+            rows.append(("cache_to_disk", alt["cache_to_disk"]["tokens_per_s"]))
+        for name, rate in rows:
+            label = LABELS[name].format(dense_hook=c["dense_hook"])
+            out.append(f"  {label:<56}{rate:>9,.0f}{rate / bare:>8.2f}{bare / rate:>7.2f}x")
+        if "cache_to_disk" in alt:
+            a = alt["cache_to_disk"]
+            out.append(f"    (cache {a['cache_bytes'] / 1e6:,.1f} MB; forward + write {a['forward_write_s']:.1f} s, "
+                       f"reduce {a['reduce_s']:.1f} s" + (f"; mining is {a['mining_speedup']:.2f}x its speed"
+                                                          if "mining_speedup" in a else "") + ")")
+        for name, v in alt.items():
+            if name != "cache_to_disk":
+                out.append(f"  {name}: " + (f"skipped: {v['skipped']}" if "skipped" in v else
+                                            f"{v['tokens_per_s']:,.0f} tok/s, ratio {v['ratio']:.2f} ({v['what']})"))
+        out.append("  ratio = tok/s over the bare forward's; time = wall time over the bare forward's")
+    if "store" in r:
+        from .bench_store import store_lines
+
+        out += [""] + store_lines(r["store"])
+    if "memory" in r:
+        from .bench_store import memory_lines
+
+        out += [""] + memory_lines(r["memory"])
+    if "duckdb" in r:
+        from .bench_store import duckdb_lines
+
+        out += [""] + duckdb_lines(r["duckdb"])
+    return "\n".join(out)

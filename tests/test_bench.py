@@ -1,0 +1,100 @@
+"""`mine bench` on a tiny random Llama (SmolLM2's tokenizer): every part runs and reports positive
+figures. Speed is never asserted, only that the figures exist and are sane."""
+
+import json
+
+import pytest
+
+from mining.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, smol_tokenizer):
+    """A 2-layer random Llama saved as a local model directory (the `--model DIR` path)."""
+    from mining.tiny import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", vocab_size=len(smol_tokenizer)).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def bench(capsys, model, *args: str) -> dict:
+    code = main(["bench", "--model", str(model), "--tokens", "300", "--context-length", "64", "--batch-size", "4",
+                 "--repeats", "1", "--json", *args])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert len(out.strip().splitlines()) == 1  # exactly one JSON object on stdout (progress goes to stderr)
+    return json.loads(out)
+
+
+def test_throughput_json(capsys, tiny_llama):
+    r = bench(capsys, tiny_llama, "--parts", "forward,mining,dla")
+    for key in ("bare_tokens_per_s", "mining_tokens_per_s", "mining_ratio", "dla_tokens_per_s", "dla_ratio"):
+        assert r[key] > 0, key
+    assert r["config"]["tokens"] == 300 and r["config"]["layers"] == 2 and r["config"]["neurons"] == 128
+    assert {"cpu_count", "torch", "device", "dtype", "threads"} <= set(r["machine"])
+    assert "token_table_tokens_per_s" not in r and "store" not in r
+
+
+def test_other_parts(capsys, tiny_llama):
+    r = bench(capsys, tiny_llama, "--parts", "tokens,dense,alternatives,bytes")
+    assert r["bare_tokens_per_s"] > 0  # the baseline runs whenever a throughput variant does
+    assert r["token_table_ratio"] > 0 and r["dense_ratio"] > 0
+    alt = r["alternatives"]
+    cache = alt["cache_to_disk"]
+    assert cache["tokens_per_s"] > 0 and cache["cache_bytes"] >= 300 * 128 * 2  # float16 per neuron and token
+    assert "skipped" in alt["nnsight"] or alt["nnsight"]["tokens_per_s"] > 0
+    s = r["store"]
+    assert s["tokens"] == 300 and s["bytes_by_kind"]["tokens"] > 0 and s["bytes_by_kind"]["neuron_tables"] > 0
+    assert s["dense_fp16_bytes_per_token"] == 256
+    assert s["extrapolated_1m_bytes"] > s["bytes"]
+
+
+def test_memory(capsys, tiny_llama):
+    r = bench(capsys, tiny_llama, "--parts", "memory", "--memory-tokens", "64")
+    assert "config" not in r  # nothing loaded in this process: each size is mined in a fresh one
+    m = r["memory"]
+    assert [run["tokens"] for run in m["runs"]] == [64, 640]
+    assert all(run["peak_mb"] > run["rss_after_load_mb"] > 0 for run in m["runs"])
+
+
+def test_readable_report(capsys, tiny_llama):
+    code = main(["bench", "--model", str(tiny_llama), "--tokens", "100", "--context-length", "64", "--repeats", "1",
+                 "--parts", "mining"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "bare forward" in out and "mining: top/bottom-k" in out and "ratio" in out
+
+
+def test_duckdb_latency(tmp_path):
+    from mining.bench_store import duckdb_latency
+
+    d = duckdb_latency(tmp_path / "synth", 100_000, repeats=2, n_layers=2, n_neurons=64, k=8)
+    assert d["token_rows"] == 100_000 and not d["reused"]
+    assert set(d["queries"]) == {"top-activations", "quantiles", "neuron-summary"}
+    for name, q in d["queries"].items():
+        assert q["median_ms"] > 0 and q["runs"] == 2 and q["rows"] > 0, name
+    assert d["queries"]["top-activations"]["rows"] == 8  # k = 8 kept, 10 asked
+    assert duckdb_latency(tmp_path / "synth", 100_000, repeats=1, n_layers=2, n_neurons=64, k=8)["reused"]
+
+
+def test_synthetic_store_refuses_foreign_directory(tmp_path):
+    from mining.bench_store import synthetic_store
+    from mining.errors import UserError
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a synthetic bench store"):
+        synthetic_store(tmp_path, 1000, 1, 4, 2)
+    assert (tmp_path / "notes.txt").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tokens", "0"], "error: --tokens: must be positive, got 0"),
+    (["--parts", "forward,warp"], "error: --parts: unknown part 'warp'"),
+    (["--batch-size", "-1"], "error: --batch-size: must be positive"),
+])
+def test_bad_input(capsys, args, message):
+    assert main(["bench", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message)
