@@ -187,6 +187,7 @@ def memory_child(job_json: str, threads: int) -> dict[str, Any]:
             peaks["mine"] = max(peaks["mine"], _status_kb("VmHWM"))
             _reset_peak()
             store.write_shard(result, {"first_tok": shard.first_tok, "contexts": len(shard.ids)})
+            miner.raise_floors(result)
             del result
             peaks["write"] = max(peaks["write"], _status_kb("VmHWM"))
             _reset_peak()

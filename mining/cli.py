@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--synthetic-store", help="directory for the duckdb part's synthetic store, reused across "
                                                  "runs (default: a temporary directory)")
     bench.add_argument("--synthetic-tokens", type=int, default=10_000_000, help="token rows of that store (default 10M)")
+    bench.add_argument("--cold", action="store_true", help="time fresh miners (an actor's first shard) instead "
+                                                           "of their steady state (top-k thresholds settled)")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     bench.set_defaults(func=cmd_bench)
 
@@ -286,7 +288,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       context_length=args.context_length, dtype=args.dtype, device=args.device, threads=args.threads,
                       repeats=args.repeats, parts=parse_parts(args.parts), memory_tokens=args.memory_tokens,
                       memory_variant=args.memory_variant,
-                      synthetic_store=args.synthetic_store, synthetic_tokens=args.synthetic_tokens)
+                      synthetic_store=args.synthetic_store, synthetic_tokens=args.synthetic_tokens,
+                      settle=not args.cold)
     result = run_bench(cfg)
     print(json.dumps(result) if args.json else format_report(result), flush=True)
     return 0

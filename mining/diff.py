@@ -7,6 +7,7 @@ and each hook's (A, B) pair feeds the paired reducers:
     diff_top/bottom  tokens where B - A is largest / smallest                -> neuron_diff_examples
     top, top_b   each model's top-k (changed max-activating examples)        -> diff_top_examples
     cross        A x B cross-correlation of a layer (stats.neuron_match)     -> neuron_match
+    dla_moments(_b)  each model's mean direct logit attribution (stats.dla)  -> dla_diff
 
 The token rows carry both models' log-prob of the actual next token (`token_diff` view). The
 weights are compared on an actor after mining (`weight_diff_tables`).
@@ -21,11 +22,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .engine import HookStats, ShardMiner, ShardResult, _concat, next_token_targets
+from contextlib import nullcontext
+
+from .dla import DirectLogitAttribution
+from .engine import HookStats, ShardMiner, ShardResult, _concat, _DlaBatch, next_token_targets
 from .errors import UserError
 from .hooks import capture, mlp_out_weight, resolve_hooks
 from .models import LoadedModel
-from .reducers import TopK
+from .reducers import Moments, TopK
 from .reducers.pair import CrossMoments, PairMoments
 from .reducers.topk import check_toks
 from .shards import Shard
@@ -36,11 +40,12 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
 
 
-def diff_stats(spec: JobSpec) -> HookStats:
+def diff_stats(spec: JobSpec, dla: bool) -> HookStats:
     k = spec.stats.top_k
     return HookStats(top=TopK(k), top_b=TopK(k), pair=PairMoments(), diff_top=TopK(k, largest=True),
                      diff_bottom=TopK(k, largest=False),
-                     cross=CrossMoments() if spec.stats.neuron_match else None)
+                     cross=CrossMoments() if spec.stats.neuron_match else None,
+                     dla_moments=Moments() if dla else None, dla_moments_b=Moments() if dla else None)
 
 
 class DiffMiner(ShardMiner):
@@ -49,6 +54,7 @@ class DiffMiner(ShardMiner):
     def __init__(self, spec: JobSpec, loaded_a: LoadedModel, loaded_b: LoadedModel):
         super().__init__(spec, loaded_a)
         self.loaded_b = loaded_b
+        self.dla_b = DirectLogitAttribution(loaded_b.model) if self.dla else None
         if not same_tokenizer(loaded_a.tokenizer, loaded_b.tokenizer):
             raise UserError("models.a and models.b tokenize differently; a diff compares the same tokens, "
                             "so both need the same tokenizer")
@@ -64,7 +70,7 @@ class DiffMiner(ShardMiner):
     def mine(self, shard: Shard) -> ShardResult:
         start = time.perf_counter()
         dev = self.loaded.device
-        stats = {p.name: diff_stats(self.spec) for p in self.points}
+        stats = {p.name: diff_stats(self.spec, p.name in self.dla_points) for p in self.points}
         token_parts = []
         tok_grid = shard.tok_grid()
         B = self.spec.compute.batch_size
@@ -80,19 +86,31 @@ class DiffMiner(ShardMiner):
             check_toks(flat_toks)
             targets_np = next_token_targets(shard, sl, T, toks_np)
             acts: dict[str, torch.Tensor] = {}
+            targets = torch.from_numpy(targets_np).to(dev)
+            dla_a = _DlaBatch(self.dla, targets, toks) if self.dla else None
+            dla_b = _DlaBatch(self.dla_b, targets, toks) if self.dla else None
 
             def keep_a(point, x: torch.Tensor) -> None:
                 acts[point.name] = x[mask].float()
+                if dla_a is not None and point.name in self.dla_points:
+                    dla_a.gain(point, x)
 
             def pair_b(point, x: torch.Tensor) -> None:
                 if point.name in acts:
                     _update_pair(stats[point.name], acts.pop(point.name), x[mask].float(), flat_toks)
+                if dla_b is not None and point.name in self.dla_points:
+                    dla_b.gain(point, x)
 
-            with capture(self.loaded.model, self.points, keep_a):
+            with capture(self.loaded.model, self.points, keep_a), (dla_a.watch_norm() if dla_a else nullcontext()):
                 out_a = self.loaded.model(input_ids=ids, attention_mask=attention)
-            with capture(self.loaded_b.model, list(self.points_b.values()), pair_b):
+            with capture(self.loaded_b.model, list(self.points_b.values()), pair_b), \
+                    (dla_b.watch_norm() if dla_b else nullcontext()):
                 out_b = self.loaded_b.model(input_ids=ids.to(self.loaded_b.device),
                                             attention_mask=attention.to(self.loaded_b.device))
+            if dla_a is not None:
+                for (name, va), (_, vb) in zip(dla_a.finish(), dla_b.finish()):
+                    stats[name].dla_moments.update(va)
+                    stats[name].dla_moments_b.update(vb)
             rows = self._token_rows(shard, sl, T, out_a, toks_np, targets_np)
             rows["logprob_b"] = _logprobs(out_b, targets_np)[toks_np >= 0]
             token_parts.append(rows)
@@ -151,6 +169,11 @@ def diff_hook_tables(st: HookStats, site: str, layer: int) -> dict[str, pa.Table
         t = examples_table(*r.finalize(), site, layer)
         tops.append(t.add_column(3, "model", pa.array([model] * t.num_rows)))
     out["diff_top_examples"] = pa.concat_tables(tops)
+    if st.dla_moments is not None:
+        ma, mb = st.dla_moments.finalize(), st.dla_moments_b.finalize()
+        out["dla_diff"] = pa.table({"layer": np.full(n, layer, np.int32), "neuron": np.arange(n, dtype=np.int32),
+                                    "mean_dla_a": ma["mean"], "mean_dla_b": mb["mean"],
+                                    "diff": mb["mean"] - ma["mean"], "count": np.asarray(ma["count"], np.int64)})
     if st.cross is not None:
         best, corr = st.cross.best_match()
         out["neuron_match"] = pa.table({"hook": pa.array([site] * n), "layer_a": np.full(n, layer, np.int32),

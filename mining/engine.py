@@ -37,7 +37,8 @@ def histogram_bins(spec: JobSpec) -> HistogramBins:
 REDUCER_TYPES = {"top": TopK, "bottom": TopK, "contexts": ContextTopK, "histogram": Histogram, "moments": Moments,
                  "dla_top": TopK, "dla_bottom": TopK, "dla_moments": Moments, "samples": QuantileSamples,
                  "gate_cases": GateCases, "by_token": GroupVariance, "by_position": GroupVariance,
-                 "top_b": TopK, "pair": PairMoments, "diff_top": TopK, "diff_bottom": TopK, "cross": CrossMoments}
+                 "top_b": TopK, "pair": PairMoments, "diff_top": TopK, "diff_bottom": TopK, "cross": CrossMoments,
+                 "dla_moments_b": Moments}
 
 
 @dataclass
@@ -67,6 +68,8 @@ class HookStats:
     """Tokens where B - A is largest (diff_bottom: smallest)."""
     diff_bottom: TopK | None = None
     cross: CrossMoments | None = None
+    dla_moments_b: Moments | None = None
+    """Diff jobs with dla: B's direct logit attribution moments (A's are dla_moments)."""
 
     @classmethod
     def empty(cls, spec: JobSpec, dla: bool = False, gated: bool = False) -> "HookStats":
@@ -255,6 +258,7 @@ class ShardMiner:
                     stats[name].update_dla(values, dla.toks)
             if self.spec.stats.token_table:
                 token_parts.append(self._token_rows(shard, sl, T, out, toks_np, targets_np))
+            del out  # the logits (batch x T x vocab) must not live on through the next forward
         result = ShardResult(shard.index, stats, _concat(token_parts, shard.index), n_tokens=shard.n_tokens)
         result.dense = {name: (np.concatenate([t for t, _ in parts]), np.concatenate([v for _, v in parts]))
                         for name, parts in dense.items() if parts}

@@ -79,7 +79,7 @@ def validate(spec: JobSpec) -> Any:
     return config
 
 
-DIFF_UNSUPPORTED = ("dla", "quantile_samples", "gate_cases", "polysemanticity", "head_ablation", "heads",
+DIFF_UNSUPPORTED = ("quantile_samples", "gate_cases", "polysemanticity", "head_ablation", "heads",
                     "logit_lens")
 
 

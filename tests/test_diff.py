@@ -19,7 +19,7 @@ name: diff
 models: {a: {id: A}, b: {id: B}}
 corpus: {source: "builtin:python-docs", max_tokens: 700, context_length: 64}
 hooks: ["blocks.*.mlp.hook_post"]
-stats: {top_k: 4, neuron_match: true}
+stats: {top_k: 4, neuron_match: true, dla: true}
 compute: {actors: 2, batch_size: 4, shard_tokens: 300}
 """
 
@@ -127,6 +127,20 @@ def test_activation_diff_matches_brute_force(scaled, pair):
     assert ex.tok.tolist() == toks[np.argsort(-delta, kind="stable")[:4]].tolist()
 
 
+def test_dla_diff_matches_each_model_alone(scaled, pair, tmp_path):
+    """The diff store's mean DLA of A and of B equal single-model DLA jobs' mean_dla."""
+    diff = pq.read_table(scaled / "dla_diff.parquet").to_pandas().sort_values(["layer", "neuron"])
+    for side, path in (("a", pair["a"]), ("b", pair["b"])):
+        job = tmp_path / f"{side}.yaml"
+        job.write_text(JOB.replace("models: {a: {id: A}, b: {id: B}}", f"model: {{id: '{path}'}}")
+                       .replace("neuron_match: true, ", ""))
+        assert main(["run", str(job), "--store", str(tmp_path / side), "--no-progress"]) == 0
+        alone = pq.read_table(tmp_path / side / "dla_neurons.parquet").to_pandas().sort_values(["layer", "neuron"])
+        np.testing.assert_allclose(diff[f"mean_dla_{side}"], alone.mean_dla, rtol=1e-6, atol=1e-9)
+    changed = diff[diff.layer == SCALED_NEURON[0]].set_index("neuron")["diff"].abs()
+    assert changed.idxmax() == SCALED_NEURON[1]  # the scaled neuron's logit effect changed most in its layer
+
+
 def test_token_diff_and_queries(scaled, pair):
     toks, ((_, lp_a), (_, lp_b)) = _brute(pair["models"][:2], scaled, pair["tokenizer"])
     con = connect(scaled)
@@ -166,9 +180,9 @@ def test_diff_job_refusals(pair, tmp_path, capsys):
     assert main(["run", str(job), "--store", str(tmp_path / "s")]) != 0
     assert "tokenize differently" in capsys.readouterr().err
     job.write_text(JOB.replace("{id: A}", f"{{id: '{pair['a']}'}}").replace("{id: B}", f"{{id: '{pair['b']}'}}")
-                   .replace("neuron_match: true", "dla: true"))
+                   .replace("neuron_match: true", "heads: true"))
     assert main(["run", str(job), "--store", str(tmp_path / "s")]) != 0
-    assert "stats.dla: not available in a diff job" in capsys.readouterr().err
+    assert "stats.heads: not available in a diff job" in capsys.readouterr().err
     job.write_text("name: x\nmodels: {a: smollm2-135m}\ncorpus: {source: 'builtin:python-docs'}\n")
     assert main(["run", str(job), "--store", str(tmp_path / "s")]) != 0
     assert "models: expected exactly the keys a and b" in capsys.readouterr().err
