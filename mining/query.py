@@ -71,6 +71,7 @@ def connect(store: str | Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(":memory:", config={
         "threads": max(1, min(4, os.cpu_count() or 1)), "memory_limit": "2GB",
         "temp_directory": str(temp), "autoinstall_known_extensions": False,
+        "parquet_metadata_cache": True,  # a store's token files are many; read their footers once
     })
     try:
         for name, source in store_tables(root).items():
