@@ -227,29 +227,33 @@ class Store:
         return self.root / f"{name}.parquet"
 
 
+LAYOUT = "__byte_planes__"
+"""The tensor holding each shuffled tensor's dtype and shape (JSON). Not safetensors metadata: that map
+is written in a random order, and a shard's bytes must not vary (the manifest checksums them)."""
+
+
 def encode_states(tensors: dict[str, torch.Tensor]) -> bytes:
     """safetensors + zstd, each tensor's bytes regrouped by position within the element first ("byte
-    shuffle", as Blosc does): counts, token indices and floats then compress far better - histogram
-    counts of a shard 36% smaller - at no cost in exactness."""
-    planes, meta = {}, {"byte_planes": "1"}
+    shuffle", as Blosc does): counts, token indices and floats then compress far better - the shard
+    states of the demo 20% smaller - at no cost in exactness."""
+    planes, layout = {}, {}
     for name, t in tensors.items():
         t = t.contiguous()
         planes[name] = t.view(torch.uint8).reshape(-1, t.element_size()).T.contiguous() if t.dim() else t
-        meta[name] = json.dumps([str(t.dtype).removeprefix("torch."), list(t.shape)])
-    return _compress(safetensors.torch.save(planes, metadata=meta))
+        layout[name] = [str(t.dtype).removeprefix("torch."), list(t.shape)]
+    planes[LAYOUT] = torch.frombuffer(bytearray(json.dumps(layout, sort_keys=True).encode()), dtype=torch.uint8)
+    return _compress(safetensors.torch.save(planes))
 
 
 def decode_states(blob: bytes) -> dict[str, torch.Tensor]:
-    data = _decompress(blob)
-    tensors = safetensors.torch.load(data)
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])  # safetensors' JSON header
-    meta = header.get("__metadata__") or {}
-    if meta.get("byte_planes") != "1":
+    tensors = safetensors.torch.load(_decompress(blob))
+    if LAYOUT not in tensors:
         return tensors  # a shard written before byte shuffling
+    layout = json.loads(bytes(tensors.pop(LAYOUT).tolist()))
     out = {}
     for name, t in tensors.items():
-        dtype, shape = json.loads(meta[name])
-        out[name] = t if t.dim() == 0 else t.T.contiguous().view(getattr(torch, dtype)).reshape(shape)
+        dtype, shape = layout[name]
+        out[name] = t if t.dim() == 0 else t.T.reshape(-1).contiguous().view(getattr(torch, dtype)).reshape(shape)
     return out
 
 

@@ -226,9 +226,12 @@ def test_s3_store_matches_a_local_one(s3, mined):
         assert pq.read_table(pa.BufferReader(body)).equals(pq.read_table(mined.local / key)), key
     markers = sorted(k for k in keys if k.startswith("_shards/") and k.endswith(".json"))
     assert len(markers) == 3
+    def data_files(files: dict) -> dict:  # reducer states depend on which shards an actor stored first
+        return {k: v for k, v in files.items() if not k.endswith(".states.zst")}
+
     for key in markers:  # same checksums, remote and local (the timing fields differ)
         body = json.loads(s3.client.get_object(Bucket=BUCKET, Key=f"run1/{key}")["Body"].read())
-        assert body["files"] == json.loads((mined.local / key).read_text())["files"]
+        assert data_files(body["files"]) == data_files(json.loads((mined.local / key).read_text())["files"])
 
     from mining.dense import read_dense
 
