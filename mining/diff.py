@@ -7,7 +7,8 @@ and each hook's (A, B) pair feeds the paired reducers:
     diff_top/bottom  tokens where B - A is largest / smallest                -> neuron_diff_examples
     top, top_b   each model's top-k (changed max-activating examples)        -> diff_top_examples
     cross        A x B cross-correlation of a layer (stats.neuron_match)     -> neuron_match
-    dla_moments(_b)  each model's mean direct logit attribution (stats.dla)  -> dla_diff
+    dla_moments(_b)  each model's mean direct logit attribution (stats.dla)  -> dla_diff, and per
+                 head (attn.hook_z through each head's W_O slice)             -> head_dla_diff
 
 The token rows carry both models' log-prob of the actual next token (`token_diff` view). The
 weights are compared on an actor after mining (`weight_diff_tables`).
@@ -59,6 +60,11 @@ class DiffMiner(ShardMiner):
             raise UserError("models.a and models.b tokenize differently; a diff compares the same tokens, "
                             "so both need the same tokenizer")
         self.points_b = {p.name: p for p in resolve_hooks(loaded_b.model, spec.hooks)}
+        # with dla: each head's direct logit attribution too, read at attn.hook_z through its W_O slice
+        self.heads_a = resolve_hooks(loaded_a.model, ["blocks.*.attn.hook_z"]) if self.dla else []
+        self.heads_b = resolve_hooks(loaded_b.model, ["blocks.*.attn.hook_z"]) if self.dla else []
+        self.w_o = {(side, p.name): _feature_rows(m.model, p).float()
+                    for side, m, pts in (("a", loaded_a, self.heads_a), ("b", loaded_b, self.heads_b)) for p in pts}
         for p in self.points:
             q = self.points_b.get(p.name)
             if q is None or q.width != p.width:
@@ -71,6 +77,8 @@ class DiffMiner(ShardMiner):
         start = time.perf_counter()
         dev = self.loaded.device
         stats = {p.name: diff_stats(self.spec, p.name in self.dla_points) for p in self.points}
+        stats.update({p.name: HookStats(dla_moments=Moments(), dla_moments_b=Moments()) for p in self.heads_a})
+        paired = {p.name for p in self.points}
         token_parts = []
         tok_grid = shard.tok_grid()
         B = self.spec.compute.batch_size
@@ -91,32 +99,56 @@ class DiffMiner(ShardMiner):
             dla_b = _DlaBatch(self.dla_b, targets, toks) if self.dla else None
 
             def keep_a(point, x: torch.Tensor) -> None:
+                if point.site == "attn.hook_z":
+                    dla_a.raw[point.name] = _head_dla(dla_a, point, x, self.w_o["a", point.name])
+                    return
                 acts[point.name] = x[mask].float()
                 if dla_a is not None and point.name in self.dla_points:
                     dla_a.gain(point, x)
 
             def pair_b(point, x: torch.Tensor) -> None:
+                if point.site == "attn.hook_z":
+                    dla_b.raw[point.name] = _head_dla(dla_b, point, x, self.w_o["b", point.name])
+                    return
                 if point.name in acts:
                     _update_pair(stats[point.name], acts.pop(point.name), x[mask].float(), flat_toks)
                 if dla_b is not None and point.name in self.dla_points:
                     dla_b.gain(point, x)
 
-            with capture(self.loaded.model, self.points, keep_a), (dla_a.watch_norm() if dla_a else nullcontext()):
+            with capture(self.loaded.model, self.points + [p for p in self.heads_a if p.name not in paired], keep_a), \
+                    (dla_a.watch_norm() if dla_a else nullcontext()):
                 out_a = self.loaded.model(input_ids=ids, attention_mask=attention)
-            with capture(self.loaded_b.model, list(self.points_b.values()), pair_b), \
-                    (dla_b.watch_norm() if dla_b else nullcontext()):
+            points_b = list(self.points_b.values()) + [p for p in self.heads_b if p.name not in paired]
+            with capture(self.loaded_b.model, points_b, pair_b), (dla_b.watch_norm() if dla_b else nullcontext()):
                 out_b = self.loaded_b.model(input_ids=ids.to(self.loaded_b.device),
                                             attention_mask=attention.to(self.loaded_b.device))
             if dla_a is not None:
-                for (name, va), (_, vb) in zip(dla_a.finish(), dla_b.finish()):
+                fb = dict(dla_b.finish())
+                for name, va in dla_a.finish():
                     stats[name].dla_moments.update(va)
-                    stats[name].dla_moments_b.update(vb)
+                    stats[name].dla_moments_b.update(fb[name])
             rows = self._token_rows(shard, sl, T, out_a, toks_np, targets_np)
             rows["logprob_b"] = _logprobs(out_b, targets_np)[toks_np >= 0]
             token_parts.append(rows)
         result = ShardResult(shard.index, stats, _concat(token_parts, shard.index), n_tokens=shard.n_tokens)
         result.seconds = time.perf_counter() - start
         return result
+
+
+def _head_dla(dla: _DlaBatch, point, z: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
+    """(M, heads): each head's output z_h through its W_O slice, dotted with the target's direction
+    (divided by the final norm's scale later, in _DlaBatch.finish)."""
+    zs = z[dla.sel].float()  # (M, H * dh)
+    g = dla.directions @ w_o.T  # (M, H * dh): W_O^T d_t
+    return (zs * g).unflatten(-1, (point.n_heads, point.d_head)).sum(-1)
+
+
+def head_dla_table(st: HookStats, layer: int) -> pa.Table:
+    ma, mb = st.dla_moments.finalize(), st.dla_moments_b.finalize()
+    n = len(ma["mean"])
+    return pa.table({"layer": np.full(n, layer, np.int32), "head": np.arange(n, dtype=np.int32),
+                     "mean_dla_a": ma["mean"], "mean_dla_b": mb["mean"], "diff": mb["mean"] - ma["mean"],
+                     "count": np.asarray(ma["count"], np.int64)})
 
 
 def _update_pair(st: HookStats, a: torch.Tensor, b: torch.Tensor, toks: torch.Tensor) -> None:

@@ -50,6 +50,10 @@ def final_tables(merged: dict[str, HookStats], spec: JobSpec) -> dict[str, pa.Ta
 
 
 def _hook_tables(st: HookStats, site: str, layer: int, spec: JobSpec) -> dict[str, pa.Table]:
+    if st.top is None:  # a diff job's per-head DLA (attn.hook_z): nothing else is kept there
+        from .diff import head_dla_table
+
+        return {"head_dla_diff": head_dla_table(st, layer)}
     out = {"top_examples": examples_table(*st.top.finalize(), site, layer)}
     if st.bottom is not None:
         out["bottom_examples"] = examples_table(*st.bottom.finalize(), site, layer)

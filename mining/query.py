@@ -286,6 +286,8 @@ _HOW_TO_GET = {
     "neuron_weight_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`)",
     "head_weight_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`)",
     "neuron_match": "mine a diff job with `stats: {neuron_match: true}`",
+    "dla_diff": "mine a diff job with `stats: {dla: true}`",
+    "head_dla_diff": "mine a diff job with `stats: {dla: true}`",
     "regex_neurons": "run `mine analyze STORE regex PATTERN` (needs dense activations)",
     "pca_components": "run `mine analyze STORE pca` (needs dense activations)",
     "pca_examples": "run `mine analyze STORE pca` (needs dense activations)",

@@ -139,6 +139,15 @@ def test_dla_diff_matches_each_model_alone(scaled, pair, tmp_path):
         np.testing.assert_allclose(diff[f"mean_dla_{side}"], alone.mean_dla, rtol=1e-6, atol=1e-9)
     changed = diff[diff.layer == SCALED_NEURON[0]].set_index("neuron")["diff"].abs()
     assert changed.idxmax() == SCALED_NEURON[1]  # the scaled neuron's logit effect changed most in its layer
+    heads = pq.read_table(scaled / "head_dla_diff.parquet").to_pandas()
+    assert len(heads) == 2 * 4
+    scaled_head = heads[(heads.layer == SCALED_HEAD[0]) & (heads["head"] == SCALED_HEAD[1])].iloc[0]
+    # its output slice x2: its attribution roughly doubles; the others move only through the changed neuron
+    assert scaled_head["mean_dla_b"] == pytest.approx(2 * scaled_head["mean_dla_a"], rel=0.3)
+    assert (heads["count"] == scaled_head["count"]).all() and heads["mean_dla_a"].notna().all()
+    top = run_named(connect(scaled), "dla-diff", {"what": "neuron", "limit": "64"}).to_pylist()
+    assert [r["unit"] for r in top if r["layer"] == SCALED_NEURON[0]][0] == SCALED_NEURON[1]
+    assert len(run_named(connect(scaled), "dla-diff", {"what": "head"}).to_pylist()) == 8
 
 
 def test_token_diff_and_queries(scaled, pair):
