@@ -106,8 +106,8 @@ class HookStats:
         if self.samples is not None:
             self.samples.update(flat, flat_toks)
         if self.by_token is not None:
-            self.by_token.update(flat, groups["by_token"])
-            self.by_position.update(flat, groups["by_position"])
+            self.by_token.update(flat, groups["by_token"], check=False)  # in range by construction
+            self.by_position.update(flat, groups["by_position"], check=False)
 
     def update_gate(self, x: torch.Tensor, mask: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                     flat_toks: torch.Tensor) -> None:

@@ -25,8 +25,9 @@ class GroupVariance:
         self.sum: torch.Tensor | None = None
         self.sumsq: torch.Tensor | None = None
 
-    def update(self, x: torch.Tensor, groups: torch.Tensor) -> None:
-        """x (M, N); groups (M,) int64 in [0, n_groups)."""
+    def update(self, x: torch.Tensor, groups: torch.Tensor, check: bool = True) -> None:
+        """x (M, N); groups (M,) int64 in [0, n_groups). check=False skips the range check (two host
+        syncs), for callers whose groups are in range by construction (the miner's)."""
         if x.ndim != 2 or groups.shape != x.shape[:1]:
             raise ValueError(f"expected x (M, N) and groups (M,), got {tuple(x.shape)} and {tuple(groups.shape)}")
         if self.sum is None:
@@ -35,7 +36,7 @@ class GroupVariance:
             self.sumsq = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
         if x.shape[0] == 0:
             return
-        if int(groups.min()) < 0 or int(groups.max()) >= self.n_groups:
+        if check and (int(groups.min()) < 0 or int(groups.max()) >= self.n_groups):
             raise ValueError(f"group index outside [0, {self.n_groups})")
         xd = x.double()
         self.count += torch.bincount(groups, minlength=self.n_groups)

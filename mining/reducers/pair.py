@@ -18,14 +18,43 @@ def _centered(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, x.double() - mean
 
 
-class PairMoments:
-    """count; mean_a, mean_b, m2_a, m2_b, c_ab, abs_diff (N,) float64."""
+class _Paired:
+    """State shared by both reducers: a row count and float64 sums merged with `_combine`."""
 
-    KEYS = ("mean_a", "mean_b", "m2_a", "m2_b", "c_ab", "abs_diff")
+    KEYS: tuple[str, ...] = ()
+    OUTER = "c_ab"  # the co-moment the merge corrects with the means' outer product (or product)
 
     def __init__(self):
         self.count = 0
         self.s: dict[str, torch.Tensor] | None = None
+
+    def merge(self, other: "_Paired") -> "_Paired":
+        if type(other) is not type(self):
+            raise ValueError(f"cannot merge {type(self).__name__} with {type(other).__name__}")
+        out = type(self)()
+        s = None if other.s is None else {k: v.to(self.s[k].device) if self.s else v for k, v in other.s.items()}
+        out.count, out.s = _combine(self.count, self.s, other.count, s, outer=self.OUTER)
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {"count": torch.tensor(self.count, dtype=torch.int64)}
+        if self.s is not None:
+            out.update({k: v.cpu().contiguous() for k, v in self.s.items()})
+        return out
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, torch.Tensor]):
+        out = cls()
+        out.count = int(d["count"])
+        if "mean_a" in d:
+            out.s = {k: d[k].clone() for k in cls.KEYS}
+        return out
+
+
+class PairMoments(_Paired):
+    """count; mean_a, mean_b, m2_a, m2_b, c_ab, abs_diff (N,) float64."""
+
+    KEYS = ("mean_a", "mean_b", "m2_a", "m2_b", "c_ab", "abs_diff")
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """a, b (M, N): the same tokens through model A and model B."""
@@ -39,14 +68,6 @@ class PairMoments:
                  "c_ab": (da * db).sum(0), "abs_diff": (b.double() - a.double()).abs().sum(0)}
         self.count, self.s = _combine(self.count, self.s, a.shape[0], batch)
 
-    def merge(self, other: "PairMoments") -> "PairMoments":
-        if not isinstance(other, PairMoments):
-            raise ValueError("cannot merge PairMoments with another reducer type")
-        out = PairMoments()
-        s = None if other.s is None else {k: v.to(self.s[k].device) if self.s else v for k, v in other.s.items()}
-        out.count, out.s = _combine(self.count, self.s, other.count, s)
-        return out
-
     def finalize(self) -> dict[str, np.ndarray]:
         """corr (NaN where a side is constant), mean_abs_diff, mean_a, mean_b, std_a, std_b."""
         if self.s is None:
@@ -59,27 +80,12 @@ class PairMoments:
         return {"corr": corr, "mean_abs_diff": s["abs_diff"] / n, "mean_a": s["mean_a"], "mean_b": s["mean_b"],
                 "std_a": np.sqrt(s["m2_a"] / n), "std_b": np.sqrt(s["m2_b"] / n)}
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {"count": torch.tensor(self.count, dtype=torch.int64)}
-        if self.s is not None:
-            out.update({k: v.cpu().contiguous() for k, v in self.s.items()})
-        return out
 
-    @classmethod
-    def from_state_dict(cls, d: dict[str, torch.Tensor]) -> "PairMoments":
-        out = cls()
-        out.count = int(d["count"])
-        if "mean_a" in d:
-            out.s = {k: d[k].clone() for k in cls.KEYS}
-        return out
-
-
-class CrossMoments:
+class CrossMoments(_Paired):
     """count; mean_a (Na,), mean_b (Nb,), m2_a, m2_b, and the co-moment matrix c (Na, Nb), float64."""
 
-    def __init__(self):
-        self.count = 0
-        self.s: dict[str, torch.Tensor] | None = None
+    KEYS = ("mean_a", "mean_b", "m2_a", "m2_b", "c")
+    OUTER = "c"
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """a (M, Na), b (M, Nb). The batch co-moment is one float32 matmul of the centered batches."""
@@ -92,14 +98,6 @@ class CrossMoments:
         batch = {"mean_a": ma, "mean_b": mb, "m2_a": (da * da).sum(0), "m2_b": (db * db).sum(0),
                  "c": (da.float().T @ db.float()).double()}
         self.count, self.s = _combine(self.count, self.s, a.shape[0], batch, outer="c")
-
-    def merge(self, other: "CrossMoments") -> "CrossMoments":
-        if not isinstance(other, CrossMoments):
-            raise ValueError("cannot merge CrossMoments with another reducer type")
-        out = CrossMoments()
-        s = None if other.s is None else {k: v.to(self.s[k].device) if self.s else v for k, v in other.s.items()}
-        out.count, out.s = _combine(self.count, self.s, other.count, s, outer="c")
-        return out
 
     def correlation(self) -> np.ndarray:
         """(Na, Nb) Pearson correlations; NaN where either neuron is constant."""
@@ -114,20 +112,6 @@ class CrossMoments:
         filled = np.where(np.isnan(corr), -np.inf, corr)
         best = filled.argmax(1)
         return best, corr[np.arange(len(best)), best]
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {"count": torch.tensor(self.count, dtype=torch.int64)}
-        if self.s is not None:
-            out.update({k: v.cpu().contiguous() for k, v in self.s.items()})
-        return out
-
-    @classmethod
-    def from_state_dict(cls, d: dict[str, torch.Tensor]) -> "CrossMoments":
-        out = cls()
-        out.count = int(d["count"])
-        if "mean_a" in d:
-            out.s = {k: d[k].clone() for k in ("mean_a", "mean_b", "m2_a", "m2_b", "c")}
-        return out
 
 
 def _combine(n1: int, s1: dict | None, n2: int, s2: dict | None, outer: str = "c_ab") -> tuple[int, dict | None]:
