@@ -55,13 +55,31 @@ def build_parser() -> argparse.ArgumentParser:
     qs = sub.add_parser("queries", help="list the named queries")
     qs.set_defaults(func=cmd_queries)
 
-    ex = sub.add_parser("export", help="write example sets (JSONL/Parquet) for chosen neurons")
+    ex = sub.add_parser("export", help="example sets of chosen neurons: JSONL, Parquet, OpenAI neuron records, "
+                                       "Neuronpedia, or a static HTML viewer")
     ex.add_argument("store")
-    ex.add_argument("--neuron", action="append", default=[], metavar="LAYER:NEURON", required=True)
+    pick = ex.add_argument_group("which neurons (any mix; at least one)")
+    pick.add_argument("--neuron", action="append", default=[], metavar="LAYER:NEURON")
+    pick.add_argument("--query", metavar="NAME", help="a named query whose rows have layer, neuron (and hook) columns")
+    pick.add_argument("--param", action="append", default=[], metavar="K=V", help="a parameter of --query")
+    pick.add_argument("--top", type=int, default=0, metavar="N", help="the top N neurons by --by")
+    pick.add_argument("--by", default="kurtosis",
+                      help="metric for --top: mean, std, skew, kurtosis, frac_active, min, max, abs_max (default kurtosis)")
+    pick.add_argument("--order", default="desc", choices=["desc", "asc"], help="--top order (default desc)")
+    pick.add_argument("--layer", type=int, default=-1, help="--top within one layer (default: all)")
     ex.add_argument("--hook", default="mlp.hook_post", help="hook site without the layer (default mlp.hook_post)")
-    ex.add_argument("--k", type=int, default=10, help="top examples per neuron")
-    ex.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"])
-    ex.add_argument("--out", required=True, help="output file")
+    ex.add_argument("--format", default="jsonl", choices=["jsonl", "parquet", "openai", "neuronpedia", "html"],
+                    help="jsonl/parquet: a file; openai, neuronpedia, html: a directory (default jsonl)")
+    ex.add_argument("--out", required=True, help="output file (jsonl, parquet) or directory")
+    ex.add_argument("--k", type=int, default=10, help="top contexts and bottom tokens per neuron (default 10)")
+    ex.add_argument("--per-band", type=int, default=2, help="examples per quantile band, if mined (default 2)")
+    ex.add_argument("--random", type=int, default=5, help="random contexts, shared by all neurons (default 5)")
+    ex.add_argument("--seed", type=int, default=0, help="seed of the random contexts (default 0)")
+    ex.add_argument("--sets", default="top,bottom,band,random", help="example sets to include (default all four)")
+    ex.add_argument("--heads", type=int, default=20,
+                    help="html: head pages for the top N heads by induction score (default 20; 0: none)")
+    ex.add_argument("--model-id", help="neuronpedia: the model id (default: from the store's model)")
+    ex.add_argument("--source-set", default="mine", help="neuronpedia: the source-set name (default mine)")
     ex.set_defaults(func=cmd_export)
 
     _add_analyze(sub)
@@ -203,18 +221,33 @@ def cmd_queries(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_examples
+    from .examples import SETS
+    from .export import ExampleCounts, export
 
-    neurons = []
-    for item in args.neuron:
-        try:
-            layer, neuron = (int(x) for x in item.split(":"))
-        except ValueError:
-            raise UserError(f"--neuron {item!r}: expected LAYER:NEURON, e.g. 5:100") from None
-        neurons.append((layer, neuron))
-    n = export_examples(args.store, args.hook, neurons, args.k, args.format, Path(args.out))
-    print(f"wrote {n} examples to {args.out}")
+    neurons = [_layer_neuron(item) for item in args.neuron]
+    sets = tuple(s.strip() for s in args.sets.split(",") if s.strip())
+    bad = [s for s in sets if s not in SETS]
+    if bad or not sets:
+        raise UserError(f"--sets {args.sets!r}: choose from {', '.join(SETS)}")
+    for name in ("k", "per_band", "random", "top", "heads"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')}: must be >= 0")
+    if args.param and not args.query:
+        raise UserError("--param needs --query NAME")
+    counts = ExampleCounts(k=args.k, per_band=args.per_band, random=args.random, seed=args.seed, sets=sets)
+    selection = dict(hook=args.hook, explicit=neurons, query=args.query, params=parse_params(args.param),
+                     top=args.top, by=args.by, order=args.order, layer=args.layer)
+    print(export(args.store, args.format, Path(args.out), counts=counts, selection=selection,
+                 model_id=args.model_id, source_set=args.source_set, heads=args.heads))
     return 0
+
+
+def _layer_neuron(item: str) -> tuple[int, int]:
+    try:
+        layer, neuron = (int(x) for x in item.split(":"))
+    except ValueError:
+        raise UserError(f"--neuron {item!r}: expected LAYER:NEURON, e.g. 5:100") from None
+    return layer, neuron
 
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
