@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--source-set", default="mine", help="neuronpedia: the source-set name (default mine)")
     ex.set_defaults(func=cmd_export)
 
+    sv = sub.add_parser("serve", help="the neuron viewer on 127.0.0.1, pages built on demand from the store")
+    sv.add_argument("store")
+    sv.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (default 8000; 0: any free port)")
+    sv.set_defaults(func=cmd_serve)
+
     _add_analyze(sub)
 
     ver = sub.add_parser("verify", help="check every store file against the manifest's checksums")
@@ -240,6 +245,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(export(args.store, args.format, Path(args.out), counts=counts, selection=selection,
                  model_id=args.model_id, source_set=args.source_set, heads=args.heads))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .viewer.server import serve
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: must be between 0 and 65535")
+    return serve(args.store, args.port)
 
 
 def _layer_neuron(item: str) -> tuple[int, int]:

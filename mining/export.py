@@ -79,11 +79,11 @@ def select_neurons(con: duckdb.DuckDBPyConnection, hook: str, explicit: Sequence
                         "(the query or ranking matched nothing)" if (query or top) else
                         "no neurons chosen: give --neuron LAYER:NEURON, --query NAME or --top N")
     unique = list(dict.fromkeys(chosen))
-    _check_exist(con, unique)
+    check_exist(con, unique)
     return unique
 
 
-def _check_exist(con: duckdb.DuckDBPyConnection, nids: Sequence[NeuronId]) -> None:
+def check_exist(con: duckdb.DuckDBPyConnection, nids: Sequence[NeuronId]) -> None:
     wanted = pa.table({"hook": [n.hook for n in nids], "layer": [n.layer for n in nids],
                        "neuron": [n.neuron for n in nids]})
     con.register("_wanted", wanted)
@@ -219,11 +219,11 @@ def write_neuronpedia(con: duckdb.DuckDBPyConnection, by_neuron: dict[NeuronId, 
             for nid in nids:
                 exs = by_neuron[nid]
                 features.append(_np_feature(con, nid, model_id, source_id, exs))
-                for e in exs:
+                for i, e in enumerate(exs):
                     assert e.context is not None
                     peak = e.peak_index
                     activations.append({
-                        "id": f"{model_id}@{source_id}:{nid.neuron}:{e.set}:{e.rank}",
+                        "id": f"{model_id}@{source_id}:{nid.neuron}:{i}",
                         "tokens": list(e.context.token), "index": str(nid.neuron), "layer": source_id,
                         "modelId": model_id, "maxValue": max(e.activations), "maxValueTokenIndex":
                             e.activations.index(max(e.activations)), "minValue": min(e.activations),

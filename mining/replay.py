@@ -84,6 +84,7 @@ class Replayer:
         self.batch_size = batch_size
         self._loaded: LoadedModel | None = None
         self._cache: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
+        self._patterns: dict[tuple[int, int], tuple[np.ndarray, int]] = {}
         self._cache_size = cache_entries  # one (T, width) array each: ~0.8 MB for 128 x 1536
 
     @property
@@ -142,14 +143,17 @@ class Replayer:
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
-    @torch.inference_mode()
     def attention(self, layer: int, context: Context, max_tokens: int = 64) -> tuple[np.ndarray, int]:
         """Attention patterns (heads, q, k) of `layer` over the context's first `max_tokens` tokens (plus
-        the specials before them, whose count is returned)."""
+        the specials before them, whose count is returned). All layers come from one forward; kept per context."""
         from .analyses.heads import attention_patterns
 
-        loaded = self.loaded
-        specials = special_tokens(loaded.tokenizer, self.spec.corpus.bos, resolve_source(self.spec.model).bos)
-        ids = list(specials.prefix) + list(context.token_id[:max_tokens])
-        patterns = attention_patterns(loaded.model, torch.tensor([ids]))
-        return patterns[layer, 0].cpu().numpy(), len(specials.prefix)
+        key = (context.ctx, max_tokens)
+        if key not in self._patterns:
+            loaded = self.loaded
+            specials = special_tokens(loaded.tokenizer, self.spec.corpus.bos, resolve_source(self.spec.model).bos)
+            ids = list(specials.prefix) + list(context.token_id[:max_tokens])
+            patterns = attention_patterns(loaded.model, torch.tensor([ids]))[:, 0].cpu().numpy()
+            self._patterns[key] = (patterns, len(specials.prefix))
+        patterns, n_prefix = self._patterns[key]
+        return patterns[layer], n_prefix

@@ -30,3 +30,37 @@ def minilm_tokenizer():
     from mining.spec import ModelSpec
 
     return load_tokenizer(ModelSpec(id="minilm-l6"))
+
+
+# A corpus whose text tries to break out of HTML: every context the viewer shows contains it.
+HOSTILE = ('<script>alert("x")</script> "><img src=x onerror=alert(1)> '
+           "\u202eevil\u202c zero\u200bwidth caf\u00e9 \U0001f600 &amp; </textarea>")
+
+
+@pytest.fixture(scope="session")
+def viewer_store(tmp_path_factory, smol_tokenizer):
+    """A tiny Llama (SmolLM2's tokenizer) mined over hostile text with every table the viewer shows."""
+    from mining.cli import main
+    from mining.tiny import tiny_model
+
+    root = tmp_path_factory.mktemp("viewer")
+    model = root / "model"
+    tiny_model("llama", vocab_size=len(smol_tokenizer), max_position_embeddings=256).save_pretrained(model)
+    smol_tokenizer.save_pretrained(model)
+    docs = root / "docs"
+    docs.mkdir()
+    prose = ("The parser reads a token, then the next one, and the value bound to a name is looked up "
+             "in the enclosing scope before the call returns. ")
+    for i in range(6):
+        (docs / f"doc{i}.txt").write_text((HOSTILE + " " + prose) * 6, encoding="utf-8")
+    job = root / "job.yaml"
+    job.write_text(f"""
+name: hostile
+model: {{id: "{model}"}}
+corpus: {{source: "files:{docs}/*.txt", context_length: 64}}
+hooks: ["blocks.*.mlp.hook_post"]
+stats: {{top_k: 8, quantile_samples: 2, dla: true, logit_lens: true, heads: true}}
+compute: {{actors: 1, batch_size: 8, shard_tokens: 2048}}
+""")
+    assert main(["run", str(job), "--store", str(root / "store"), "--no-progress"]) == 0
+    return root / "store"

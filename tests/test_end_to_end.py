@@ -153,7 +153,8 @@ def test_named_query_cli_marks_the_token(store, capsys):
 
 def test_export_replays_activations(store, tmp_path):
     out = tmp_path / "ex.jsonl"
-    assert main(["export", str(store), "--neuron", "3:100", "--neuron", "20:5", "--k", "3", "--out", str(out)]) == 0
+    assert main(["export", str(store), "--neuron", "3:100", "--neuron", "20:5", "--k", "3", "--sets", "top",
+                 "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 6
     for r in rows:

@@ -1,0 +1,147 @@
+"""`mine serve STORE`: the viewer's pages built on demand from DuckDB, on 127.0.0.1 only.
+
+For stores too large to export whole: the index ranks neurons server-side (hook, layer, metric,
+order, limit in the URL), and a neuron or head page replays just its own contexts when asked for.
+One lock serializes page building: DuckDB connections and the model are not shared across threads.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from ..errors import UserError
+from ..examples import NeuronId, attach, pick_examples, random_contexts
+from ..export import check_exist, store_root
+from ..query import connect
+from ..replay import Replayer
+from . import data
+from .html import esc, page
+from .pages import SERVED, head_page, index_page, neuron_page
+from .site import head_patterns, pattern_contexts
+
+BY = ("kurtosis", "skew", "max", "min", "abs_max", "mean", "std", "frac_active")
+
+
+class Viewer:
+    """Builds pages for one store; every public method returns (status, html)."""
+
+    def __init__(self, store: str | Path, k: int = 10, per_band: int = 2, random: int = 5):
+        self.root = store_root(store)
+        self.con = connect(store)
+        self.replayer = Replayer(self.root)
+        self.k, self.per_band = k, per_band
+        self.random = random_contexts(self.con, random)
+        self.hooks = [r[0] for r in self.con.execute("SELECT DISTINCT hook FROM neurons ORDER BY hook").fetchall()]
+        self.lock = threading.Lock()
+
+    def handle(self, url: str) -> tuple[int, str]:
+        parts = urlsplit(url)
+        path = [unquote(p) for p in parts.path.split("/") if p]
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        with self.lock:
+            try:
+                if not path:
+                    return 200, self.index(query)
+                if path[0] == "neuron" and len(path) == 4:
+                    return 200, self.neuron(path[1], _int(path[2], "layer"), _int(path[3], "neuron"))
+                if path[0] == "head" and len(path) == 3:
+                    return 200, self.head(_int(path[1], "layer"), _int(path[2], "head"))
+                return 404, _error_page("no such page: " + parts.path)
+            except UserError as e:
+                return 400, _error_page(str(e))
+
+    def index(self, q: dict[str, str]) -> str:
+        default = "mlp.hook_post" if "mlp.hook_post" in self.hooks or not self.hooks else self.hooks[0]
+        hook = q.get("hook", default)
+        if hook not in self.hooks:
+            raise UserError(f"hook {hook!r} is not in this store; it has {', '.join(self.hooks)}")
+        by = q.get("by", "kurtosis")
+        if by not in BY:
+            raise UserError(f"by must be one of {', '.join(BY)}")
+        order = q.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise UserError("order must be asc or desc")
+        layer = _int(q.get("layer", "-1"), "layer")
+        limit = min(max(_int(q.get("limit", "500"), "limit"), 1), 5000)
+        rows = data.index_rows(self.con, hook=hook, layer=layer, by=by, order=order, limit=limit)
+        controls = _controls(self.hooks, hook, layer, by, order, limit)
+        return index_page(data.store_title(self.con, self.root), rows, data.head_rows(self.con), SERVED, controls)
+
+    def neuron(self, hook: str, layer: int, neuron: int) -> str:
+        nid = NeuronId(hook, layer, neuron)
+        check_exist(self.con, [nid])
+        by_neuron = {nid: pick_examples(self.con, nid, self.k, self.per_band, self.random)}
+        attach(self.root, self.replayer, by_neuron)
+        return neuron_page(data.neuron_page(self.con, nid, by_neuron[nid]), SERVED)
+
+    def head(self, layer: int, head: int) -> str:
+        scores = data.head_scores(self.con, layer, head)
+        if not scores:
+            raise UserError(f"head {layer}.{head} is not in this store's heads table (mine with stats.heads: true)")
+        patterns = head_patterns(self.replayer, layer, head, pattern_contexts(self.root, self.con))
+        return head_page(layer, head, scores, patterns, SERVED)
+
+
+def _int(text: str, name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{name} must be an integer, got {text!r}") from None
+
+
+def _error_page(message: str) -> str:
+    return page("error", f"<h1>Cannot show that</h1><p id=error>{esc(message)}</p>", nav=[("index", "/")])
+
+
+def _controls(hooks: list[str], hook: str, layer: int, by: str, order: str, limit: int) -> str:
+    def select(name: str, options, current) -> str:
+        opts = "".join(f'<option{" selected" if o == current else ""}>{esc(o)}</option>' for o in options)
+        return f'<label>{name} <select name="{name}">{opts}</select></label> '
+
+    return ('<form method="get" action="/" id="rank">' + select("hook", hooks, hook)
+            + f'<label>layer <input name="layer" value="{layer}" size="4"></label> '
+            + select("by", BY, by) + select("order", ("desc", "asc"), order)
+            + f'<label>limit <input name="limit" value="{limit}" size="5"></label> '
+            + '<button type="submit">rank</button> <span class="note">layer -1: all layers</span></form>')
+
+
+def make_server(viewer: Viewer, port: int) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            try:
+                status, body = viewer.handle(self.path)
+            except Exception as e:  # a bug, not bad input: answer, log one line, keep serving
+                print(f"error: {self.path}: {type(e).__name__}: {e}", file=sys.stderr)
+                status, body = 500, _error_page(f"internal error: {type(e).__name__}")
+            payload = body.encode("utf-8")
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, fmt: str, *args) -> None:
+            pass
+
+    try:
+        return ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    except OSError as e:
+        raise UserError(f"--port {port}: cannot listen on 127.0.0.1 ({e.strerror}); choose another port") from None
+
+
+def serve(store: str | Path, port: int) -> int:
+    viewer = Viewer(store)
+    server = make_server(viewer, port)
+    print(f"serving {store} on http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
