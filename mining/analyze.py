@@ -248,6 +248,7 @@ def _put(s: Store, name: str, new: pa.Table, keys: list[str], order: list[str]) 
             keep = pc.invert(pc.is_in(key(old), value_set=pc.unique(key(new))))
             new = pa.concat_tables([old.filter(keep).cast(new.schema), new])
     s.write_table(name, new.sort_by([(k, "ascending") for k in keys + order]))
+    s.reseal()  # the manifest covers every file, the new table included
     return new.num_rows
 
 

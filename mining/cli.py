@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine, not the input: disk full, permissions, a vanished path
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: no space left on the device{where}; free space (or choose another --store / --out), "
+                  "then finish with `mine run --resume`", file=sys.stderr)
+        else:
+            print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; finish with `mine run --resume`", file=sys.stderr)
@@ -310,12 +319,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     store = Store(args.store)
     if not store.root.is_dir():
         raise UserError(f"{args.store}: no such store directory")
+    if not store.complete:
+        raise UserError(f"{args.store}: no manifest.parquet: the store is incomplete; finish it with `mine run --resume`")
     problems = store.verify()
     if problems:
         for line in problems[:20]:
             print(line)
         raise UserError(f"{args.store}: {len(problems)} problem(s) found")
-    print(f"{args.store}: every shard file matches the manifest")
+    print(f"{args.store}: every file matches the manifest's checksums")
     return 0
 
 

@@ -32,7 +32,8 @@ def split_hook(name: str) -> tuple[str, int]:
 def merge_shards(store: Store, spec: JobSpec, shards: Sequence[int]) -> dict[str, HookStats]:
     merged: dict[str, HookStats] = {}
     for index in sorted(shards):
-        for hook, tensors in store.load_states(index).items():
+        digest = store.read_marker(index)["files"].get(store.states_name(index))
+        for hook, tensors in store.load_states(index, digest).items():
             state = HookStats.from_state_dict(tensors)
             merged[hook] = state if hook not in merged else merged[hook].merge(state)
     return merged
@@ -210,4 +211,4 @@ def merge_into_tables(store: Store, spec: JobSpec, n_shards: int) -> tuple[dict[
 
 def write_manifest(store: Store, n_shards: int) -> None:
     """Written last: its presence is what marks the store complete."""
-    store.write_table("manifest", manifest_table([store.read_marker(i) for i in range(n_shards)]))
+    store.seal(manifest_table([store.read_marker(i) for i in range(n_shards)]))

@@ -100,12 +100,44 @@ def resolve_source(spec: ModelSpec) -> ModelSource:
     if p.is_dir():
         if not (p / "config.json").exists() and not spec.gguf_file:
             raise UserError(f"model.id: {spec.id!r} is a directory without config.json; not a model")
+        if not spec.gguf_file and not spec.allow_pickle:
+            _refuse_pickles(spec.id, p)
         return ModelSource(spec.id, str(p.resolve()), spec.gguf_file, None, True, None)
     if spec.id.startswith((".", "/", "~")) or spec.id.count("/") > 1 or " " in spec.id:
         raise UserError(
             f"model.id: {spec.id!r} is not an alias ({', '.join(ALIASES)}), a local model directory or a .gguf file"
         )
     return ModelSource(spec.id, spec.id, spec.gguf_file, spec.revision, False, None)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickles(model_id: str, folder: Path) -> None:
+    """Pickled weights run code when loaded: a directory with only those is refused unless the spec opts in."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(f"model.id: {model_id!r} holds only pickled weights ({pickles[0]}), which can run code when "
+                        "loaded; convert them to safetensors, or set model.allow_pickle: true if you trust them")
+
+
+def check_weight_files(spec: ModelSpec) -> None:
+    """A local model's safetensors files parse and are as long as their headers say (truncated or corrupt
+    weights fail here, on the driver, before a store is created; reading headers is cheap)."""
+    source = resolve_source(spec)
+    if not source.local or source.gguf_file:
+        return
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(Path(source.path).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"model.id: {f.name} of {spec.id!r} is truncated or corrupt ({_first_line(e)}); "
+                            "download or save the model again") from None
 
 
 def pick_device(name: str) -> torch.device:
@@ -133,7 +165,8 @@ def load_model(spec: ModelSpec, device: str | None = None) -> LoadedModel:
         config = AutoConfig.from_pretrained(path, **kwargs)
         causal = config.model_type not in ENCODER_TYPES
         auto = AutoModelForCausalLM if causal else AutoModel
-        model = auto.from_pretrained(path, dtype=dtype, **kwargs)
+        # safetensors only, unless the spec opts in to pickles (a hub repo without them fails here)
+        model = auto.from_pretrained(path, dtype=dtype, use_safetensors=not spec.allow_pickle, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except UserError:
         raise

@@ -271,6 +271,9 @@ def run_named(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, str])
 
 
 _HOW_TO_GET = {
+    "top_contexts": "mine with `stats: {top_k: 16}` (every job of this version writes it)",
+    "bottom_examples": "mine with `stats: {top_k: 16}` (every job of this version writes it)",
+    "histograms": "mine with `stats: {histogram: true}`",
     "dla_examples": "mine with `stats: {dla: true}`",
     "dla_neurons": "mine with `stats: {dla: true}`",
     "quantile_samples": "mine with `stats: {quantile_samples: 8}`",

@@ -86,7 +86,7 @@ def _injected_fault(shard: int, attempt: int) -> None:
     spec = os.environ.get("MINING_INJECT_FAULT", "")
     for item in filter(None, spec.split(",")):
         kind, _, index = item.partition(":")
-        if int(index) != shard:
+        if kind not in ("fail", "crash") or int(index) != shard:
             continue
         if kind == "fail":
             raise RuntimeError(f"injected failure of shard {shard}")

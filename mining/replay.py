@@ -91,7 +91,15 @@ class Replayer:
     def loaded(self) -> LoadedModel:
         if self._loaded is None:
             self._loaded = load_model(self.spec.model)
+            self._specials = special_tokens(self._loaded.tokenizer, self.spec.corpus.bos,
+                                            resolve_source(self.spec.model).bos)
         return self._loaded
+
+    @property
+    def specials(self):
+        """The prefix/suffix the miner gave every context (computed once: it builds the vocabulary dict)."""
+        _ = self.loaded
+        return self._specials
 
     def activations(self, site: str, layers: Sequence[int], contexts: dict[int, Context]) -> dict[tuple[int, int], np.ndarray]:
         """(layer, ctx) -> (n_tokens, width) float32 activations of `site` (e.g. mlp.hook_post)."""
@@ -109,8 +117,7 @@ class Replayer:
     @torch.inference_mode()
     def _run(self, site: str, layers: list[int], batch: list[Context]) -> None:
         loaded = self.loaded
-        specials = special_tokens(loaded.tokenizer, self.spec.corpus.bos, resolve_source(self.spec.model).bos)
-        prefix, suffix = list(specials.prefix), list(specials.suffix)
+        prefix, suffix = list(self.specials.prefix), list(self.specials.suffix)
         for c in batch:
             if c.pos and c.pos[0] != len(prefix):
                 raise UserError(f"{self.root}: context {c.ctx} does not start where the tokenizer's specials end; "
@@ -150,10 +157,8 @@ class Replayer:
 
         key = (context.ctx, max_tokens)
         if key not in self._patterns:
-            loaded = self.loaded
-            specials = special_tokens(loaded.tokenizer, self.spec.corpus.bos, resolve_source(self.spec.model).bos)
-            ids = list(specials.prefix) + list(context.token_id[:max_tokens])
-            patterns = attention_patterns(loaded.model, torch.tensor([ids]))[:, 0].cpu().numpy()
-            self._patterns[key] = (patterns, len(specials.prefix))
+            ids = list(self.specials.prefix) + list(context.token_id[:max_tokens])
+            patterns = attention_patterns(self.loaded.model, torch.tensor([ids]))[:, 0].cpu().numpy()
+            self._patterns[key] = (patterns, len(self.specials.prefix))
         patterns, n_prefix = self._patterns[key]
         return patterns[layer], n_prefix

@@ -24,7 +24,7 @@ from .corpus import check_source, iter_documents
 from .engine import frequent_tokens
 from .errors import UserError
 from .merge import merge_into_tables, write_manifest
-from .models import load_config, load_tokenizer, resolve_source
+from .models import check_weight_files, load_config, load_tokenizer, resolve_source
 from .shards import Shard, build_shards, iter_contexts, special_tokens
 from .spec import JobSpec
 from .store import Store
@@ -58,6 +58,7 @@ def validate(spec: JobSpec) -> Any:
     """Everything that can be checked without weights: corpus, model files, hook names, lengths."""
     check_source(spec.corpus)
     resolve_source(spec.model)
+    check_weight_files(spec.model)
     config = load_config(spec.model)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit and spec.corpus.context_length > limit:
@@ -92,6 +93,7 @@ def validate_diff(spec: JobSpec, config_a: Any) -> None:
         raise UserError("dense.hooks: not available in a diff job; mine each model on its own for dense activations")
     b = spec.models["b"]
     resolve_source(b)
+    check_weight_files(b)
     from .diff import same_tokenizer
     from .hooks import resolve_hooks
 

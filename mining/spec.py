@@ -33,6 +33,9 @@ class ModelSpec:
     """GGUF file name inside a directory or repo, when the weights are GGUF."""
     trust_remote_code: bool = False
     """Run the model repo's own Python code. Off unless you trust the repo."""
+    allow_pickle: bool = False
+    """Load pickled checkpoints (pytorch_model.bin, *.pt), which can run code when unpickled. Off: only
+    safetensors and GGUF weights load."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "bfloat16"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import signal
 import re
 import shutil
 import tempfile
@@ -299,12 +300,23 @@ def _first_line(e: BaseException) -> str:
 # ---------------------------------------------------------------- local atomic files
 
 
+def _injected_kill(path: Path, tmp: str) -> None:
+    """Test hook: MINING_INJECT_FAULT="kill-writing:NAME" kills this process (SIGKILL) half way through
+    writing the file NAME: the temporary holds half the bytes and NAME is never replaced."""
+    for item in filter(None, os.environ.get("MINING_INJECT_FAULT", "").split(",")):
+        kind, _, name = item.partition(":")
+        if kind == "kill-writing" and name == path.name:
+            os.truncate(tmp, os.path.getsize(tmp) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        _injected_kill(path, tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

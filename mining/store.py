@@ -16,6 +16,7 @@ a file that reads as complete, and a store without manifest.parquet is incomplet
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -43,6 +44,7 @@ from .storage import (  # noqa: F401 - atomic_* and checksum are re-exported for
 SHARDS = "_shards"
 DENSE = "activations.zarr"
 MANIFEST = "manifest.parquet"
+FILES_KEY = b"mining.files"  # manifest metadata: checksums of every file the shard rows do not cover
 
 
 class Store:
@@ -134,6 +136,10 @@ class Store:
         self.files.makedirs(SHARDS)
         if resume and self.files.exists(MANIFEST):
             self.files.remove(MANIFEST)  # re-finalized below; until then the store reads as incomplete
+        if resume:  # temporaries of writes a killed run left half done (atomic_write's .NAME.*.tmp)
+            for rel in self.walk():
+                if rel.rsplit("/", 1)[-1].startswith(".") and rel.endswith(".tmp"):
+                    self.files.remove(rel)
         self.files.write_bytes("job.yaml", yaml.safe_dump(job, sort_keys=False).encode())
         self.files.write_bytes("provenance.json", json.dumps(provenance, indent=2, default=str).encode())
 
@@ -191,8 +197,15 @@ class Store:
         self.files.write_bytes(self.marker_name(shard.index), json.dumps(marker, indent=1).encode())
         return marker
 
-    def load_states(self, shard: int) -> dict[str, dict[str, torch.Tensor]]:
-        tensors = decode_states(self.files.read_bytes(self.states_name(shard)))
+    def load_states(self, shard: int, digest: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """A shard's reducer states; with `digest` (its marker's checksum) a changed file is refused, and
+        its marker removed so that `mine run --resume` mines the shard again."""
+        blob = self.files.read_bytes(self.states_name(shard))
+        if digest is not None and hashlib.sha256(blob).hexdigest() != digest:
+            self.files.remove(self.marker_name(shard))
+            raise UserError(f"{self.root}: shard {shard}'s states file does not match its checksum (changed after "
+                            "it was written); its marker is removed: `mine run --resume` mines it again")
+        tensors = decode_states(blob)
         by_hook: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
             hook, _, name = key.partition("/")
@@ -204,23 +217,63 @@ class Store:
         return pq.read_table(pa.BufferReader(self.files.read_bytes(f"{name}.parquet")))
 
     def verify(self) -> list[str]:
-        """Problems found checking every shard file against the manifest's checksums (empty: intact)."""
+        """Problems found checking every store file against the manifest's checksums (empty: intact):
+        shard files by their shard rows, every other file by the manifest's `mining.files` metadata,
+        and any file the manifest does not list."""
         if not self.complete:
             return [f"{self.root}: no manifest.parquet: the store is incomplete (finish it with `mine run --resume`)"]
         problems = []
-        for row in self.read_table("manifest").to_pylist():
+        manifest = self.read_table("manifest")
+        covered: dict[str, str] = {}
+        for row in manifest.to_pylist():
             if row["status"] != "complete":
                 problems.append(f"shard {row['shard']}: status {row['status']}")
                 continue
             for rel, digest in json.loads(row["files"]).items():
-                try:
-                    found = self.files.checksum(rel)
-                except FileNotFoundError:
-                    problems.append(f"shard {row['shard']}: {rel} is missing")
-                    continue
-                if found != digest:
-                    problems.append(f"shard {row['shard']}: {rel} does not match its checksum")
+                covered[rel] = digest
+        sealed = (manifest.schema.metadata or {}).get(FILES_KEY)
+        if sealed is None:
+            problems.append("manifest.parquet lists no checksums for the store's other files (a store from an "
+                            "older version); `mine run --resume` re-seals it")
+        else:
+            covered.update(json.loads(sealed))
+        for rel, digest in sorted(covered.items()):
+            try:
+                found = self.files.checksum(rel)
+            except FileNotFoundError:
+                problems.append(f"{rel} is missing")
+                continue
+            if found != digest:
+                problems.append(f"{rel} does not match its checksum (altered or truncated)")
+        if sealed is not None:
+            problems += [f"{rel} is not in the manifest" for rel in self.unlisted(covered)]
         return problems
+
+    def walk(self, rel: str = "") -> list[str]:
+        """Every file under rel (relative names), directories expanded."""
+        out = []
+        for name, is_dir in self.files.listdir(rel):
+            child = f"{rel}/{name}" if rel else name
+            out += self.walk(child) if is_dir else [child]
+        return out
+
+    def unlisted(self, covered: dict[str, str]) -> list[str]:
+        """Files present but covered neither by name nor by a covered directory (a dense Zarr group)."""
+        dirs = tuple(rel + "/" for rel in covered)
+        return [rel for rel in self.walk() if rel != MANIFEST and rel not in covered and not rel.startswith(dirs)]
+
+    def seal(self, manifest: pa.Table) -> None:
+        """Write the manifest with the checksum of every file its shard rows do not cover. Written last:
+        its presence marks the store complete."""
+        covered = {rel: digest for files in manifest.column("files").to_pylist() for rel, digest in json.loads(files).items()}
+        others = {rel: self.files.checksum(rel) for rel in self.unlisted(covered) if not rel.startswith(f"{SHARDS}/.")}
+        meta = dict(manifest.schema.metadata or {})
+        meta[FILES_KEY] = json.dumps(others, sort_keys=True)
+        self.write_table("manifest", manifest.replace_schema_metadata(meta))
+
+    def reseal(self) -> None:
+        """After writing tables into a complete store (`mine analyze`): the manifest lists them too."""
+        self.seal(self.read_table("manifest"))
 
     def write_table(self, name: str, table: pa.Table) -> Path | RemotePath:
         self.files.write_parquet(f"{name}.parquet", table)
@@ -270,6 +323,12 @@ def _decompress(blob: bytes) -> bytes:
 def spec_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """The first key that differs in a way that changes results (actor count and store path do not)."""
     ignore = {"store", "compute.actors", "compute.cpus_per_actor", "compute.max_retries"}
+    try:  # a store from an older version lacks keys added since: they read as their defaults
+        from .spec import spec_from_dict
+
+        old = spec_from_dict(old).to_dict()
+    except UserError:
+        pass
 
     def walk(a: Any, b: Any, prefix: str) -> str | None:
         if isinstance(a, dict) and isinstance(b, dict):

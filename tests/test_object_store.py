@@ -66,15 +66,17 @@ def test_memory_store_shards_tables_and_verify(mem_store):
     from mining.merge import manifest_table
 
     s.write_table("neurons", pa.table({"neuron": [0, 1]}))
-    s.write_table("manifest", manifest_table([marker]))
+    s.seal(manifest_table([marker]))  # the manifest, with every other file's checksum
     assert s.complete and s.read_table("neurons").num_rows == 2
     assert s.verify() == []
 
     s.files.write_bytes("tokens/shard-00000.parquet", b"corrupt")  # a changed object fails its checksum
     assert not s.shard_done(0)
-    assert s.verify() == ["shard 0: tokens/shard-00000.parquet does not match its checksum"]
+    assert s.verify() == ["tokens/shard-00000.parquet does not match its checksum (altered or truncated)"]
+    s.files.write_bytes("stray.txt", b"?")
+    assert "stray.txt is not in the manifest" in s.verify()
     s.files.fs.rm(s.files.full("activations.zarr"), recursive=True)
-    assert "shard 0: activations.zarr/blocks.0.mlp.hook_post/shard-00000 is missing" in s.verify()
+    assert "activations.zarr/blocks.0.mlp.hook_post/shard-00000 is missing" in s.verify()
 
 
 def test_memory_store_checksums_match_a_local_store(mem_store, tmp_path):
