@@ -55,6 +55,7 @@ def run_demo(store: Path, job: str | None, fresh: bool, overrides: list[str]) ->
         section(f"Where layer {best['layer']} neuron {best['neuron']} helps most (next token shown)",
                 run_named(con, "dla-examples", {"layer": str(best["layer"]), "neuron": str(best["neuron"]), "k": "5"}))
     print(f"Ask your own: mine query {store} \"SELECT ...\"   |   mine queries")
+    print(f"Browse: mine export {store} --top 50 --format html --out {store}-viewer   |   mine serve {store}")
     return 0
 
 

@@ -265,7 +265,8 @@ class Store:
     def seal(self, manifest: pa.Table) -> None:
         """Write the manifest with the checksum of every file its shard rows do not cover. Written last:
         its presence marks the store complete."""
-        covered = {rel: digest for files in manifest.column("files").to_pylist() for rel, digest in json.loads(files).items()}
+        listed = manifest.column("files").to_pylist() if "files" in manifest.column_names else []
+        covered = {rel: digest for files in listed if files for rel, digest in json.loads(files).items()}
         others = {rel: self.files.checksum(rel) for rel in self.unlisted(covered) if not rel.startswith(f"{SHARDS}/.")}
         meta = dict(manifest.schema.metadata or {})
         meta[FILES_KEY] = json.dumps(others, sort_keys=True)

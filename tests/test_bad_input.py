@@ -22,12 +22,15 @@ def mine(*args, cwd=None, timeout=300):
                           cwd=cwd, env=ENV, timeout=timeout)
 
 
-def one_line_error(r, needle):
+def one_line_error(r, needle, case=""):
     assert r.returncode != 0, r.stdout
     assert "Traceback" not in r.stderr, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert needle.lower() in lines[0].lower(), lines[0]
+    if os.environ.get("MINING_MATRIX_LOG"):  # RELIABILITY.md's table is made from these lines
+        with open(os.environ["MINING_MATRIX_LOG"], "a") as f:
+            f.write(f"{case}\t{lines[0]}\n")
 
 
 def tree_checksums(root: Path) -> dict[str, str]:
@@ -116,7 +119,7 @@ def test_bad_job_spec(world, tmp_path, case):
     text, needle = _spec_cases(world)[case]
     (tmp_path / "job.yaml").write_text(text)
     r = mine("run", tmp_path / "job.yaml", "--store", tmp_path / "store", "--no-progress")
-    one_line_error(r, needle)
+    one_line_error(r, needle, case)
     assert not (tmp_path / "store").exists()
 
 
@@ -169,7 +172,7 @@ STORE_CASES = ["missing-job-file", "set-unknown-key", "set-bad-value", "existing
 def test_bad_command_leaves_the_store_unchanged(world, case):
     args, needle = _store_cases(world)[case]
     before = tree_checksums(world["store"])
-    one_line_error(mine(*args), needle)
+    one_line_error(mine(*args), needle, case)
     assert tree_checksums(world["store"]) == before
     assert not Path("/tmp/mining-escape.csv").exists() and not Path("/tmp/mining-escape.db").exists()
     assert not (world["root"] / "new").exists()
@@ -177,12 +180,14 @@ def test_bad_command_leaves_the_store_unchanged(world, case):
 
 def test_not_a_store(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    for args, needle in ((["query", tmp_path, "SELECT 1"], "not a complete store"),
-                         (["verify", tmp_path], "incomplete"),
-                         (["verify", tmp_path / "nowhere"], "no such store"),
-                         (["export", tmp_path, "--neuron", "0:1", "--out", tmp_path / "x.jsonl"], "not a complete store"),
-                         (["run", tmp_path / "notes.txt"], "")):
-        one_line_error(mine(*args), needle)
+    for case, args, needle in (
+            ("query-a-folder-that-is-not-a-store", ["query", tmp_path, "SELECT 1"], "not a complete store"),
+            ("verify-a-folder-that-is-not-a-store", ["verify", tmp_path], "incomplete"),
+            ("verify-a-missing-folder", ["verify", tmp_path / "nowhere"], "no such store"),
+            ("export-from-a-folder-that-is-not-a-store",
+             ["export", tmp_path, "--neuron", "0:1", "--out", tmp_path / "x.jsonl"], "not a complete store"),
+            ("run-a-file-that-is-not-yaml-job", ["run", tmp_path / "notes.txt"], "")):
+        one_line_error(mine(*args), needle, case)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
@@ -190,13 +195,14 @@ def test_overwrite_refuses_a_directory_that_is_not_a_store(world, tmp_path):
     folder = tmp_path / "thesis"
     folder.mkdir()
     (folder / "chapter1.tex").write_text("precious")
-    one_line_error(mine("run", world["job"], "--store", folder, "--overwrite"), "not a store and not empty")
+    one_line_error(mine("run", world["job"], "--store", folder, "--overwrite"), "not a store and not empty",
+                   "overwrite-a-directory-that-is-not-a-store")
     assert (folder / "chapter1.tex").read_text() == "precious"
 
 
 def test_unreachable_cluster_address(world, tmp_path):
     r = mine("run", world["job"], "--store", tmp_path / "store", "--address", "127.0.0.1:1")
-    one_line_error(r, "nothing answers")
+    one_line_error(r, "nothing answers", "unreachable-cluster-address")
     assert not (tmp_path / "store").exists()
 
 
@@ -219,6 +225,6 @@ def small_disk(tmp_path):
 def test_disk_full_while_writing(world, small_disk):
     store = small_disk / "store"
     r = mine("run", world["job"], "--store", store, "--no-progress", timeout=600)
-    one_line_error(r, "no space left")
+    one_line_error(r, "no space left", "disk-full-while-mining")
     assert not (store / "manifest.parquet").exists()  # never reads as complete
     one_line_error(mine("query", store, "SELECT 1"), "not a complete store")

@@ -191,3 +191,7 @@ def test_served_errors_are_pages_not_tracebacks(served):
         assert e.value.code == status
         body = e.value.read().decode()
         assert text in body and "Traceback" not in body and "<script>alert" not in body
+    rebound = urllib.request.Request(served + "/", headers={"Host": "evil.example:80"})
+    with pytest.raises(urllib.error.HTTPError) as e:  # a DNS-rebinding page cannot read the viewer
+        urllib.request.urlopen(rebound)
+    assert e.value.code == 403

@@ -112,8 +112,12 @@ def _controls(hooks: list[str], hook: str, layer: int, by: str, order: str, limi
 def make_server(viewer: Viewer, port: int) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
             try:
-                status, body = viewer.handle(self.path)
+                if host not in ("127.0.0.1", "localhost", "::1"):  # DNS rebinding: a foreign name for loopback
+                    status, body = 403, _error_page("only http://127.0.0.1 and http://localhost may ask")
+                else:
+                    status, body = viewer.handle(self.path)
             except Exception as e:  # a bug, not bad input: answer, log one line, keep serving
                 print(f"error: {self.path}: {type(e).__name__}: {e}", file=sys.stderr)
                 status, body = 500, _error_page(f"internal error: {type(e).__name__}")
