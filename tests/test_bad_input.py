@@ -227,4 +227,4 @@ def test_disk_full_while_writing(world, small_disk):
     r = mine("run", world["job"], "--store", store, "--no-progress", timeout=600)
     one_line_error(r, "no space left", "disk-full-while-mining")
     assert not (store / "manifest.parquet").exists()  # never reads as complete
-    one_line_error(mine("query", store, "SELECT 1"), "not a complete store")
+    one_line_error(mine("query", store, "SELECT 1"), "not a complete store", "query-a-store-left-by-a-full-disk")
