@@ -77,20 +77,23 @@ def random_contexts(con: duckdb.DuckDBPyConnection, n: int, seed: int = 0) -> li
 
 
 def attach(root: Path, replayer: Replayer, by_neuron: dict[NeuronId, list[Example]]) -> None:
-    """Fill each example's context and per-token activations: one replay per (hook site, context)."""
+    """Fill each example's context and per-token activations: one replay per (hook site, context),
+    keeping only the exported neurons' columns."""
     contexts = load_contexts(root, {e.ctx for exs in by_neuron.values() for e in exs})
-    sites: dict[str, set[int]] = {}
-    for nid in by_neuron:
-        sites.setdefault(nid.hook, set()).add(nid.layer)
-    for site, layers in sites.items():
-        needed = {e.ctx for nid, exs in by_neuron.items() if nid.hook == site for e in exs}
-        acts = replayer.activations(site, sorted(layers), {c: contexts[c] for c in sorted(needed)})
-        for nid, exs in by_neuron.items():
-            if nid.hook != site:
-                continue
-            for e in exs:
+    for site in sorted({nid.hook for nid in by_neuron}):
+        nids = [nid for nid in by_neuron if nid.hook == site]
+        columns: dict[int, list[int]] = {}
+        for nid in nids:
+            columns.setdefault(nid.layer, [])
+            if nid.neuron not in columns[nid.layer]:
+                columns[nid.layer].append(nid.neuron)
+        needed = sorted({e.ctx for nid in nids for e in by_neuron[nid]})
+        acts = replayer.activations(site, sorted(columns), {c: contexts[c] for c in needed}, columns)
+        for nid in nids:
+            col = columns[nid.layer].index(nid.neuron)
+            for e in by_neuron[nid]:
                 e.context = contexts[e.ctx]
-                e.activations = [round(float(v), 6) for v in acts[(nid.layer, e.ctx)][:, nid.neuron]]
+                e.activations = [round(float(v), 6) for v in acts[(nid.layer, e.ctx)][:, col]]
 
 
 def example_record(nid: NeuronId, e: Example, doc_paths: dict[int, str]) -> dict:

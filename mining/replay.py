@@ -101,21 +101,35 @@ class Replayer:
         _ = self.loaded
         return self._specials
 
-    def activations(self, site: str, layers: Sequence[int], contexts: dict[int, Context]) -> dict[tuple[int, int], np.ndarray]:
-        """(layer, ctx) -> (n_tokens, width) float32 activations of `site` (e.g. mlp.hook_post)."""
-        todo = [c for c in contexts.values() if any((site, l, c.ctx) not in self._cache for l in layers)]
+    def activations(self, site: str, layers: Sequence[int], contexts: dict[int, Context],
+                    columns: dict[int, list[int]] | None = None) -> dict[tuple[int, int], np.ndarray]:
+        """(layer, ctx) -> (n_tokens, width) float32 activations of `site` (e.g. mlp.hook_post); with
+        `columns` (layer -> neuron indices) only those columns, so many contexts fit in memory."""
+        layers = sorted(set(layers))
+
+        def keep(layer: int, x: np.ndarray) -> np.ndarray:
+            return x if columns is None else x[:, columns[layer]]
+
+        out: dict[tuple[int, int], np.ndarray] = {}
+        todo = []
+        for c in contexts.values():
+            hits = [self._cache.get((site, layer, c.ctx)) for layer in layers]
+            if any(h is None for h in hits):
+                todo.append(c)
+                continue
+            for layer, h in zip(layers, hits):
+                out[(layer, c.ctx)] = keep(layer, h)
+                self._cache.move_to_end((site, layer, c.ctx))
         for lo in range(0, len(todo), self.batch_size):
-            self._run(site, sorted(set(layers)), todo[lo : lo + self.batch_size])
-        out = {}
-        for layer in layers:
-            for ctx in contexts:
-                key = (site, layer, ctx)
-                out[(layer, ctx)] = self._cache[key]
-                self._cache.move_to_end(key)
+            for (layer, ctx), x in self._run(site, layers, todo[lo : lo + self.batch_size]).items():
+                out[(layer, ctx)] = keep(layer, x)
+                self._cache[(site, layer, ctx)] = x
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
         return out
 
     @torch.inference_mode()
-    def _run(self, site: str, layers: list[int], batch: list[Context]) -> None:
+    def _run(self, site: str, layers: list[int], batch: list[Context]) -> dict[tuple[int, int], np.ndarray]:
         loaded = self.loaded
         prefix, suffix = list(self.specials.prefix), list(self.specials.suffix)
         for c in batch:
@@ -133,22 +147,19 @@ class Replayer:
         deepest = max(layers)
         seen: dict[int, torch.Tensor] = {}
 
-        def keep(point, x: torch.Tensor) -> None:
+        def grab(point, x: torch.Tensor) -> None:
             seen[point.layer] = x.float().cpu()
             if point.layer == deepest and len(seen) == len(layers):
                 raise _Stop
 
         try:
-            with capture(loaded.model, points, keep):
+            with capture(loaded.model, points, grab):
                 loaded.model(input_ids=ids.to(loaded.device), attention_mask=attention.to(loaded.device))
         except _Stop:
             pass
         first = len(prefix)
-        for layer, x in seen.items():
-            for i, c in enumerate(batch):
-                self._cache[(site, layer, c.ctx)] = x[i, first : first + len(c.token_id)].numpy().astype(np.float32)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        return {(layer, c.ctx): x[i, first : first + len(c.token_id)].numpy().astype(np.float32)
+                for layer, x in seen.items() for i, c in enumerate(batch)}
 
     def attention(self, layer: int, context: Context, max_tokens: int = 64) -> tuple[np.ndarray, int]:
         """Attention patterns (heads, q, k) of `layer` over the context's first `max_tokens` tokens (plus
