@@ -184,3 +184,16 @@ def test_html_site_escapes_and_replaces_whole(viewer_store, tmp_path):
     assert _export(viewer_store, foreign, "--neuron", "0:1", "--format", "html") == 2
     assert (foreign / "notes.txt").read_text() == "keep me"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_a_tiny_replay_cache_changes_nothing(viewer_store, rows):
+    """Results never depend on the replay cache (an export across layers once read evicted entries)."""
+    from mining.examples import NeuronId
+    from mining.export import ExampleCounts, collect, records
+    from mining.replay import Replayer
+
+    con = connect(viewer_store)
+    nids = [NeuronId("mlp.hook_post", 0, 3), NeuronId("mlp.hook_post", 1, 7)]
+    got = records(con, collect(viewer_store, con, nids, ExampleCounts(k=4, per_band=1, random=3),
+                               Replayer(viewer_store, batch_size=3, cache_entries=1)))
+    assert [(r["id"], r["set"], r["activations"]) for r in got] == [(r["id"], r["set"], r["activations"]) for r in rows]
