@@ -87,3 +87,31 @@ CREATE OR REPLACE MACRO tok_context(t, w) AS (
     INNER JOIN (SELECT ctx AS c_ctx, pos AS c_pos FROM tokens WHERE tok = t) ON x.ctx = c_ctx
     WHERE x.tok BETWEEN t - w AND t + w AND x.pos BETWEEN c_pos - w AND c_pos + w
 );
+
+-- The same for many tokens in one scan of the token table: for each t in the list toks, its
+-- tok, doc_id, pos, token and context. One hash join against every window position lets DuckDB
+-- push the positions into the Parquet scan as a dynamic IN filter (a few row groups read), where
+-- tok_context per row costs a subquery and a scan each.
+CREATE OR REPLACE MACRO tok_contexts(toks, w) AS TABLE
+WITH win AS (
+    SELECT peak, unnest(range(peak - w, peak + w + 1)) AS wtok
+    FROM (SELECT DISTINCT unnest(toks) AS peak)
+),
+
+rows AS (
+    SELECT win.peak, x.tok, x.ctx, x.pos, x.doc_id, x.token
+    FROM win INNER JOIN tokens AS x ON x.tok = win.wtok
+),
+
+peaks AS (SELECT peak, ctx AS peak_ctx, doc_id, pos, token FROM rows WHERE tok = peak)
+
+SELECT
+    peaks.peak AS tok,
+    any_value(peaks.doc_id) AS doc_id,
+    any_value(peaks.pos) AS pos,
+    any_value(peaks.token) AS token,
+    string_agg(CASE WHEN rows.tok = rows.peak THEN '«' || rows.token || '»' ELSE rows.token END, ''
+               ORDER BY rows.pos) AS context
+FROM rows
+INNER JOIN peaks ON peaks.peak = rows.peak AND rows.ctx = peaks.peak_ctx
+GROUP BY peaks.peak;

@@ -6,6 +6,12 @@
 -- param: kind = all
 -- param: hook = mlp.hook_post
 -- requires: quantile_samples
+WITH s AS (
+    SELECT kind, band, rank, value, tok, exact
+    FROM quantile_samples
+    WHERE hook = $hook AND layer = $layer AND neuron = $neuron AND kind = $kind AND band = $band
+)
+
 SELECT
     s.kind,
     s.band,
@@ -13,7 +19,7 @@ SELECT
     s.value,
     s.tok,
     s.exact,
-    tok_context(s.tok, 12) AS context
-FROM quantile_samples AS s
-WHERE s.hook = $hook AND s.layer = $layer AND s.neuron = $neuron AND s.kind = $kind AND s.band = $band
+    c.context
+FROM s
+LEFT JOIN tok_contexts((SELECT list(tok) FROM s), 12) AS c ON c.tok = s.tok
 ORDER BY s.rank;

@@ -4,15 +4,20 @@
 -- param: neuron
 -- param: hook = mlp.hook_post
 -- param: k = 10
+WITH e AS (
+    SELECT rank, value, tok
+    FROM top_contexts
+    WHERE hook = $hook AND layer = $layer AND neuron = $neuron AND rank <= $k
+)
+
 SELECT
     e.rank,
     e.value,
     e.tok,
-    t.doc_id,
-    t.pos,
-    t.token,
-    tok_context(e.tok, 12) AS context
-FROM top_contexts AS e
-LEFT JOIN tokens AS t ON e.tok = t.tok
-WHERE e.hook = $hook AND e.layer = $layer AND e.neuron = $neuron AND e.rank <= $k
+    c.doc_id,
+    c.pos,
+    c.token,
+    c.context
+FROM e
+LEFT JOIN tok_contexts((SELECT list(tok) FROM e), 12) AS c ON c.tok = e.tok
 ORDER BY e.rank;

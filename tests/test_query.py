@@ -174,6 +174,19 @@ def test_tok_context_window_stays_in_context(con, tokens):
     assert text == expected_context(tokens, first_of_ctx1, 2) and text.startswith("«")
 
 
+def test_tok_contexts_in_one_scan_equal_tok_context_per_token(con, tokens):
+    ctx = tokens["ctx"].to_numpy()
+    edges = [int(np.nonzero(ctx == c)[0][i]) for c in (0, 1) for i in (0, -1)]  # first and last of contexts
+    picks = sorted(set(edges + list(np.random.default_rng(3).choice(len(ctx), 25, replace=False).tolist())))
+    rows = con.execute("SELECT tok, doc_id, pos, token, context FROM tok_contexts($toks, 4) ORDER BY tok",
+                       {"toks": picks}).fetchall()
+    assert [r[0] for r in rows] == picks
+    for tok, doc_id, pos, token, context in rows:
+        assert context == expected_context(tokens, tok, 4)
+        assert (doc_id, pos, token) == (tokens["doc_id"][tok].as_py(), tokens["pos"][tok].as_py(),
+                                        tokens["token"][tok].as_py())
+
+
 # ---------------------------------------------------------------- quantiles
 
 
