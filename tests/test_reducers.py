@@ -495,3 +495,26 @@ def test_update_timings():
           f" | ContextTopK (4, 256, 1536) {ms(lambda: contexts.update(ctx, tok.view(4, 256))):.1f}"
           f" | Histogram {ms(lambda: hist.update(x)):.1f}"
           f" | Moments {ms(lambda: mom.update(x)):.1f}")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_context_topk_fast_path_equals_brute_force_with_ties(seed):
+    """Rising toks (the miner's contexts) take the one-max-per-context path; ties (equal peaks, -0.0
+    and +0.0), padding, NaN and -inf contexts must still give the brute-force answer."""
+    rng = np.random.default_rng(700 + seed)
+    B, T, N, k = 24, 9, 12, int(rng.choice([1, 4, 30]))
+    x = rng.integers(-3, 4, (B, T, N)).astype(np.float32)  # small integers: many equal peaks
+    x[x == 0] = np.where(rng.random((x == 0).sum()) < 0.5, -0.0, 0.0)
+    toks = np.arange(B * T, dtype=np.int64).reshape(B, T) + 5
+    toks[:, 0] = -1  # BOS
+    toks[np.arange(T)[None, :] >= rng.integers(1, T + 1, B)[:, None]] = -1  # padding
+    if seed % 2:
+        x[0, 3, 2] = np.nan
+        x[1, :, 4] = -np.inf
+    want_v, want_t = brute_contexts(x, toks, k)
+    c = ContextTopK(k)
+    for lo in range(0, B, 5):
+        c.update(torch.from_numpy(x[lo:lo + 5]), torch.from_numpy(toks[lo:lo + 5]))
+    v, t = c.finalize()
+    np.testing.assert_array_equal(t.numpy(), want_t)
+    np.testing.assert_array_equal(v.numpy(), want_v)

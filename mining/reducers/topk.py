@@ -195,6 +195,12 @@ class TopK:
         return out
 
 
+def _rising(tok: torch.Tensor, mined: torch.Tensor) -> bool:
+    """Each row's mined toks strictly increase with position (as the miner's contexts do)."""
+    before = tok.masked_fill(~mined, -1).cummax(dim=1).values[:, :-1]
+    return bool(((tok[:, 1:] > before) | ~mined[:, 1:]).all())
+
+
 class ContextTopK:
     """Top-k contexts per neuron, ranked by the context's peak activation (one entry per context)."""
 
@@ -222,11 +228,21 @@ class ContextTopK:
         self.top._start(N, x.device)
         if B == 0:
             return
-        # Early exit on the floats: each context's peak value against the threshold; only the
-        # (context, neuron) pairs that could enter get keys (which break ties by the lower tok).
-        peak = x.float().masked_fill(~mined[..., None], float("-inf")).amax(dim=1)  # (B, N)
-        peak.nan_to_num_(nan=float("inf"))  # a NaN hides the context's real peak: keep it a candidate
+        # Each context's peak and its first position (torch.max keeps the first of equal values:
+        # the lowest tok, the keys' tie rule; -0.0 equals +0.0 in both). Only the (context, neuron)
+        # pairs whose peak can enter get a key.
         kth, _ = decode(self.top.threshold(), largest=True)
+        peak, where = x.float().masked_fill(~mined[..., None], float("-inf")).max(dim=1)  # (B, N)
+        has_mined = mined.any(dim=1)[:, None]
+        if not bool((~torch.isfinite(peak) & has_mined).any()) and _rising(tok, mined):
+            ctx, cols = ((peak >= kth) & has_mined).nonzero(as_tuple=True)
+            keys = encode(peak[ctx, cols].contiguous(), tok[ctx, where[ctx, cols]], largest=True)
+            self.top._add_sparse(keys, cols)
+            return
+        # A NaN or infinite peak (NaN never enters; an all -inf context must still pick its lowest
+        # mined tok), or toks that do not rise along a context (the first equal peak would not be the
+        # lowest tok): the exact path, keys over every position of the candidate pairs.
+        peak = peak.nan_to_num(nan=float("inf"))  # a NaN hides the context's real peak: keep it a candidate
         ctx, cols = (peak >= kth).nonzero(as_tuple=True)
         for lo in range(0, len(ctx), max(1, self.MAX_CHUNK // T)):  # (pairs, T) keys at a time
             c, n = ctx[lo:lo + self.MAX_CHUNK // T], cols[lo:lo + self.MAX_CHUNK // T]
