@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--sets", default="top,bottom,band,random", help="example sets to include (default all four)")
     ex.add_argument("--heads", type=int, default=20,
                     help="html: head pages for the top N heads by induction score (default 20; 0: none)")
+    ex.add_argument("--actors", type=int, default=0,
+                    help="replay the contexts on this many Ray actors (default 0: in this process)")
+    ex.add_argument("--address", help="Ray cluster for --actors (default: an embedded local one)")
     ex.add_argument("--model-id", help="neuronpedia: the model id (default: from the store's model)")
     ex.add_argument("--source-set", default="mine", help="neuronpedia: the source-set name (default mine)")
     ex.set_defaults(func=cmd_export)
@@ -243,7 +246,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     bad = [s for s in sets if s not in SETS]
     if bad or not sets:
         raise UserError(f"--sets {args.sets!r}: choose from {', '.join(SETS)}")
-    for name in ("k", "per_band", "random", "top", "heads"):
+    for name in ("k", "per_band", "random", "top", "heads", "actors"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')}: must be >= 0")
     if args.param and not args.query:
@@ -252,7 +255,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     selection = dict(hook=args.hook, explicit=neurons, query=args.query, params=parse_params(args.param),
                      top=args.top, by=args.by, order=args.order, layer=args.layer)
     print(export(args.store, args.format, Path(args.out), counts=counts, selection=selection,
-                 model_id=args.model_id, source_set=args.source_set, heads=args.heads))
+                 model_id=args.model_id, source_set=args.source_set, heads=args.heads, actors=args.actors,
+                 address=args.address))
     return 0
 
 

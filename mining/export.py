@@ -309,14 +309,19 @@ def publish_dir(out: Path, build: Callable[[Path], None]) -> None:
 def export(store: str | Path, fmt: str, out: Path, nids: Sequence[NeuronId] | None = None,
            counts: ExampleCounts = ExampleCounts(), selection: dict | None = None,
            model_id: str | None = None, source_set: str | None = None, heads: int = 0,
-           replayer: Replayer | None = None) -> str:
-    """Run one export; returns a one-line summary. `selection` holds select_neurons' keyword arguments."""
+           replayer: Replayer | None = None, actors: int = 0, address: str | None = None) -> str:
+    """Run one export; returns a one-line summary. `selection` holds select_neurons' keyword arguments.
+    With `actors` (or `address`) the replay runs on that many Ray actors, the contexts split among them."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     root = store_root(store)
     con = connect(store)
     try:
         nids = list(nids) if nids else select_neurons(con, **(selection or {}))
+        if replayer is None and (actors or address):
+            from .replay import RayReplayer
+
+            replayer = RayReplayer(root, actors or 1, address)
         replayer = replayer or Replayer(root)
         by_neuron = collect(root, con, nids, counts, replayer)
         n_examples = sum(len(v) for v in by_neuron.values())
@@ -337,6 +342,8 @@ def export(store: str | Path, fmt: str, out: Path, nids: Sequence[NeuronId] | No
                 f"{out}/index.html")
     finally:
         con.close()
+        if replayer is not None and hasattr(replayer, "close"):
+            replayer.close()
 
 
 def _model_slug(model_id: str) -> str:

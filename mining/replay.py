@@ -77,10 +77,9 @@ class _Stop(Exception):
 class Replayer:
     """The store's model, loaded once, replaying contexts; results are cached per (site, layer, ctx)."""
 
-    def __init__(self, root: Path, batch_size: int = 8, cache_entries: int = 256):
+    def __init__(self, root: Path, batch_size: int = 8, cache_entries: int = 256, job: dict | None = None):
         self.root = Path(root)
-        spec = spec_from_dict(yaml.safe_load((self.root / "job.yaml").read_text()))
-        self.spec = spec
+        self.spec = spec_from_dict(job if job is not None else yaml.safe_load((self.root / "job.yaml").read_text()))
         self.batch_size = batch_size
         self._loaded: LoadedModel | None = None
         self._cache: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
@@ -137,7 +136,8 @@ class Replayer:
                 raise UserError(f"{self.root}: context {c.ctx} does not start where the tokenizer's specials end; "
                                 "was it mined with another tokenizer?")
         rows = [prefix + list(c.token_id) + suffix for c in batch]
-        T = max(len(r) for r in rows)
+        # every batch padded to the context length: a context's numbers do not depend on its batch
+        T = max(max(len(r) for r in rows), self.spec.corpus.context_length)
         ids = torch.zeros((len(rows), T), dtype=torch.long)
         attention = torch.zeros((len(rows), T), dtype=torch.long)
         for i, r in enumerate(rows):
@@ -173,3 +173,66 @@ class Replayer:
             self._patterns[key] = (patterns, len(self.specials.prefix))
         patterns, n_prefix = self._patterns[key]
         return patterns[layer], n_prefix
+
+
+class ReplayActor:
+    """A Replayer in a Ray actor (wrapped with ray.remote by RayReplayer)."""
+
+    def __init__(self, root: str, job: dict, threads: int):
+        torch.set_num_threads(threads)
+        from .models import quiet_transformers
+
+        quiet_transformers()
+        self.replayer = Replayer(Path(root), job=job)
+
+    def activations(self, site: str, layers: list[int], contexts: dict[int, Context],
+                    columns: dict[int, list[int]] | None) -> dict[tuple[int, int], np.ndarray]:
+        return self.replayer.activations(site, layers, contexts, columns)
+
+    def attention(self, layer: int, context: Context, max_tokens: int) -> tuple[np.ndarray, int]:
+        return self.replayer.attention(layer, context, max_tokens)
+
+
+class RayReplayer:
+    """The Replayer's interface with the contexts split across Ray actors, one model each (an embedded
+    local cluster, or the cluster at `address`: one GPU per actor when the cluster has them)."""
+
+    def __init__(self, root: Path, actors: int, address: str | None = None):
+        import ray
+
+        from .ray_pool import start_ray
+
+        self.root = Path(root)
+        job = yaml.safe_load((self.root / "job.yaml").read_text())
+        self.spec = spec_from_dict(job)
+        start_ray(address, num_cpus=None if address else actors)
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= actors else 0
+        remote = ray.remote(num_cpus=1, num_gpus=gpus)(ReplayActor)
+        self.actors = [remote.remote(str(self.root.resolve()), job, 1) for _ in range(actors)]
+
+    def activations(self, site: str, layers: Sequence[int], contexts: dict[int, Context],
+                    columns: dict[int, list[int]] | None = None) -> dict[tuple[int, int], np.ndarray]:
+        import ray
+
+        order = sorted(contexts)
+        size = -(-len(order) // len(self.actors)) if order else 0
+        parts = [order[i : i + size] for i in range(0, len(order), size)] if size else []
+        futures = [actor.activations.remote(site, list(layers), {c: contexts[c] for c in part}, columns)
+                   for actor, part in zip(self.actors, parts)]
+        out: dict[tuple[int, int], np.ndarray] = {}
+        for part in ray.get(futures):
+            out.update(part)
+        return out
+
+    def attention(self, layer: int, context: Context, max_tokens: int = 64) -> tuple[np.ndarray, int]:
+        import ray
+
+        return ray.get(self.actors[0].attention.remote(layer, context, max_tokens))
+
+    def close(self) -> None:
+        """Free the actors' CPUs/GPUs (the cluster itself stays up for whoever started it)."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []

@@ -197,3 +197,14 @@ def test_a_tiny_replay_cache_changes_nothing(viewer_store, rows):
     got = records(con, collect(viewer_store, con, nids, ExampleCounts(k=4, per_band=1, random=3),
                                Replayer(viewer_store, batch_size=3, cache_entries=1)))
     assert [(r["id"], r["set"], r["activations"]) for r in got] == [(r["id"], r["set"], r["activations"]) for r in rows]
+
+
+def test_replay_on_ray_actors_gives_the_same_examples(viewer_store, rows, tmp_path):
+    """`--actors 2`: the contexts split across two Ray actors, each with its own model; same rows."""
+    out = tmp_path / "ex.jsonl"
+    assert _export(viewer_store, out, "--neuron", "0:3", "--neuron", "1:7", "--k", "4", "--per-band", "1",
+                   "--random", "3", "--actors", "2") == 0
+    got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [(r["id"], r["set"], r["rank"]) for r in got] == [(r["id"], r["set"], r["rank"]) for r in rows]
+    for a, b in zip(got, rows):
+        assert a["activations"] == pytest.approx(b["activations"], abs=1e-5)
