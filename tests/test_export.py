@@ -6,14 +6,11 @@ import gzip
 import html
 import json
 import re
-from dataclasses import fields
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import HOSTILE
 from mining.cli import main
 from mining.hooks import record
 from mining.query import connect, run_sql

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 
-import psutil
 import pytest
 
 from mining.errors import UserError
