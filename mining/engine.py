@@ -385,7 +385,7 @@ class _DlaBatch:
 
     def finish(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, raw in self.raw.items():
-            yield name, raw / self.scale[:, None]
+            yield name, raw.div_(self.scale[:, None])  # raw is this batch's own tensor: no copy
 
 
 def _concat(parts: list[dict[str, np.ndarray]], shard_index: int) -> pa.Table | None:
