@@ -57,6 +57,16 @@ def store_root(store: str | Path) -> Path:
 # ---------------------------------------------------------------- neuron selection
 
 
+def require_single_model(con: duckdb.DuckDBPyConnection, store: str | Path) -> None:
+    """Examples and the viewer read one model's per-neuron tables; a diff store has neuron_diff instead."""
+    if has_tables(con, "neurons"):
+        return
+    if has_tables(con, "neuron_diff"):
+        raise UserError(f"{store}: a diff store (models a and b) has no per-model neurons table to export or view; "
+                        "use its named queries (neuron-diff, token-gains, dla-diff), or mine each model alone")
+    raise UserError(f"{store}: this store has no neurons table; mine with `stats: {{moments: true}}`")
+
+
 def select_neurons(con: duckdb.DuckDBPyConnection, hook: str, explicit: Sequence[tuple[int, int]] = (),
                    query: str | None = None, params: dict[str, str] | None = None, top: int = 0,
                    by: str = "kurtosis", order: str = "desc", layer: int = -1) -> list[NeuronId]:
@@ -317,6 +327,7 @@ def export(store: str | Path, fmt: str, out: Path, nids: Sequence[NeuronId] | No
     root = store_root(store)
     con = connect(store)
     try:
+        require_single_model(con, store)
         nids = list(nids) if nids else select_neurons(con, **(selection or {}))
         if replayer is None and (actors or address):
             from .replay import RayReplayer

@@ -205,3 +205,15 @@ def test_replay_on_ray_actors_gives_the_same_examples(viewer_store, rows, tmp_pa
     assert [(r["id"], r["set"], r["rank"]) for r in got] == [(r["id"], r["set"], r["rank"]) for r in rows]
     for a, b in zip(got, rows):
         assert a["activations"] == pytest.approx(b["activations"], abs=1e-5)
+
+
+def test_a_diff_store_is_refused_in_one_line(viewer_store, tmp_path, capsys):
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(viewer_store, store)
+    (store / "neurons.parquet").rename(store / "neuron_diff.parquet")  # what a diff store holds instead
+    capsys.readouterr()
+    assert _export(store, tmp_path / "x.jsonl", "--top", "2") == 2
+    assert "a diff store (models a and b) has no per-model neurons table" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()

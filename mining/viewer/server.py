@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import UserError
 from ..examples import NeuronId, attach, pick_examples, random_contexts
-from ..export import check_exist, store_root
+from ..export import check_exist, require_single_model, store_root
 from ..query import connect
 from ..replay import Replayer
 from . import data
@@ -32,6 +32,7 @@ class Viewer:
     def __init__(self, store: str | Path, k: int = 10, per_band: int = 2, random: int = 5):
         self.root = store_root(store)
         self.con = connect(store)
+        require_single_model(self.con, store)
         self.replayer = Replayer(self.root)
         self.k, self.per_band = k, per_band
         self.random = random_contexts(self.con, random)
