@@ -98,7 +98,7 @@ class HookStats:
         flat = x[mask].float()  # (M, N): only the mined positions
         self.top.update(flat, flat_toks, check=False)  # the miner checks the batch's token range once
         self.bottom.update(flat, flat_toks, check=False)
-        self.contexts.update(x, toks, check=False)
+        self.contexts.update(x, toks, check=False, rising=True)  # a shard's tok grid rises along each context
         if self.histogram is not None:
             self.histogram.update(flat)
         if self.moments is not None:

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import duckdb
 
-from .query import run_named
+from .query import has_tables, run_named
 from .replay import Context, Replayer, load_contexts
 
 SETS = ("top", "bottom", "band", "random")
@@ -48,11 +48,6 @@ class Example:
         if self.tok is not None and self.context is not None:
             return self.context.tok.index(self.tok)
         return max(range(len(self.activations)), key=self.activations.__getitem__) if self.activations else 0
-
-
-def has_tables(con: duckdb.DuckDBPyConnection, *names: str) -> bool:
-    present = {row[0] for row in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
-    return all(n in present for n in names)
 
 
 def pick_examples(con: duckdb.DuckDBPyConnection, nid: NeuronId, k: int, per_band: int,

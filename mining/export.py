@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import UserError
-from .examples import SETS, Example, NeuronId, attach, example_record, has_tables, pick_examples, random_contexts
-from .query import connect, run_named
+from .examples import SETS, Example, NeuronId, attach, example_record, pick_examples, random_contexts
+from .query import connect, has_tables, local_root, run_named
 from .replay import Replayer
-from .storage import atomic_write, atomic_write_text, is_url
+from .storage import atomic_write, atomic_write_text
 
 FORMATS = ("jsonl", "parquet", "openai", "neuronpedia", "html")
 
@@ -41,17 +41,6 @@ class ExampleCounts:
     random: int = 5  # random contexts, shared by all neurons of one export
     seed: int = 0
     sets: tuple[str, ...] = SETS
-
-
-def store_root(store: str | Path) -> Path:
-    if is_url(store):  # the same local mirror queries use
-        from .mirror import mirror
-
-        return mirror(str(store))
-    root = Path(store)
-    if not (root / "manifest.parquet").exists():
-        raise UserError(f"{store}: not a complete store (no manifest.parquet); finish it with `mine run --resume`")
-    return root
 
 
 # ---------------------------------------------------------------- neuron selection
@@ -324,7 +313,7 @@ def export(store: str | Path, fmt: str, out: Path, nids: Sequence[NeuronId] | No
     With `actors` (or `address`) the replay runs on that many Ray actors, the contexts split among them."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    root = store_root(store)
+    root = local_root(store)
     con = connect(store)
     try:
         require_single_model(con, store)
@@ -364,7 +353,7 @@ def _model_slug(model_id: str) -> str:
 def export_examples(store: str | Path, hook: str, neurons: Sequence[tuple[int, int]], k: int, fmt: str,
                     out: Path) -> int:
     """Top-k contexts of each neuron as JSONL/Parquet rows (the library form of `mine export --sets top`)."""
-    root = store_root(store)
+    root = local_root(store)
     con = connect(store)
     try:
         nids = select_neurons(con, hook, explicit=neurons)

@@ -55,9 +55,9 @@ FORMATS = ("table", "csv", "json", "parquet")
 # ---------------------------------------------------------------- connection
 
 
-def connect(store: str | Path) -> duckdb.DuckDBPyConnection:
-    """A sandboxed connection over a store; a remote store (s3://...) is queried through a local
-    mirror of its tables (mirror.py), so DuckDB never needs network access."""
+def local_root(store: str | Path) -> Path:
+    """The directory a complete store's tables are read from: the store itself, or for a remote store
+    (s3://...) its local mirror (mirror.py), so DuckDB and exports never need network access."""
     if is_url(store):
         from .mirror import mirror
 
@@ -67,6 +67,18 @@ def connect(store: str | Path) -> duckdb.DuckDBPyConnection:
     if not (root / "manifest.parquet").is_file():
         raise UserError(f"{store}: not a complete store (no manifest.parquet); "
                         "finish it with `mine run --resume` or point at a store directory")
+    return root
+
+
+def has_tables(con: duckdb.DuckDBPyConnection, *names: str) -> bool:
+    """Whether the store has all these views (tables only some jobs write)."""
+    present = {row[0] for row in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+    return all(n in present for n in names)
+
+
+def connect(store: str | Path) -> duckdb.DuckDBPyConnection:
+    """A sandboxed connection over a store (see local_root for remote stores)."""
+    root = local_root(store)
     temp = Path(tempfile.gettempdir()) / f"mining-duckdb-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # created on spill
     con = duckdb.connect(":memory:", config={
         "threads": max(1, min(4, os.cpu_count() or 1)), "memory_limit": "2GB",
@@ -248,8 +260,7 @@ def convert_param(value: Any) -> Any:
 def run_named(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, str]) -> pa.Table:
     q = load_named(name)
     if q.requires:
-        present = {row[0] for row in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
-        missing = [t for t in q.requires if t not in present]
+        missing = [t for t in q.requires if not has_tables(con, t)]
         if missing:
             raise UserError(f"{name}: this store has no {', '.join(missing)} table; {_HOW_TO_GET.get(missing[0], '')}"
                             .rstrip("; "))

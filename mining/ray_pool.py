@@ -83,15 +83,12 @@ class MinerActor:
 def _injected_fault(shard: int, attempt: int) -> None:
     """Test hook: MINING_INJECT_FAULT="fail:3" fails shard 3 on every attempt (a deterministic bad
     shard); "crash:3" kills the worker process mining shard 3 on its first attempt."""
-    spec = os.environ.get("MINING_INJECT_FAULT", "")
-    for item in filter(None, spec.split(",")):
-        kind, _, index = item.partition(":")
-        if kind not in ("fail", "crash") or int(index) != shard:
-            continue
-        if kind == "fail":
-            raise RuntimeError(f"injected failure of shard {shard}")
-        if kind == "crash" and attempt == 0:
-            os._exit(1)
+    from .storage import injected_faults
+
+    if str(shard) in injected_faults("fail"):
+        raise RuntimeError(f"injected failure of shard {shard}")
+    if str(shard) in injected_faults("crash") and attempt == 0:
+        os._exit(1)
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:

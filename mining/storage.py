@@ -300,14 +300,18 @@ def _first_line(e: BaseException) -> str:
 # ---------------------------------------------------------------- local atomic files
 
 
+def injected_faults(kind: str) -> list[str]:
+    """Test hook: the arguments of `kind` in MINING_INJECT_FAULT="kind:arg,kind:arg,..."."""
+    items = (item.partition(":") for item in os.environ.get("MINING_INJECT_FAULT", "").split(",") if item)
+    return [arg for k, _, arg in items if k == kind]
+
+
 def _injected_kill(path: Path, tmp: str) -> None:
-    """Test hook: MINING_INJECT_FAULT="kill-writing:NAME" kills this process (SIGKILL) half way through
-    writing the file NAME: the temporary holds half the bytes and NAME is never replaced."""
-    for item in filter(None, os.environ.get("MINING_INJECT_FAULT", "").split(",")):
-        kind, _, name = item.partition(":")
-        if kind == "kill-writing" and name == path.name:
-            os.truncate(tmp, os.path.getsize(tmp) // 2)
-            os.kill(os.getpid(), signal.SIGKILL)
+    """Test hook: "kill-writing:NAME" kills this process (SIGKILL) half way through writing the file
+    NAME: the temporary holds half the bytes and NAME is never replaced."""
+    if path.name in injected_faults("kill-writing"):
+        os.truncate(tmp, os.path.getsize(tmp) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:

@@ -47,6 +47,12 @@ MANIFEST = "manifest.parquet"
 FILES_KEY = b"mining.files"  # manifest metadata: checksums of every file the shard rows do not cover
 
 
+def is_temporary(rel: str) -> bool:
+    """atomic_write's `.NAME.*.tmp`, which a killed writer leaves behind."""
+    name = rel.rsplit("/", 1)[-1]
+    return name.startswith(".") and name.endswith(".tmp")
+
+
 class Store:
     """A store at a local directory or an fsspec URL.
 
@@ -136,9 +142,9 @@ class Store:
         self.files.makedirs(SHARDS)
         if resume and self.files.exists(MANIFEST):
             self.files.remove(MANIFEST)  # re-finalized below; until then the store reads as incomplete
-        if resume:  # temporaries of writes a killed run left half done (atomic_write's .NAME.*.tmp)
+        if resume:  # temporaries of writes a killed run left half done
             for rel in self.walk():
-                if rel.rsplit("/", 1)[-1].startswith(".") and rel.endswith(".tmp"):
+                if is_temporary(rel):
                     self.files.remove(rel)
         self.files.write_bytes("job.yaml", yaml.safe_dump(job, sort_keys=False).encode())
         self.files.write_bytes("provenance.json", json.dumps(provenance, indent=2, default=str).encode())
@@ -267,7 +273,8 @@ class Store:
         its presence marks the store complete."""
         listed = manifest.column("files").to_pylist() if "files" in manifest.column_names else []
         covered = {rel: digest for files in listed if files for rel, digest in json.loads(files).items()}
-        others = {rel: self.files.checksum(rel) for rel in self.unlisted(covered) if not rel.startswith(f"{SHARDS}/.")}
+        # a temporary is never listed: `mine verify` names any that is left
+        others = {rel: self.files.checksum(rel) for rel in self.unlisted(covered) if not is_temporary(rel)}
         meta = dict(manifest.schema.metadata or {})
         meta[FILES_KEY] = json.dumps(others, sort_keys=True)
         self.write_table("manifest", manifest.replace_schema_metadata(meta))

@@ -216,8 +216,9 @@ class ContextTopK:
     def set_floor(self, floor: torch.Tensor | None) -> None:
         self.top.set_floor(floor)
 
-    def update(self, x: torch.Tensor, tok: torch.Tensor, check: bool = True) -> None:
-        """x (B, T, N); tok (B, T) global token index, -1 where the position is not mined."""
+    def update(self, x: torch.Tensor, tok: torch.Tensor, check: bool = True, rising: bool | None = None) -> None:
+        """x (B, T, N); tok (B, T) global token index, -1 where the position is not mined. `rising`: the
+        caller knows whether each row's toks rise with position (the miner's contexts do); None: check."""
         if x.ndim != 3 or tok.shape != x.shape[:2]:
             raise ValueError(f"expected x (B, T, N) and tok (B, T), got {tuple(x.shape)} and {tuple(tok.shape)}")
         tok = tok.to(x.device, torch.int64)
@@ -234,7 +235,9 @@ class ContextTopK:
         kth, _ = decode(self.top.threshold(), largest=True)
         peak, where = x.float().masked_fill(~mined[..., None], float("-inf")).max(dim=1)  # (B, N)
         has_mined = mined.any(dim=1)[:, None]
-        if not bool((~torch.isfinite(peak) & has_mined).any()) and _rising(tok, mined):
+        if rising is None:
+            rising = _rising(tok, mined)
+        if rising and not bool((~torch.isfinite(peak) & has_mined).any()):
             ctx, cols = ((peak >= kth) & has_mined).nonzero(as_tuple=True)
             keys = encode(peak[ctx, cols].contiguous(), tok[ctx, where[ctx, cols]], largest=True)
             self.top._add_sparse(keys, cols)

@@ -12,8 +12,8 @@ from typing import Any, Sequence
 import duckdb
 import yaml
 
-from ..examples import Example, NeuronId, has_tables
-from ..query import run_named
+from ..examples import Example, NeuronId
+from ..query import has_tables, run_named
 
 METRICS = ("mean", "std", "skew", "kurtosis", "frac_active", "min", "max")
 

@@ -15,8 +15,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import UserError
 from ..examples import NeuronId, attach, pick_examples, random_contexts
-from ..export import check_exist, require_single_model, store_root
-from ..query import connect
+from ..export import check_exist, require_single_model
+from ..query import connect, local_root
 from ..replay import Replayer
 from . import data
 from .html import esc, page
@@ -30,7 +30,7 @@ class Viewer:
     """Builds pages for one store; every public method returns (status, html)."""
 
     def __init__(self, store: str | Path, k: int = 10, per_band: int = 2, random: int = 5):
-        self.root = store_root(store)
+        self.root = local_root(store)
         self.con = connect(store)
         require_single_model(self.con, store)
         self.replayer = Replayer(self.root)
