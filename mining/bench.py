@@ -7,6 +7,7 @@ batches, dtype and device — each a `--parts` name:
     mining        ShardMiner.mine — the code the actors run — in-process, without Ray: top/bottom-k,
                   top contexts, histograms and moments of every blocks.*.mlp.hook_post neuron
     dla           the same + direct logit attribution
+    kernels       mining again with the reducers' numba kernels off (MINING_KERNELS=torch): what they buy
     tokens        the same + the token table (log-prob, entropy)
     dense         the same + a dense float16 copy of the middle layer for every token
     alternatives  what a user would do instead (bench_alternatives.py)
@@ -27,25 +28,30 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import UserError
 
-PARTS = ("forward", "mining", "dla", "tokens", "dense", "alternatives", "bytes", "memory", "duckdb")
-THROUGHPUT = ("forward", "mining", "dla", "tokens", "dense", "alternatives")
+PARTS = ("forward", "mining", "dla", "kernels", "tokens", "dense", "alternatives", "bytes", "memory", "duckdb")
+THROUGHPUT = ("forward", "mining", "dla", "kernels", "tokens", "dense", "alternatives")
 # miner variant -> (part, stats keys on top of top-k/histogram/moments, dense copy of the middle layer)
 MINER_VARIANTS = {
     "mining": ("mining", {}, False),
     "dla": ("dla", {"dla": True}, False),
+    "mining_torch_ops": ("kernels", {}, False),
     "token_table": ("tokens", {"dla": True, "token_table": True}, False),
     "dense": ("dense", {"dla": True, "token_table": True}, True),
 }
+TORCH_OPS = {"mining_torch_ops"}
+"""Variants run with MINING_KERNELS=torch: the reducers' torch code instead of their numba kernels."""
 LABELS = {
     "forward": "bare forward (model + LM head)",
     "mining": "mining: top/bottom-k, contexts, histograms, moments",
     "dla": "  + direct logit attribution",
+    "mining_torch_ops": "mining, numba kernels off (torch ops)",
     "token_table": "  + token table",
     "dense": "  + dense {dense_hook} (every token)",
     "cache_to_disk": "alternative: hooks -> float16 cache on disk -> reduce",
@@ -207,9 +213,15 @@ def runners(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str, C
     for name, (part, _, _) in MINER_VARIANTS.items():
         if part in parts:
             miner = ShardMiner(work.spec(name), work.loaded)
-            for shard in work.settle:  # as an actor: shards it stored set its top-k thresholds
-                miner.raise_floors(miner.mine(shard))
-            out[name] = lambda shards, m=miner: [m.mine(s) for s in shards]
+            with kernels_off(name in TORCH_OPS):
+                for shard in work.settle:  # as an actor: shards it stored set its top-k thresholds
+                    miner.raise_floors(miner.mine(shard))
+
+            def run(shards, m=miner, off=name in TORCH_OPS):
+                with kernels_off(off):
+                    return [m.mine(s) for s in shards]
+
+            out[name] = run
     if "alternatives" in parts:
         from .bench_alternatives import cache_then_reduce
         from .engine import histogram_bins
@@ -220,6 +232,22 @@ def runners(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str, C
         out["cache_to_disk"] = lambda shards: cache_then_reduce(work.loaded, shards, B, points, spec.stats.top_k,
                                                                 histogram_bins(spec), scratch)
     return out
+
+
+@contextmanager
+def kernels_off(off: bool) -> Iterator[None]:
+    """MINING_KERNELS=torch for the block (reducers/kernels.py reads it on every call)."""
+    before = os.environ.get("MINING_KERNELS")
+    if off:
+        os.environ["MINING_KERNELS"] = "torch"
+    try:
+        yield
+    finally:
+        if off:
+            if before is None:
+                os.environ.pop("MINING_KERNELS", None)
+            else:
+                os.environ["MINING_KERNELS"] = before
 
 
 def measure(work: Workload, runs: dict[str, Callable[[list], Any]], repeats: int) -> tuple[dict, dict]:
@@ -264,6 +292,8 @@ def throughput(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str
         if name in best:
             out[f"{name}_tokens_per_s"] = best[name]
             out[f"{name}_ratio"] = best[name] / bare
+    if "mining" in best and "mining_torch_ops" in best:
+        out["kernels_speedup"] = best["mining"] / best["mining_torch_ops"]
     out["rounds_tokens_per_s"] = rates
     if "alternatives" in parts:
         alt = {"tokens_per_s": best["cache_to_disk"], "ratio": best["cache_to_disk"] / bare,

@@ -29,8 +29,9 @@ def bench(capsys, model, *args: str) -> dict:
 
 
 def test_throughput_json(capsys, tiny_llama):
-    r = bench(capsys, tiny_llama, "--parts", "forward,mining,dla")
-    for key in ("bare_tokens_per_s", "mining_tokens_per_s", "mining_ratio", "dla_tokens_per_s", "dla_ratio"):
+    r = bench(capsys, tiny_llama, "--parts", "forward,mining,dla,kernels")
+    for key in ("bare_tokens_per_s", "mining_tokens_per_s", "mining_ratio", "dla_tokens_per_s", "dla_ratio",
+                "mining_torch_ops_ratio", "kernels_speedup"):
         assert r[key] > 0, key
     assert r["config"]["tokens"] == 300 and r["config"]["layers"] == 2 and r["config"]["neurons"] == 128
     assert {"cpu_count", "torch", "device", "dtype", "threads"} <= set(r["machine"])

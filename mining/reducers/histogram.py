@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import kernels
+
 _ABS = 0x7FFFFFFF
 _INF_BITS = 0x7F800000
 
@@ -124,7 +126,25 @@ class Histogram:
 
     def __init__(self, bins: HistogramBins):
         self.bins = bins
-        self.counts: torch.Tensor | None = None  # (N, n_bins) int64 on the data's device
+        self._counts: torch.Tensor | None = None  # (N, n_bins) int64 on the data's device
+        self._pending: np.ndarray | None = None  # (n_bins, N) int32 the CPU kernel adds to, see _flush
+        self._pending_rows = 0
+
+    @property
+    def counts(self) -> torch.Tensor | None:
+        self._flush()
+        return self._counts
+
+    @counts.setter
+    def counts(self, value: torch.Tensor | None) -> None:
+        self._counts, self._pending, self._pending_rows = value, None, 0
+
+    def _flush(self) -> None:
+        """Fold the kernel's bin-major int32 counts into the int64 state."""
+        if self._pending is not None and self._pending_rows:
+            self._counts = self._counts + torch.from_numpy(self._pending).T  # not in place: may be an inference tensor
+            self._pending.fill(0)
+            self._pending_rows = 0
 
     def update(self, x: torch.Tensor) -> None:
         """x (M, N)."""
@@ -132,16 +152,26 @@ class Histogram:
             raise ValueError(f"expected x (M, N), got {tuple(x.shape)}")
         M, N = x.shape
         nb = self.bins.n_bins
-        if self.counts is None:
-            self.counts = torch.zeros(N, nb, dtype=torch.int64, device=x.device)
+        if self._counts is None:
+            self._counts = torch.zeros(N, nb, dtype=torch.int64, device=x.device)
         if M == 0:
+            return
+        if kernels.usable(x):
+            if self._pending is None:
+                self._pending = np.zeros((nb, N), np.int32)
+            if self._pending_rows + M >= 2**31:  # an int32 count could overflow
+                self._flush()
+            b = self.bins
+            kernels.histogram_add(x, 23 - b.mantissa_bits, (b.min_exp + 127) << b.mantissa_bits, b.n_regular,
+                                  b.zero_bin, nb, self._pending)
+            self._pending_rows += M
             return
         # one bincount over neuron * n_bins + bin; int32 while the flat index fits
         idx = self.bins.index32(x)
         if N * nb >= 2**31:
             idx = idx.long()
         idx += torch.arange(N, device=x.device, dtype=idx.dtype) * nb
-        self.counts += torch.bincount(idx.view(-1), minlength=N * nb).view(N, nb)
+        self._counts += torch.bincount(idx.reshape(-1), minlength=N * nb).view(N, nb)
 
     def merge(self, other: "Histogram") -> "Histogram":
         if not isinstance(other, Histogram) or other.bins != self.bins:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
+
 EMPTY = torch.iinfo(torch.int64).min  # key of a free slot; below every real key
 MAX_TOK = 2**31 - 1
 _SHIFT = 2**31
@@ -112,15 +114,23 @@ class TopK:
         # their column's threshold can enter (ties may still win on a lower tok). Once thresholds
         # settle that is a small fraction of the batch, ranked sparsely.
         kth, _ = decode(self.threshold(), self.largest)
-        cand = (x >= kth) if self.largest else (x <= kth)
-        n = int(cand.sum())
-        if n == 0:
-            return
-        if n * SPARSE > cand.numel():
+        if kernels.usable(x) and self.keys.is_contiguous():
+            # once every column holds k keys, inserting is cheap; until then only if few values can enter
+            full = bool((self.keys[-1] != EMPTY).all())
+            if full or kernels.count_candidates(x, kth, self.largest) * SPARSE <= x.numel():
+                kernels.topk_insert(self.keys, self.floor, x, kth, tok[:, 0], self.largest)
+                return
+            found = None
+        else:
+            cand = (x >= kth) if self.largest else (x <= kth)
+            n = int(cand.sum())
+            found = None if n * SPARSE > cand.numel() else cand.nonzero(as_tuple=True)
+        if found is None:  # many candidates (early batches): rank the batch densely
             self.keys = _add_batch(self.keys, self._floored(encode(x, tok, self.largest), None), self.k)
             return
-        rows, cols = cand.nonzero(as_tuple=True)
-        self._add_sparse(encode(x[rows, cols], tok[rows, 0], self.largest), cols)
+        rows, cols = found
+        if len(rows):
+            self._add_sparse(encode(x[rows, cols], tok[rows, 0], self.largest), cols)
 
     def _add_sparse(self, keys: torch.Tensor, cols: torch.Tensor) -> None:
         """Add keys (C,) of columns cols (C,): the best k of each column, then one merge with the state."""
@@ -233,11 +243,17 @@ class ContextTopK:
         # the lowest tok, the keys' tie rule; -0.0 equals +0.0 in both). Only the (context, neuron)
         # pairs whose peak can enter get a key.
         kth, _ = decode(self.top.threshold(), largest=True)
-        peak, where = x.float().masked_fill(~mined[..., None], float("-inf")).max(dim=1)  # (B, N)
+        if kernels.usable(x):
+            peak, where = kernels.context_peaks(x, mined)
+        else:
+            peak, where = x.float().masked_fill(~mined[..., None], float("-inf")).max(dim=1)  # (B, N)
         has_mined = mined.any(dim=1)[:, None]
         if rising is None:
             rising = _rising(tok, mined)
         if rising and not bool((~torch.isfinite(peak) & has_mined).any()):
+            if kernels.usable(x) and self.top.keys.is_contiguous():
+                kernels.context_insert(self.top.keys, self.top.floor, peak, where, tok, has_mined[:, 0], kth)
+                return
             ctx, cols = ((peak >= kth) & has_mined).nonzero(as_tuple=True)
             keys = encode(peak[ctx, cols].contiguous(), tok[ctx, where[ctx, cols]], largest=True)
             self.top._add_sparse(keys, cols)

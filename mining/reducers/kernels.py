@@ -1,0 +1,266 @@
+"""Single-pass CPU kernels (numba) for the per-batch work of the reducers.
+
+Each torch op is one pass over a (M, N) activation batch plus a temporary as large; a reducer
+that chains ten of them costs more than the layer's forward pass on a CPU. These kernels walk the
+batch once per reducer in blocks of BLOCK columns (a block's rows stay in cache, each block is a
+thread's own work, so no atomics) and compute exactly what the torch code beside them computes:
+the reducers call them for contiguous float32 CPU tensors and keep their torch code for every
+other case (GPU, other dtypes, numba missing). `MINING_KERNELS=torch` turns them off, e.g. to
+measure one against the other. tests/test_kernels.py checks each against its torch twin.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - numba is a dependency; the torch paths still work without it
+    numba = None
+
+BLOCK = 64  # columns per block: 64 x 1,024 rows x 4 B = 256 KiB, an L2's worth
+
+
+def usable(x: torch.Tensor) -> bool:
+    """The kernels take contiguous float32 CPU tensors; anything else stays on the torch path."""
+    return (numba is not None and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+            and not x.requires_grad
+            and os.environ.get("MINING_KERNELS", "numba") != "torch")
+
+
+def _threads() -> None:
+    """Use as many threads as torch does (one per actor under Ray), never more than numba has."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+if numba is not None:
+    _jit = dict(parallel=True, cache=True, boundscheck=False, nogil=True)
+
+    @njit(**_jit)
+    def _moments(x, mean, m2, m3, m4, active, lo, hi):  # pragma: no cover - compiled
+        M, N = x.shape
+        for bi in prange((N + BLOCK - 1) // BLOCK):
+            c0 = bi * BLOCK
+            w = min(BLOCK, N - c0)
+            s = np.zeros(w)
+            mn = np.full(w, np.inf, np.float32)
+            mx = np.full(w, -np.inf, np.float32)
+            na = np.zeros(w, np.int64)
+            nan = np.zeros(w, np.int64)
+            for r in range(M):
+                row = x[r, c0:c0 + w]
+                for j in range(w):  # branch-free, so it vectorises
+                    v = row[j]
+                    s[j] += v
+                    mn[j] = min(mn[j], v)
+                    mx[j] = max(mx[j], v)
+                    na[j] += v > 0
+                    nan[j] += v != v
+            for j in range(w):
+                if nan[j]:  # NaN sticks, as in torch.amin / amax
+                    mn[j] = mx[j] = np.nan
+            mu = s / M
+            a2 = np.zeros(w)
+            a3 = np.zeros(w)
+            a4 = np.zeros(w)
+            for r in range(M):  # second pass, centred, in float64; the block is still in cache
+                row = x[r, c0:c0 + w]
+                for j in range(w):
+                    d = np.float64(row[j]) - mu[j]
+                    d2 = d * d
+                    a2[j] += d2
+                    a3[j] += d2 * d
+                    a4[j] += d2 * d2
+            mean[c0:c0 + w] = mu
+            m2[c0:c0 + w] = a2
+            m3[c0:c0 + w] = a3
+            m4[c0:c0 + w] = a4
+            active[c0:c0 + w] = na
+            lo[c0:c0 + w] = mn
+            hi[c0:c0 + w] = mx
+
+    @njit(**_jit)
+    def _histogram(xi, shift, offset, R, zero_bin, n_bins, counts):  # pragma: no cover - compiled
+        # counts (n_bins, N) int32, bin-major: a row's increments hit one entry per column, never twice
+        M, N = xi.shape
+        for bi in prange((N + BLOCK - 1) // BLOCK):
+            c0 = bi * BLOCK
+            w = min(BLOCK, N - c0)
+            idx = np.empty(w, np.int64)
+            for r in range(M):
+                row = xi[r, c0:c0 + w]
+                for j in range(w):  # HistogramBins.index32, branch-free
+                    bits = row[j]
+                    a = bits & 0x7FFFFFFF
+                    t = min(max((a >> shift) - offset, -1), R)
+                    t = R - t if bits < 0 else R + 4 + t
+                    t = zero_bin if a == 0 else t
+                    idx[j] = n_bins - 1 if a > 0x7F800000 else t
+                for j in range(w):
+                    counts[idx[j], c0 + j] += 1
+
+    @njit(**_jit)
+    def _count_candidates(x, kth, largest, per_block):  # pragma: no cover - compiled
+        M, N = x.shape
+        for bi in prange((N + BLOCK - 1) // BLOCK):
+            c0 = bi * BLOCK
+            w = min(BLOCK, N - c0)
+            k = kth[c0:c0 + w]
+            n = np.zeros(w, np.int64)
+            for r in range(M):
+                row = x[r, c0:c0 + w]
+                if largest:
+                    for j in range(w):
+                        n[j] += row[j] >= k[j]
+                else:
+                    for j in range(w):
+                        n[j] += row[j] <= k[j]
+            per_block[bi] = n.sum()
+
+    @njit(**_jit)
+    def _context_peaks(x, mined, peak, where):  # pragma: no cover - compiled
+        B, T, N = x.shape
+        for bi in prange((N + BLOCK - 1) // BLOCK):
+            c0 = bi * BLOCK
+            w = min(BLOCK, N - c0)
+            for b in range(B):
+                best = np.full(w, -np.inf, np.float32)
+                at = np.zeros(w, np.int64)
+                for t in range(T):
+                    if not mined[b, t]:
+                        continue
+                    row = x[b, t, c0:c0 + w]
+                    for j in range(w):
+                        v = row[j]
+                        if v > best[j] or (v != v and best[j] == best[j]):  # first maximum; first NaN wins
+                            best[j] = v
+                            at[j] = t
+                peak[b, c0:c0 + w] = best
+                where[b, c0:c0 + w] = at
+
+
+    @njit(inline="always")
+    def _key(bits, tok, largest):  # pragma: no cover - compiled; topk.encode of one float32's bits
+        o = np.int64(bits & 0x7FFFFFFF)
+        if bits < 0:
+            o = -o
+        if not largest:
+            o = -o
+        return o * 2147483648 + (2147483647 - tok)
+
+    @njit(inline="always")
+    def _insert(state, c, key):  # pragma: no cover - compiled
+        """Put key into column c of state (k, N), sorted descending, if it beats the k-th."""
+        k = state.shape[0]
+        if key <= state[k - 1, c]:
+            return
+        p = k - 1
+        while p > 0 and state[p - 1, c] < key:
+            state[p, c] = state[p - 1, c]
+            p -= 1
+        state[p, c] = key
+
+    @njit(**_jit)
+    def _topk_insert(state, floor, x, xi, kth, toks, largest):  # pragma: no cover - compiled
+        M, N = x.shape
+        for bi in prange((N + BLOCK - 1) // BLOCK):  # a block's columns are one thread's: no conflicts
+            c0 = bi * BLOCK
+            w = min(BLOCK, N - c0)
+            k = kth[c0:c0 + w]
+            hit = np.zeros(w, np.bool_)
+            for r in range(M):
+                row = x[r, c0:c0 + w]
+                n = 0
+                if largest:  # a vectorised compare first: most rows have no candidate at all
+                    for j in range(w):
+                        hit[j] = row[j] >= k[j]  # NaN never passes
+                        n += hit[j]
+                else:
+                    for j in range(w):
+                        hit[j] = row[j] <= k[j]
+                        n += hit[j]
+                if n:
+                    for j in range(w):
+                        if hit[j]:
+                            key = _key(xi[r, c0 + j], toks[r], largest)
+                            if key >= floor[c0 + j]:
+                                _insert(state, c0 + j, key)
+
+    @njit(**_jit)
+    def _context_insert(state, floor, peak, peak_bits, where, tok, has_mined, kth):  # pragma: no cover - compiled
+        B, N = peak.shape
+        for bi in prange((N + BLOCK - 1) // BLOCK):
+            c0 = bi * BLOCK
+            for c in range(c0, min(N, c0 + BLOCK)):
+                for b in range(B):
+                    v = peak[b, c]
+                    if has_mined[b] and v >= kth[c]:
+                        key = _key(peak_bits[b, c], tok[b, where[b, c]], True)
+                        if key >= floor[c]:
+                            _insert(state, c, key)
+
+
+def topk_insert(state: torch.Tensor, floor: torch.Tensor | None, x: torch.Tensor, kth: torch.Tensor,
+                toks: torch.Tensor, largest: bool) -> None:
+    """Insert every entry of x (M, N) at least as extreme as kth[col] into the top-k keys state (k, N)
+    in place, as topk.encode keys with the row's token index toks (M,); keys below floor are dropped."""
+    _threads()
+    _topk_insert(state.numpy(), _floor(floor, state), x.numpy(), x.numpy().view(np.int32), kth.float().contiguous().numpy(),
+                 toks.contiguous().numpy(), largest)
+
+
+def context_insert(state: torch.Tensor, floor: torch.Tensor | None, peak: torch.Tensor, where: torch.Tensor,
+                   tok: torch.Tensor, has_mined: torch.Tensor, kth: torch.Tensor) -> None:
+    """ContextTopK's fast path: each context's finite peak (B, N) at position where, tok (B, T)."""
+    _threads()
+    p = peak.contiguous().numpy()
+    _context_insert(state.numpy(), _floor(floor, state), p, p.view(np.int32), where.contiguous().numpy(),
+                    tok.contiguous().numpy(), has_mined.contiguous().numpy(), kth.float().contiguous().numpy())
+
+
+def _floor(floor: torch.Tensor | None, state: torch.Tensor) -> np.ndarray:
+    if floor is None:
+        return np.full(state.shape[1], np.iinfo(np.int64).min, np.int64)
+    return floor.to(torch.int64).contiguous().numpy()
+
+
+def moments(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-column mean and centred M2..M4 (float64, two-pass), count of x > 0, min and max of x (M, N), M > 0."""
+    _threads()
+    N = x.shape[1]
+    out = {k: np.empty(N) for k in ("mean", "m2", "m3", "m4")}
+    active = np.empty(N, np.int64)
+    lo, hi = np.empty(N, np.float32), np.empty(N, np.float32)
+    _moments(x.numpy(), out["mean"], out["m2"], out["m3"], out["m4"], active, lo, hi)
+    res = {k: torch.from_numpy(v) for k, v in out.items()}
+    res.update(n_active=torch.from_numpy(active), min=torch.from_numpy(lo).double(), max=torch.from_numpy(hi).double())
+    return res
+
+
+def histogram_add(x: torch.Tensor, shift: int, offset: int, R: int, zero_bin: int, n_bins: int,
+                  counts: np.ndarray) -> None:
+    """Add the bins of x (M, N) to counts (n_bins, N) int32 in place (see HistogramBins.index32)."""
+    _threads()
+    _histogram(x.numpy().view(np.int32), shift, offset, R, zero_bin, n_bins, counts)
+
+
+def count_candidates(x: torch.Tensor, kth: torch.Tensor, largest: bool) -> int:
+    """How many entries of x (M, N) are >= kth[col] (largest) or <= kth[col]."""
+    _threads()
+    per_block = np.zeros((x.shape[1] + BLOCK - 1) // BLOCK, np.int64)
+    _count_candidates(x.numpy(), kth.float().contiguous().numpy(), largest, per_block)
+    return int(per_block.sum())
+
+
+def context_peaks(x: torch.Tensor, mined: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, T, N), mined (B, T) bool -> each context's peak over its mined positions (B, N) and the first
+    position holding it; -inf and position 0 where nothing is mined; NaN where a NaN is mined."""
+    _threads()
+    B, T, N = x.shape
+    peak, where = np.empty((B, N), np.float32), np.empty((B, N), np.int64)
+    _context_peaks(x.numpy(), mined.contiguous().numpy(), peak, where)
+    return torch.from_numpy(peak), torch.from_numpy(where)

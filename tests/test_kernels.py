@@ -1,0 +1,131 @@
+"""The numba CPU kernels against the torch code they stand in for, on hostile data (ties, signed
+zeros, NaN, infinities, subnormals, out-of-range magnitudes), column counts that are not a multiple
+of the block, and the reducers' results with the kernels on and off."""
+
+import numpy as np
+import pytest
+import torch
+
+from mining.reducers import ContextTopK, Histogram, HistogramBins, Moments, TopK, kernels
+from mining.reducers.moments import _batch_moments
+
+from test_reducers import make_x, same_state
+
+pytestmark = pytest.mark.skipif(kernels.numba is None, reason="numba is not installed")
+
+
+def hostile(seed: int, M: int = 300, N: int = 150) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    x = make_x(rng, M, N)
+    x[rng.random((M, N)) < 0.002] = np.nan
+    x[rng.random((M, N)) < 0.002] = np.inf
+    x[rng.random((M, N)) < 0.002] = -np.inf
+    x[rng.random((M, N)) < 0.002] = np.float32(1e-41)  # subnormal
+    return torch.from_numpy(x)
+
+
+@pytest.fixture
+def torch_ops(monkeypatch):
+    """Run the block with the kernels turned off."""
+    def off(fn):
+        monkeypatch.setenv("MINING_KERNELS", "torch")
+        try:
+            return fn()
+        finally:
+            monkeypatch.delenv("MINING_KERNELS")
+    return off
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_histogram_kernel_equals_bincount(seed, torch_ops):
+    x = hostile(seed)
+    for bins in (HistogramBins(), HistogramBins(2, -126, 127), HistogramBins(0, -3, 2)):
+        fast, ref = Histogram(bins), Histogram(bins)
+        for part in (x[:100], x[100:101], x[101:]):
+            fast.update(part.contiguous())
+            torch_ops(lambda: ref.update(part.contiguous()))
+        assert fast._pending is not None  # the kernel ran
+        assert torch.equal(fast.finalize(), ref.finalize())
+        assert same_state(fast.state_dict(), ref.state_dict())
+        merged = fast.merge(ref)  # a flushed state merges like any other
+        assert torch.equal(merged.finalize(), 2 * ref.finalize())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_moments_kernel_equals_torch(seed, torch_ops):
+    x = hostile(seed)
+    fast = _batch_moments(x)
+    ref = torch_ops(lambda: _batch_moments(x))
+    for k in ("count", "n_active", "min", "max"):
+        assert torch.equal(torch.as_tensor(fast[k]).nan_to_num(7.0), torch.as_tensor(ref[k]).nan_to_num(7.0)), k
+    finite = torch.isfinite(ref["m4"])
+    assert torch.equal(finite, torch.isfinite(fast["m4"]))
+    for k in ("mean", "m2", "m3", "m4"):
+        torch.testing.assert_close(fast[k][finite], ref[k][finite], rtol=1e-9, atol=1e-12, msg=k)
+
+
+def test_moments_kernel_is_centred_where_a_shift_would_cancel():
+    """A neuron at 1e4 with spread 1e-3: the centred second pass keeps the variance."""
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy((1e4 + rng.normal(size=(4096, 70)) * 1e-3).astype(np.float32))
+    m = Moments()
+    m.update(x)
+    ref = x.double()
+    torch.testing.assert_close(torch.from_numpy(m.finalize()["std"]), ref.std(0, unbiased=False), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("largest", [True, False])
+def test_topk_kernel_equals_torch(seed, largest, torch_ops):
+    x = hostile(seed)
+    toks = torch.randperm(10 * len(x))[: len(x)]
+    fast, ref = TopK(5, largest), TopK(5, largest)
+    for lo, hi in ((0, 7), (7, 60), (60, 61), (61, 300)):  # dense first, then sparse
+        fast.update(x[lo:hi].contiguous(), toks[lo:hi])
+        torch_ops(lambda: ref.update(x[lo:hi].contiguous(), toks[lo:hi]))
+        assert torch.equal(fast.keys, ref.keys)
+
+
+def test_candidate_count():
+    x = torch.arange(12, dtype=torch.float32).view(3, 4).contiguous()
+    kth = torch.tensor([4.0, 100.0, -1.0, float("nan")])
+    assert kernels.count_candidates(x, kth, largest=True) == int((x >= kth).sum()) == 5
+    assert kernels.count_candidates(x, kth, largest=False) == int((x <= kth).sum()) == 5
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_context_peaks_kernel_equals_torch_max(seed):
+    rng = np.random.default_rng(seed)
+    x = hostile(seed, M=5 * 40, N=130).view(5, 40, 130)
+    x[:, :, :20] = torch.from_numpy(rng.integers(-2, 3, (5, 40, 20)).astype(np.float32))  # ties
+    mined = torch.from_numpy(rng.random((5, 40)) < 0.7)
+    mined[3] = False  # a context with nothing mined
+    peak, where = kernels.context_peaks(x.contiguous(), mined)
+    ref_peak, ref_where = x.masked_fill(~mined[..., None], float("-inf")).max(dim=1)
+    assert torch.equal(peak.isnan(), ref_peak.isnan())
+    ok = ~ref_peak.isnan()
+    assert torch.equal(peak[ok], ref_peak[ok])
+    finite = torch.isfinite(ref_peak)  # the only peaks whose position is used (see ContextTopK)
+    assert torch.equal(where[finite], ref_where[finite])
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_context_topk_same_with_kernels_on_and_off(seed, torch_ops):
+    x = hostile(seed, M=6 * 30, N=70).view(6, 30, 70).contiguous()
+    tok = torch.arange(6 * 30).view(6, 30)
+    tok[:, 25:] = -1  # padding
+    fast, ref = ContextTopK(3), ContextTopK(3)
+    for lo, hi in ((0, 2), (2, 6)):
+        fast.update(x[lo:hi], tok[lo:hi])
+        torch_ops(lambda: ref.update(x[lo:hi], tok[lo:hi]))
+    assert torch.equal(fast.top.keys, ref.top.keys)
+
+
+def test_non_contiguous_and_half_inputs_take_the_torch_path():
+    x = torch.randn(20, 30)
+    assert kernels.usable(x)
+    assert not kernels.usable(x.T)
+    assert not kernels.usable(x.half())
+    h = Histogram(HistogramBins())
+    h.update(x.T)
+    assert h._pending is None and h.finalize().sum() == 600
