@@ -22,6 +22,7 @@ from .models import LoadedModel
 from .errors import UserError
 from .reducers.topk import check_toks
 from .reducers import ContextTopK, Histogram, HistogramBins, Moments, QuantileSamples, TopK
+from .reducers.fused import update_hook
 from .reducers.gate_cases import GateCases
 from .reducers.group_variance import GroupVariance
 from .reducers.pair import CrossMoments, PairMoments
@@ -95,14 +96,20 @@ class HookStats:
                groups: dict[str, torch.Tensor] | None = None) -> None:
         # x: (B, T, N); toks: (B, T) global index, -1 where not mined; mask = toks >= 0
         # groups: "by_token" / "by_position" -> (M,) group index of each mined position
+        # one pass for the standard set where the CPU kernels apply (a shard's tok grid rises along each context)
+        fused = update_hook(self.top, self.bottom, self.contexts, self.histogram, self.moments, x, toks, mask,
+                            n_mined=len(flat_toks))
+        if fused and self.samples is None and self.by_token is None:
+            return
         flat = x[mask].float()  # (M, N): only the mined positions
-        self.top.update(flat, flat_toks, check=False)  # the miner checks the batch's token range once
-        self.bottom.update(flat, flat_toks, check=False)
-        self.contexts.update(x, toks, check=False, rising=True)  # a shard's tok grid rises along each context
-        if self.histogram is not None:
-            self.histogram.update(flat)
-        if self.moments is not None:
-            self.moments.update(flat)
+        if not fused:
+            self.top.update(flat, flat_toks, check=False)  # the miner checks the batch's token range once
+            self.bottom.update(flat, flat_toks, check=False)
+            self.contexts.update(x, toks, check=False, rising=True)
+            if self.histogram is not None:
+                self.histogram.update(flat)
+            if self.moments is not None:
+                self.moments.update(flat)
         if self.samples is not None:
             self.samples.update(flat, flat_toks)
         if self.by_token is not None:

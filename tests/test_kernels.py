@@ -129,3 +129,69 @@ def test_non_contiguous_and_half_inputs_take_the_torch_path():
     h = Histogram(HistogramBins())
     h.update(x.T)
     assert h._pending is None and h.finalize().sum() == 600
+
+
+def standard_set(k: int = 4):
+    return TopK(k, True), TopK(k, False), ContextTopK(k), Histogram(HistogramBins()), Moments()
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("floored", [False, True])
+def test_fused_hook_update_equals_the_reducers_one_by_one(seed, floored, torch_ops):
+    """update_hook (one pass for top, bottom, contexts, histogram, moments) leaves the states the
+    reducers' own torch updates leave: bit for bit, moments to rounding. Batches with padding, NaN and
+    infinities (their columns take ContextTopK's exact path), ties, and floors from another shard."""
+    from mining.reducers.fused import update_hook
+
+    rng = np.random.default_rng(seed)
+    B, T, N = 6, 30, 70
+    fast, ref = standard_set(), standard_set()
+    if floored:  # floors as an actor gets them from a shard it stored
+        other = standard_set()
+        xo = hostile(seed + 10, M=B * T, N=N)
+        other[0].update(xo, torch.arange(10**6, 10**6 + B * T))
+        other[1].update(xo, torch.arange(10**6, 10**6 + B * T))
+        for s in (fast, ref):
+            s[0].set_floor(other[0].threshold())
+            s[1].set_floor(other[1].threshold())
+    took = []
+    for i in range(4):
+        x = hostile(seed * 7 + i, M=B * T, N=N).view(B, T, N).contiguous()
+        if i == 1:
+            x[:, :, :10] = torch.from_numpy(rng.integers(-2, 3, (B, T, 10)).astype(np.float32))  # ties
+        if i == 2:
+            x = torch.from_numpy(rng.normal(size=(B, T, N)).astype(np.float32))  # all finite: no exact path
+        tok = torch.arange(i * B * T, (i + 1) * B * T).view(B, T)
+        tok[:, 20 + i:] = -1  # padding / unmined tail
+        tok[i % B, :] = -1  # a context with nothing mined
+        mined = tok >= 0
+        took.append(update_hook(*fast, x, tok, mined))
+        if not took[-1]:
+            top, bottom, contexts, hist, mom = fast
+            flat = x[mined]
+            top.update(flat, tok[mined])
+            bottom.update(flat, tok[mined])
+            contexts.update(x, tok, rising=True)
+            hist.update(flat)
+            mom.update(flat)
+
+        def feed():
+            top, bottom, contexts, hist, mom = ref
+            flat = x[mined]
+            top.update(flat, tok[mined])
+            bottom.update(flat, tok[mined])
+            contexts.update(x, tok, rising=True)
+            hist.update(flat)
+            mom.update(flat)
+        torch_ops(feed)
+    assert took[1:] == [True] * 3 and took[0] == floored  # no floor: the first batch is ranked densely
+    for a, b in zip(fast[:3], ref[:3]):
+        keys_a = a.top.keys if isinstance(a, ContextTopK) else a.keys
+        keys_b = b.top.keys if isinstance(b, ContextTopK) else b.keys
+        assert torch.equal(keys_a, keys_b)
+    assert torch.equal(fast[3].finalize(), ref[3].finalize())
+    fa, fb = fast[4].finalize(), ref[4].finalize()
+    for key in ("count", "frac_active", "min", "max"):
+        np.testing.assert_array_equal(fa[key], fb[key], err_msg=key)
+    for key in ("mean", "std", "skew", "kurtosis"):
+        np.testing.assert_allclose(fa[key], fb[key], rtol=1e-9, atol=1e-12, err_msg=key)

@@ -146,6 +146,17 @@ class Histogram:
             self._pending.fill(0)
             self._pending_rows = 0
 
+    def pending(self, N: int, rows: int) -> np.ndarray:
+        """The (n_bins, N) int32 counts a CPU kernel is about to add `rows` rows of N columns to."""
+        if self._counts is None:
+            self._counts = torch.zeros(N, self.bins.n_bins, dtype=torch.int64)
+        if self._pending is None:
+            self._pending = np.zeros((self.bins.n_bins, N), np.int32)
+        if self._pending_rows + rows >= 2**31:  # an int32 count could overflow
+            self._flush()
+        self._pending_rows += rows
+        return self._pending
+
     def update(self, x: torch.Tensor) -> None:
         """x (M, N)."""
         if x.ndim != 2:
@@ -157,14 +168,9 @@ class Histogram:
         if M == 0:
             return
         if kernels.usable(x):
-            if self._pending is None:
-                self._pending = np.zeros((nb, N), np.int32)
-            if self._pending_rows + M >= 2**31:  # an int32 count could overflow
-                self._flush()
             b = self.bins
             kernels.histogram_add(x, 23 - b.mantissa_bits, (b.min_exp + 127) << b.mantissa_bits, b.n_regular,
-                                  b.zero_bin, nb, self._pending)
-            self._pending_rows += M
+                                  b.zero_bin, nb, self.pending(N, M))
             return
         # one bincount over neuron * n_bins + bin; int32 while the flat index fits
         idx = self.bins.index32(x)

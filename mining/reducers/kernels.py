@@ -34,7 +34,8 @@ def usable(x: torch.Tensor) -> bool:
 
 def _threads() -> None:
     """Use as many threads as torch does (one per actor under Ray), never more than numba has."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    n = int(os.environ.get("MINING_KERNEL_THREADS", 0)) or torch.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
 if numba is not None:
@@ -204,6 +205,140 @@ if numba is not None:
                             _insert(state, c, key)
 
 
+    @njit(inline="always")
+    def _kth(state, floor, c0, w, largest):  # pragma: no cover - compiled
+        """topk.decode of each column's threshold (its k-th key or its floor if higher), as float32."""
+        bits = np.empty(w, np.int32)
+        out = bits.view(np.float32)
+        k = state.shape[0]
+        for j in range(w):
+            key = max(state[k - 1, c0 + j], floor[c0 + j])
+            if key == -9223372036854775808:  # EMPTY: anything enters
+                bits[j] = 0
+                out[j] = -np.inf if largest else np.inf
+                continue
+            o = key >> 31  # floor division by 2**31
+            if not largest:
+                o = -o
+            bits[j] = np.int32(abs(o))
+            if o < 0:
+                out[j] = -out[j]
+        return out
+
+    @njit(**_jit)
+    def _layer(x, xi, mined, tok, top, top_floor, bot, bot_floor, ctx, ctx_floor,
+               ctx_bad, hist, shift, offset, R, zero_bin, n_bins, counts, mean, m2, m3, m4, active, lo, hi):
+        # pragma: no cover - compiled
+        """Everything a hook's standard reducers do with one batch, in one read of x (B, T, N): moments
+        (a second, centred pass over the block while it is in cache), top/bottom-k inserts, context peaks
+        and inserts, histogram. Columns whose context peaks are not all finite are flagged in ctx_bad and
+        left to ContextTopK's exact path."""
+        B, T, N = x.shape
+        for bi in prange((N + BLOCK - 1) // BLOCK):
+            c0 = bi * BLOCK
+            w = min(BLOCK, N - c0)
+            tk, bk, ck = _kth(top, top_floor, c0, w, True), _kth(bot, bot_floor, c0, w, False), _kth(ctx, ctx_floor, c0, w, True)
+            s = np.zeros(w)
+            mn = np.full(w, np.inf, np.float32)
+            mx = np.full(w, -np.inf, np.float32)
+            na = np.zeros(w, np.int64)
+            nan = np.zeros(w, np.int64)
+            bad = np.zeros(w, np.int64)
+            hit = np.zeros(w, np.bool_)
+            hitb = np.zeros(w, np.bool_)
+            idx = np.empty(w, np.int64)
+            peaks = np.empty((B, w), np.float32)  # each context's peak and its first position
+            peak_bits = peaks.view(np.int32)
+            where = np.empty((B, w), np.int64)
+            has = np.zeros(B, np.bool_)
+            count = 0
+            for b in range(B):
+                best = peaks[b]
+                at = where[b]
+                for t in range(T):
+                    if not mined[b, t]:
+                        continue
+                    if not has[b]:
+                        has[b] = True
+                        best[:] = -np.inf
+                        at[:] = t
+                    count += 1
+                    row = x[b, t, c0:c0 + w]
+                    nt = 0
+                    nb = 0
+                    for j in range(w):  # branch-free: vectorises
+                        v = row[j]
+                        s[j] += v
+                        mn[j] = min(mn[j], v)
+                        mx[j] = max(mx[j], v)
+                        na[j] += v > 0
+                        nan[j] += v != v
+                        bad[j] += (v != v) | (abs(v) == np.inf)
+                        gt = v > best[j]  # strict: the first position of the peak stays
+                        best[j] = v if gt else best[j]
+                        at[j] = t if gt else at[j]
+                        hit[j] = v >= tk[j]
+                        hitb[j] = v <= bk[j]
+                        nt += hit[j]
+                        nb += hitb[j]
+                    if nt:
+                        for j in range(w):
+                            if hit[j]:
+                                key = _key(xi[b, t, c0 + j], tok[b, t], True)
+                                if key >= top_floor[c0 + j]:
+                                    _insert(top, c0 + j, key)
+                    if nb:
+                        for j in range(w):
+                            if hitb[j]:
+                                key = _key(xi[b, t, c0 + j], tok[b, t], False)
+                                if key >= bot_floor[c0 + j]:
+                                    _insert(bot, c0 + j, key)
+                    if hist:
+                        bits_row = xi[b, t, c0:c0 + w]
+                        for j in range(w):
+                            bits = bits_row[j]
+                            a = bits & 0x7FFFFFFF
+                            u = min(max((a >> shift) - offset, -1), R)
+                            u = R - u if bits < 0 else R + 4 + u
+                            u = zero_bin if a == 0 else u
+                            idx[j] = n_bins - 1 if a > 0x7F800000 else u
+                        for j in range(w):
+                            counts[idx[j], c0 + j] += 1
+            for j in range(w):  # a column with a NaN or infinity anywhere is left to the exact path, whole
+                if bad[j] == 0:
+                    for b in range(B):
+                        if has[b] and peaks[b, j] >= ck[j]:
+                            key = _key(peak_bits[b, j], tok[b, where[b, j]], True)
+                            if key >= ctx_floor[c0 + j]:
+                                _insert(ctx, c0 + j, key)
+            mu = s / count
+            a2 = np.zeros(w)
+            a3 = np.zeros(w)
+            a4 = np.zeros(w)
+            for b in range(B):
+                for t in range(T):
+                    if not mined[b, t]:
+                        continue
+                    row = x[b, t, c0:c0 + w]
+                    for j in range(w):
+                        d = np.float64(row[j]) - mu[j]
+                        d2 = d * d
+                        a2[j] += d2
+                        a3[j] += d2 * d
+                        a4[j] += d2 * d2
+            for j in range(w):
+                if nan[j]:
+                    mn[j] = mx[j] = np.nan
+            mean[c0:c0 + w] = mu
+            m2[c0:c0 + w] = a2
+            m3[c0:c0 + w] = a3
+            m4[c0:c0 + w] = a4
+            active[c0:c0 + w] = na
+            lo[c0:c0 + w] = mn
+            hi[c0:c0 + w] = mx
+            ctx_bad[c0:c0 + w] = bad > 0
+
+
 def topk_insert(state: torch.Tensor, floor: torch.Tensor | None, x: torch.Tensor, kth: torch.Tensor,
                 toks: torch.Tensor, largest: bool) -> None:
     """Insert every entry of x (M, N) at least as extreme as kth[col] into the top-k keys state (k, N)
@@ -226,6 +361,30 @@ def _floor(floor: torch.Tensor | None, state: torch.Tensor) -> np.ndarray:
     if floor is None:
         return np.full(state.shape[1], np.iinfo(np.int64).min, np.int64)
     return floor.to(torch.int64).contiguous().numpy()
+
+
+def layer_update(x: torch.Tensor, mined: torch.Tensor, tok: torch.Tensor, top: tuple, bottom: tuple, contexts: tuple,
+                 hist: tuple | None) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """One batch x (B, T, N) for a hook's standard reducers (see reducers/fused.py). top, bottom, contexts:
+    (keys (k, N) int64 updated in place, floor (N,) int64 or None); hist: None or
+    (shift, offset, R, zero_bin, n_bins, counts (n_bins, N) int32 added to in place). Returns the batch's
+    moments (as moments.py's _batch_moments) and the columns whose contexts need the exact path."""
+    _threads()
+    N = x.shape[2]
+    xn = x.numpy()
+    out = {k: np.empty(N) for k in ("mean", "m2", "m3", "m4")}
+    active = np.empty(N, np.int64)
+    lo, hi = np.empty(N, np.float32), np.empty(N, np.float32)
+    bad = np.empty(N, np.bool_)
+    h = hist if hist is not None else (0, 0, 0, 0, 1, np.zeros((1, 1), np.int32))
+    parts = []
+    for keys, floor in (top, bottom, contexts):
+        parts += [keys.numpy(), _floor(floor, keys)]
+    _layer(xn, xn.view(np.int32), mined.contiguous().numpy(), tok.contiguous().numpy(), *parts, bad,
+           hist is not None, *h, out["mean"], out["m2"], out["m3"], out["m4"], active, lo, hi)
+    res = {k: torch.from_numpy(v) for k, v in out.items()}
+    res.update(n_active=torch.from_numpy(active), min=torch.from_numpy(lo).double(), max=torch.from_numpy(hi).double())
+    return res, np.flatnonzero(bad)
 
 
 def moments(x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -35,6 +35,10 @@ class Moments:
             return
         self._set(_combine(self._get(), _batch_moments(x)))
 
+    def add_batch(self, batch: dict) -> None:
+        """A batch's count, mean, centred m2..m4, n_active, min and max (as _batch_moments gives them)."""
+        self._set(_combine(self._get(), batch))
+
     def _get(self) -> dict:
         return {"count": self.count, "mean": self.mean, "m2": self.m2, "m3": self.m3, "m4": self.m4,
                 "n_active": self.n_active, "min": self.min, "max": self.max}

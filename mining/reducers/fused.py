@@ -1,0 +1,60 @@
+"""One pass over a batch for a hook's standard reducers: top-k, bottom-k, top contexts, histogram, moments.
+
+Fed one by one, each reducer reads the (B, T, N) activations again (and `HookStats` first copies out
+the mined rows); on a CPU those reads, not the arithmetic, are most of what mining costs. `update_hook`
+hands the whole set to kernels.layer_update, which reads each block of columns once. The states it
+leaves are the ones the reducers' own updates would leave (tests/test_kernels.py checks this bit for
+bit, moments to rounding); where it does not apply it returns False and the caller feeds each reducer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import kernels
+from .histogram import Histogram
+from .moments import Moments
+from .topk import EMPTY, ContextTopK, TopK
+
+
+def _settled(t: TopK) -> bool:
+    """Few values can still enter: every column holds k keys, or has a floor. Until then a batch may
+    hold M x N candidates, which TopK ranks densely instead. Once true it stays true for the state."""
+    if getattr(t, "_settled", None) is not t.keys:  # remembered per keys tensor: a merge or reload asks again
+        if not t.keys.is_contiguous() or not (bool((t.keys[-1] != EMPTY).all())
+                                              or (t.floor is not None and bool((t.floor != EMPTY).all()))):
+            return False
+        t._settled = t.keys
+    return True
+
+
+def update_hook(top: TopK, bottom: TopK, contexts: ContextTopK, histogram: Histogram | None, moments: Moments | None,
+                x: torch.Tensor, tok: torch.Tensor, mined: torch.Tensor, n_mined: int | None = None) -> bool:
+    """x (B, T, N); tok (B, T) global token index, rising along each context, -1 where not mined; mined = tok >= 0
+    (n_mined: its count, if the caller has it). True if every given reducer took the batch; False if nothing
+    was done."""
+    if x.ndim != 3 or not kernels.usable(x) or not top.largest or bottom.largest:
+        return False
+    N = x.shape[2]
+    for t in (top, bottom, contexts.top):
+        t._start(N, x.device)
+    M = int(mined.sum()) if n_mined is None else n_mined
+    if M == 0 or not (_settled(top) and _settled(bottom)) or not contexts.top.keys.is_contiguous():
+        return False
+    hist = None
+    if histogram is not None:
+        b = histogram.bins
+        hist = (23 - b.mantissa_bits, (b.min_exp + 127) << b.mantissa_bits, b.n_regular, b.zero_bin, b.n_bins,
+                histogram.pending(N, M))
+    batch, bad = kernels.layer_update(x, mined, tok.to(torch.int64), (top.keys, top.floor), (bottom.keys, bottom.floor),
+                                      (contexts.top.keys, contexts.top.floor), hist)
+    if len(bad):  # columns with a NaN or infinity: ContextTopK's exact path, on just those columns
+        cols = torch.from_numpy(bad)
+        sub = ContextTopK(contexts.k)
+        sub.top.keys = contexts.top.keys[:, cols].contiguous()
+        sub.top.floor = None if contexts.top.floor is None else contexts.top.floor[cols]
+        sub.update(x[:, :, cols].contiguous(), tok, check=False, rising=True)
+        contexts.top.keys[:, cols] = sub.top.keys
+    if moments is not None:
+        moments.add_batch({"count": M, **batch})
+    return True
