@@ -22,7 +22,7 @@ from .models import LoadedModel
 from .errors import UserError
 from .reducers.topk import check_toks
 from .reducers import ContextTopK, Histogram, HistogramBins, Moments, QuantileSamples, TopK
-from .reducers.fused import update_hook
+from .reducers.fused import update_hook, update_ranked
 from .reducers.gate_cases import GateCases
 from .reducers.group_variance import GroupVariance
 from .reducers.pair import CrossMoments, PairMoments
@@ -123,6 +123,8 @@ class HookStats:
 
     def update_dla(self, dla: torch.Tensor, toks: torch.Tensor) -> None:
         """dla (M, N) for the mined positions that have a next token; toks (M,)."""
+        if update_ranked(self.dla_top, self.dla_bottom, self.dla_moments, dla, toks):
+            return
         self.dla_top.update(dla, toks, check=False)
         self.dla_bottom.update(dla, toks, check=False)
         self.dla_moments.update(dla)
@@ -377,7 +379,8 @@ class _DlaBatch:
         self.scale: torch.Tensor | None = None
 
     def gain(self, point: HookPoint, x: torch.Tensor) -> None:
-        self.raw[point.name] = x[self.sel].float() * self.dla.neuron_gain(point.layer, self.directions)
+        gain = self.dla.neuron_gain(point.layer, self.directions)  # a fresh (M, N) float32: multiply in place
+        self.raw[point.name] = gain.mul_(x[self.sel])
 
     @contextmanager
     def watch_norm(self) -> Iterator[None]:

@@ -195,3 +195,34 @@ def test_fused_hook_update_equals_the_reducers_one_by_one(seed, floored, torch_o
         np.testing.assert_array_equal(fa[key], fb[key], err_msg=key)
     for key in ("mean", "std", "skew", "kurtosis"):
         np.testing.assert_allclose(fa[key], fb[key], rtol=1e-9, atol=1e-12, err_msg=key)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_fused_ranked_update_equals_the_reducers_one_by_one(seed, torch_ops):
+    """update_ranked (DLA's top, bottom and moments in one pass) against the reducers fed one by one."""
+    from mining.reducers.fused import update_ranked
+
+    fast, ref = (TopK(4, True), TopK(4, False), Moments()), (TopK(4, True), TopK(4, False), Moments())
+    took = []
+    for i in range(3):
+        x = hostile(seed * 5 + i, M=90, N=70)
+        tok = torch.arange(i * 90, (i + 1) * 90)
+        took.append(update_ranked(*fast, x, tok))
+        if not took[-1]:
+            for r in fast[:2]:
+                r.update(x, tok)
+            fast[2].update(x)
+
+        def feed():
+            for r in ref[:2]:
+                r.update(x, tok)
+            ref[2].update(x)
+        torch_ops(feed)
+    assert took == [False, True, True]
+    for a, b in zip(fast[:2], ref[:2]):
+        assert torch.equal(a.keys, b.keys)
+    fa, fb = fast[2].finalize(), ref[2].finalize()
+    for key in ("count", "frac_active", "min", "max"):
+        np.testing.assert_array_equal(fa[key], fb[key], err_msg=key)
+    for key in ("mean", "std", "skew", "kurtosis"):
+        np.testing.assert_allclose(fa[key], fb[key], rtol=1e-9, atol=1e-12, err_msg=key)

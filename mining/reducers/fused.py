@@ -1,4 +1,5 @@
-"""One pass over a batch for a hook's standard reducers: top-k, bottom-k, top contexts, histogram, moments.
+"""One pass over a batch for a hook's standard reducers: top-k, bottom-k, top contexts, histogram, moments
+(`update_hook`), or top-k, bottom-k and moments of flat values such as DLA (`update_ranked`).
 
 Fed one by one, each reducer reads the (B, T, N) activations again (and `HookStats` first copies out
 the mined rows); on a CPU those reads, not the arithmetic, are most of what mining costs. `update_hook`
@@ -57,4 +58,20 @@ def update_hook(top: TopK, bottom: TopK, contexts: ContextTopK, histogram: Histo
         contexts.top.keys[:, cols] = sub.top.keys
     if moments is not None:
         moments.add_batch({"count": M, **batch})
+    return True
+
+
+def update_ranked(top: TopK, bottom: TopK, moments: Moments, x: torch.Tensor, tok: torch.Tensor) -> bool:
+    """x (M, N) values (e.g. direct logit attribution), tok (M,) their token indices. True if all three
+    took the batch; False if nothing was done."""
+    if x.ndim != 2 or x.shape[0] == 0 or not kernels.usable(x) or not top.largest or bottom.largest:
+        return False
+    for t in (top, bottom):
+        t._start(x.shape[1], x.device)
+    if not (_settled(top) and _settled(bottom)):
+        return False
+    M = x.shape[0]
+    batch, _ = kernels.layer_update(x.view(1, M, -1), torch.ones(1, M, dtype=torch.bool), tok.to(torch.int64).view(1, M),
+                                    (top.keys, top.floor), (bottom.keys, bottom.floor), None, None)
+    moments.add_batch({"count": M, **batch})
     return True

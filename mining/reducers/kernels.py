@@ -86,7 +86,7 @@ if numba is not None:
 
     @njit(**_jit)
     def _histogram(xi, shift, offset, R, zero_bin, n_bins, counts):  # pragma: no cover - compiled
-        # counts (n_bins, N) int32, bin-major: a row's increments hit one entry per column, never twice
+        # counts: a flat view of (n_bins, N) int32, bin-major: a row's increments hit one entry per column, never twice
         M, N = xi.shape
         for bi in prange((N + BLOCK - 1) // BLOCK):
             c0 = bi * BLOCK
@@ -100,9 +100,10 @@ if numba is not None:
                     t = min(max((a >> shift) - offset, -1), R)
                     t = R - t if bits < 0 else R + 4 + t
                     t = zero_bin if a == 0 else t
-                    idx[j] = n_bins - 1 if a > 0x7F800000 else t
+                    t = n_bins - 1 if a > 0x7F800000 else t
+                    idx[j] = t * N + c0 + j  # flat, unsigned below: no negative-index wraparound per add
                 for j in range(w):
-                    counts[idx[j], c0 + j] += 1
+                    counts[np.uint64(idx[j])] += 1
 
     @njit(**_jit)
     def _count_candidates(x, kth, largest, per_block):  # pragma: no cover - compiled
@@ -226,13 +227,13 @@ if numba is not None:
         return out
 
     @njit(**_jit)
-    def _layer(x, xi, mined, tok, top, top_floor, bot, bot_floor, ctx, ctx_floor,
+    def _layer(x, xi, mined, tok, top, top_floor, bot, bot_floor, do_ctx, ctx, ctx_floor,
                ctx_bad, hist, shift, offset, R, zero_bin, n_bins, counts, mean, m2, m3, m4, active, lo, hi):
         # pragma: no cover - compiled
         """Everything a hook's standard reducers do with one batch, in one read of x (B, T, N): moments
         (a second, centred pass over the block while it is in cache), top/bottom-k inserts, context peaks
-        and inserts, histogram. Columns whose context peaks are not all finite are flagged in ctx_bad and
-        left to ContextTopK's exact path."""
+        and inserts (do_ctx), histogram (hist). Columns whose context peaks are not all finite are flagged
+        in ctx_bad and left to ContextTopK's exact path."""
         B, T, N = x.shape
         for bi in prange((N + BLOCK - 1) // BLOCK):
             c0 = bi * BLOCK
@@ -242,26 +243,23 @@ if numba is not None:
             mn = np.full(w, np.inf, np.float32)
             mx = np.full(w, -np.inf, np.float32)
             na = np.zeros(w, np.int64)
-            nan = np.zeros(w, np.int64)
-            bad = np.zeros(w, np.int64)
-            hit = np.zeros(w, np.bool_)
-            hitb = np.zeros(w, np.bool_)
+            bad = np.zeros(w, np.int64)  # NaN or infinite values
             idx = np.empty(w, np.int64)
             peaks = np.empty((B, w), np.float32)  # each context's peak and its first position
             peak_bits = peaks.view(np.int32)
-            where = np.empty((B, w), np.int64)
+            where = np.empty((B, w), np.int32)
             has = np.zeros(B, np.bool_)
             count = 0
+            best = np.empty(w, np.float32)  # this context's; local arrays, so the compiler sees no aliasing
+            at = np.empty(w, np.int32)
             for b in range(B):
-                best = peaks[b]
-                at = where[b]
                 for t in range(T):
                     if not mined[b, t]:
                         continue
                     if not has[b]:
                         has[b] = True
                         best[:] = -np.inf
-                        at[:] = t
+                        at[:] = np.int32(t)
                     count += 1
                     row = x[b, t, c0:c0 + w]
                     nt = 0
@@ -272,24 +270,21 @@ if numba is not None:
                         mn[j] = min(mn[j], v)
                         mx[j] = max(mx[j], v)
                         na[j] += v > 0
-                        nan[j] += v != v
-                        bad[j] += (v != v) | (abs(v) == np.inf)
+                        bad[j] += (v - v) != 0  # NaN for NaN and for +-inf
                         gt = v > best[j]  # strict: the first position of the peak stays
                         best[j] = v if gt else best[j]
-                        at[j] = t if gt else at[j]
-                        hit[j] = v >= tk[j]
-                        hitb[j] = v <= bk[j]
-                        nt += hit[j]
-                        nb += hitb[j]
-                    if nt:
+                        at[j] = np.int32(t) if gt else at[j]
+                        nt += v >= tk[j]
+                        nb += v <= bk[j]
+                    if nt:  # rare once thresholds settle: compare again, insert
                         for j in range(w):
-                            if hit[j]:
+                            if row[j] >= tk[j]:
                                 key = _key(xi[b, t, c0 + j], tok[b, t], True)
                                 if key >= top_floor[c0 + j]:
                                     _insert(top, c0 + j, key)
                     if nb:
                         for j in range(w):
-                            if hitb[j]:
+                            if row[j] <= bk[j]:
                                 key = _key(xi[b, t, c0 + j], tok[b, t], False)
                                 if key >= bot_floor[c0 + j]:
                                     _insert(bot, c0 + j, key)
@@ -301,11 +296,15 @@ if numba is not None:
                             u = min(max((a >> shift) - offset, -1), R)
                             u = R - u if bits < 0 else R + 4 + u
                             u = zero_bin if a == 0 else u
-                            idx[j] = n_bins - 1 if a > 0x7F800000 else u
+                            u = n_bins - 1 if a > 0x7F800000 else u
+                            idx[j] = u * N + c0 + j
                         for j in range(w):
-                            counts[idx[j], c0 + j] += 1
+                            counts[np.uint64(idx[j])] += 1
+                if has[b]:
+                    peaks[b] = best
+                    where[b] = at
             for j in range(w):  # a column with a NaN or infinity anywhere is left to the exact path, whole
-                if bad[j] == 0:
+                if do_ctx and bad[j] == 0:
                     for b in range(B):
                         if has[b] and peaks[b, j] >= ck[j]:
                             key = _key(peak_bits[b, j], tok[b, where[b, j]], True)
@@ -326,9 +325,13 @@ if numba is not None:
                         a2[j] += d2
                         a3[j] += d2 * d
                         a4[j] += d2 * d2
-            for j in range(w):
-                if nan[j]:
-                    mn[j] = mx[j] = np.nan
+            for j in range(w):  # NaN sticks, as in torch.amin / amax (min and max above skip it)
+                if bad[j]:
+                    for b in range(B):
+                        for t in range(T):
+                            v = x[b, t, c0 + j]
+                            if mined[b, t] and v != v:
+                                mn[j] = mx[j] = np.nan
             mean[c0:c0 + w] = mu
             m2[c0:c0 + w] = a2
             m3[c0:c0 + w] = a3
@@ -366,7 +369,7 @@ def _floor(floor: torch.Tensor | None, state: torch.Tensor) -> np.ndarray:
 def layer_update(x: torch.Tensor, mined: torch.Tensor, tok: torch.Tensor, top: tuple, bottom: tuple, contexts: tuple,
                  hist: tuple | None) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """One batch x (B, T, N) for a hook's standard reducers (see reducers/fused.py). top, bottom, contexts:
-    (keys (k, N) int64 updated in place, floor (N,) int64 or None); hist: None or
+    (keys (k, N) int64 updated in place, floor (N,) int64 or None); contexts None: no top contexts; hist: None or
     (shift, offset, R, zero_bin, n_bins, counts (n_bins, N) int32 added to in place). Returns the batch's
     moments (as moments.py's _batch_moments) and the columns whose contexts need the exact path."""
     _threads()
@@ -376,10 +379,13 @@ def layer_update(x: torch.Tensor, mined: torch.Tensor, tok: torch.Tensor, top: t
     active = np.empty(N, np.int64)
     lo, hi = np.empty(N, np.float32), np.empty(N, np.float32)
     bad = np.empty(N, np.bool_)
-    h = hist if hist is not None else (0, 0, 0, 0, 1, np.zeros((1, 1), np.int32))
+    h = hist if hist is not None else (0, 0, 0, 0, 1, np.zeros((1, N), np.int32))
+    h = (*h[:5], h[5].reshape(-1))  # the kernels add to the flat (n_bins * N) view
+    ctx_keys, ctx_floor = contexts if contexts is not None else (torch.full((1, N), -2**63, dtype=torch.int64), None)
     parts = []
-    for keys, floor in (top, bottom, contexts):
+    for keys, floor in (top, bottom):
         parts += [keys.numpy(), _floor(floor, keys)]
+    parts += [contexts is not None, ctx_keys.numpy(), _floor(ctx_floor, ctx_keys)]
     _layer(xn, xn.view(np.int32), mined.contiguous().numpy(), tok.contiguous().numpy(), *parts, bad,
            hist is not None, *h, out["mean"], out["m2"], out["m3"], out["m4"], active, lo, hi)
     res = {k: torch.from_numpy(v) for k, v in out.items()}
@@ -404,7 +410,7 @@ def histogram_add(x: torch.Tensor, shift: int, offset: int, R: int, zero_bin: in
                   counts: np.ndarray) -> None:
     """Add the bins of x (M, N) to counts (n_bins, N) int32 in place (see HistogramBins.index32)."""
     _threads()
-    _histogram(x.numpy().view(np.int32), shift, offset, R, zero_bin, n_bins, counts)
+    _histogram(x.numpy().view(np.int32), shift, offset, R, zero_bin, n_bins, counts.reshape(-1))
 
 
 def count_candidates(x: torch.Tensor, kth: torch.Tensor, largest: bool) -> int:
