@@ -2,7 +2,6 @@
 checked against brute force; a permuted copy whose neuron correspondence must be recovered."""
 
 import numpy as np
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch

@@ -5,7 +5,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from mining.cli import main
-from mining.query import connect, run_named, run_sql
+from mining.query import connect, run_named
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

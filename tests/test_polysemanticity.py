@@ -2,7 +2,6 @@
 embedding coherence of the peak tokens (our own metric) and how well it separates known-monosemantic
 from known-polysemantic neurons, and head ablation mined on the actors - all on SmolLM2's real weights."""
 
-import itertools
 
 import numpy as np
 import pyarrow.dataset as ds

@@ -52,7 +52,7 @@ def brute_cells(q: QuantileSamples, x: np.ndarray, toks: np.ndarray):
 
 def brute_band(bins, x, toks, prio, n, kind, a, b, vmax):
     """All band tokens of neuron n in the order the band is sampled: (e, tok) ascending."""
-    col, c = x[:, n], None
+    col = x[:, n]
     binidx = bins.index(torch.from_numpy(col.copy())).numpy()
     counts = np.bincount(binidx, minlength=bins.n_bins)
     if kind == "frac_max":

@@ -181,7 +181,7 @@ def test_status_logs_list(submitted, head):
     status = _cli(["jobs", "status", job_id, "--address", head["url"]], timeout=30)
     assert status.returncode == 0 and status.stdout.startswith(f"{job_id} SUCCEEDED"), status.stdout + status.stderr
     logs = _cli(["jobs", "logs", job_id, "--address", head["url"]], timeout=30)
-    assert logs.returncode == 0 and f"mined 300 tokens in 2 shards (2 this run)" in logs.stdout, logs.stdout
+    assert logs.returncode == 0 and "mined 300 tokens in 2 shards (2 this run)" in logs.stdout, logs.stdout
     listed = _cli(["jobs", "list", "--address", head["url"]], timeout=30)
     assert job_id in listed.stdout and str(store) in listed.stdout
 
