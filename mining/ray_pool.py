@@ -26,6 +26,10 @@ class MinerActor:
     """Wrapped with ray.remote at start-up so importing this module never needs Ray running."""
 
     def __init__(self, job: dict[str, Any], store: str, threads: int, token_groups: list[int] | None = None):
+        # numba sizes its kernel thread pool once, at import, from the host's cores: an actor's pool must be
+        # its own share, or idle kernel threads spin on the cores other actors compute on (2 actors on 2
+        # cores ran 2.2x slower). Nothing has imported numba in this process yet (engine does, below).
+        os.environ["NUMBA_NUM_THREADS"] = str(threads)
         import torch
 
         from .engine import ShardMiner
@@ -179,10 +183,8 @@ def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_token
     start_ray(address)
     n_actors, gpus = actor_count(spec, max(1, len(shards)))
     env = {k: v for k, v in os.environ.items() if k in ("MINING_INJECT_FAULT", "MINING_KERNELS")}
-    # numba sizes its thread pool at import, from the host's cores: an actor's pool must be its own share,
-    # or idle kernel threads spin on the cores other actors compute on (2 actors on 2 cores: 2.2x slower)
-    env["NUMBA_NUM_THREADS"] = str(spec.compute.cpus_per_actor)
-    remote = ray.remote(num_cpus=spec.compute.cpus_per_actor, num_gpus=gpus, runtime_env={"env_vars": env})(MinerActor)
+    remote = ray.remote(num_cpus=spec.compute.cpus_per_actor, num_gpus=gpus,
+                        runtime_env={"env_vars": env} if env else None)(MinerActor)
 
     def new_actor():
         return remote.remote(spec.to_dict(), store.location, spec.compute.cpus_per_actor, token_groups)
