@@ -36,7 +36,7 @@ def torch_ops(monkeypatch):
     return off
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 def test_histogram_kernel_equals_bincount(seed, torch_ops):
     x = hostile(seed)
     for bins in (HistogramBins(), HistogramBins(2, -126, 127), HistogramBins(0, -3, 2)):
@@ -51,7 +51,7 @@ def test_histogram_kernel_equals_bincount(seed, torch_ops):
         assert torch.equal(merged.finalize(), 2 * ref.finalize())
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 def test_moments_kernel_equals_torch(seed, torch_ops):
     x = hostile(seed)
     fast = _batch_moments(x)
@@ -74,7 +74,7 @@ def test_moments_kernel_is_centred_where_a_shift_would_cancel():
     torch.testing.assert_close(torch.from_numpy(m.finalize()["std"]), ref.std(0, unbiased=False), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 @pytest.mark.parametrize("largest", [True, False])
 def test_topk_kernel_equals_torch(seed, largest, torch_ops):
     x = hostile(seed)
@@ -93,7 +93,7 @@ def test_candidate_count():
     assert kernels.count_candidates(x, kth, largest=False) == int((x <= kth).sum()) == 5
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 def test_context_peaks_kernel_equals_torch_max(seed):
     rng = np.random.default_rng(seed)
     x = hostile(seed, M=5 * 40, N=130).view(5, 40, 130)
@@ -146,7 +146,7 @@ def feed_each(reducers, x, tok, mined):
     mom.update(flat)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 @pytest.mark.parametrize("floored", [False, True])
 def test_fused_hook_update_equals_the_reducers_one_by_one(seed, floored, torch_ops):
     """update_hook (one pass for top, bottom, contexts, histogram, moments) leaves the states the
