@@ -1,12 +1,14 @@
 """Single-pass CPU kernels (numba) for the per-batch work of the reducers.
 
 Each torch op is one pass over a (M, N) activation batch plus a temporary as large; a reducer
-that chains ten of them costs more than the layer's forward pass on a CPU. These kernels walk the
-batch once per reducer in blocks of BLOCK columns (a block's rows stay in cache, each block is a
-thread's own work, so no atomics) and compute exactly what the torch code beside them computes:
-the reducers call them for contiguous float32 CPU tensors and keep their torch code for every
-other case (GPU, other dtypes, numba missing). `MINING_KERNELS=torch` turns them off, e.g. to
-measure one against the other. tests/test_kernels.py checks each against its torch twin.
+that chains ten of them costs more than the layer's forward pass on a CPU. These kernels walk a
+batch in blocks of BLOCK columns (a block's rows stay in cache, each block is a thread's own work,
+so no atomics) and compute exactly what the torch code beside them computes. `_layer` does a
+hook's whole standard set in one read (reducers/fused.py); the others serve one reducer each
+(moments, histogram, top-k, top contexts). The reducers call them for contiguous float32 CPU tensors
+and keep their torch code for every other case (GPU, other dtypes, numba missing).
+`MINING_KERNELS=torch` turns them off, e.g. to measure one against the other (`mine bench --parts
+kernels`). tests/test_kernels.py checks each against its torch twin.
 """
 
 from __future__ import annotations
