@@ -15,18 +15,12 @@ import torch
 from . import kernels
 from .histogram import Histogram
 from .moments import Moments
-from .topk import EMPTY, ContextTopK, TopK
+from .topk import ContextTopK, TopK
 
 
 def _settled(t: TopK) -> bool:
-    """Few values can still enter: every column holds k keys, or has a floor. Until then a batch may
-    hold M x N candidates, which TopK ranks densely instead. Once true it stays true for the state."""
-    if getattr(t, "_settled", None) is not t.keys:  # remembered per keys tensor: a merge or reload asks again
-        if not t.keys.is_contiguous() or not (bool((t.keys[-1] != EMPTY).all())
-                                              or (t.floor is not None and bool((t.floor != EMPTY).all()))):
-            return False
-        t._settled = t.keys
-    return True
+    """The kernels insert into the keys in place: they must be settled (few candidates) and contiguous."""
+    return t.settled() and t.keys.is_contiguous()
 
 
 def update_hook(top: TopK, bottom: TopK, contexts: ContextTopK, histogram: Histogram | None, moments: Moments | None,

@@ -90,10 +90,23 @@ class TopK:
         self.largest = bool(largest)
         self.keys: torch.Tensor | None = None  # (k, N) int64, best first; None until N is known
         self.floor: torch.Tensor | None = None  # (N,) int64 keys that can never make the merged top-k
+        self._settled_keys: torch.Tensor | None = None  # the keys settled() last found settled
 
     def set_floor(self, floor: torch.Tensor | None) -> None:
         """Keys below `floor` (N,) are dropped: valid only if it comes from a shard in the final merge."""
         self.floor = floor
+        self._settled_keys = None
+
+    def settled(self) -> bool:
+        """Few values can still enter: every column holds k keys, or has a floor. Until then one batch may
+        hold M x N candidates, which are ranked densely. Stays true for the same keys tensor (inserts only
+        raise it), so the check costs one pass per state, not one per batch."""
+        if self._settled_keys is not self.keys:
+            if self.keys is None or not (bool((self.keys[-1] != EMPTY).all())
+                                         or (self.floor is not None and bool((self.floor != EMPTY).all()))):
+                return False
+            self._settled_keys = self.keys
+        return True
 
     def threshold(self) -> torch.Tensor:
         """(N,) the key a new entry must beat: the k-th kept key, or the floor if higher."""
@@ -115,9 +128,8 @@ class TopK:
         # settle that is a small fraction of the batch, ranked sparsely.
         kth, _ = decode(self.threshold(), self.largest)
         if kernels.usable(x) and self.keys.is_contiguous():
-            # once every column holds k keys, inserting is cheap; until then only if few values can enter
-            full = bool((self.keys[-1] != EMPTY).all())
-            if full or kernels.count_candidates(x, kth, self.largest) * SPARSE <= x.numel():
+            # once settled, inserting is cheap; until then only if few values can enter
+            if self.settled() or kernels.count_candidates(x, kth, self.largest) * SPARSE <= x.numel():
                 kernels.topk_insert(self.keys, self.floor, x, kth, tok[:, 0], self.largest)
                 return
             found = None
