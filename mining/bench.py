@@ -295,6 +295,8 @@ def throughput(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str
     if "mining" in best and "mining_torch_ops" in best:
         out["kernels_speedup"] = best["mining"] / best["mining_torch_ops"]
     out["rounds_tokens_per_s"] = rates
+    if work.loaded.device.type == "cuda":
+        out["gpu_utilisation"] = gpu_utilisation(work, best)
     if "alternatives" in parts:
         alt = {"tokens_per_s": best["cache_to_disk"], "ratio": best["cache_to_disk"] / bare,
                **details.get("cache_to_disk", {})}
@@ -303,6 +305,39 @@ def throughput(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str
         out["alternatives"] = {"cache_to_disk": alt,
                                **library_alternatives(work.loaded, work.shards, work.warm, work.cfg.batch_size,
                                                       work.n_tokens, bare)}
+    return out
+
+
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "L40S": 362.0}
+"""Dense bf16/fp16 tensor-core peaks from the vendors' datasheets (SXM parts), TFLOP/s."""
+
+
+def flops_per_token(model, context_length: int) -> float:
+    """Forward FLOPs per token: 2 per weight of every matmul (the LM head's too, tied or not; embeddings are
+    lookups) plus causal attention's scores and mix, 2 x 2 x d x T/2 per layer at an average T/2 keys."""
+    cfg = model.config
+    embed = model.get_input_embeddings().weight
+    matmul = sum(p.numel() for p in model.parameters() if p.ndim == 2 and p is not embed)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is embed:
+        matmul += embed.numel()
+    heads_dim = getattr(cfg, "num_attention_heads", 0) * getattr(cfg, "head_dim", None) \
+        if getattr(cfg, "head_dim", None) else cfg.hidden_size
+    return 2.0 * matmul + 2.0 * cfg.num_hidden_layers * heads_dim * context_length
+
+
+def gpu_utilisation(work: Workload, best: dict[str, float]) -> dict[str, Any]:
+    """Model FLOP utilisation of each variant: useful forward FLOPs per second over the GPU's dense peak."""
+    import torch
+
+    name = torch.cuda.get_device_name(work.loaded.device)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    T = sum(s.n_tokens for s in work.shards) / max(1, sum(len(s.ids) for s in work.shards))  # mean context
+    fpt = flops_per_token(work.loaded.model, int(round(T)))
+    out: dict[str, Any] = {"name": name, "flops_per_token": fpt, "peak_tflops": peak,
+                           "memory_gib": torch.cuda.max_memory_allocated(work.loaded.device) / 2**30}
+    if peak and work.loaded.dtype in (torch.bfloat16, torch.float16):
+        out["mfu"] = {k: v * fpt / (peak * 1e12) for k, v in best.items()}
     return out
 
 
@@ -422,6 +457,11 @@ def format_report(r: dict[str, Any]) -> str:
                 out.append(f"  {name}: " + (f"skipped: {v['skipped']}" if "skipped" in v else
                                             f"{v['tokens_per_s']:,.0f} tok/s, ratio {v['ratio']:.2f} ({v['what']})"))
         out.append("  ratio = tok/s over the bare forward's; time = wall time over the bare forward's")
+        g = r.get("gpu_utilisation")
+        if g:
+            mfu = ", ".join(f"{k} {v:.1%}" for k, v in g.get("mfu", {}).items()) or "n/a (no bf16/fp16 peak known)"
+            out.append(f"  {g['name']}: {g['flops_per_token'] / 1e6:,.0f} MFLOP/token; model FLOP utilisation "
+                       f"(of {g['peak_tflops']} TFLOP/s): {mfu}; peak memory {g['memory_gib']:.1f} GiB")
     if "store" in r:
         from .bench_store import store_lines
 

@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     bench.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's own, one per core)")
+    bench.add_argument("--corpus", default="builtin:python-docs",
+                       help="corpus source of the slice (default builtin:python-docs; builtin:python-stdlib is larger)")
     bench.add_argument("--repeats", type=int, default=2, help="interleaved rounds per variant, best counts (default 2)")
     bench.add_argument("--parts", default="all", help=f"comma-separated subset of {','.join(PARTS)} (default all)")
     bench.add_argument("--memory-tokens", type=int, help="N of the memory part, which mines N and 10N tokens "
@@ -347,6 +349,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = BenchConfig(model=args.model, tokens=args.tokens, batch_size=args.batch_size,
                       context_length=args.context_length, dtype=args.dtype, device=args.device, threads=args.threads,
+                      corpus=args.corpus,
                       repeats=args.repeats, parts=parse_parts(args.parts), memory_tokens=args.memory_tokens,
                       memory_variant=args.memory_variant,
                       synthetic_store=args.synthetic_store, synthetic_tokens=args.synthetic_tokens,

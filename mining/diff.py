@@ -26,13 +26,12 @@ import torch
 from contextlib import nullcontext
 
 from .dla import DirectLogitAttribution
-from .engine import HookStats, ShardMiner, ShardResult, _concat, _DlaBatch, next_token_targets
+from .engine import HookStats, ShardMiner, ShardResult, _concat, _DlaBatch, make_batch, mined_rows
 from .errors import UserError
 from .hooks import capture, mlp_out_weight, resolve_hooks
 from .models import LoadedModel
 from .reducers import Moments, TopK
 from .reducers.pair import CrossMoments, PairMoments
-from .reducers.topk import check_toks
 from .shards import Shard
 from .spec import JobSpec
 
@@ -83,26 +82,18 @@ class DiffMiner(ShardMiner):
         tok_grid = shard.tok_grid()
         B = self.spec.compute.batch_size
         for lo in range(0, len(shard.ids), B):
-            sl = slice(lo, lo + B)
-            T = int(shard.length[sl].max())
-            ids = torch.from_numpy(shard.ids[sl, :T]).to(dev)
-            attention = (torch.arange(T)[None, :] < torch.from_numpy(shard.length[sl])[:, None]).long().to(dev)
-            toks_np = tok_grid[sl, :T]
-            toks = torch.from_numpy(toks_np).to(dev)
-            mask = toks >= 0
-            flat_toks = toks[mask]
-            check_toks(flat_toks)
-            targets_np = next_token_targets(shard, sl, T, toks_np)
+            batch = make_batch(shard, slice(lo, lo + B), tok_grid, dev)
+            sl, T, ids, attention = batch.sl, batch.T, batch.ids, batch.attention
+            toks_np, targets_np, rows, flat_toks = batch.toks_np, batch.targets_np, batch.rows, batch.flat_toks
             acts: dict[str, torch.Tensor] = {}
-            targets = torch.from_numpy(targets_np).to(dev)
-            dla_a = _DlaBatch(self.dla, targets, toks) if self.dla else None
-            dla_b = _DlaBatch(self.dla_b, targets, toks) if self.dla else None
+            dla_a = _DlaBatch(self.dla, batch) if self.dla else None
+            dla_b = _DlaBatch(self.dla_b, batch) if self.dla else None
 
             def keep_a(point, x: torch.Tensor) -> None:
                 if point.site == "attn.hook_z":
                     dla_a.raw[point.name] = _head_dla(dla_a, point, x, self.w_o["a", point.name])
                     return
-                acts[point.name] = x[mask].float()
+                acts[point.name] = mined_rows(x, rows).float()
                 if dla_a is not None and point.name in self.dla_points:
                     dla_a.gain(point, x)
 
@@ -111,7 +102,7 @@ class DiffMiner(ShardMiner):
                     dla_b.raw[point.name] = _head_dla(dla_b, point, x, self.w_o["b", point.name])
                     return
                 if point.name in acts:
-                    _update_pair(stats[point.name], acts.pop(point.name), x[mask].float(), flat_toks)
+                    _update_pair(stats[point.name], acts.pop(point.name), mined_rows(x, rows).float(), flat_toks)
                 if dla_b is not None and point.name in self.dla_points:
                     dla_b.gain(point, x)
 
@@ -138,7 +129,7 @@ class DiffMiner(ShardMiner):
 def _head_dla(dla: _DlaBatch, point, z: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
     """(M, heads): each head's output z_h through its W_O slice, dotted with the target's direction
     (divided by the final norm's scale later, in _DlaBatch.finish)."""
-    zs = z[dla.sel].float()  # (M, H * dh)
+    zs = mined_rows(z, dla.sel, torch.float32)  # (M, H * dh)
     g = dla.directions @ w_o.T  # (M, H * dh): W_O^T d_t
     return (zs * g).unflatten(-1, (point.n_heads, point.d_head)).sum(-1)
 

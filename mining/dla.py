@@ -43,6 +43,11 @@ class DirectLogitAttribution:
         self.w_u = unembedding(model)  # (d, V) view
         self.gamma = self.norm.weight
         self._w_out: dict[int, torch.Tensor] = {}
+        dtype = self.gamma.dtype
+        # On a GPU a half-precision model's gains are one matmul in its own dtype (the precision its down
+        # projection ran in): in float32 the (M, d) x (d, N) gain of every layer would cost as much as the
+        # forward pass itself. Elsewhere float32.
+        self.gain_dtype = dtype if self.gamma.is_cuda and dtype in (torch.float16, torch.bfloat16) else torch.float32
 
     def directions(self, targets: torch.Tensor) -> torch.Tensor:
         """d_t for each target id (M,) -> (M, d), in float32."""
@@ -61,5 +66,5 @@ class DirectLogitAttribution:
     def neuron_gain(self, layer: int, directions: torch.Tensor) -> torch.Tensor:
         """w_out · d_t for every neuron: (M, d) @ (d, N) -> (M, N)."""
         if layer not in self._w_out:
-            self._w_out[layer] = mlp_out_weight(self.model, layer).float()  # (N, d)
-        return directions @ self._w_out[layer].T
+            self._w_out[layer] = mlp_out_weight(self.model, layer).to(self.gain_dtype)  # (N, d)
+        return (directions.to(self.gain_dtype) @ self._w_out[layer].T).float()

@@ -22,6 +22,7 @@ from .models import LoadedModel
 from .errors import UserError
 from .reducers.topk import check_toks
 from .reducers import ContextTopK, Histogram, HistogramBins, Moments, QuantileSamples, TopK
+from .reducers.device import applies as device_path
 from .reducers.fused import update_hook, update_ranked
 from .reducers.gate_cases import GateCases
 from .reducers.group_variance import GroupVariance
@@ -92,16 +93,17 @@ class HookStats:
             by_position=GroupVariance(spec.corpus.context_length) if poly else None,
         )
 
-    def update(self, x: torch.Tensor, toks: torch.Tensor, mask: torch.Tensor, flat_toks: torch.Tensor,
-               groups: dict[str, torch.Tensor] | None = None) -> None:
+    def update(self, x: torch.Tensor, toks: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+               flat_toks: torch.Tensor, groups: dict[str, torch.Tensor] | None = None) -> None:
         # x: (B, T, N); toks: (B, T) global index, -1 where not mined; mask = toks >= 0
+        # rows: (M,) the mined positions' flat index into B*T (from the host: no device sync); flat_toks = their toks
         # groups: "by_token" / "by_position" -> (M,) group index of each mined position
         # one pass for the standard set where the CPU kernels apply (a shard's tok grid rises along each context)
         fused = update_hook(self.top, self.bottom, self.contexts, self.histogram, self.moments, x, toks, mask,
                             n_mined=len(flat_toks))
         if fused and self.samples is None and self.by_token is None:
             return
-        flat = x[mask].float()  # (M, N): only the mined positions
+        flat = mined_rows(x, rows)  # (M, N): only the mined positions
         if not fused:
             self.top.update(flat, flat_toks, check=False)  # the miner checks the batch's token range once
             self.bottom.update(flat, flat_toks, check=False)
@@ -111,15 +113,15 @@ class HookStats:
             if self.moments is not None:
                 self.moments.update(flat)
         if self.samples is not None:
-            self.samples.update(flat, flat_toks)
+            self.samples.update(flat.float(), flat_toks)
         if self.by_token is not None:
-            self.by_token.update(flat, groups["by_token"], check=False)  # in range by construction
-            self.by_position.update(flat, groups["by_position"], check=False)
+            self.by_token.update(flat.float(), groups["by_token"], check=False)  # in range by construction
+            self.by_position.update(flat.float(), groups["by_position"], check=False)
 
-    def update_gate(self, x: torch.Tensor, mask: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+    def update_gate(self, x: torch.Tensor, rows: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                     flat_toks: torch.Tensor) -> None:
         """gate, up: (M, N) booleans (pre-activation > 0) at the mined positions."""
-        self.gate_cases.update(x[mask].float(), gate, up, flat_toks)
+        self.gate_cases.update(mined_rows(x, rows).float(), gate, up, flat_toks)
 
     def update_dla(self, dla: torch.Tensor, toks: torch.Tensor) -> None:
         """dla (M, N) for the mined positions that have a next token; toks (M,)."""
@@ -140,10 +142,26 @@ class HookStats:
                 out[name] = r.top if isinstance(r, ContextTopK) else r
         return out
 
-    def set_floors(self, floors: dict[str, torch.Tensor]) -> None:
+    def set_floors(self, floors: dict[str, torch.Tensor], rows: int = 0) -> None:
+        """rows: the tokens the floors were taken from (sizes the device path's candidate buffers)."""
         for name, floor in floors.items():
             if getattr(self, name) is not None:
-                getattr(self, name).set_floor(floor)
+                getattr(self, name).set_floor(floor, rows)
+
+    def topks(self) -> list[TopK]:
+        """Every TopK inside the parts (ContextTopK's, GateCases' too)."""
+        out = []
+        for r in self.parts().values():
+            out += [r] if isinstance(r, TopK) else [r.top] if isinstance(r, ContextTopK) else getattr(r, "top", [])
+        return out
+
+    def dense_only(self) -> None:
+        """Rank every batch densely on the device path (the retry of a shard whose buffers overflowed)."""
+        for r in self.topks():
+            r.sparse = False
+
+    def overflowed(self) -> bool:
+        return any(r.overflowed() for r in self.topks())
 
     def parts(self) -> dict[str, object]:
         return {name: r for name, r in vars(self).items() if r is not None}
@@ -200,6 +218,8 @@ class ShardMiner:
         self.gate_points = gate_points(loaded.model, self.points) if spec.stats.gate_cases else {}
         self.floors: dict[str, dict[str, torch.Tensor]] = {}
         """hook -> part -> (N,) keys no entry below which can reach the merged top-k (see raise_floors)."""
+        self.floor_rows = 0
+        """Tokens of the stored shards the floors come from."""
         self._union: dict[str, dict[str, TopK]] = {}
         self.token_group = None
         if spec.stats.polysemanticity:
@@ -210,66 +230,71 @@ class ShardMiner:
 
     @torch.inference_mode()
     def mine(self, shard: Shard) -> ShardResult:
+        result = self._mine(shard, sparse=True)
+        if any(st.overflowed() for st in result.stats.values()):  # one host sync per shard
+            # a batch had more top-k candidates than the device path's buffer held: mine it again, densely
+            result = self._mine(shard, sparse=False)
+        return result
+
+    def _mine(self, shard: Shard, sparse: bool) -> ShardResult:
         start = time.perf_counter()
         dev = self.loaded.device
         stats = {p.name: HookStats.empty(self.spec, dla=p.name in self.dla_points,
                                          gated=p.site == "mlp.hook_post" and p.layer in self.gate_points)
                  for p in self.points}
         for name, st in stats.items():
-            st.set_floors(self.floors.get(name, {}))
+            st.set_floors(self.floors.get(name, {}), self.floor_rows)
+            if not sparse:
+                st.dense_only()
         extra = {q.name: (layer, kind) for layer, pair in self.gate_points.items() for kind, q in zip(("gate", "up"), pair)}
-        dense: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {p.name: [] for p in self.dense_points}
+        dense: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {p.name: [] for p in self.dense_points}
         token_parts: list[dict[str, np.ndarray]] = []
         tok_grid = shard.tok_grid()  # (C, L)
         B = self.spec.compute.batch_size
         for lo in range(0, len(shard.ids), B):
-            sl = slice(lo, lo + B)
-            T = int(shard.length[sl].max())
-            ids = torch.from_numpy(shard.ids[sl, :T]).to(dev)
-            attention = (torch.arange(T)[None, :] < torch.from_numpy(shard.length[sl])[:, None]).long().to(dev)
-            toks_np = tok_grid[sl, :T]
-            toks = torch.from_numpy(toks_np).to(dev)
-            mask = toks >= 0
-            flat_toks = toks[mask]
-            check_toks(flat_toks)
-            targets_np = next_token_targets(shard, sl, T, toks_np)
+            batch = make_batch(shard, slice(lo, lo + B), tok_grid, dev)
+            toks_np, targets_np, T = batch.toks_np, batch.targets_np, batch.T
+            toks, mask, rows, flat_toks = batch.toks, batch.mask, batch.rows, batch.flat_toks
             pick = {name: dense_selected(toks_np, self.spec.dense.token_fraction) & (toks_np >= 0) for name in dense}
-            dla = _DlaBatch(self.dla, torch.from_numpy(targets_np).to(dev), toks) if self.dla else None
+            dla = _DlaBatch(self.dla, batch) if self.dla else None
             groups = None
             if self.token_group is not None:
+                ids = batch.ids
                 pos = torch.arange(T, device=dev).expand(len(ids), T)
-                groups = {"by_token": self.token_group[ids.clamp(max=len(self.token_group) - 1)][mask],
-                          "by_position": pos[mask]}
+                groups = {"by_token": self.token_group[ids.clamp(max=len(self.token_group) - 1)].reshape(-1)[rows],
+                          "by_position": pos.reshape(-1)[rows]}
 
             signs: dict[int, dict[str, torch.Tensor]] = {}
 
             def on_activation(point: HookPoint, x: torch.Tensor) -> None:
                 if point.name in extra:  # a gated MLP's gate or up projection: keep only the signs
                     layer, kind = extra[point.name]
-                    signs.setdefault(layer, {})[kind] = x[mask] > 0
+                    signs.setdefault(layer, {})[kind] = mined_rows(x, rows) > 0
                 if point.name in stats:
-                    stats[point.name].update(x, toks, mask, flat_toks, groups)
+                    stats[point.name].update(x, toks, mask, rows, flat_toks, groups)
                     if stats[point.name].gate_cases is not None:
                         s = signs.pop(point.layer)
-                        stats[point.name].update_gate(x, mask, s["gate"], s["up"], flat_toks)
+                        stats[point.name].update_gate(x, rows, s["gate"], s["up"], flat_toks)
                 if dla is not None and point.name in self.dla_points:
                     dla.gain(point, x)
                 if point.name in dense and pick[point.name].any():
-                    sel = torch.from_numpy(pick[point.name]).to(x.device)
-                    dense[point.name].append((toks_np[pick[point.name]], x[sel].to(torch.float16).cpu().numpy()))
+                    sel = upload(np.flatnonzero(pick[point.name]), x.device)
+                    dense[point.name].append((toks_np[pick[point.name]], download(mined_rows(x, sel, torch.float16))))
 
             points = self.points + [p for p in self.dense_points if p.name not in stats]
             points += [q for pair in self.gate_points.values() for q in pair if q.name not in {p.name for p in points}]
             with capture(self.loaded.model, points, on_activation), (dla.watch_norm() if dla else nullcontext()):
-                out = self.loaded.model(input_ids=ids, attention_mask=attention)
+                out = self.loaded.model(input_ids=batch.ids, attention_mask=batch.attention)
             if dla is not None:
                 for name, values in dla.finish():
                     stats[name].update_dla(values, dla.toks)
             if self.spec.stats.token_table:
-                token_parts.append(self._token_rows(shard, sl, T, out, toks_np, targets_np))
+                token_parts.append(self._token_rows(shard, batch.sl, T, out, toks_np, targets_np))
             del out  # the logits (batch x T x vocab) must not live on through the next forward
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # the asynchronous copies to the host (token table, dense) are done
         result = ShardResult(shard.index, stats, _concat(token_parts, shard.index), n_tokens=shard.n_tokens)
-        result.dense = {name: (np.concatenate([t for t, _ in parts]), np.concatenate([v for _, v in parts]))
+        result.dense = {name: (np.concatenate([t for t, _ in parts]), np.concatenate([v.numpy() for _, v in parts]))
                         for name, parts in dense.items() if parts}
         result.seconds = time.perf_counter() - start
         return result
@@ -286,22 +311,19 @@ class ShardMiner:
                     continue
                 union[part] = r if part not in union else union[part].merge(r)
                 self.floors.setdefault(name, {})[part] = union[part].threshold()
+        self.floor_rows += result.n_tokens
 
     def _token_rows(self, shard: Shard, sl: slice, T: int, out, toks_np: np.ndarray,
                     target: np.ndarray) -> dict[str, np.ndarray]:
         C = len(shard.ids[sl])
         valid = toks_np >= 0  # (C, T)
-        logprob = np.full((C, T), np.nan, dtype=np.float32)
-        entropy = np.full((C, T), np.nan, dtype=np.float32)
         logits = getattr(out, "logits", None)
         if self.loaded.causal and logits is not None:
-            for c in range(C):  # one context at a time keeps the (T, V) float32 log-softmax small
-                lsm = torch.log_softmax(logits[c].float(), dim=-1)  # (T, V)
-                ent = -(lsm.exp() * lsm).sum(-1)
-                entropy[c] = ent.cpu().numpy()
-                tgt = torch.from_numpy(target[c]).to(lsm.device)
-                lp = lsm.gather(-1, tgt.clamp(min=0)[:, None])[:, 0]
-                logprob[c] = torch.where(tgt >= 0, lp, torch.nan).cpu().numpy()
+            logprob, entropy = token_scores(logits, target)
+            logprob, entropy = OnHost(logprob, valid), OnHost(entropy, valid)  # read once the shard is done
+        else:
+            logprob = np.full(int(valid.sum()), np.nan, dtype=np.float32)
+            entropy = logprob.copy()
         ctx = np.broadcast_to(shard.ctx[sl, None], (C, T))
         doc = np.broadcast_to(shard.doc_id[sl, None], (C, T))
         pos = np.broadcast_to(np.arange(T)[None, :], (C, T))
@@ -311,8 +333,95 @@ class ShardMiner:
             "tok": toks_np[valid], "ctx": ctx[valid], "pos": pos[valid].astype(np.int32), "doc_id": doc[valid],
             "char_start": spans[..., 0][valid], "char_end": spans[..., 1][valid],
             "token_id": ids[valid].astype(np.int32),
-            "token": shard.token_text[toks_np[valid] - shard.first_tok], "logprob": logprob[valid], "entropy": entropy[valid],
+            "token": shard.token_text[toks_np[valid] - shard.first_tok], "logprob": logprob, "entropy": entropy,
         }
+
+
+# ---------------------------------------------------------------- one batch on the device
+
+
+@dataclass
+class Batch:
+    """One forward pass's inputs, built on the host (the host knows which positions are mined, so no
+    device value is ever read back to find them) and copied to the device asynchronously."""
+
+    sl: slice
+    T: int
+    ids: torch.Tensor  # (B, T)
+    attention: torch.Tensor  # (B, T)
+    toks_np: np.ndarray  # (B, T) global token index, -1 where not mined
+    toks: torch.Tensor
+    mask: torch.Tensor  # toks >= 0
+    rows: torch.Tensor  # (M,) flat index into B*T of the mined positions
+    flat_toks: torch.Tensor  # (M,) their toks
+    targets_np: np.ndarray  # (B, T) next token id, -1 where none
+
+
+def make_batch(shard: Shard, sl: slice, tok_grid: np.ndarray, dev: torch.device) -> Batch:
+    T = int(shard.length[sl].max())
+    toks_np = tok_grid[sl, :T]
+    mined = toks_np >= 0
+    check_toks(torch.from_numpy(toks_np[mined]))  # on the host copy: no device sync
+    rows_np = np.flatnonzero(mined)
+    attention = (np.arange(T)[None, :] < shard.length[sl][:, None]).astype(np.int64)
+    toks = upload(toks_np, dev)
+    return Batch(sl=sl, T=T, ids=upload(shard.ids[sl, :T], dev), attention=upload(attention, dev), toks_np=toks_np,
+                 toks=toks, mask=toks >= 0, rows=upload(rows_np, dev), flat_toks=upload(toks_np.reshape(-1)[rows_np], dev),
+                 targets_np=next_token_targets(shard, sl, T, toks_np))
+
+
+def upload(a: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """A host array on the device; to a GPU from pinned memory, asynchronously."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
+def download(t: torch.Tensor) -> torch.Tensor:
+    """A device tensor copied to pinned host memory asynchronously: read it after a synchronize."""
+    if t.device.type != "cuda":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
+def mined_rows(x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x (B, T, N) -> (M, N) at the flat positions `rows`. float32 on the CPU (its kernels and torch code
+    take float32); the hook's own dtype on an accelerator, where the reducers read bfloat16 directly."""
+    flat = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+    if dtype is not None:
+        return flat.to(dtype)
+    return flat.float() if not device_path(x) else flat
+
+
+@dataclass
+class OnHost:
+    """A (C, T) tensor of per-position scores on its way to the host; `array()` keeps the valid positions."""
+
+    values: torch.Tensor
+    valid: np.ndarray
+
+    def array(self) -> np.ndarray:
+        return self.values.numpy()[self.valid]
+
+
+def token_scores(logits: torch.Tensor, target: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, T) float32 log-prob of each target (NaN where none) and entropy of the next-token distribution,
+    as host tensors (pinned, filled asynchronously on a GPU). Contexts go a few at a time, so the float32
+    log-softmax stays near 1 GiB on a GPU (one context on the CPU)."""
+    C, T = target.shape
+    per = max(1, (2**28 if logits.is_cuda else 1) // max(1, T * logits.shape[-1]))
+    tgt_all = upload(target, logits.device)
+    lp_parts, ent_parts = [], []
+    for lo in range(0, C, per):
+        lsm = torch.log_softmax(logits[lo:lo + per, :T].float(), dim=-1)  # (c, T, V)
+        ent_parts.append(-(lsm.exp() * lsm).sum(-1))
+        tgt = tgt_all[lo:lo + per]
+        lp = lsm.gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
+        lp_parts.append(torch.where(tgt >= 0, lp, torch.nan))
+        del lsm
+    return download(torch.cat(lp_parts)), download(torch.cat(ent_parts))
 
 
 def frequent_tokens(shards: list[Shard], n: int) -> list[int]:
@@ -370,22 +479,23 @@ def next_token_targets(shard: Shard, sl: slice, T: int, toks_np: np.ndarray) -> 
 class _DlaBatch:
     """One batch's DLA: each hooked layer's a·(w_out·d_t), divided by the final norm's scale at the end."""
 
-    def __init__(self, dla: DirectLogitAttribution, targets: torch.Tensor, toks: torch.Tensor):
+    def __init__(self, dla: DirectLogitAttribution, batch: Batch):
         self.dla = dla
-        self.sel = (toks >= 0) & (targets >= 0)
-        self.toks = toks[self.sel]
-        self.directions = dla.directions(targets[self.sel])  # (M, d)
+        sel = np.flatnonzero((batch.toks_np >= 0) & (batch.targets_np >= 0))  # mined, with a next token
+        self.sel = upload(sel, batch.toks.device)
+        self.toks = upload(batch.toks_np.reshape(-1)[sel], batch.toks.device)
+        self.directions = dla.directions(upload(batch.targets_np.reshape(-1)[sel], batch.toks.device))  # (M, d)
         self.raw: dict[str, torch.Tensor] = {}
         self.scale: torch.Tensor | None = None
 
     def gain(self, point: HookPoint, x: torch.Tensor) -> None:
         gain = self.dla.neuron_gain(point.layer, self.directions)  # a fresh (M, N) float32: multiply in place
-        self.raw[point.name] = gain.mul_(x[self.sel])
+        self.raw[point.name] = gain.mul_(mined_rows(x, self.sel))
 
     @contextmanager
     def watch_norm(self) -> Iterator[None]:
         def keep(module, args):
-            self.scale = self.dla.scale(args[0])[self.sel]
+            self.scale = self.dla.scale(args[0]).reshape(-1)[self.sel]
 
         handle = self.dla.norm.register_forward_pre_hook(keep)
         try:
@@ -401,7 +511,7 @@ class _DlaBatch:
 def _concat(parts: list[dict[str, np.ndarray]], shard_index: int) -> pa.Table | None:
     if not parts:
         return None
-    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    cols = {k: np.concatenate([p[k].array() if isinstance(p[k], OnHost) else p[k] for p in parts]) for k in parts[0]}
     n = len(cols["tok"])
     cols["shard"] = np.full(n, shard_index, dtype=np.int32)
     table = pa.table(cols)

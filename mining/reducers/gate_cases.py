@@ -22,6 +22,8 @@ class GateCases:
         self.count: torch.Tensor | None = None  # (4, N) int64
         self.sum: torch.Tensor | None = None  # (4, N) float64
         self.top = [TopK(k, largest=POSITIVE_CASE[c]) for c, _, _ in CASES]
+        for t in self.top:  # a rare case leaves columns unfilled for long: every value would be a candidate
+            t.sparse = False
 
     def update(self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, tok: torch.Tensor) -> None:
         """x (M, N) activations, gate/up (M, N) pre-activations (only their signs matter), tok (M,)."""
@@ -35,7 +37,7 @@ class GateCases:
             hit = case == c
             self.count[c] += hit.sum(0)
             self.sum[c] += torch.where(hit, x, 0).double().sum(0)
-            self.top[c].update(torch.where(hit, x, nan), tok)  # NaN rows never enter a TopK
+            self.top[c].update(torch.where(hit, x, nan), tok, check=False)  # NaN rows never enter a TopK
 
     def merge(self, other: "GateCases") -> "GateCases":
         if other.k != self.k:

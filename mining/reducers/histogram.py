@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import kernels
+from . import device, kernels
 
 _ABS = 0x7FFFFFFF
 _INF_BITS = 0x7F800000
@@ -166,6 +166,9 @@ class Histogram:
         if self._counts is None:
             self._counts = torch.zeros(N, nb, dtype=torch.int64, device=x.device)
         if M == 0:
+            return
+        if device.applies(x):
+            (device.histogram_add_compiled if device.compile_on(x) else device.histogram_add)(self._counts, x, self.bins)
             return
         if kernels.usable(x):
             b = self.bins

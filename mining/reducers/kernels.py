@@ -31,7 +31,8 @@ def usable(x: torch.Tensor) -> bool:
     """The kernels take contiguous float32 CPU tensors; anything else stays on the torch path."""
     return (numba is not None and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
             and not x.requires_grad
-            and os.environ.get("MINING_KERNELS", "numba") != "torch")
+            and os.environ.get("MINING_KERNELS", "numba") != "torch"
+            and os.environ.get("MINING_DEVICE_PATH") != "1")  # reducers/device.py's paths, forced on the CPU
 
 
 def _threads() -> None:

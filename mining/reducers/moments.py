@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import kernels
+from . import device, kernels
 
 _STATS = ("mean", "m2", "m3", "m4")
 
@@ -108,13 +108,18 @@ class Moments:
 CHUNK_ELEMENTS = 2**17
 """Rows are taken this many float64 elements at a time (1 MiB): the temporaries of the centered
 powers stay in cache, which makes the two passes about twice as fast as whole-batch arrays."""
+DEVICE_CHUNK_ELEMENTS = 2**25
+"""On an accelerator: 256 MiB of float64 temporaries per chunk, so a (32768, 1536) batch is two chunks."""
 
 
 def _batch_moments(x: torch.Tensor) -> dict:
     M, N = x.shape
     if M and kernels.usable(x):
         return {"count": M, **kernels.moments(x)}
-    rows = max(1, CHUNK_ELEMENTS // max(N, 1))
+    if M and device.compile_on(x):
+        return device.batch_moments(x)
+    # a GPU wants whole-batch kernels, not cache-sized chunks (each chunk is ~10 launches)
+    rows = max(1, (CHUNK_ELEMENTS if x.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS) // max(N, 1))
     total = torch.zeros(N, dtype=torch.float64, device=x.device)
     for lo in range(0, M, rows):
         total += x[lo:lo + rows].sum(0, dtype=torch.float64)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
+from . import device, kernels
 
 EMPTY = torch.iinfo(torch.int64).min  # key of a free slot; below every real key
 MAX_TOK = 2**31 - 1
@@ -91,11 +91,36 @@ class TopK:
         self.keys: torch.Tensor | None = None  # (k, N) int64, best first; None until N is known
         self.floor: torch.Tensor | None = None  # (N,) int64 keys that can never make the merged top-k
         self._settled_keys: torch.Tensor | None = None  # the keys settled() last found settled
+        # the device path's host-side bookkeeping (reducers/device.py): no device value is read per batch
+        self.seen = 0  # rows given to update
+        self.floor_rows = 0  # rows behind the floor (the stored shards' tokens it was taken from)
+        self.sparse = True  # False: always rank densely (the miner's retry after an overflow)
+        self._overflow: torch.Tensor | None = None  # device bool: a sparse batch filled its capacity
 
-    def set_floor(self, floor: torch.Tensor | None) -> None:
-        """Keys below `floor` (N,) are dropped: valid only if it comes from a shard in the final merge."""
+    def set_floor(self, floor: torch.Tensor | None, rows: int = 0) -> None:
+        """Keys below `floor` (N,) are dropped: valid only if it comes from a shard in the final merge.
+        rows: how many rows the floor was taken from (sizes the device path's candidate buffers)."""
         self.floor = floor
+        self.floor_rows = rows if floor is not None else 0
         self._settled_keys = None
+
+    def sparse_capacity(self, M: int, N: int) -> int | None:
+        """Candidates buffer for a batch of M x N on the device path, or None to rank it densely. A new
+        value beats the k-th of `basis` earlier ones with chance about k / basis, so a batch has about
+        k N M / basis candidates: the buffer holds four times that (a power of two, so shapes repeat)."""
+        basis = self.seen + self.floor_rows
+        if not self.sparse or basis < self.k:
+            return None
+        want = int(4 * self.k * N * M / basis) + 2 * N
+        cap = 1 << (want - 1).bit_length()
+        return cap if cap * 4 <= M * N else None
+
+    def flag_overflow(self, full: torch.Tensor) -> None:
+        self._overflow = full.clone() if self._overflow is None else self._overflow.logical_or_(full)
+
+    def overflowed(self) -> bool:
+        """A sparse batch may have dropped candidates (one host sync: call once per shard)."""
+        return self._overflow is not None and bool(self._overflow)
 
     def settled(self) -> bool:
         """Few values can still enter: every column holds k keys, or has a floor. Until then one batch may
@@ -119,6 +144,9 @@ class TopK:
             raise ValueError(f"expected x (M, N) and tok (M,), got {tuple(x.shape)} and {tuple(tok.shape)}")
         if check:
             check_toks(tok)
+        if device.applies(x):
+            device.topk_update(self, x, tok.to(x.device, torch.int64))
+            return
         x, tok = x.float(), tok.to(x.device, torch.int64)[:, None]
         self._start(x.shape[1], x.device)
         if x.shape[0] == 0:
@@ -191,6 +219,7 @@ class TopK:
             out.keys = None if src is None else src.clone()
         else:
             out.keys = _best(self.keys, other.keys.to(self.keys.device), self.k)
+        out.seen = self.seen + other.seen
         return out
 
     def finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,8 +264,8 @@ class ContextTopK:
     def k(self) -> int:
         return self.top.k
 
-    def set_floor(self, floor: torch.Tensor | None) -> None:
-        self.top.set_floor(floor)
+    def set_floor(self, floor: torch.Tensor | None, rows: int = 0) -> None:
+        self.top.set_floor(floor, rows)
 
     def update(self, x: torch.Tensor, tok: torch.Tensor, check: bool = True, rising: bool | None = None) -> None:
         """x (B, T, N); tok (B, T) global token index, -1 where the position is not mined. `rising`: the
@@ -247,6 +276,9 @@ class ContextTopK:
         mined = tok >= 0
         if check:
             check_toks(tok[mined])
+        if device.applies(x) and (rising if rising is not None else _rising(tok, mined)):
+            device.context_update(self, x, tok, mined)
+            return
         B, T, N = x.shape
         self.top._start(N, x.device)
         if B == 0:

@@ -1,0 +1,293 @@
+"""The GPU path, checked and measured in one run (for a lent GPU machine; see BENCHMARKS.md).
+
+    python3 scripts/gpu_check.py --config DIR --out OUT [--device cuda] [--tokens N]
+
+DIR holds a model's config.json and tokenizer files (no weights: the device machine cannot download
+any, and SmolLM2's weights are too large to carry there), so the model is SmolLM2-135M's architecture
+with random bf16 weights: the same FLOPs, shapes and reducer work as the real one.
+
+Stages, each reported even if another fails:
+  exact     the device reducers (dense and sparse top-k, contexts, histogram, moments, compiled variants)
+            against the CPU paths on bf16 data with ties, NaN and infinities: keys and counts bit for bit
+  miner     ShardMiner on a tiny random Llama on the device against the same on the CPU
+  ops       per-reducer times on one layer's (B*T, N) bf16 batch, CUDA events, median of 20
+  bench     `mine bench` forward, mining, dla on the random SmolLM2, eager and MINING_COMPILE=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mining.reducers import ContextTopK, Histogram, HistogramBins, TopK  # noqa: E402
+from mining.reducers.moments import _batch_moments  # noqa: E402
+
+REPORT: dict = {}
+
+
+def stage(name):
+    def wrap(fn):
+        def run(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                REPORT[name] = {"ok": True, **(fn(*a, **k) or {})}
+            except Exception as e:  # noqa: BLE001 - every stage reports
+                REPORT[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+            REPORT[name]["seconds"] = round(time.perf_counter() - t0, 1)
+            print(f"== {name}: {'ok' if REPORT[name]['ok'] else 'FAILED ' + REPORT[name]['error']} "
+                  f"({REPORT[name]['seconds']} s)", flush=True)
+        return run
+    return wrap
+
+
+def hostile(M: int, N: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, N, generator=g) * torch.rand(N, generator=g) * 3
+    x[:, ::7] = x[:, ::7].round()  # ties
+    x[:, 3::11] = 0.0  # dead columns
+    x[torch.rand(M, N, generator=g) < 1e-4] = float("nan")
+    x[torch.rand(M, N, generator=g) < 1e-4] = float("inf")
+    x[torch.rand(M, N, generator=g) < 1e-4] = float("-inf")
+    return x.bfloat16()
+
+
+def cpu_path(fn):
+    before = os.environ.pop("MINING_DEVICE_PATH", None)
+    try:
+        return fn()
+    finally:
+        if before is not None:
+            os.environ["MINING_DEVICE_PATH"] = before
+
+
+@stage("exact")
+def exact(dev: torch.device) -> dict:
+    M, N, k = 4096, 1536, 16
+    x = hostile(M * 4, N, 0)
+    tok = torch.randperm(10 * M * 4)[: M * 4].sort().values
+    out = {}
+    for largest in (True, False):
+        ref, got = TopK(k, largest), TopK(k, largest)
+        caps = []
+        for lo in range(0, 4 * M, M):
+            cpu_path(lambda: ref.update(x[lo:lo + M].float(), tok[lo:lo + M], check=False))
+            caps.append(got.sparse_capacity(M, N))
+            got.update(x[lo:lo + M].to(dev), tok[lo:lo + M].to(dev), check=False)
+        out[f"topk_{'top' if largest else 'bottom'}"] = {
+            "equal": bool(torch.equal(ref.keys, got.keys.cpu())), "capacities": caps, "overflow": got.overflowed()}
+    B, T = 32, 128
+    xs = x[: B * T].view(B, T, N)
+    toks = torch.arange(B * T).view(B, T) * 2
+    toks[:, :3] = -1
+    ref, got = ContextTopK(k), ContextTopK(k)
+    cpu_path(lambda: ref.update(xs.float(), toks, check=False, rising=True))
+    got.update(xs.to(dev), toks.to(dev), check=False, rising=True)
+    out["contexts"] = bool(torch.equal(ref.top.keys, got.top.keys.cpu()))
+    for compiled in ("0", "1"):
+        os.environ["MINING_COMPILE"] = compiled
+        bins = HistogramBins()
+        ref, got = Histogram(bins), Histogram(bins)
+        cpu_path(lambda: ref.update(x.float()))
+        got.update(x.to(dev))
+        out[f"histogram_compile{compiled}"] = bool(torch.equal(ref.finalize(), got.finalize().cpu()))
+        r = cpu_path(lambda: _batch_moments(x.float()))
+        g = _batch_moments(x.to(dev))
+        out[f"moments_compile{compiled}"] = all(
+            bool(torch.allclose(g[key].cpu().double(), r[key].double(), rtol=1e-9, equal_nan=True))
+            for key in ("mean", "m2", "m3", "m4", "n_active", "min", "max"))
+    os.environ["MINING_COMPILE"] = "0"
+    flat = [v["equal"] if isinstance(v, dict) else v for v in out.values()]
+    if not all(flat):
+        raise AssertionError(f"mismatch: {out}")
+    return out
+
+
+@stage("miner")
+def miner(dev: torch.device, config_dir: str, scratch: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    from mining.engine import ShardMiner
+    from mining.models import load_model
+    from mining.runner import plan
+    from mining.spec import spec_from_dict
+    from mining.tiny import tiny_model
+
+    tok = AutoTokenizer.from_pretrained(config_dir)
+    folder = scratch / "tiny"
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+    def mine(device: str):
+        spec = spec_from_dict({
+            "name": "check", "model": {"id": str(folder), "device": device},
+            "corpus": {"source": "builtin:python-docs", "max_tokens": 6000, "context_length": 64},
+            "hooks": ["blocks.*.mlp.hook_post"],
+            "stats": {"top_k": 6, "dla": True, "token_table": True},
+            "dense": {"hooks": ["blocks.1.mlp.hook_post"], "token_fraction": 0.3},
+            "compute": {"batch_size": 8, "shard_tokens": 1500}})
+        loaded = load_model(spec.model)
+        shards, _ = plan(spec, loaded.tokenizer)
+        m = ShardMiner(spec, loaded)
+        res = []
+        for s in shards:
+            res.append(m.mine(s))
+            m.raise_floors(res[-1])
+        return res
+
+    ref = cpu_path(lambda: mine("cpu"))
+    got = mine(str(dev))
+    bad = []
+    for ra, rb in zip(ref, got, strict=True):
+        for name, st in ra.stats.items():
+            sa, sb = st.state_dict(), rb.stats[name].state_dict()
+            for key in sa:
+                a, b = sa[key], sb[key]
+                ok = torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5, equal_nan=True) \
+                    if key.split(".")[0] in ("moments", "dla_moments", "dla_top", "dla_bottom") else torch.equal(a, b)
+                if not ok:
+                    bad.append(f"shard {ra.index} {name} {key}")
+        for col in ("tok", "token_id"):
+            if not ra.tokens[col].equals(rb.tokens[col]):
+                bad.append(f"tokens.{col}")
+        lp_a, lp_b = ra.tokens["logprob"].to_numpy(zero_copy_only=False), rb.tokens["logprob"].to_numpy(zero_copy_only=False)
+        if not np.allclose(lp_a, lp_b, rtol=1e-3, atol=1e-4, equal_nan=True):
+            bad.append("tokens.logprob")
+    # float32 on both: the forward differs in rounding (cuBLAS vs CPU), so values may differ in the last
+    # bits and ranks of near-ties may swap: report, do not fail on, the first mismatches
+    return {"shards": len(ref), "mismatches": len(bad), "first": bad[:10]}
+
+
+def timed(fn, n: int = 20) -> float:
+    times = []
+    for _ in range(3):
+        fn()
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return float(np.median(times))
+
+
+@stage("ops")
+def ops(dev: torch.device) -> dict:
+    B, T, N, k = 64, 512, 1536, 32
+    x = (torch.randn(B, T, N, device=dev) * torch.rand(N, device=dev)).bfloat16()
+    flat = x.view(-1, N)
+    tok = torch.arange(B * T, device=dev).view(B, T)
+    ftok = tok.view(-1)
+    mined = tok >= 0
+    bytes_bf16 = flat.numel() * 2
+    out = {"shape": [B * T, N], "copy_ms": timed(lambda: flat.clone())}
+    young = TopK(k)
+    out["topk_dense_ms"] = timed(lambda: (young.__init__(k), young.update(flat, ftok, check=False)))
+    settled = TopK(k)
+    settled.update(flat, ftok, check=False)
+    fresh = (torch.randn(B * T, N, device=dev) * torch.rand(N, device=dev)).bfloat16()
+
+    def sparse():  # the second batch: thresholds from one batch, about k candidates per column
+        keys = settled.keys
+        settled.seen = B * T
+        settled.update(fresh, ftok + 10**7, check=False)
+        settled.keys = keys
+    out["topk_sparse_ms"] = timed(sparse)
+    out["topk_sparse_capacity"] = settled.sparse_capacity(B * T, N)
+    ctx = ContextTopK(k)
+    out["contexts_ms"] = timed(lambda: ctx.update(x, tok, check=False, rising=True))
+    h = Histogram(HistogramBins())
+    for compiled in ("0", "1"):
+        os.environ["MINING_COMPILE"] = compiled
+        out[f"histogram_compile{compiled}_ms"] = timed(lambda: h.update(flat))
+        out[f"moments_compile{compiled}_ms"] = timed(lambda: _batch_moments(flat))
+    os.environ["MINING_COMPILE"] = "0"
+    out["rows_index_ms"] = timed(lambda: flat.index_select(0, torch.arange(B * T, device=dev)))
+    out["bf16_read_gb_per_s_clone"] = 2 * bytes_bf16 / (out["copy_ms"] / 1e3) / 1e9
+    return out
+
+
+@stage("model")
+def make_model(config_dir: str, target: Path) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(config_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(config_dir).save_pretrained(target)
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
+def bench(name: str, model: Path, out: Path, tokens: int, env: dict) -> None:
+    @stage(name)
+    def run() -> dict:
+        cmd = [sys.executable, "-c", "import sys; from mining.cli import main; sys.exit(main(sys.argv[1:]))", "bench",
+               "--model", str(model), "--device", "cuda", "--dtype", "bfloat16", "--batch-size", "64",
+               "--context-length", "512", "--tokens", str(tokens), "--corpus", "builtin:python-stdlib",
+               "--parts", "forward,mining,dla", "--repeats", "3"]
+        p = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=240,
+                           env={**os.environ, **env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        (out / f"{name}.log").write_text(p.stderr[-20000:])
+        if p.returncode:
+            raise RuntimeError(p.stderr[-2000:])
+        r = json.loads(p.stdout)
+        (out / f"{name}.json").write_text(json.dumps(r, indent=1))
+        from mining.bench import format_report
+
+        print(format_report(r), flush=True)
+        return {k: r.get(k) for k in ("bare_tokens_per_s", "mining_tokens_per_s", "mining_ratio", "dla_tokens_per_s",
+                                      "dla_ratio", "gpu_utilisation")}
+    run()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tokens", type=int, default=524288)
+    ap.add_argument("--stages", default="exact,bench,ops,compiled,miner")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(a.device)
+    REPORT["env"] = {"torch": torch.__version__, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+    print(REPORT["env"], flush=True)
+    os.environ["MINING_DEVICE_PATH"] = "1"  # the CPU reference runs unset it; on a GPU it changes nothing
+    scratch = Path("/tmp/gpu_check")
+    stages = a.stages.split(",")
+    model = scratch / "smollm2-random"
+    try:
+        for s in stages:
+            os.environ["MINING_DEVICE_PATH"] = "1"
+            if s == "exact":
+                exact(dev)
+            elif s in ("bench", "compiled"):
+                if not model.exists():
+                    make_model(a.config, model)
+                bench(f"bench_{'eager' if s == 'bench' else 'compiled'}", model, out, a.tokens,
+                      {"MINING_COMPILE": "1" if s == "compiled" else "0"})
+            elif s == "ops":
+                ops(dev)
+            elif s == "miner":
+                miner(dev, a.config, scratch)
+    finally:
+        (out / "report.json").write_text(json.dumps(REPORT, indent=1, default=str))
+        print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "trace"} for k, v in REPORT.items()},
+                         indent=1, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()
