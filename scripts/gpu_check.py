@@ -189,7 +189,6 @@ def ops(dev: torch.device) -> dict:
     flat = x.view(-1, N)
     tok = torch.arange(B * T, device=dev).view(B, T)
     ftok = tok.view(-1)
-    mined = tok >= 0
     bytes_bf16 = flat.numel() * 2
     out = {"shape": [B * T, N], "copy_ms": timed(lambda: flat.clone())}
     young = TopK(k)
