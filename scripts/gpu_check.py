@@ -31,6 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mining.reducers import ContextTopK, Histogram, HistogramBins, TopK  # noqa: E402
+
+try:  # module level: numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) swaps this module's `cuda` global
+    from numba import cuda, int32, int64
+except ImportError:
+    cuda = None
 from mining.reducers.moments import _batch_moments  # noqa: E402
 
 REPORT: dict = {}
@@ -147,6 +152,18 @@ def miner(dev: torch.device, config_dir: str, scratch: Path) -> dict:
 
     ref = cpu_path(lambda: mine("cpu"))
     got = mine(str(dev))
+    syncs = []
+    if dev.type == "cuda":  # which operations still wait for the GPU (the shard-end reads are expected)
+        import warnings
+
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mine(str(dev))
+        torch.cuda.set_sync_debug_mode(0)
+        for w in caught:
+            where = [f"{f.filename.split('/')[-1]}:{f.lineno}" for f in traceback.extract_stack()[-1:]]
+            syncs.append(str(w.message)[:160] + f" @ {w.filename.split('/')[-1]}:{w.lineno}" + str(where))
     bad = []
     for ra, rb in zip(ref, got, strict=True):
         for name, st in ra.stats.items():
@@ -165,7 +182,10 @@ def miner(dev: torch.device, config_dir: str, scratch: Path) -> dict:
             bad.append("tokens.logprob")
     # float32 on both: the forward differs in rounding (cuBLAS vs CPU), so values may differ in the last
     # bits and ranks of near-ties may swap: report, do not fail on, the first mismatches
-    return {"shards": len(ref), "mismatches": len(bad), "first": bad[:10]}
+    counts: dict[str, int] = {}
+    for line in syncs:
+        counts[line] = counts.get(line, 0) + 1
+    return {"shards": len(ref), "mismatches": len(bad), "first": bad[:10], "syncs": len(syncs), "sync_sites": counts}
 
 
 def timed(fn, n: int = 20) -> float:
@@ -217,6 +237,74 @@ def ops(dev: torch.device) -> dict:
     return out
 
 
+def hist_kernel(nb: int, rows: int):
+    """Prototype: per-column histograms of bfloat16 bits in shared memory (16 columns x `rows` rows per block),
+    flushed to the int64 counts with one atomic per non-zero bin."""
+    size = 16 * nb
+
+    @cuda.jit
+    def kern(x16, counts, M, N, shift, base, R, zero_bin):
+        sm = cuda.shared.array(size, int32)
+        tid = cuda.threadIdx.x
+        for i in range(tid, size, 256):
+            sm[i] = 0
+        cuda.syncthreads()
+        c = tid % 16
+        col = cuda.blockIdx.x * 16 + c
+        r0 = cuda.blockIdx.y * rows
+        if col < N:
+            for r in range(r0 + tid // 16, min(r0 + rows, M), 16):
+                b = int32(x16[r, col]) << 16
+                sign = b >> 31
+                a = b & 0x7FFFFFFF
+                if a > 0x7F800000:
+                    k = nb - 1
+                elif a == 0:
+                    k = zero_bin
+                else:
+                    t = min(max((a >> shift) - base, -1), R)
+                    k = (t ^ sign) + sign * 3 + R + 4
+                cuda.atomic.add(sm, c * nb + k, 1)
+        cuda.syncthreads()
+        for i in range(tid, size, 256):
+            v = sm[i]
+            cc = cuda.blockIdx.x * 16 + i // nb
+            if v != 0 and cc < N:
+                cuda.atomic.add(counts, cc * nb + i % nb, int64(v))
+    return kern
+
+
+@stage("probe")
+def probe(dev: torch.device) -> dict:
+    out = {}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    import numba
+
+    out["numba"] = numba.__version__
+    out["numba_cuda"] = bool(cuda.is_available())
+    bins = HistogramBins()
+    M, N = 64 * 512, 1536
+    x = (torch.randn(M, N, device=dev) * torch.rand(N, device=dev)).bfloat16()
+    ref = Histogram(bins)
+    ref.update(x)
+    rows = 4096
+    kern = hist_kernel(bins.n_bins, rows)
+    counts = torch.zeros(N * bins.n_bins, dtype=torch.int64, device=dev)
+    stream = cuda.external_stream(torch.cuda.current_stream(dev).cuda_stream)
+    grid = ((N + 15) // 16, (M + rows - 1) // rows)
+    args = (cuda.as_cuda_array(x.view(torch.int16)), cuda.as_cuda_array(counts), M, N, 23 - bins.mantissa_bits,
+            (bins.min_exp + 127) << bins.mantissa_bits, bins.n_regular, bins.zero_bin)
+    kern[grid, 256, stream](*args)
+    torch.cuda.synchronize()
+    out["smem_hist_equal"] = bool(torch.equal(counts.view(N, -1), ref.finalize()))
+    out["smem_hist_ms"] = timed(lambda: kern[grid, 256, stream](*args))
+    return out
+
+
 @stage("model")
 def make_model(config_dir: str, target: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -236,7 +324,7 @@ def bench(name: str, model: Path, out: Path, tokens: int, env: dict) -> None:
                "--model", str(model), "--device", "cuda", "--dtype", "bfloat16", "--batch-size", "64",
                "--context-length", "512", "--tokens", str(tokens), "--corpus", "builtin:python-stdlib",
                "--parts", "forward,mining,dla", "--repeats", "3"]
-        p = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=240,
+        p = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=200,
                            env={**os.environ, **env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
         (out / f"{name}.log").write_text(p.stderr[-20000:])
         if p.returncode:
@@ -257,7 +345,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tokens", type=int, default=524288)
-    ap.add_argument("--stages", default="exact,bench,ops,compiled,miner")
+    ap.add_argument("--stages", default="exact,probe,bench,ops,miner,compiled")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,6 +353,7 @@ def main() -> None:
     REPORT["env"] = {"torch": torch.__version__, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     print(REPORT["env"], flush=True)
     os.environ["MINING_DEVICE_PATH"] = "1"  # the CPU reference runs unset it; on a GPU it changes nothing
+    os.environ["MINING_KERNELS"] = "torch"  # CPU references on the torch code (bit-identical; no numba compile)
     scratch = Path("/tmp/gpu_check")
     stages = a.stages.split(",")
     model = scratch / "smollm2-random"
@@ -280,6 +369,8 @@ def main() -> None:
                       {"MINING_COMPILE": "1" if s == "compiled" else "0"})
             elif s == "ops":
                 ops(dev)
+            elif s == "probe":
+                probe(dev)
             elif s == "miner":
                 miner(dev, a.config, scratch)
     finally:
