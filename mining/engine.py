@@ -22,7 +22,8 @@ from .models import LoadedModel
 from .errors import UserError
 from .reducers.topk import check_toks
 from .reducers import ContextTopK, Histogram, HistogramBins, Moments, QuantileSamples, TopK
-from .reducers.device import applies as device_path
+from .reducers import cuda_layer
+from .reducers.device import applies as device_path, download, upload
 from .reducers.fused import update_hook, update_ranked
 from .reducers.gate_cases import GateCases
 from .reducers.group_variance import GroupVariance
@@ -94,13 +95,19 @@ class HookStats:
         )
 
     def update(self, x: torch.Tensor, toks: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
-               flat_toks: torch.Tensor, groups: dict[str, torch.Tensor] | None = None) -> None:
+               flat_toks: torch.Tensor, groups: dict[str, torch.Tensor] | None = None,
+               layout: cuda_layer.Layout | None = None) -> None:
         # x: (B, T, N); toks: (B, T) global index, -1 where not mined; mask = toks >= 0
         # rows: (M,) the mined positions' flat index into B*T (from the host: no device sync); flat_toks = their toks
         # groups: "by_token" / "by_position" -> (M,) group index of each mined position
-        # one pass for the standard set where the CPU kernels apply (a shard's tok grid rises along each context)
-        fused = update_hook(self.top, self.bottom, self.contexts, self.histogram, self.moments, x, toks, mask,
-                            n_mined=len(flat_toks))
+        # one pass for the standard set: the GPU kernel, or the CPU kernels (a shard's tok grid rises along each context)
+        if layout is not None and x.ndim == 3 and cuda_layer.usable(x):
+            cuda_layer.layer_pass(x.view(-1, x.shape[-1]), layout, self.top, self.bottom, self.contexts,
+                                  self.histogram, self.moments)
+            fused = True
+        else:
+            fused = update_hook(self.top, self.bottom, self.contexts, self.histogram, self.moments, x, toks, mask,
+                                n_mined=len(flat_toks))
         if fused and self.samples is None and self.by_token is None:
             return
         flat = mined_rows(x, rows)  # (M, N): only the mined positions
@@ -125,6 +132,10 @@ class HookStats:
 
     def update_dla(self, dla: torch.Tensor, toks: torch.Tensor) -> None:
         """dla (M, N) for the mined positions that have a next token; toks (M,)."""
+        if dla.shape[0] and cuda_layer.usable(dla):
+            cuda_layer.layer_pass(dla, cuda_layer.Layout.of_rows(toks), self.dla_top, self.dla_bottom, None, None,
+                                  self.dla_moments)
+            return
         if update_ranked(self.dla_top, self.dla_bottom, self.dla_moments, dla, toks):
             return
         self.dla_top.update(dla, toks, check=False)
@@ -271,7 +282,7 @@ class ShardMiner:
                     layer, kind = extra[point.name]
                     signs.setdefault(layer, {})[kind] = mined_rows(x, rows) > 0
                 if point.name in stats:
-                    stats[point.name].update(x, toks, mask, rows, flat_toks, groups)
+                    stats[point.name].update(x, toks, mask, rows, flat_toks, groups, batch.layout)
                     if stats[point.name].gate_cases is not None:
                         s = signs.pop(point.layer)
                         stats[point.name].update_gate(x, rows, s["gate"], s["up"], flat_toks)
@@ -355,6 +366,7 @@ class Batch:
     rows: torch.Tensor  # (M,) flat index into B*T of the mined positions
     flat_toks: torch.Tensor  # (M,) their toks
     targets_np: np.ndarray  # (B, T) next token id, -1 where none
+    layout: cuda_layer.Layout | None = None  # the contexts, for the GPU kernel
 
 
 def make_batch(shard: Shard, sl: slice, tok_grid: np.ndarray, dev: torch.device) -> Batch:
@@ -365,25 +377,10 @@ def make_batch(shard: Shard, sl: slice, tok_grid: np.ndarray, dev: torch.device)
     rows_np = np.flatnonzero(mined)
     attention = (np.arange(T)[None, :] < shard.length[sl][:, None]).astype(np.int64)
     toks = upload(toks_np, dev)
+    layout = cuda_layer.Layout.of_grid(toks_np, toks) if device_path(toks) else None
     return Batch(sl=sl, T=T, ids=upload(shard.ids[sl, :T], dev), attention=upload(attention, dev), toks_np=toks_np,
                  toks=toks, mask=toks >= 0, rows=upload(rows_np, dev), flat_toks=upload(toks_np.reshape(-1)[rows_np], dev),
-                 targets_np=next_token_targets(shard, sl, T, toks_np))
-
-
-def upload(a: np.ndarray, dev: torch.device) -> torch.Tensor:
-    """A host array on the device; to a GPU from pinned memory, asynchronously."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    if dev.type == "cuda":
-        return t.pin_memory().to(dev, non_blocking=True)
-    return t.to(dev)
-
-
-def download(t: torch.Tensor) -> torch.Tensor:
-    """A device tensor copied to pinned host memory asynchronously: read it after a synchronize."""
-    if t.device.type != "cuda":
-        return t
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return out.copy_(t, non_blocking=True)
+                 targets_np=next_token_targets(shard, sl, T, toks_np), layout=layout)
 
 
 def mined_rows(x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 INT16_MIN = -(2**15)
@@ -36,6 +37,22 @@ def forced() -> bool:
 
 def applies(x: torch.Tensor) -> bool:
     return x.device.type != "cpu" or forced()
+
+
+def upload(a: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """A host array on the device; to a GPU from pinned memory, asynchronously."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
+def download(t: torch.Tensor) -> torch.Tensor:
+    """A device tensor copied to pinned host memory asynchronously: read it after a synchronize."""
+    if t.device.type != "cuda":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
 
 
 def ordered(x: torch.Tensor, invalid: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,139 @@
+"""The GPU kernel (reducers/cuda_layer.cu) built for the CPU (MINING_CUDA_EMULATE=1: one std::thread per
+CUDA thread, a barrier for __syncthreads) against the reducers' own paths and brute force: the same keys
+and counts bit for bit, moments to rounding; and the miner with it against the CPU miner."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mining.reducers import ContextTopK, Histogram, HistogramBins, Moments, TopK, cuda_layer
+
+from test_device import mine_all, same_results, tiny_job  # noqa: F401 - tiny_job is a fixture
+from test_kernels import hostile
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the emulated kernel needs g++")
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setenv("MINING_DEVICE_PATH", "1")
+    monkeypatch.setenv("MINING_CUDA_EMULATE", "1")
+    assert cuda_layer.library() is not None
+
+
+def reference(x: torch.Tensor, toks: np.ndarray, k: int, batches: list[slice], floor=None):
+    """The CPU reducers, fed batch by batch as the miner feeds them."""
+    top, bottom, ctx, hist, mom = TopK(k), TopK(k, largest=False), ContextTopK(k), Histogram(HistogramBins()), Moments()
+    if floor is not None:
+        top.set_floor(floor[0]), bottom.set_floor(floor[1])
+    for sl in batches:
+        xb, tb = x[sl].float(), torch.from_numpy(toks[sl])
+        mined = tb >= 0
+        flat = xb[mined]
+        top.update(flat, tb[mined], check=False)
+        bottom.update(flat, tb[mined], check=False)
+        ctx.update(xb, tb, check=False, rising=True)
+        hist.update(flat)
+        mom.update(flat)
+    return top, bottom, ctx, hist, mom
+
+
+def kernel_pass(x: torch.Tensor, toks: np.ndarray, k: int, batches: list[slice], floor=None, rows: int = 0):
+    top, bottom, ctx, hist, mom = TopK(k), TopK(k, largest=False), ContextTopK(k), Histogram(HistogramBins()), Moments()
+    if floor is not None:
+        top.set_floor(floor[0], rows), bottom.set_floor(floor[1], rows)
+    caps = []
+    for sl in batches:
+        xb, tb = x[sl].contiguous(), torch.from_numpy(np.ascontiguousarray(toks[sl]))
+        layout = cuda_layer.Layout.of_grid(toks[sl], tb)
+        caps.append(top.sparse_capacity(layout.total, x.shape[-1]))
+        cuda_layer.layer_pass(xb.view(-1, x.shape[-1]), layout, top, bottom, ctx, hist, mom)
+    return (top, bottom, ctx, hist, mom), caps
+
+
+def data(seed: int, B: int, T: int, N: int, dtype):
+    x = hostile(seed, B * T, N).view(B, T, N).to(dtype)
+    rng = np.random.default_rng(seed)
+    toks = (np.arange(B * T).reshape(B, T) * 2 + 5).astype(np.int64)
+    toks[:, 0] = -1  # a BOS-like unmined first position
+    toks[rng.random((B, T)) < 0.1] = -1
+    toks[1] = -1  # a context with nothing mined
+    return x, toks
+
+
+def check_same(got, ref, caps=None):
+    top, bottom, ctx, hist, mom = got
+    r_top, r_bottom, r_ctx, r_hist, r_mom = ref
+    assert not top.overflowed() and not bottom.overflowed()
+    assert torch.equal(top.keys, r_top.keys)
+    assert torch.equal(bottom.keys, r_bottom.keys)
+    assert torch.equal(ctx.top.keys, r_ctx.top.keys)
+    assert torch.equal(hist.finalize(), r_hist.finalize())
+    a, b = mom.finalize(), r_mom.finalize()
+    finite = np.isfinite(b["mean"]) & np.isfinite(b["std"])
+    for key in ("count", "frac_active", "min", "max"):
+        assert np.array_equal(a[key], b[key], equal_nan=True), key
+    for key in ("mean", "std", "skew", "kurtosis"):
+        assert np.allclose(a[key][finite], b[key][finite], rtol=1e-7, atol=1e-9, equal_nan=True), key
+        assert np.array_equal(np.isfinite(a[key]), np.isfinite(b[key])) or key in ("skew", "kurtosis"), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_the_reducers(dtype, emulated):
+    x, toks = data(0, 15, 40, 37, dtype)  # 37 columns: a partial block of 16
+    batches = [slice(lo, lo + 3) for lo in range(0, 15, 3)]
+    got, caps = kernel_pass(x, toks, 2, batches)
+    assert caps[0] is None and caps[-1] is not None  # dense first, then candidates from the kernel
+    check_same(got, reference(x, toks, 2, batches))
+
+
+def test_kernel_with_floors_from_another_shard(emulated):
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 40, 20, generator=gen).bfloat16()  # no constant columns: ties with the floor's (higher)
+    _, toks = data(1, 6, 40, 20, torch.bfloat16)          # toks would all be candidates
+    other = TopK(2), TopK(2, largest=False)
+    y = torch.randn(4000, 20, generator=gen)
+    for t in other:
+        t.update(y, torch.arange(4000) + 10_000, check=False)
+    floor = (other[0].threshold(), other[1].threshold())
+    batches = [slice(0, 3), slice(3, 6)]
+    got, caps = kernel_pass(x, toks, 2, batches, floor, rows=4000)
+    assert all(c is not None for c in caps)
+    ref = reference(x, toks, 2, batches, floor)
+    assert not got[0].overflowed() and not got[1].overflowed()
+    assert torch.equal(got[0].keys, ref[0].keys) and torch.equal(got[1].keys, ref[1].keys)
+
+
+def test_a_full_candidate_list_is_flagged(emulated, monkeypatch):
+    x, toks = data(2, 4, 10, 20, torch.float32)
+    monkeypatch.setattr(TopK, "sparse_capacity", lambda self, M, N: 2 if self.seen else None)
+    got, _ = kernel_pass(x, toks, 3, [slice(0, 2), slice(2, 4)])
+    assert got[0].overflowed()
+
+
+def test_dla_rows_without_contexts(emulated):
+    gen = torch.Generator().manual_seed(3)
+    dla = torch.randn(1100, 24, generator=gen)  # three pseudo-contexts of 512 rows, the last short
+    tok = torch.arange(1100) * 3
+    top, bottom, mom = TopK(4), TopK(4, largest=False), Moments()
+    r_top, r_bottom, r_mom = TopK(4), TopK(4, largest=False), Moments()
+    for sl in (slice(0, 600), slice(600, 1100)):
+        cuda_layer.layer_pass(dla[sl].contiguous(), cuda_layer.Layout.of_rows(tok[sl]), top, bottom, None, None, mom)
+        r_top.update(dla[sl], tok[sl]), r_bottom.update(dla[sl], tok[sl]), r_mom.update(dla[sl])
+    assert torch.equal(top.keys, r_top.keys) and torch.equal(bottom.keys, r_bottom.keys)
+    for key, v in mom.finalize().items():
+        assert np.allclose(v, r_mom.finalize()[key], rtol=1e-9), key
+
+
+def test_the_miner_with_the_kernel_equals_the_cpu_miner(tiny_job, monkeypatch):
+    spec, loaded, shards = tiny_job
+    ref = mine_all(spec, loaded, shards)
+    monkeypatch.setenv("MINING_DEVICE_PATH", "1")
+    monkeypatch.setenv("MINING_CUDA_EMULATE", "1")
+    calls = []
+    original = cuda_layer.layer_pass
+    monkeypatch.setattr(cuda_layer, "layer_pass", lambda *a: calls.append(1) or original(*a))
+    same_results(mine_all(spec, loaded, shards), ref)
+    assert calls
