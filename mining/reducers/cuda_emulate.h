@@ -12,6 +12,7 @@
 
 struct emu_dim3 { unsigned x = 0, y = 0, z = 0; };
 inline thread_local emu_dim3 threadIdx, blockIdx;
+inline emu_dim3 blockDim;
 inline std::barrier<>* emu_barrier = nullptr;
 inline unsigned char* emu_smem = nullptr;
 
@@ -26,9 +27,11 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
     return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
 }
 using std::isfinite;
+using std::isnan;
 
 inline void emu_launch(unsigned gx, unsigned gy, unsigned threads, int64_t smem, const std::function<void()>& body) {
     std::vector<unsigned char> shared((size_t)smem + 16);
+    blockDim.x = threads;
     for (unsigned by = 0; by < gy; ++by) {
         for (unsigned bx = 0; bx < gx; ++bx) {
             std::fill(shared.begin(), shared.end(), 0xAB);  // garbage, as on a GPU

@@ -1,17 +1,22 @@
-// One read of a hook's activations on the GPU for its standard reducers (see cuda_layer.py).
+// A hook's standard reducers on the GPU in one call (see cuda_layer.py): one read of the activations, then
+// small kernels that fold the results into the reducers' states in place. No torch op runs in between, so
+// one layer costs a handful of launches instead of a hundred (on a GPU the launches, not the arithmetic,
+// were most of the time).
 //
-// x is (M, N) row-major (M = contexts x rows per context), bfloat16 or float32. A block owns 16 columns
-// and `per_block` contexts; its 256 threads are 16 columns x 16 lanes, lanes striding over a context's
-// rows, so a warp reads two rows of 16 adjacent columns (coalesced). For every mined row it
-//   - counts the value's histogram bin in shared memory (flushed with one global atomic per non-zero bin),
+// layer_kernel: x is (M, N) row-major (M = contexts x rows per context), bfloat16 or float32. A block owns
+// 16 columns and `per_block` contexts; its 256 threads are 16 columns x 16 lanes, the lanes striding over
+// a context's rows, so a warp reads two rows of 16 adjacent columns (coalesced). For every mined row it
+//   - counts the value's histogram bin in shared memory (written out per block, summed by hist_reduce),
 //   - sums (x - shift)^p, p = 1..4, in float64 (shift: the context's first mined value), n_active, min, max,
-//   - tracks the context's peak (highest value, first position on ties),
-//   - appends (row, column) to the top / bottom candidate lists when its key beats the column's k-th.
-// Per-context partials go to (contexts, N) arrays that the caller combines with vectorised torch ops, so
-// nothing depends on the order threads run in (candidates are ranked by key afterwards).
+//   - tracks the context's peak (highest value, first position on ties) and writes its key if it beats
+//     the column's k-th context key,
+//   - appends (key, column) to the top / bottom candidate lists when its key beats the column's k-th.
+// moments_combine folds the contexts' (count, mean, central sums) into the running moments (Pebay);
+// topk_insert puts the candidates into each column's sorted keys. Keys are unique (value, then token), so
+// the states do not depend on the order threads run in.
 //
 // Built with nvcc by cuda_layer.py; with -DEMULATE it builds for the CPU (cuda_emulate.h: one std::thread
-// per CUDA thread), which is how tests/test_cuda_layer.py checks the logic on a machine without a GPU.
+// per CUDA thread), which is how the tests check it on a machine without a GPU.
 
 #ifdef EMULATE
 #include "cuda_emulate.h"
@@ -25,26 +30,39 @@
 #define THREADS (COLS * LANES)
 #define UNROLL 4
 #define INT32_LOWEST (-2147483647 - 1)
+#define EMPTY_KEY (-9223372036854775807LL - 1)
+#define MAX_TOK 2147483647LL
+#define SHIFT_TOK 2147483648LL
+
+struct Ranked {          // one TopK: its state and what the kernel leaves for it
+    int64_t* keys;       // (k, N) best first, EMPTY_KEY = free; null: not ranked this call
+    const int64_t* floor;  // (N,) or null
+    int64_t k;
+    int64_t* cand_key;   // (cap,)
+    int32_t* cand_col;   // (cap,)
+    int32_t* count;      // candidates found (may exceed cap)
+    int32_t* overflow;   // set to 1 when count > cap
+};
 
 struct Params {
     const void* x;            // (M, N) bfloat16 bits (uint16) or float32 bits (uint32)
     const int64_t* tok;       // (M,) global token index, -1 = not mined
     const int32_t* first;     // (n_ctx,) first mined row of each context (relative), -1 = none
+    const double* ctx_count;  // (n_ctx,) mined rows of each context
     int64_t M, N, T;          // rows, columns, rows per context (the last context may be shorter)
     int64_t n_ctx, per_block;
-    // top / bottom candidates: a row's key must beat the column's k-th (image, tok)
-    const int32_t* top_o; const int64_t* top_tok;
-    const int32_t* bot_o; const int64_t* bot_tok;
-    int64_t* top_cand; int32_t* top_count;
-    int64_t* bot_cand; int32_t* bot_count;
-    int64_t cap;              // capacity of each candidate list; 0: no candidates (dense ranking elsewhere)
+    int64_t cap;              // capacity of each candidate list; 0: top/bottom ranked elsewhere
+    Ranked top, bottom, ctx;  // ctx.keys null: no contexts
     // histogram: bin of float32 bits, as HistogramBins.index32
-    unsigned long long* counts;  // (N, nb) int64, or null
+    int64_t* counts;          // (N, nb), or null
+    int32_t* hist_part;       // (row blocks, N, nb) scratch
     int32_t shift, base, R, zero_bin, nb;
-    // per-context outputs, (n_ctx, N)
-    double* mean; double* m2; double* m3; double* m4;
-    float* vmin; float* vmax; int32_t* active; int32_t* cnt;
-    int32_t* peak_o; int32_t* peak_pos;   // null: no contexts
+    // per-context scratch, (n_ctx, N)
+    double* c_mean; double* c_m2; double* c_m3; double* c_m4;
+    float* c_min; float* c_max; int32_t* c_active; int64_t* c_key;
+    // running moments, (N,): updated in place; null mean: no moments
+    double* mean; double* m2; double* m3; double* m4; double* vmin; double* vmax; int64_t* n_active;
+    double n_before;          // rows the running moments hold
 };
 
 __device__ __forceinline__ uint32_t load_bits(const void* x, int64_t i, int bf16) {
@@ -52,9 +70,9 @@ __device__ __forceinline__ uint32_t load_bits(const void* x, int64_t i, int bf16
     return ((const uint32_t*)x)[i];
 }
 
-__device__ __forceinline__ int32_t ordered(uint32_t b) {
-    // float32 bits -> an int32 monotone in the value, -0 == +0 (NaN handled by the caller)
-    int32_t mag = (int32_t)(b & 0x7FFFFFFFu);
+__device__ __forceinline__ int64_t ordered(uint32_t b) {
+    // float32 bits -> an integer monotone in the value, -0 == +0 (NaN handled by the caller); as topk.encode
+    int64_t mag = (int64_t)(b & 0x7FFFFFFFu);
     return (b >> 31) ? -mag : mag;
 }
 
@@ -65,6 +83,20 @@ __device__ __forceinline__ int bin_of(uint32_t b, const Params& p) {
     int32_t t = (int32_t)(a >> p.shift) - p.base;
     t = t < -1 ? -1 : (t > p.R ? p.R : t);
     return (b >> 31) ? p.R - t : p.R + 4 + t;
+}
+
+__device__ __forceinline__ int64_t kth(const Ranked& r, int64_t n, int64_t N) {
+    int64_t t = r.keys[(r.k - 1) * N + n];
+    if (r.floor) {
+        int64_t f = r.floor[n];
+        t = f > t ? f : t;
+    }
+    return t;
+}
+
+__device__ __forceinline__ void append(const Ranked& r, int64_t cap, int64_t key, int32_t col) {
+    int32_t i = atomicAdd(r.count, 1);
+    if (i < cap) { r.cand_key[i] = key; r.cand_col[i] = col; }
 }
 
 template <int BF16>
@@ -85,8 +117,9 @@ __global__ void layer_kernel(Params p) {
         for (int i = tid; i < COLS * p.nb; i += THREADS) hist[i] = 0;
     }
     __syncthreads();
-    const int32_t top_o = (col_ok && p.cap) ? p.top_o[n] : 0, bot_o = (col_ok && p.cap) ? p.bot_o[n] : 0;
-    const int64_t top_tok = (col_ok && p.cap) ? p.top_tok[n] : 0, bot_tok = (col_ok && p.cap) ? p.bot_tok[n] : 0;
+    const bool rank = p.cap > 0 && col_ok;
+    const int64_t top_thr = rank ? kth(p.top, n, p.N) : 0, bot_thr = rank ? kth(p.bottom, n, p.N) : 0;
+    const int64_t ctx_thr = (p.ctx.keys && col_ok) ? kth(p.ctx, n, p.N) : 0;
     const int64_t ctx0 = (int64_t)blockIdx.y * p.per_block;
     for (int64_t ctx = ctx0; ctx < ctx0 + p.per_block && ctx < p.n_ctx; ++ctx) {
         const int64_t row0 = ctx * p.T;
@@ -99,7 +132,8 @@ __global__ void layer_kernel(Params p) {
         }
         double s1 = 0, s2 = 0, s3 = 0, s4 = 0;
         float lo = INFINITY, hi = -INFINITY;
-        int32_t act = 0, count = 0, nan_seen = 0, po = INT32_LOWEST, ppos = 2147483647;
+        int32_t act = 0, nan_seen = 0, ppos = 2147483647;
+        int64_t po = EMPTY_KEY;
         if (f >= 0 && col_ok) {
             // UNROLL rows per step, all loads issued before any is used: several loads in flight per thread
             for (int64_t t0 = f + lane; t0 < len; t0 += UNROLL * LANES) {
@@ -113,35 +147,30 @@ __global__ void layer_kernel(Params p) {
                 }
 #pragma unroll
                 for (int u = 0; u < UNROLL; ++u) {
-                    const int64_t tk = tks[u], t = t0 + u * LANES, row = row0 + t;
+                    const int64_t tk = tks[u], t = t0 + u * LANES;
                     if (tk < 0) continue;
                     const uint32_t b = bits[u];
                     const float v = __uint_as_float(b);
-                    ++count;
                     if (p.counts) atomicAdd(&hist[c * p.nb + bin_of(b, p)], 1);
                     if ((b & 0x7FFFFFFFu) > 0x7F800000u) { nan_seen = 1; continue; }
                     const double d = (double)v - shift, d2 = d * d;
                     s1 += d; s2 += d2; s3 += d2 * d; s4 += d2 * d2;
                     lo = fminf(lo, v); hi = fmaxf(hi, v);
                     act += v > 0.0f;
-                    const int32_t o = ordered(b);
+                    const int64_t o = ordered(b);
                     if (o > po) { po = o; ppos = (int32_t)t; }  // t rises: the first of equal peaks stays
-                    if (p.cap) {
-                        if (o > top_o || (o == top_o && tk < top_tok)) {
-                            int32_t i = atomicAdd(p.top_count, 1);
-                            if (i < p.cap) p.top_cand[i] = row * p.N + n;
-                        }
-                        if (o < bot_o || (o == bot_o && tk < bot_tok)) {
-                            int32_t i = atomicAdd(p.bot_count, 1);
-                            if (i < p.cap) p.bot_cand[i] = row * p.N + n;
-                        }
+                    if (rank) {
+                        const int64_t key_top = o * SHIFT_TOK + (MAX_TOK - tk);
+                        const int64_t key_bot = -o * SHIFT_TOK + (MAX_TOK - tk);
+                        if (key_top > top_thr) append(p.top, p.cap, key_top, (int32_t)n);
+                        if (key_bot > bot_thr) append(p.bottom, p.cap, key_bot, (int32_t)n);
                     }
                 }
             }
         }
         // lanes -> lane 0 of each column, one statistic at a time through shared memory
         double tot[4];
-        double stat[4] = {s1, s2, s3, s4};
+        const double stat[4] = {s1, s2, s3, s4};
         for (int s = 0; s < 4; ++s) {
             red[tid] = stat[s];
             __syncthreads();
@@ -153,45 +182,50 @@ __global__ void layer_kernel(Params p) {
             __syncthreads();
         }
         red[tid] = lo;
-        ired[tid] = count;
-        ipos[tid] = act;
+        ired[tid] = act;
+        ipos[tid] = nan_seen;
         __syncthreads();
         float tlo = INFINITY;
-        int32_t tcount = 0, tact = 0;
+        int32_t tact = 0, tnan = 0;
         if (lane == 0) {
             for (int l = 0; l < LANES; ++l) {
                 tlo = fminf(tlo, (float)red[l * COLS + c]);
-                tcount += ired[l * COLS + c];
-                tact += ipos[l * COLS + c];
+                tact += ired[l * COLS + c];
+                tnan |= ipos[l * COLS + c];
             }
         }
         __syncthreads();
         red[tid] = hi;
-        ired[tid] = nan_seen;
         __syncthreads();
         float thi = -INFINITY;
-        int32_t tnan = 0;
         if (lane == 0) {
-            for (int l = 0; l < LANES; ++l) {
-                thi = fmaxf(thi, (float)red[l * COLS + c]);
-                tnan |= ired[l * COLS + c];
-            }
+            for (int l = 0; l < LANES; ++l) thi = fmaxf(thi, (float)red[l * COLS + c]);
         }
         __syncthreads();
-        ired[tid] = po;
+        // the peak: highest image, then lowest position; the image as int64 through `red`'s bytes
+        ((int64_t*)red)[tid] = po;
         ipos[tid] = ppos;
         __syncthreads();
         if (lane == 0 && col_ok) {
-            int32_t bo = INT32_LOWEST, bp = 2147483647;
+            int64_t bo = EMPTY_KEY;
+            int32_t bp = 2147483647;
             for (int l = 0; l < LANES; ++l) {
-                int32_t o = ired[l * COLS + c], q = ipos[l * COLS + c];
+                const int64_t o = ((int64_t*)red)[l * COLS + c];
+                const int32_t q = ipos[l * COLS + c];
                 if (o > bo || (o == bo && q < bp)) { bo = o; bp = q; }
             }
             const int64_t out = ctx * p.N + n;
-            if (p.peak_o) { p.peak_o[out] = bo; p.peak_pos[out] = bp; }
-            const double cn = (double)tcount;
+            if (p.ctx.keys) {
+                int64_t key = EMPTY_KEY;
+                if (bo != EMPTY_KEY) {
+                    key = bo * SHIFT_TOK + (MAX_TOK - p.tok[row0 + bp]);
+                    if (key <= ctx_thr) key = EMPTY_KEY;  // cannot enter: saves the insert a look
+                }
+                p.c_key[out] = key;
+            }
+            const double cn = p.ctx_count[ctx];
             double mean = 0, m2 = 0, m3 = 0, m4 = 0;
-            if (tcount > 0) {  // central sums from the shifted ones (the shift is one of the values)
+            if (cn > 0) {  // central sums from the shifted ones (the shift is one of the values)
                 const double a = tot[0] / cn;
                 mean = shift + a;
                 m2 = tot[1] - tot[0] * a;
@@ -199,18 +233,94 @@ __global__ void layer_kernel(Params p) {
                 m4 = tot[3] - 4.0 * a * tot[2] + 6.0 * a * a * tot[1] - 3.0 * a * a * a * tot[0];
             }
             if (tnan) { mean = m2 = m3 = m4 = NAN; tlo = thi = NAN; }
-            p.mean[out] = mean; p.m2[out] = m2; p.m3[out] = m3; p.m4[out] = m4;
-            p.vmin[out] = tlo; p.vmax[out] = thi; p.active[out] = tact; p.cnt[out] = tcount;
+            p.c_mean[out] = mean; p.c_m2[out] = m2; p.c_m3[out] = m3; p.c_m4[out] = m4;
+            p.c_min[out] = tlo; p.c_max[out] = thi; p.c_active[out] = tact;
         }
         __syncthreads();
     }
     if (p.counts) {
         __syncthreads();
-        for (int i = tid; i < COLS * p.nb; i += THREADS) {
-            const int32_t v = hist[i];
-            const int64_t col = (int64_t)blockIdx.x * COLS + i / p.nb;
-            if (v != 0 && col < p.N) atomicAdd(&p.counts[col * p.nb + i % p.nb], (unsigned long long)v);
+        int32_t* part = p.hist_part + ((int64_t)blockIdx.y * p.N + (int64_t)blockIdx.x * COLS) * p.nb;
+        const int64_t valid = (p.N - (int64_t)blockIdx.x * COLS) < COLS ? (p.N - (int64_t)blockIdx.x * COLS) : COLS;
+        for (int64_t i = tid; i < valid * p.nb; i += THREADS) part[i] = hist[i];
+    }
+}
+
+__global__ void hist_reduce(Params p, int64_t row_blocks) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, size = p.N * p.nb;
+    if (i >= size) return;
+    int64_t acc = 0;
+    for (int64_t r = 0; r < row_blocks; ++r) acc += p.hist_part[r * size + i];
+    p.counts[i] += acc;
+}
+
+__device__ __forceinline__ void pebay(double& na, double& mean, double& m2, double& m3, double& m4,
+                                      double nb, double mb, double b2, double b3, double b4) {
+    // as moments._combine: the pairwise update of centred sums
+    const double n = na + nb, delta = mb - mean, d_n = delta / n, d_n2 = d_n * d_n, term = delta * d_n * na * nb;
+    const double nm4 = m4 + b4 + term * d_n2 * (na * na - na * nb + nb * nb) + 6 * d_n2 * (na * na * b2 + nb * nb * m2)
+                       + 4 * d_n * (na * b3 - nb * m3);
+    const double nm3 = m3 + b3 + term * d_n * (na - nb) + 3 * d_n * (na * b2 - nb * m2);
+    m2 = m2 + b2 + term;
+    m3 = nm3;
+    m4 = nm4;
+    mean = mean + d_n * nb;
+    na = n;
+}
+
+__global__ void moments_combine(Params p) {
+    const int64_t n = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= p.N) return;
+    double na = p.n_before, mean = p.mean[n], m2 = p.m2[n], m3 = p.m3[n], m4 = p.m4[n];
+    double lo = p.vmin[n], hi = p.vmax[n];
+    int64_t act = p.n_active[n];
+    for (int64_t c = 0; c < p.n_ctx; ++c) {
+        const double cn = p.ctx_count[c];
+        if (cn <= 0) continue;
+        const int64_t i = c * p.N + n;
+        if (na == 0) {
+            na = cn; mean = p.c_mean[i]; m2 = p.c_m2[i]; m3 = p.c_m3[i]; m4 = p.c_m4[i];
+        } else {
+            pebay(na, mean, m2, m3, m4, cn, p.c_mean[i], p.c_m2[i], p.c_m3[i], p.c_m4[i]);
         }
+        const double a = p.c_min[i], b = p.c_max[i];
+        lo = (isnan(a) || isnan(lo)) ? NAN : (a < lo ? a : lo);  // NaN propagates, as torch.minimum
+        hi = (isnan(b) || isnan(hi)) ? NAN : (b > hi ? b : hi);
+        act += p.c_active[i];
+    }
+    p.mean[n] = mean; p.m2[n] = m2; p.m3[n] = m3; p.m4[n] = m4;
+    p.vmin[n] = lo; p.vmax[n] = hi; p.n_active[n] = act;
+}
+
+__device__ __forceinline__ void insert(int64_t* keys, int64_t k, int64_t N, int64_t n, int64_t key) {
+    // into column n of the (k, N) keys, best first; keys are unique, so the order of inserts does not matter
+    if (key <= keys[(k - 1) * N + n]) return;
+    int64_t j = k - 1;
+    while (j > 0 && keys[(j - 1) * N + n] < key) {
+        keys[j * N + n] = keys[(j - 1) * N + n];
+        --j;
+    }
+    keys[j * N + n] = key;
+}
+
+__global__ void topk_insert(Ranked r, int64_t N, int64_t cap) {
+    // one thread per column scans the candidate list (all threads read the same entry: a broadcast)
+    const int64_t n = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const int64_t count = *r.count;
+    if (n == 0 && count > cap) *r.overflow = 1;
+    if (n >= N) return;
+    const int64_t m = count < cap ? count : cap;
+    for (int64_t i = 0; i < m; ++i) {
+        if (r.cand_col[i] == n) insert(r.keys, r.k, N, n, r.cand_key[i]);
+    }
+}
+
+__global__ void context_insert(Ranked r, const int64_t* c_key, int64_t n_ctx, int64_t N) {
+    const int64_t n = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    for (int64_t c = 0; c < n_ctx; ++c) {
+        const int64_t key = c_key[c * N + n];
+        if (key != EMPTY_KEY) insert(r.keys, r.k, N, n, key);
     }
 }
 
@@ -218,24 +328,45 @@ extern "C" int64_t layer_smem_bytes(int32_t nb) {
     return (int64_t)THREADS * (8 + 4 + 4) + (int64_t)COLS * nb * 4;
 }
 
-extern "C" int layer_launch(Params* p, int bf16, void* stream) {
-    const int64_t smem = layer_smem_bytes(p->counts ? p->nb : 0);
-    const unsigned gx = (unsigned)((p->N + COLS - 1) / COLS);
-    const unsigned gy = (unsigned)((p->n_ctx + p->per_block - 1) / p->per_block);
+extern "C" int64_t layer_row_blocks(int64_t n_ctx, int64_t per_block) {
+    return (n_ctx + per_block - 1) / per_block;
+}
+
 #ifdef EMULATE
-    if (bf16) emu_launch(gx, gy, THREADS, smem, [&] { layer_kernel<1>(*p); });
-    else emu_launch(gx, gy, THREADS, smem, [&] { layer_kernel<0>(*p); });
-    return 0;
+#define LAUNCH(kernel, grid_x, grid_y, threads, smem, ...) \
+    emu_launch(grid_x, grid_y, threads, smem, [&] { kernel(__VA_ARGS__); })
+#define CHECK() 0
 #else
-    cudaError_t e;
-    if (bf16) {
-        e = cudaFuncSetAttribute(layer_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (e == cudaSuccess) layer_kernel<1><<<dim3(gx, gy), THREADS, smem, (cudaStream_t)stream>>>(*p);
-    } else {
-        e = cudaFuncSetAttribute(layer_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (e == cudaSuccess) layer_kernel<0><<<dim3(gx, gy), THREADS, smem, (cudaStream_t)stream>>>(*p);
-    }
-    if (e != cudaSuccess) return (int)e;
-    return (int)cudaGetLastError();
+#define LAUNCH(kernel, grid_x, grid_y, threads, smem, ...) \
+    kernel<<<dim3(grid_x, grid_y), threads, smem, (cudaStream_t)stream>>>(__VA_ARGS__)
+#define CHECK() (int)cudaGetLastError()
 #endif
+
+extern "C" int layer_update(Params* pp, int bf16, void* stream) {
+    Params& p = *pp;
+    const int64_t smem = layer_smem_bytes(p.counts ? p.nb : 0);
+    const unsigned gx = (unsigned)((p.N + COLS - 1) / COLS);
+    const int64_t row_blocks = layer_row_blocks(p.n_ctx, p.per_block);
+    const unsigned per_col = (unsigned)((p.N + 255) / 256);
+#ifdef EMULATE
+    if (p.cap) { *p.top.count = 0; *p.bottom.count = 0; }
+#else
+    if (p.cap) {
+        cudaMemsetAsync(p.top.count, 0, 4, (cudaStream_t)stream);
+        cudaMemsetAsync(p.bottom.count, 0, 4, (cudaStream_t)stream);
+    }
+    cudaError_t e = bf16 ? cudaFuncSetAttribute(layer_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)
+                         : cudaFuncSetAttribute(layer_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return (int)e;
+#endif
+    if (bf16) LAUNCH(layer_kernel<1>, gx, (unsigned)row_blocks, THREADS, smem, p);
+    else LAUNCH(layer_kernel<0>, gx, (unsigned)row_blocks, THREADS, smem, p);
+    if (p.counts) LAUNCH(hist_reduce, (unsigned)((p.N * p.nb + 255) / 256), 1, 256, 0, p, row_blocks);
+    if (p.mean) LAUNCH(moments_combine, per_col, 1, 256, 0, p);
+    if (p.cap) {
+        LAUNCH(topk_insert, per_col, 1, 256, 0, p.top, p.N, p.cap);
+        LAUNCH(topk_insert, per_col, 1, 256, 0, p.bottom, p.N, p.cap);
+    }
+    if (p.ctx.keys) LAUNCH(context_insert, per_col, 1, 256, 0, p.ctx, p.c_key, p.n_ctx, p.N);
+    return CHECK();
 }

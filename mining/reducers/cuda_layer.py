@@ -28,7 +28,6 @@ import torch
 
 from . import device
 from .device import upload
-from .topk import EMPTY, MAX_TOK, _add_batch, decode, encode
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ("cuda_layer.cu", "cuda_emulate.h")
@@ -38,21 +37,27 @@ DLA_ROWS = 512
 """Rows per pseudo-context when the rows have no contexts (direct logit attribution)."""
 
 
+class Ranked(ctypes.Structure):
+    _fields_ = [("keys", ctypes.c_void_p), ("floor", ctypes.c_void_p), ("k", ctypes.c_int64),
+                ("cand_key", ctypes.c_void_p), ("cand_col", ctypes.c_void_p), ("count", ctypes.c_void_p),
+                ("overflow", ctypes.c_void_p)]
+
+
 class Params(ctypes.Structure):
     _fields_ = [("x", ctypes.c_void_p), ("tok", ctypes.c_void_p), ("first", ctypes.c_void_p),
+                ("ctx_count", ctypes.c_void_p),
                 ("M", ctypes.c_int64), ("N", ctypes.c_int64), ("T", ctypes.c_int64),
-                ("n_ctx", ctypes.c_int64), ("per_block", ctypes.c_int64),
-                ("top_o", ctypes.c_void_p), ("top_tok", ctypes.c_void_p),
-                ("bot_o", ctypes.c_void_p), ("bot_tok", ctypes.c_void_p),
-                ("top_cand", ctypes.c_void_p), ("top_count", ctypes.c_void_p),
-                ("bot_cand", ctypes.c_void_p), ("bot_count", ctypes.c_void_p),
-                ("cap", ctypes.c_int64),
-                ("counts", ctypes.c_void_p),
+                ("n_ctx", ctypes.c_int64), ("per_block", ctypes.c_int64), ("cap", ctypes.c_int64),
+                ("top", Ranked), ("bottom", Ranked), ("ctx", Ranked),
+                ("counts", ctypes.c_void_p), ("hist_part", ctypes.c_void_p),
                 ("shift", ctypes.c_int32), ("base", ctypes.c_int32), ("R", ctypes.c_int32),
                 ("zero_bin", ctypes.c_int32), ("nb", ctypes.c_int32),
+                ("c_mean", ctypes.c_void_p), ("c_m2", ctypes.c_void_p), ("c_m3", ctypes.c_void_p),
+                ("c_m4", ctypes.c_void_p), ("c_min", ctypes.c_void_p), ("c_max", ctypes.c_void_p),
+                ("c_active", ctypes.c_void_p), ("c_key", ctypes.c_void_p),
                 ("mean", ctypes.c_void_p), ("m2", ctypes.c_void_p), ("m3", ctypes.c_void_p), ("m4", ctypes.c_void_p),
-                ("vmin", ctypes.c_void_p), ("vmax", ctypes.c_void_p), ("active", ctypes.c_void_p),
-                ("cnt", ctypes.c_void_p), ("peak_o", ctypes.c_void_p), ("peak_pos", ctypes.c_void_p)]
+                ("vmin", ctypes.c_void_p), ("vmax", ctypes.c_void_p), ("n_active", ctypes.c_void_p),
+                ("n_before", ctypes.c_double)]
 
 
 _lib: dict[str, object] = {}
@@ -89,10 +94,10 @@ def _build(emulate: bool) -> ctypes.CDLL | None:
                 return None
             os.replace(out, lib)  # whole or not at all: another process may be building the same file
     so = ctypes.CDLL(str(lib))
-    so.layer_launch.argtypes = [ctypes.POINTER(Params), ctypes.c_int, ctypes.c_void_p]
-    so.layer_launch.restype = ctypes.c_int
-    so.layer_smem_bytes.argtypes = [ctypes.c_int32]
-    so.layer_smem_bytes.restype = ctypes.c_int64
+    so.layer_update.argtypes = [ctypes.POINTER(Params), ctypes.c_int, ctypes.c_void_p]
+    so.layer_update.restype = ctypes.c_int
+    so.layer_row_blocks.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    so.layer_row_blocks.restype = ctypes.c_int64
     return so
 
 
@@ -139,99 +144,107 @@ class Layout:
         return cls(DLA_ROWS, upload(np.zeros(C, np.int32), tok.device), upload(counts, tok.device), M, tok)
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+class Workspace:
+    """One scratch allocation per call, cut into aligned pieces (one allocation instead of a dozen)."""
+
+    def __init__(self, sizes: dict[str, int], dev: torch.device):
+        self.offsets, total = {}, 0
+        for name, size in sizes.items():
+            self.offsets[name] = total
+            total += -(-size // 256) * 256
+        self.buf = torch.empty(max(total, 1), dtype=torch.uint8, device=dev)
+        self.base = self.buf.data_ptr()
+
+    def ptr(self, name: str) -> int:
+        return self.base + self.offsets[name]
+
+    def view(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        return self.buf[self.offsets[name]:self.offsets[name] + n].view(dtype).view(shape)
 
 
-def _threshold(t, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The column's k-th key as (float32 image int32, tok) for the kernel's comparison; a free slot takes all."""
-    thr = t.threshold()
-    kth, kth_tok = decode(thr, largest)
-    return device.ordered(kth.contiguous()).contiguous(), kth_tok.masked_fill_(thr == EMPTY, MAX_TOK + 1).contiguous()
+def _ranked(t, cap: int, ws: Workspace | None, prefix: str) -> Ranked:
+    if not t.keys.is_contiguous():
+        t.keys = t.keys.contiguous()
+    r = Ranked(keys=t.keys.data_ptr(), k=t.k)
+    if t.floor is not None:
+        if t.floor.device != t.keys.device or not t.floor.is_contiguous():
+            t.floor = t.floor.to(t.keys.device).contiguous()
+        r.floor = t.floor.data_ptr()
+    if cap and ws is not None:
+        r.cand_key, r.cand_col, r.count = ws.ptr(prefix + "key"), ws.ptr(prefix + "col"), ws.ptr(prefix + "count")
+        r.overflow = t.overflow_buffer(t.keys.device).data_ptr()
+    return r
+
+
+def _moments_state(m, N: int, dev: torch.device) -> None:
+    """An empty running state the kernel can update in place."""
+    if m.mean is None:
+        z = dict(dtype=torch.float64, device=dev)
+        m.mean, m.m2, m.m3, m.m4 = (torch.zeros(N, **z) for _ in range(4))
+        m.min, m.max = torch.full((N,), float("inf"), **z), torch.full((N,), float("-inf"), **z)
+        m.n_active = torch.zeros(N, dtype=torch.int64, device=dev)
+        m.count = 0
+    else:
+        for name in ("mean", "m2", "m3", "m4", "min", "max", "n_active"):
+            v = getattr(m, name)
+            if v.device != dev or not v.is_contiguous():
+                setattr(m, name, v.to(dev).contiguous())
 
 
 def layer_pass(x: torch.Tensor, layout: Layout, top, bottom, contexts, histogram, moments) -> None:
     """x (rows, N) contiguous, rows = contexts x layout.T. top/bottom: TopK (largest, smallest) or None;
-    contexts: ContextTopK or None; histogram: Histogram or None; moments: Moments."""
+    contexts: ContextTopK or None; histogram: Histogram or None; moments: Moments or None. One library
+    call: the kernel's read, then the states updated in place."""
     dev, (M, N) = x.device, x.shape
     C = layout.first.shape[0]
-    for t in (top, bottom, contexts.top if contexts is not None else None):
-        if t is not None:
-            t._start(N, dev)
-    caps = [t.sparse_capacity(layout.total, N) for t in (top, bottom) if t is not None]
+    lib = library()
+    ranked = [t for t in (top, bottom) if t is not None]
+    for t in ranked + ([contexts.top] if contexts is not None else []):
+        t._start(N, dev)
+    caps = [t.sparse_capacity(layout.total, N) for t in ranked]
     cap = 0 if not caps or any(c is None for c in caps) else max(caps)
-    f64 = dict(dtype=torch.float64, device=dev)
-    out = {k: torch.empty(C, N, **f64) for k in ("mean", "m2", "m3", "m4")}
-    out.update(vmin=torch.empty(C, N, dtype=torch.float32, device=dev), vmax=torch.empty(C, N, dtype=torch.float32, device=dev),
-               active=torch.empty(C, N, dtype=torch.int32, device=dev), cnt=torch.empty(C, N, dtype=torch.int32, device=dev))
-    if contexts is not None:
-        out.update(peak_o=torch.empty(C, N, dtype=torch.int32, device=dev), peak_pos=torch.empty(C, N, dtype=torch.int32, device=dev))
-    p = Params(x=_ptr(x), tok=_ptr(layout.tok), first=_ptr(layout.first), M=M, N=N, T=layout.T, n_ctx=C,
-               per_block=PER_BLOCK, cap=cap)
-    keep = []
+    rb = lib.layer_row_blocks(C, PER_BLOCK)
+    sizes = {name: C * N * 8 for name in ("c_mean", "c_m2", "c_m3", "c_m4", "c_key")}
+    sizes.update({name: C * N * 4 for name in ("c_min", "c_max", "c_active")})
+    if histogram is not None:
+        sizes["hist_part"] = rb * N * histogram.bins.n_bins * 4
     if cap:
-        (to, tt), (bo, bt) = _threshold(top, True), _threshold(bottom, False)
-        cand = torch.empty(2, cap, dtype=torch.int64, device=dev)
-        count = torch.zeros(2, dtype=torch.int32, device=dev)
-        keep += [to, tt, bo, bt, cand, count]
-        p.top_o, p.top_tok, p.bot_o, p.bot_tok = _ptr(to), _ptr(tt), _ptr(bo), _ptr(bt)
-        p.top_cand, p.bot_cand = _ptr(cand[0]), _ptr(cand[1])
-        p.top_count, p.bot_count = count.data_ptr(), count.data_ptr() + 4
+        for prefix in ("top_", "bot_"):
+            sizes.update({prefix + "key": cap * 8, prefix + "col": cap * 4, prefix + "count": 4})
+    ws = Workspace(sizes, dev)
+    p = Params(x=x.data_ptr(), tok=layout.tok.data_ptr(), first=layout.first.data_ptr(),
+               ctx_count=layout.counts.data_ptr(), M=M, N=N, T=layout.T, n_ctx=C, per_block=PER_BLOCK, cap=cap)
+    for name in ("c_mean", "c_m2", "c_m3", "c_m4", "c_min", "c_max", "c_active", "c_key"):
+        setattr(p, name, ws.ptr(name))
+    if cap:
+        p.top, p.bottom = _ranked(top, cap, ws, "top_"), _ranked(bottom, cap, ws, "bot_")
+    if contexts is not None:
+        p.ctx = _ranked(contexts.top, 0, None, "")
     if histogram is not None:
         b = histogram.bins
+        histogram._flush()
         if histogram._counts is None:
             histogram._counts = torch.zeros(N, b.n_bins, dtype=torch.int64, device=dev)
-        p.counts = _ptr(histogram._counts)
+        p.counts, p.hist_part = histogram._counts.data_ptr(), ws.ptr("hist_part")
         p.shift, p.base, p.R, p.zero_bin, p.nb = (23 - b.mantissa_bits, (b.min_exp + 127) << b.mantissa_bits, b.n_regular,
                                                   b.zero_bin, b.n_bins)
-    for k, v in out.items():
-        setattr(p, k, _ptr(v))
-    stream = None if not x.is_cuda else torch.cuda.current_stream(dev).cuda_stream
-    err = library().layer_launch(ctypes.byref(p), int(x.dtype == torch.bfloat16), stream)
+    if moments is not None:
+        _moments_state(moments, N, dev)
+        p.mean, p.m2, p.m3, p.m4 = (getattr(moments, k).data_ptr() for k in ("mean", "m2", "m3", "m4"))
+        p.vmin, p.vmax, p.n_active = moments.min.data_ptr(), moments.max.data_ptr(), moments.n_active.data_ptr()
+        p.n_before = float(moments.count)
+    stream = torch.cuda.current_stream(dev).cuda_stream if x.is_cuda else None
+    err = lib.layer_update(ctypes.byref(p), int(x.dtype == torch.bfloat16), stream)
     if err:
         raise RuntimeError(f"cuda_layer: kernel launch failed (CUDA error {err})")
-    if cap:
-        for i, t in enumerate((top, bottom)):
-            _merge_candidates(t, cand[i], count[i], x, layout.tok, N)
-    elif top is not None:
-        flat_rows = torch.nonzero_static(layout.tok >= 0, size=layout.total).view(-1)  # host-known size: no sync
-        rows = x.index_select(0, flat_rows)
-        device.topk_update(top, rows, layout.tok[flat_rows])
-        device.topk_update(bottom, rows, layout.tok[flat_rows])
-    if top is not None and cap:
-        top.seen += layout.total
-        bottom.seen += layout.total
-    if contexts is not None:
-        tok2 = layout.tok.view(C, layout.T)
-        pos = out["peak_pos"].clamp(0, layout.T - 1).long()
-        keys = (out["peak_o"].long() * 2**31 + (MAX_TOK - tok2.gather(1, pos)))
-        keys.masked_fill_(out["peak_o"] == device.INT32_MIN, EMPTY)
-        contexts.top.keys = _add_batch(contexts.top.keys, contexts.top._floored(keys, None), contexts.top.k)
     if moments is not None:
-        moments.add_batch(_combine_contexts(layout, out))
-
-
-def _merge_candidates(t, cand: torch.Tensor, count: torch.Tensor, x: torch.Tensor, tok: torch.Tensor, N: int) -> None:
-    cap = cand.shape[0]
-    t.flag_overflow(count > cap)  # some candidates did not fit: the miner mines the shard again, densely
-    valid = torch.arange(cap, device=cand.device) < count
-    c = torch.where(valid, cand, 0)
-    row, col = c // N, c % N
-    keys = encode(x[row, col].float(), tok[row], t.largest).masked_fill_(~valid, EMPTY)
-    t.keys = device.merge_sparse(t.keys, t._floored(keys, col), col.masked_fill(~valid, N), t.k)
-
-
-def _combine_contexts(layout: Layout, out: dict[str, torch.Tensor]) -> dict:
-    """The batch's moments from the contexts' (count, mean, central sums): exact algebra, no second read."""
-    w = layout.counts[:, None]
-    has = w > 0
-    mean_c = torch.where(has, out["mean"], 0.0)
-    mu = (w * mean_c).sum(0) / layout.total
-    d = torch.where(has, mean_c - mu, 0.0)
-    m2, m3, m4 = out["m2"], out["m3"], out["m4"]
-    d2 = d * d
-    return {"count": layout.total, "mean": mu, "m2": (m2 + w * d2).sum(0),
-            "m3": (m3 + 3 * d * m2 + w * d2 * d).sum(0),
-            "m4": (m4 + 4 * d * m3 + 6 * d2 * m2 + w * d2 * d2).sum(0),
-            "n_active": out["active"].sum(0, dtype=torch.int64),
-            "min": out["vmin"].amin(0).double(), "max": out["vmax"].amax(0).double()}
+        moments.count += layout.total
+    if cap:
+        for t in ranked:
+            t.seen += layout.total
+    elif ranked:  # young thresholds: the batch's mined rows ranked densely by the torch ops
+        flat_rows = torch.nonzero_static(layout.tok >= 0, size=layout.total).view(-1)  # host-known size: no sync
+        rows, toks = x.index_select(0, flat_rows), layout.tok[flat_rows]
+        for t in ranked:
+            device.topk_update(t, rows, toks)

@@ -95,7 +95,7 @@ class TopK:
         self.seen = 0  # rows given to update
         self.floor_rows = 0  # rows behind the floor (the stored shards' tokens it was taken from)
         self.sparse = True  # False: always rank densely (the miner's retry after an overflow)
-        self._overflow: torch.Tensor | None = None  # device bool: a sparse batch filled its capacity
+        self._overflow: torch.Tensor | None = None  # device int32: a sparse batch filled its capacity
 
     def set_floor(self, floor: torch.Tensor | None, rows: int = 0) -> None:
         """Keys below `floor` (N,) are dropped: valid only if it comes from a shard in the final merge.
@@ -115,8 +115,14 @@ class TopK:
         cap = 1 << (want - 1).bit_length()
         return cap if cap * 4 <= M * N else None
 
+    def overflow_buffer(self, device: torch.device) -> torch.Tensor:
+        """int32 device scalar, non-zero once a sparse batch filled its candidate buffer."""
+        if self._overflow is None:
+            self._overflow = torch.zeros((), dtype=torch.int32, device=device)
+        return self._overflow
+
     def flag_overflow(self, full: torch.Tensor) -> None:
-        self._overflow = full.clone() if self._overflow is None else self._overflow.logical_or_(full)
+        self.overflow_buffer(full.device).logical_or_(full)
 
     def overflowed(self) -> bool:
         """A sparse batch may have dropped candidates (one host sync: call once per shard)."""
