@@ -19,6 +19,7 @@ inline unsigned char* emu_smem = nullptr;
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __shared__ static  // one instance for all threads; blocks run one at a time
 #define __syncthreads() emu_barrier->arrive_and_wait()
 
 inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }

@@ -70,9 +70,9 @@ __device__ __forceinline__ uint32_t load_bits(const void* x, int64_t i, int bf16
     return ((const uint32_t*)x)[i];
 }
 
-__device__ __forceinline__ int64_t ordered(uint32_t b) {
+__device__ __forceinline__ int32_t ordered(uint32_t b) {
     // float32 bits -> an integer monotone in the value, -0 == +0 (NaN handled by the caller); as topk.encode
-    int64_t mag = (int64_t)(b & 0x7FFFFFFFu);
+    int32_t mag = (int32_t)(b & 0x7FFFFFFFu);
     return (b >> 31) ? -mag : mag;
 }
 
@@ -119,6 +119,7 @@ __global__ void layer_kernel(Params p) {
     __syncthreads();
     const bool rank = p.cap > 0 && col_ok;
     const int64_t top_thr = rank ? kth(p.top, n, p.N) : 0, bot_thr = rank ? kth(p.bottom, n, p.N) : 0;
+    const int64_t top_hi = top_thr >> 31, bot_hi = bot_thr >> 31;  // floor(key / 2^31): the image part
     const int64_t ctx_thr = (p.ctx.keys && col_ok) ? kth(p.ctx, n, p.N) : 0;
     const int64_t ctx0 = (int64_t)blockIdx.y * p.per_block;
     for (int64_t ctx = ctx0; ctx < ctx0 + p.per_block && ctx < p.n_ctx; ++ctx) {
@@ -132,8 +133,7 @@ __global__ void layer_kernel(Params p) {
         }
         double s1 = 0, s2 = 0, s3 = 0, s4 = 0;
         float lo = INFINITY, hi = -INFINITY;
-        int32_t act = 0, nan_seen = 0, ppos = 2147483647;
-        int64_t po = EMPTY_KEY;
+        int32_t act = 0, nan_seen = 0, ppos = 2147483647, po = INT32_LOWEST;
         if (f >= 0 && col_ok) {
             // UNROLL rows per step, all loads issued before any is used: several loads in flight per thread
             for (int64_t t0 = f + lane; t0 < len; t0 += UNROLL * LANES) {
@@ -157,13 +157,16 @@ __global__ void layer_kernel(Params p) {
                     s1 += d; s2 += d2; s3 += d2 * d; s4 += d2 * d2;
                     lo = fminf(lo, v); hi = fmaxf(hi, v);
                     act += v > 0.0f;
-                    const int64_t o = ordered(b);
+                    const int32_t o = ordered(b);
                     if (o > po) { po = o; ppos = (int32_t)t; }  // t rises: the first of equal peaks stays
-                    if (rank) {
-                        const int64_t key_top = o * SHIFT_TOK + (MAX_TOK - tk);
-                        const int64_t key_bot = -o * SHIFT_TOK + (MAX_TOK - tk);
-                        if (key_top > top_thr) append(p.top, p.cap, key_top, (int32_t)n);
-                        if (key_bot > bot_thr) append(p.bottom, p.cap, key_bot, (int32_t)n);
+                    // a key's high bits are the image: compare those first (32-bit), build the key only if close
+                    if (rank && (int64_t)o >= top_hi) {
+                        const int64_t key = (int64_t)o * SHIFT_TOK + (MAX_TOK - tk);
+                        if (key > top_thr) append(p.top, p.cap, key, (int32_t)n);
+                    }
+                    if (rank && -(int64_t)o >= bot_hi) {
+                        const int64_t key = -(int64_t)o * SHIFT_TOK + (MAX_TOK - tk);
+                        if (key > bot_thr) append(p.bottom, p.cap, key, (int32_t)n);
                     }
                 }
             }
@@ -202,23 +205,23 @@ __global__ void layer_kernel(Params p) {
             for (int l = 0; l < LANES; ++l) thi = fmaxf(thi, (float)red[l * COLS + c]);
         }
         __syncthreads();
-        // the peak: highest image, then lowest position; the image as int64 through `red`'s bytes
-        ((int64_t*)red)[tid] = po;
+        // the peak: highest image, then lowest position
+        ired[tid] = po;
         ipos[tid] = ppos;
         __syncthreads();
         if (lane == 0 && col_ok) {
-            int64_t bo = EMPTY_KEY;
+            int32_t bo = INT32_LOWEST;
             int32_t bp = 2147483647;
             for (int l = 0; l < LANES; ++l) {
-                const int64_t o = ((int64_t*)red)[l * COLS + c];
+                const int32_t o = ired[l * COLS + c];
                 const int32_t q = ipos[l * COLS + c];
                 if (o > bo || (o == bo && q < bp)) { bo = o; bp = q; }
             }
             const int64_t out = ctx * p.N + n;
             if (p.ctx.keys) {
                 int64_t key = EMPTY_KEY;
-                if (bo != EMPTY_KEY) {
-                    key = bo * SHIFT_TOK + (MAX_TOK - p.tok[row0 + bp]);
+                if (bo != INT32_LOWEST) {
+                    key = (int64_t)bo * SHIFT_TOK + (MAX_TOK - p.tok[row0 + bp]);
                     if (key <= ctx_thr) key = EMPTY_KEY;  // cannot enter: saves the insert a look
                 }
                 p.c_key[out] = key;
@@ -268,25 +271,39 @@ __device__ __forceinline__ void pebay(double& na, double& mean, double& m2, doub
     na = n;
 }
 
+#define PREFETCH 4
+
 __global__ void moments_combine(Params p) {
     const int64_t n = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= p.N) return;
     double na = p.n_before, mean = p.mean[n], m2 = p.m2[n], m3 = p.m3[n], m4 = p.m4[n];
     double lo = p.vmin[n], hi = p.vmax[n];
     int64_t act = p.n_active[n];
-    for (int64_t c = 0; c < p.n_ctx; ++c) {
-        const double cn = p.ctx_count[c];
-        if (cn <= 0) continue;
-        const int64_t i = c * p.N + n;
-        if (na == 0) {
-            na = cn; mean = p.c_mean[i]; m2 = p.c_m2[i]; m3 = p.c_m3[i]; m4 = p.c_m4[i];
-        } else {
-            pebay(na, mean, m2, m3, m4, cn, p.c_mean[i], p.c_m2[i], p.c_m3[i], p.c_m4[i]);
+    for (int64_t c0 = 0; c0 < p.n_ctx; c0 += PREFETCH) {
+        // PREFETCH contexts' loads in flight at once; the Pebay chain then runs on registers
+        double cn[PREFETCH], cm[PREFETCH], c2[PREFETCH], c3[PREFETCH], c4[PREFETCH], a[PREFETCH], b[PREFETCH];
+        int32_t ca[PREFETCH];
+#pragma unroll
+        for (int u = 0; u < PREFETCH; ++u) {
+            const int64_t c = c0 + u, i = c * p.N + n;
+            const bool ok = c < p.n_ctx;
+            cn[u] = ok ? p.ctx_count[c] : 0.0;
+            cm[u] = ok ? p.c_mean[i] : 0.0; c2[u] = ok ? p.c_m2[i] : 0.0;
+            c3[u] = ok ? p.c_m3[i] : 0.0; c4[u] = ok ? p.c_m4[i] : 0.0;
+            a[u] = ok ? p.c_min[i] : 0.0; b[u] = ok ? p.c_max[i] : 0.0; ca[u] = ok ? p.c_active[i] : 0;
         }
-        const double a = p.c_min[i], b = p.c_max[i];
-        lo = (isnan(a) || isnan(lo)) ? NAN : (a < lo ? a : lo);  // NaN propagates, as torch.minimum
-        hi = (isnan(b) || isnan(hi)) ? NAN : (b > hi ? b : hi);
-        act += p.c_active[i];
+#pragma unroll
+        for (int u = 0; u < PREFETCH; ++u) {
+            if (cn[u] <= 0) continue;
+            if (na == 0) {
+                na = cn[u]; mean = cm[u]; m2 = c2[u]; m3 = c3[u]; m4 = c4[u];
+            } else {
+                pebay(na, mean, m2, m3, m4, cn[u], cm[u], c2[u], c3[u], c4[u]);
+            }
+            lo = (isnan(a[u]) || isnan(lo)) ? NAN : (a[u] < lo ? a[u] : lo);  // NaN propagates, as torch.minimum
+            hi = (isnan(b[u]) || isnan(hi)) ? NAN : (b[u] > hi ? b[u] : hi);
+            act += ca[u];
+        }
     }
     p.mean[n] = mean; p.m2[n] = m2; p.m3[n] = m3; p.m4[n] = m4;
     p.vmin[n] = lo; p.vmax[n] = hi; p.n_active[n] = act;
@@ -303,24 +320,45 @@ __device__ __forceinline__ void insert(int64_t* keys, int64_t k, int64_t N, int6
     keys[j * N + n] = key;
 }
 
+#define STAGE 256
+
 __global__ void topk_insert(Ranked r, int64_t N, int64_t cap) {
-    // one thread per column scans the candidate list (all threads read the same entry: a broadcast)
-    const int64_t n = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    // one thread per column; the candidates pass through shared memory STAGE at a time (coalesced loads),
+    // and every thread scans each stage for its column
+    __shared__ int64_t skey[STAGE];
+    __shared__ int32_t scol[STAGE];
+    const int tid = threadIdx.x;
+    const int64_t n = (int64_t)blockIdx.x * blockDim.x + tid;
     const int64_t count = *r.count;
     if (n == 0 && count > cap) *r.overflow = 1;
-    if (n >= N) return;
     const int64_t m = count < cap ? count : cap;
-    for (int64_t i = 0; i < m; ++i) {
-        if (r.cand_col[i] == n) insert(r.keys, r.k, N, n, r.cand_key[i]);
+    for (int64_t base = 0; base < m; base += STAGE) {
+        if (base + tid < m) { skey[tid] = r.cand_key[base + tid]; scol[tid] = r.cand_col[base + tid]; }
+        __syncthreads();
+        const int64_t lim = (m - base) < STAGE ? (m - base) : STAGE;
+        if (n < N) {
+            for (int64_t j = 0; j < lim; ++j) {
+                if (scol[j] == n) insert(r.keys, r.k, N, n, skey[j]);
+            }
+        }
+        __syncthreads();
     }
 }
 
+#define CTX_STAGE 8
+
 __global__ void context_insert(Ranked r, const int64_t* c_key, int64_t n_ctx, int64_t N) {
+    // each thread's column, CTX_STAGE contexts' keys loaded at once (independent loads in flight)
     const int64_t n = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
-    for (int64_t c = 0; c < n_ctx; ++c) {
-        const int64_t key = c_key[c * N + n];
-        if (key != EMPTY_KEY) insert(r.keys, r.k, N, n, key);
+    for (int64_t c0 = 0; c0 < n_ctx; c0 += CTX_STAGE) {
+        int64_t keys[CTX_STAGE];
+#pragma unroll
+        for (int u = 0; u < CTX_STAGE; ++u) keys[u] = c0 + u < n_ctx ? c_key[(c0 + u) * N + n] : EMPTY_KEY;
+#pragma unroll
+        for (int u = 0; u < CTX_STAGE; ++u) {
+            if (keys[u] != EMPTY_KEY) insert(r.keys, r.k, N, n, keys[u]);
+        }
     }
 }
 
