@@ -144,6 +144,8 @@ class Workload:
         points = resolve_hooks(self.loaded.model, spec.hooks)
         self.n_layers, self.n_neurons = len(points), sum(p.width for p in points)
         self.dense_hook = points[len(points) // 2].name
+        self.miners: dict[str, Any] = {}
+        """The ShardMiner of each miner variant (their counters, e.g. shards mined twice, go in the report)."""
         self.kept: list[Any] | None = None
         """ShardResults of the token_table variant (mining + DLA + token table): the bytes part writes them."""
 
@@ -212,7 +214,7 @@ def runners(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str, C
     out: dict[str, Callable[[list], Any]] = {"forward": lambda shards: bare_forward(work.loaded, shards, B)}
     for name, (part, _, _) in MINER_VARIANTS.items():
         if part in parts:
-            miner = ShardMiner(work.spec(name), work.loaded)
+            miner = work.miners[name] = ShardMiner(work.spec(name), work.loaded)
             with kernels_off(name in TORCH_OPS):
                 for shard in work.settle:  # as an actor: shards it stored set its top-k thresholds
                     miner.raise_floors(miner.mine(shard))
@@ -295,6 +297,10 @@ def throughput(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str
     if "mining" in best and "mining_torch_ops" in best:
         out["kernels_speedup"] = best["mining"] / best["mining_torch_ops"]
     out["rounds_tokens_per_s"] = rates
+    remined = {name: m.remined for name, m in work.miners.items() if m.remined}
+    if remined:  # the device path's candidate buffers overflowed: those shards were mined twice
+        out["remined_shards"] = remined
+        log(f"shards mined again densely after a candidate-buffer overflow: {remined}")
     if work.loaded.device.type == "cuda":
         out["gpu_utilisation"] = gpu_utilisation(work, best)
     if "alternatives" in parts:

@@ -231,6 +231,8 @@ class ShardMiner:
         """hook -> part -> (N,) keys no entry below which can reach the merged top-k (see raise_floors)."""
         self.floor_rows = 0
         """Tokens of the stored shards the floors come from."""
+        self.remined = 0
+        """Shards mined twice because a batch overflowed the device path's candidate buffers (bench reports it)."""
         self._union: dict[str, dict[str, TopK]] = {}
         self.token_group = None
         if spec.stats.polysemanticity:
@@ -242,8 +244,9 @@ class ShardMiner:
     @torch.inference_mode()
     def mine(self, shard: Shard) -> ShardResult:
         result = self._mine(shard, sparse=True)
-        if any(st.overflowed() for st in result.stats.values()):  # one host sync per shard
+        if any(st.overflowed() for st in result.stats.values()):  # host syncs once per shard, not per batch
             # a batch had more top-k candidates than the device path's buffer held: mine it again, densely
+            self.remined += 1
             result = self._mine(shard, sparse=False)
         return result
 

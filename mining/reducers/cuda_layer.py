@@ -33,6 +33,9 @@ HERE = Path(__file__).resolve().parent
 SOURCES = ("cuda_layer.cu", "cuda_emulate.h")
 PER_BLOCK = 4
 """Contexts per block: enough rows that zeroing and flushing the shared histogram is a small overhead."""
+CAP_MARGIN = 32
+"""Candidate lists 32 times the expected count: the inserts scan only the candidates found, so a wide list
+costs 12 bytes an entry and spares the shard a dense re-mine when a batch is lumpy."""
 DLA_ROWS = 512
 """Rows per pseudo-context when the rows have no contexts (direct logit attribution)."""
 
@@ -202,7 +205,7 @@ def layer_pass(x: torch.Tensor, layout: Layout, top, bottom, contexts, histogram
     ranked = [t for t in (top, bottom) if t is not None]
     for t in ranked + ([contexts.top] if contexts is not None else []):
         t._start(N, dev)
-    caps = [t.sparse_capacity(layout.total, N) for t in ranked]
+    caps = [t.sparse_capacity(layout.total, N, margin=CAP_MARGIN) for t in ranked]
     cap = 0 if not caps or any(c is None for c in caps) else max(caps)
     rb = lib.layer_row_blocks(C, PER_BLOCK)
     sizes = {name: C * N * 8 for name in ("c_mean", "c_m2", "c_m3", "c_m4", "c_key")}

@@ -104,14 +104,16 @@ class TopK:
         self.floor_rows = rows if floor is not None else 0
         self._settled_keys = None
 
-    def sparse_capacity(self, M: int, N: int) -> int | None:
+    def sparse_capacity(self, M: int, N: int, margin: int = 4) -> int | None:
         """Candidates buffer for a batch of M x N on the device path, or None to rank it densely. A new
         value beats the k-th of `basis` earlier ones with chance about k / basis, so a batch has about
-        k N M / basis candidates: the buffer holds four times that (a power of two, so shapes repeat)."""
+        k N M / basis candidates: the buffer holds `margin` times that (a power of two, so shapes repeat).
+        Real batches are lumpy (a repeated passage can hold many columns' best values at once), so a
+        caller whose cost does not grow with the buffer (cuda_layer) asks for a wider margin."""
         basis = self.seen + self.floor_rows
         if not self.sparse or basis < self.k:
             return None
-        want = int(4 * self.k * N * M / basis) + 2 * N
+        want = int(margin * self.k * N * M / basis) + 2 * N
         cap = 1 << (want - 1).bit_length()
         return cap if cap * 4 <= M * N else None
 
