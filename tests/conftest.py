@@ -64,3 +64,27 @@ compute: {{actors: 1, batch_size: 8, shard_tokens: 2048}}
 """)
     assert main(["run", str(job), "--store", str(root / "store"), "--no-progress"]) == 0
     return root / "store"
+
+
+@pytest.fixture(scope="session")
+def tiny_job(tmp_path_factory, smol_tokenizer):
+    """A tiny random Llama, its spec (mining, DLA, token table, gate cases, a dense hook) and planned shards."""
+    from mining.models import load_model
+    from mining.runner import plan
+    from mining.spec import spec_from_dict
+    from mining.tiny import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama-device")
+    tiny_model("llama", vocab_size=len(smol_tokenizer)).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    spec = spec_from_dict({
+        "name": "device", "model": {"id": str(folder)},
+        "corpus": {"source": "builtin:python-docs", "max_tokens": 1500, "context_length": 64},
+        "hooks": ["blocks.*.mlp.hook_post"],
+        "stats": {"top_k": 6, "dla": True, "token_table": True, "gate_cases": True},
+        "dense": {"hooks": ["blocks.1.mlp.hook_post"], "token_fraction": 0.3},
+        "compute": {"batch_size": 4, "shard_tokens": 512},
+    })
+    loaded = load_model(spec.model)
+    shards, _ = plan(spec, loaded.tokenizer)
+    return spec, loaded, shards

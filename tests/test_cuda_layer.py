@@ -10,7 +10,7 @@ import torch
 
 from mining.reducers import ContextTopK, Histogram, HistogramBins, Moments, TopK, cuda_layer
 
-from test_device import mine_all, same_results, tiny_job  # noqa: F401 - tiny_job is a fixture
+from test_device import mine_all, same_results
 from test_kernels import hostile
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the emulated kernel needs g++")
@@ -108,7 +108,7 @@ def test_kernel_with_floors_from_another_shard(emulated):
 
 def test_a_full_candidate_list_is_flagged(emulated, monkeypatch):
     x, toks = data(2, 4, 10, 20, torch.float32)
-    monkeypatch.setattr(TopK, "sparse_capacity", lambda self, M, N: 2 if self.seen else None)
+    monkeypatch.setattr(TopK, "sparse_capacity", lambda self, M, N, margin=4: 2 if self.seen else None)
     got, _ = kernel_pass(x, toks, 3, [slice(0, 2), slice(2, 4)])
     assert got[0].overflowed()
 

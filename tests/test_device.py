@@ -155,29 +155,6 @@ def test_moments_device_chunks_equal_cpu(monkeypatch):
 # ---------------------------------------------------------------- the miner on the device path
 
 
-@pytest.fixture(scope="module")
-def tiny_job(tmp_path_factory, smol_tokenizer):
-    from mining.models import load_model
-    from mining.runner import plan
-    from mining.spec import spec_from_dict
-    from mining.tiny import tiny_model
-
-    folder = tmp_path_factory.mktemp("tiny-llama-device")
-    tiny_model("llama", vocab_size=len(smol_tokenizer)).save_pretrained(folder)
-    smol_tokenizer.save_pretrained(folder)
-    spec = spec_from_dict({
-        "name": "device", "model": {"id": str(folder)},
-        "corpus": {"source": "builtin:python-docs", "max_tokens": 1500, "context_length": 64},
-        "hooks": ["blocks.*.mlp.hook_post"],
-        "stats": {"top_k": 6, "dla": True, "token_table": True, "gate_cases": True},
-        "dense": {"hooks": ["blocks.1.mlp.hook_post"], "token_fraction": 0.3},
-        "compute": {"batch_size": 4, "shard_tokens": 512},
-    })
-    loaded = load_model(spec.model)
-    shards, _ = plan(spec, loaded.tokenizer)
-    return spec, loaded, shards
-
-
 def mine_all(spec, loaded, shards):
     from mining.engine import ShardMiner
 
@@ -218,7 +195,7 @@ def test_an_overflow_remines_the_shard_densely(tiny_job, monkeypatch):
     ref = mine_all(spec, loaded, shards[:2])
     monkeypatch.setenv("MINING_DEVICE_PATH", "1")
     capacity = TopK.sparse_capacity
-    monkeypatch.setattr(TopK, "sparse_capacity", lambda self, M, N: capacity(self, M, N) and 2)
+    monkeypatch.setattr(TopK, "sparse_capacity", lambda self, M, N, margin=4: capacity(self, M, N) and 2)
     calls = []
     from mining.engine import ShardMiner
 
