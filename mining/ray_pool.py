@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -48,15 +49,21 @@ class MinerActor:
         else:
             self.miner = ShardMiner(self.spec, load_model(self.spec.model), token_groups)
         self.store = Store(store)
+        # With two calls in flight (write_slots), one shard's files are written while the next one mines:
+        # the model runs one shard at a time, the writes (host copies, compression, disk) run beside it.
+        self._mining = threading.Lock()
+        self._floors = threading.Lock()
 
     def mine(self, shard: Shard, attempt: int = 0) -> dict[str, Any]:
         """Mine one shard and write its files; any failure comes back as a marker, not an exception."""
         try:
             _injected_fault(shard.index, attempt)
-            result = self.miner.mine(shard)
+            with self._mining:
+                result = self.miner.mine(shard)
             marker = self.store.write_shard(result, {"first_tok": shard.first_tok, "contexts": len(shard.ids),
                                                      "attempts": attempt + 1, "worker": os.getpid()})
-            self.miner.raise_floors(result)  # stored: from now on a lower bound for this actor's next shards
+            with self._floors:
+                self.miner.raise_floors(result)  # stored: from now on a lower bound for this actor's next shards
             return marker
         except Exception as e:  # noqa: BLE001 - reported per shard; the driver decides on retries
             return {"shard": shard.index, "status": "error", "error": f"{type(e).__name__}: {_first_line(e)}"}
@@ -142,6 +149,12 @@ def _loopback_only() -> None:
         pass
 
 
+def write_slots(gpus: int) -> int:
+    """Calls in flight per actor: two on a GPU, so the next shard mines while the last one's files are
+    written; one on CPUs, whose cores the mining already fills. MINING_ACTOR_SLOTS overrides (tests)."""
+    return int(os.environ.get("MINING_ACTOR_SLOTS", 0)) or (2 if gpus else 1)
+
+
 def actor_count(spec: JobSpec, n_shards: int) -> tuple[int, int]:
     """(actors, gpus per actor)."""
     import ray
@@ -183,7 +196,8 @@ def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_token
     start_ray(address)
     n_actors, gpus = actor_count(spec, max(1, len(shards)))
     env = {k: v for k, v in os.environ.items() if k in ("MINING_INJECT_FAULT", "MINING_KERNELS")}
-    remote = ray.remote(num_cpus=spec.compute.cpus_per_actor, num_gpus=gpus,
+    slots = write_slots(gpus)
+    remote = ray.remote(num_cpus=spec.compute.cpus_per_actor, num_gpus=gpus, max_concurrency=slots,
                         runtime_env={"env_vars": env} if env else None)(MinerActor)
 
     def new_actor():
@@ -200,7 +214,8 @@ def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_token
     started = time.perf_counter()
     queue = deque(shards)
     attempts: dict[int, int] = {}
-    idle = list(actors)
+    idle = [a for a in actors for _ in range(slots)]  # one entry per call an actor may have in flight
+    dead: set[Any] = set()
     running: dict[Any, tuple[Any, Shard]] = {}
     bar = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, disable=not progress,
                desc=f"mining ({n_actors} actor{'s' if n_actors > 1 else ''})", dynamic_ncols=True, mininterval=1.0)
@@ -231,9 +246,12 @@ def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_token
                 marker = ray.get(ref)
             except RayActorError as e:  # the worker process or its node died mid-shard
                 retry_or_fail(shard, f"worker died: {_first_line(e)}")
-                ray.kill(actor)
-                if _room_for_actor(spec, gpus):
-                    idle.append(new_actor())
+                if actor not in dead:  # its other call in flight fails too: replace it once
+                    dead.add(actor)
+                    ray.kill(actor)
+                    idle[:] = [a for a in idle if a is not actor]
+                    if _room_for_actor(spec, gpus):
+                        idle.extend([new_actor()] * slots)
                 status()
                 continue
             except RayError as e:
@@ -249,11 +267,11 @@ def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_token
         inputs = after_shards() if after_shards else {}
         if model_tables and idle:
             bar.set_description_str(f"model tables ({', '.join(model_tables)})")
-            _model_stage(store, idle, list(model_tables), inputs)
+            _model_stage(store, list(dict.fromkeys(idle)), list(model_tables), inputs)
     finally:
         report.seconds = report.seconds or time.perf_counter() - started
         bar.close()
-        for actor in idle + [a for a, _ in running.values()]:
+        for actor in dict.fromkeys(idle + [a for a, _ in running.values()]):
             ray.kill(actor)
     return report
 

@@ -6,12 +6,15 @@ DIR holds a model's config.json and tokenizer files (no weights: the device mach
 any, and SmolLM2's weights are too large to carry there), so the model is SmolLM2-135M's architecture
 with random bf16 weights: the same FLOPs, shapes and reducer work as the real one.
 
-Stages, each reported even if another fails:
-  exact     the device reducers (dense and sparse top-k, contexts, histogram, moments, compiled variants)
-            against the CPU paths on bf16 data with ties, NaN and infinities: keys and counts bit for bit
-  miner     ShardMiner on a tiny random Llama on the device against the same on the CPU
-  ops       per-reducer times on one layer's (B*T, N) bf16 batch, CUDA events, median of 20
-  bench     `mine bench` forward, mining, dla on the random SmolLM2, eager and MINING_COMPILE=1
+Stages (--stages, comma-separated), each reported even if another fails:
+  kernel_exact  cuda_layer.cu against the CPU reducers, batch by batch, on bf16 data with ties, NaN and
+                infinities: top/bottom/context keys and histogram counts bit for bit, moments to 1e-7
+  kernel_ops    one layer's pass at the bench's shape, CUDA events
+  exact         the torch-ops device path (reducers/device.py, compiled variants too) against the CPU
+  ops           per-reducer times of the torch-ops path on one layer's (B*T, N) bf16 batch
+  bench         `mine bench` forward, mining, dla on the random SmolLM2 (compiled: MINING_COMPILE=1)
+  miner         ShardMiner on a tiny random Llama on the device against the CPU, and the host syncs
+                left while it mines (torch.cuda.set_sync_debug_mode)
 """
 
 from __future__ import annotations
@@ -32,10 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mining.reducers import ContextTopK, Histogram, HistogramBins, TopK  # noqa: E402
 
-try:  # module level: numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) swaps this module's `cuda` global
-    from numba import cuda, int32, int64
-except ImportError:
-    cuda = None
+
 from mining.reducers.moments import _batch_moments  # noqa: E402
 
 REPORT: dict = {}
@@ -237,74 +237,6 @@ def ops(dev: torch.device) -> dict:
     return out
 
 
-def hist_kernel(nb: int, rows: int):
-    """Prototype: per-column histograms of bfloat16 bits in shared memory (16 columns x `rows` rows per block),
-    flushed to the int64 counts with one atomic per non-zero bin."""
-    size = 16 * nb
-
-    @cuda.jit
-    def kern(x16, counts, M, N, shift, base, R, zero_bin):
-        sm = cuda.shared.array(size, int32)
-        tid = cuda.threadIdx.x
-        for i in range(tid, size, 256):
-            sm[i] = 0
-        cuda.syncthreads()
-        c = tid % 16
-        col = cuda.blockIdx.x * 16 + c
-        r0 = cuda.blockIdx.y * rows
-        if col < N:
-            for r in range(r0 + tid // 16, min(r0 + rows, M), 16):
-                b = int32(x16[r, col]) << 16
-                sign = b >> 31
-                a = b & 0x7FFFFFFF
-                if a > 0x7F800000:
-                    k = nb - 1
-                elif a == 0:
-                    k = zero_bin
-                else:
-                    t = min(max((a >> shift) - base, -1), R)
-                    k = (t ^ sign) + sign * 3 + R + 4
-                cuda.atomic.add(sm, c * nb + k, 1)
-        cuda.syncthreads()
-        for i in range(tid, size, 256):
-            v = sm[i]
-            cc = cuda.blockIdx.x * 16 + i // nb
-            if v != 0 and cc < N:
-                cuda.atomic.add(counts, cc * nb + i % nb, int64(v))
-    return kern
-
-
-@stage("probe")
-def probe(dev: torch.device) -> dict:
-    out = {}
-    try:
-        import triton
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    import numba
-
-    out["numba"] = numba.__version__
-    out["numba_cuda"] = bool(cuda.is_available())
-    bins = HistogramBins()
-    M, N = 64 * 512, 1536
-    x = (torch.randn(M, N, device=dev) * torch.rand(N, device=dev)).bfloat16()
-    ref = Histogram(bins)
-    ref.update(x)
-    rows = 4096
-    kern = hist_kernel(bins.n_bins, rows)
-    counts = torch.zeros(N * bins.n_bins, dtype=torch.int64, device=dev)
-    stream = cuda.external_stream(torch.cuda.current_stream(dev).cuda_stream)
-    grid = ((N + 15) // 16, (M + rows - 1) // rows)
-    args = (cuda.as_cuda_array(x.view(torch.int16)), cuda.as_cuda_array(counts), M, N, 23 - bins.mantissa_bits,
-            (bins.min_exp + 127) << bins.mantissa_bits, bins.n_regular, bins.zero_bin)
-    kern[grid, 256, stream](*args)
-    torch.cuda.synchronize()
-    out["smem_hist_equal"] = bool(torch.equal(counts.view(N, -1), ref.finalize()))
-    out["smem_hist_ms"] = timed(lambda: kern[grid, 256, stream](*args))
-    return out
-
-
 @stage("kernel_exact")
 def kernel_exact(dev: torch.device) -> dict:
     """cuda_layer.cu on the GPU against the CPU reducers, batch by batch, on bfloat16 data with ties and NaN."""
@@ -451,8 +383,6 @@ def main() -> None:
                       {"MINING_COMPILE": "1" if s == "compiled" else "0"})
             elif s == "ops":
                 ops(dev)
-            elif s == "probe":
-                probe(dev)
             elif s == "kernel_exact":
                 kernel_exact(dev)
             elif s == "kernel_ops":

@@ -85,6 +85,16 @@ def test_two_actors_give_identical_tables(clean, tmp_path):
     assert len(workers) == 2  # both actors took shards from the queue
 
 
+def test_two_calls_in_flight_per_actor_give_identical_tables(clean, tmp_path, monkeypatch):
+    """A GPU actor takes two shards at a time (one mines while the other's files are written); forced
+    here on the CPU. A crash with both in flight retries both and replaces the actor once."""
+    monkeypatch.setenv("MINING_ACTOR_SLOTS", "2")
+    monkeypatch.setenv("MINING_INJECT_FAULT", "crash:1")
+    assert main(["run", str(write_job(tmp_path, 1)), "--store", str(tmp_path / "store"), "--no-progress"]) == 0
+    assert content(tmp_path / "store") == clean
+    assert any(m["attempts"] == 2 for m in markers(tmp_path / "store"))
+
+
 def test_worker_killed_mid_shard_is_retried(clean, tmp_path):
     store = tmp_path / "store"
     proc = subprocess.Popen([sys.executable, "-m", "mining.cli", "run", str(write_job(tmp_path, 2)), "--store",

@@ -1,4 +1,8 @@
-"""Reducer updates for accelerators (CUDA) that never read a device value on the host.
+"""Reducer updates for accelerators (CUDA) that never read a device value on the host, as torch ops.
+
+On a GPU with nvcc, cuda_layer.py does a hook's standard set (and DLA's) in one kernel instead; these
+ops remain for everything else: other dtypes (fp16), no nvcc, MINING_CUDA_LAYER=0, young thresholds
+(the dense first batches), gate cases, and as the reference the kernel is tested against.
 
 On a GPU every host read of a device value (`int(t.sum())`, boolean indexing, `.nonzero()`,
 `.tolist()`) waits for all queued work, so the CPU stops queueing the next layers and the GPU idles.
