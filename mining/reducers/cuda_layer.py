@@ -1,14 +1,16 @@
-"""The GPU's single read of a hook's activations for top-k, bottom-k, top contexts, histogram and moments.
+"""A hook's standard reducers on the GPU: one read of the activations, states updated in place.
 
 reducers/device.py does each reducer with torch ops: every reducer reads the (B, T, N) batch again and
 the histogram is one global atomic per value, about 8 ms a layer for a 64 x 512 x 1536 bfloat16 batch on
-an H200 (a forward pass of SmolLM2-135M's layer takes ~2.4 ms). cuda_layer.cu reads the batch once, counts
-histograms in shared memory, and leaves per-context partial moments, context peaks and the (few) top/bottom
-candidates, which the torch ops here turn into the reducers' states, the same states as the other paths.
+an H200 (the model's own layer takes ~2.4 ms). cuda_layer.cu reads the batch once (histograms counted in
+shared memory, per-context moments and peaks, the few top/bottom candidates), then its finishing kernels
+fold those into the reducers' tensors: one library call per layer, no torch op in between. The states are
+the ones the other paths leave (keys and counts bit for bit, moments to rounding).
 
 The kernel is compiled with nvcc on first use (cached under ~/.cache/activation-mining/cuda) and called
 through ctypes on torch's current stream. Without nvcc, or with MINING_CUDA_LAYER=0, the caller keeps the
-torch ops. MINING_CUDA_EMULATE=1 builds it for the CPU instead (tests: one std::thread per CUDA thread).
+torch ops. MINING_CUDA_EMULATE=1 (with MINING_DEVICE_PATH=1) builds it for the CPU instead: one std::thread
+per CUDA thread, for the tests.
 """
 
 from __future__ import annotations
@@ -160,10 +162,6 @@ class Workspace:
 
     def ptr(self, name: str) -> int:
         return self.base + self.offsets[name]
-
-    def view(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-        return self.buf[self.offsets[name]:self.offsets[name] + n].view(dtype).view(shape)
 
 
 def _ranked(t, cap: int, ws: Workspace | None, prefix: str) -> Ranked:
