@@ -137,3 +137,14 @@ def test_the_miner_with_the_kernel_equals_the_cpu_miner(tiny_job, monkeypatch):
     monkeypatch.setattr(cuda_layer, "layer_pass", lambda *a: calls.append(1) or original(*a))
     same_results(mine_all(spec, loaded, shards), ref)
     assert calls
+
+
+def test_one_row_block_and_fine_bins(emulated, monkeypatch):
+    """All contexts in one block down the rows (a large batch's bounded partials); bins too fine for the
+    kernel's shared memory keep the torch ops."""
+    monkeypatch.setattr(cuda_layer, "MAX_ROW_BLOCKS", 1)
+    x, toks = data(4, 9, 20, 21, torch.bfloat16)
+    batches = [slice(0, 9)]
+    check_same(kernel_pass(x, toks, 2, batches)[0], reference(x, toks, 2, batches))
+    assert not cuda_layer.usable(x, Histogram(HistogramBins(mantissa_bits=8)))
+    assert cuda_layer.usable(x.contiguous(), Histogram(HistogramBins()))

@@ -40,7 +40,7 @@ struct Ranked {          // one TopK: its state and what the kernel leaves for i
     int64_t k;
     int64_t* cand_key;   // (cap,)
     int32_t* cand_col;   // (cap,)
-    int32_t* count;      // candidates found (may exceed cap)
+    unsigned long long* count;  // candidates found (may exceed cap; 64-bit: never wraps)
     int32_t* overflow;   // set to 1 when count > cap
 };
 
@@ -95,8 +95,8 @@ __device__ __forceinline__ int64_t kth(const Ranked& r, int64_t n, int64_t N) {
 }
 
 __device__ __forceinline__ void append(const Ranked& r, int64_t cap, int64_t key, int32_t col) {
-    int32_t i = atomicAdd(r.count, 1);
-    if (i < cap) { r.cand_key[i] = key; r.cand_col[i] = col; }
+    const unsigned long long i = atomicAdd(r.count, 1ULL);
+    if (i < (unsigned long long)cap) { r.cand_key[i] = key; r.cand_col[i] = col; }
 }
 
 template <int BF16>
@@ -329,9 +329,9 @@ __global__ void topk_insert(Ranked r, int64_t N, int64_t cap) {
     __shared__ int32_t scol[STAGE];
     const int tid = threadIdx.x;
     const int64_t n = (int64_t)blockIdx.x * blockDim.x + tid;
-    const int64_t count = *r.count;
-    if (n == 0 && count > cap) *r.overflow = 1;
-    const int64_t m = count < cap ? count : cap;
+    const unsigned long long count = *r.count;
+    if (n == 0 && count > (unsigned long long)cap) *r.overflow = 1;
+    const int64_t m = count < (unsigned long long)cap ? (int64_t)count : cap;
     for (int64_t base = 0; base < m; base += STAGE) {
         if (base + tid < m) { skey[tid] = r.cand_key[base + tid]; scol[tid] = r.cand_col[base + tid]; }
         __syncthreads();
@@ -390,8 +390,8 @@ extern "C" int layer_update(Params* pp, int bf16, void* stream) {
     if (p.cap) { *p.top.count = 0; *p.bottom.count = 0; }
 #else
     if (p.cap) {
-        cudaMemsetAsync(p.top.count, 0, 4, (cudaStream_t)stream);
-        cudaMemsetAsync(p.bottom.count, 0, 4, (cudaStream_t)stream);
+        cudaMemsetAsync(p.top.count, 0, 8, (cudaStream_t)stream);
+        cudaMemsetAsync(p.bottom.count, 0, 8, (cudaStream_t)stream);
     }
     cudaError_t e = bf16 ? cudaFuncSetAttribute(layer_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)
                          : cudaFuncSetAttribute(layer_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);

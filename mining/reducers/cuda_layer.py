@@ -35,6 +35,12 @@ HERE = Path(__file__).resolve().parent
 SOURCES = ("cuda_layer.cu", "cuda_emulate.h")
 PER_BLOCK = 4
 """Contexts per block: enough rows that zeroing and flushing the shared histogram is a small overhead."""
+MAX_ROW_BLOCKS = 16
+"""At most this many blocks down the rows (more contexts per block beyond): the histogram partials they
+write, row blocks x N x bins int32, stay bounded (16 x 1,536 x 645 x 4 B = 63 MB for SmolLM2)."""
+MAX_BINS = 3000
+"""Histogram bins a block's shared memory holds (16 columns x bins x 4 B, under the 227 KB of an H100);
+finer bins keep the torch ops."""
 CAP_MARGIN = 32
 """Candidate lists 32 times the expected count: the inserts scan only the candidates found, so a wide list
 costs 12 bytes an entry and spares the shard a dense re-mine when a batch is lumpy."""
@@ -113,9 +119,12 @@ def library():
     return _lib[key]
 
 
-def usable(x: torch.Tensor) -> bool:
-    """A contiguous bfloat16/float32 batch on a GPU (or on the CPU under MINING_CUDA_EMULATE=1)."""
+def usable(x: torch.Tensor, histogram=None) -> bool:
+    """A contiguous bfloat16/float32 batch on a GPU (or on the CPU under MINING_CUDA_EMULATE=1), and bins
+    that fit the kernel's shared memory."""
     if os.environ.get("MINING_CUDA_LAYER") == "0" or x.dtype not in (torch.bfloat16, torch.float32):
+        return False
+    if histogram is not None and histogram.bins.n_bins > MAX_BINS:
         return False
     if not x.is_contiguous() or not (x.is_cuda or (emulated() and device.forced())):
         return False
@@ -205,17 +214,18 @@ def layer_pass(x: torch.Tensor, layout: Layout, top, bottom, contexts, histogram
         t._start(N, dev)
     caps = [t.sparse_capacity(layout.total, N, margin=CAP_MARGIN) for t in ranked]
     cap = 0 if not caps or any(c is None for c in caps) else max(caps)
-    rb = lib.layer_row_blocks(C, PER_BLOCK)
+    per_block = max(PER_BLOCK, -(-C // MAX_ROW_BLOCKS))
+    rb = lib.layer_row_blocks(C, per_block)
     sizes = {name: C * N * 8 for name in ("c_mean", "c_m2", "c_m3", "c_m4", "c_key")}
     sizes.update({name: C * N * 4 for name in ("c_min", "c_max", "c_active")})
     if histogram is not None:
         sizes["hist_part"] = rb * N * histogram.bins.n_bins * 4
     if cap:
         for prefix in ("top_", "bot_"):
-            sizes.update({prefix + "key": cap * 8, prefix + "col": cap * 4, prefix + "count": 4})
+            sizes.update({prefix + "key": cap * 8, prefix + "col": cap * 4, prefix + "count": 8})
     ws = Workspace(sizes, dev)
     p = Params(x=x.data_ptr(), tok=layout.tok.data_ptr(), first=layout.first.data_ptr(),
-               ctx_count=layout.counts.data_ptr(), M=M, N=N, T=layout.T, n_ctx=C, per_block=PER_BLOCK, cap=cap)
+               ctx_count=layout.counts.data_ptr(), M=M, N=N, T=layout.T, n_ctx=C, per_block=per_block, cap=cap)
     for name in ("c_mean", "c_m2", "c_m3", "c_m4", "c_min", "c_max", "c_active", "c_key"):
         setattr(p, name, ws.ptr(name))
     if cap:
