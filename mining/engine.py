@@ -130,11 +130,12 @@ class HookStats:
         """gate, up: (M, N) booleans (pre-activation > 0) at the mined positions."""
         self.gate_cases.update(mined_rows(x, rows).float(), gate, up, flat_toks)
 
-    def update_dla(self, dla: torch.Tensor, toks: torch.Tensor) -> None:
-        """dla (M, N) for the mined positions that have a next token; toks (M,)."""
+    def update_dla(self, dla: torch.Tensor, toks: torch.Tensor, layout: cuda_layer.Layout | None = None) -> None:
+        """dla (M, N) for the mined positions that have a next token; toks (M,); layout: their rows as the GPU
+        kernel takes them (Layout.of_rows(toks), shared by every layer of a batch)."""
         if dla.shape[0] and cuda_layer.usable(dla):
-            cuda_layer.layer_pass(dla, cuda_layer.Layout.of_rows(toks), self.dla_top, self.dla_bottom, None, None,
-                                  self.dla_moments)
+            cuda_layer.layer_pass(dla, layout or cuda_layer.Layout.of_rows(toks), self.dla_top, self.dla_bottom, None,
+                                  None, self.dla_moments)
             return
         if update_ranked(self.dla_top, self.dla_bottom, self.dla_moments, dla, toks):
             return
@@ -301,7 +302,7 @@ class ShardMiner:
                 out = self.loaded.model(input_ids=batch.ids, attention_mask=batch.attention)
             if dla is not None:
                 for name, values in dla.finish():
-                    stats[name].update_dla(values, dla.toks)
+                    stats[name].update_dla(values, dla.toks, dla.layout())
             if self.spec.stats.token_table:
                 token_parts.append(self._token_rows(shard, batch.sl, T, out, toks_np, targets_np))
             del out  # the logits (batch x T x vocab) must not live on through the next forward
@@ -487,6 +488,13 @@ class _DlaBatch:
         self.directions = dla.directions(upload(batch.targets_np.reshape(-1)[sel], batch.toks.device))  # (M, d)
         self.raw: dict[str, torch.Tensor] = {}
         self.scale: torch.Tensor | None = None
+        self._layout: cuda_layer.Layout | None = None
+
+    def layout(self) -> cuda_layer.Layout | None:
+        """The rows as the GPU kernel takes them, once per batch (None where the kernel does not run)."""
+        if self._layout is None and device_path(self.toks) and len(self.toks):
+            self._layout = cuda_layer.Layout.of_rows(self.toks)
+        return self._layout
 
     def gain(self, point: HookPoint, x: torch.Tensor) -> None:
         gain = self.dla.neuron_gain(point.layer, self.directions)  # a fresh (M, N) float32: multiply in place
