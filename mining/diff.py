@@ -26,7 +26,8 @@ import torch
 from contextlib import nullcontext
 
 from .dla import DirectLogitAttribution
-from .engine import HookStats, ShardMiner, ShardResult, _concat, _DlaBatch, make_batch, mined_rows
+from .batch import make_batch, mined_rows
+from .engine import HookStats, ShardMiner, ShardResult, _concat, _DlaBatch
 from .errors import UserError
 from .hooks import capture, mlp_out_weight, resolve_hooks
 from .models import LoadedModel
