@@ -15,6 +15,7 @@ Stages (--stages, comma-separated), each reported even if another fails:
   bench         `mine bench` forward, mining, dla on the random SmolLM2 (compiled: MINING_COMPILE=1)
   miner         ShardMiner on a tiny random Llama on the device against the CPU, and the host syncs
                 left while it mines (torch.cuda.set_sync_debug_mode)
+  profile       torch.profiler over the bench's mining variant: device and host time by op (profile.txt)
 """
 
 from __future__ import annotations
@@ -319,6 +320,38 @@ def kernel_ops(dev: torch.device) -> dict:
     return out
 
 
+@stage("profile")
+def profile(dev: torch.device, model: Path, out: Path, tokens: int = 131072) -> dict:
+    """torch.profiler over the bench's mining variant on the random SmolLM2 (after a settle pass, as the
+    bench does): where a batch's time goes, on the device and on the host."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from mining.bench import BenchConfig, Workload
+
+    tokens = tokens if dev.type == "cuda" else 512  # a CPU dry run of the script
+    cfg = BenchConfig(model=str(model), tokens=tokens, batch_size=64 if dev.type == "cuda" else 4,
+                      context_length=512 if dev.type == "cuda" else 64, dtype="bfloat16" if dev.type == "cuda"
+                      else "float32", device=str(dev), corpus="builtin:python-stdlib", parts=("mining",))
+    work = Workload(cfg)
+    from mining.engine import ShardMiner
+
+    miner = ShardMiner(work.spec("mining"), work.loaded)
+    for shard in work.shards:
+        miner.raise_floors(miner.mine(shard))
+    miner.mine(work.warm)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for shard in work.shards:
+            miner.mine(shard)
+    device_table = prof.key_averages().table(sort_by="cuda_time_total" if dev.type == "cuda" else "cpu_time_total",
+                                             row_limit=30)
+    host_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    (out / "profile.txt").write_text(device_table + "\n\n" + host_table)
+    print(device_table[-6000:], flush=True)
+    return {"tokens": work.n_tokens, "remined": miner.remined}
+
+
 @stage("model")
 def make_model(config_dir: str, target: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -389,6 +422,10 @@ def main() -> None:
                 kernel_ops(dev)
             elif s == "miner":
                 miner(dev, a.config, scratch)
+            elif s == "profile":
+                if not model.exists():
+                    make_model(a.config, model)
+                profile(dev, model, out)
     finally:
         (out / "report.json").write_text(json.dumps(REPORT, indent=1, default=str))
         print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "trace"} for k, v in REPORT.items()},
