@@ -4,7 +4,13 @@
 
 DIR holds a model's config.json and tokenizer files (no weights: the device machine cannot download
 any, and SmolLM2's weights are too large to carry there), so the model is SmolLM2-135M's architecture
-with random bf16 weights: the same FLOPs, shapes and reducer work as the real one.
+with random bf16 weights: the same FLOPs, shapes and reducer work as the real one. To make DIR here, after
+anything has loaded smollm2-135m once (which converts the GGUF into the cache):
+
+    echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/smollm2
+    cp ~/.cache/activation-mining/gguf-*/{config.json,tokenizer.json,tokenizer_config.json} .gpu/smollm2/
+
+and name `.gpu` in the device call's carry.
 
 Stages (--stages, comma-separated), each reported even if another fails:
   kernel_exact  cuda_layer.cu against the CPU reducers, batch by batch, on bf16 data with ties, NaN and
