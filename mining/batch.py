@@ -44,10 +44,10 @@ def make_batch(shard: Shard, sl: slice, tok_grid: np.ndarray, dev: torch.device)
     check_toks(torch.from_numpy(toks_np[mined]))  # on the host copy: no device sync
     rows_np = np.flatnonzero(mined)
     attention = (np.arange(T)[None, :] < shard.length[sl][:, None]).astype(np.int64)
-    toks = upload(toks_np, dev)
-    layout = cuda_layer.Layout.of_grid(toks_np, toks) if device_path(toks) else None
+    toks, rows = upload(toks_np, dev), upload(rows_np, dev)
+    layout = cuda_layer.Layout.of_grid(toks_np, toks, rows) if device_path(toks) else None
     return Batch(sl=sl, T=T, ids=upload(shard.ids[sl, :T], dev), attention=upload(attention, dev), toks_np=toks_np,
-                 toks=toks, mask=toks >= 0, rows=upload(rows_np, dev), flat_toks=upload(toks_np.reshape(-1)[rows_np], dev),
+                 toks=toks, mask=toks >= 0, rows=rows, flat_toks=upload(toks_np.reshape(-1)[rows_np], dev),
                  targets_np=next_token_targets(shard, sl, T, toks_np), layout=layout)
 
 

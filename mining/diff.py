@@ -26,7 +26,7 @@ import torch
 from contextlib import nullcontext
 
 from .dla import DirectLogitAttribution
-from .batch import make_batch, mined_rows
+from .batch import OnHost, make_batch, mined_rows, token_scores
 from .engine import HookStats, ShardMiner, ShardResult, _concat, _DlaBatch
 from .errors import UserError
 from .hooks import capture, mlp_out_weight, resolve_hooks
@@ -120,7 +120,7 @@ class DiffMiner(ShardMiner):
                     stats[name].dla_moments.update(va)
                     stats[name].dla_moments_b.update(fb[name])
             rows = self._token_rows(shard, sl, T, out_a, toks_np, targets_np)
-            rows["logprob_b"] = _logprobs(out_b, targets_np)[toks_np >= 0]
+            rows["logprob_b"] = OnHost(token_scores(out_b.logits, targets_np)[0], toks_np >= 0)
             token_parts.append(rows)
         result = ShardResult(shard.index, stats, _concat(token_parts, shard.index), n_tokens=shard.n_tokens)
         result.seconds = time.perf_counter() - start
@@ -152,18 +152,6 @@ def _update_pair(st: HookStats, a: torch.Tensor, b: torch.Tensor, toks: torch.Te
     st.diff_bottom.update(delta, toks, check=False)
     if st.cross is not None:
         st.cross.update(a, b)
-
-
-def _logprobs(out, target: np.ndarray) -> np.ndarray:
-    """(C, T) log-prob of each target (NaN where none) from a causal LM's logits."""
-    logits = out.logits
-    lp = np.full(target.shape, np.nan, dtype=np.float32)
-    for c in range(len(target)):
-        lsm = torch.log_softmax(logits[c, :target.shape[1]].float(), dim=-1)
-        tgt = torch.from_numpy(target[c]).to(lsm.device)
-        got = lsm.gather(-1, tgt.clamp(min=0)[:, None])[:, 0]
-        lp[c] = torch.where(tgt >= 0, got, torch.nan).cpu().numpy()
-    return lp
 
 
 # ---------------------------------------------------------------- tables at merge

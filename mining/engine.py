@@ -119,11 +119,12 @@ class HookStats:
                 self.histogram.update(flat)
             if self.moments is not None:
                 self.moments.update(flat)
+        flat = flat.float()  # these take float32 (a no-op on the CPU, where mined_rows gave float32)
         if self.samples is not None:
-            self.samples.update(flat.float(), flat_toks)
+            self.samples.update(flat, flat_toks)
         if self.by_token is not None:
-            self.by_token.update(flat.float(), groups["by_token"], check=False)  # in range by construction
-            self.by_position.update(flat.float(), groups["by_position"], check=False)
+            self.by_token.update(flat, groups["by_token"], check=False)  # in range by construction
+            self.by_position.update(flat, groups["by_position"], check=False)
 
     def update_gate(self, x: torch.Tensor, rows: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                     flat_toks: torch.Tensor) -> None:
@@ -171,9 +172,6 @@ class HookStats:
         """Rank every batch densely on the device path (the retry of a shard whose buffers overflowed)."""
         for r in self.topks():
             r.sparse = False
-
-    def overflowed(self) -> bool:
-        return any(r.overflowed() for r in self.topks())
 
     def parts(self) -> dict[str, object]:
         return {name: r for name, r in vars(self).items() if r is not None}
@@ -245,7 +243,8 @@ class ShardMiner:
     @torch.inference_mode()
     def mine(self, shard: Shard) -> ShardResult:
         result = self._mine(shard, sparse=True)
-        if any(st.overflowed() for st in result.stats.values()):  # host syncs once per shard, not per batch
+        flags = [t._overflow for st in result.stats.values() for t in st.topks() if t._overflow is not None]
+        if flags and bool(torch.stack(flags).any()):  # one host sync per shard, none per batch
             # a batch had more top-k candidates than the device path's buffer held: mine it again, densely
             self.remined += 1
             result = self._mine(shard, sparse=False)

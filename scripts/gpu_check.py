@@ -16,9 +16,9 @@ Stages (--stages, comma-separated), each reported even if another fails:
   kernel_exact  cuda_layer.cu against the CPU reducers, batch by batch, on bf16 data with ties, NaN and
                 infinities: top/bottom/context keys and histogram counts bit for bit, moments to 1e-7
   kernel_ops    one layer's pass at the bench's shape, CUDA events
-  exact         the torch-ops device path (reducers/device.py, compiled variants too) against the CPU
+  exact         the torch-ops device path (reducers/device.py) against the CPU
   ops           per-reducer times of the torch-ops path on one layer's (B*T, N) bf16 batch
-  bench         `mine bench` forward, mining, dla on the random SmolLM2 (compiled: MINING_COMPILE=1)
+  bench         `mine bench` forward, mining, dla on the random SmolLM2
   miner         ShardMiner on a tiny random Llama on the device against the CPU, and the host syncs
                 left while it mines (torch.cuda.set_sync_debug_mode)
   profile       torch.profiler over the bench's mining variant: device and host time by op (profile.txt)
@@ -106,19 +106,15 @@ def exact(dev: torch.device) -> dict:
     cpu_path(lambda: ref.update(xs.float(), toks, check=False, rising=True))
     got.update(xs.to(dev), toks.to(dev), check=False, rising=True)
     out["contexts"] = bool(torch.equal(ref.top.keys, got.top.keys.cpu()))
-    for compiled in ("0", "1"):
-        os.environ["MINING_COMPILE"] = compiled
-        bins = HistogramBins()
-        ref, got = Histogram(bins), Histogram(bins)
-        cpu_path(lambda: ref.update(x.float()))
-        got.update(x.to(dev))
-        out[f"histogram_compile{compiled}"] = bool(torch.equal(ref.finalize(), got.finalize().cpu()))
-        r = cpu_path(lambda: _batch_moments(x.float()))
-        g = _batch_moments(x.to(dev))
-        out[f"moments_compile{compiled}"] = all(
-            bool(torch.allclose(g[key].cpu().double(), r[key].double(), rtol=1e-9, equal_nan=True))
-            for key in ("mean", "m2", "m3", "m4", "n_active", "min", "max"))
-    os.environ["MINING_COMPILE"] = "0"
+    bins = HistogramBins()
+    ref, got = Histogram(bins), Histogram(bins)
+    cpu_path(lambda: ref.update(x.float()))
+    got.update(x.to(dev))
+    out["histogram"] = bool(torch.equal(ref.finalize(), got.finalize().cpu()))
+    r = cpu_path(lambda: _batch_moments(x.float()))
+    g = _batch_moments(x.to(dev))
+    out["moments"] = all(bool(torch.allclose(g[key].cpu().double(), r[key].double(), rtol=1e-9, equal_nan=True))
+                         for key in ("mean", "m2", "m3", "m4", "n_active", "min", "max"))
     flat = [v["equal"] if isinstance(v, dict) else v for v in out.values()]
     if not all(flat):
         raise AssertionError(f"mismatch: {out}")
@@ -234,11 +230,8 @@ def ops(dev: torch.device) -> dict:
     ctx = ContextTopK(k)
     out["contexts_ms"] = timed(lambda: ctx.update(x, tok, check=False, rising=True))
     h = Histogram(HistogramBins())
-    for compiled in ("0", "1"):
-        os.environ["MINING_COMPILE"] = compiled
-        out[f"histogram_compile{compiled}_ms"] = timed(lambda: h.update(flat))
-        out[f"moments_compile{compiled}_ms"] = timed(lambda: _batch_moments(flat))
-    os.environ["MINING_COMPILE"] = "0"
+    out["histogram_ms"] = timed(lambda: h.update(flat))
+    out["moments_ms"] = timed(lambda: _batch_moments(flat))
     out["rows_index_ms"] = timed(lambda: flat.index_select(0, torch.arange(B * T, device=dev)))
     out["bf16_read_gb_per_s_clone"] = 2 * bytes_bf16 / (out["copy_ms"] / 1e3) / 1e9
     return out
@@ -415,11 +408,10 @@ def main() -> None:
             os.environ["MINING_DEVICE_PATH"] = "1"
             if s == "exact":
                 exact(dev)
-            elif s in ("bench", "compiled"):
+            elif s == "bench":
                 if not model.exists():
                     make_model(a.config, model)
-                bench(f"bench_{'eager' if s == 'bench' else 'compiled'}", model, out, a.tokens,
-                      {"MINING_COMPILE": "1" if s == "compiled" else "0"})
+                bench("bench", model, out, a.tokens, {})
             elif s == "ops":
                 ops(dev)
             elif s == "kernel_exact":

@@ -2,8 +2,6 @@
 states as the CPU paths and brute force, bit for bit, on hostile data, in float32 and bfloat16, with
 floors, sparse batches, and an overflowing candidate buffer that is reported, not silently lossy."""
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -205,23 +203,3 @@ def test_an_overflow_remines_the_shard_densely(tiny_job, monkeypatch):
     monkeypatch.setattr(ShardMiner, "_mine", lambda self, shard, sparse: calls.append(sparse) or original(self, shard, sparse))
     same_results(mine_all(spec, loaded, shards[:2]), ref)
     assert False in calls  # at least one shard was mined again, densely
-
-
-@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's CPU backend needs a C++ compiler")
-def test_compiled_histogram_and_moments_equal_eager(monkeypatch):
-    """MINING_COMPILE=1: torch.compile's fused versions (inductor's C++ here, Triton on a GPU)."""
-    monkeypatch.setenv("MINING_DEVICE_PATH", "1")
-    x = hostile(8, 200, 45)
-    bins = HistogramBins()
-    eager, fused = Histogram(bins), Histogram(bins)
-    for part in (x[:120], x[120:].bfloat16()):
-        eager.update(part)
-        monkeypatch.setenv("MINING_COMPILE", "1")
-        fused.update(part)
-        monkeypatch.delenv("MINING_COMPILE")
-    assert torch.equal(eager.finalize(), fused.finalize())
-    ref = _batch_moments(x)
-    monkeypatch.setenv("MINING_COMPILE", "1")
-    got = _batch_moments(x)
-    for k in ("mean", "m2", "m3", "m4", "min", "max", "n_active"):
-        assert torch.allclose(got[k].double(), ref[k].double(), rtol=1e-9, equal_nan=True), k

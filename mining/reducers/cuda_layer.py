@@ -140,14 +140,19 @@ class Layout:
     counts: torch.Tensor  # (C,) float64 mined rows of each context
     total: int  # mined rows in all
     tok: torch.Tensor  # (C * T,) int64 global token index of every row, -1 = not mined
+    rows: torch.Tensor | None = None  # (total,) the mined rows' index (the batch's own); None: every row
 
     @classmethod
-    def of_grid(cls, toks_np: np.ndarray, tok: torch.Tensor) -> "Layout":
+    def of_grid(cls, toks_np: np.ndarray, tok: torch.Tensor, rows: torch.Tensor | None = None) -> "Layout":
+        """toks_np (C, T) on the host, tok its device copy, rows the flat index of its mined positions on the
+        device (the batch has it already; built here if not)."""
         mined = toks_np >= 0
         counts = mined.sum(axis=1)
         first = np.where(counts > 0, mined.argmax(axis=1), -1).astype(np.int32)
+        if rows is None:
+            rows = upload(np.flatnonzero(mined), tok.device)
         return cls(toks_np.shape[1], upload(first, tok.device), upload(counts.astype(np.float64), tok.device),
-                   int(counts.sum()), tok.reshape(-1))
+                   int(counts.sum()), tok.reshape(-1), rows)
 
     @classmethod
     def of_rows(cls, tok: torch.Tensor) -> "Layout":
@@ -233,13 +238,11 @@ def layer_pass(x: torch.Tensor, layout: Layout, top, bottom, contexts, histogram
     if contexts is not None:
         p.ctx = _ranked(contexts.top, 0, None, "")
     if histogram is not None:
-        b = histogram.bins
         histogram._flush()
         if histogram._counts is None:
-            histogram._counts = torch.zeros(N, b.n_bins, dtype=torch.int64, device=dev)
+            histogram._counts = torch.zeros(N, histogram.bins.n_bins, dtype=torch.int64, device=dev)
         p.counts, p.hist_part = histogram._counts.data_ptr(), ws.ptr("hist_part")
-        p.shift, p.base, p.R, p.zero_bin, p.nb = (23 - b.mantissa_bits, (b.min_exp + 127) << b.mantissa_bits, b.n_regular,
-                                                  b.zero_bin, b.n_bins)
+        p.shift, p.base, p.R, p.zero_bin, p.nb = histogram.bins.kernel_params()
     if moments is not None:
         _moments_state(moments, N, dev)
         p.mean, p.m2, p.m3, p.m4 = (getattr(moments, k).data_ptr() for k in ("mean", "m2", "m3", "m4"))
@@ -255,7 +258,8 @@ def layer_pass(x: torch.Tensor, layout: Layout, top, bottom, contexts, histogram
         for t in ranked:
             t.seen += layout.total
     elif ranked:  # young thresholds: the batch's mined rows ranked densely by the torch ops
-        flat_rows = torch.nonzero_static(layout.tok >= 0, size=layout.total).view(-1)  # host-known size: no sync
-        rows, toks = x.index_select(0, flat_rows), layout.tok[flat_rows]
+        rows, toks = x, layout.tok
+        if layout.rows is not None:
+            rows, toks = x.index_select(0, layout.rows), layout.tok[layout.rows]
         for t in ranked:
             device.topk_update(t, rows, toks)

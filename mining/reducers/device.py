@@ -11,9 +11,10 @@ every step is a fixed-shape kernel, and the only decisions are made on host-side
 
 - top/bottom-k of tokens: while the thresholds are young the batch is ranked densely (one topk over
   its int64 keys); once few values can enter (estimated on the host from rows seen and the floor's
-  rows), the values whose keys beat their column's k-th key are compacted by `nonzero_static` into a fixed capacity and merged by two
-  sorts. If a batch ever has more candidates than the capacity, a device flag is raised and the miner
-  mines the shard again with the dense path (`TopK.overflowed`), so results stay exact.
+  rows), the values whose keys beat their column's k-th key are compacted by `nonzero_static` into a
+  fixed capacity and merged by two sorts. If a batch ever has more candidates than the capacity, a device
+  flag is raised and the miner mines the shard again with the dense path (`TopK.overflowed`), so results
+  stay exact.
 - top contexts: each context's peak from a max over an integer image of the values (first of equal
   peaks = lowest tok, as toks rise along a context), then one dense merge of the (B, N) peak keys.
 - histogram: bin index and one atomic index_add into the counts.
@@ -150,51 +151,3 @@ def histogram_add(counts: torch.Tensor, x: torch.Tensor, bins) -> None:
     idx = bins.index32(x).long()
     idx += torch.arange(N, device=x.device, dtype=torch.int64) * nb
     counts.view(-1).index_add_(0, idx.view(-1), torch.ones((), dtype=counts.dtype, device=x.device).expand(M * N))
-
-
-# ---------------------------------------------------------------- compiled variants (MINING_COMPILE=1)
-# torch.compile fuses each of these into one or two kernels that read the activations once (the eager
-# versions above materialise float64 and int64 temporaries). Opt-in until measured on more devices.
-
-_compiled: dict[str, object] = {}
-
-
-def compile_on(x: torch.Tensor) -> bool:
-    return os.environ.get("MINING_COMPILE") == "1" and applies(x)
-
-
-def _get(name: str, fn):
-    if name not in _compiled:
-        _compiled[name] = torch.compile(fn, dynamic=True)
-    return _compiled[name]
-
-
-def _moments_fn(x: torch.Tensor):
-    xd = x.double()
-    mean = xd.sum(0) / x.shape[0]
-    d = xd - mean
-    d2 = d * d
-    return mean, d2.sum(0), (d2 * d).sum(0), (d2 * d2).sum(0), (x > 0).sum(0), xd.amin(0), xd.amax(0)
-
-
-def batch_moments(x: torch.Tensor) -> dict:
-    """moments._batch_moments of a non-empty (M, N) batch, compiled."""
-    mean, m2, m3, m4, active, lo, hi = _get("moments", _moments_fn)(x)
-    return {"count": x.shape[0], "mean": mean, "m2": m2, "m3": m3, "m4": m4, "n_active": active, "min": lo, "max": hi}
-
-
-def _histogram_fn(counts: torch.Tensor, x: torch.Tensor, shift: int, base: int, R: int, zero_bin: int, nb: int):
-    b = x.float().view(torch.int32)
-    sign = b >> 31
-    a = b & 0x7FFFFFFF
-    t = ((a >> shift) - base).clamp(-1, R)
-    t = (t ^ sign) + sign * 3 + (R + 4)
-    t = torch.where(a == 0, zero_bin, t)
-    t = torch.where(a > 0x7F800000, nb - 1, t)
-    idx = t.long() + torch.arange(x.shape[1], device=x.device, dtype=torch.int64) * nb
-    counts.view(-1).index_put_((idx.view(-1),), torch.ones((), dtype=counts.dtype, device=x.device), accumulate=True)
-
-
-def histogram_add_compiled(counts: torch.Tensor, x: torch.Tensor, bins) -> None:
-    _get("histogram", _histogram_fn)(counts, x, 23 - bins.mantissa_bits, (bins.min_exp + 127) << bins.mantissa_bits,
-                                     bins.n_regular, bins.zero_bin, bins.n_bins)

@@ -38,9 +38,7 @@ def update_hook(top: TopK, bottom: TopK, contexts: ContextTopK, histogram: Histo
         return False
     hist = None
     if histogram is not None:
-        b = histogram.bins
-        hist = (23 - b.mantissa_bits, (b.min_exp + 127) << b.mantissa_bits, b.n_regular, b.zero_bin, b.n_bins,
-                histogram.pending(N, M))
+        hist = (*histogram.bins.kernel_params(), histogram.pending(N, M))
     batch, bad = kernels.layer_update(x, mined, tok.to(torch.int64), (top.keys, top.floor), (bottom.keys, bottom.floor),
                                       (contexts.top.keys, contexts.top.floor), hist)
     if len(bad):  # columns with a NaN or infinity: ContextTopK's exact path, on just those columns

@@ -97,6 +97,10 @@ class HistogramBins:
         t.masked_fill_(a == 0, self.zero_bin)
         return t.masked_fill_(a > _INF_BITS, self.n_bins - 1)
 
+    def kernel_params(self) -> tuple[int, int, int, int, int]:
+        """(shift, base, R, zero_bin, n_bins): index32's constants, as the CPU and GPU kernels take them."""
+        return 23 - self.mantissa_bits, (self.min_exp + 127) << self.mantissa_bits, self.n_regular, self.zero_bin, self.n_bins
+
     def index(self, x: torch.Tensor) -> torch.Tensor:
         """Bin of each element, int64, same shape as x."""
         return self.index32(x).long()
@@ -168,12 +172,10 @@ class Histogram:
         if M == 0:
             return
         if device.applies(x):
-            (device.histogram_add_compiled if device.compile_on(x) else device.histogram_add)(self._counts, x, self.bins)
+            device.histogram_add(self._counts, x, self.bins)
             return
         if kernels.usable(x):
-            b = self.bins
-            kernels.histogram_add(x, 23 - b.mantissa_bits, (b.min_exp + 127) << b.mantissa_bits, b.n_regular,
-                                  b.zero_bin, nb, self.pending(N, M))
+            kernels.histogram_add(x, *self.bins.kernel_params(), self.pending(N, M))
             return
         # one bincount over neuron * n_bins + bin; int32 while the flat index fits
         idx = self.bins.index32(x)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import device, kernels
+from . import kernels
 
 _STATS = ("mean", "m2", "m3", "m4")
 
@@ -116,8 +116,6 @@ def _batch_moments(x: torch.Tensor) -> dict:
     M, N = x.shape
     if M and kernels.usable(x):
         return {"count": M, **kernels.moments(x)}
-    if M and device.compile_on(x):
-        return device.batch_moments(x)
     # a GPU wants whole-batch kernels, not cache-sized chunks (each chunk is ~10 launches)
     rows = max(1, (CHUNK_ELEMENTS if x.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS) // max(N, 1))
     total = torch.zeros(N, dtype=torch.float64, device=x.device)
