@@ -131,7 +131,7 @@ def _head_dla(dla: _DlaBatch, point, z: torch.Tensor, w_o: torch.Tensor) -> torc
     """(M, heads): each head's output z_h through its W_O slice, dotted with the target's direction
     (divided by the final norm's scale later, in _DlaBatch.finish)."""
     zs = mined_rows(z, dla.sel, torch.float32)  # (M, H * dh)
-    g = dla.directions @ w_o.T  # (M, H * dh): W_O^T d_t
+    g = dla.per_position(dla.directions @ w_o.T)  # (M, H * dh): W_O^T d_t
     return (zs * g).unflatten(-1, (point.n_heads, point.d_head)).sum(-1)
 
 

@@ -50,7 +50,7 @@ class DirectLogitAttribution:
         self.gain_dtype = dtype if self.gamma.is_cuda and dtype in (torch.float16, torch.bfloat16) else torch.float32
 
     def directions(self, targets: torch.Tensor) -> torch.Tensor:
-        """d_t for each target id (M,) -> (M, d), in float32."""
+        """d_t for each target id (U,) -> (U, d), in float32."""
         d = self.w_u[:, targets].T.float() * self.gamma.float()
         if self.kind == "layer":
             d = d - d.mean(dim=-1, keepdim=True)
@@ -64,7 +64,7 @@ class DirectLogitAttribution:
         return torch.sqrt(x.pow(2).mean(dim=-1) + self.eps)
 
     def neuron_gain(self, layer: int, directions: torch.Tensor) -> torch.Tensor:
-        """w_out · d_t for every neuron: (M, d) @ (d, N) -> (M, N)."""
+        """w_out · d_t for every neuron: (U, d) @ (d, N) -> (U, N)."""
         if layer not in self._w_out:
             self._w_out[layer] = mlp_out_weight(self.model, layer).to(self.gain_dtype)  # (N, d)
         return (directions.to(self.gain_dtype) @ self._w_out[layer].T).float()

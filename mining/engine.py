@@ -396,7 +396,11 @@ class _DlaBatch:
         sel = np.flatnonzero((batch.toks_np >= 0) & (batch.targets_np >= 0))  # mined, with a next token
         self.sel = upload(sel, batch.toks.device)
         self.toks = upload(batch.toks_np.reshape(-1)[sel], batch.toks.device)
-        self.directions = dla.directions(upload(batch.targets_np.reshape(-1)[sel], batch.toks.device))  # (M, d)
+        # Text repeats its tokens, so a batch has far fewer distinct targets than positions (about half at
+        # 8 x 128): the gain matmul runs once per distinct target, and its rows are gathered per position.
+        targets, inverse = np.unique(batch.targets_np.reshape(-1)[sel], return_inverse=True)
+        self.directions = dla.directions(upload(targets, batch.toks.device))  # (U, d), one per distinct target
+        self.inverse = upload(inverse.astype(np.int64), batch.toks.device)  # (M,) position -> its target's row
         self.raw: dict[str, torch.Tensor] = {}
         self.scale: torch.Tensor | None = None
         self._layout: cuda_layer.Layout | None = None
@@ -407,8 +411,12 @@ class _DlaBatch:
             self._layout = cuda_layer.Layout.of_rows(self.toks)
         return self._layout
 
+    def per_position(self, per_target: torch.Tensor) -> torch.Tensor:
+        """(U, ...) rows, one per distinct target -> a fresh (M, ...), one per mined position."""
+        return per_target.index_select(0, self.inverse)
+
     def gain(self, point: HookPoint, x: torch.Tensor) -> None:
-        gain = self.dla.neuron_gain(point.layer, self.directions)  # a fresh (M, N) float32: multiply in place
+        gain = self.per_position(self.dla.neuron_gain(point.layer, self.directions))  # fresh (M, N): in place
         self.raw[point.name] = gain.mul_(mined_rows(x, self.sel))
 
     @contextmanager
