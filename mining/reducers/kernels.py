@@ -265,10 +265,11 @@ if numba is not None:
                     count += 1
                     row, bits_row = x[b, t, c0:c0 + w], xi[b, t, c0:c0 + w]
                     _stats_row(row, s, mn, mx, na, bad)
-                    for j in range(w):
-                        gt = row[j] > best[j]  # strict: the first position of the peak stays
-                        best[j] = row[j] if gt else best[j]
-                        at[j] = np.int32(t) if gt else at[j]
+                    if do_ctx:  # ranked values (DLA) have no contexts
+                        for j in range(w):
+                            gt = row[j] > best[j]  # strict: the first position of the peak stays
+                            best[j] = row[j] if gt else best[j]
+                            at[j] = np.int32(t) if gt else at[j]
                     _insert_row(row, bits_row, tok[b, t], tk, top_floor, top, c0, True)
                     _insert_row(row, bits_row, tok[b, t], bk, bot_floor, bot, c0, False)
                     if hist:
