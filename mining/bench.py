@@ -297,6 +297,8 @@ def throughput(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str
     if "mining" in best and "mining_torch_ops" in best:
         out["kernels_speedup"] = best["mining"] / best["mining_torch_ops"]
     out["rounds_tokens_per_s"] = rates
+    # Each round's ratio to the same round's forward (run next to it): how far the machine's drift moves the ratio.
+    out["round_ratios"] = {name: [v / f for v, f in zip(r, rates["forward"])] for name, r in rates.items() if name != "forward"}
     remined = {name: m.remined for name, m in work.miners.items() if m.remined}
     if remined:  # the device path's candidate buffers overflowed: those shards were mined twice
         out["remined_shards"] = remined
@@ -444,7 +446,7 @@ def format_report(r: dict[str, Any]) -> str:
                    f"{c['context_length']}, top_k {c['top_k']}, {c['neurons']:,} neurons ({c['layers']} layers, "
                    f"{c['hooks']}), best of {c['repeats']} interleaved rounds")
     if "bare_tokens_per_s" in r:
-        out += ["", f"{'throughput':<58}{'tok/s':>9}{'ratio':>8}{'time':>8}"]
+        out += ["", f"{'throughput':<58}{'tok/s':>9}{'ratio':>8}{'time':>8}{'per round':>14}"]
         bare = r["bare_tokens_per_s"]
         rows = [("forward", bare)] + [(n, r[f"{n}_tokens_per_s"]) for n in MINER_VARIANTS if f"{n}_tokens_per_s" in r]
         alt = r.get("alternatives", {})
@@ -452,7 +454,9 @@ def format_report(r: dict[str, Any]) -> str:
             rows.append(("cache_to_disk", alt["cache_to_disk"]["tokens_per_s"]))
         for name, rate in rows:
             label = LABELS[name].format(dense_hook=c["dense_hook"])
-            out.append(f"  {label:<56}{rate:>9,.0f}{rate / bare:>8.2f}{bare / rate:>7.2f}x")
+            spread = r.get("round_ratios", {}).get(name)
+            spread = f"{min(spread):.2f}-{max(spread):.2f}" if spread else ""
+            out.append(f"  {label:<56}{rate:>9,.0f}{rate / bare:>8.2f}{bare / rate:>7.2f}x{spread:>14}")
         if "cache_to_disk" in alt:
             a = alt["cache_to_disk"]
             out.append(f"    (cache {a['cache_bytes'] / 1e6:,.1f} MB; forward + write {a['forward_write_s']:.1f} s, "
@@ -462,7 +466,8 @@ def format_report(r: dict[str, Any]) -> str:
             if name != "cache_to_disk":
                 out.append(f"  {name}: " + (f"skipped: {v['skipped']}" if "skipped" in v else
                                             f"{v['tokens_per_s']:,.0f} tok/s, ratio {v['ratio']:.2f} ({v['what']})"))
-        out.append("  ratio = tok/s over the bare forward's; time = wall time over the bare forward's")
+        out.append("  ratio = best tok/s over the bare forward's best; time = wall time over the bare forward's; "
+                   "per round = the range of each round's ratio to that round's forward")
         g = r.get("gpu_utilisation")
         if g:
             mfu = ", ".join(f"{k} {v:.1%}" for k, v in g.get("mfu", {}).items()) or "n/a (no bf16/fp16 peak known)"
