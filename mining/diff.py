@@ -25,9 +25,9 @@ import torch
 
 from contextlib import nullcontext
 
-from .dla import DirectLogitAttribution
+from .dla import DirectLogitAttribution, DlaBatch
 from .batch import OnHost, make_batch, mined_rows, token_scores
-from .engine import HookStats, ShardMiner, ShardResult, _concat, _DlaBatch
+from .engine import HookStats, ShardMiner, ShardResult, _concat
 from .errors import UserError
 from .hooks import capture, mlp_out_weight, resolve_hooks
 from .models import LoadedModel
@@ -87,8 +87,8 @@ class DiffMiner(ShardMiner):
             sl, T, ids, attention = batch.sl, batch.T, batch.ids, batch.attention
             toks_np, targets_np, rows, flat_toks = batch.toks_np, batch.targets_np, batch.rows, batch.flat_toks
             acts: dict[str, torch.Tensor] = {}
-            dla_a = _DlaBatch(self.dla, batch) if self.dla else None
-            dla_b = _DlaBatch(self.dla_b, batch) if self.dla else None
+            dla_a = DlaBatch(self.dla, batch) if self.dla else None
+            dla_b = DlaBatch(self.dla_b, batch) if self.dla else None
 
             def keep_a(point, x: torch.Tensor) -> None:
                 if point.site == "attn.hook_z":
@@ -127,9 +127,9 @@ class DiffMiner(ShardMiner):
         return result
 
 
-def _head_dla(dla: _DlaBatch, point, z: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
+def _head_dla(dla: DlaBatch, point, z: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
     """(M, heads): each head's output z_h through its W_O slice, dotted with the target's direction
-    (divided by the final norm's scale later, in _DlaBatch.finish)."""
+    (divided by the final norm's scale later, in DlaBatch.finish)."""
     zs = mined_rows(z, dla.sel, torch.float32)  # (M, H * dh)
     g = dla.per_position(dla.directions @ w_o.T)  # (M, H * dh): W_O^T d_t
     return (zs * g).unflatten(-1, (point.n_heads, point.d_head)).sum(-1)

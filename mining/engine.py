@@ -8,22 +8,21 @@ straight to that hook's reducers, which keep O(K·N + bins·N) state. Only the t
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from .dla import DirectLogitAttribution
+from .dla import DirectLogitAttribution, DlaBatch
 from .hooks import HookPoint, capture, resolve_hooks
 from .models import LoadedModel
 from .errors import UserError
 from .reducers import ContextTopK, Histogram, HistogramBins, Moments, QuantileSamples, TopK
-from .batch import Batch, OnHost, make_batch, mined_rows, token_scores
+from .batch import OnHost, make_batch, mined_rows, token_scores
 from .reducers import cuda_layer
-from .reducers.device import applies as device_path, download, upload
+from .reducers.device import download, upload
 from .reducers.fused import update_hook, update_ranked
 from .reducers.gate_cases import GateCases
 from .reducers.group_variance import GroupVariance
@@ -270,7 +269,7 @@ class ShardMiner:
             toks_np, targets_np, T = batch.toks_np, batch.targets_np, batch.T
             toks, mask, rows, flat_toks = batch.toks, batch.mask, batch.rows, batch.flat_toks
             pick = {name: dense_selected(toks_np, self.spec.dense.token_fraction) & (toks_np >= 0) for name in dense}
-            dla = _DlaBatch(self.dla, batch) if self.dla else None
+            dla = DlaBatch(self.dla, batch) if self.dla else None
             groups = None
             if self.token_group is not None:
                 ids = batch.ids
@@ -386,53 +385,6 @@ def gate_points(model, points: list[HookPoint]) -> dict[int, tuple[HookPoint, Ho
             continue  # not a gated MLP
         out[p.layer] = (gate, up)
     return out
-
-
-class _DlaBatch:
-    """One batch's DLA: each hooked layer's a·(w_out·d_t), divided by the final norm's scale at the end."""
-
-    def __init__(self, dla: DirectLogitAttribution, batch: Batch):
-        self.dla = dla
-        sel = np.flatnonzero((batch.toks_np >= 0) & (batch.targets_np >= 0))  # mined, with a next token
-        self.sel = upload(sel, batch.toks.device)
-        self.toks = upload(batch.toks_np.reshape(-1)[sel], batch.toks.device)
-        # Text repeats its tokens, so a batch has far fewer distinct targets than positions (about half at
-        # 8 x 128): the gain matmul runs once per distinct target, and its rows are gathered per position.
-        targets, inverse = np.unique(batch.targets_np.reshape(-1)[sel], return_inverse=True)
-        self.directions = dla.directions(upload(targets, batch.toks.device))  # (U, d), one per distinct target
-        self.inverse = upload(inverse.astype(np.int64), batch.toks.device)  # (M,) position -> its target's row
-        self.raw: dict[str, torch.Tensor] = {}
-        self.scale: torch.Tensor | None = None
-        self._layout: cuda_layer.Layout | None = None
-
-    def layout(self) -> cuda_layer.Layout | None:
-        """The rows as the GPU kernel takes them, once per batch (None where the kernel does not run)."""
-        if self._layout is None and device_path(self.toks) and len(self.toks):
-            self._layout = cuda_layer.Layout.of_rows(self.toks)
-        return self._layout
-
-    def per_position(self, per_target: torch.Tensor) -> torch.Tensor:
-        """(U, ...) rows, one per distinct target -> a fresh (M, ...), one per mined position."""
-        return per_target.index_select(0, self.inverse)
-
-    def gain(self, point: HookPoint, x: torch.Tensor) -> None:
-        gain = self.per_position(self.dla.neuron_gain(point.layer, self.directions))  # fresh (M, N): in place
-        self.raw[point.name] = gain.mul_(mined_rows(x, self.sel))
-
-    @contextmanager
-    def watch_norm(self) -> Iterator[None]:
-        def keep(module, args):
-            self.scale = self.dla.scale(args[0]).reshape(-1)[self.sel]
-
-        handle = self.dla.norm.register_forward_pre_hook(keep)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    def finish(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, raw in self.raw.items():
-            yield name, raw.div_(self.scale[:, None])  # raw is this batch's own tensor: no copy
 
 
 def _concat(parts: list[dict[str, np.ndarray]], shard_index: int) -> pa.Table | None:
