@@ -222,3 +222,54 @@ def test_fused_ranked_update_equals_the_reducers_one_by_one(seed, torch_ops):
         np.testing.assert_array_equal(fa[key], fb[key], err_msg=key)
     for key in ("mean", "std", "skew", "kurtosis"):
         np.testing.assert_allclose(fa[key], fb[key], rtol=1e-9, atol=1e-12, err_msg=key)
+
+
+def test_fused_and_flat_kernels_give_the_same_moment_bits():
+    """An actor with top-k floors takes the fused kernel from a shard's first batch, one without them the
+    flat kernels: the moments must be the same bits either way, or a resumed job's store would differ."""
+    from mining.reducers import layer_kernel
+
+    rng = np.random.default_rng(3)
+    B, T, N = 5, 60, 70
+    x = torch.from_numpy((rng.standard_t(3, (B, T, N)) + 4).astype(np.float32))
+    mined = torch.from_numpy(rng.random((B, T)) < 0.8)
+    tok = torch.where(mined, torch.arange(B * T).view(B, T), -1)
+    empty = (torch.full((3, N), -2**63, dtype=torch.int64), None)
+    fused, _ = layer_kernel.layer_update(x, mined, tok, empty, (empty[0].clone(), None), (empty[0].clone(), None), None,
+                                         int(mined.sum()))
+    flat = kernels.moments(x[mined].contiguous())
+    assert int(mined.sum()) > 2 * kernels.CHUNK_ROWS
+    for k in ("mean", "m2", "m3", "m4", "n_active", "min", "max"):
+        assert torch.equal(fused[k], flat[k]), k
+
+
+def test_histogram_past_the_uint16_counts(torch_ops):
+    """More rows than a uint16 count takes, in one update and in one fused batch; and bins too fine for
+    uint16 indices take the torch path."""
+    from mining.reducers.fused import update_hook
+
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.normal(size=(kernels.HIST_ROWS + 5000, 3)).astype(np.float32))
+    x[:50000, 0] = 1.0  # one bin counted past 2**16 over the two updates
+    fast, ref = Histogram(HistogramBins()), Histogram(HistogramBins())
+    for part in (x, x[:20000]):
+        fast.update(part.contiguous())
+        torch_ops(lambda: ref.update(part.contiguous()))
+    assert torch.equal(fast.finalize(), ref.finalize()) and int(fast.finalize().max()) > 2**16
+
+    B, T, N = 3, 30000, 40
+    xb = torch.from_numpy(rng.normal(size=(B, T, N)).astype(np.float32))
+    tok = torch.arange(B * T).view(B, T)
+    fast, ref = standard_set(), standard_set()
+    for t in (fast[0], fast[1]):
+        t.set_floor(torch.full((N,), 2**62, dtype=torch.int64))  # settled: the fused kernel takes the batch
+    assert update_hook(*fast, xb, tok, tok >= 0)
+    torch_ops(lambda: ref[3].update(xb.view(-1, N)))
+    assert torch.equal(fast[3].finalize(), ref[3].finalize())
+    assert fast[4].count == B * T
+
+    fine = HistogramBins(8, -126, 127)
+    assert fine.n_bins > kernels.HIST_MAX_BINS
+    h = Histogram(fine)
+    h.update(x[:100].contiguous())
+    assert h._pending is None and int(h.finalize().sum()) == 300

@@ -3,7 +3,7 @@
 
 Fed one by one, each reducer reads the (B, T, N) activations again (and `HookStats` first copies out
 the mined rows); on a CPU those reads, not the arithmetic, are most of what mining costs. `update_hook`
-hands the whole set to kernels.layer_update, which reads each block of columns once. The states it
+hands the whole set to layer_kernel.layer_update, which reads the batch once. The states it
 leaves are the ones the reducers' own updates would leave (tests/test_kernels.py checks this bit for
 bit, moments to rounding); where it does not apply it returns False and the caller feeds each reducer.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
+from .layer_kernel import layer_update
 from .histogram import Histogram
 from .moments import Moments
 from .topk import ContextTopK, TopK
@@ -36,11 +37,28 @@ def update_hook(top: TopK, bottom: TopK, contexts: ContextTopK, histogram: Histo
     M = int(mined.sum()) if n_mined is None else n_mined
     if M == 0 or not (_settled(top) and _settled(bottom)) or not contexts.top.keys.is_contiguous():
         return False
+    if histogram is not None and histogram.bins.n_bins > kernels.HIST_MAX_BINS:
+        return False
+    if histogram is not None and M > kernels.HIST_ROWS:  # its uint16 counts take that many rows a call: split
+        per = mined.sum(1)
+        if int(per.max()) > kernels.HIST_ROWS:
+            return False
+        cut, lo, rows = [], 0, 0
+        for b, m in enumerate(per.tolist()):
+            if rows + m > kernels.HIST_ROWS:
+                cut.append((lo, b, rows))
+                lo, rows = b, 0
+            rows += m
+        cut.append((lo, len(per), rows))
+        for lo, hi, m in cut:
+            if m:
+                update_hook(top, bottom, contexts, histogram, moments, x[lo:hi], tok[lo:hi], mined[lo:hi], m)
+        return True
     hist = None
     if histogram is not None:
         hist = (*histogram.bins.kernel_params(), histogram.pending(N, M))
-    batch, bad = kernels.layer_update(x, mined, tok.to(torch.int64), (top.keys, top.floor), (bottom.keys, bottom.floor),
-                                      (contexts.top.keys, contexts.top.floor), hist)
+    batch, bad = layer_update(x, mined, tok.to(torch.int64), (top.keys, top.floor), (bottom.keys, bottom.floor),
+                              (contexts.top.keys, contexts.top.floor), hist, M)
     if len(bad):  # columns with a NaN or infinity: ContextTopK's exact path, on just those columns
         cols = torch.from_numpy(bad)
         sub = ContextTopK(contexts.k)
@@ -63,7 +81,7 @@ def update_ranked(top: TopK, bottom: TopK, moments: Moments, x: torch.Tensor, to
     if not (_settled(top) and _settled(bottom)):
         return False
     M = x.shape[0]
-    batch, _ = kernels.layer_update(x.view(1, M, -1), torch.ones(1, M, dtype=torch.bool), tok.to(torch.int64).view(1, M),
-                                    (top.keys, top.floor), (bottom.keys, bottom.floor), None, None)
+    batch, _ = layer_update(x.view(1, M, -1), torch.ones(1, M, dtype=torch.bool), tok.to(torch.int64).view(1, M),
+                            (top.keys, top.floor), (bottom.keys, bottom.floor), None, None, M)
     moments.add_batch({"count": M, **batch})
     return True

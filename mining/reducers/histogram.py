@@ -131,7 +131,7 @@ class Histogram:
     def __init__(self, bins: HistogramBins):
         self.bins = bins
         self._counts: torch.Tensor | None = None  # (N, n_bins) int64 on the data's device
-        self._pending: np.ndarray | None = None  # (n_bins, N) int32 the CPU kernel adds to, see _flush
+        self._pending: np.ndarray | None = None  # (n_sub, n_bins, HIST_SB) uint16 the CPU kernels add to, see pending
         self._pending_rows = 0
 
     @property
@@ -144,19 +144,26 @@ class Histogram:
         self._counts, self._pending, self._pending_rows = value, None, 0
 
     def _flush(self) -> None:
-        """Fold the kernel's bin-major int32 counts into the int64 state."""
+        """Fold the kernels' uint16 sub-block counts into the int64 state."""
         if self._pending is not None and self._pending_rows:
-            self._counts = self._counts + torch.from_numpy(self._pending).T  # not in place: may be an inference tensor
+            N = self._counts.shape[0]
+            flat = torch.from_numpy(self._pending.transpose(0, 2, 1).reshape(-1, self.bins.n_bins)[:N].astype(np.int64))
+            self._counts = self._counts + flat  # not in place: may be an inference tensor
             self._pending.fill(0)
             self._pending_rows = 0
 
     def pending(self, N: int, rows: int) -> np.ndarray:
-        """The (n_bins, N) int32 counts a CPU kernel is about to add `rows` rows of N columns to."""
+        """The counts a CPU kernel is about to add `rows` (at most kernels.HIST_ROWS) rows of N columns to:
+        (ceil(N / HIST_SB), n_bins, HIST_SB) uint16, column c's bin b at [c // HIST_SB, b, c % HIST_SB].
+        Small blocks, so that the kernels' scattered adds stay in L1; folded into the counts before a
+        uint16 could overflow."""
+        if rows > kernels.HIST_ROWS:
+            raise ValueError(f"at most {kernels.HIST_ROWS} rows a call, got {rows}")
         if self._counts is None:
             self._counts = torch.zeros(N, self.bins.n_bins, dtype=torch.int64)
         if self._pending is None:
-            self._pending = np.zeros((self.bins.n_bins, N), np.int32)
-        if self._pending_rows + rows >= 2**31:  # an int32 count could overflow
+            self._pending = np.zeros((-(-N // kernels.HIST_SB), self.bins.n_bins, kernels.HIST_SB), np.uint16)
+        if self._pending_rows + rows > kernels.HIST_ROWS:
             self._flush()
         self._pending_rows += rows
         return self._pending
@@ -174,8 +181,10 @@ class Histogram:
         if device.applies(x):
             device.histogram_add(self._counts, x, self.bins)
             return
-        if kernels.usable(x):
-            kernels.histogram_add(x, *self.bins.kernel_params(), self.pending(N, M))
+        if kernels.usable(x) and nb <= kernels.HIST_MAX_BINS:
+            for lo in range(0, M, kernels.HIST_ROWS):
+                part = x[lo:lo + kernels.HIST_ROWS]
+                kernels.histogram_add(part, *self.bins.kernel_params(), self.pending(N, len(part)))
             return
         # one bincount over neuron * n_bins + bin; int32 while the flat index fits
         idx = self.bins.index32(x)

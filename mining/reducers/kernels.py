@@ -3,9 +3,9 @@
 Each torch op is one pass over a (M, N) activation batch plus a temporary as large; a reducer
 that chains ten of them costs more than the layer's forward pass on a CPU. These kernels walk a
 batch in blocks of BLOCK columns (a block's rows stay in cache, each block is a thread's own work,
-so no atomics) and compute exactly what the torch code beside them computes. `_layer` does a
-hook's whole standard set in one read (reducers/fused.py); the others serve one reducer each
-(moments, histogram, top-k, top contexts). The reducers call them for contiguous float32 CPU tensors
+so no atomics) and compute exactly what the torch code beside them computes. They serve one reducer
+each (moments, histogram, top-k, top contexts); layer_kernel.py does a hook's whole standard set in
+one read, with the row helpers defined here. The reducers call them for contiguous float32 CPU tensors
 and keep their torch code for every other case (GPU, other dtypes, numba missing).
 `MINING_KERNELS=torch` turns them off, e.g. to measure one against the other (`mine bench --parts
 kernels`). tests/test_kernels.py checks each against its torch twin.
@@ -25,6 +25,16 @@ except ImportError:  # pragma: no cover - numba is a dependency; the torch paths
     numba = None
 
 BLOCK = 64  # columns per block: 64 x 1,024 rows x 4 B = 256 KiB, an L2's worth
+CHUNK_ROWS = 64
+"""Rows per chunk of the moments' two passes (see _moments and layer_kernel.py)."""
+HIST_SB = 32
+"""Columns per histogram sub-block. The kernels count into uint16 (n_sub, n_bins, HIST_SB) blocks (Histogram.pending):
+645 default bins x 32 columns x 2 B = 41 KiB, an L1's worth, so the scattered adds stay in L1; an int32
+(n_bins, N) array takes L2 misses instead, twice as slow."""
+HIST_ROWS = 65535
+"""Rows a uint16 count can take before Histogram folds its pending blocks into the int64 counts."""
+HIST_MAX_BINS = 65536
+"""The kernels keep bin indices as uint16; finer bins (mantissa_bits 8 over the widest range) take the torch path."""
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -66,20 +76,34 @@ if numba is not None:
             a3[j] += d2 * d
             a4[j] += d2 * d2
 
+    i32 = np.int32
+
     @njit(**_inline)
-    def _bins_row(bits_row, c0, N, shift, offset, R, zero_bin, n_bins, idx, counts):  # pragma: no cover - compiled
-        """HistogramBins.index32, branch-free, then one add per value to counts, a flat view of (n_bins, N)
-        int32: bin-major, so a row's adds hit distinct entries."""
+    def _bin32(bits, shift, offset, R, zero_bin, n_bins):  # pragma: no cover - compiled
+        """HistogramBins.index32 of one float32's bits, in int32 arithmetic (all arguments int32) so that a row of
+        them vectorises 16 wide; numba would widen each step to int64."""
+        a = i32(bits & i32(0x7FFFFFFF))
+        u = i32(i32(a >> shift) - offset)
+        u = u if u > i32(-1) else i32(-1)
+        u = u if u < R else R
+        u = i32(R - u) if bits < i32(0) else i32(R + i32(4) + u)
+        u = zero_bin if a == i32(0) else u
+        return i32(n_bins - i32(1)) if a > i32(0x7F800000) else u
+
+    @njit(**_inline)
+    def _bins_to(bits_row, shift, offset, R, zero_bin, n_bins, out):  # pragma: no cover - compiled
         for j in range(len(bits_row)):
-            bits = bits_row[j]
-            a = bits & 0x7FFFFFFF
-            u = min(max((a >> shift) - offset, -1), R)
-            u = R - u if bits < 0 else R + 4 + u
-            u = zero_bin if a == 0 else u
-            u = n_bins - 1 if a > 0x7F800000 else u
-            idx[j] = u * N + c0 + j
-        for j in range(len(bits_row)):
-            counts[np.uint64(idx[j])] += 1  # unsigned: no negative-index wraparound per add
+            out[j] = np.uint16(_bin32(bits_row[j], shift, offset, R, zero_bin, n_bins))
+
+    @njit(**_inline)
+    def _count_bins(bins, counts):  # pragma: no cover - compiled
+        """Add rows of bins (M, w <= HIST_SB) uint16 to one sub-block's counts (n_bins, HIST_SB) uint16: a
+        flat, L1-sized block, so these scattered adds hit L1."""
+        flat = counts.reshape(-1)
+        w = bins.shape[1]
+        for r in range(bins.shape[0]):
+            for j in range(w):
+                flat[np.uint32(np.int32(bins[r, j]) * HIST_SB + j)] += 1
 
     @njit(**_inline)
     def _key(bits, tok, largest):  # pragma: no cover - compiled; topk.encode of one float32's bits
@@ -136,43 +160,82 @@ if numba is not None:
         return out
 
     @njit(**_inline)
-    def _store_moments(c0, s, count, a2, a3, a4, na, mn, mx, mean, m2, m3, m4, active, lo, hi):  # pragma: no cover
-        w = len(s)
-        mean[c0:c0 + w] = s / count
-        m2[c0:c0 + w] = a2
-        m3[c0:c0 + w] = a3
-        m4[c0:c0 + w] = a4
-        active[c0:c0 + w] = na
-        lo[c0:c0 + w] = mn
-        hi[c0:c0 + w] = mx
+    def _merge_moments(na_, mean, m2, m3, m4, nb_, mb, b2, b3, b4):  # pragma: no cover - compiled
+        """Pébay's pairwise update (moments._combine) of running moments (na_ rows) by a chunk's (nb_ rows), in place."""
+        n = na_ + nb_
+        for j in range(len(mean)):
+            delta = mb[j] - mean[j]
+            d_n = delta / n
+            d_n2 = d_n * d_n
+            term = delta * d_n * na_ * nb_
+            a2, a3 = m2[j], m3[j]
+            mean[j] = mean[j] + d_n * nb_
+            m2[j] = a2 + b2[j] + term
+            m3[j] = a3 + b3[j] + term * d_n * (na_ - nb_) + 3 * d_n * (na_ * b2[j] - nb_ * a2)
+            m4[j] = (m4[j] + b4[j] + term * d_n2 * (na_ * na_ - na_ * nb_ + nb_ * nb_)
+                     + 6 * d_n2 * (na_ * na_ * b2[j] + nb_ * nb_ * a2) + 4 * d_n * (na_ * b3[j] - nb_ * a3))
+
+    @njit(**_inline)
+    def _fold_chunk(done, n_chunk, mu, a2, a3, a4, cm, c2, c3, c4):  # pragma: no cover - compiled
+        if done == 0.0:
+            cm[:] = mu
+            c2[:] = a2
+            c3[:] = a3
+            c4[:] = a4
+        else:
+            _merge_moments(done, cm, c2, c3, c4, n_chunk, mu, a2, a3, a4)
 
     @njit(**_jit)
     def _moments(x, mean, m2, m3, m4, active, lo, hi):  # pragma: no cover - compiled
+        """Per column, chunks of CHUNK_ROWS rows: each chunk's sum, then its centred sums about its own mean
+        (a second pass while it is in cache), merged with Pébay's formulas; the mean is the whole sum over M.
+        The same chunks and order as layer_kernel's, so a batch's moments do not depend on which kernel ran it."""
         M, N = x.shape
         for bi in prange((N + BLOCK - 1) // BLOCK):
             c0 = bi * BLOCK
             w = min(BLOCK, N - c0)
-            s, a2, a3, a4 = np.zeros(w), np.zeros(w), np.zeros(w), np.zeros(w)
+            s, total, a2, a3, a4 = np.zeros(w), np.zeros(w), np.zeros(w), np.zeros(w), np.zeros(w)
+            cm, c2, c3, c4 = np.zeros(w), np.zeros(w), np.zeros(w), np.zeros(w)
             mn, mx = np.full(w, np.inf, np.float32), np.full(w, -np.inf, np.float32)
             na, bad = np.zeros(w, np.int64), np.zeros(w, np.int64)
-            for r in range(M):
-                _stats_row(x[r, c0:c0 + w], s, mn, mx, na, bad)
-            mu = s / M
-            for r in range(M):  # second pass, centred, in float64; the block is still in cache
-                _centred_row(x[r, c0:c0 + w], mu, a2, a3, a4)
+            done = 0.0
+            for r0 in range(0, M, CHUNK_ROWS):
+                r1 = min(M, r0 + CHUNK_ROWS)
+                s[:] = 0.0
+                for r in range(r0, r1):
+                    _stats_row(x[r, c0:c0 + w], s, mn, mx, na, bad)
+                n_chunk = float(r1 - r0)
+                mu = s / n_chunk
+                a2[:] = 0.0
+                a3[:] = 0.0
+                a4[:] = 0.0
+                for r in range(r0, r1):
+                    _centred_row(x[r, c0:c0 + w], mu, a2, a3, a4)
+                _fold_chunk(done, n_chunk, mu, a2, a3, a4, cm, c2, c3, c4)
+                done += n_chunk
+                total += s
             for j in range(w):  # NaN sticks, as in torch.amin / amax (min and max above skip it)
                 if bad[j] and np.isnan(x[:, c0 + j]).any():
                     mn[j] = mx[j] = np.nan
-            _store_moments(c0, s, M, a2, a3, a4, na, mn, mx, mean, m2, m3, m4, active, lo, hi)
+            mean[c0:c0 + w] = total / done
+            m2[c0:c0 + w] = c2
+            m3[c0:c0 + w] = c3
+            m4[c0:c0 + w] = c4
+            active[c0:c0 + w] = na
+            lo[c0:c0 + w] = mn
+            hi[c0:c0 + w] = mx
 
     @njit(**_jit)
-    def _histogram(xi, shift, offset, R, zero_bin, n_bins, counts):  # pragma: no cover - compiled
+    def _histogram(xi, shift, offset, R, zero_bin, n_bins, pending):  # pragma: no cover - compiled
         M, N = xi.shape
-        for bi in prange((N + BLOCK - 1) // BLOCK):
-            c0 = bi * BLOCK
-            idx = np.empty(min(BLOCK, N - c0), np.int64)
+        shift, offset, R, zero_bin, n_bins = i32(shift), i32(offset), i32(R), i32(zero_bin), i32(n_bins)
+        for sb in prange(pending.shape[0]):
+            c0 = sb * HIST_SB
+            w = min(HIST_SB, N - c0)
+            bins = np.empty((1, w), np.uint16)
             for r in range(M):
-                _bins_row(xi[r, c0:c0 + len(idx)], c0, N, shift, offset, R, zero_bin, n_bins, idx, counts)
+                _bins_to(xi[r, c0:c0 + w], shift, offset, R, zero_bin, n_bins, bins[0])
+                _count_bins(bins, pending[sb])
 
     @njit(**_jit)
     def _count_candidates(x, kth, largest, per_block):  # pragma: no cover - compiled
@@ -230,73 +293,6 @@ if numba is not None:
                         if key >= floor[c]:
                             _insert(state, c, key)
 
-    @njit(**_jit)
-    def _layer(x, xi, mined, tok, top, top_floor, bot, bot_floor, do_ctx, ctx, ctx_floor,
-               ctx_bad, hist, shift, offset, R, zero_bin, n_bins, counts, mean, m2, m3, m4, active, lo, hi):
-        # pragma: no cover - compiled
-        """Everything a hook's standard reducers do with one batch, in one read of x (B, T, N): moments
-        (a second, centred pass over the block while it is in cache), top/bottom-k inserts, context peaks
-        and inserts (do_ctx), histogram (hist). Columns whose context peaks are not all finite are flagged
-        in ctx_bad and left to ContextTopK's exact path."""
-        B, T, N = x.shape
-        for bi in prange((N + BLOCK - 1) // BLOCK):
-            c0 = bi * BLOCK
-            w = min(BLOCK, N - c0)
-            tk, bk, ck = _kth(top, top_floor, c0, w, True), _kth(bot, bot_floor, c0, w, False), _kth(ctx, ctx_floor, c0, w, True)
-            s, a2, a3, a4 = np.zeros(w), np.zeros(w), np.zeros(w), np.zeros(w)
-            mn, mx = np.full(w, np.inf, np.float32), np.full(w, -np.inf, np.float32)
-            na, bad = np.zeros(w, np.int64), np.zeros(w, np.int64)
-            idx = np.empty(w, np.int64)
-            peaks = np.empty((B, w), np.float32)  # each context's peak and its first position
-            peak_bits = peaks.view(np.int32)
-            where = np.empty((B, w), np.int32)
-            has = np.zeros(B, np.bool_)
-            best = np.empty(w, np.float32)  # this context's; local arrays, so the compiler sees no aliasing
-            at = np.empty(w, np.int32)
-            count = 0
-            for b in range(B):
-                for t in range(T):
-                    if not mined[b, t]:
-                        continue
-                    if not has[b]:
-                        has[b] = True
-                        best[:] = -np.inf
-                        at[:] = np.int32(t)
-                    count += 1
-                    row, bits_row = x[b, t, c0:c0 + w], xi[b, t, c0:c0 + w]
-                    _stats_row(row, s, mn, mx, na, bad)
-                    if do_ctx:  # ranked values (DLA) have no contexts
-                        for j in range(w):
-                            gt = row[j] > best[j]  # strict: the first position of the peak stays
-                            best[j] = row[j] if gt else best[j]
-                            at[j] = np.int32(t) if gt else at[j]
-                    _insert_row(row, bits_row, tok[b, t], tk, top_floor, top, c0, True)
-                    _insert_row(row, bits_row, tok[b, t], bk, bot_floor, bot, c0, False)
-                    if hist:
-                        _bins_row(bits_row, c0, N, shift, offset, R, zero_bin, n_bins, idx, counts)
-                if has[b]:
-                    peaks[b] = best
-                    where[b] = at
-            for j in range(w):  # a column with a NaN or infinity anywhere is left to the exact path, whole
-                if do_ctx and bad[j] == 0:
-                    for b in range(B):
-                        if has[b] and peaks[b, j] >= ck[j]:
-                            key = _key(peak_bits[b, j], tok[b, where[b, j]], True)
-                            if key >= ctx_floor[c0 + j]:
-                                _insert(ctx, c0 + j, key)
-            mu = s / count
-            for b in range(B):
-                for t in range(T):
-                    if mined[b, t]:
-                        _centred_row(x[b, t, c0:c0 + w], mu, a2, a3, a4)
-            for j in range(w):  # NaN sticks, as in torch.amin / amax (min and max above skip it)
-                if bad[j]:
-                    for b in range(B):
-                        if np.isnan(x[b, :, c0 + j][mined[b]]).any():
-                            mn[j] = mx[j] = np.nan
-            _store_moments(c0, s, count, a2, a3, a4, na, mn, mx, mean, m2, m3, m4, active, lo, hi)
-            ctx_bad[c0:c0 + w] = bad > 0
-
 
 def topk_insert(state: torch.Tensor, floor: torch.Tensor | None, x: torch.Tensor, kth: torch.Tensor,
                 toks: torch.Tensor, largest: bool) -> None:
@@ -322,33 +318,6 @@ def _floor(floor: torch.Tensor | None, state: torch.Tensor) -> np.ndarray:
     return floor.to(torch.int64).contiguous().numpy()
 
 
-def layer_update(x: torch.Tensor, mined: torch.Tensor, tok: torch.Tensor, top: tuple, bottom: tuple, contexts: tuple,
-                 hist: tuple | None) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-    """One batch x (B, T, N) for a hook's standard reducers (see reducers/fused.py). top, bottom, contexts:
-    (keys (k, N) int64 updated in place, floor (N,) int64 or None); contexts None: no top contexts; hist: None or
-    (shift, offset, R, zero_bin, n_bins, counts (n_bins, N) int32 added to in place). Returns the batch's
-    moments (as moments.py's _batch_moments) and the columns whose contexts need the exact path."""
-    _threads()
-    N = x.shape[2]
-    xn = x.numpy()
-    out = {k: np.empty(N) for k in ("mean", "m2", "m3", "m4")}
-    active = np.empty(N, np.int64)
-    lo, hi = np.empty(N, np.float32), np.empty(N, np.float32)
-    bad = np.empty(N, np.bool_)
-    h = hist if hist is not None else (0, 0, 0, 0, 1, np.zeros((1, N), np.int32))
-    h = (*h[:5], h[5].reshape(-1))  # the kernels add to the flat (n_bins * N) view
-    ctx_keys, ctx_floor = contexts if contexts is not None else (torch.full((1, N), -2**63, dtype=torch.int64), None)
-    parts = []
-    for keys, floor in (top, bottom):
-        parts += [keys.numpy(), _floor(floor, keys)]
-    parts += [contexts is not None, ctx_keys.numpy(), _floor(ctx_floor, ctx_keys)]
-    _layer(xn, xn.view(np.int32), mined.contiguous().numpy(), tok.contiguous().numpy(), *parts, bad,
-           hist is not None, *h, out["mean"], out["m2"], out["m3"], out["m4"], active, lo, hi)
-    res = {k: torch.from_numpy(v) for k, v in out.items()}
-    res.update(n_active=torch.from_numpy(active), min=torch.from_numpy(lo).double(), max=torch.from_numpy(hi).double())
-    return res, np.flatnonzero(bad)
-
-
 def moments(x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-column mean and centred M2..M4 (float64, two-pass), count of x > 0, min and max of x (M, N), M > 0."""
     _threads()
@@ -363,10 +332,10 @@ def moments(x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def histogram_add(x: torch.Tensor, shift: int, offset: int, R: int, zero_bin: int, n_bins: int,
-                  counts: np.ndarray) -> None:
-    """Add the bins of x (M, N) to counts (n_bins, N) int32 in place (see HistogramBins.index32)."""
+                  pending: np.ndarray) -> None:
+    """Add the bins of x (M <= HIST_ROWS, N) to pending (n_sub, n_bins, HIST_SB) uint16 in place (see Histogram.pending)."""
     _threads()
-    _histogram(x.numpy().view(np.int32), shift, offset, R, zero_bin, n_bins, counts.reshape(-1))
+    _histogram(x.numpy().view(np.int32), shift, offset, R, zero_bin, n_bins, pending)
 
 
 def count_candidates(x: torch.Tensor, kth: torch.Tensor, largest: bool) -> int:
