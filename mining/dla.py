@@ -14,6 +14,7 @@ keeps a · (w_out · d_t) for the mined positions until the final norm's input h
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -22,7 +23,7 @@ from torch import nn
 
 from .batch import Batch, mined_rows
 from .hooks import HookPoint, final_norm, mlp_out_weight, unembedding
-from .reducers import cuda_layer
+from .reducers import cuda_layer, kernels
 from .reducers.device import applies as device_path, upload
 
 
@@ -77,20 +78,47 @@ class DirectLogitAttribution:
         return (directions.to(self.gain_dtype) @ self._w_out[layer].T).float()
 
 
-class DlaBatch:
-    """One batch's DLA: each hooked layer's a·(w_out·d_t), divided by the final norm's scale at the end."""
+@dataclass
+class GainProduct:
+    """A layer's DLA values, (gain[inverse] * x[sel]) / scale, not yet computed. The CPU kernel computes them a
+    chunk at a time as it reduces them (fused.update_product), sparing four passes over an (M, N) array:
+    the gather of the gains, the gather of the activations, the product and the division."""
 
-    def __init__(self, dla: DirectLogitAttribution, batch: Batch):
+    x: torch.Tensor
+    """The hook's (B, T, N) activations, held, not copied (the down projection's input: nothing writes to it)."""
+    gain: torch.Tensor
+    """(U, N) float32: w_out · d_t for each distinct target."""
+    batch: "DlaBatch"
+
+    def kernel_args(self) -> tuple:
+        b = self.batch
+        return self.x, b.grid("mined"), b.grid("tok"), self.gain, b.inverse_np, b.scale.numpy()
+
+    def values(self) -> torch.Tensor:
+        """The (M, N) values, as DlaBatch computes them where the kernel does not apply: the same bits."""
+        return self.batch.per_position(self.gain).mul_(mined_rows(self.x, self.batch.sel)).div_(self.batch.scale[:, None])
+
+
+class DlaBatch:
+    """One batch's DLA: each hooked layer's a·(w_out·d_t), divided by the final norm's scale at the end.
+    defer: where the CPU kernels apply, keep each layer's activations and gains (GainProduct) instead."""
+
+    def __init__(self, dla: DirectLogitAttribution, batch: Batch, defer: bool = False):
         self.dla = dla
+        self.defer = defer
+        self.shape = batch.toks_np.shape
         sel = np.flatnonzero((batch.toks_np >= 0) & (batch.targets_np >= 0))  # mined, with a next token
         self.sel = upload(sel, batch.toks.device)
-        self.toks = upload(batch.toks_np.reshape(-1)[sel], batch.toks.device)
+        self.sel_np, self.toks_np = sel, batch.toks_np.reshape(-1)[sel]
+        self.toks = upload(self.toks_np, batch.toks.device)
         # Text repeats its tokens, so a batch has far fewer distinct targets than positions (about a third at
         # 8 x 128): the gain matmul runs once per distinct target, and its rows are gathered per position.
         targets, inverse = np.unique(batch.targets_np.reshape(-1)[sel], return_inverse=True)
         self.directions = dla.directions(upload(targets, batch.toks.device))  # (U, d), one per distinct target
-        self.inverse = upload(inverse.astype(np.int64), batch.toks.device)  # (M,) position -> its target's row
+        self.inverse_np = inverse.astype(np.int64)
+        self.inverse = upload(self.inverse_np, batch.toks.device)  # (M,) position -> its target's row
         self.raw: dict[str, torch.Tensor] = {}
+        self.deferred: dict[str, GainProduct] = {}
         self.scale: torch.Tensor | None = None
         self._layout: cuda_layer.Layout | None = None
 
@@ -104,9 +132,18 @@ class DlaBatch:
         """(U, ...) rows, one per distinct target -> a fresh (M, ...), one per mined position."""
         return per_target.index_select(0, self.inverse)
 
+    def grid(self, what: str) -> np.ndarray:
+        """(B, T) of the DLA positions: "mined" (bool) or "tok" (their token indices, -1 elsewhere)."""
+        out = np.zeros(self.shape, bool) if what == "mined" else np.full(self.shape, -1, np.int64)
+        out.reshape(-1)[self.sel_np] = True if what == "mined" else self.toks_np
+        return out
+
     def gain(self, point: HookPoint, x: torch.Tensor) -> None:
-        gain = self.per_position(self.dla.neuron_gain(point.layer, self.directions))  # fresh (M, N): in place
-        self.raw[point.name] = gain.mul_(mined_rows(x, self.sel))
+        gain = self.dla.neuron_gain(point.layer, self.directions)  # (U, N)
+        if self.defer and x.ndim == 3 and kernels.usable(x):
+            self.deferred[point.name] = GainProduct(x, gain, self)
+            return
+        self.raw[point.name] = self.per_position(gain).mul_(mined_rows(x, self.sel))  # a fresh (M, N): in place
 
     @contextmanager
     def watch_norm(self) -> Iterator[None]:
@@ -119,6 +156,7 @@ class DlaBatch:
         finally:
             handle.remove()
 
-    def finish(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def finish(self) -> Iterator[tuple[str, torch.Tensor | GainProduct]]:
         for name, raw in self.raw.items():
             yield name, raw.div_(self.scale[:, None])  # raw is this batch's own tensor: no copy
+        yield from self.deferred.items()

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .dla import DirectLogitAttribution, DlaBatch
+from .dla import DirectLogitAttribution, DlaBatch, GainProduct
 from .hooks import HookPoint, capture, resolve_hooks
 from .models import LoadedModel
 from .errors import UserError
@@ -23,7 +23,7 @@ from .reducers import ContextTopK, Histogram, HistogramBins, Moments, QuantileSa
 from .batch import OnHost, make_batch, mined_rows, token_scores
 from .reducers import cuda_layer
 from .reducers.device import download, upload
-from .reducers.fused import update_hook, update_ranked
+from .reducers.fused import update_hook, update_product, update_ranked
 from .reducers.gate_cases import GateCases
 from .reducers.group_variance import GroupVariance
 from .reducers.pair import CrossMoments, PairMoments
@@ -130,9 +130,13 @@ class HookStats:
         """gate, up: (M, N) booleans (pre-activation > 0) at the mined positions."""
         self.gate_cases.update(mined_rows(x, rows).float(), gate, up, flat_toks)
 
-    def update_dla(self, dla: torch.Tensor, toks: torch.Tensor, layout: cuda_layer.Layout | None = None) -> None:
-        """dla (M, N) for the mined positions that have a next token; toks (M,); layout: their rows as the GPU
-        kernel takes them (Layout.of_rows(toks), shared by every layer of a batch)."""
+    def update_dla(self, dla: torch.Tensor | GainProduct, toks: torch.Tensor, layout: cuda_layer.Layout | None = None) -> None:
+        """dla (M, N) for the mined positions that have a next token, or those values still to compute; toks (M,);
+        layout: their rows as the GPU kernel takes them (Layout.of_rows(toks), shared by every layer of a batch)."""
+        if isinstance(dla, GainProduct):
+            if update_product(self.dla_top, self.dla_bottom, self.dla_moments, *dla.kernel_args()):
+                return
+            dla = dla.values()
         if dla.shape[0] and cuda_layer.usable(dla):
             cuda_layer.layer_pass(dla, layout or cuda_layer.Layout.of_rows(toks), self.dla_top, self.dla_bottom, None,
                                   None, self.dla_moments)
@@ -269,7 +273,7 @@ class ShardMiner:
             toks_np, targets_np, T = batch.toks_np, batch.targets_np, batch.T
             toks, mask, rows, flat_toks = batch.toks, batch.mask, batch.rows, batch.flat_toks
             pick = {name: dense_selected(toks_np, self.spec.dense.token_fraction) & (toks_np >= 0) for name in dense}
-            dla = DlaBatch(self.dla, batch) if self.dla else None
+            dla = DlaBatch(self.dla, batch, defer=True) if self.dla else None
             groups = None
             if self.token_group is not None:
                 ids = batch.ids

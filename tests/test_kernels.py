@@ -273,3 +273,37 @@ def test_histogram_past_the_uint16_counts(torch_ops):
     h = Histogram(fine)
     h.update(x[:100].contiguous())
     assert h._pending is None and int(h.finalize().sum()) == 300
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_fused_product_equals_the_values_it_stands_for(seed):
+    """update_product (DLA's (gain[target] * a) / scale, computed a chunk at a time) leaves the states that
+    update_ranked leaves on the values computed whole, as DlaBatch computes them: bit for bit, moments too."""
+    from mining.reducers.fused import update_product, update_ranked
+
+    rng = np.random.default_rng(seed)
+    B, T, N, U = 4, 50, 70, 9
+    fast, ref = (TopK(4, True), TopK(4, False), Moments()), (TopK(4, True), TopK(4, False), Moments())
+    took = []
+    for i in range(3):
+        x = hostile(seed * 3 + i, M=B * T, N=N).view(B, T, N).contiguous()
+        mined = rng.random((B, T)) < 0.7
+        tok = np.where(mined, np.arange(i * B * T, (i + 1) * B * T).reshape(B, T), -1)
+        M = int(mined.sum())
+        gain = torch.from_numpy(rng.normal(size=(U, N)).astype(np.float32))
+        inverse = rng.integers(0, U, M)
+        scale = rng.uniform(0.5, 3.0, M).astype(np.float32)
+        values = gain.index_select(0, torch.from_numpy(inverse)).mul_(x.view(-1, N)[torch.from_numpy(mined.reshape(-1))])
+        values = values.div_(torch.from_numpy(scale)[:, None])
+        toks = torch.from_numpy(tok[mined])
+        took.append(update_product(*fast, x, mined, tok, gain, inverse, scale))
+        for reducers, fed in ((fast, took[-1]), (ref, False)):
+            if not fed and not update_ranked(*reducers, values, toks):
+                reducers[0].update(values, toks)
+                reducers[1].update(values, toks)
+                reducers[2].update(values)
+    assert took == [False, True, True]
+    for a, b in zip(fast[:2], ref[:2]):
+        assert torch.equal(a.keys, b.keys)
+    for k in ("mean", "m2", "m3", "m4", "n_active", "min", "max"):
+        assert torch.equal(getattr(fast[2], k).nan_to_num(7.0), getattr(ref[2], k).nan_to_num(7.0)), k

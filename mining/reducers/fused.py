@@ -10,6 +10,7 @@ bit, moments to rounding); where it does not apply it returns False and the call
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import kernels
@@ -83,5 +84,23 @@ def update_ranked(top: TopK, bottom: TopK, moments: Moments, x: torch.Tensor, to
     M = x.shape[0]
     batch, _ = layer_update(x.view(1, M, -1), torch.ones(1, M, dtype=torch.bool), tok.to(torch.int64).view(1, M),
                             (top.keys, top.floor), (bottom.keys, bottom.floor), None, None, M)
+    moments.add_batch({"count": M, **batch})
+    return True
+
+
+def update_product(top: TopK, bottom: TopK, moments: Moments, x: torch.Tensor, mined: np.ndarray, tok: np.ndarray,
+                   gain: torch.Tensor, inverse: np.ndarray, scale: np.ndarray) -> bool:
+    """update_ranked of values never stored whole: for the i-th mined position of x (B, T, N) (mined (B, T) bool,
+    tok (B, T) its token indices), (gain[inverse[i]] * x) / scale[i] with gain (U, N), scale (M,) float32 (direct
+    logit attribution, see dla.GainProduct). True if all three took the batch; False if nothing was done."""
+    M = len(inverse)
+    if x.ndim != 3 or M == 0 or not kernels.usable(x) or not kernels.usable(gain) or not top.largest or bottom.largest:
+        return False
+    for t in (top, bottom):
+        t._start(x.shape[2], x.device)
+    if not (_settled(top) and _settled(bottom)):
+        return False
+    batch, _ = layer_update(x, torch.from_numpy(mined), torch.from_numpy(tok), (top.keys, top.floor),
+                            (bottom.keys, bottom.floor), None, None, M, (gain.numpy(), inverse, scale))
     moments.add_batch({"count": M, **batch})
     return True
