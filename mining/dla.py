@@ -92,7 +92,8 @@ class GainProduct:
 
     def kernel_args(self) -> tuple:
         b = self.batch
-        return self.x, b.grid("mined"), b.grid("tok"), self.gain, b.inverse_np, b.scale.numpy()
+        mined, tok = b.grids()
+        return self.x, mined, tok, self.gain, b.inverse_np, b.scale.numpy()
 
     def values(self) -> torch.Tensor:
         """The (M, N) values, as DlaBatch computes them where the kernel does not apply: the same bits."""
@@ -119,6 +120,7 @@ class DlaBatch:
         self.inverse = upload(self.inverse_np, batch.toks.device)  # (M,) position -> its target's row
         self.raw: dict[str, torch.Tensor] = {}
         self.deferred: dict[str, GainProduct] = {}
+        self._grids: tuple[np.ndarray, np.ndarray] | None = None
         self.scale: torch.Tensor | None = None
         self._layout: cuda_layer.Layout | None = None
 
@@ -132,11 +134,14 @@ class DlaBatch:
         """(U, ...) rows, one per distinct target -> a fresh (M, ...), one per mined position."""
         return per_target.index_select(0, self.inverse)
 
-    def grid(self, what: str) -> np.ndarray:
-        """(B, T) of the DLA positions: "mined" (bool) or "tok" (their token indices, -1 elsewhere)."""
-        out = np.zeros(self.shape, bool) if what == "mined" else np.full(self.shape, -1, np.int64)
-        out.reshape(-1)[self.sel_np] = True if what == "mined" else self.toks_np
-        return out
+    def grids(self) -> tuple[np.ndarray, np.ndarray]:
+        """(B, T) of the DLA positions: a bool mask and their token indices (-1 elsewhere); once a batch."""
+        if self._grids is None:
+            mined, tok = np.zeros(self.shape, bool), np.full(self.shape, -1, np.int64)
+            mined.reshape(-1)[self.sel_np] = True
+            tok.reshape(-1)[self.sel_np] = self.toks_np
+            self._grids = mined, tok
+        return self._grids
 
     def gain(self, point: HookPoint, x: torch.Tensor) -> None:
         gain = self.dla.neuron_gain(point.layer, self.directions)  # (U, N)
