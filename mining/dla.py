@@ -23,7 +23,7 @@ from torch import nn
 
 from .batch import Batch, mined_rows
 from .hooks import HookPoint, final_norm, mlp_out_weight, unembedding
-from .reducers import cuda_layer, kernels
+from .reducers import cuda_layer, kernels, layer_kernel
 from .reducers.device import applies as device_path, upload
 
 
@@ -56,6 +56,18 @@ class DirectLogitAttribution:
         # projection ran in): in float32 the (M, d) x (d, N) gain of every layer would cost as much as the
         # forward pass itself. Elsewhere float32.
         self.gain_dtype = dtype if self.gamma.is_cuda and dtype in (torch.float16, torch.bfloat16) else torch.float32
+        self._pool: dict[tuple[str, int], torch.Tensor] = {}
+
+    def buffer(self, kind: str, layer: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A reused (shape) tensor, e.g. for what a deferred layer holds until the batch's end. Fresh tensors there
+        would be 30-odd megabyte allocations a batch, freed together: the allocator hands such memory back
+        to the system and faults it in again page by page, which measured costlier than the DLA itself
+        (up to 560,000 page faults and 4 s of system time per 4,096 tokens on the bench's CPU)."""
+        n = int(np.prod(shape))
+        buf = self._pool.get((kind, layer))
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._pool[(kind, layer)] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
 
     def directions(self, targets: torch.Tensor) -> torch.Tensor:
         """d_t for each target id (U,) -> (U, d), in float32."""
@@ -71,33 +83,32 @@ class DirectLogitAttribution:
             return torch.sqrt(x.var(dim=-1, unbiased=False) + self.eps)
         return torch.sqrt(x.pow(2).mean(dim=-1) + self.eps)
 
-    def neuron_gain(self, layer: int, directions: torch.Tensor) -> torch.Tensor:
-        """w_out · d_t for every neuron: (U, d) @ (d, N) -> (U, N)."""
+    def neuron_gain(self, layer: int, directions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """w_out · d_t for every neuron: (U, d) @ (d, N) -> (U, N); out: a (U, N) float32 tensor to write it to."""
         if layer not in self._w_out:
             self._w_out[layer] = mlp_out_weight(self.model, layer).to(self.gain_dtype)  # (N, d)
-        return (directions.to(self.gain_dtype) @ self._w_out[layer].T).float()
+        w = self._w_out[layer].T
+        if out is not None and self.gain_dtype == torch.float32:
+            return torch.mm(directions, w, out=out)
+        return (directions.to(self.gain_dtype) @ w).float()
 
 
 @dataclass
 class GainProduct:
-    """A layer's DLA values, (gain[inverse] * x[sel]) / scale, not yet computed. The CPU kernel computes them a
-    chunk at a time as it reduces them (fused.update_product), sparing four passes over an (M, N) array:
-    the gather of the gains, the gather of the activations, the product and the division."""
+    """A layer's DLA values, u / scale, not yet divided: u = gain[target] * a is taken in the hook, while the
+    activations are fresh in cache, into a reused buffer; the final norm's scale is known only at the batch's end.
+    The CPU kernel then divides a chunk at a time as it reduces the values (fused.update_product)."""
 
-    x: torch.Tensor
-    """The hook's (B, T, N) activations, held, not copied (the down projection's input: nothing writes to it)."""
-    gain: torch.Tensor
-    """(U, N) float32: w_out · d_t for each distinct target."""
+    u: torch.Tensor
+    """(M, N) float32 gain[inverse] * x[sel], in DirectLogitAttribution.buffer's memory: valid until the next batch."""
     batch: "DlaBatch"
 
     def kernel_args(self) -> tuple:
-        b = self.batch
-        mined, tok = b.grids()
-        return self.x, mined, tok, self.gain, b.inverse_np, b.scale.numpy()
+        return self.u, self.batch.toks, self.batch.scale.numpy()
 
     def values(self) -> torch.Tensor:
         """The (M, N) values, as DlaBatch computes them where the kernel does not apply: the same bits."""
-        return self.batch.per_position(self.gain).mul_(mined_rows(self.x, self.batch.sel)).div_(self.batch.scale[:, None])
+        return torch.div(self.u, self.batch.scale[:, None])
 
 
 class DlaBatch:
@@ -120,7 +131,6 @@ class DlaBatch:
         self.inverse = upload(self.inverse_np, batch.toks.device)  # (M,) position -> its target's row
         self.raw: dict[str, torch.Tensor] = {}
         self.deferred: dict[str, GainProduct] = {}
-        self._grids: tuple[np.ndarray, np.ndarray] | None = None
         self.scale: torch.Tensor | None = None
         self._layout: cuda_layer.Layout | None = None
 
@@ -134,20 +144,15 @@ class DlaBatch:
         """(U, ...) rows, one per distinct target -> a fresh (M, ...), one per mined position."""
         return per_target.index_select(0, self.inverse)
 
-    def grids(self) -> tuple[np.ndarray, np.ndarray]:
-        """(B, T) of the DLA positions: a bool mask and their token indices (-1 elsewhere); once a batch."""
-        if self._grids is None:
-            mined, tok = np.zeros(self.shape, bool), np.full(self.shape, -1, np.int64)
-            mined.reshape(-1)[self.sel_np] = True
-            tok.reshape(-1)[self.sel_np] = self.toks_np
-            self._grids = mined, tok
-        return self._grids
-
     def gain(self, point: HookPoint, x: torch.Tensor) -> None:
-        gain = self.dla.neuron_gain(point.layer, self.directions)  # (U, N)
         if self.defer and x.ndim == 3 and kernels.usable(x):
-            self.deferred[point.name] = GainProduct(x, gain, self)
+            N = x.shape[-1]
+            gain = self.dla.neuron_gain(point.layer, self.directions,
+                                        self.dla.buffer("gain", 0, (len(self.directions), N), torch.float32))
+            u = self.dla.buffer("u", point.layer, (len(self.sel_np), N), torch.float32)
+            self.deferred[point.name] = GainProduct(layer_kernel.gain_product(x, self.sel_np, gain, self.inverse_np, u), self)
             return
+        gain = self.dla.neuron_gain(point.layer, self.directions)  # (U, N)
         self.raw[point.name] = self.per_position(gain).mul_(mined_rows(x, self.sel))  # a fresh (M, N): in place
 
     @contextmanager

@@ -277,9 +277,11 @@ def test_histogram_past_the_uint16_counts(torch_ops):
 
 @pytest.mark.parametrize("seed", range(2))
 def test_fused_product_equals_the_values_it_stands_for(seed):
-    """update_product (DLA's (gain[target] * a) / scale, computed a chunk at a time) leaves the states that
-    update_ranked leaves on the values computed whole, as DlaBatch computes them: bit for bit, moments too."""
+    """gain_product in the hook, then update_product (DLA's division by the final norm's scale, a chunk at a
+    time) leave the states that update_ranked leaves on the values computed whole, as DlaBatch computes them
+    without deferring: bit for bit, moments too."""
     from mining.reducers.fused import update_product, update_ranked
+    from mining.reducers.layer_kernel import gain_product
 
     rng = np.random.default_rng(seed)
     B, T, N, U = 4, 50, 70, 9
@@ -296,7 +298,8 @@ def test_fused_product_equals_the_values_it_stands_for(seed):
         values = gain.index_select(0, torch.from_numpy(inverse)).mul_(x.view(-1, N)[torch.from_numpy(mined.reshape(-1))])
         values = values.div_(torch.from_numpy(scale)[:, None])
         toks = torch.from_numpy(tok[mined])
-        took.append(update_product(*fast, x, mined, tok, gain, inverse, scale))
+        u = gain_product(x, np.flatnonzero(mined), gain, inverse, torch.empty(M, N))
+        took.append(update_product(*fast, u, toks, scale))
         for reducers, fed in ((fast, took[-1]), (ref, False)):
             if not fed and not update_ranked(*reducers, values, toks):
                 reducers[0].update(values, toks)

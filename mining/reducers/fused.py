@@ -88,19 +88,18 @@ def update_ranked(top: TopK, bottom: TopK, moments: Moments, x: torch.Tensor, to
     return True
 
 
-def update_product(top: TopK, bottom: TopK, moments: Moments, x: torch.Tensor, mined: np.ndarray, tok: np.ndarray,
-                   gain: torch.Tensor, inverse: np.ndarray, scale: np.ndarray) -> bool:
-    """update_ranked of values never stored whole: for the i-th mined position of x (B, T, N) (mined (B, T) bool,
-    tok (B, T) its token indices), (gain[inverse[i]] * x) / scale[i] with gain (U, N), scale (M,) float32 (direct
-    logit attribution, see dla.GainProduct). True if all three took the batch; False if nothing was done."""
-    M = len(inverse)
-    if x.ndim != 3 or M == 0 or not kernels.usable(x) or not kernels.usable(gain) or not top.largest or bottom.largest:
+def update_product(top: TopK, bottom: TopK, moments: Moments, u: torch.Tensor, tok: torch.Tensor,
+                   scale: np.ndarray) -> bool:
+    """update_ranked of u[i] / scale[i], never stored whole: u (M, N), tok (M,) its token indices, scale (M,) float32
+    (direct logit attribution, see dla.GainProduct). True if all three took the batch; False if nothing was done."""
+    if u.ndim != 2 or u.shape[0] == 0 or not kernels.usable(u) or not top.largest or bottom.largest:
         return False
     for t in (top, bottom):
-        t._start(x.shape[2], x.device)
+        t._start(u.shape[1], u.device)
     if not (_settled(top) and _settled(bottom)):
         return False
-    batch, _ = layer_update(x, torch.from_numpy(mined), torch.from_numpy(tok), (top.keys, top.floor),
-                            (bottom.keys, bottom.floor), None, None, M, (gain.numpy(), inverse, scale))
+    M = u.shape[0]
+    batch, _ = layer_update(u.view(1, M, -1), torch.ones(1, M, dtype=torch.bool), tok.to(torch.int64).view(1, M),
+                            (top.keys, top.floor), (bottom.keys, bottom.floor), None, None, M, scale)
     moments.add_batch({"count": M, **batch})
     return True

@@ -102,18 +102,26 @@ if numba is not None:
                         _insert_local(bot, j, key)
 
     @njit(**_inline)
-    def _product_row(g, a, scale, out):  # pragma: no cover - compiled
-        """(g * a) / scale in float32, the order DlaBatch's torch ops take: the same bits."""
-        for j in range(len(a)):
-            out[j] = np.float32(np.float32(g[j] * a[j]) / scale)
+    def _quotient_row(u, scale, out):  # pragma: no cover - compiled
+        """u / scale in float32, as DlaBatch's torch division: the same bits."""
+        for j in range(len(u)):
+            out[j] = np.float32(u[j] / scale)
 
     @njit(**_inline)
-    def _product_has_nan(gain, inverse, scale, xf, rows, M, c):  # pragma: no cover - compiled
+    def _quotient_has_nan(xf, rows, scale, M, c):  # pragma: no cover - compiled
         for i in range(M):
-            v = np.float32(np.float32(gain[inverse[i], c] * xf[rows[i], c]) / scale[i])
+            v = np.float32(xf[rows[i], c] / scale[i])
             if v != v:
                 return True
         return False
+
+    @njit(**_jit)
+    def _gain_product(x, sel, gain, inverse, out):  # pragma: no cover - compiled
+        """out[i] = gain[inverse[i]] * x[sel[i]] in float32, the product DlaBatch's torch ops take: the same bits."""
+        for i in prange(len(sel)):
+            a, g, o = x[sel[i]], gain[inverse[i]], out[i]
+            for j in range(len(a)):
+                o[j] = g[j] * a[j]
 
     @njit(**_inline)
     def _local_keys(keys, c0, w):  # pragma: no cover - compiled
@@ -134,12 +142,12 @@ if numba is not None:
     @njit(**_jit)
     def _layer(x, xi, mined, tok, top, top_floor, bot, bot_floor, do_ctx, ctx, ctx_floor, ctx_bad,
                hist, shift, offset, R, zero_bin, n_bins, pending, bin_rows, step,
-               product, gain, inverse, scale, mean, m2, m3, m4, active, lo, hi):  # pragma: no cover - compiled
+               divide, scale, mean, m2, m3, m4, active, lo, hi):  # pragma: no cover - compiled
         """x (B, T, N), xi its bits; each part of `step` columns (a multiple of HIST_SB) is one thread's.
         bin_rows: scratch (parts, step // HIST_SB, M, HIST_SB) uint16 for the histogram. Columns whose
         context peaks are not all finite are flagged in ctx_bad and left to ContextTopK's exact path.
-        product: the values are not x but, for the i-th mined row, (gain[inverse[i]] * x[row]) / scale[i]
-        (direct logit attribution), computed a chunk at a time and never stored whole."""
+        divide: the values are not x but, for the i-th mined row, x[row] / scale[i] (direct logit attribution's
+        division by the final norm's scale), computed a chunk at a time and never stored whole."""
         B, T, N = x.shape
         shift, offset, R, zero_bin, n_bins = i32(shift), i32(offset), i32(R), i32(zero_bin), i32(n_bins)
         rows = np.empty(B * T, np.int64)  # the mined positions, in order
@@ -170,16 +178,16 @@ if numba is not None:
             best = np.empty(w, np.float32)
             at = np.empty(w, np.int32)
             bins = bin_rows[part]
-            vals = np.empty((CHUNK_ROWS if product else 1, w), np.float32)  # a chunk of product values
+            vals = np.empty((CHUNK_ROWS if divide else 1, w), np.float32)  # a chunk of divided values
             val_bits = vals.view(np.int32)
             cur = -1  # the context being walked
             done = 0.0
             for r0 in range(0, M, CHUNK_ROWS):
                 r1 = min(M, r0 + CHUNK_ROWS)
                 s[:] = 0.0
-                if product:
+                if divide:
                     for i in range(r0, r1):
-                        _product_row(gain[inverse[i], c0:c1], xf[rows[i], c0:c1], scale[i], vals[i - r0])
+                        _quotient_row(xf[rows[i], c0:c1], scale[i], vals[i - r0])
                 for i in range(r0, r1):
                     p = rows[i]
                     b = p // T
@@ -192,8 +200,8 @@ if numba is not None:
                         has[b] = True
                         best[:] = -np.inf
                         at[:] = np.int32(t)
-                    row = vals[i - r0] if product else xf[p, c0:c1]
-                    bits_row = val_bits[i - r0] if product else xif[p, c0:c1]
+                    row = vals[i - r0] if divide else xf[p, c0:c1]
+                    bits_row = val_bits[i - r0] if divide else xif[p, c0:c1]
                     if _row_pass(row, s, mn, mx, na, bad, tk, bk, cand, best, at, np.int32(t), do_ctx):
                         _insert_candidates(row, bits_row, tok[b, t], tk, bk, top_l, top_floor, bot_l, bot_floor, c0, cand)
                     if hist:
@@ -205,7 +213,7 @@ if numba is not None:
                 a3[:] = 0.0
                 a4[:] = 0.0
                 for i in range(r0, r1):  # centred, in float64, while the chunk is in L2
-                    _centred_row(vals[i - r0] if product else xf[rows[i], c0:c1], mu, a2, a3, a4)
+                    _centred_row(vals[i - r0] if divide else xf[rows[i], c0:c1], mu, a2, a3, a4)
                 _fold_chunk(done, n_chunk, mu, a2, a3, a4, cm, c2, c3, c4)
                 done += n_chunk
                 total += s
@@ -223,8 +231,8 @@ if numba is not None:
                             if key >= ctx_floor[c0 + j]:
                                 _insert(ctx, c0 + j, key)
             for j in range(w):  # NaN sticks, as in torch.amin / amax (min and max above skip it)
-                if bad[j] and product:
-                    if _product_has_nan(gain, inverse, scale, xf, rows, M, c0 + j):
+                if bad[j] and divide:
+                    if _quotient_has_nan(xf, rows, scale, M, c0 + j):
                         mn[j] = mx[j] = np.nan
                 elif bad[j]:
                     for b in range(B):
@@ -255,13 +263,13 @@ def _bin_rows(parts: int, subs: int, M: int) -> np.ndarray:
 
 
 def layer_update(x: torch.Tensor, mined: torch.Tensor, tok: torch.Tensor, top: tuple, bottom: tuple, contexts: tuple,
-                 hist: tuple | None, n_mined: int, product: tuple | None = None) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+                 hist: tuple | None, n_mined: int, scale: np.ndarray | None = None) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """One batch x (B, T, N) with n_mined mined positions for a hook's standard reducers (see reducers/fused.py).
     top, bottom, contexts: (keys (k, N) int64 updated in place, floor (N,) int64 or None); contexts None: no top
     contexts; hist: None or (shift, offset, R, zero_bin, n_bins, pending (n_sub, n_bins, HIST_SB) uint16 added to
     in place, room for n_mined more rows). Returns the batch's moments (as moments.py's _batch_moments) and the
-    columns whose contexts need the exact path. product: None, or (gain (U, N) float32, inverse (n_mined,) int64,
-    scale (n_mined,) float32) to take, for the i-th mined position, (gain[inverse[i]] * x) / scale[i] as its values."""
+    columns whose contexts need the exact path. scale: None, or (n_mined,) float32 to take, for the i-th
+    mined position, x / scale[i] as its values."""
     kernels._threads()
     N = x.shape[2]
     parts = max(1, min(numba.get_num_threads(), N // HIST_SB))
@@ -283,13 +291,18 @@ def layer_update(x: torch.Tensor, mined: torch.Tensor, tok: torch.Tensor, top: t
     keys = []
     for k, floor in (top, bottom):
         keys += [k.numpy(), kernels._floor(floor, k)]
-    if product is None:
-        product = (False, np.zeros((1, 1), np.float32), np.zeros(1, np.int64), np.zeros(1, np.float32))
-    else:
-        product = (True, *(np.ascontiguousarray(a) for a in product))
+    divide = (False, np.zeros(1, np.float32)) if scale is None else (True, np.ascontiguousarray(scale, np.float32))
     _layer(xn, xn.view(np.int32), mined.contiguous().numpy(), tok.contiguous().numpy(), *keys, contexts is not None,
-           ctx_keys.numpy(), kernels._floor(ctx_floor, ctx_keys), bad, on, *hist, rows, step, *product,
+           ctx_keys.numpy(), kernels._floor(ctx_floor, ctx_keys), bad, on, *hist, rows, step, *divide,
            out["mean"], out["m2"], out["m3"], out["m4"], active, lo, hi)
     res = {k: torch.from_numpy(v) for k, v in out.items()}
     res.update(n_active=torch.from_numpy(active), min=torch.from_numpy(lo).double(), max=torch.from_numpy(hi).double())
     return res, np.flatnonzero(bad)
+
+
+def gain_product(x: torch.Tensor, sel: np.ndarray, gain: torch.Tensor, inverse: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+    """out (M, N) = gain[inverse[i]] * x[sel[i]] for x (..., N) flattened to rows, gain (U, N): DLA's numerator, taken
+    while the hook's activations are fresh in cache; the same bits as DlaBatch's torch ops."""
+    kernels._threads()
+    _gain_product(x.reshape(-1, x.shape[-1]).numpy(), sel, gain.numpy(), inverse, out.numpy())
+    return out
