@@ -33,6 +33,7 @@ from .kernels import CHUNK_ROWS, HIST_SB, numba
 
 if numba is not None:
     from numba import njit, prange
+    from numba.cpython.unsafe.numbers import trailing_zeros
 
     from .kernels import _bins_to, _centred_row, _count_bins, _fold_chunk, _insert, _jit, _key, _kth
 
@@ -85,13 +86,12 @@ if numba is not None:
 
     @njit(**_inline)
     def _insert_candidates(row, bits_row, tok, tk, bk, top, top_floor, bot, bot_floor, c0, cand):  # pragma: no cover
-        words = cand.view(np.uint64)  # eight flags at a time: most are zero
+        words = cand.view(np.uint64)  # eight 0/1 flags at a time, visited by their set bits: no branch per flag
         for q in range(len(words)):
-            if words[q] == 0:
-                continue
-            for j in range(8 * q, min(8 * q + 8, len(row))):
-                if not cand[j]:
-                    continue
+            wq = words[q]
+            while wq:
+                j = 8 * q + (trailing_zeros(wq) >> 3)
+                wq &= wq - np.uint64(1)
                 if row[j] >= tk[j]:
                     key = _key(bits_row[j], tok, True)
                     if key >= top_floor[c0 + j]:
