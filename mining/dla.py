@@ -97,7 +97,7 @@ class DirectLogitAttribution:
 class GainProduct:
     """A layer's DLA values, u / scale, not yet divided: u = gain[target] * a is taken in the hook, while the
     activations are fresh in cache, into a reused buffer; the final norm's scale is known only at the batch's end.
-    The CPU kernel then divides a chunk at a time as it reduces the values (fused.update_product)."""
+    The CPU kernel then divides a chunk at a time as it reduces the values (fused.update_ranked with a scale)."""
 
     u: torch.Tensor
     """(M, N) float32 gain[inverse] * x[sel], in DirectLogitAttribution.buffer's memory: valid until the next batch."""

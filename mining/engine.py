@@ -23,7 +23,7 @@ from .reducers import ContextTopK, Histogram, HistogramBins, Moments, QuantileSa
 from .batch import OnHost, make_batch, mined_rows, token_scores
 from .reducers import cuda_layer
 from .reducers.device import download, upload
-from .reducers.fused import update_hook, update_product, update_ranked
+from .reducers.fused import update_hook, update_ranked
 from .reducers.gate_cases import GateCases
 from .reducers.group_variance import GroupVariance
 from .reducers.pair import CrossMoments, PairMoments
@@ -134,7 +134,7 @@ class HookStats:
         """dla (M, N) for the mined positions that have a next token, or those values still to compute; toks (M,);
         layout: their rows as the GPU kernel takes them (Layout.of_rows(toks), shared by every layer of a batch)."""
         if isinstance(dla, GainProduct):
-            if update_product(self.dla_top, self.dla_bottom, self.dla_moments, *dla.kernel_args()):
+            if update_ranked(self.dla_top, self.dla_bottom, self.dla_moments, *dla.kernel_args()):
                 return
             dla = dla.values()
         if dla.shape[0] and cuda_layer.usable(dla):

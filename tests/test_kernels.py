@@ -277,10 +277,10 @@ def test_histogram_past_the_uint16_counts(torch_ops):
 
 @pytest.mark.parametrize("seed", range(2))
 def test_fused_product_equals_the_values_it_stands_for(seed):
-    """gain_product in the hook, then update_product (DLA's division by the final norm's scale, a chunk at a
+    """gain_product in the hook, then update_ranked with a scale (DLA's division by the final norm's scale, a chunk at a
     time) leave the states that update_ranked leaves on the values computed whole, as DlaBatch computes them
     without deferring: bit for bit, moments too."""
-    from mining.reducers.fused import update_product, update_ranked
+    from mining.reducers.fused import update_ranked
     from mining.reducers.layer_kernel import gain_product
 
     rng = np.random.default_rng(seed)
@@ -299,7 +299,7 @@ def test_fused_product_equals_the_values_it_stands_for(seed):
         values = values.div_(torch.from_numpy(scale)[:, None])
         toks = torch.from_numpy(tok[mined])
         u = gain_product(x, np.flatnonzero(mined), gain, inverse, torch.empty(M, N))
-        took.append(update_product(*fast, u, toks, scale))
+        took.append(update_ranked(*fast, u, toks, scale))
         for reducers, fed in ((fast, took[-1]), (ref, False)):
             if not fed and not update_ranked(*reducers, values, toks):
                 reducers[0].update(values, toks)

@@ -72,9 +72,11 @@ def update_hook(top: TopK, bottom: TopK, contexts: ContextTopK, histogram: Histo
     return True
 
 
-def update_ranked(top: TopK, bottom: TopK, moments: Moments, x: torch.Tensor, tok: torch.Tensor) -> bool:
-    """x (M, N) values (e.g. direct logit attribution), tok (M,) their token indices. True if all three
-    took the batch; False if nothing was done."""
+def update_ranked(top: TopK, bottom: TopK, moments: Moments, x: torch.Tensor, tok: torch.Tensor,
+                  scale: np.ndarray | None = None) -> bool:
+    """x (M, N) values (e.g. direct logit attribution), tok (M,) their token indices. scale: None, or (M,) float32
+    to take x[i] / scale[i] as the values, divided a chunk at a time, never stored whole (DLA's division by the
+    final norm's scale, see dla.GainProduct). True if all three took the batch; False if nothing was done."""
     if x.ndim != 2 or x.shape[0] == 0 or not kernels.usable(x) or not top.largest or bottom.largest:
         return False
     for t in (top, bottom):
@@ -83,23 +85,7 @@ def update_ranked(top: TopK, bottom: TopK, moments: Moments, x: torch.Tensor, to
         return False
     M = x.shape[0]
     batch, _ = layer_update(x.view(1, M, -1), torch.ones(1, M, dtype=torch.bool), tok.to(torch.int64).view(1, M),
-                            (top.keys, top.floor), (bottom.keys, bottom.floor), None, None, M)
-    moments.add_batch({"count": M, **batch})
-    return True
-
-
-def update_product(top: TopK, bottom: TopK, moments: Moments, u: torch.Tensor, tok: torch.Tensor,
-                   scale: np.ndarray) -> bool:
-    """update_ranked of u[i] / scale[i], never stored whole: u (M, N), tok (M,) its token indices, scale (M,) float32
-    (direct logit attribution, see dla.GainProduct). True if all three took the batch; False if nothing was done."""
-    if u.ndim != 2 or u.shape[0] == 0 or not kernels.usable(u) or not top.largest or bottom.largest:
-        return False
-    for t in (top, bottom):
-        t._start(u.shape[1], u.device)
-    if not (_settled(top) and _settled(bottom)):
-        return False
-    M = u.shape[0]
-    batch, _ = layer_update(u.view(1, M, -1), torch.ones(1, M, dtype=torch.bool), tok.to(torch.int64).view(1, M),
                             (top.keys, top.floor), (bottom.keys, bottom.floor), None, None, M, scale)
     moments.add_batch({"count": M, **batch})
     return True
+
