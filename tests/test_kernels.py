@@ -51,6 +51,30 @@ def test_histogram_kernel_equals_bincount(seed, torch_ops):
         assert torch.equal(merged.finalize(), 2 * ref.finalize())
 
 
+def test_moments_combine_kernel_gives_the_torch_bits(torch_ops):
+    """Merging running moments (every hook, every batch) in the compiled loop: the bits of moments._combine's
+    torch ops, NaN and infinities included, over a chain of batches of different sizes."""
+    parts = [_batch_moments(hostile(seed, M=20 + 37 * seed, N=150)) for seed in range(5)]
+    parts[2]["mean"][3] = float("inf")  # a state already non-finite
+    parts[3]["m2"][4] = float("nan")
+
+    def chain() -> Moments:
+        m = Moments()
+        for p in parts:
+            m.add_batch(p)
+        return m
+
+    fast, ref = chain(), torch_ops(chain)
+    assert fast.count == ref.count
+    for k in ("mean", "m2", "m3", "m4", "min", "max"):
+        a, b = getattr(fast, k), getattr(ref, k)
+        nan = torch.isnan(b)  # a NaN's sign bit is the CPU's choice of operand, not arithmetic
+        assert nan.any() and torch.equal(torch.isnan(a), nan), k
+        assert torch.equal(a[~nan].view(torch.int64), b[~nan].view(torch.int64)), k
+    assert torch.equal(fast.n_active, ref.n_active)
+    assert kernels.combined_moments(1.0, parts[0], 2.0, {**parts[1], "m3": parts[1]["m3"].float()}) is None
+
+
 @pytest.mark.parametrize("seed", range(2))
 def test_moments_kernel_equals_torch(seed, torch_ops):
     x = hostile(seed)

@@ -133,6 +133,7 @@ class Histogram:
         self._counts: torch.Tensor | None = None  # (N, n_bins) int64 on the data's device
         self._pending: np.ndarray | None = None  # (n_sub, n_bins, HIST_SB) uint16 the CPU kernels add to, see pending
         self._pending_rows = 0
+        self._n = 0  # columns of the pending counts
 
     @property
     def counts(self) -> torch.Tensor | None:
@@ -146,9 +147,9 @@ class Histogram:
     def _flush(self) -> None:
         """Fold the kernels' uint16 sub-block counts into the int64 state."""
         if self._pending is not None and self._pending_rows:
-            N = self._counts.shape[0]
-            flat = torch.from_numpy(self._pending.transpose(0, 2, 1).reshape(-1, self.bins.n_bins)[:N].astype(np.int64))
-            self._counts = self._counts + flat  # not in place: may be an inference tensor
+            flat = torch.from_numpy(self._pending.transpose(0, 2, 1).reshape(-1, self.bins.n_bins)[:self._n].astype(np.int64))
+            # not in place: may be an inference tensor; and no zeros before the first fold (8 MB a hook a shard)
+            self._counts = flat if self._counts is None else self._counts + flat
             self._pending.fill(0)
             self._pending_rows = 0
 
@@ -159,9 +160,8 @@ class Histogram:
         uint16 could overflow."""
         if rows > kernels.HIST_ROWS:
             raise ValueError(f"at most {kernels.HIST_ROWS} rows a call, got {rows}")
-        if self._counts is None:
-            self._counts = torch.zeros(N, self.bins.n_bins, dtype=torch.int64)
         if self._pending is None:
+            self._n = N
             self._pending = np.zeros((-(-N // kernels.HIST_SB), self.bins.n_bins, kernels.HIST_SB), np.uint16)
         if self._pending_rows + rows > kernels.HIST_ROWS:
             self._flush()

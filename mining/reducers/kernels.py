@@ -46,9 +46,12 @@ def usable(x: torch.Tensor) -> bool:
 
 
 def _threads() -> None:
-    """Use as many threads as torch does (one per actor under Ray), never more than numba has."""
+    """Use as many threads as torch does (one per actor under Ray), never more than numba has. Set only on a
+    change: numba.set_num_threads costs tens of microseconds, and the kernels run hundreds of times a shard."""
     n = int(os.environ.get("MINING_KERNEL_THREADS", 0)) or torch.get_num_threads()
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
 
 
 if numba is not None:
@@ -174,6 +177,13 @@ if numba is not None:
             m3[j] = a3 + b3[j] + term * d_n * (na_ - nb_) + 3 * d_n * (na_ * b2[j] - nb_ * a2)
             m4[j] = (m4[j] + b4[j] + term * d_n2 * (na_ * na_ - na_ * nb_ + nb_ * nb_)
                      + 6 * d_n2 * (na_ * na_ * b2[j] + nb_ * nb_ * a2) + 4 * d_n * (na_ * b3[j] - nb_ * a3))
+
+    @njit(cache=True, boundscheck=False, nogil=True)
+    def _combined(na_, mean, m2, m3, m4, nb_, mb, b2, b3, b4):  # pragma: no cover - compiled
+        """moments._combine's arithmetic into new arrays: the same operations in the same order, so the same bits."""
+        mean, m2, m3, m4 = mean.copy(), m2.copy(), m3.copy(), m4.copy()
+        _merge_moments(na_, mean, m2, m3, m4, nb_, mb, b2, b3, b4)
+        return mean, m2, m3, m4
 
     @njit(**_inline)
     def _fold_chunk(done, n_chunk, mu, a2, a3, a4, cm, c2, c3, c4):  # pragma: no cover - compiled
@@ -329,6 +339,19 @@ def moments(x: torch.Tensor) -> dict[str, torch.Tensor]:
     res = {k: torch.from_numpy(v) for k, v in out.items()}
     res.update(n_active=torch.from_numpy(active), min=torch.from_numpy(lo).double(), max=torch.from_numpy(hi).double())
     return res
+
+
+def combined_moments(na_: float, a: dict, nb_: float, b: dict) -> tuple[torch.Tensor, ...] | None:
+    """moments._combine's mean and m2..m4 of two non-empty CPU float64 states, in one compiled loop instead of
+    twenty torch calls (a fifth of a millisecond on every hook of every batch); None where it does not apply."""
+    if numba is None or os.environ.get("MINING_KERNELS", "numba") == "torch":
+        return None
+    parts = [s[k] for s in (a, b) for k in ("mean", "m2", "m3", "m4")]
+    if not all(t.device.type == "cpu" and t.dtype == torch.float64 and t.is_contiguous() and not t.requires_grad
+               for t in parts):
+        return None
+    arrays = [t.numpy() for t in parts]
+    return tuple(torch.from_numpy(v) for v in _combined(na_, *arrays[:4], nb_, *arrays[4:]))
 
 
 def histogram_add(x: torch.Tensor, shift: int, offset: int, R: int, zero_bin: int, n_bins: int,

@@ -149,6 +149,12 @@ def _combine(a: dict, b: dict) -> dict:
     if b["mean"] is None or b["count"] == 0:
         return copy(a)
     na, nb = float(a["count"]), float(b["count"])  # floats: na * na would overflow int64 scalars
+    fast = kernels.combined_moments(na, a, nb, b)
+    if fast is not None:
+        mean, m2, m3, m4 = fast
+        return {"count": a["count"] + b["count"], "mean": mean, "m2": m2, "m3": m3, "m4": m4,
+                "n_active": a["n_active"] + b["n_active"], "min": torch.minimum(a["min"], b["min"]),
+                "max": torch.maximum(a["max"], b["max"])}
     n = na + nb
     delta = b["mean"] - a["mean"]
     d_n = delta / n
