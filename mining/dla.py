@@ -27,6 +27,60 @@ from .reducers import cuda_layer, kernels, layer_kernel
 from .reducers.device import applies as device_path, upload
 
 
+GAIN_CACHE_BYTES = 128 * 2**20
+"""What a GainCache may hold. Text repeats its tokens: the 8,192 tokens of `mine bench` (8 x 128 a batch) ask for
+2,784 gain rows batch by batch, 1,364 of them distinct, and 128 MiB keeps about 700 targets' rows of all 30 layers of
+SmolLM2's 1,536 neurons: the shard's most frequent targets, since those come first."""
+
+
+class GainCache:
+    """The gains w_out · d_t of a shard's first distinct targets, per layer, kept for the rest of the shard (the CPU
+    deferred path, where the (U, d) x (d, N) gain matmul is a sixth of what DLA costs): a batch multiplies out only
+    the targets it is the first to ask for. Slots go to targets in the order the shard first asks for them (within a
+    batch, by id) until GAIN_CACHE_BYTES is full, and restart with each shard, so no value depends on which shards an
+    actor mined before (actor count, shard order, restarts). A kept row is the bits a batch's own matmul gives it
+    (tests/test_dla_defer.py: the rows of one matmul do not depend on the other rows, two or more of them)."""
+
+    def __init__(self, layers: int, width: int, budget: int = GAIN_CACHE_BYTES):
+        self.capacity = budget // max(1, layers * width * 4)
+        self.width = width
+        self.slot_of: dict[int, int] = {}  # target id -> its row in every layer's table
+        self.tables: dict[int, torch.Tensor] = {}  # layer -> (capacity, width) float32, its pages touched as it fills
+        self.filled: dict[int, int] = {}  # layer -> rows written this shard: a layer that missed a batch stops using it
+
+    def start_shard(self) -> None:
+        self.slot_of.clear()
+        self.filled.clear()
+
+    def plan(self, targets: np.ndarray) -> "GainPlan":
+        """targets: a batch's distinct target ids, ascending. Takes slots for the new ones while there is room."""
+        slots = np.array([self.slot_of.get(t, -1) for t in targets.tolist()], dtype=np.int64)
+        miss = np.flatnonzero(slots < 0)
+        first = len(self.slot_of)
+        n_new = min(len(miss), self.capacity - first)
+        self.slot_of.update(zip(targets[miss[:n_new]].tolist(), range(first, first + n_new)))
+        slots[miss] = -1 - np.arange(len(miss))
+        return GainPlan(slots, miss, first, n_new)
+
+    def table(self, layer: int) -> torch.Tensor:
+        if layer not in self.tables:
+            self.tables[layer] = torch.empty(self.capacity, self.width)
+        return self.tables[layer]
+
+
+@dataclass
+class GainPlan:
+    """One batch's use of the GainCache."""
+
+    src: np.ndarray
+    """(U,) each distinct target's kept row, or -1 - its index among the misses (layer_kernel.gain_product's sources)."""
+    miss: np.ndarray
+    """Indices (into the batch's distinct targets) of those whose gains this batch multiplies out."""
+    first: int
+    """The slot of the first new kept row: misses[:n_new] go to slots first, first + 1, ..."""
+    n_new: int
+
+
 def _norm_kind(norm: nn.Module) -> str:
     return "layer" if isinstance(norm, nn.LayerNorm) else "rms"
 
@@ -57,6 +111,8 @@ class DirectLogitAttribution:
         # forward pass itself. Elsewhere float32.
         self.gain_dtype = dtype if self.gamma.is_cuda and dtype in (torch.float16, torch.bfloat16) else torch.float32
         self._pool: dict[tuple[str, int], torch.Tensor] = {}
+        self.cache: GainCache | None = None
+        """Set by the miner (CPU): DlaBatch(defer=True) then takes its gains through it."""
 
     def buffer(self, kind: str, layer: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A reused (shape) tensor for what a deferred layer holds until the batch's end (CPU only). Fresh tensors
@@ -129,6 +185,9 @@ class DlaBatch:
         self.directions = dla.directions(upload(targets, batch.toks.device))  # (U, d), one per distinct target
         self.inverse_np = inverse.astype(np.int64)
         self.inverse = upload(self.inverse_np, batch.toks.device)  # (M,) position -> its target's row
+        cache = dla.cache if defer and batch.toks.device.type == "cpu" else None
+        self.plan = cache.plan(targets) if cache is not None else None
+        self.src_np = self.plan.src[self.inverse_np] if self.plan is not None else None  # (M,) position -> its gain
         self.raw: dict[str, torch.Tensor] = {}
         self.deferred: dict[str, GainProduct] = {}
         self.scale: torch.Tensor | None = None
@@ -147,10 +206,23 @@ class DlaBatch:
     def gain(self, point: HookPoint, x: torch.Tensor) -> None:
         if self.defer and x.ndim == 3 and kernels.usable(x):
             N = x.shape[-1]
-            gain = self.dla.neuron_gain(point.layer, self.directions,
-                                        self.dla.buffer("gain", 0, (len(self.directions), N), torch.float32))
             u = self.dla.buffer("u", point.layer, (len(self.sel_np), N), torch.float32)
-            self.deferred[point.name] = GainProduct(layer_kernel.gain_product(x, self.sel_np, gain, self.inverse_np, u), self)
+            cache, plan = self.dla.cache, self.plan
+            if plan is not None and N == cache.width and cache.filled.get(point.layer, 0) == plan.first:
+                table = cache.table(point.layer)
+                fresh = None
+                if len(plan.miss):
+                    rows = plan.miss if len(plan.miss) > 1 else plan.miss.repeat(2)  # one row would be a gemv: other bits
+                    fresh = self.dla.neuron_gain(point.layer, self.directions[rows],
+                                                 self.dla.buffer("gain", 0, (len(rows), N), torch.float32))
+                    table[plan.first:plan.first + plan.n_new] = fresh[:plan.n_new]
+                cache.filled[point.layer] = plan.first + plan.n_new
+                u = layer_kernel.gain_product(x, self.sel_np, table, self.src_np, u, fresh)
+            else:
+                gain = self.dla.neuron_gain(point.layer, self.directions,
+                                            self.dla.buffer("gain", 0, (len(self.directions), N), torch.float32))
+                u = layer_kernel.gain_product(x, self.sel_np, gain, self.inverse_np, u)
+            self.deferred[point.name] = GainProduct(u, self)
             return
         gain = self.dla.neuron_gain(point.layer, self.directions)  # (U, N)
         self.raw[point.name] = self.per_position(gain).mul_(mined_rows(x, self.sel))  # a fresh (M, N): in place

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .dla import DirectLogitAttribution, DlaBatch, GainProduct
+from .dla import DirectLogitAttribution, DlaBatch, GainCache, GainProduct
 from .hooks import HookPoint, capture, resolve_hooks
 from .models import LoadedModel
 from .errors import UserError
@@ -228,6 +228,8 @@ class ShardMiner:
         self.dense_points = resolve_hooks(loaded.model, spec.dense.hooks) if spec.dense.hooks else []
         self.dla = DirectLogitAttribution(loaded.model) if spec.stats.dla and loaded.causal else None
         self.dla_points = {p.name for p in self.points if p.site == "mlp.hook_post"} if self.dla else set()
+        if self.dla_points and loaded.device.type == "cpu":
+            self.dla.cache = GainCache(len(self.dla_points), max(p.width for p in self.points if p.name in self.dla_points))
         self.gate_points = gate_points(loaded.model, self.points) if spec.stats.gate_cases else {}
         self.floors: dict[str, dict[str, torch.Tensor]] = {}
         """hook -> part -> (N,) keys no entry below which can reach the merged top-k (see raise_floors)."""
@@ -256,6 +258,8 @@ class ShardMiner:
     def _mine(self, shard: Shard, sparse: bool) -> ShardResult:
         start = time.perf_counter()
         dev = self.loaded.device
+        if self.dla is not None and self.dla.cache is not None:
+            self.dla.cache.start_shard()
         stats = {p.name: HookStats.empty(self.spec, dla=p.name in self.dla_points,
                                          gated=p.site == "mlp.hook_post" and p.layer in self.gate_points)
                  for p in self.points}

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from mining.dla import DirectLogitAttribution, DlaBatch, GainProduct
+from mining.dla import DirectLogitAttribution, DlaBatch, GainCache, GainProduct
 from mining.hooks import HookPoint
 from mining.tiny import tiny_model
 
@@ -41,3 +41,39 @@ def test_deferred_dla_is_the_torch_path_bit_for_bit_in_reused_buffers():
             seen.setdefault(name, got.u.untyped_storage().data_ptr())
             assert got.u.untyped_storage().data_ptr() == seen[name]  # the same memory every batch
     assert len(seen) == 2
+
+
+@torch.inference_mode()
+def test_gain_cache_keeps_the_bits_and_multiplies_out_only_new_targets():
+    """GainCache: later batches take kept rows for the targets an earlier batch of the shard multiplied out, and the
+    values stay the torch path's bits, through a cache that fills up mid-shard, a new shard, and a layer that missed a
+    batch (it stops using the cache for the rest of the shard)."""
+    model = tiny_model("llama", vocab_size=300)
+    dla = DirectLogitAttribution(model)
+    N = model.config.intermediate_size
+    dla.cache = GainCache(layers=2, width=N, budget=2 * N * 4 * 40)  # room for 40 of the 80 targets below
+    points = [HookPoint(f"blocks.{L}.mlp.hook_post", "mlp.hook_post", L, "", "input", N) for L in range(2)]
+    rows: list[int] = []
+    real = dla.neuron_gain
+    dla.neuron_gain = lambda layer, d, out=None: (rows.append(len(d)), real(layer, d, out))[1]
+    rng = np.random.default_rng(1)
+    for i in range(7):
+        if i == 4:
+            dla.cache.start_shard()
+        batch = _batch(rng, 4, 9, vocab=80, full=i == 0)
+        fast, ref = DlaBatch(dla, batch, defer=True), DlaBatch(dla, batch, defer=False)
+        xs = [torch.randn(4, 9, N) for _ in points]
+        rows.clear()
+        for point, x in zip(points, xs):
+            if not (i == 5 and point.layer == 1):  # layer 1 misses batch 5: its kept rows fall behind
+                fast.gain(point, x)
+        if i in (1, 2, 3):  # later batches of the shard multiply out fewer rows than they have distinct targets
+            assert 0 < max(rows) < len(fast.directions)
+        for point, x in zip(points, xs):
+            ref.gain(point, x)
+        assert len(dla.cache.slot_of) <= 40
+        fast.scale = ref.scale = torch.rand(len(fast.sel_np)) + 0.5
+        want = dict(ref.finish())
+        for name, got in fast.finish():
+            assert torch.equal(got.values(), want[name]), (i, name)
+    assert dla.cache.filled[1] < dla.cache.filled[0]  # layer 1 stopped at batch 5

@@ -117,10 +117,12 @@ if numba is not None:
         return False
 
     @njit(**_jit)
-    def _gain_product(x, sel, gain, inverse, out):  # pragma: no cover - compiled
-        """out[i] = gain[inverse[i]] * x[sel[i]] in float32, the product DlaBatch's torch ops take: the same bits."""
+    def _gain_product(x, sel, kept, fresh, src, out):  # pragma: no cover - compiled
+        """out[i] = g * x[sel[i]] in float32, the product DlaBatch's torch ops take (the same bits), with g the row
+        kept[src[i]] where src[i] >= 0, else fresh[-1 - src[i]]."""
         for i in prange(len(sel)):
-            a, g, o = x[sel[i]], gain[inverse[i]], out[i]
+            r = src[i]
+            a, g, o = x[sel[i]], kept[r] if r >= 0 else fresh[-1 - r], out[i]
             for j in range(len(a)):
                 o[j] = g[j] * a[j]
 
@@ -301,9 +303,12 @@ def layer_update(x: torch.Tensor, mined: torch.Tensor, tok: torch.Tensor, top: t
     return res, np.flatnonzero(bad)
 
 
-def gain_product(x: torch.Tensor, sel: np.ndarray, gain: torch.Tensor, inverse: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+def gain_product(x: torch.Tensor, sel: np.ndarray, gain: torch.Tensor, inverse: np.ndarray, out: torch.Tensor,
+                 fresh: torch.Tensor | None = None) -> torch.Tensor:
     """out (M, N) = gain[inverse[i]] * x[sel[i]] for x (..., N) flattened to rows, gain (U, N): DLA's numerator, taken
-    while the hook's activations are fresh in cache; the same bits as DlaBatch's torch ops."""
+    while the hook's activations are fresh in cache; the same bits as DlaBatch's torch ops. fresh: a second table,
+    whose row r a negative inverse[i] = -1 - r names (dla.GainCache: kept rows and this batch's new ones)."""
     kernels._threads()
-    _gain_product(x.reshape(-1, x.shape[-1]).numpy(), sel, gain.numpy(), inverse, out.numpy())
+    fresh = gain[:1] if fresh is None else fresh
+    _gain_product(x.reshape(-1, x.shape[-1]).numpy(), sel, gain.numpy(), fresh.numpy(), inverse, out.numpy())
     return out
