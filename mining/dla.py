@@ -188,6 +188,8 @@ class DlaBatch:
         cache = dla.cache if defer and batch.toks.device.type == "cpu" else None
         self.plan = cache.plan(targets) if cache is not None else None
         self.src_np = self.plan.src[self.inverse_np] if self.plan is not None else None  # (M,) position -> its gain
+        self.urow = np.full(int((batch.toks_np >= 0).sum()), -1, np.int64)  # mined row -> its row here, or -1
+        self.urow[np.searchsorted(np.flatnonzero(batch.toks_np.reshape(-1) >= 0), sel)] = np.arange(len(sel))
         self.raw: dict[str, torch.Tensor] = {}
         self.deferred: dict[str, GainProduct] = {}
         self.scale: torch.Tensor | None = None
@@ -203,26 +205,35 @@ class DlaBatch:
         """(U, ...) rows, one per distinct target -> a fresh (M, ...), one per mined position."""
         return per_target.index_select(0, self.inverse)
 
-    def gain(self, point: HookPoint, x: torch.Tensor) -> None:
-        if self.defer and x.ndim == 3 and kernels.usable(x):
-            N = x.shape[-1]
-            u = self.dla.buffer("u", point.layer, (len(self.sel_np), N), torch.float32)
-            cache, plan = self.dla.cache, self.plan
-            if plan is not None and N == cache.width and cache.filled.get(point.layer, 0) == plan.first:
-                table = cache.table(point.layer)
-                fresh = None
-                if len(plan.miss):
-                    rows = plan.miss if len(plan.miss) > 1 else plan.miss.repeat(2)  # one row would be a gemv: other bits
-                    fresh = self.dla.neuron_gain(point.layer, self.directions[rows],
-                                                 self.dla.buffer("gain", 0, (len(rows), N), torch.float32))
-                    table[plan.first:plan.first + plan.n_new] = fresh[:plan.n_new]
-                cache.filled[point.layer] = plan.first + plan.n_new
-                u = layer_kernel.gain_product(x, self.sel_np, table, self.src_np, u, fresh)
-            else:
-                gain = self.dla.neuron_gain(point.layer, self.directions,
-                                            self.dla.buffer("gain", 0, (len(self.directions), N), torch.float32))
-                u = layer_kernel.gain_product(x, self.sel_np, gain, self.inverse_np, u)
-            self.deferred[point.name] = GainProduct(u, self)
+    def numerator(self, point: HookPoint, x: torch.Tensor) -> layer_kernel.Numerator | None:
+        """The deferred path (CPU kernels): this layer's gains (the matmul, through the GainCache) and the buffer its
+        numerator u = gain[target] * a goes to, for the statistics kernel to write as it reads x; None elsewhere."""
+        if not (self.defer and x.ndim == 3 and kernels.usable(x)):
+            return None
+        N = x.shape[-1]
+        u = self.dla.buffer("u", point.layer, (len(self.sel_np), N), torch.float32)
+        cache, plan = self.dla.cache, self.plan
+        if plan is not None and N == cache.width and cache.filled.get(point.layer, 0) == plan.first:
+            table = cache.table(point.layer)
+            fresh = table[:1]  # not read where every target is kept
+            if len(plan.miss):
+                rows = plan.miss if len(plan.miss) > 1 else plan.miss.repeat(2)  # one row would be a gemv: other bits
+                fresh = self.dla.neuron_gain(point.layer, self.directions[rows],
+                                             self.dla.buffer("gain", 0, (len(rows), N), torch.float32))
+                table[plan.first:plan.first + plan.n_new] = fresh[:plan.n_new]
+            cache.filled[point.layer] = plan.first + plan.n_new
+            return layer_kernel.Numerator(self.urow, table, fresh, self.src_np, u)
+        gain = self.dla.neuron_gain(point.layer, self.directions,
+                                    self.dla.buffer("gain", 0, (len(self.directions), N), torch.float32))
+        return layer_kernel.Numerator(self.urow, gain, gain[:1], self.inverse_np, u)
+
+    def gain(self, point: HookPoint, x: torch.Tensor, numerator: layer_kernel.Numerator | None = None) -> None:
+        """numerator: what numerator(point, x) gave, written or not by the statistics kernel."""
+        numerator = numerator or self.numerator(point, x)
+        if numerator is not None:
+            if not numerator.done:
+                layer_kernel.gain_product(x, self.sel_np, numerator.kept, numerator.src, numerator.u, numerator.fresh)
+            self.deferred[point.name] = GainProduct(numerator.u, self)
             return
         gain = self.dla.neuron_gain(point.layer, self.directions)  # (U, N)
         self.raw[point.name] = self.per_position(gain).mul_(mined_rows(x, self.sel))  # a fresh (M, N): in place

@@ -24,6 +24,7 @@ from .batch import OnHost, make_batch, mined_rows, token_scores
 from .reducers import cuda_layer
 from .reducers.device import download, upload
 from .reducers.fused import update_hook, update_ranked
+from .reducers.layer_kernel import Numerator
 from .reducers.gate_cases import GateCases
 from .reducers.group_variance import GroupVariance
 from .reducers.pair import CrossMoments, PairMoments
@@ -95,8 +96,9 @@ class HookStats:
 
     def update(self, x: torch.Tensor, toks: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
                flat_toks: torch.Tensor, groups: dict[str, torch.Tensor] | None = None,
-               layout: cuda_layer.Layout | None = None) -> None:
+               layout: cuda_layer.Layout | None = None, product: Numerator | None = None) -> None:
         # x: (B, T, N); toks: (B, T) global index, -1 where not mined; mask = toks >= 0
+        # product: DLA's numerator for the CPU kernel to write on the way (product.done says whether it did)
         # rows: (M,) the mined positions' flat index into B*T (from the host: no device sync); flat_toks = their toks
         # groups: "by_token" / "by_position" -> (M,) group index of each mined position
         # one pass for the standard set: the GPU kernel, or the CPU kernels (a shard's tok grid rises along each context)
@@ -106,7 +108,7 @@ class HookStats:
             fused = True
         else:
             fused = update_hook(self.top, self.bottom, self.contexts, self.histogram, self.moments, x, toks, mask,
-                                n_mined=len(flat_toks))
+                                n_mined=len(flat_toks), product=product)
         if fused and self.samples is None and self.by_token is None:
             return
         flat = mined_rows(x, rows)  # (M, N): only the mined positions
@@ -291,13 +293,14 @@ class ShardMiner:
                 if point.name in extra:  # a gated MLP's gate or up projection: keep only the signs
                     layer, kind = extra[point.name]
                     signs.setdefault(layer, {})[kind] = mined_rows(x, rows) > 0
+                numerator = dla.numerator(point, x) if dla is not None and point.name in self.dla_points else None
                 if point.name in stats:
-                    stats[point.name].update(x, toks, mask, rows, flat_toks, groups, batch.layout)
+                    stats[point.name].update(x, toks, mask, rows, flat_toks, groups, batch.layout, numerator)
                     if stats[point.name].gate_cases is not None:
                         s = signs.pop(point.layer)
                         stats[point.name].update_gate(x, rows, s["gate"], s["up"], flat_toks)
                 if dla is not None and point.name in self.dla_points:
-                    dla.gain(point, x)
+                    dla.gain(point, x, numerator)
                 if point.name in dense and pick[point.name].any():
                     sel = upload(np.flatnonzero(pick[point.name]), x.device)
                     dense[point.name].append((toks_np[pick[point.name]], download(mined_rows(x, sel, torch.float16))))

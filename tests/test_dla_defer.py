@@ -77,3 +77,27 @@ def test_gain_cache_keeps_the_bits_and_multiplies_out_only_new_targets():
         for name, got in fast.finish():
             assert torch.equal(got.values(), want[name]), (i, name)
     assert dla.cache.filled[1] < dla.cache.filled[0]  # layer 1 stopped at batch 5
+
+
+def test_statistics_kernel_writes_the_numerator_gain_product_would():
+    """The statistics kernel writes DLA's numerator while it reads a layer (layer_kernel.Numerator): the bits
+    gain_product gives, on exactly the mined rows that have a DLA row, from kept and fresh gain rows."""
+    from mining.reducers import layer_kernel
+
+    rng = np.random.default_rng(3)
+    B, T, N, k = 3, 11, 70, 4
+    x = torch.from_numpy(rng.standard_normal((B, T, N)).astype(np.float32))
+    toks = np.where(rng.random((B, T)) < 0.8, np.arange(B * T).reshape(B, T), -1)
+    mined_pos = np.flatnonzero(toks.reshape(-1) >= 0)
+    sel = np.sort(rng.choice(mined_pos, size=len(mined_pos) - 5, replace=False))  # some mined rows have no target
+    urow = np.full(len(mined_pos), -1, np.int64)
+    urow[np.searchsorted(mined_pos, sel)] = np.arange(len(sel))
+    kept, fresh = torch.randn(6, N), torch.randn(3, N)
+    src = rng.integers(-3, 6, len(sel))  # negative: fresh rows
+    want = layer_kernel.gain_product(x, sel, kept, src, torch.empty(len(sel), N), fresh)
+    got = layer_kernel.Numerator(urow, kept, fresh, src, torch.full((len(sel), N), float("nan")))
+    empty = torch.full((k, N), -2**63, dtype=torch.int64)
+    layer_kernel.layer_update(x, torch.from_numpy(toks >= 0), torch.from_numpy(toks), (empty.clone(), None),
+                              (empty.clone(), None), None, None, len(mined_pos), product=got)
+    assert got.done
+    assert torch.equal(got.u, want)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import kernels
-from .layer_kernel import layer_update
+from .layer_kernel import Numerator, layer_update
 from .histogram import Histogram
 from .moments import Moments
 from .topk import ContextTopK, TopK
@@ -26,10 +26,11 @@ def _settled(t: TopK) -> bool:
 
 
 def update_hook(top: TopK, bottom: TopK, contexts: ContextTopK, histogram: Histogram | None, moments: Moments | None,
-                x: torch.Tensor, tok: torch.Tensor, mined: torch.Tensor, n_mined: int | None = None) -> bool:
+                x: torch.Tensor, tok: torch.Tensor, mined: torch.Tensor, n_mined: int | None = None,
+                product: Numerator | None = None) -> bool:
     """x (B, T, N); tok (B, T) global token index, rising along each context, -1 where not mined; mined = tok >= 0
     (n_mined: its count, if the caller has it). True if every given reducer took the batch; False if nothing
-    was done."""
+    was done. product: DLA's numerator to write on the way, where the kernel runs in one call (product.done)."""
     if x.ndim != 3 or not kernels.usable(x) or not top.largest or bottom.largest:
         return False
     N = x.shape[2]
@@ -59,7 +60,7 @@ def update_hook(top: TopK, bottom: TopK, contexts: ContextTopK, histogram: Histo
     if histogram is not None:
         hist = (*histogram.bins.kernel_params(), histogram.pending(N, M))
     batch, bad = layer_update(x, mined, tok.to(torch.int64), (top.keys, top.floor), (bottom.keys, bottom.floor),
-                              (contexts.top.keys, contexts.top.floor), hist, M)
+                              (contexts.top.keys, contexts.top.floor), hist, M, product=product)
     if len(bad):  # columns with a NaN or infinity: ContextTopK's exact path, on just those columns
         cols = torch.from_numpy(bad)
         sub = ContextTopK(contexts.k)

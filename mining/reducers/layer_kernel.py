@@ -24,6 +24,8 @@ moments to rounding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -116,6 +118,12 @@ if numba is not None:
                 return True
         return False
 
+    @njit(**_inline)
+    def _product_row(a, kept, fresh, r, c0, o):  # pragma: no cover - compiled
+        g = kept[r] if r >= 0 else fresh[-1 - r]
+        for j in range(len(a)):
+            o[j] = g[c0 + j] * a[j]
+
     @njit(**_jit)
     def _gain_product(x, sel, kept, fresh, src, out):  # pragma: no cover - compiled
         """out[i] = g * x[sel[i]] in float32, the product DlaBatch's torch ops take (the same bits), with g the row
@@ -145,12 +153,15 @@ if numba is not None:
     @njit(**_jit)
     def _layer(x, xi, mined, tok, top, top_floor, bot, bot_floor, do_ctx, ctx, ctx_floor, ctx_bad,
                hist, shift, offset, R, zero_bin, n_bins, pending, bin_rows, step,
-               divide, scale, mean, m2, m3, m4, active, lo, hi):  # pragma: no cover - compiled
+               divide, scale, mean, m2, m3, m4, active, lo, hi,
+               prod, urow, kept, fresh, src, u):  # pragma: no cover - compiled
         """x (B, T, N), xi its bits; each part of `step` columns (a multiple of HIST_SB) is one thread's.
         bin_rows: scratch (parts, step // HIST_SB, M, HIST_SB) uint16 for the histogram. Columns whose
         context peaks are not all finite are flagged in ctx_bad and left to ContextTopK's exact path.
         divide: the values are not x but, for the i-th mined row, x[row] / scale[i] (direct logit attribution's
-        division by the final norm's scale), computed a chunk at a time and never stored whole."""
+        division by the final norm's scale), computed a chunk at a time and never stored whole.
+        prod: also write DLA's numerator while each row is in L1 (see gain_product): u[urow[i]] = g * x[rows[i]] where
+        urow[i] >= 0, g the row kept[src[s]] or fresh[-1 - src[s]] of s = urow[i]."""
         B, T, N = x.shape
         shift, offset, R, zero_bin, n_bins = i32(shift), i32(offset), i32(R), i32(zero_bin), i32(n_bins)
         rows = np.empty(B * T, np.int64)  # the mined positions, in order
@@ -205,6 +216,8 @@ if numba is not None:
                         at[:] = np.int32(t)
                     row = vals[i - r0] if divide else xf[p, c0:c1]
                     bits_row = val_bits[i - r0] if divide else xif[p, c0:c1]
+                    if prod and urow[i] >= 0:
+                        _product_row(row, kept, fresh, src[urow[i]], c0, u[urow[i], c0:c1])
                     if _row_pass(row, s, mn, mx, na, bad, tk, bk, cand, best, at, np.int32(t), do_ctx):
                         _insert_candidates(row, bits_row, tok[b, t], tk, bk, top_l, top_floor, bot_l, bot_floor, c0, cand)
                     if hist:
@@ -266,13 +279,14 @@ def _bin_rows(parts: int, subs: int, M: int) -> np.ndarray:
 
 
 def layer_update(x: torch.Tensor, mined: torch.Tensor, tok: torch.Tensor, top: tuple, bottom: tuple, contexts: tuple,
-                 hist: tuple | None, n_mined: int, scale: np.ndarray | None = None) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+                 hist: tuple | None, n_mined: int, scale: np.ndarray | None = None,
+                 product: "Numerator | None" = None) -> tuple[dict[str, torch.Tensor], np.ndarray]:
     """One batch x (B, T, N) with n_mined mined positions for a hook's standard reducers (see reducers/fused.py).
     top, bottom, contexts: (keys (k, N) int64 updated in place, floor (N,) int64 or None); contexts None: no top
     contexts; hist: None or (shift, offset, R, zero_bin, n_bins, pending (n_sub, n_bins, HIST_SB) uint16 added to
     in place, room for n_mined more rows). Returns the batch's moments (as moments.py's _batch_moments) and the
     columns whose contexts need the exact path. scale: None, or (n_mined,) float32 to take, for the i-th
-    mined position, x / scale[i] as its values."""
+    mined position, x / scale[i] as its values. product: DLA's numerator to write on the way (its `done` is set)."""
     kernels._threads()
     N = x.shape[2]
     parts = max(1, min(numba.get_num_threads(), N // HIST_SB))
@@ -295,12 +309,33 @@ def layer_update(x: torch.Tensor, mined: torch.Tensor, tok: torch.Tensor, top: t
     for k, floor in (top, bottom):
         keys += [k.numpy(), kernels._floor(floor, k)]
     divide = (False, np.zeros(1, np.float32)) if scale is None else (True, np.ascontiguousarray(scale, np.float32))
+    if product is None:
+        none = np.zeros((1, 1), np.float32)
+        prod = (False, np.zeros(1, np.int64), none, none, np.zeros(1, np.int64), none)
+    else:
+        prod = (True, product.urow, product.kept.numpy(), product.fresh.numpy(), product.src, product.u.numpy())
     _layer(xn, xn.view(np.int32), mined.contiguous().numpy(), tok.contiguous().numpy(), *keys, contexts is not None,
            ctx_keys.numpy(), kernels._floor(ctx_floor, ctx_keys), bad, on, *hist, rows, step, *divide,
-           out["mean"], out["m2"], out["m3"], out["m4"], active, lo, hi)
+           out["mean"], out["m2"], out["m3"], out["m4"], active, lo, hi, *prod)
+    if product is not None:
+        product.done = True
     res = {k: torch.from_numpy(v) for k, v in out.items()}
     res.update(n_active=torch.from_numpy(active), min=torch.from_numpy(lo).double(), max=torch.from_numpy(hi).double())
     return res, np.flatnonzero(bad)
+
+
+@dataclass
+class Numerator:
+    """DLA's numerator for the statistics kernel to write while it reads a layer's rows (gain_product's work
+    without a second read of the activations): u[urow[i]] = g * x[rows[i]], for the i-th mined row where
+    urow[i] >= 0, g = kept[src[s]] if src[s] >= 0 else fresh[-1 - src[s]], s = urow[i]."""
+
+    urow: np.ndarray
+    kept: torch.Tensor
+    fresh: torch.Tensor
+    src: np.ndarray
+    u: torch.Tensor
+    done: bool = False
 
 
 def gain_product(x: torch.Tensor, sel: np.ndarray, gain: torch.Tensor, inverse: np.ndarray, out: torch.Tensor,
