@@ -35,7 +35,7 @@ SmolLM2's 1,536 neurons: the shard's most frequent targets, since those come fir
 
 class GainCache:
     """The gains w_out · d_t of a shard's first distinct targets, per layer, kept for the rest of the shard (the CPU
-    deferred path, where the (U, d) x (d, N) gain matmul is a sixth of what DLA costs): a batch multiplies out only
+    deferred path, where the (U, d) x (d, N) gain matmul was about a quarter of what DLA adds to the forward pass): a batch multiplies out only
     the targets it is the first to ask for. Slots go to targets in the order the shard first asks for them (within a
     batch, by id) until GAIN_CACHE_BYTES is full, and restart with each shard, so no value depends on which shards an
     actor mined before (actor count, shard order, restarts). A kept row is the bits a batch's own matmul gives it
@@ -188,8 +188,11 @@ class DlaBatch:
         cache = dla.cache if defer and batch.toks.device.type == "cpu" else None
         self.plan = cache.plan(targets) if cache is not None else None
         self.src_np = self.plan.src[self.inverse_np] if self.plan is not None else None  # (M,) position -> its gain
-        self.urow = np.full(int((batch.toks_np >= 0).sum()), -1, np.int64)  # mined row -> its row here, or -1
-        self.urow[np.searchsorted(np.flatnonzero(batch.toks_np.reshape(-1) >= 0), sel)] = np.arange(len(sel))
+        self.urow = None  # defer: mined row (as the statistics kernel walks them) -> its row here, or -1
+        if defer:
+            mined = np.flatnonzero(batch.toks_np.reshape(-1) >= 0)
+            self.urow = np.full(len(mined), -1, np.int64)
+            self.urow[np.searchsorted(mined, sel)] = np.arange(len(sel))
         self.raw: dict[str, torch.Tensor] = {}
         self.deferred: dict[str, GainProduct] = {}
         self.scale: torch.Tensor | None = None

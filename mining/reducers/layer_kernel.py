@@ -120,6 +120,8 @@ if numba is not None:
 
     @njit(**_inline)
     def _product_row(a, kept, fresh, r, c0, o):  # pragma: no cover - compiled
+        """o = g[c0:c0 + len(a)] * a in float32 (DlaBatch's torch product: the same bits), g the row kept[r] if r >= 0,
+        else fresh[-1 - r]."""
         g = kept[r] if r >= 0 else fresh[-1 - r]
         for j in range(len(a)):
             o[j] = g[c0 + j] * a[j]
@@ -129,10 +131,7 @@ if numba is not None:
         """out[i] = g * x[sel[i]] in float32, the product DlaBatch's torch ops take (the same bits), with g the row
         kept[src[i]] where src[i] >= 0, else fresh[-1 - src[i]]."""
         for i in prange(len(sel)):
-            r = src[i]
-            a, g, o = x[sel[i]], kept[r] if r >= 0 else fresh[-1 - r], out[i]
-            for j in range(len(a)):
-                o[j] = g[j] * a[j]
+            _product_row(x[sel[i]], kept, fresh, src[i], 0, out[i])
 
     @njit(**_inline)
     def _local_keys(keys, c0, w):  # pragma: no cover - compiled

@@ -149,21 +149,19 @@ def _combine(a: dict, b: dict) -> dict:
     if b["mean"] is None or b["count"] == 0:
         return copy(a)
     na, nb = float(a["count"]), float(b["count"])  # floats: na * na would overflow int64 scalars
-    fast = kernels.combined_moments(na, a, nb, b)
+    fast = kernels.combined_moments(na, a, nb, b)  # the same arithmetic in one compiled loop, where it applies
     if fast is not None:
         mean, m2, m3, m4 = fast
-        return {"count": a["count"] + b["count"], "mean": mean, "m2": m2, "m3": m3, "m4": m4,
-                "n_active": a["n_active"] + b["n_active"], "min": torch.minimum(a["min"], b["min"]),
-                "max": torch.maximum(a["max"], b["max"])}
-    n = na + nb
-    delta = b["mean"] - a["mean"]
-    d_n = delta / n
-    d_n2 = d_n * d_n
-    term = delta * d_n * na * nb  # = delta^2 na nb / n
-    mean = a["mean"] + d_n * nb
-    m2 = a["m2"] + b["m2"] + term
-    m3 = a["m3"] + b["m3"] + term * d_n * (na - nb) + 3 * d_n * (na * b["m2"] - nb * a["m2"])
-    m4 = (a["m4"] + b["m4"] + term * d_n2 * (na * na - na * nb + nb * nb)
-          + 6 * d_n2 * (na * na * b["m2"] + nb * nb * a["m2"]) + 4 * d_n * (na * b["m3"] - nb * a["m3"]))
+    else:
+        n = na + nb
+        delta = b["mean"] - a["mean"]
+        d_n = delta / n
+        d_n2 = d_n * d_n
+        term = delta * d_n * na * nb  # = delta^2 na nb / n
+        mean = a["mean"] + d_n * nb
+        m2 = a["m2"] + b["m2"] + term
+        m3 = a["m3"] + b["m3"] + term * d_n * (na - nb) + 3 * d_n * (na * b["m2"] - nb * a["m2"])
+        m4 = (a["m4"] + b["m4"] + term * d_n2 * (na * na - na * nb + nb * nb)
+              + 6 * d_n2 * (na * na * b["m2"] + nb * nb * a["m2"]) + 4 * d_n * (na * b["m3"] - nb * a["m3"]))
     return {"count": a["count"] + b["count"], "mean": mean, "m2": m2, "m3": m3, "m4": m4, "n_active": a["n_active"] + b["n_active"],
             "min": torch.minimum(a["min"], b["min"]), "max": torch.maximum(a["max"], b["max"])}
