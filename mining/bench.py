@@ -55,6 +55,8 @@ LABELS = {
     "token_table": "  + token table",
     "dense": "  + dense {dense_hook} (every token)",
     "cache_to_disk": "alternative: hooks -> float16 cache on disk -> reduce",
+    "nnsight_to_disk": "alternative: nnsight -> float16 cache on disk -> reduce",
+    "transformer_lens": "alternative: TransformerLens run_with_cache -> reduce",
 }
 
 
@@ -146,6 +148,8 @@ class Workload:
         self.dense_hook = points[len(points) // 2].name
         self.miners: dict[str, Any] = {}
         """The ShardMiner of each miner variant (their counters, e.g. shards mined twice, go in the report)."""
+        self.skipped: dict[str, dict[str, str]] = {}
+        """Alternatives that cannot run here (library missing or failing on this model), each with why."""
         self.kept: list[Any] | None = None
         """ShardResults of the token_table variant (mining + DLA + token table): the bytes part writes them."""
 
@@ -225,14 +229,15 @@ def runners(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str, C
 
             out[name] = run
     if "alternatives" in parts:
-        from .bench_alternatives import cache_then_reduce
+        from .bench_alternatives import alternative_runners
         from .engine import histogram_bins
         from .hooks import resolve_hooks
 
         spec = work.spec("mining")
         points = resolve_hooks(work.loaded.model, spec.hooks)
-        out["cache_to_disk"] = lambda shards: cache_then_reduce(work.loaded, shards, B, points, spec.stats.top_k,
-                                                                histogram_bins(spec), scratch)
+        alternatives, work.skipped = alternative_runners(work.loaded, points, spec.stats.top_k, histogram_bins(spec),
+                                                         B, scratch)
+        out.update(alternatives)
     return out
 
 
@@ -284,7 +289,7 @@ def _sync(device) -> None:
 
 
 def throughput(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str, Any]:
-    from .bench_alternatives import library_alternatives
+    from .bench_alternatives import ALTERNATIVES
 
     rates, details = measure(work, runners(work, parts, scratch), work.cfg.repeats)
     best = {name: max(r) for name, r in rates.items()}
@@ -306,13 +311,15 @@ def throughput(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str
     if work.loaded.device.type == "cuda":
         out["gpu_utilisation"] = gpu_utilisation(work, best)
     if "alternatives" in parts:
-        alt = {"tokens_per_s": best["cache_to_disk"], "ratio": best["cache_to_disk"] / bare,
-               **details.get("cache_to_disk", {})}
-        if "mining" in best:
-            alt["mining_speedup"] = best["mining"] / best["cache_to_disk"]
-        out["alternatives"] = {"cache_to_disk": alt,
-                               **library_alternatives(work.loaded, work.shards, work.warm, work.cfg.batch_size,
-                                                      work.n_tokens, bare)}
+        out["alternatives"] = {}
+        for name in ALTERNATIVES:
+            if name not in best:
+                out["alternatives"][name] = work.skipped[name]
+                continue
+            alt = out["alternatives"][name] = {"tokens_per_s": best[name], "ratio": best[name] / bare,
+                                               **details.get(name, {})}
+            if "mining" in best:
+                alt["mining_speedup"] = best["mining"] / best[name]
     return out
 
 
@@ -450,22 +457,19 @@ def format_report(r: dict[str, Any]) -> str:
         bare = r["bare_tokens_per_s"]
         rows = [("forward", bare)] + [(n, r[f"{n}_tokens_per_s"]) for n in MINER_VARIANTS if f"{n}_tokens_per_s" in r]
         alt = r.get("alternatives", {})
-        if "cache_to_disk" in alt:
-            rows.append(("cache_to_disk", alt["cache_to_disk"]["tokens_per_s"]))
+        rows += [(name, a["tokens_per_s"]) for name, a in alt.items() if "tokens_per_s" in a]
         for name, rate in rows:
             label = LABELS[name].format(dense_hook=c["dense_hook"])
             spread = r.get("round_ratios", {}).get(name)
             spread = f"{min(spread):.2f}-{max(spread):.2f}" if spread else ""
             out.append(f"  {label:<56}{rate:>9,.0f}{rate / bare:>8.2f}{bare / rate:>7.2f}x{spread:>14}")
-        if "cache_to_disk" in alt:
-            a = alt["cache_to_disk"]
-            out.append(f"    (cache {a['cache_bytes'] / 1e6:,.1f} MB; forward + write {a['forward_write_s']:.1f} s, "
-                       f"reduce {a['reduce_s']:.1f} s" + (f"; mining is {a['mining_speedup']:.2f}x its speed"
-                                                          if "mining_speedup" in a else "") + ")")
-        for name, v in alt.items():
-            if name != "cache_to_disk":
-                out.append(f"  {name}: " + (f"skipped: {v['skipped']}" if "skipped" in v else
-                                            f"{v['tokens_per_s']:,.0f} tok/s, ratio {v['ratio']:.2f} ({v['what']})"))
+        for name, a in sorted(alt.items(), key=lambda item: "skipped" in item[1]):
+            if "skipped" in a:
+                out.append(f"  {name}: skipped: {a['skipped']}")
+            else:
+                out.append(f"    ({name}: cache {a['cache_bytes'] / 1e6:,.1f} MB; capture {a['capture_s']:.1f} s, "
+                           f"reduce {a['reduce_s']:.1f} s" + (f"; mining is {a['mining_speedup']:.2f}x its speed"
+                                                              if "mining_speedup" in a else "") + ")")
         out.append("  ratio = best tok/s over the bare forward's best; time = wall time over the bare forward's; "
                    "per round = the range of each round's ratio to that round's forward")
         g = r.get("gpu_utilisation")

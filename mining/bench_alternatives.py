@@ -1,22 +1,28 @@
 """What a user would do without the miner, on the same batches: the `alternatives` part of `mine bench`.
 
-`cache_then_reduce` is the usual notebook: plain PyTorch forward hooks copy every MLP activation
-(float16, mined positions only) to disk, one safetensors file per batch; a second pass loads each
-layer back and computes what the miner keeps — top/bottom-k with their token index, histograms on
-the miner's bins (bucketize + bincount), float64 moments (not the top contexts, so it does a little
-less than the miner). Both passes are timed together; deleting the cache is not.
+Each alternative captures every hooked MLP activation at the mined positions (float16, as a notebook
+keeps them) and then computes what the miner keeps: top/bottom-k with their token index, histograms on
+the miner's bins (bucketize + bincount), float64 moments (not the top contexts, so each does a little
+less than the miner). Capture and reduction are timed together; deleting the cache is not.
 
-nnsight and TransformerLens are measured only when importable (they are not dependencies of this
-project): a forward that captures every MLP activation, with no reduction at all — a lower bound
-on what a full pipeline built on them would cost.
+    cache_to_disk     plain PyTorch forward hooks -> one safetensors file per batch -> reduce
+    nnsight_to_disk   an nnsight trace saving each activation -> the same files -> reduce
+    transformer_lens  TransformerLens' run_with_cache (TransformerBridge) -> kept in memory -> reduce
+
+nnsight and TransformerLens are not dependencies of the miner (`pip install -e .[alternatives]`): where
+one is not installed, or cannot run the model, the report says so instead of a figure. Both rewire the
+model they are given (nnsight patches module forwards, the bridge swaps in its own blocks and eager
+attention), so each gets its own copy and the variants timed next to them keep the original.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,61 +33,175 @@ from .bench import iter_batches
 from .hooks import HookPoint
 from .reducers import HistogramBins
 
+Capture = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+"""(ids, attention, mask) -> hook name -> (M, N) float16 host copy of the activations at the M mined positions."""
 
-def cache_then_reduce(loaded, shards, batch_size: int, points: list[HookPoint], k: int, bins: HistogramBins,
-                      scratch: str) -> dict[str, Any]:
+ALTERNATIVES = ("cache_to_disk", "nnsight_to_disk", "transformer_lens")
+LIBRARIES = {"nnsight_to_disk": ("nnsight", "nnsight"), "transformer_lens": ("transformer_lens", "transformer-lens")}
+"""alternative -> (module, PyPI package) it needs."""
+
+
+def alternative_runners(loaded, points: list[HookPoint], k: int, bins: HistogramBins, batch_size: int,
+                        scratch: str) -> tuple[dict[str, Callable[[list], dict[str, Any]]], dict[str, dict[str, str]]]:
+    """The alternatives that can run here (shards -> details), and those that cannot, each with why."""
+    captures: dict[str, Capture] = {"cache_to_disk": hook_capture(loaded.model, points)}
+    skipped: dict[str, dict[str, str]] = {}
+    for name, (module, package) in LIBRARIES.items():
+        if importlib.util.find_spec(module) is None:
+            skipped[name] = {"skipped": f"{module} is not installed; not a dependency of the miner "
+                                       f"(`pip install -e .[alternatives]` or `pip install {package}`)"}
+            continue
+        try:
+            capture = {"nnsight_to_disk": nnsight_capture, "transformer_lens": transformer_lens_capture}[name](loaded, points)
+            _probe(capture, loaded)
+        except Exception as e:  # noqa: BLE001 - a library we do not depend on: report, never fail the bench
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            skipped[name] = {"skipped": f"{module} could not run this model: {type(e).__name__}: {first}"}
+            continue
+        captures[name] = capture
+    names = [p.name for p in points]
+    runs = {}
+    for name, capture in captures.items():
+        if name == "transformer_lens":
+            runs[name] = lambda shards, c=capture: keep_then_reduce(c, loaded, shards, batch_size, names, k, bins)[0]
+        else:
+            runs[name] = lambda shards, c=capture: cache_then_reduce(c, loaded, shards, batch_size, names, k, bins,
+                                                                     scratch)[0]
+    return runs, skipped
+
+
+def _probe(capture: Capture, loaded) -> None:
+    """One small batch, so that a library that cannot run this model is reported before the timed rounds."""
+    ids = torch.zeros((1, 4), dtype=torch.long, device=loaded.device)
+    with torch.inference_mode():
+        capture(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- captures
+
+
+def hook_capture(model: torch.nn.Module, points: list[HookPoint]) -> Capture:
+    """Plain forward (pre-)hooks on the model's own modules, registered for the batch only."""
+
+    def capture(ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        saved: dict[str, torch.Tensor] = {}
+
+        def keep(name: str, x: torch.Tensor) -> None:
+            saved[name] = x[mask].to(torch.float16).cpu()
+
+        handles = []
+        for p in points:
+            module = model.get_submodule(p.module_path)
+            if p.direction == IN:
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, args, kwargs, name=p.name: keep(name, args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(
+                    lambda m, args, out, name=p.name: keep(name, out[0] if isinstance(out, tuple) else out)))
+        try:
+            model(input_ids=ids, attention_mask=attention)
+        finally:
+            for h in handles:
+                h.remove()
+        return saved
+
+    return capture
+
+
+def nnsight_capture(loaded, points: list[HookPoint]) -> Capture:
+    """An nnsight trace that saves every hooked module's input (or output), as its tutorials do."""
+    from nnsight import NNsight
+
+    wrapped = NNsight(copy.deepcopy(loaded.model))
+
+    def envoy(path: str):
+        node = wrapped
+        for part in path.split("."):
+            node = node[int(part)] if part.isdigit() else getattr(node, part)
+        return node
+
+    envoys = [(p.name, envoy(p.module_path), p.direction == IN) for p in points]
+
+    def capture(ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        saved: dict[str, torch.Tensor] = {}
+        with wrapped.trace(input_ids=ids, attention_mask=attention):  # nnsight runs this body itself: no comprehensions
+            for name, e, pre in envoys:
+                saved[name] = (e.input if pre else e.output).save()
+        return {name: x[mask].to(torch.float16).cpu() for name, x in saved.items()}
+
+    return capture
+
+
+def transformer_lens_capture(loaded, points: list[HookPoint]) -> Capture:
+    """TransformerLens' run_with_cache on a TransformerBridge around a copy of the model (TransformerLens >= 4:
+    HookedTransformer is gone, and the bridge names its hooks as this project does)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(loaded.source.id, hf_model=copy.deepcopy(loaded.model),
+                                                 tokenizer=loaded.tokenizer, device=str(loaded.device),
+                                                 dtype=loaded.dtype)
+    wanted = {p.name for p in points}
+
+    def capture(ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, cache = bridge.run_with_cache(ids, attention_mask=attention, names_filter=lambda n: n in wanted)
+        missing = wanted - set(cache.keys())
+        if missing:
+            raise KeyError(f"no TransformerLens hook named {sorted(missing)[0]}")
+        return {name: cache[name][mask].to(torch.float16).cpu() for name in wanted}
+
+    return capture
+
+
+# ---------------------------------------------------------------- capture, then reduce
+
+
+def cache_then_reduce(capture: Capture, loaded, shards, batch_size: int, names: list[str], k: int,
+                      bins: HistogramBins, scratch: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every batch's activations to a safetensors file, then each layer read back and reduced.
+    Returns (timings and cache size, the reduction)."""
+    import safetensors.torch
+
     folder = Path(tempfile.mkdtemp(prefix="cache-", dir=scratch))
     try:
         start = time.perf_counter()
-        files = write_cache(loaded, shards, batch_size, points, folder)
+        files = []
+        with torch.inference_mode():
+            for i, (ids, attention, toks) in enumerate(iter_batches(shards, batch_size, loaded.device)):
+                mask = toks >= 0
+                saved = {"tok": toks[mask].cpu(), **capture(ids, attention, mask)}
+                files.append(folder / f"batch-{i:05d}.safetensors")
+                safetensors.torch.save_file(saved, str(files[-1]))
         cached = time.perf_counter()
-        reduce_cache(files, [p.name for p in points], k, bins)
+        reduced = reduce_cache(files, names, k, bins)
         done = time.perf_counter()
         size = sum(f.stat().st_size for f in files)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return {"forward_write_s": cached - start, "reduce_s": done - cached, "cache_bytes": size}
+    return {"capture_s": cached - start, "reduce_s": done - cached, "cache_bytes": size}, reduced
 
 
-def write_cache(loaded, shards, batch_size: int, points: list[HookPoint], folder: Path) -> list[Path]:
-    import safetensors.torch
-
-    model = loaded.model
-    saved: dict[str, torch.Tensor] = {}
-    mask: torch.Tensor | None = None
-
-    def keep(name: str, x: torch.Tensor) -> None:
-        saved[name] = x[mask].to(torch.float16).cpu()  # (M, N): mined positions only
-
-    handles = []
-    for p in points:
-        module = model.get_submodule(p.module_path)
-        if p.direction == IN:
-            handles.append(module.register_forward_pre_hook(
-                lambda m, args, kwargs, name=p.name: keep(name, args[0] if args else kwargs["hidden_states"]),
-                with_kwargs=True))
-        else:
-            handles.append(module.register_forward_hook(
-                lambda m, args, out, name=p.name: keep(name, out[0] if isinstance(out, tuple) else out)))
-    files = []
-    try:
-        with torch.inference_mode():
-            for i, (ids, attention, toks) in enumerate(iter_batches(shards, batch_size, loaded.device)):
-                mask = toks >= 0
-                saved.clear()
-                saved["tok"] = toks[mask].cpu()
-                model(input_ids=ids, attention_mask=attention)
-                path = folder / f"batch-{i:05d}.safetensors"
-                safetensors.torch.save_file(saved, str(path))
-                files.append(path)
-    finally:
-        for h in handles:
-            h.remove()
-    return files
+def keep_then_reduce(capture: Capture, loaded, shards, batch_size: int, names: list[str], k: int,
+                     bins: HistogramBins) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every batch's activations kept in host memory (a notebook's list of caches), then reduced.
+    Returns (timings and cache size, the reduction)."""
+    kept: dict[str, list[torch.Tensor]] = {name: [] for name in ["tok", *names]}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for ids, attention, toks in iter_batches(shards, batch_size, loaded.device):
+            mask = toks >= 0
+            kept["tok"].append(toks[mask].cpu())
+            for name, x in capture(ids, attention, mask).items():
+                kept[name].append(x)
+    cached = time.perf_counter()
+    reduced = reduce_columns(lambda name: torch.cat(kept[name]), names, k, bins)
+    done = time.perf_counter()
+    size = sum(t.numel() * t.element_size() for name in names for t in kept[name])
+    return {"capture_s": cached - start, "reduce_s": done - cached, "cache_bytes": size}, reduced
 
 
 def reduce_cache(files: list[Path], names: list[str], k: int, bins: HistogramBins) -> dict[str, Any]:
-    """Per layer: load every batch's (M, N) block, then top/bottom-k, histogram counts and moments."""
+    """Per layer: load every batch's (M, N) block from its file, then reduce it."""
     from safetensors import safe_open
 
     def column(name: str) -> torch.Tensor:
@@ -91,6 +211,13 @@ def reduce_cache(files: list[Path], names: list[str], k: int, bins: HistogramBin
                 parts.append(st.get_tensor(name))
         return torch.cat(parts)
 
+    return reduce_columns(column, names, k, bins)
+
+
+def reduce_columns(column: Callable[[str], torch.Tensor], names: list[str], k: int,
+                   bins: HistogramBins) -> dict[str, Any]:
+    """column(name): every mined position's (n, N) activations of a hook (or "tok": their (n,) token index).
+    Per hook: top/bottom-k, histogram counts on the miner's bins and float64 moments."""
     tok = column("tok")  # (n,)
     lo, _ = bins.edges()
     boundaries = torch.from_numpy(lo[1:]).float()  # bin b holds lo[b] <= x < lo[b + 1]
@@ -113,70 +240,3 @@ def reduce_cache(files: list[Path], names: list[str], k: int, bins: HistogramBin
         out[name] = {"top": (top_v, tok[top_i]), "bottom": (bot_v, tok[bot_i]), "histogram": counts,
                      "moments": (mean, std, skew, kurt, (x > 0).double().mean(0), x.min(0).values, x.max(0).values)}
     return out
-
-
-# ---------------------------------------------------------------- libraries, when installed
-
-LIBRARIES = {"nnsight": "nnsight", "transformer_lens": "transformer-lens"}
-
-
-def library_alternatives(loaded, shards, warm, batch_size: int, n_tokens: int, bare: float) -> dict[str, Any]:
-    out = {}
-    for module, package in LIBRARIES.items():
-        if importlib.util.find_spec(module) is None:
-            out[module] = {"skipped": f"not installed; not a dependency of this project "
-                                      f"(`pip install {package}` to include it)"}
-            continue
-        try:
-            run = {"nnsight": _nnsight, "transformer_lens": _transformer_lens}[module](loaded)
-            run([warm], batch_size)
-            start = time.perf_counter()
-            run(shards, batch_size)
-            rate = n_tokens / (time.perf_counter() - start)
-            out[module] = {"tokens_per_s": rate, "ratio": rate / bare,
-                           "what": "forward capturing every MLP activation, no reduction (a lower bound)"}
-        except Exception as e:  # noqa: BLE001 - a library we do not depend on: report, never fail the bench
-            out[module] = {"skipped": f"{module} could not run this model: {type(e).__name__}: "
-                                      f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"}
-    return out
-
-
-def _nnsight(loaded):
-    from nnsight import NNsight
-
-    from .hooks import resolve_hooks
-
-    wrapped = NNsight(loaded.model)
-    points = resolve_hooks(loaded.model, ["blocks.*.mlp.hook_post"])
-
-    def envoy(path: str):
-        node = wrapped
-        for part in path.split("."):
-            node = node[int(part)] if part.isdigit() else getattr(node, part)
-        return node
-
-    def run(shards, batch_size: int) -> None:
-        with torch.inference_mode():
-            for ids, attention, _ in iter_batches(shards, batch_size, loaded.device):
-                with wrapped.trace(input_ids=ids, attention_mask=attention):
-                    for p in points:
-                        e = envoy(p.module_path)
-                        (e.input if p.direction == IN else e.output).save()
-
-    return run
-
-
-def _transformer_lens(loaded):
-    from transformer_lens import HookedTransformer
-
-    name = getattr(loaded.model.config, "_name_or_path", "")
-    model = HookedTransformer.from_pretrained(name, hf_model=loaded.model, tokenizer=loaded.tokenizer,
-                                              device=str(loaded.device), dtype=loaded.dtype)
-
-    def run(shards, batch_size: int) -> None:
-        with torch.inference_mode():
-            for ids, attention, _ in iter_batches(shards, batch_size, loaded.device):
-                model.run_with_cache(ids, attention_mask=attention, names_filter=lambda n: n.endswith("mlp.hook_post"))
-
-    return run
-
