@@ -80,6 +80,9 @@ class BenchConfig:
     """N of the memory part: fresh processes mine N and 10N tokens. None: two full batches, so that the
     growth from N to 10N is the streaming's, not a partly filled batch's or the one-time step from one
     batch to two (the previous batch's outputs are still held while the next forward runs)."""
+    memory_repeats: int = 2
+    """Fresh processes per size. The small run's peak moves from one process to the next (2,820-3,056 MB for the
+    same 2,032 tokens, session 11), so each size's peak is the largest of its runs."""
     memory_variant: str = "token_table"
     """Miner variant the memory part mines (default: mining + DLA + token table, the demo's statistics)."""
     synthetic_store: str | None = None
@@ -94,7 +97,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         for key in ("tokens", "batch_size", "context_length", "repeats", "top_k", "memory_tokens",
-                    "synthetic_tokens", "query_repeats"):
+                    "memory_repeats", "synthetic_tokens", "query_repeats"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise UserError(f"--{key.replace('_', '-')}: must be positive, got {getattr(self, key)}")
         if self.threads is not None and self.threads <= 0:
@@ -425,7 +428,7 @@ def memory_part(cfg: BenchConfig, work: Workload | None) -> dict[str, Any]:
     if not work:
         validate(spec_from_dict(job))  # a bad model or corpus: one line here, not a child's traceback
     n = cfg.memory_tokens or 2 * cfg.batch_size * (cfg.context_length - 1)
-    return memory_growth(job, n, torch.get_num_threads())
+    return memory_growth(job, n, torch.get_num_threads(), cfg.memory_repeats)
 
 
 def middle_hook(cfg: BenchConfig) -> str:

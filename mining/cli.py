@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="corpus source of the slice (default builtin:python-docs; builtin:python-stdlib is larger)")
     bench.add_argument("--repeats", type=int, default=2, help="interleaved rounds per variant, best counts (default 2)")
     bench.add_argument("--parts", default="all", help=f"comma-separated subset of {','.join(PARTS)} (default all)")
+    bench.add_argument("--memory-repeats", type=int, default=2,
+                       help="fresh processes per size in the memory part (default 2); a size's peak is the largest")
     bench.add_argument("--memory-tokens", type=int, help="N of the memory part, which mines N and 10N tokens "
                                                          "(default: two full batches)")
     bench.add_argument("--memory-variant", default="token_table", choices=["mining", "dla", "token_table", "dense"],
@@ -351,6 +353,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       context_length=args.context_length, dtype=args.dtype, device=args.device, threads=args.threads,
                       corpus=args.corpus,
                       repeats=args.repeats, parts=parse_parts(args.parts), memory_tokens=args.memory_tokens,
+                      memory_repeats=args.memory_repeats,
                       memory_variant=args.memory_variant,
                       synthetic_store=args.synthetic_store, synthetic_tokens=args.synthetic_tokens,
                       settle=not args.cold)

@@ -64,7 +64,8 @@ def test_memory(capsys, tiny_llama):
     r = bench(capsys, tiny_llama, "--parts", "memory", "--memory-tokens", "64")
     assert "config" not in r  # nothing loaded in this process: each size is mined in a fresh one
     m = r["memory"]
-    assert [run["tokens"] for run in m["runs"]] == [64, 640]
+    assert [run["tokens"] for run in m["runs"]] == [64, 640, 64, 640]  # two fresh processes a size, alternating
+    assert m["peak_mb"] == [max(r["peak_mb"] for r in m["runs"][i::2]) for i in (0, 1)]
     assert all(run["peak_mb"] > run["rss_after_load_mb"] > 0 for run in m["runs"])
 
 
