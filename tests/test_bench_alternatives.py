@@ -102,3 +102,17 @@ def test_alternatives_leave_the_miners_model_as_it_was(work, tmp_path):
     assert model.config._attn_implementation == attention
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert not [name for name, m in model.named_modules() if "forward" in vars(m)]  # nnsight patches forwards
+
+
+def test_a_missing_library_is_reported_not_fatal(work, tmp_path, monkeypatch):
+    """Without the `alternatives` extra the bench still runs the plain-hooks route and says how to add the others."""
+    import mining.bench_alternatives as alternatives
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(alternatives.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("nnsight", "transformer_lens") else real(name, *a))
+    runs, skipped = alternative_runners(work.loaded, points_of(work), K, histogram_bins(work.spec("mining")), 4,
+                                        str(tmp_path))
+    assert list(runs) == ["cache_to_disk"]
+    for name in ("nnsight_to_disk", "transformer_lens"):
+        assert "not installed" in skipped[name]["skipped"] and ".[alternatives]" in skipped[name]["skipped"]
