@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from . import hooks
 from .architectures import IN
 from .bench import iter_batches
 from .hooks import HookPoint
@@ -81,29 +82,16 @@ def _probe(capture: Capture, loaded) -> None:
 
 
 def hook_capture(model: torch.nn.Module, points: list[HookPoint]) -> Capture:
-    """Plain forward (pre-)hooks on the model's own modules, registered for the batch only."""
+    """Plain forward (pre-)hooks on the model's own modules (the miner's `hooks.capture`), for the batch only."""
 
     def capture(ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         saved: dict[str, torch.Tensor] = {}
 
-        def keep(name: str, x: torch.Tensor) -> None:
-            saved[name] = x[mask].to(torch.float16).cpu()
+        def keep(point: HookPoint, x: torch.Tensor) -> None:
+            saved[point.name] = x[mask].to(torch.float16).cpu()
 
-        handles = []
-        for p in points:
-            module = model.get_submodule(p.module_path)
-            if p.direction == IN:
-                handles.append(module.register_forward_pre_hook(
-                    lambda m, args, kwargs, name=p.name: keep(name, args[0] if args else kwargs["hidden_states"]),
-                    with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(
-                    lambda m, args, out, name=p.name: keep(name, out[0] if isinstance(out, tuple) else out)))
-        try:
+        with hooks.capture(model, points, keep):
             model(input_ids=ids, attention_mask=attention)
-        finally:
-            for h in handles:
-                h.remove()
         return saved
 
     return capture
