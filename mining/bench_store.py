@@ -2,8 +2,9 @@
 
 bytes   A real store (mining + DLA + token table, the demo's statistics) written through Store and
         merge.finalize exactly as a run writes it, divided by its tokens; the per-neuron tables are
-        (nearly) constant in size, the token table and docs grow linearly and the shard states
-        with the shard count, which gives the extrapolation to 1M tokens.
+        (nearly) constant in size, and so are the reducer states once the merge folds the shards'
+        states into one file; the token table and docs grow linearly and the shard markers with the
+        shard count, which gives the extrapolation to 1M tokens.
 memory  Fresh processes (`python -m mining.bench_store memory-child ...`) load the model, then mine
         N and 10N tokens the way an actor does (ShardMiner.mine, Store.write_shard); each reports
         its RSS after loading and its peak RSS while mining (VmHWM reset after the load, so the
@@ -74,8 +75,8 @@ def store_bytes(work, scratch: str) -> dict[str, Any]:
     n, n_shards = work.n_tokens, len(work.shards)
     total = sum(sizes.values())
     shards_1m = math.ceil(MILLION / ComputeSpec().shard_tokens)
-    at_1m = (sizes["neuron_tables"] + sizes["other"] + (sizes["tokens"] + sizes["docs"]) * MILLION / n
-             + sizes["shard_states"] / n_shards * shards_1m)
+    at_1m = (sizes["neuron_tables"] + sizes["states"] + sizes["other"] + (sizes["tokens"] + sizes["docs"]) * MILLION / n
+             + sizes["shard_markers"] / n_shards * shards_1m)
     dense = work.n_neurons * 2
     return {
         "tokens": n, "shards": n_shards, "stats": "top/bottom-k, contexts, histograms, moments, dla, token table",
@@ -87,26 +88,26 @@ def store_bytes(work, scratch: str) -> dict[str, Any]:
 
 
 def _finish(store, spec, n_shards: int) -> None:
-    """Merge the shard states into the final tables, manifest last, as `mine run` does."""
+    """Merge the shard states into the final tables and one merged states file, manifest last, as
+    `mine run` does."""
     from . import merge
 
-    if hasattr(merge, "finalize"):  # the merge step was being split in two when this was written
-        merge.finalize(store, spec, n_shards)
-    else:
-        merge.merge_into_tables(store, spec, n_shards)
-        merge.write_manifest(store, n_shards)
+    merge.merge_into_tables(store, spec, n_shards)
+    merge.write_manifest(store, n_shards)
 
 
 def _sizes(root: Path) -> tuple[dict[str, int], dict[str, int]]:
     """Bytes by kind (how they grow), and per top-level table."""
-    sizes = {"neuron_tables": 0, "tokens": 0, "docs": 0, "shard_states": 0, "other": 0}
+    sizes = {"neuron_tables": 0, "states": 0, "tokens": 0, "docs": 0, "shard_markers": 0, "other": 0}
     tables: dict[str, int] = {}
     for f in root.rglob("*"):
         if not f.is_file():
             continue
         top, size = f.relative_to(root).parts[0], f.stat().st_size
-        if top in ("tokens", "_shards"):
-            sizes["tokens" if top == "tokens" else "shard_states"] += size
+        if top == "tokens":
+            sizes["tokens"] += size
+        elif top == "_shards":  # the merged states (one file, constant) and a small marker per shard
+            sizes["states" if f.name.startswith("merged.") else "shard_markers"] += size
         elif top == "docs.parquet":
             sizes["docs"] += size
         elif top.endswith(".parquet") and top != "manifest.parquet":
@@ -124,12 +125,13 @@ def store_lines(s: dict[str, Any]) -> list[str]:
         f"store size ({s['stats']})",
         (f"  at {s['tokens']:,} tokens: {s['bytes'] / mb:,.1f} MB = {s['bytes_per_token']:,.0f} B/token "
          f"(per-neuron tables {k['neuron_tables'] / mb:,.1f} MB, tokens {k['tokens'] / mb:,.2f} MB, "
-         f"docs {k['docs'] / mb:,.2f} MB, shard states {k['shard_states'] / mb:,.1f} MB)"),
+         f"docs {k['docs'] / mb:,.2f} MB, merged reducer states {k['states'] / mb:,.1f} MB)"),
         (f"  dense float16 cache of every neuron: {s['dense_fp16_bytes_per_token']:,} B/token "
          f"({s['ratio_dense_to_store']:,.1f}x the store)"),
         (f"  extrapolated to 1M tokens ({s['shards_at_1m']} shards): store {s['extrapolated_1m_bytes'] / mb:,.0f} MB, "
          f"dense cache {s['dense_fp16_1m_bytes'] / 1e9:,.1f} GB: {s['ratio_dense_to_store_1m']:,.0f}x smaller"),
-        "  (per-neuron tables counted as constant; histograms gain a few non-empty bins as tokens grow)",
+        "  (per-neuron tables and merged states counted as constant; histograms gain a few non-empty bins as "
+        "tokens grow)",
     ]
 
 

@@ -30,8 +30,14 @@ def split_hook(name: str) -> tuple[str, int]:
 
 
 def merge_shards(store: Store, spec: JobSpec, shards: Sequence[int]) -> dict[str, HookStats]:
+    """Left fold of the shards' states in index order. Shards a complete earlier merge already folded
+    (Store.compact_states) come from that merge, in the same order, so a resumed run's tables are
+    bit for bit the first run's; a shard mined again since (its token file was lost) adds nothing."""
+    folded = store.merged_shards()
     merged: dict[str, HookStats] = {}
-    for index in sorted(shards):
+    if folded:
+        merged = {hook: HookStats.from_state_dict(t) for hook, t in store.load_merged_states().items()}
+    for index in sorted(set(shards) - folded):
         digest = store.read_marker(index)["files"].get(store.states_name(index))
         for hook, tensors in store.load_states(index, digest).items():
             state = HookStats.from_state_dict(tensors)
@@ -203,10 +209,14 @@ def merge_into_tables(store: Store, spec: JobSpec, n_shards: int) -> tuple[dict[
     table; the manifest lists them with their reason, and `mine run --resume` retries them)."""
     markers = [store.read_marker(i) for i in range(n_shards)]
     complete = [m["shard"] for m in markers if m["status"] == "complete"]
-    tables = final_tables(merge_shards(store, spec, complete), spec) if complete else {}
+    failed = [m for m in markers if m["status"] != "complete"]
+    merged = merge_shards(store, spec, complete) if complete else {}
+    tables = final_tables(merged, spec)
     for name, table in tables.items():
         store.write_table(name, table)
-    return {name: t.num_rows for name, t in tables.items()}, [m for m in markers if m["status"] != "complete"]
+    if complete and not failed:  # a failed shard keeps every state, so that --resume folds it in shard order
+        store.compact_states({hook: st.state_dict() for hook, st in merged.items()}, complete)
+    return {name: t.num_rows for name, t in tables.items()}, failed
 
 
 def write_manifest(store: Store, n_shards: int) -> None:

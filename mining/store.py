@@ -4,8 +4,10 @@
     docs.parquet                     documents (text included, so examples resolve offline)
     tokens/shard-NNNNN.parquet       token rows, written by the actor that mined the shard
     activations.zarr/<hook>/shard-NNNNN/   opt-in dense float16 sample, one group per shard
-    _shards/shard-NNNNN.states.zst   reducer states of the shard (safetensors, zstd)
+    _shards/shard-NNNNN.states.zst   reducer states of the shard (safetensors, zstd), until the merge
     _shards/shard-NNNNN.json         completion marker: files, row counts, sha256 — written last
+    _shards/merged.states.zst        once every shard is complete: their states folded into one file,
+    _shards/merged.json              which shards it holds and its sha256; the per-shard files go
     neurons.parquet, histograms.parquet, top_examples.parquet, ...   final tables (driver)
     manifest.parquet                 one row per shard; written after every final table
 
@@ -44,6 +46,8 @@ from .storage import (  # noqa: F401 - atomic_* and checksum are re-exported for
 SHARDS = "_shards"
 DENSE = "activations.zarr"
 MANIFEST = "manifest.parquet"
+MERGED_STATES = f"{SHARDS}/merged.states.zst"
+MERGED_MARKER = f"{SHARDS}/merged.json"
 FILES_KEY = b"mining.files"  # manifest metadata: checksums of every file the shard rows do not cover
 
 
@@ -211,12 +215,43 @@ class Store:
             self.files.remove(self.marker_name(shard))
             raise UserError(f"{self.root}: shard {shard}'s states file does not match its checksum (changed after "
                             "it was written); its marker is removed: `mine run --resume` mines it again")
-        tensors = decode_states(blob)
-        by_hook: dict[str, dict[str, torch.Tensor]] = {}
-        for key, t in tensors.items():
-            hook, _, name = key.partition("/")
-            by_hook.setdefault(hook, {})[name] = t
-        return by_hook
+        return _by_hook(decode_states(blob))
+
+    # ------------------------------------------------------------ merged states
+    def merged_shards(self) -> set[int]:
+        """The shards whose states are folded into MERGED_STATES (none before the first complete merge)."""
+        if not self.files.exists(MERGED_MARKER):
+            return set()
+        return set(json.loads(self.files.read_bytes(MERGED_MARKER))["shards"])
+
+    def load_merged_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The merged states, checked against merged.json. A changed file is refused, and the markers of the
+        shards it held are removed (their own states are gone), so that `mine run --resume` mines them again."""
+        info = json.loads(self.files.read_bytes(MERGED_MARKER))
+        blob = self.files.read_bytes(MERGED_STATES)
+        if hashlib.sha256(blob).hexdigest() != info["sha256"]:
+            for shard in info["shards"]:
+                self.files.remove(self.marker_name(shard))
+            self.files.remove(MERGED_MARKER)
+            raise UserError(f"{self.root}: {MERGED_STATES} does not match its checksum (changed after it was "
+                            "written); the markers of its shards are removed: `mine run --resume` mines them again")
+        return _by_hook(decode_states(blob))
+
+    def compact_states(self, merged: dict[str, dict[str, torch.Tensor]], shards: list[int]) -> None:
+        """Replace the per-shard states by their merge, once every shard is complete: a store's states then
+        stay one shard's size however many shards it has (each shard's file is about the size of the
+        merge). Every step leaves a store that merges to the same result if the process dies after it:
+        the merged file and merged.json first, then each marker without its states, then the files."""
+        if self.merged_shards() != set(shards):
+            flat = {f"{hook}/{key}": t.contiguous().cpu() for hook, st in merged.items() for key, t in st.items()}
+            digest = self.files.write_bytes(MERGED_STATES, encode_states(flat))
+            self.files.write_bytes(MERGED_MARKER, json.dumps({"shards": sorted(shards), "sha256": digest}).encode())
+        for shard in shards:
+            marker = self.read_marker(shard)
+            if marker["files"].pop(self.states_name(shard), None) is not None:
+                self.files.write_bytes(self.marker_name(shard), json.dumps(marker, indent=1).encode())
+            if self.files.exists(self.states_name(shard)):
+                self.files.remove(self.states_name(shard))
 
     def read_table(self, name: str) -> pa.Table:
         """A top-level table (`name`.parquet), read through the store's filesystem."""
@@ -316,6 +351,15 @@ def decode_states(blob: bytes) -> dict[str, torch.Tensor]:
         dtype, shape = layout[name]
         out[name] = t if t.dim() == 0 else t.T.reshape(-1).contiguous().view(getattr(torch, dtype)).reshape(shape)
     return out
+
+
+def _by_hook(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """'blocks.0.mlp.hook_post/top.values' -> {'blocks.0.mlp.hook_post': {'top.values': ...}}."""
+    by_hook: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        hook, _, name = key.partition("/")
+        by_hook.setdefault(hook, {})[name] = t
+    return by_hook
 
 
 def _compress(data: bytes) -> bytes:

@@ -58,6 +58,7 @@ def test_other_parts(capsys, tiny_llama):
     assert s["tokens"] == 300 and s["bytes_by_kind"]["tokens"] > 0 and s["bytes_by_kind"]["neuron_tables"] > 0
     assert s["dense_fp16_bytes_per_token"] == 256
     assert s["extrapolated_1m_bytes"] > s["bytes"]
+    assert s["bytes_by_kind"]["states"] > 0 and s["bytes_by_kind"]["shard_markers"] > 0  # one merged file + markers
 
 
 def test_memory(capsys, tiny_llama):

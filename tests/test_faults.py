@@ -52,6 +52,8 @@ def clean_store(job, tmp_path_factory) -> Path:
     r = cli("run", job, "--store", store, "--no-progress")
     assert r.returncode == 0, r.stderr
     assert len(list((store / "_shards").glob("shard-*.json"))) == 4
+    # the shards' states are folded into one file once all are complete: the store does not grow with them
+    assert sorted(p.name for p in (store / "_shards").glob("*.zst")) == ["merged.states.zst"]
     return store
 
 
@@ -92,24 +94,24 @@ def test_final_table_write_killed_then_resumed(job, clean, tmp_path):
     assert cli("verify", store).returncode == 0
 
 
-def test_corrupted_shard_is_found_and_mined_again(job, clean, mined):
+def test_corrupted_merged_states_are_found_and_mined_again(job, clean, mined):
     store = mined
-    states = store / "_shards" / "shard-00002.states.zst"
+    states = store / "_shards" / "merged.states.zst"
     blob = bytearray(states.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     states.write_bytes(bytes(blob))
     r = cli("verify", store)
-    assert r.returncode == 2 and "_shards/shard-00002.states.zst does not match its checksum" in r.stdout
-    # at merge: refused with one line, and the shard's marker goes so that a resume mines it again
+    assert r.returncode == 2 and "_shards/merged.states.zst does not match its checksum" in r.stdout
+    # at merge: refused with one line, and the markers of the shards it held go, so that a resume mines them again
     from mining.merge import merge_shards
     from mining.spec import load_spec
 
-    with pytest.raises(UserError, match="shard 2's states file does not match its checksum"):
+    with pytest.raises(UserError, match="merged.states.zst does not match its checksum"):
         merge_shards(Store(store), load_spec(job), [0, 1, 2, 3])
-    assert not (store / "_shards" / "shard-00002.json").exists()
+    assert not list((store / "_shards").glob("shard-*.json")) and not (store / "_shards" / "merged.json").exists()
     r = cli("run", job, "--store", store, "--resume", "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert "(1 this run)" in r.stdout
+    assert "(4 this run)" in r.stdout
     assert content(store) == clean
     assert cli("verify", store).returncode == 0
 
@@ -121,7 +123,9 @@ def test_corrupted_shard_found_by_resume(job, clean, mined):
     assert "tokens/shard-00001.parquet does not match" in cli("verify", store).stdout
     r = cli("run", job, "--store", store, "--resume", "--no-progress")
     assert r.returncode == 0 and "(1 this run)" in r.stdout
-    assert content(store) == clean
+    assert content(store) == clean  # the shard's states were in the merged file already: not counted twice
+    assert sorted(p.name for p in (store / "_shards").glob("*.zst")) == ["merged.states.zst"]
+    assert cli("verify", store).returncode == 0
 
 
 def test_verify_reports_missing_altered_and_unlisted_files(mined):

@@ -226,14 +226,15 @@ def test_s3_store_matches_a_local_one(s3, mined):
     for key in sorted(k for k in keys if k.startswith("tokens/")):
         body = s3.client.get_object(Bucket=BUCKET, Key=f"run1/{key}")["Body"].read()
         assert pq.read_table(pa.BufferReader(body)).equals(pq.read_table(mined.local / key)), key
-    markers = sorted(k for k in keys if k.startswith("_shards/") and k.endswith(".json"))
+    markers = sorted(k for k in keys if k.startswith("_shards/shard-") and k.endswith(".json"))
     assert len(markers) == 3
-    def data_files(files: dict) -> dict:  # reducer states depend on which shards an actor stored first
-        return {k: v for k, v in files.items() if not k.endswith(".states.zst")}
-
-    for key in markers:  # same checksums, remote and local (the timing fields differ)
+    for key in markers:  # same checksums, remote and local (the timing fields differ); states are merged
         body = json.loads(s3.client.get_object(Bucket=BUCKET, Key=f"run1/{key}")["Body"].read())
-        assert data_files(body["files"]) == data_files(json.loads((mined.local / key).read_text())["files"])
+        assert body["files"] == json.loads((mined.local / key).read_text())["files"]
+        assert not any(k.endswith(".states.zst") for k in body["files"])
+    # the merged states do not depend on which shards an actor stored first (the per-shard ones did)
+    body = s3.client.get_object(Bucket=BUCKET, Key="run1/_shards/merged.json")["Body"].read()
+    assert json.loads(body) == json.loads((mined.local / "_shards" / "merged.json").read_text())
 
     from mining.dense import read_dense
 

@@ -36,10 +36,13 @@ def write_job(tmp: Path, actors: int) -> Path:
 
 
 def content(store: Path) -> dict[str, object]:
-    """What must not depend on how the job ran: every final table and token file, byte for byte, and
-    each shard's status. Shard state files may differ: an actor floors its later shards' top-k with the
-    shards it already stored (reducers/topk.py), which depends on scheduling but never on the merge."""
+    """What must not depend on how the job ran: every final table and token file, byte for byte, each
+    shard's status, and the merged states once all shards are complete. A shard's own states may differ:
+    an actor floors its later shards' top-k with the shards it already stored (reducers/topk.py), which
+    depends on scheduling but never on the merge."""
     out: dict[str, object] = {p.name: p.read_bytes() for p in store.glob("*.parquet") if p.name != "manifest.parquet"}
+    merged = store / "_shards" / "merged.states.zst"
+    out["merged_states"] = merged.read_bytes() if merged.exists() else None
     out.update({f"tokens/{p.name}": p.read_bytes() for p in (store / "tokens").glob("*.parquet")})
     manifest = pq.read_table(store / "manifest.parquet").to_pydict()
     out["manifest"] = list(zip(manifest["shard"], manifest["status"]))
@@ -149,6 +152,8 @@ def test_failing_shard_is_recorded_then_resumed(clean, tmp_path):
     assert cli("verify", str(store)).returncode == 2
     tokens = pq.read_table(store / "neurons.parquet").column("count").to_pylist()
     assert set(tokens) == {800 - manifest[2]["tokens"]}  # the failed shard's tokens are in no table
+    # with a shard missing, every complete shard keeps its states, so that the resume folds them in shard order
+    assert sorted(p.name for p in (store / "_shards").glob("*.zst")) == [f"shard-0000{i}.states.zst" for i in (0, 1, 3, 4)]
 
     allowed = cli("run", str(job), "--store", str(tmp_path / "allowed"), "--no-progress", "--allow-failed-shards",
                   env={"MINING_INJECT_FAULT": "fail:2"})
@@ -158,6 +163,7 @@ def test_failing_shard_is_recorded_then_resumed(clean, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "(1 this run)" in r.stdout
     assert content(store) == clean
+    assert sorted(p.name for p in (store / "_shards").glob("*.zst")) == ["merged.states.zst"]
     assert cli("verify", str(store)).returncode == 0
 
 
