@@ -159,9 +159,11 @@ def test_failing_shard_is_recorded_then_resumed(clean, tmp_path):
                   env={"MINING_INJECT_FAULT": "fail:2"})
     assert allowed.returncode == 0 and "shard 2: RuntimeError: injected failure" in allowed.stdout
 
+    states = store / "_shards" / "shard-00000.states.zst"  # damaged while waiting for the resume
+    states.write_bytes(states.read_bytes()[:-10])
     r = cli("run", str(job), "--store", str(store), "--resume", "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert "(1 this run)" in r.stdout
+    assert "(2 this run)" in r.stdout  # the failed shard and the damaged one
     assert content(store) == clean
     assert sorted(p.name for p in (store / "_shards").glob("*.zst")) == ["merged.states.zst"]
     assert cli("verify", str(store)).returncode == 0
