@@ -198,12 +198,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runner import run_job
     from .spec import load_spec, store_path
 
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other; pick one")
-    spec = load_spec(args.job, args.set)
+    spec = load_spec(args.job, args.set)  # before torch is imported: a bad spec fails in a fraction of a second
+    from .runner import run_job
+
     summary = run_job(spec, store_path(spec, args.store), address=args.address, resume=args.resume,
                       overwrite=args.overwrite, progress=not args.no_progress,
                       allow_failed=args.allow_failed_shards)
@@ -414,15 +415,16 @@ def parse_params(items: list[str]) -> dict[str, str]:
 
 
 def _quiet() -> None:
+    """No progress bars or advisory warnings from the libraries: commands print one line on error. Set
+    through the environment (read when transformers is imported), so that a command that never needs
+    torch or transformers - a malformed job file, a query - does not pay seconds importing them."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow the hub's
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import warnings
 
-    from .models import quiet_transformers
-
     warnings.filterwarnings("ignore")
-    quiet_transformers()
 
 
 if __name__ == "__main__":

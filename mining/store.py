@@ -22,15 +22,16 @@ import hashlib
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import safetensors.torch
-import torch
 import yaml
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where states are encoded: `mine verify` and queries never need it
+    import torch
 from .storage import (  # noqa: F401 - atomic_* and checksum are re-exported for callers
     LocalFiles,
     RemoteFiles,
@@ -332,6 +333,9 @@ def encode_states(tensors: dict[str, torch.Tensor]) -> bytes:
     """safetensors + zstd, each tensor's bytes regrouped by position within the element first ("byte
     shuffle", as Blosc does): counts, token indices and floats then compress far better - the shard
     states of the demo 20% smaller - at no cost in exactness."""
+    import safetensors.torch
+    import torch
+
     planes, layout = {}, {}
     for name, t in tensors.items():
         t = t.contiguous()
@@ -342,6 +346,9 @@ def encode_states(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 def decode_states(blob: bytes) -> dict[str, torch.Tensor]:
+    import safetensors.torch
+    import torch
+
     tensors = safetensors.torch.load(_decompress(blob))
     if LAYOUT not in tensors:
         return tensors  # a shard written before byte shuffling
