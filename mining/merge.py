@@ -9,6 +9,7 @@ makes them bit-identical from run to run.
 from __future__ import annotations
 
 import re
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -38,11 +39,77 @@ def merge_shards(store: Store, spec: JobSpec, shards: Sequence[int]) -> dict[str
     if folded:
         merged = {hook: HookStats.from_state_dict(t) for hook, t in store.load_merged_states().items()}
     for index in sorted(set(shards) - folded):
-        digest = store.read_marker(index)["files"].get(store.states_name(index))
-        for hook, tensors in store.load_states(index, digest).items():
-            state = HookStats.from_state_dict(tensors)
-            merged[hook] = state if hook not in merged else merged[hook].merge(state)
+        _fold_shard(store, merged, index)
     return merged
+
+
+def _fold_shard(store: Store, merged: dict[str, HookStats], index: int) -> None:
+    digest = store.read_marker(index)["files"].get(store.states_name(index))
+    for hook, tensors in store.load_states(index, digest).items():
+        state = HookStats.from_state_dict(tensors)
+        merged[hook] = state if hook not in merged else merged[hook].merge(state)
+
+
+class RunningFold:
+    """merge_shards while the job runs: each shard is folded on a driver thread as soon as every shard
+    before it is complete, so the driver's merge (about a second a shard) overlaps the mining instead
+    of following it. The order, and so every bit of the result, is merge_shards'. A failed shard stops
+    the prefix; `finish` folds the rest in index order, skipping it, as merge_shards does."""
+
+    def __init__(self, store: Store, spec: JobSpec, done: Sequence[int]):
+        self.store, self.spec = store, spec
+        self.merged: dict[str, HookStats] = {}
+        self.next = 0  # every shard below it is folded
+        self.ready: set[int] = set(done)
+        self.error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._stop = False
+        # shards folded by an earlier complete merge come from its file (merge_shards): nothing to overlap
+        self.active = not store.merged_shards()
+        self._thread = threading.Thread(target=self._run, name="state-fold", daemon=True) if self.active else None
+        if self._thread:
+            self._thread.start()
+
+    def add(self, index: int) -> None:
+        """A shard's files and marker are written."""
+        with self._cond:
+            self.ready.add(index)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while self.next not in self.ready and not self._stop:
+                        self._cond.wait()
+                    if self._stop:  # finish() folds the rest on its own thread
+                        return
+                    index = self.next
+                _fold_shard(self.store, self.merged, index)
+                with self._cond:
+                    self.next += 1
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread by finish()
+            self.error = e
+
+    def finish(self, complete: Sequence[int]) -> dict[str, HookStats]:
+        """The merge of `complete` (every complete shard), once the last has been added."""
+        if not self.active:
+            return merge_shards(self.store, self.spec, complete)
+        self.close()
+        if self.error is not None:
+            raise self.error
+        for index in sorted(set(complete)):
+            if index >= self.next:
+                _fold_shard(self.store, self.merged, index)
+        return self.merged
+
+    def close(self) -> None:
+        """Stop the thread (after the shard it is folding, if any)."""
+        if self._thread:
+            with self._cond:
+                self._stop = True
+                self._cond.notify()
+            self._thread.join()
 
 
 def final_tables(merged: dict[str, HookStats], spec: JobSpec) -> dict[str, pa.Table]:
@@ -202,7 +269,8 @@ def _combined(files: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def merge_into_tables(store: Store, spec: JobSpec, n_shards: int) -> tuple[dict[str, int], list[dict]]:
+def merge_into_tables(store: Store, spec: JobSpec, n_shards: int,
+                      fold: RunningFold | None = None) -> tuple[dict[str, int], list[dict]]:
     """Merge every complete shard and write the final tables (the manifest comes last, separately).
 
     Returns the row counts and the markers of failed shards (their tokens are left out of every
@@ -210,7 +278,7 @@ def merge_into_tables(store: Store, spec: JobSpec, n_shards: int) -> tuple[dict[
     markers = [store.read_marker(i) for i in range(n_shards)]
     complete = [m["shard"] for m in markers if m["status"] == "complete"]
     failed = [m for m in markers if m["status"] != "complete"]
-    merged = merge_shards(store, spec, complete) if complete else {}
+    merged = (fold.finish(complete) if fold else merge_shards(store, spec, complete)) if complete else {}
     tables = final_tables(merged, spec)
     for name, table in tables.items():
         store.write_table(name, table)

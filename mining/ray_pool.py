@@ -182,9 +182,11 @@ class PoolReport:
 def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_tokens: int, done_tokens: int,
                 address: str | None, progress: bool, model_tables: list[str] = (),
                 token_groups: list[int] | None = None,
-                after_shards: Callable[[], dict[str, Any]] | None = None) -> PoolReport:
+                after_shards: Callable[[], dict[str, Any]] | None = None,
+                on_shard: Callable[[int], None] | None = None) -> PoolReport:
     """Feed shards to actors as they free up; retry shards whose attempt failed or whose worker
-    (or node) died, up to compute.max_retries, then record them as failed and go on. Then
+    (or node) died, up to compute.max_retries, then record them as failed and go on; `on_shard(index)`
+    hears of each shard whose files and marker are written. Then
     `after_shards()` (the driver's merge) returns the inputs of the model-level tables, which the
     actors write: head_ablation spread layer by layer over every actor, the others on one."""
     report = PoolReport()
@@ -262,6 +264,8 @@ def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_token
             else:
                 report.mined += 1
                 bar.update(shard.n_tokens)
+                if on_shard:
+                    on_shard(shard.index)
             status()
         report.seconds = time.perf_counter() - started
         inputs = after_shards() if after_shards else {}

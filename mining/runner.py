@@ -1,7 +1,8 @@
 """Run a job: validate, plan shards, mine them on Ray actors, merge, write the store.
 
 The driver plans (tokenizes the corpus into shards), hands one shard at a time to whichever
-actor is free (a dynamic queue, not a static split), and merges states when all are done.
+actor is free (a dynamic queue, not a static split), and folds their states in shard order as
+they complete (merge.RunningFold), so that only the last shards' merge follows the mining.
 Actors load the model once, write their shard's files straight into the store and return
 only a small marker dict — no tensors travel through the object store.
 """
@@ -23,7 +24,7 @@ from . import __version__
 from .corpus import check_source, iter_documents
 from .engine import frequent_tokens
 from .errors import UserError
-from .merge import merge_into_tables, write_manifest
+from .merge import RunningFold, merge_into_tables, write_manifest
 from .models import check_weight_files, load_config, load_tokenizer, resolve_source
 from .shards import Shard, build_shards, iter_contexts, special_tokens
 from .spec import JobSpec
@@ -190,18 +191,23 @@ def run_job(spec: JobSpec, store_dir: Path, *, address: str | None = None, resum
 
     merged: dict[str, Any] = {}
     wanted = model_tables(spec, store, resume)
+    todo_index = {s.index for s in todo}
+    fold = RunningFold(store, spec, done=[s.index for s in shards if s.index not in todo_index])
 
     def after_shards() -> dict[str, Any]:
-        merged["tables"], merged["failed"] = merge_into_tables(store, spec, len(shards))
+        merged["tables"], merged["failed"] = merge_into_tables(store, spec, len(shards), fold)
         return model_table_inputs(spec, store, shards, wanted)
 
     token_groups = frequent_tokens(shards, spec.stats.token_groups) if spec.stats.polysemanticity else None
-    pool = mine_on_ray(spec, store, todo, total_tokens=sum(s.n_tokens for s in shards),
-                       done_tokens=sum(s.n_tokens for s in shards) - sum(s.n_tokens for s in todo),
-                       address=address, progress=progress, model_tables=wanted, token_groups=token_groups,
-                       after_shards=after_shards)
-    if "tables" not in merged:  # nothing left to mine and no model table to write: still merge
-        after_shards()
+    try:
+        pool = mine_on_ray(spec, store, todo, total_tokens=sum(s.n_tokens for s in shards),
+                           done_tokens=sum(s.n_tokens for s in shards) - sum(s.n_tokens for s in todo),
+                           address=address, progress=progress, model_tables=wanted, token_groups=token_groups,
+                           after_shards=after_shards, on_shard=fold.add)
+        if "tables" not in merged:  # nothing left to mine and no model table to write: still merge
+            after_shards()
+    finally:
+        fold.close()
     write_manifest(store, len(shards))
     tables, failed = merged["tables"], merged["failed"]
     summary = RunSummary(store.root, sum(s.n_tokens for s in shards), len(shards), len(todo),
