@@ -1,0 +1,58 @@
+"""The stored reducer states' format (store.encode_states): a bit-exact round trip for every dtype and
+shape a reducer keeps, and the same bytes as the strided torch byte shuffle that wrote the stores of
+earlier versions, so those still decode and a state's checksum does not depend on the version."""
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from mining.store import LAYOUT, _compress, decode_states, encode_states
+
+
+def torch_shuffle_encode(tensors: dict[str, torch.Tensor]) -> bytes:
+    """encode_states as written until session 12 (a strided torch copy per tensor)."""
+    planes, layout = {}, {}
+    for name, t in tensors.items():
+        t = t.contiguous()
+        planes[name] = t.view(torch.uint8).reshape(-1, t.element_size()).T.contiguous() if t.dim() else t
+        layout[name] = [str(t.dtype).removeprefix("torch."), list(t.shape)]
+    planes[LAYOUT] = torch.frombuffer(bytearray(json.dumps(layout, sort_keys=True).encode()), dtype=torch.uint8)
+    return _compress(safetensors.torch.save(planes))
+
+
+def states() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 33, generator=g)
+    return {
+        "h/moments.mean": x.double(), "h/top.keys": torch.randint(-2**62, 2**62, (4, 33), generator=g),
+        "h/histogram.counts": torch.randint(0, 9, (33, 5), generator=g, dtype=torch.int32),
+        "h/x.bf16": x.bfloat16(), "h/x.f16": x.half(), "h/x.f32": x, "h/flags": x > 0,
+        "h/bytes": torch.randint(0, 255, (9,), generator=g, dtype=torch.uint8),
+        "h/count": torch.tensor(12345), "h/empty": torch.empty(0, 33), "h/strided": x.T,
+        "h/special": torch.tensor([float("nan"), float("inf"), -0.0, 1e-45]),
+    }
+
+
+def test_round_trip_is_bit_exact():
+    before = states()
+    after = decode_states(encode_states(before))
+    assert after.keys() == before.keys()
+    for name, t in before.items():
+        got = after[name]
+        assert got.dtype == t.dtype and got.shape == t.shape, name
+        assert torch.equal(as_bytes(got), as_bytes(t)), name
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_same_bytes_as_the_torch_shuffle(seed):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {**states(), "r/values": torch.randn(16, 1 + seed * 100, generator=g)}
+    assert encode_states(tensors) == torch_shuffle_encode(tensors)
+    old = decode_states(torch_shuffle_encode(tensors))  # a store written by an earlier version
+    assert all(torch.equal(as_bytes(old[k]), as_bytes(v)) for k, v in tensors.items())
