@@ -29,9 +29,6 @@ import pyarrow.parquet as pq
 import yaml
 
 from .errors import UserError
-
-if TYPE_CHECKING:  # torch is imported where states are encoded: `mine verify` and queries never need it
-    import torch
 from .storage import (  # noqa: F401 - atomic_* and checksum are re-exported for callers
     LocalFiles,
     RemoteFiles,
@@ -43,6 +40,9 @@ from .storage import (  # noqa: F401 - atomic_* and checksum are re-exported for
     is_url,
     local_path,
 )
+
+if TYPE_CHECKING:  # torch is imported where states are encoded: `mine verify` and queries never need it
+    import torch
 
 SHARDS = "_shards"
 DENSE = "activations.zarr"
@@ -361,8 +361,8 @@ def decode_states(blob: bytes) -> dict[str, torch.Tensor]:
 
 
 def _shuffle(t: torch.Tensor) -> torch.Tensor:
-    """(element size, n) uint8: the first byte of every element, then the second, ... Numcodecs' C shuffle:
-    3x faster than a strided torch copy, the same bytes."""
+    """(element size, n) uint8: the first byte of every element, then the second, ... numcodecs' C shuffle
+    writes the same bytes as a strided torch copy, faster (scripts/bench_states.py)."""
     import numpy as np
     import torch
     from numcodecs import Shuffle

@@ -3,6 +3,8 @@ shuffle (the code in use) next to the strided torch copy it replaced (session 12
 `--repeats`, in one process, on a real store's merged states.
 
     python3 scripts/bench_states.py runs/demo      # after `mine demo`
+
+The old codec here is also the reference of tests/test_states_format.py (same bytes, both ways).
 """
 
 from __future__ import annotations

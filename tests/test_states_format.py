@@ -2,24 +2,25 @@
 shape a reducer keeps, and the same bytes as the strided torch byte shuffle that wrote the stores of
 earlier versions, so those still decode and a state's checksum does not depend on the version."""
 
-import json
+import importlib.util
+from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 
-from mining.store import LAYOUT, _compress, decode_states, encode_states
+from mining.store import decode_states, encode_states
 
 
-def torch_shuffle_encode(tensors: dict[str, torch.Tensor]) -> bytes:
-    """encode_states as written until session 12 (a strided torch copy per tensor)."""
-    planes, layout = {}, {}
-    for name, t in tensors.items():
-        t = t.contiguous()
-        planes[name] = t.view(torch.uint8).reshape(-1, t.element_size()).T.contiguous() if t.dim() else t
-        layout[name] = [str(t.dtype).removeprefix("torch."), list(t.shape)]
-    planes[LAYOUT] = torch.frombuffer(bytearray(json.dumps(layout, sort_keys=True).encode()), dtype=torch.uint8)
-    return _compress(safetensors.torch.save(planes))
+def _old_codec():
+    """The strided torch shuffle that wrote earlier versions' stores, kept in scripts/bench_states.py."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_states.py"
+    spec = importlib.util.spec_from_file_location("bench_states", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.torch_encode, module.torch_decode
+
+
+torch_shuffle_encode, torch_shuffle_decode = _old_codec()
 
 
 def states() -> dict[str, torch.Tensor]:
@@ -56,3 +57,5 @@ def test_same_bytes_as_the_torch_shuffle(seed):
     assert encode_states(tensors) == torch_shuffle_encode(tensors)
     old = decode_states(torch_shuffle_encode(tensors))  # a store written by an earlier version
     assert all(torch.equal(as_bytes(old[k]), as_bytes(v)) for k, v in tensors.items())
+    new = torch_shuffle_decode(encode_states(tensors))  # and the old decoder reads what this one writes
+    assert all(torch.equal(as_bytes(new[k]), as_bytes(v)) for k, v in tensors.items())
