@@ -65,7 +65,8 @@ class BenchConfig:
     model: str = "smollm2-135m"
     tokens: int = 4096
     """Mined tokens per timed run (the corpus slice every variant processes)."""
-    batch_size: int = 8
+    batch_size: int | str = 8
+    """Contexts per forward pass, or auto: what `compute.batch_size: auto` picks on this device (batch_fit)."""
     context_length: int = 128
     dtype: str = "float32"
     device: str = "auto"
@@ -96,10 +97,12 @@ class BenchConfig:
     whose floors come from far more tokens - so this is still a conservative figure."""
 
     def __post_init__(self) -> None:
-        for key in ("tokens", "batch_size", "context_length", "repeats", "top_k", "memory_tokens",
+        for key in ("tokens", "context_length", "repeats", "top_k", "memory_tokens",
                     "memory_repeats", "synthetic_tokens", "query_repeats"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise UserError(f"--{key.replace('_', '-')}: must be positive, got {getattr(self, key)}")
+        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size <= 0):
+            raise UserError(f"--batch-size: must be positive or auto, got {self.batch_size}")
         if self.threads is not None and self.threads <= 0:
             raise UserError(f"--threads: must be positive, got {self.threads}")
         if self.memory_variant not in MINER_VARIANTS:
@@ -142,9 +145,18 @@ class Workload:
         log(f"loading {cfg.model}")
         self.loaded = load_model(spec.model)
         self.shards, self.docs = plan(spec, self.loaded.tokenizer)
+        self.batch_fit: dict[str, Any] | None = None
+        """How `--batch-size auto` was resolved (batch_fit), else None."""
+        if cfg.batch_size == "auto":
+            from .batch_fit import fit_batch_size
+            from .engine import ShardMiner
+
+            batch_size, self.batch_fit = fit_batch_size(ShardMiner(spec, self.loaded), self.shards[0])
+            self.cfg = cfg = dataclasses.replace(cfg, batch_size=batch_size)
+            log(f"batch size auto: {batch_size} contexts ({self.batch_fit['rule']})")
         self.settle: list[Any] = list(self.shards) if cfg.settle else []
         """Shards each miner mines once (untimed) before the timed runs: its steady state."""
-        self.warm = head(self.shards[0], cfg.batch_size)
+        self.warm = self.shards[0].head(cfg.batch_size)
         self.n_tokens = sum(s.n_tokens for s in self.shards)
         points = resolve_hooks(self.loaded.model, spec.hooks)
         self.n_layers, self.n_neurons = len(points), sum(p.width for p in points)
@@ -179,14 +191,6 @@ def bench_job(cfg: BenchConfig, variant: str, dense_hook: str | None = None) -> 
     if dense:
         job["dense"] = {"hooks": [dense_hook], "token_fraction": 1.0}
     return job
-
-
-def head(shard, n_contexts: int):
-    """The first n contexts of a shard, as a shard (the warm-up batch)."""
-    n = min(n_contexts, len(shard.ids))
-    per_context = ("ids", "length", "first", "mined", "tok0", "ctx", "doc_id", "spans", "next_id")
-    cut = {name: getattr(shard, name)[:n] for name in per_context}
-    return dataclasses.replace(shard, **cut, token_text=shard.token_text[: int(shard.mined[:n].sum())])
 
 
 def iter_batches(shards, batch_size: int, device):
@@ -394,8 +398,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     parts = cfg.parts
-    needs_model = any(p in parts for p in THROUGHPUT + ("bytes",))
+    # the memory part's children mine with a number: `auto` is resolved here, on the loaded model, first
+    needs_model = any(p in parts for p in THROUGHPUT + ("bytes",)) or (cfg.batch_size == "auto" and "memory" in parts)
     work = Workload(cfg) if needs_model else None
+    cfg = work.cfg if work else cfg
     result: dict[str, Any] = {"parts": list(parts)}
     if work:
         result["config"] = {
@@ -403,6 +409,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             "batch_size": cfg.batch_size, "context_length": cfg.context_length, "top_k": cfg.top_k,
             "repeats": cfg.repeats, "hooks": "blocks.*.mlp.hook_post", "layers": work.n_layers,
             "neurons": work.n_neurons, "dense_hook": work.dense_hook}
+        if work.batch_fit:
+            result["config"]["batch_fit"] = work.batch_fit
     result["machine"] = machine(work, cfg)
     with tempfile.TemporaryDirectory(prefix="mining-bench-") as scratch:
         if any(p in parts for p in THROUGHPUT):
@@ -452,8 +460,8 @@ def format_report(r: dict[str, Any]) -> str:
     out.append(f"machine: {m['cpu']} ({m['cpus_usable']} usable of {m['cpu_count']} CPUs), torch {m['torch']}, "
                f"{m['threads']} threads, {where}" + (f", {m['gpu']}" if m.get("gpu") else ""))
     if c:
-        out.append(f"workload: {c['model']}, {c['tokens']:,} tokens of {c['corpus']}, batch {c['batch_size']} x "
-                   f"{c['context_length']}, top_k {c['top_k']}, {c['neurons']:,} neurons ({c['layers']} layers, "
+        out.append(f"workload: {c['model']}, {c['tokens']:,} tokens of {c['corpus']}, batch {c['batch_size']}"
+                   f"{' (auto)' if c.get('batch_fit') else ''} x {c['context_length']}, top_k {c['top_k']}, {c['neurons']:,} neurons ({c['layers']} layers, "
                    f"{c['hooks']}), best of {c['repeats']} interleaved rounds")
     if "bare_tokens_per_s" in r:
         out += ["", f"{'throughput':<58}{'tok/s':>9}{'ratio':>8}{'time':>8}{'per round':>14}"]

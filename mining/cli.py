@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "query latency")
     bench.add_argument("--model", default="smollm2-135m", help="alias, HF id, local dir or .gguf (default smollm2-135m)")
     bench.add_argument("--tokens", type=int, default=4096, help="mined tokens per timed run (default 4096)")
-    bench.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass (default 8)")
+    bench.add_argument("--batch-size", type=_int_or_auto, default=8,
+                       help="contexts per forward pass, or auto (compute.batch_size: auto; default 8)")
     bench.add_argument("--context-length", type=int, default=128, help="tokens per context (default 128)")
     bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     bench.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
@@ -210,7 +211,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                       allow_failed=args.allow_failed_shards)
     print(f"mined {summary.tokens:,} tokens in {summary.shards} shards ({summary.mined_shards} this run) "
           f"in {summary.seconds:.1f} s ({summary.tokens_per_s:,.0f} tok/s overall; "
-          f"{summary.mining_tokens_per_s:,.0f} tok/s on {summary.actors} actor(s) once loaded) -> {summary.store}")
+          f"{summary.mining_tokens_per_s:,.0f} tok/s on {summary.actors} actor(s) once loaded"
+          f"{f', batch {summary.batch_size}' if summary.batch_size else ''}) -> {summary.store}")
     for name, rows in sorted(summary.tables.items()):
         print(f"  {name}: {rows:,} rows")
     if summary.retried or summary.failed:
@@ -343,6 +345,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(Path(args.store), args.job, args.fresh, args.set)
+
+
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}") from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from contextlib import nullcontext
 
 from .dla import DirectLogitAttribution, DlaBatch
 from .batch import OnHost, make_batch, mined_rows, token_scores
-from .engine import HookStats, ShardMiner, ShardResult, _concat
+from .engine import HookStats, ShardMiner, ShardResult, _concat, unresolved
 from .errors import UserError
 from .hooks import capture, mlp_out_weight, resolve_hooks
 from .models import LoadedModel
@@ -81,7 +81,7 @@ class DiffMiner(ShardMiner):
         paired = {p.name for p in self.points}
         token_parts = []
         tok_grid = shard.tok_grid()
-        B = self.spec.compute.batch_size
+        B = self.batch_size or unresolved()
         for lo in range(0, len(shard.ids), B):
             batch = make_batch(shard, slice(lo, lo + B), tok_grid, dev)
             sl, T, ids, attention = batch.sl, batch.T, batch.ids, batch.attention

@@ -226,6 +226,8 @@ class ShardMiner:
         """token_groups: the corpus' most frequent token ids (stats.polysemanticity), from `frequent_tokens`."""
         self.spec = spec
         self.loaded = loaded
+        self.batch_size: int | None = spec.compute.fixed_batch_size
+        """Contexts per forward pass: compute.batch_size, or what batch_fit chose for `auto`."""
         self.points: list[HookPoint] = resolve_hooks(loaded.model, spec.hooks)
         self.dense_points = resolve_hooks(loaded.model, spec.dense.hooks) if spec.dense.hooks else []
         self.dla = DirectLogitAttribution(loaded.model) if spec.stats.dla and loaded.causal else None
@@ -273,7 +275,7 @@ class ShardMiner:
         dense: dict[str, list[tuple[np.ndarray, torch.Tensor]]] = {p.name: [] for p in self.dense_points}
         token_parts: list[dict[str, np.ndarray]] = []
         tok_grid = shard.tok_grid()  # (C, L)
-        B = self.spec.compute.batch_size
+        B = self.batch_size or unresolved()
         for lo in range(0, len(shard.ids), B):
             batch = make_batch(shard, slice(lo, lo + B), tok_grid, dev)
             toks_np, targets_np, T = batch.toks_np, batch.targets_np, batch.T
@@ -359,6 +361,10 @@ class ShardMiner:
             "token_id": ids[valid].astype(np.int32),
             "token": shard.token_text[toks_np[valid] - shard.first_tok], "logprob": logprob, "entropy": entropy,
         }
+
+
+def unresolved() -> int:
+    raise ValueError("compute.batch_size is auto: set the miner's batch_size (batch_fit.fit_batch_size) first")
 
 
 def frequent_tokens(shards: list[Shard], n: int) -> list[int]:

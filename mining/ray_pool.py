@@ -68,6 +68,20 @@ class MinerActor:
         except Exception as e:  # noqa: BLE001 - reported per shard; the driver decides on retries
             return {"shard": shard.index, "status": "error", "error": f"{type(e).__name__}: {_first_line(e)}"}
 
+    def fit_batch_size(self, shard: Shard) -> dict[str, Any]:
+        """compute.batch_size auto: the batch that fills this actor's device, measured on `shard`."""
+        try:
+            from .batch_fit import fit_batch_size
+
+            with self._mining:
+                batch_size, how = fit_batch_size(self.miner, shard)
+            return {"status": "complete", "batch_size": batch_size, "how": how}
+        except Exception as e:  # noqa: BLE001
+            return {"status": "error", "error": f"{type(e).__name__}: {_first_line(e)}"}
+
+    def use_batch_size(self, batch_size: int) -> None:
+        self.miner.batch_size = batch_size
+
     def model_tables(self, names: list[str], inputs: dict[str, Any]) -> dict[str, Any]:
         """Tables about the model rather than the corpus (logit lens, head scores, coherence), written here."""
         try:
@@ -177,16 +191,19 @@ class PoolReport:
     actors: int = 0
     seconds: float = 0.0
     """Wall time from the actors being ready (model loaded) to the last shard: the mining itself."""
+    batch_size: int | None = None
 
 
 def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_tokens: int, done_tokens: int,
                 address: str | None, progress: bool, model_tables: list[str] = (),
                 token_groups: list[int] | None = None,
                 after_shards: Callable[[], dict[str, Any]] | None = None,
-                on_shard: Callable[[int], None] | None = None) -> PoolReport:
+                on_shard: Callable[[int], None] | None = None,
+                on_batch_size: Callable[[int, dict[str, Any]], None] | None = None) -> PoolReport:
     """Feed shards to actors as they free up; retry shards whose attempt failed or whose worker
     (or node) died, up to compute.max_retries, then record them as failed and go on; `on_shard(index)`
-    hears of each shard whose files and marker are written. Then
+    hears of each shard whose files and marker are written. A `compute.batch_size: auto` is chosen
+    first, by one actor on the first shard, and handed to `on_batch_size(batch_size, how)`. Then
     `after_shards()` (the driver's merge) returns the inputs of the model-level tables, which the
     actors write: head_ablation spread layer by layer over every actor, the others on one."""
     report = PoolReport()
@@ -213,6 +230,9 @@ def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_token
             ray.kill(a)
         raise UserError(f"actors could not start: {_first_line(e)}") from None
     report.actors = n_actors
+    if spec.compute.fixed_batch_size is None and shards:
+        spec = _fit_batch_size(spec, actors, shards[0], on_batch_size)  # replacement actors get the number
+    report.batch_size = spec.compute.fixed_batch_size
     started = time.perf_counter()
     queue = deque(shards)
     attempts: dict[int, int] = {}
@@ -307,6 +327,27 @@ def _model_stage(store: Store, actors: list[Any], names: list[str], inputs: dict
         idle.append(actor)
     if parts:
         store.write_table("head_ablation", pa.concat_tables([parts[layer] for layer in sorted(parts)]))
+
+
+def _fit_batch_size(spec: JobSpec, actors: list[Any], shard: Shard,
+                    record: Callable[[int, dict[str, Any]], None] | None) -> JobSpec:
+    """One actor measures the batch size on `shard`, every actor takes it: it is the job's, not a device's."""
+    import ray
+    from ray.exceptions import RayError
+
+    try:
+        result = ray.get(actors[0].fit_batch_size.remote(shard))
+        if result["status"] == "complete":
+            ray.get([a.use_batch_size.remote(result["batch_size"]) for a in actors])
+    except RayError as e:
+        result = {"status": "error", "error": _first_line(e)}
+    if result["status"] != "complete":
+        for a in actors:
+            ray.kill(a)
+        raise UserError(f"compute.batch_size: auto could not be measured ({result['error']}); give a number")
+    if record:
+        record(result["batch_size"], result["how"])
+    return spec.with_batch_size(result["batch_size"])
 
 
 def _room_for_actor(spec: JobSpec, gpus: int) -> bool:

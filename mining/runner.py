@@ -44,6 +44,8 @@ class RunSummary:
     mined_tokens: int = 0
     mining_seconds: float = 0.0
     actors: int = 0
+    batch_size: int | None = None
+    """Contexts per forward pass (what `auto` chose, when it was asked for)."""
 
     @property
     def mining_tokens_per_s(self) -> float:
@@ -174,6 +176,7 @@ def run_job(spec: JobSpec, store_dir: Path, *, address: str | None = None, resum
             overwrite: bool = False, progress: bool = True, allow_failed: bool = False) -> RunSummary:
     start = time.perf_counter()
     store = Store(store_dir)
+    spec = recorded_batch_size(spec, store, resume)
     job = spec.to_dict()
     store.prepare(job, resume=resume, overwrite=overwrite)  # refuses before anything is loaded
     if address:
@@ -203,7 +206,7 @@ def run_job(spec: JobSpec, store_dir: Path, *, address: str | None = None, resum
         pool = mine_on_ray(spec, store, todo, total_tokens=sum(s.n_tokens for s in shards),
                            done_tokens=sum(s.n_tokens for s in shards) - sum(s.n_tokens for s in todo),
                            address=address, progress=progress, model_tables=wanted, token_groups=token_groups,
-                           after_shards=after_shards, on_shard=fold.add)
+                           after_shards=after_shards, on_shard=fold.add, on_batch_size=store.record_batch_size)
         if "tables" not in merged:  # nothing left to mine and no model table to write: still merge
             after_shards()
     finally:
@@ -212,12 +215,24 @@ def run_job(spec: JobSpec, store_dir: Path, *, address: str | None = None, resum
     tables, failed = merged["tables"], merged["failed"]
     summary = RunSummary(store.root, sum(s.n_tokens for s in shards), len(shards), len(todo),
                          time.perf_counter() - start, tables, pool.retried, failed,
-                         sum(s.n_tokens for s in todo), pool.seconds, pool.actors)
+                         sum(s.n_tokens for s in todo), pool.seconds, pool.actors,
+                         pool.batch_size or spec.compute.fixed_batch_size)
     if failed and not allow_failed:
         reasons = "; ".join(f"shard {m['shard']}: {m['error']}" for m in failed[:3])
         raise UserError(f"{len(failed)} of {len(shards)} shards failed ({reasons}); the store holds the rest and "
                         "the manifest lists them: retry with `mine run --resume`, or pass --allow-failed-shards")
     return summary
+
+
+def recorded_batch_size(spec: JobSpec, store: Store, resume: bool) -> JobSpec:
+    """`--resume` of an `auto` batch size: the number the store's shards were mined with."""
+    if not resume or spec.compute.fixed_batch_size is not None:
+        return spec
+    try:
+        recorded = (store.recorded_job() or {}).get("compute", {}).get("batch_size")
+    except Exception:  # noqa: BLE001 - not a store, or an unreadable one: prepare() says which
+        return spec
+    return spec.with_batch_size(recorded) if isinstance(recorded, int) and recorded > 0 else spec
 
 
 def model_tables(spec: JobSpec, store: Store, resume: bool) -> list[str]:

@@ -14,6 +14,7 @@ retry and resume. Shards carry their token ids (small), so actors never re-read 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -59,6 +60,13 @@ class Shard:
         pos = np.arange(L)[None, :]
         inside = (pos >= self.first[:, None]) & (pos < (self.first + self.mined)[:, None])
         return np.where(inside, self.tok0[:, None] + pos - self.first[:, None], -1)
+
+    def head(self, n_contexts: int) -> "Shard":
+        """The first n contexts, as a shard (a warm-up or probe batch)."""
+        n = min(n_contexts, len(self.ids))
+        per_context = ("ids", "length", "first", "mined", "tok0", "ctx", "doc_id", "spans", "next_id")
+        cut = {name: getattr(self, name)[:n] for name in per_context}
+        return dataclasses.replace(self, **cut, token_text=self.token_text[: int(self.mined[:n].sum())])
 
 
 def special_tokens(tokenizer: Any, bos: str, alias_bos: str | None) -> Specials:

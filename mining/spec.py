@@ -139,8 +139,10 @@ class ComputeSpec:
     """Ray actors: one per GPU, else per `cpus_per_actor` CPUs ('auto'), or a number."""
     cpus_per_actor: int = 1
     """CPU cores (and torch threads) per actor."""
-    batch_size: int = 16
-    """Contexts per forward pass."""
+    batch_size: Union[int, str] = "auto"
+    """Contexts per forward pass, or auto: on a GPU the largest batch whose measured peak memory fits 85% of
+    the free device memory; on CPUs 2,048 tokens a batch (16 contexts of 128). Chosen once per job, on its
+    first shard, and written to the store's job.yaml (`--resume` keeps it)."""
     shard_tokens: int = 65536
     """Tokens per shard: the unit of work, retry and resume."""
     max_retries: int = 2
@@ -152,10 +154,18 @@ class ComputeSpec:
         if isinstance(self.actors, int):
             _positive("compute.actors", self.actors)
         _positive("compute.cpus_per_actor", self.cpus_per_actor)
-        _positive("compute.batch_size", self.batch_size)
+        if isinstance(self.batch_size, str) and self.batch_size != "auto":
+            raise UserError(f"compute.batch_size: expected 'auto' or a positive integer, got {self.batch_size!r}")
+        if isinstance(self.batch_size, int):
+            _positive("compute.batch_size", self.batch_size)
         _positive("compute.shard_tokens", self.shard_tokens)
         if self.max_retries < 0:
             raise UserError(f"compute.max_retries: must be >= 0, got {self.max_retries}")
+
+    @property
+    def fixed_batch_size(self) -> int | None:
+        """The batch size, or None while it is `auto` (not chosen yet)."""
+        return None if self.batch_size == "auto" else int(self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -189,6 +199,11 @@ class JobSpec:
     @property
     def is_diff(self) -> bool:
         return self.models is not None
+
+    def with_batch_size(self, batch_size: int) -> "JobSpec":
+        raw = self.to_dict()
+        raw["compute"]["batch_size"] = batch_size
+        return spec_from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:
         out = _plain(dataclasses.asdict(self))

@@ -154,6 +154,22 @@ class Store:
         self.files.write_bytes("job.yaml", yaml.safe_dump(job, sort_keys=False).encode())
         self.files.write_bytes("provenance.json", json.dumps(provenance, indent=2, default=str).encode())
 
+    def recorded_job(self) -> dict[str, Any] | None:
+        """The job.yaml of the store, if there is one."""
+        if not self.files.exists("job.yaml"):
+            return None
+        return yaml.safe_load(self.files.read_bytes("job.yaml").decode())
+
+    def record_batch_size(self, batch_size: int, how: dict[str, Any]) -> None:
+        """A `compute.batch_size: auto` once chosen, before any shard is mined with it: into job.yaml, which
+        `--resume` and a rerun of job.yaml then reproduce, and how it was chosen into provenance.json."""
+        job = self.recorded_job()
+        job["compute"]["batch_size"] = batch_size
+        self.files.write_bytes("job.yaml", yaml.safe_dump(job, sort_keys=False).encode())
+        provenance = json.loads(self.files.read_bytes("provenance.json"))
+        provenance["batch_size"] = {"requested": "auto", "chosen": batch_size, **how}
+        self.files.write_bytes("provenance.json", json.dumps(provenance, indent=2, default=str).encode())
+
     # ------------------------------------------------------------ shards
     def shard_done(self, shard: int) -> bool:
         """A marker exists and every file it names still has its recorded checksum."""

@@ -18,7 +18,8 @@ Stages (--stages, comma-separated), each reported even if another fails:
   kernel_ops    one layer's pass at the bench's shape, CUDA events
   exact         the torch-ops device path (reducers/device.py) against the CPU
   ops           per-reducer times of the torch-ops path on one layer's (B*T, N) bf16 batch
-  bench         `mine bench` forward, mining, dla on the random SmolLM2
+  bench         `mine bench` forward, mining, dla on the random SmolLM2, batch 64 x 512
+  bench_auto    the same at `--batch-size auto` (compute.batch_size: auto: the batch that fills the device)
   miner         ShardMiner on a tiny random Llama on the device against the CPU, and the host syncs
                 left while it mines (torch.cuda.set_sync_debug_mode)
   profile       torch.profiler over the bench's mining variant: device and host time by op (profile.txt)
@@ -363,11 +364,11 @@ def make_model(config_dir: str, target: Path) -> dict:
     return {"params": sum(p.numel() for p in model.parameters())}
 
 
-def bench(name: str, model: Path, out: Path, tokens: int, env: dict) -> None:
+def bench(name: str, model: Path, out: Path, tokens: int, env: dict, batch_size: str = "64") -> None:
     @stage(name)
     def run() -> dict:
         cmd = [sys.executable, "-c", "import sys; from mining.cli import main; sys.exit(main(sys.argv[1:]))", "bench",
-               "--model", str(model), "--device", "cuda", "--dtype", "bfloat16", "--batch-size", "64",
+               "--model", str(model), "--device", "cuda", "--dtype", "bfloat16", "--batch-size", batch_size,
                "--context-length", "512", "--tokens", str(tokens), "--corpus", "builtin:python-stdlib",
                "--parts", "forward,mining,dla", "--repeats", "3"]
         p = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=200,
@@ -380,8 +381,10 @@ def bench(name: str, model: Path, out: Path, tokens: int, env: dict) -> None:
         from mining.bench import format_report
 
         print(format_report(r), flush=True)
-        return {k: r.get(k) for k in ("bare_tokens_per_s", "mining_tokens_per_s", "mining_ratio", "dla_tokens_per_s",
-                                      "dla_ratio", "gpu_utilisation")}
+        keys = ("bare_tokens_per_s", "mining_tokens_per_s", "mining_ratio", "dla_tokens_per_s", "dla_ratio",
+                "gpu_utilisation")
+        return {"batch_size": r["config"]["batch_size"], "batch_fit": r["config"].get("batch_fit"),
+                **{k: r.get(k) for k in keys}}
     run()
 
 
@@ -412,6 +415,10 @@ def main() -> None:
                 if not model.exists():
                     make_model(a.config, model)
                 bench("bench", model, out, a.tokens, {})
+            elif s == "bench_auto":
+                if not model.exists():
+                    make_model(a.config, model)
+                bench("bench_auto", model, out, a.tokens, {}, batch_size="auto")
             elif s == "ops":
                 ops(dev)
             elif s == "kernel_exact":

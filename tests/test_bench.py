@@ -70,6 +70,17 @@ def test_memory(capsys, tiny_llama):
     assert all(run["peak_mb"] > run["rss_after_load_mb"] > 0 for run in m["runs"])
 
 
+def test_batch_size_auto(capsys, tiny_llama):
+    """`--batch-size auto` resolves as compute.batch_size: auto does (on CPUs, 2,048 tokens a batch), and the
+    memory part's children mine with that number."""
+    r = bench(capsys, tiny_llama, "--parts", "mining,memory", "--batch-size", "auto", "--tokens", "4000",
+              "--memory-repeats", "1")
+    c = r["config"]
+    assert c["batch_size"] == 2048 // 64 and c["batch_fit"]["device"] == "cpu" and c["batch_fit"]["shard_contexts"] > 32
+    assert r["mining_ratio"] > 0
+    assert [run["tokens"] for run in r["memory"]["runs"]] == [2 * 32 * 63, 20 * 32 * 63]
+
+
 def test_readable_report(capsys, tiny_llama):
     code = main(["bench", "--model", str(tiny_llama), "--tokens", "100", "--context-length", "64", "--repeats", "1",
                  "--parts", "mining"])
@@ -104,6 +115,7 @@ def test_synthetic_store_refuses_foreign_directory(tmp_path):
     (["--tokens", "0"], "error: --tokens: must be positive, got 0"),
     (["--parts", "forward,warp"], "error: --parts: unknown part 'warp'"),
     (["--batch-size", "-1"], "error: --batch-size: must be positive"),
+    (["--batch-size", "0"], "error: --batch-size: must be positive or auto, got 0"),
 ])
 def test_bad_input(capsys, args, message):
     assert main(["bench", *args]) == 2
