@@ -460,8 +460,9 @@ def format_report(r: dict[str, Any]) -> str:
     out.append(f"machine: {m['cpu']} ({m['cpus_usable']} usable of {m['cpu_count']} CPUs), torch {m['torch']}, "
                f"{m['threads']} threads, {where}" + (f", {m['gpu']}" if m.get("gpu") else ""))
     if c:
-        out.append(f"workload: {c['model']}, {c['tokens']:,} tokens of {c['corpus']}, batch {c['batch_size']}"
-                   f"{' (auto)' if c.get('batch_fit') else ''} x {c['context_length']}, top_k {c['top_k']}, {c['neurons']:,} neurons ({c['layers']} layers, "
+        auto = " (auto)" if c.get("batch_fit") else ""
+        out.append(f"workload: {c['model']}, {c['tokens']:,} tokens of {c['corpus']}, batch {c['batch_size']}{auto} x "
+                   f"{c['context_length']}, top_k {c['top_k']}, {c['neurons']:,} neurons ({c['layers']} layers, "
                    f"{c['hooks']}), best of {c['repeats']} interleaved rounds")
     if "bare_tokens_per_s" in r:
         out += ["", f"{'throughput':<58}{'tok/s':>9}{'ratio':>8}{'time':>8}{'per round':>14}"]
