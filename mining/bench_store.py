@@ -53,7 +53,7 @@ def _log(message: str) -> None:
 def store_bytes(work, scratch: str) -> dict[str, Any]:
     from .engine import ShardMiner
     from .runner import provenance
-    from .spec import ComputeSpec
+    from .spec import CPU_SHARD_TOKENS
     from .store import Store
 
     spec = work.spec("token_table")
@@ -74,7 +74,7 @@ def store_bytes(work, scratch: str) -> dict[str, Any]:
 
     n, n_shards = work.n_tokens, len(work.shards)
     total = sum(sizes.values())
-    shards_1m = math.ceil(MILLION / ComputeSpec().shard_tokens)
+    shards_1m = math.ceil(MILLION / CPU_SHARD_TOKENS)
     at_1m = (sizes["neuron_tables"] + sizes["states"] + sizes["other"] + (sizes["tokens"] + sizes["docs"]) * MILLION / n
              + sizes["shard_markers"] / n_shards * shards_1m)
     dense = work.n_neurons * 2

@@ -183,6 +183,20 @@ def actor_count(spec: JobSpec, n_shards: int) -> tuple[int, int]:
     return max(1, min(n, n_shards)), (1 if wants_gpu else 0)
 
 
+def actors_on_gpus(spec: JobSpec, address: str | None) -> bool:
+    """Whether the job's actors will run on GPUs (actor_count's rule), without starting a local Ray."""
+    if spec.model.device == "cpu":
+        return False
+    if address:
+        import ray
+
+        start_ray(address)
+        return int(ray.cluster_resources().get("GPU", 0)) > 0
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @dataclass
 class PoolReport:
     mined: int = 0
@@ -347,7 +361,7 @@ def _fit_batch_size(spec: JobSpec, actors: list[Any], shard: Shard,
         raise UserError(f"compute.batch_size: auto could not be measured ({result['error']}); give a number")
     if record:
         record(result["batch_size"], result["how"])
-    return spec.with_batch_size(result["batch_size"])
+    return spec.with_compute(batch_size=result["batch_size"])
 
 
 def _room_for_actor(spec: JobSpec, gpus: int) -> bool:

@@ -27,7 +27,7 @@ from .errors import UserError
 from .merge import RunningFold, merge_into_tables, write_manifest
 from .models import check_weight_files, load_config, load_tokenizer, resolve_source
 from .shards import Shard, build_shards, iter_contexts, special_tokens
-from .spec import JobSpec
+from .spec import CPU_SHARD_TOKENS, GPU_SHARD_TOKENS, JobSpec
 from .store import Store
 
 
@@ -132,7 +132,10 @@ def plan(spec: JobSpec, tokenizer: Any) -> tuple[list[Shard], pa.Table]:
     contexts = iter_contexts(remember(iter_documents(spec.corpus)), tokenizer, spec.corpus.context_length,
                              spec.corpus.max_tokens, specials, doc_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    shards = build_shards(contexts, specials, spec.corpus.context_length, spec.compute.shard_tokens, pad)
+    # run_job resolves an `auto` shard size by the actors' device first; in-process callers (bench, finetune) get
+    # the CPU size
+    shard_tokens = spec.compute.fixed_shard_tokens or CPU_SHARD_TOKENS
+    shards = build_shards(contexts, specials, spec.corpus.context_length, shard_tokens, pad)
     if not shards:
         raise UserError(f"corpus.source: {spec.corpus.source!r} produced no tokens (empty corpus?)")
     docs = [d for d in docs if d.doc_id in doc_tokens]
@@ -176,14 +179,18 @@ def run_job(spec: JobSpec, store_dir: Path, *, address: str | None = None, resum
             overwrite: bool = False, progress: bool = True, allow_failed: bool = False) -> RunSummary:
     start = time.perf_counter()
     store = Store(store_dir)
-    spec = recorded_batch_size(spec, store, resume)
-    job = spec.to_dict()
-    store.prepare(job, resume=resume, overwrite=overwrite)  # refuses before anything is loaded
+    spec = recorded_compute(spec, store, resume)
+    store.prepare(spec.to_dict(), resume=resume, overwrite=overwrite)  # refuses before anything is loaded
     if address:
         from .ray_pool import check_address
 
         check_address(address)
     validate(spec)
+    if spec.compute.fixed_shard_tokens is None:
+        from .ray_pool import actors_on_gpus
+
+        spec = spec.with_compute(shard_tokens=GPU_SHARD_TOKENS if actors_on_gpus(spec, address) else CPU_SHARD_TOKENS)
+    job = spec.to_dict()
     tokenizer = load_tokenizer(spec.model)
     shards, docs = plan(spec, tokenizer)
     store.begin(job, provenance(spec, tokenizer, shards), resume=resume)
@@ -224,15 +231,17 @@ def run_job(spec: JobSpec, store_dir: Path, *, address: str | None = None, resum
     return summary
 
 
-def recorded_batch_size(spec: JobSpec, store: Store, resume: bool) -> JobSpec:
-    """`--resume` of an `auto` batch size: the number the store's shards were mined with."""
-    if not resume or spec.compute.fixed_batch_size is not None:
+def recorded_compute(spec: JobSpec, store: Store, resume: bool) -> JobSpec:
+    """`--resume` of an `auto` batch size or shard size: the number the store's shards were mined with."""
+    if not resume:
         return spec
     try:
-        recorded = (store.recorded_job() or {}).get("compute", {}).get("batch_size")
+        recorded = (store.recorded_job() or {}).get("compute", {})
     except Exception:  # noqa: BLE001 - not a store, or an unreadable one: prepare() says which
         return spec
-    return spec.with_batch_size(recorded) if isinstance(recorded, int) and recorded > 0 else spec
+    values = {key: recorded[key] for key in ("batch_size", "shard_tokens")
+              if getattr(spec.compute, key) == "auto" and isinstance(recorded.get(key), int) and recorded[key] > 0}
+    return spec.with_compute(**values) if values else spec
 
 
 def model_tables(spec: JobSpec, store: Store, resume: bool) -> list[str]:

@@ -133,6 +133,10 @@ class DenseSpec:
             raise UserError(f"dense.token_fraction: must be in (0, 1], got {self.token_fraction}")
 
 
+CPU_SHARD_TOKENS = 65536
+GPU_SHARD_TOKENS = 1 << 20
+
+
 @dataclass(frozen=True)
 class ComputeSpec:
     actors: Union[int, str] = "auto"
@@ -143,8 +147,11 @@ class ComputeSpec:
     """Contexts per forward pass, or auto: on a GPU the largest batch whose measured peak memory fits 85% of
     the free device memory; on CPUs 2,048 tokens a batch (16 contexts of 128). Chosen once per job, on its
     first shard, and written to the store's job.yaml (`--resume` keeps it)."""
-    shard_tokens: int = 65536
-    """Tokens per shard: the unit of work, retry and resume."""
+    shard_tokens: Union[int, str] = "auto"
+    """Tokens per shard: the unit of work, retry and resume. auto: 65,536 (CPU_SHARD_TOKENS) when the actors
+    run on CPUs, 1,048,576 (GPU_SHARD_TOKENS) on GPUs, whose shards must be long enough that writing and
+    merging a shard's states (about a second each, whatever its length) stays small beside mining it.
+    Chosen at the start of a job and written to the store's job.yaml (`--resume` keeps it)."""
     max_retries: int = 2
     """Retries of a shard whose attempt failed or whose worker died, before it is recorded as failed."""
 
@@ -158,9 +165,17 @@ class ComputeSpec:
             raise UserError(f"compute.batch_size: expected 'auto' or a positive integer, got {self.batch_size!r}")
         if isinstance(self.batch_size, int):
             _positive("compute.batch_size", self.batch_size)
-        _positive("compute.shard_tokens", self.shard_tokens)
+        if isinstance(self.shard_tokens, str) and self.shard_tokens != "auto":
+            raise UserError(f"compute.shard_tokens: expected 'auto' or a positive integer, got {self.shard_tokens!r}")
+        if isinstance(self.shard_tokens, int):
+            _positive("compute.shard_tokens", self.shard_tokens)
         if self.max_retries < 0:
             raise UserError(f"compute.max_retries: must be >= 0, got {self.max_retries}")
+
+    @property
+    def fixed_shard_tokens(self) -> int | None:
+        """The shard size, or None while it is `auto` (not chosen yet: the runner does, by the actors' device)."""
+        return None if self.shard_tokens == "auto" else int(self.shard_tokens)
 
     @property
     def fixed_batch_size(self) -> int | None:
@@ -200,9 +215,10 @@ class JobSpec:
     def is_diff(self) -> bool:
         return self.models is not None
 
-    def with_batch_size(self, batch_size: int) -> "JobSpec":
+    def with_compute(self, **values: Any) -> "JobSpec":
+        """The same job with these compute keys set (what an `auto` resolved to)."""
         raw = self.to_dict()
-        raw["compute"]["batch_size"] = batch_size
+        raw["compute"].update(values)
         return spec_from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:

@@ -50,6 +50,7 @@ def test_overrides_are_validated_like_the_file(tmp_path):
     (GOOD.replace("max_tokens: 1000", "max_tokens: 0"), "corpus.max_tokens: must be positive"),
     (GOOD.replace("batch_size: 4", "batch_size: 0"), "compute.batch_size: must be positive"),
     (GOOD.replace("batch_size: 4", "batch_size: big"), "compute.batch_size: expected 'auto' or a positive integer"),
+    (GOOD.replace("batch_size: 4", "shard_tokens: lots"), "compute.shard_tokens: expected 'auto' or a positive integer"),
     (GOOD.replace("model: {id: smollm2-135m}\n", ""), "model: missing"),
     (GOOD.replace('corpus: {source: "builtin:python-docs", max_tokens: 1000, context_length: 64}\n', ""), "corpus: missing"),
     (GOOD.replace("builtin:python-docs", "ftp:x"), "corpus.source: expected"),

@@ -1,6 +1,7 @@
-"""compute.batch_size: auto. The memory fit against synthetic peak-memory curves (no device needed), the
-CPU rule on a real tiny model, and a Ray job that records its choice in job.yaml, mines exactly what the
-same job with that number given mines, and keeps the recorded number on --resume."""
+"""compute.batch_size: auto and compute.shard_tokens: auto. The memory fit against synthetic peak-memory
+curves and a simulated allocator (no device needed), the CPU rule on a real tiny model, and Ray jobs that
+record their choice in job.yaml, mine exactly what the same job with that number given mines, and keep
+the recorded number on --resume."""
 
 import json
 
@@ -199,3 +200,29 @@ def test_cuda_fit_measures_each_probe_as_one_batch_and_restores_the_miner(monkey
     alloc.install(monkeypatch)
     b, how = fit_batch_size(FakeMiner(alloc, oom_above=5), shard)
     assert b == 4 and how["tried"] == [[9, None], [4, 62 * MB]]
+
+
+@pytest.mark.ray
+def test_shard_tokens_auto_follows_the_actors_device_and_resume_keeps_it(job, tmp_path, monkeypatch, capsys):
+    import mining.ray_pool
+    from mining.cli import main
+    from mining.spec import CPU_SHARD_TOKENS, GPU_SHARD_TOKENS
+
+    def recorded(store):
+        return yaml.safe_load((store / "job.yaml").read_text())["compute"]
+
+    assert main(["run", str(job), "--store", str(tmp_path / "cpu"), "--no-progress",
+                 "--set", "compute.shard_tokens=auto"]) == 0
+    assert recorded(tmp_path / "cpu")["shard_tokens"] == CPU_SHARD_TOKENS
+    # on GPUs the shards are 16 times longer (the driver's view of the actors is all that changes here)
+    monkeypatch.setattr(mining.ray_pool, "actors_on_gpus", lambda spec, address: True)
+    store = tmp_path / "gpu"
+    assert main(["run", str(job), "--store", str(store), "--no-progress", "--set", "compute.shard_tokens=auto"]) == 0
+    assert recorded(store)["shard_tokens"] == GPU_SHARD_TOKENS
+    monkeypatch.undo()
+    (store / "_shards" / "shard-00000.json").unlink()
+    capsys.readouterr()
+    assert main(["run", str(job), "--store", str(store), "--no-progress", "--resume",
+                 "--set", "compute.shard_tokens=auto"]) == 0  # the driver now sees CPUs: the recorded size stays
+    assert recorded(store)["shard_tokens"] == GPU_SHARD_TOKENS
+    assert "in 1 shards (1 this run)" in capsys.readouterr().out
