@@ -5,9 +5,10 @@ depend on which actor or GPU mined a shard. One actor finds it on the job's firs
 shard is mined; the driver writes it into job.yaml, every actor uses it, and `--resume` takes the
 recorded number instead of measuring again.
 
-- On a GPU: mine two small probe batches, measure each one's peak device memory, and extrapolate the
-  linear fit to `GPU_MEMORY_FRACTION` of the free memory. Then confirm the chosen batch with one real
-  batch, and halve it while that runs out of memory.
+- On a GPU: mine two small probe batches of the shard's longest contexts, measure each one's peak
+  device memory, and extrapolate the linear fit to `GPU_MEMORY_FRACTION` of the smallest free memory
+  of the job's GPUs. Then confirm the chosen batch with one real batch, and halve it while that runs
+  out of memory.
 - On CPUs: `CPU_BATCH_TOKENS` tokens a batch. On 2 cores the forward's speed did not change with the
   batch beyond the noise, from 2 to 64 contexts of 128 (BENCHMARKS.md), and larger batches cost memory.
 """
@@ -28,20 +29,30 @@ MAX_BATCH_TOKENS = 1 << 20
 """No batch beyond this many tokens: throughput has long stopped growing there."""
 
 
-def fit_batch_size(miner: Any, shard: Shard) -> tuple[int, dict[str, Any]]:
-    """(contexts per batch, how it was chosen) for `miner` (a ShardMiner or DiffMiner) on `shard`."""
+def free_device_memory(device: torch.device) -> int | None:
+    """Free bytes on a GPU, counting what torch holds cached as free (the mining reuses it); None on CPUs."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def fit_batch_size(miner: Any, shard: Shard, free_bytes: int | None = None) -> tuple[int, dict[str, Any]]:
+    """(contexts per batch, how it was chosen) for `miner` (a ShardMiner or DiffMiner) on `shard`; on a GPU,
+    within `free_bytes` (the job's smallest free device memory) if given, else this device's free memory.
+
+    The probes are the shard's longest contexts: a batch is cut to its longest context, and attention's
+    memory grows with the square of that length."""
     device = miner.loaded.device
     contexts, T = shard.ids.shape
     limit = max(1, min(contexts, MAX_BATCH_TOKENS // T))
     if device.type != "cuda":
         b = max(1, min(limit, CPU_BATCH_TOKENS // T))
         return b, {"device": "cpu", "rule": f"{CPU_BATCH_TOKENS} tokens a batch", "shard_contexts": contexts}
-    torch.cuda.empty_cache()  # what torch holds cached counts as free: the mining reuses it
-    free, total = torch.cuda.mem_get_info(device)
+    free = min(free_device_memory(device), free_bytes or 1 << 62)
     budget = int(free * GPU_MEMORY_FRACTION)
-    b, info = fit_to_memory(lambda n: cuda_peak_bytes(miner, shard.head(n)), budget, limit)
-    info.update(device=torch.cuda.get_device_name(device), free_bytes=int(free), total_bytes=int(total),
-                shard_contexts=contexts)
+    b, info = fit_to_memory(lambda n: cuda_peak_bytes(miner, shard.longest(n)), budget, limit)
+    info.update(device=torch.cuda.get_device_name(device), free_bytes=free, shard_contexts=contexts)
     return b, info
 
 

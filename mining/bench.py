@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import UserError
+from .spec import CPU_SHARD_TOKENS, GPU_SHARD_TOKENS
 
 PARTS = ("forward", "mining", "dla", "kernels", "tokens", "dense", "alternatives", "bytes", "memory", "duckdb")
 THROUGHPUT = ("forward", "mining", "dla", "kernels", "tokens", "dense", "alternatives")
@@ -186,11 +187,19 @@ def bench_job(cfg: BenchConfig, variant: str, dense_hook: str | None = None) -> 
         "corpus": {"source": cfg.corpus, "max_tokens": cfg.tokens, "context_length": cfg.context_length},
         "hooks": ["blocks.*.mlp.hook_post"],
         "stats": {"top_k": cfg.top_k, "histogram": True, "moments": True, "dla": False, "token_table": False, **extra},
-        "compute": {"actors": 1, "batch_size": cfg.batch_size},
+        # shards as `shard_tokens: auto` cuts them for actors on this device (and the most `--batch-size auto` may pick)
+        "compute": {"actors": 1, "batch_size": cfg.batch_size,
+                    "shard_tokens": GPU_SHARD_TOKENS if _on_gpu(cfg.device) else CPU_SHARD_TOKENS},
     }
     if dense:
         job["dense"] = {"hooks": [dense_hook], "token_fraction": 1.0}
     return job
+
+
+def _on_gpu(device: str) -> bool:
+    import torch
+
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 def iter_batches(shards, batch_size: int, device):

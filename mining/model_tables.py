@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .analyses.heads import KINDS, head_ablation_table
+from .analyses.heads import BATCH, KINDS, head_ablation_table
 from .engine import ShardMiner
 from .store import Store
 
@@ -76,7 +76,7 @@ def head_ablation_layer(miner: ShardMiner, layer: int, input_ids: np.ndarray) ->
     n_heads = dims(miner.loaded.model.config)["n_heads"]
     ids = torch.from_numpy(np.ascontiguousarray(input_ids))
     return head_ablation_table(miner.loaded.model, ids, [(layer, h) for h in range(n_heads)], kinds=KINDS,
-                               batch_size=miner.batch_size)
+                               batch_size=miner.batch_size or BATCH)
 
 
 def ablation_contexts(shards: list, tokens: int) -> np.ndarray:

@@ -68,19 +68,27 @@ class MinerActor:
         except Exception as e:  # noqa: BLE001 - reported per shard; the driver decides on retries
             return {"shard": shard.index, "status": "error", "error": f"{type(e).__name__}: {_first_line(e)}"}
 
-    def fit_batch_size(self, shard: Shard) -> dict[str, Any]:
-        """compute.batch_size auto: the batch that fills this actor's device, measured on `shard`."""
+    def fit_batch_size(self, shard: Shard, free_bytes: int | None = None) -> dict[str, Any]:
+        """compute.batch_size auto: the batch that fills this actor's device (or `free_bytes` of it), measured
+        on `shard`."""
         try:
             from .batch_fit import fit_batch_size
 
+            _injected_fault("fit", 0)
             with self._mining:
-                batch_size, how = fit_batch_size(self.miner, shard)
+                batch_size, how = fit_batch_size(self.miner, shard, free_bytes)
             return {"status": "complete", "batch_size": batch_size, "how": how}
         except Exception as e:  # noqa: BLE001
             return {"status": "error", "error": f"{type(e).__name__}: {_first_line(e)}"}
 
     def use_batch_size(self, batch_size: int) -> None:
         self.miner.batch_size = batch_size
+
+    def free_memory(self) -> int | None:
+        """Free bytes on this actor's GPU (None on CPUs)."""
+        from .batch_fit import free_device_memory
+
+        return free_device_memory(self.miner.loaded.device)
 
     def model_tables(self, names: list[str], inputs: dict[str, Any]) -> dict[str, Any]:
         """Tables about the model rather than the corpus (logit lens, head scores, coherence), written here."""
@@ -105,9 +113,10 @@ class MinerActor:
         return os.getpid()
 
 
-def _injected_fault(shard: int, attempt: int) -> None:
+def _injected_fault(shard: int | str, attempt: int) -> None:
     """Test hook: MINING_INJECT_FAULT="fail:3" fails shard 3 on every attempt (a deterministic bad
-    shard); "crash:3" kills the worker process mining shard 3 on its first attempt."""
+    shard); "crash:3" kills the worker process mining shard 3 on its first attempt; "fail:fit" fails
+    the batch size's measurement."""
     from .storage import injected_faults
 
     if str(shard) in injected_faults("fail"):
@@ -245,7 +254,12 @@ def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_token
         raise UserError(f"actors could not start: {_first_line(e)}") from None
     report.actors = n_actors
     if spec.compute.fixed_batch_size is None and shards:
-        spec = _fit_batch_size(spec, actors, shards[0], on_batch_size)  # replacement actors get the number
+        try:
+            spec = _fit_batch_size(spec, actors, shards[0], on_batch_size)  # replacement actors get the number
+        except BaseException:
+            for a in actors:
+                ray.kill(a)
+            raise
     report.batch_size = spec.compute.fixed_batch_size
     started = time.perf_counter()
     queue = deque(shards)
@@ -350,15 +364,16 @@ def _fit_batch_size(spec: JobSpec, actors: list[Any], shard: Shard,
     from ray.exceptions import RayError
 
     try:
-        result = ray.get(actors[0].fit_batch_size.remote(shard))
+        # on GPUs, the budget is the smallest free memory of any actor's device: the number is every actor's
+        free = [m for m in ray.get([a.free_memory.remote() for a in actors]) if m is not None]
+        result = ray.get(actors[0].fit_batch_size.remote(shard, min(free) if free else None))
         if result["status"] == "complete":
             ray.get([a.use_batch_size.remote(result["batch_size"]) for a in actors])
     except RayError as e:
         result = {"status": "error", "error": _first_line(e)}
     if result["status"] != "complete":
-        for a in actors:
-            ray.kill(a)
-        raise UserError(f"compute.batch_size: auto could not be measured ({result['error']}); give a number")
+        raise UserError(f"compute.batch_size: auto could not be measured ({result['error']}); give a number "
+                        "(--set compute.batch_size=N, with --resume: no shard was mined)")
     if record:
         record(result["batch_size"], result["how"])
     return spec.with_compute(batch_size=result["batch_size"])

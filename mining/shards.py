@@ -62,11 +62,20 @@ class Shard:
         return np.where(inside, self.tok0[:, None] + pos - self.first[:, None], -1)
 
     def head(self, n_contexts: int) -> "Shard":
-        """The first n contexts, as a shard (a warm-up or probe batch)."""
-        n = min(n_contexts, len(self.ids))
+        """The first n contexts, as a shard (a warm-up batch)."""
+        return self.take(np.arange(min(n_contexts, len(self.ids))))
+
+    def longest(self, n_contexts: int) -> "Shard":
+        """The n longest contexts, in shard order, as a shard (a probe batch as large as any batch can be)."""
+        order = np.argsort(-self.length, kind="stable")[:n_contexts]
+        return self.take(np.sort(order))
+
+    def take(self, rows: np.ndarray) -> "Shard":
+        """These contexts (increasing indices), as a shard."""
         per_context = ("ids", "length", "first", "mined", "tok0", "ctx", "doc_id", "spans", "next_id")
-        cut = {name: getattr(self, name)[:n] for name in per_context}
-        return dataclasses.replace(self, **cut, token_text=self.token_text[: int(self.mined[:n].sum())])
+        starts = np.concatenate([[0], np.cumsum(self.mined)])  # each context's first position in token_text
+        text = np.concatenate([self.token_text[starts[r]:starts[r + 1]] for r in rows]) if len(rows) else self.token_text[:0]
+        return dataclasses.replace(self, **{name: getattr(self, name)[rows] for name in per_context}, token_text=text)
 
 
 def special_tokens(tokenizer: Any, bos: str, alias_bos: str | None) -> Specials:

@@ -151,6 +151,10 @@ class Store:
             for rel in self.walk():
                 if is_temporary(rel):
                     self.files.remove(rel)
+        if resume and self.files.exists("provenance.json"):  # how an `auto` batch size was chosen stays on record
+            chosen = json.loads(self.files.read_bytes("provenance.json")).get("batch_size")
+            if chosen and job["compute"]["batch_size"] == chosen.get("chosen"):
+                provenance = {**provenance, "batch_size": chosen}
         self.files.write_bytes("job.yaml", yaml.safe_dump(job, sort_keys=False).encode())
         self.files.write_bytes("provenance.json", json.dumps(provenance, indent=2, default=str).encode())
 
@@ -421,8 +425,11 @@ def _decompress(blob: bytes) -> bytes:
 
 
 def spec_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """The first key that differs in a way that changes results (actor count and store path do not)."""
+    """The first key that differs in a way that changes results (actor count and store path do not). An `auto`
+    batch or shard size matches the number it chose (the runner's `recorded_compute` then uses that number);
+    a recorded `auto` batch size means the job stopped before choosing it, so before mining any shard."""
     ignore = {"store", "compute.actors", "compute.cpus_per_actor", "compute.max_retries"}
+    chosen = {"compute.batch_size", "compute.shard_tokens"}
     try:  # a store from an older version lacks keys added since: they read as their defaults
         from .spec import spec_from_dict
 
@@ -440,7 +447,8 @@ def spec_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
                 if found:
                     return found
             return None
-        return None if a == b else prefix.rstrip(".")
+        path = prefix.rstrip(".")
+        return None if a == b or (path in chosen and "auto" in (a, b)) else path
 
     return walk(old, new, "")
 

@@ -5,6 +5,7 @@ the recorded number on --resume."""
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 
@@ -83,6 +84,33 @@ def test_cpu_rule_on_a_real_model(tiny_job):
     assert fit_batch_size(miner, shards[0].head(2))[0] == 2
 
 
+def test_probe_shards_hold_the_longest_contexts_with_their_text(tiny_job):
+    _, _, shards = tiny_job
+    shard = shards[-1]
+    assert len(set(shard.length.tolist())) > 1  # the corpus' last shard ends with a short context
+    probe = shard.longest(3)
+    assert sorted(probe.length.tolist()) == sorted(shard.length.tolist(), reverse=True)[:3]
+    assert list(probe.ctx) == sorted(probe.ctx)
+    starts = np.concatenate([[0], np.cumsum(shard.mined)])
+    rows = [int(np.flatnonzero(shard.ctx == c)[0]) for c in probe.ctx]
+    assert list(probe.token_text) == [t for r in rows for t in shard.token_text[starts[r]:starts[r + 1]]]
+    head = shard.head(2)
+    assert list(head.token_text) == list(shard.token_text[: int(shard.mined[:2].sum())])
+
+
+def test_auto_matches_the_number_it_chose_when_resuming():
+    from mining.store import spec_difference
+
+    def job(batch, shards):
+        return spec_from_dict({"name": "x", "model": {"id": "gpt2"}, "corpus": {"source": "builtin:python-docs"},
+                               "compute": {"batch_size": batch, "shard_tokens": shards}}).to_dict()
+
+    assert spec_difference(job(16, 65536), job("auto", "auto")) is None
+    assert spec_difference(job("auto", 65536), job(8, 65536)) is None  # stopped before choosing: nothing mined
+    assert spec_difference(job(16, 65536), job(8, 65536)) == "compute.batch_size"
+    assert spec_difference(job(16, 65536), job(16, 4096)) == "compute.shard_tokens"
+
+
 # ------------------------------------------------------------------ a real job on Ray
 
 
@@ -105,20 +133,42 @@ def tables(store) -> dict[str, bytes]:
 
 @pytest.mark.ray
 def test_auto_is_recorded_and_mines_what_the_number_mines(job, tmp_path, capsys):
+    """Shards of about 40 contexts, so the chosen 32 splits them into batches; two actors, then one."""
     from mining.cli import main
 
-    assert main(["run", str(job), "--store", str(tmp_path / "auto"), "--no-progress"]) == 0
+    larger = ["--set", "compute.shard_tokens=2048"]
+    assert main(["run", str(job), "--store", str(tmp_path / "auto"), "--no-progress", *larger,
+                 "--set", "compute.actors=2"]) == 0
     recorded = yaml.safe_load((tmp_path / "auto" / "job.yaml").read_text())["compute"]["batch_size"]
     provenance = json.loads((tmp_path / "auto" / "provenance.json").read_text())
-    first = provenance["shards"][0]["contexts"]
-    assert 1 < first < CPU_BATCH_TOKENS // 64 and recorded == first  # the first shard in one batch
+    assert recorded == CPU_BATCH_TOKENS // 64 < provenance["shards"][0]["contexts"]
     how = provenance["batch_size"]
     assert how["requested"] == "auto" and how["chosen"] == recorded and how["device"] == "cpu"
-    assert f", batch {recorded})" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f", batch {recorded})" in out and "retried" not in out
 
-    assert main(["run", str(job), "--store", str(tmp_path / "fixed"), "--no-progress",
+    assert main(["run", str(job), "--store", str(tmp_path / "fixed"), "--no-progress", *larger,
                  "--set", f"compute.batch_size={recorded}"]) == 0
     assert tables(tmp_path / "auto") == tables(tmp_path / "fixed")
+    assert main(["run", str(job), "--store", str(tmp_path / "other"), "--no-progress", *larger,
+                 "--set", "compute.batch_size=7"]) == 0
+    assert tables(tmp_path / "auto") != tables(tmp_path / "other")  # the batch does reach the moments' bits
+
+
+@pytest.mark.ray
+def test_a_failed_measurement_is_one_line_and_a_number_resumes(job, tmp_path, capsys, monkeypatch):
+    from mining.cli import main
+
+    store = tmp_path / "store"
+    monkeypatch.setenv("MINING_INJECT_FAULT", "fail:fit")
+    assert main(["run", str(job), "--store", str(store), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "compute.batch_size: auto could not be measured" in err[0], err
+    assert not list((store / "_shards").glob("shard-*.json"))  # nothing was mined
+    monkeypatch.delenv("MINING_INJECT_FAULT")
+    assert main(["run", str(job), "--store", str(store), "--no-progress", "--resume",
+                 "--set", "compute.batch_size=4"]) == 0
+    assert yaml.safe_load((store / "job.yaml").read_text())["compute"]["batch_size"] == 4
 
 
 @pytest.mark.ray
@@ -133,6 +183,7 @@ def test_resume_keeps_the_recorded_batch_size(job, tmp_path, capsys):
     assert main(["run", str(job), "--store", str(store), "--no-progress", "--resume"]) == 0  # the job says auto
     assert ", batch 3)" in capsys.readouterr().out
     assert yaml.safe_load((store / "job.yaml").read_text())["compute"]["batch_size"] == 3
+    assert "batch_size" not in json.loads((store / "provenance.json").read_text())  # a number, not auto
     assert tables(store) == before
     # an explicit different number is still refused: the shards were mined with 3
     assert main(["run", str(job), "--store", str(store), "--no-progress", "--resume",
