@@ -131,6 +131,7 @@ def tables(store) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in store.glob("*.parquet") if p.name != "manifest.parquet"}
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_auto_is_recorded_and_mines_what_the_number_mines(job, tmp_path, capsys):
     """Shards of about 40 contexts, so the chosen 32 splits them into batches; two actors, then one."""
@@ -155,6 +156,7 @@ def test_auto_is_recorded_and_mines_what_the_number_mines(job, tmp_path, capsys)
     assert tables(tmp_path / "auto") != tables(tmp_path / "other")  # the batch does reach the moments' bits
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_a_failed_measurement_is_one_line_and_a_number_resumes(job, tmp_path, capsys, monkeypatch):
     from mining.cli import main
@@ -171,6 +173,7 @@ def test_a_failed_measurement_is_one_line_and_a_number_resumes(job, tmp_path, ca
     assert yaml.safe_load((store / "job.yaml").read_text())["compute"]["batch_size"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_resume_keeps_the_recorded_batch_size(job, tmp_path, capsys):
     from mining.cli import main
@@ -253,6 +256,7 @@ def test_cuda_fit_measures_each_probe_as_one_batch_and_restores_the_miner(monkey
     assert b == 4 and how["tried"] == [[9, None], [4, 62 * MB]]
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_shard_tokens_auto_follows_the_actors_device_and_resume_keeps_it(job, tmp_path, monkeypatch, capsys):
     import mining.ray_pool
