@@ -184,6 +184,16 @@ class HookStats:
     def merge(self, other: "HookStats") -> "HookStats":
         return HookStats(**{name: r.merge(getattr(other, name)) for name, r in self.parts().items()})
 
+    def merge_(self, other: "HookStats") -> "HookStats":
+        """In place, the same bits as merge: reducers with a `merge_` (the histogram, most of a state's bytes)
+        add into their own buffers; the rest are replaced by their merge."""
+        for name, r in self.parts().items():
+            if hasattr(r, "merge_"):
+                r.merge_(getattr(other, name))
+            else:
+                setattr(self, name, r.merge(getattr(other, name)))
+        return self
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{name}.{key}": t for name, r in self.parts().items() for key, t in r.state_dict().items()}
 

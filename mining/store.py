@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
@@ -366,17 +367,31 @@ def encode_states(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 def decode_states(blob: bytes) -> dict[str, torch.Tensor]:
+    """encode_states' tensors. Each plane is unshuffled straight out of the decompressed buffer, read as
+    the safetensors layout (8-byte header size, JSON header, data): safetensors' own loader copies the
+    buffer and every tensor first, and those fresh pages cost the driver a fifth of its per-shard fold."""
     import safetensors.torch
     import torch
 
-    tensors = safetensors.torch.load(_decompress(blob))
-    if LAYOUT not in tensors:
-        return tensors  # a shard written before byte shuffling
-    layout = json.loads(bytes(tensors.pop(LAYOUT).tolist()))
+    data = _decompress_buffer(blob)
+    view = memoryview(data)
+    size = int.from_bytes(view[:8], "little")
+    header = json.loads(bytes(view[8:8 + size]))
+    header.pop("__metadata__", None)
+    if LAYOUT not in header:
+        return safetensors.torch.load(data.to_pybytes())  # a shard written before byte shuffling
+    base = 8 + size
+
+    def raw(entry: dict[str, Any]) -> np.ndarray:
+        start, end = entry["data_offsets"]
+        return np.frombuffer(view, np.uint8, end - start, base + start)
+
+    layout = json.loads(raw(header.pop(LAYOUT)).tobytes())
     out = {}
-    for name, t in tensors.items():
+    for name, entry in header.items():
         dtype, shape = layout[name]
-        out[name] = t if t.dim() == 0 else _unshuffle(t).view(getattr(torch, dtype)).reshape(shape)
+        flat = _unshuffle_bytes(raw(entry), entry["shape"][0]) if entry["shape"] else torch.from_numpy(raw(entry).copy())
+        out[name] = flat.view(getattr(torch, dtype)).reshape(shape)  # a scalar is stored as itself
     return out
 
 
@@ -395,14 +410,17 @@ def _shuffle(t: torch.Tensor) -> torch.Tensor:
 
 def _unshuffle(plane: torch.Tensor) -> torch.Tensor:
     """The element bytes of a `_shuffle`d (element size, n) plane, flat."""
-    import numpy as np
+    return _unshuffle_bytes(plane.contiguous().numpy().reshape(-1), plane.shape[0])
+
+
+def _unshuffle_bytes(planes: np.ndarray, size: int) -> torch.Tensor:
+    """The element bytes of `size` byte planes laid end to end (flat uint8), as a fresh flat uint8 tensor."""
     import torch
     from numcodecs import Shuffle
 
-    size = plane.shape[0]
-    if plane.numel() == 0 or size == 1:
-        return plane.T.reshape(-1).contiguous()
-    return torch.from_numpy(np.asarray(Shuffle(size).decode(plane.contiguous().numpy()), np.uint8))
+    if planes.size == 0 or size == 1:
+        return torch.from_numpy(planes.reshape(size, -1).T.copy()).reshape(-1)
+    return torch.from_numpy(np.asarray(Shuffle(size).decode(planes), np.uint8))
 
 
 def _by_hook(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -420,8 +438,12 @@ def _compress(data: bytes) -> bytes:
 
 
 def _decompress(blob: bytes) -> bytes:
+    return _decompress_buffer(blob).to_pybytes()
+
+
+def _decompress_buffer(blob: bytes) -> pa.Buffer:
     size = int.from_bytes(blob[:8], "little")
-    return pa.decompress(blob[8:], decompressed_size=size, codec="zstd", asbytes=True)
+    return pa.decompress(memoryview(blob)[8:], decompressed_size=size, codec="zstd")
 
 
 def spec_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:

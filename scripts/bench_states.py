@@ -1,6 +1,13 @@
-"""Encode and decode of a store's reducer states (mining/store.py: byte shuffle + zstd), numcodecs' C
-shuffle (the code in use) next to the strided torch copy it replaced (session 12), interleaved, best of
-`--repeats`, in one process, on a real store's merged states.
+"""The driver's per-shard cost of a store's reducer states (mining/store.py: byte shuffle + zstd), old
+against new, interleaved, best of `--repeats`, in one process, on a real store's merged states:
+
+  * encode and decode: numcodecs' C shuffle (in use) next to the strided torch copy it replaced (session 12);
+  * decode: planes unshuffled straight out of the decompressed buffer (in use, session 14) next to
+    safetensors' loader, which copies the buffer and every tensor first (sessions 12-13);
+  * the driver's fold of a store's shards (merge.merge_shards: read, checksum, decode, restore the reducers,
+    merge), as sessions 12-13 did it (safetensors' loader, histogram counts widened to int64, a new merged
+    state a shard) and as now (in-buffer decode, int32 counts added in place by `HookStats.merge_`), on a
+    store of `--shards` copies of the states (checked for the same bits); and the actor's write of one.
 
     python3 scripts/bench_states.py runs/demo      # after `mine demo`
 
@@ -10,13 +17,20 @@ The old codec here is also the reference of tests/test_states_format.py (same by
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import tempfile
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import safetensors.torch
 import torch
 
-from mining.store import LAYOUT, MERGED_STATES, Store, _compress, _decompress, decode_states, encode_states
+from mining.engine import HookStats
+from mining.merge import merge_shards
+from mining.store import (LAYOUT, MERGED_STATES, Store, _by_hook, _compress, _decompress, _unshuffle, decode_states,
+                          encode_states)
 
 
 def torch_encode(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -37,20 +51,72 @@ def torch_decode(blob: bytes) -> dict[str, torch.Tensor]:
             for name, t in tensors.items()}
 
 
+def loader_decode(blob: bytes) -> dict[str, torch.Tensor]:
+    """decode_states of sessions 12-13: safetensors' loader, then numcodecs' unshuffle."""
+    tensors = safetensors.torch.load(_decompress(blob))
+    layout = json.loads(bytes(tensors.pop(LAYOUT).tolist()))
+    return {name: t if t.dim() == 0 else _unshuffle(t).view(getattr(torch, layout[name][0])).reshape(layout[name][1])
+            for name, t in tensors.items()}
+
+
+def fold_before(store: Store, shards: list[int]) -> dict[str, HookStats]:
+    """merge.merge_shards of sessions 12-13: the same reads and checksums, safetensors' loader, counts
+    widened to int64 on restore, and a new merged state a shard."""
+    merged: dict[str, HookStats] = {}
+    for index in shards:
+        blob = store.files.read_bytes(store.states_name(index))
+        assert hashlib.sha256(blob).hexdigest() == store.read_marker(index)["files"][store.states_name(index)]
+        for hook, tensors in _by_hook(loader_decode(blob)).items():
+            state = HookStats.from_state_dict(tensors)
+            if state.histogram is not None:
+                state.histogram.counts  # noqa: B018 - the property widens to int64
+            merged[hook] = state if hook not in merged else merged[hook].merge(state)
+    return merged
+
+
+def shard_store(root: Path, tensors: dict[str, torch.Tensor], n: int) -> tuple[Store, float]:
+    """A store holding `n` shards whose states are `tensors`, and the best time of one shard's write."""
+    store = Store(root)
+    store.begin({"name": "bench-states"}, {}, resume=False)
+    stats = {hook: HookStats.from_state_dict(t) for hook, t in _by_hook(tensors).items()}
+    best = float("inf")
+    for i in range(n):
+        start = time.perf_counter()
+        store.write_shard(SimpleNamespace(index=i, stats=stats, tokens=None, dense={}, n_tokens=0, seconds=0.0), {})
+        best = min(best, time.perf_counter() - start)
+    return store, best
+
+
+def same_bits(a: dict[str, HookStats], b: dict[str, HookStats]) -> bool:
+    flat = [{f"{h}/{k}": t for h, st in m.items() for k, t in st.state_dict().items()} for m in (a, b)]
+    return same_tensors(*flat)
+
+
+def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("store", help="a complete store (its _shards/merged.states.zst)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shards", type=int, default=8, help="copies of the states folded in each fold round")
     args = ap.parse_args()
     blob = Store(args.store).files.read_bytes(MERGED_STATES)
     tensors = decode_states(blob)
+    tmp = tempfile.TemporaryDirectory()
+    store, write = shard_store(Path(tmp.name) / "store", tensors, args.shards)
+    shards = list(range(args.shards))
     runs = {"encode torch": lambda: torch_encode(tensors), "encode numcodecs": lambda: encode_states(tensors),
-            "decode torch": lambda: torch_decode(blob), "decode numcodecs": lambda: decode_states(blob)}
+            "decode torch": lambda: torch_decode(blob), "decode numcodecs": lambda: loader_decode(blob),
+            "decode in-buffer": lambda: decode_states(blob),
+            "fold before": lambda: fold_before(store, shards), "fold now": lambda: merge_shards(store, None, shards)}
     best: dict[str, float] = {}
+    results = {}
     for _ in range(args.repeats):
         for name, run in runs.items():
             start = time.perf_counter()
-            run()
+            results[name] = run()
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
     raw = sum(t.numel() * t.element_size() for t in tensors.values())
     print(f"{raw / 1e6:,.0f} MB of states ({len(blob) / 1e6:,.1f} MB stored), torch {torch.get_num_threads()} "
@@ -58,7 +124,15 @@ def main() -> None:
     for op in ("encode", "decode"):
         slow, fast = best[f"{op} torch"], best[f"{op} numcodecs"]
         print(f"  {op}: torch copy {slow:.3f} s, numcodecs {fast:.3f} s: {slow / fast:.2f}x")
-    print("same bytes as stored:", encode_states(tensors) == torch_encode(tensors) == blob)
+    slow, fast = best["decode numcodecs"], best["decode in-buffer"]
+    print(f"  decode: safetensors' loader {slow:.3f} s, in-buffer {fast:.3f} s: {slow / fast:.2f}x")
+    slow, fast = best["fold before"] / args.shards, best["fold now"] / args.shards
+    print(f"  the driver's fold of {args.shards} shards (merge.merge_shards), a shard: sessions 12-13 {slow:.3f} s, "
+          f"now {fast:.3f} s: {slow / fast:.2f}x")
+    print(f"  the actor's write of a shard's states (Store.write_shard), best of {args.shards}: {write:.3f} s")
+    print("same bytes as stored:", encode_states(tensors) == torch_encode(tensors) == blob,
+          "; same tensors decoded:", same_tensors(loader_decode(blob), tensors),
+          "; same fold:", same_bits(results["fold before"], results["fold now"]))
 
 
 if __name__ == "__main__":

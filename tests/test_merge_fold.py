@@ -1,6 +1,7 @@
 """The driver's merge without Ray or a model: shards' states folded while the job runs (RunningFold)
 equal merge_shards' left fold bit for bit, whatever order the shards complete in; and the states
-folded into one file once all are complete (Store.compact_states) merge to the same bits again."""
+folded into one file once all are complete (Store.compact_states) merge to the same bits again. The fold adds
+each shard into its accumulator in place (HookStats.merge_): the same bits as the pure merge."""
 
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import torch
 from mining.engine import HookStats
 from mining.errors import UserError
 from mining.merge import RunningFold, merge_shards
-from mining.reducers import Moments, TopK
+from mining.reducers import Histogram, HistogramBins, Moments, TopK
 from mining.store import Store
 
 HOOKS = ("blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post")
@@ -24,10 +25,12 @@ def shard_stats(index: int) -> dict[str, HookStats]:
     for hook in HOOKS:
         x = torch.from_numpy(rng.standard_normal((40, 7)).astype(np.float32) * (1 + index))
         tok = torch.arange(40, dtype=torch.int64) + 40 * index
-        st = HookStats(top=TopK(3), bottom=TopK(3, largest=False), moments=Moments())
+        st = HookStats(top=TopK(3), bottom=TopK(3, largest=False), moments=Moments(),
+                       histogram=Histogram(HistogramBins(2, -4, 3)))
         st.top.update(x, tok)
         st.bottom.update(x, tok)
         st.moments.update(x)
+        st.histogram.update(x)
         out[hook] = st
     return out
 
@@ -97,3 +100,36 @@ def test_compacted_states_merge_to_the_same_bits(store):
     assert_same_bits(merge_shards(store, None, list(range(N_SHARDS))), reference)
     store.compact_states({hook: st.state_dict() for hook, st in reference.items()}, list(range(N_SHARDS)))
     assert not store.states_path(2).exists()
+
+
+def test_the_in_place_fold_equals_the_pure_merge(store):
+    """merge_shards folds the stored shards with merge_ (int32 counts added into one int64 accumulator); the
+    pure merge of the same states in memory gives the same bits, and the shards' own states are left as read."""
+    expected = shard_stats(0)
+    for i in range(1, N_SHARDS):
+        expected = {hook: st.merge(shard_stats(i)[hook]) for hook, st in expected.items()}
+    got = merge_shards(store, None, list(range(N_SHARDS)))
+    assert_same_bits(got, expected)
+    assert got[HOOKS[0]].histogram.counts.dtype == torch.int64
+    assert int(got[HOOKS[0]].histogram.counts.sum()) == 40 * 7 * N_SHARDS
+    first = HookStats.from_state_dict(store.load_states(0)[HOOKS[0]])
+    second = HookStats.from_state_dict(store.load_states(1)[HOOKS[0]])
+    before = {k: t.clone() for k, t in second.state_dict().items()}
+    first.merge_(second)
+    assert all(torch.equal(before[k], t) for k, t in second.state_dict().items())
+
+
+def test_in_place_histogram_counts_past_int32():
+    """A shard file keeps counts as int32; the accumulator is int64, so a long job's counts do not wrap."""
+    bins = HistogramBins(2, -4, 3)
+    big = torch.full((2, bins.n_bins), 2**31 - 1, dtype=torch.int32)
+    acc = Histogram.from_state_dict({**bins.state_dict(), "counts": big.clone()})
+    for _ in range(3):
+        acc.merge_(Histogram.from_state_dict({**bins.state_dict(), "counts": big}))
+    assert acc.counts.dtype == torch.int64 and int(acc.counts[0, 0]) == 4 * (2**31 - 1)
+    assert torch.equal(big, torch.full_like(big, 2**31 - 1))  # the addend is not touched
+    restored = Histogram.from_state_dict({**bins.state_dict(), "counts": big.clone()})
+    restored.update(torch.zeros(3, 2))  # a restored state keeps counting, in int64
+    assert int(restored.counts[0, bins.zero_bin]) == 2**31 + 2
+    with pytest.raises(ValueError, match="different bins"):
+        acc.merge_(Histogram(HistogramBins(3, -4, 3)))

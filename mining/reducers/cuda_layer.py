@@ -239,9 +239,7 @@ def layer_pass(x: torch.Tensor, layout: Layout, top, bottom, contexts, histogram
         p.ctx = _ranked(contexts.top, 0, None, "")
     if histogram is not None:
         histogram._flush()
-        if histogram._counts is None:
-            histogram._counts = torch.zeros(N, histogram.bins.n_bins, dtype=torch.int64, device=dev)
-        p.counts, p.hist_part = histogram._counts.data_ptr(), ws.ptr("hist_part")
+        p.counts, p.hist_part = histogram.accumulator(N, dev).data_ptr(), ws.ptr("hist_part")
         p.shift, p.base, p.R, p.zero_bin, p.nb = histogram.bins.kernel_params()
     if moments is not None:
         _moments_state(moments, N, dev)

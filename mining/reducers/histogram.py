@@ -138,6 +138,8 @@ class Histogram:
     @property
     def counts(self) -> torch.Tensor | None:
         self._flush()
+        if self._counts is not None and self._counts.dtype != torch.int64:
+            self._counts = self._counts.to(torch.int64)  # restored from a shard file's int32
         return self._counts
 
     @counts.setter
@@ -152,6 +154,14 @@ class Histogram:
             self._counts = flat if self._counts is None else self._counts + flat
             self._pending.fill(0)
             self._pending_rows = 0
+
+    def accumulator(self, N: int, device: torch.device) -> torch.Tensor:
+        """The int64 counts the update paths add to: zeros at first, a restored state's int32 widened."""
+        if self._counts is None:
+            self._counts = torch.zeros(N, self.bins.n_bins, dtype=torch.int64, device=device)
+        elif self._counts.dtype != torch.int64:
+            self._counts = self._counts.to(torch.int64)
+        return self._counts
 
     def pending(self, N: int, rows: int) -> np.ndarray:
         """The counts a CPU kernel is about to add `rows` (at most kernels.HIST_ROWS) rows of N columns to:
@@ -174,8 +184,7 @@ class Histogram:
             raise ValueError(f"expected x (M, N), got {tuple(x.shape)}")
         M, N = x.shape
         nb = self.bins.n_bins
-        if self._counts is None:
-            self._counts = torch.zeros(N, nb, dtype=torch.int64, device=x.device)
+        self.accumulator(N, x.device)
         if M == 0:
             return
         if device.applies(x):
@@ -206,6 +215,26 @@ class Histogram:
             out.counts = self.counts + other.counts.to(self.counts.device)
         return out
 
+    def merge_(self, other: "Histogram") -> "Histogram":
+        """In place, self = self.merge(other), for a fold that owns its accumulator: other's counts are
+        added as stored (int32 from a shard file), with no int64 copy and no new accumulator a shard."""
+        if not isinstance(other, Histogram) or other.bins != self.bins:
+            raise ValueError("cannot merge histograms with different bins")
+        other._flush()
+        theirs = other._counts
+        if theirs is None:
+            return self
+        if self.counts is None:
+            self.counts = theirs.to(torch.int64, copy=True)
+        elif self.counts.shape != theirs.shape:
+            raise ValueError(f"cannot merge histograms of shapes {tuple(self.counts.shape)} and {tuple(theirs.shape)}")
+        elif self.counts.device.type == "cpu" and theirs.device.type == "cpu" and not self.counts.is_inference():
+            mine = self.counts.numpy()
+            np.add(mine, theirs.numpy(), out=mine)  # widens on the fly: twice torch's mixed-dtype add_
+        else:
+            self.counts = self.counts + theirs.to(self.counts.device)
+        return self
+
     def finalize(self) -> torch.Tensor:
         """counts (N, n_bins) int64."""
         if self.counts is None:
@@ -222,7 +251,7 @@ class Histogram:
     def from_state_dict(cls, d: dict[str, torch.Tensor]) -> "Histogram":
         out = cls(HistogramBins.from_state_dict(d))
         if d["counts"].shape[0] > 0:
-            out.counts = d["counts"].to(torch.int64)
+            out.counts = d["counts"]  # widened to int64 when first read, or added as is by merge_
         return out
 
 
