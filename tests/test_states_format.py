@@ -1,6 +1,7 @@
 """The stored reducer states' format (store.encode_states): a bit-exact round trip for every dtype and
-shape a reducer keeps, and the same bytes as the strided torch byte shuffle that wrote the stores of
-earlier versions, so those still decode and a state's checksum does not depend on the version."""
+shape a reducer keeps, and the same bytes as the strided torch byte shuffle and safetensors' `save` that
+wrote the stores of earlier versions, so those still decode and a state's checksum does not depend on the
+version."""
 
 import importlib.util
 from pathlib import Path
@@ -33,6 +34,11 @@ def states() -> dict[str, torch.Tensor]:
         "h/bytes": torch.randint(0, 255, (9,), generator=g, dtype=torch.uint8),
         "h/count": torch.tensor(12345), "h/empty": torch.empty(0, 33), "h/strided": x.T,
         "h/special": torch.tensor([float("nan"), float("inf"), -0.0, 1e-45]),
+        # scalars of every dtype, named so that safetensors' layout order (dtype, then name) is not the dicts'
+        **{f"{chr(ord('z') - i)}/scalar": torch.tensor(7, dtype=dtype) for i, dtype in enumerate(
+            (torch.bool, torch.uint8, torch.int8, torch.int16, torch.float16, torch.bfloat16, torch.int32,
+             torch.float32, torch.float64, torch.int64))},
+        "A/k": torch.tensor(3), "h/one": torch.ones(1, dtype=torch.bool),
     }
 
 
