@@ -13,8 +13,9 @@ anything has loaded smollm2-135m once (which converts the GGUF into the cache):
 and name `.gpu` in the device call's carry.
 
 Stages (--stages, comma-separated), each reported even if another fails:
-  kernel_exact  cuda_layer.cu against the CPU reducers, batch by batch, on bf16 data with ties, NaN and
-                infinities: top/bottom/context keys and histogram counts bit for bit, moments to 1e-7
+  kernel_exact  cuda_layer.cu against the CPU reducers, batch by batch, on bf16 and fp16 data with ties, NaN
+                and infinities: top/bottom/context keys and histogram counts bit for bit, moments to 1e-7;
+                and every fp16 bit pattern's float32 image
   kernel_ops    one layer's pass at the bench's shape, CUDA events
   exact         the torch-ops device path (reducers/device.py) against the CPU
   ops           per-reducer times of the torch-ops path on one layer's (B*T, N) bf16 batch
@@ -64,7 +65,7 @@ def stage(name):
     return wrap
 
 
-def hostile(M: int, N: int, seed: int) -> torch.Tensor:
+def hostile(M: int, N: int, seed: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, N, generator=g) * torch.rand(N, generator=g) * 3
     x[:, ::7] = x[:, ::7].round()  # ties
@@ -72,7 +73,7 @@ def hostile(M: int, N: int, seed: int) -> torch.Tensor:
     x[torch.rand(M, N, generator=g) < 1e-4] = float("nan")
     x[torch.rand(M, N, generator=g) < 1e-4] = float("inf")
     x[torch.rand(M, N, generator=g) < 1e-4] = float("-inf")
-    return x.bfloat16()
+    return x.to(dtype)
 
 
 def cpu_path(fn):
@@ -240,11 +241,45 @@ def ops(dev: torch.device) -> dict:
 
 @stage("kernel_exact")
 def kernel_exact(dev: torch.device) -> dict:
-    """cuda_layer.cu on the GPU against the CPU reducers, batch by batch, on bfloat16 data with ties and NaN."""
+    """cuda_layer.cu on the GPU against the CPU reducers, batch by batch, on bfloat16 and float16 data with
+    ties and NaN; and every float16 bit pattern's image."""
+    out = {"bfloat16": kernel_exact_dtype(dev, torch.bfloat16), "float16": kernel_exact_dtype(dev, torch.float16)}
+    out["float16_patterns"] = every_float16(dev)
+    return out
+
+
+def every_float16(dev: torch.device) -> bool:
+    """All 65,536 float16 patterns, every value a top and bottom candidate (k = all rows): each non-NaN
+    value's float32 image, as the kernel converts it, is a key (tests/test_cuda_layer.py, on the device)."""
+    from mining.reducers import Moments, cuda_layer
+
+    B, T, N = 4, 1024, 16
+    x = torch.from_numpy(np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(N, B * T).T.copy()).view(B, T, N)
+    toks = np.arange(B * T, dtype=np.int64).reshape(B, T)
+    top, bot, hist, mom = TopK(B * T), TopK(B * T, largest=False), Histogram(HistogramBins()), Moments()
+    td = torch.from_numpy(toks).to(dev)
+    layout = cuda_layer.Layout.of_grid(toks, td)
+    capacity = TopK.sparse_capacity
+    TopK.sparse_capacity = lambda self, M, N, margin=4: M * N  # the kernel ranks every value, from the first batch
+    try:
+        cuda_layer.layer_pass(x.to(dev).view(-1, N), layout, top, bot, None, hist, mom)
+    finally:
+        TopK.sparse_capacity = capacity
+    rt, rb, rh = TopK(B * T), TopK(B * T, largest=False), Histogram(HistogramBins())
+    flat, tk = x.view(-1, N).float(), torch.from_numpy(toks).view(-1)
+    cpu_path(lambda: (rt.update(flat, tk, check=False), rb.update(flat, tk, check=False), rh.update(flat)))
+    same = (torch.equal(top.keys.cpu(), rt.keys) and torch.equal(bot.keys.cpu(), rb.keys)
+            and torch.equal(hist.finalize().cpu(), rh.finalize()))
+    if not same:
+        raise AssertionError("float16 patterns: the kernel's images differ from torch's")
+    return same
+
+
+def kernel_exact_dtype(dev: torch.device, dtype: torch.dtype) -> dict:
     from mining.reducers import Moments, cuda_layer
 
     B, T, N, k = 24, 128, 1536, 8
-    x = hostile(B * T, N, 1).view(B, T, N)
+    x = hostile(B * T, N, 1, dtype).view(B, T, N)
     toks = (np.arange(B * T).reshape(B, T) * 2 + 1).astype(np.int64)
     toks[:, 0] = -1
     toks[3] = -1
@@ -290,7 +325,7 @@ def kernel_exact(dev: torch.device) -> dict:
     out["dla"] = bool(torch.equal(t2.keys.cpu(), r2.keys) and torch.equal(b2.keys.cpu(), q2.keys))
     bad = [key for key in ("top", "bottom", "contexts", "histogram", "moments", "dla") if not out[key]]
     if bad or out["overflow"]:
-        raise AssertionError(f"mismatch {bad}: {out}")
+        raise AssertionError(f"{dtype}: mismatch {bad}: {out}")
     return out
 
 

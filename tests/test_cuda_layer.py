@@ -80,13 +80,34 @@ def check_same(got, ref, caps=None):
         assert np.array_equal(np.isfinite(a[key]), np.isfinite(b[key])) or key in ("skew", "kurtosis"), key
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kernel_equals_the_reducers(dtype, emulated):
     x, toks = data(0, 15, 40, 37, dtype)  # 37 columns: a partial block of 16
     batches = [slice(lo, lo + 3) for lo in range(0, 15, 3)]
     got, caps = kernel_pass(x, toks, 2, batches)
     assert caps[0] is None and caps[-1] is not None  # dense first, then candidates from the kernel
     check_same(got, reference(x, toks, 2, batches))
+
+
+def test_every_float16_value(emulated, monkeypatch):
+    """The kernel's float16 -> float32 conversion (integer ops, cuda_layer.cu half_to_float_bits) against
+    torch's, on all 65,536 bit patterns: with k = every row and every value a candidate, each non-NaN
+    value's exact image is a top and a bottom key; bins, min and max are checked too."""
+    monkeypatch.setattr(TopK, "sparse_capacity", lambda self, M, N, margin=4: M * N)  # the kernel ranks all
+    B, T, N = 4, 1024, 16
+    x = torch.from_numpy(np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(N, B * T).T.copy())
+    x = x.view(B, T, N)
+    toks = np.arange(B * T, dtype=np.int64).reshape(B, T)
+    batches = [slice(0, B)]
+    got, caps = kernel_pass(x, toks, B * T, batches)
+    ref = reference(x, toks, B * T, batches)
+    assert caps == [B * T * N] and not got[0].overflowed()
+    assert torch.equal(got[0].keys, ref[0].keys) and torch.equal(got[1].keys, ref[1].keys)
+    assert torch.equal(got[3].finalize(), ref[3].finalize())
+    for key in ("min", "max", "count", "frac_active"):
+        assert np.array_equal(got[4].finalize()[key], ref[4].finalize()[key], equal_nan=True), key
+    column = x.reshape(-1, N)[:, 0].float()  # patterns 0..4095: zero, every subnormal, the smallest normals
+    assert column[1].item() == 2.0**-24 and column[1023].item() == 1023 * 2.0**-24 and column[1024].item() == 2.0**-14
 
 
 def test_kernel_with_floors_from_another_shard(emulated):
@@ -138,6 +159,28 @@ def test_the_miner_with_the_kernel_equals_the_cpu_miner(tiny_job, monkeypatch):
     monkeypatch.setattr(cuda_layer, "layer_pass", lambda *a: calls.append(1) or original(*a))
     same_results(mine_all(spec, loaded, shards), ref)
     assert calls
+
+
+@pytest.mark.slow
+def test_the_miner_with_the_kernel_in_float16(tiny_job, monkeypatch):
+    """A float16 model: its activations go through the kernel (not the torch ops) and mine what the CPU
+    reducers mine from the same activations."""
+    from dataclasses import replace
+
+    from mining.models import load_model
+
+    spec, _, shards = tiny_job
+    spec = replace(spec, model=replace(spec.model, dtype="float16"))
+    loaded = load_model(spec.model)
+    shards = shards[:2]
+    ref = mine_all(spec, loaded, shards)
+    monkeypatch.setenv("MINING_DEVICE_PATH", "1")
+    monkeypatch.setenv("MINING_CUDA_EMULATE", "1")
+    dtypes = []
+    original = cuda_layer.layer_pass
+    monkeypatch.setattr(cuda_layer, "layer_pass", lambda x, *a: dtypes.append(x.dtype) or original(x, *a))
+    same_results(mine_all(spec, loaded, shards), ref)
+    assert torch.float16 in dtypes
 
 
 def test_one_row_block_and_fine_bins(emulated, monkeypatch):

@@ -3,7 +3,7 @@
 // one layer costs a handful of launches instead of a hundred (on a GPU the launches, not the arithmetic,
 // were most of the time).
 //
-// layer_kernel: x is (M, N) row-major (M = contexts x rows per context), bfloat16 or float32. A block owns
+// layer_kernel: x is (M, N) row-major (M = contexts x rows per context), float32, bfloat16 or float16. A block owns
 // 16 columns and `per_block` contexts; its 256 threads are 16 columns x 16 lanes, the lanes striding over
 // a context's rows, so a warp reads two rows of 16 adjacent columns (coalesced). For every mined row it
 //   - counts the value's histogram bin in shared memory (written out per block, summed by hist_reduce),
@@ -65,8 +65,26 @@ struct Params {
     double n_before;          // rows the running moments hold
 };
 
-__device__ __forceinline__ uint32_t load_bits(const void* x, int64_t i, int bf16) {
-    if (bf16) return ((uint32_t)((const uint16_t*)x)[i]) << 16;
+// element types of x: the kernel reads every value as the bits of its float32 image
+#define X_FLOAT32 0
+#define X_BFLOAT16 1
+#define X_FLOAT16 2
+
+__device__ __forceinline__ uint32_t half_to_float_bits(uint32_t h) {
+    // IEEE binary16 -> binary32, exact (as torch's .float()); integer ops only, so nvcc and the emulation
+    // compile the same code. A NaN keeps its payload (the kernel only asks whether it is one).
+    const uint32_t sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0x1Fu) return sign | 0x7F800000u | (m << 13);  // inf, NaN
+    if (e != 0) return sign | ((e + 112u) << 23) | (m << 13);  // normal: exponent bias 15 -> 127
+    if (m == 0) return sign;  // +-0
+    int top = 9;  // subnormal: m * 2^-24, normalised on its highest set bit
+    while (!((m >> top) & 1u)) --top;
+    return sign | ((uint32_t)(top + 103) << 23) | ((m << (23 - top)) & 0x7FFFFFu);
+}
+
+__device__ __forceinline__ uint32_t load_bits(const void* x, int64_t i, int dtype) {
+    if (dtype == X_BFLOAT16) return ((uint32_t)((const uint16_t*)x)[i]) << 16;
+    if (dtype == X_FLOAT16) return half_to_float_bits(((const uint16_t*)x)[i]);
     return ((const uint32_t*)x)[i];
 }
 
@@ -99,7 +117,7 @@ __device__ __forceinline__ void append(const Ranked& r, int64_t cap, int64_t key
     if (i < (unsigned long long)cap) { r.cand_key[i] = key; r.cand_col[i] = col; }
 }
 
-template <int BF16>
+template <int DTYPE>
 __global__ void layer_kernel(Params p) {
 #ifdef EMULATE
     unsigned char* smem = emu_smem;
@@ -128,7 +146,7 @@ __global__ void layer_kernel(Params p) {
         const int32_t f = p.first[ctx];
         double shift = 0.0;
         if (f >= 0 && col_ok) {
-            float v0 = __uint_as_float(load_bits(p.x, (row0 + f) * p.N + n, BF16));
+            float v0 = __uint_as_float(load_bits(p.x, (row0 + f) * p.N + n, DTYPE));
             if (isfinite(v0)) shift = (double)v0;
         }
         double s1 = 0, s2 = 0, s3 = 0, s4 = 0;
@@ -143,7 +161,7 @@ __global__ void layer_kernel(Params p) {
                 for (int u = 0; u < UNROLL; ++u) {
                     const int64_t t = t0 + u * LANES;
                     tks[u] = t < len ? p.tok[row0 + t] : -1;
-                    bits[u] = t < len ? load_bits(p.x, (row0 + t) * p.N + n, BF16) : 0u;
+                    bits[u] = t < len ? load_bits(p.x, (row0 + t) * p.N + n, DTYPE) : 0u;
                 }
 #pragma unroll
                 for (int u = 0; u < UNROLL; ++u) {
@@ -380,7 +398,7 @@ extern "C" int64_t layer_row_blocks(int64_t n_ctx, int64_t per_block) {
 #define CHECK() (int)cudaGetLastError()
 #endif
 
-extern "C" int layer_update(Params* pp, int bf16, void* stream) {
+extern "C" int layer_update(Params* pp, int dtype, void* stream) {  // dtype: X_FLOAT32, X_BFLOAT16 or X_FLOAT16
     Params& p = *pp;
     const int64_t smem = layer_smem_bytes(p.counts ? p.nb : 0);
     const unsigned gx = (unsigned)((p.N + COLS - 1) / COLS);
@@ -393,12 +411,15 @@ extern "C" int layer_update(Params* pp, int bf16, void* stream) {
         cudaMemsetAsync(p.top.count, 0, 8, (cudaStream_t)stream);
         cudaMemsetAsync(p.bottom.count, 0, 8, (cudaStream_t)stream);
     }
-    cudaError_t e = bf16 ? cudaFuncSetAttribute(layer_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)
-                         : cudaFuncSetAttribute(layer_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    const cudaFuncAttribute smem_max = cudaFuncAttributeMaxDynamicSharedMemorySize;
+    cudaError_t e = dtype == X_BFLOAT16 ? cudaFuncSetAttribute(layer_kernel<X_BFLOAT16>, smem_max, (int)smem)
+                  : dtype == X_FLOAT16 ? cudaFuncSetAttribute(layer_kernel<X_FLOAT16>, smem_max, (int)smem)
+                                       : cudaFuncSetAttribute(layer_kernel<X_FLOAT32>, smem_max, (int)smem);
     if (e != cudaSuccess) return (int)e;
 #endif
-    if (bf16) LAUNCH(layer_kernel<1>, gx, (unsigned)row_blocks, THREADS, smem, p);
-    else LAUNCH(layer_kernel<0>, gx, (unsigned)row_blocks, THREADS, smem, p);
+    if (dtype == X_BFLOAT16) LAUNCH(layer_kernel<X_BFLOAT16>, gx, (unsigned)row_blocks, THREADS, smem, p);
+    else if (dtype == X_FLOAT16) LAUNCH(layer_kernel<X_FLOAT16>, gx, (unsigned)row_blocks, THREADS, smem, p);
+    else LAUNCH(layer_kernel<X_FLOAT32>, gx, (unsigned)row_blocks, THREADS, smem, p);
     if (p.counts) LAUNCH(hist_reduce, (unsigned)((p.N * p.nb + 255) / 256), 1, 256, 0, p, row_blocks);
     if (p.mean) LAUNCH(moments_combine, per_col, 1, 256, 0, p);
     if (p.cap) {

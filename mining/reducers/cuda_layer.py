@@ -44,6 +44,8 @@ finer bins keep the torch ops."""
 CAP_MARGIN = 32
 """Candidate lists 32 times the expected count: the inserts scan only the candidates found, so a wide list
 costs 12 bytes an entry and spares the shard a dense re-mine when a batch is lumpy."""
+X_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+"""The activations' dtypes the kernel reads, and its codes for them (X_FLOAT32, X_BFLOAT16, X_FLOAT16)."""
 DLA_ROWS = 512
 """Rows per pseudo-context when the rows have no contexts (direct logit attribution)."""
 
@@ -120,9 +122,9 @@ def library():
 
 
 def usable(x: torch.Tensor, histogram=None) -> bool:
-    """A contiguous bfloat16/float32 batch on a GPU (or on the CPU under MINING_CUDA_EMULATE=1), and bins
+    """A contiguous float32/bfloat16/float16 batch on a GPU (or on the CPU under MINING_CUDA_EMULATE=1), and bins
     that fit the kernel's shared memory."""
-    if os.environ.get("MINING_CUDA_LAYER") == "0" or x.dtype not in (torch.bfloat16, torch.float32):
+    if os.environ.get("MINING_CUDA_LAYER") == "0" or x.dtype not in X_DTYPES:
         return False
     if histogram is not None and histogram.bins.n_bins > MAX_BINS:
         return False
@@ -247,7 +249,7 @@ def layer_pass(x: torch.Tensor, layout: Layout, top, bottom, contexts, histogram
         p.vmin, p.vmax, p.n_active = moments.min.data_ptr(), moments.max.data_ptr(), moments.n_active.data_ptr()
         p.n_before = float(moments.count)
     stream = torch.cuda.current_stream(dev).cuda_stream if x.is_cuda else None
-    err = lib.layer_update(ctypes.byref(p), int(x.dtype == torch.bfloat16), stream)
+    err = lib.layer_update(ctypes.byref(p), X_DTYPES[x.dtype], stream)
     if err:
         raise RuntimeError(f"cuda_layer: kernel launch failed (CUDA error {err})")
     if moments is not None:
