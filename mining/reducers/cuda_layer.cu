@@ -3,9 +3,10 @@
 // one layer costs a handful of launches instead of a hundred (on a GPU the launches, not the arithmetic,
 // were most of the time).
 //
-// layer_kernel: x is (M, N) row-major (M = contexts x rows per context), float32, bfloat16 or float16. A block owns
-// 16 columns and `per_block` contexts; its 256 threads are 16 columns x 16 lanes, the lanes striding over
-// a context's rows, so a warp reads two rows of 16 adjacent columns (coalesced). For every mined row it
+// layer_kernel: x is (M, N) row-major (M = contexts x rows per context), float32, bfloat16 or float16. A
+// block owns 16 columns and `per_block` contexts; its 256 threads are 16 columns x 16 lanes, the lanes
+// striding over a context's rows, so a warp reads two rows of 16 adjacent columns (coalesced). For every
+// mined row it
 //   - counts the value's histogram bin in shared memory (written out per block, summed by hist_reduce),
 //   - sums (x - shift)^p, p = 1..4, in float64 (shift: the context's first mined value), n_active, min, max,
 //   - tracks the context's peak (highest value, first position on ties) and writes its key if it beats
