@@ -53,7 +53,7 @@ def _log(message: str) -> None:
 def store_bytes(work, scratch: str) -> dict[str, Any]:
     from .engine import ShardMiner
     from .runner import provenance
-    from .spec import CPU_SHARD_TOKENS
+    from .spec import CPU_SHARD_TOKENS, GPU_SHARD_TOKENS
     from .store import Store
 
     spec = work.spec("token_table")
@@ -66,8 +66,12 @@ def store_bytes(work, scratch: str) -> dict[str, Any]:
     store = Store(root)
     store.begin(spec.to_dict(), provenance(spec, work.loaded.tokenizer, work.shards), resume=False)
     store.write_table("docs", work.docs)
+    writes = []
     for shard, result in zip(work.shards, results):
+        start = time.perf_counter()
         store.write_shard(result, {"first_tok": shard.first_tok, "contexts": len(shard.ids)})
+        writes.append(time.perf_counter() - start)
+    fold = _fold_seconds(store)
     _finish(store, spec, len(work.shards))
     sizes, tables = _sizes(root)
     shutil.rmtree(root)
@@ -84,7 +88,25 @@ def store_bytes(work, scratch: str) -> dict[str, Any]:
         "bytes_per_token": total / n, "dense_fp16_bytes_per_token": dense, "ratio_dense_to_store": dense / (total / n),
         "extrapolated_1m_bytes": at_1m, "dense_fp16_1m_bytes": dense * MILLION,
         "ratio_dense_to_store_1m": dense * MILLION / at_1m, "shards_at_1m": shards_1m,
+        "per_shard": {"write_s": min(writes), "fold_s": fold,
+                      "fold_keeps_up_tokens_per_s": {str(t): t / fold for t in (CPU_SHARD_TOKENS, GPU_SHARD_TOKENS)}},
     }
+
+
+def _fold_seconds(store, repeats: int = 3) -> float:
+    """The driver's fold of one shard into a running merge (merge._fold_shard: read, checksum, decode,
+    restore, add), best of `repeats`: shard 0 folded again into the merge it started. This serial step
+    bounds how many workers one driver keeps up with (BENCHMARKS.md, the scaling section)."""
+    from . import merge
+
+    merged: dict = {}
+    merge._fold_shard(store, merged, 0)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        merge._fold_shard(store, merged, 0)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _finish(store, spec, n_shards: int) -> None:
@@ -132,7 +154,15 @@ def store_lines(s: dict[str, Any]) -> list[str]:
          f"dense cache {s['dense_fp16_1m_bytes'] / 1e9:,.1f} GB: {s['ratio_dense_to_store_1m']:,.0f}x smaller"),
         "  (per-neuron tables and merged states counted as constant; histograms gain a few non-empty bins as "
         "tokens grow)",
+        *_per_shard_lines(s["per_shard"]),
     ]
+
+
+def _per_shard_lines(p: dict[str, Any]) -> list[str]:
+    keeps = ", ".join(f"{rate / 1e3:,.0f}k tok/s at {int(t):,}-token shards"
+                      for t, rate in p["fold_keeps_up_tokens_per_s"].items())
+    return [f"  per shard: the actor writes its files in {p['write_s']:.2f} s; the driver folds its states in "
+            f"{p['fold_s']:.2f} s, so one driver keeps up with {keeps}"]
 
 
 # ---------------------------------------------------------------- peak memory, N vs 10N

@@ -59,6 +59,10 @@ def test_other_parts(capsys, tiny_llama):
     assert s["dense_fp16_bytes_per_token"] == 256
     assert s["extrapolated_1m_bytes"] > s["bytes"]
     assert s["bytes_by_kind"]["states"] > 0 and s["bytes_by_kind"]["shard_markers"] > 0  # one merged file + markers
+    per_shard = s["per_shard"]  # the per-shard overheads the scaling section of BENCHMARKS.md rests on
+    assert per_shard["write_s"] > 0 and per_shard["fold_s"] > 0
+    rates = per_shard["fold_keeps_up_tokens_per_s"]
+    assert rates["1048576"] == pytest.approx(16 * rates["65536"])
 
 
 def test_memory(capsys, tiny_llama):
