@@ -427,11 +427,6 @@ def decode_states(blob: bytes) -> dict[str, torch.Tensor]:
     return out
 
 
-def _unshuffle(plane: torch.Tensor) -> torch.Tensor:
-    """The element bytes of a byte-shuffled (element size, n) plane, flat."""
-    return _unshuffle_bytes(plane.contiguous().numpy().reshape(-1), plane.shape[0])
-
-
 def _unshuffle_bytes(planes: np.ndarray, size: int) -> torch.Tensor:
     """The element bytes of `size` byte planes laid end to end (flat uint8), as a fresh flat uint8 tensor."""
     import torch

@@ -33,8 +33,8 @@ from numcodecs import Shuffle
 
 from mining.engine import HookStats
 from mining.merge import merge_shards
-from mining.store import (LAYOUT, MERGED_STATES, Store, _by_hook, _compress, _decompress, _unshuffle, decode_states,
-                          encode_states)
+from mining.store import (LAYOUT, MERGED_STATES, Store, _by_hook, _compress, _decompress, _unshuffle_bytes,
+                          decode_states, encode_states)
 
 
 def torch_encode(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -76,8 +76,12 @@ def loader_decode(blob: bytes) -> dict[str, torch.Tensor]:
     """decode_states of sessions 12-13: safetensors' loader, then numcodecs' unshuffle."""
     tensors = safetensors.torch.load(_decompress(blob))
     layout = json.loads(bytes(tensors.pop(LAYOUT).tolist()))
-    return {name: t if t.dim() == 0 else _unshuffle(t).view(getattr(torch, layout[name][0])).reshape(layout[name][1])
-            for name, t in tensors.items()}
+    out = {}
+    for name, t in tensors.items():
+        dtype, shape = layout[name]
+        flat = t if t.dim() == 0 else _unshuffle_bytes(t.numpy().reshape(-1), t.shape[0])
+        out[name] = flat if t.dim() == 0 else flat.view(getattr(torch, dtype)).reshape(shape)
+    return out
 
 
 def fold_before(store: Store, shards: list[int]) -> dict[str, HookStats]:
