@@ -8,8 +8,9 @@ fold those into the reducers' tensors: one library call per layer, no torch op i
 the ones the other paths leave (keys and counts bit for bit, moments to rounding).
 
 The kernel is compiled with nvcc on first use (cached under ~/.cache/activation-mining/cuda) and called
-through ctypes on torch's current stream. Without nvcc, or with MINING_CUDA_LAYER=0, the caller keeps the
-torch ops. MINING_CUDA_EMULATE=1 (with MINING_DEVICE_PATH=1) builds it for the CPU instead: one std::thread
+through ctypes on torch's current stream. nvcc is the one on PATH or in /usr/local/cuda, else the one the
+nvidia-cuda-nvcc wheel installs (`pip install activation-mining[cuda]`) when its CUDA major version is
+torch's. Without nvcc, or with MINING_CUDA_LAYER=0, the caller keeps the torch ops. MINING_CUDA_EMULATE=1 (with MINING_DEVICE_PATH=1) builds it for the CPU instead: one std::thread
 per CUDA thread, for the tests.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -80,6 +82,31 @@ def emulated() -> bool:
     return os.environ.get("MINING_CUDA_EMULATE") == "1"
 
 
+def nvcc(cuda: str | None = torch.version.cuda) -> str | None:
+    """A system nvcc first (it matches the machine's driver), then the nvidia-cuda-nvcc wheel's
+    (site-packages/nvidia/cu13/bin/nvcc) if its CUDA major version is torch's (`cuda`): the library links the CUDA
+    runtime statically, so a newer major than torch's could ask for a newer driver than the machine has."""
+    found = shutil.which("nvcc") or shutil.which("nvcc", path="/usr/local/cuda/bin")
+    if found:
+        return found
+    major = (cuda or "").split(".")[0]
+    spec = importlib.util.find_spec("nvidia") if major else None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        wheel = Path(root) / f"cu{major}" / "bin" / "nvcc"
+        if os.access(wheel, os.X_OK):
+            return str(wheel)
+    return None
+
+
+def nvcc_flags(arch: str) -> list[str]:
+    """arch: sm_90 and the like (the device's compute capability)."""
+    return ["-O3", f"-arch={arch}", "-shared", "-Xcompiler", "-fPIC"]
+
+
+def compile_command(compiler: str, flags: list[str], out: Path) -> list[str]:
+    return [compiler, *flags, "-I", str(HERE), "-o", str(out), str(HERE / "cuda_layer.cu")]
+
+
 def _build(emulate: bool) -> ctypes.CDLL | None:
     """Compile once per source and target; None (the torch ops stay) if the compiler is missing or fails."""
     if emulate:
@@ -87,10 +114,10 @@ def _build(emulate: bool) -> ctypes.CDLL | None:
         flags = ["-std=c++20", "-O1", "-DEMULATE", "-shared", "-fPIC", "-pthread", "-xc++"]
         target = "emulate"
     else:
-        compiler = shutil.which("nvcc") or (shutil.which("nvcc", path="/usr/local/cuda/bin"))
+        compiler = nvcc()
         major, minor = torch.cuda.get_device_capability()
-        flags = ["-O3", f"-arch=sm_{major}{minor}", "-shared", "-Xcompiler", "-fPIC"]
         target = f"sm_{major}{minor}"
+        flags = nvcc_flags(target)
     if compiler is None:
         return None
     digest = hashlib.sha256(b"".join((HERE / s).read_bytes() for s in SOURCES) + " ".join(flags).encode()).hexdigest()[:16]
@@ -100,8 +127,7 @@ def _build(emulate: bool) -> ctypes.CDLL | None:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             out = Path(tmp) / lib.name
-            cmd = [compiler, *flags, "-I", str(HERE), "-o", str(out), str(HERE / "cuda_layer.cu")]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            done = subprocess.run(compile_command(compiler, flags, out), capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"cuda_layer: build failed, torch ops instead: {done.stderr.strip()[-500:]}", file=sys.stderr)
                 return None
