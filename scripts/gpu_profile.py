@@ -1,6 +1,6 @@
 """Where one layer's GPU mining time goes (run under ncu for per-kernel durations; see BENCHMARKS.md).
 
-    ncu --clock-control none --section SpeedOfLight -k regex:"layer_kernel|hist_reduce|moments_combine|topk_insert|context_insert" \
+    ncu --clock-control none --section SpeedOfLight -k regex:"layer_kernel|hist_reduce|moments_combine|cand_count|cand_scan|cand_scatter|keys_insert" \
         --launch-skip 40 --launch-count 10 python3 scripts/gpu_profile.py
 
 Steady state: the thresholds come from 16 batches of the bench's shape (64 x 512 x 1536 bfloat16), then a

@@ -127,6 +127,24 @@ def test_kernel_with_floors_from_another_shard(emulated):
     assert torch.equal(got[0].keys, ref[0].keys) and torch.equal(got[1].keys, ref[1].keys)
 
 
+def test_candidates_grouped_by_column(emulated, monkeypatch):
+    """The inserts' counting sort: 300 columns (two a scan thread, a partial insert block), candidates
+    lumped into a few columns (dozens in one, a handful in most), top and bottom lists of different sizes."""
+    monkeypatch.setattr(TopK, "sparse_capacity", lambda self, M, N, margin=4: M * N if self.seen else None)
+    gen = torch.Generator().manual_seed(5)
+    B, T, N = 4, 24, 300
+    x = torch.randn(B, T, N, generator=gen)
+    x[2:, :, 7] += 50.0  # the later batch beats every earlier value of column 7: all of its rows enter
+    x[2:, ::3, 201] += 50.0
+    x[2:, :, 299] -= 50.0  # ... and only the bottom list of the last column
+    toks = np.arange(B * T, dtype=np.int64).reshape(B, T)
+    batches = [slice(0, 2), slice(2, 4)]
+    got, caps = kernel_pass(x, toks, 8, batches)
+    assert caps[0] is None and caps[1] is not None  # the second batch through the candidate lists
+    check_same(got, reference(x, toks, 8, batches))
+    assert int(got[0].keys[0, 7] >> 31) > 0 and (got[0].keys[:, 7] >> 31).unique().numel() == 8
+
+
 def test_a_full_candidate_list_is_flagged(emulated, monkeypatch):
     x, toks = data(2, 4, 10, 20, torch.float32)
     monkeypatch.setattr(TopK, "sparse_capacity", lambda self, M, N, margin=4: 2 if self.seen else None)

@@ -12,7 +12,7 @@
 
 struct emu_dim3 { unsigned x = 0, y = 0, z = 0; };
 inline thread_local emu_dim3 threadIdx, blockIdx;
-inline emu_dim3 blockDim;
+inline emu_dim3 blockDim, gridDim;
 inline std::barrier<>* emu_barrier = nullptr;
 inline unsigned char* emu_smem = nullptr;
 
@@ -33,6 +33,8 @@ using std::isnan;
 inline void emu_launch(unsigned gx, unsigned gy, unsigned threads, int64_t smem, const std::function<void()>& body) {
     std::vector<unsigned char> shared((size_t)smem + 16);
     blockDim.x = threads;
+    gridDim.x = gx;
+    gridDim.y = gy;
     for (unsigned by = 0; by < gy; ++by) {
         for (unsigned bx = 0; bx < gx; ++bx) {
             std::fill(shared.begin(), shared.end(), 0xAB);  // garbage, as on a GPU

@@ -13,8 +13,9 @@
 //     the column's k-th context key,
 //   - appends (key, column) to the top / bottom candidate lists when its key beats the column's k-th.
 // moments_combine folds the contexts' (count, mean, central sums) into the running moments (Pebay);
-// topk_insert puts the candidates into each column's sorted keys. Keys are unique (value, then token), so
-// the states do not depend on the order threads run in.
+// cand_count, cand_scan and cand_scatter group the top / bottom candidates by column (a counting sort), and
+// keys_insert puts each column's own candidates, and its contexts' peaks, into its sorted keys. Keys are
+// unique (value, then token), so the states do not depend on the order threads run in.
 //
 // Built with nvcc by cuda_layer.py; with -DEMULATE it builds for the CPU (cuda_emulate.h: one std::thread
 // per CUDA thread), which is how the tests check it on a machine without a GPU.
@@ -43,6 +44,9 @@ struct Ranked {          // one TopK: its state and what the kernel leaves for i
     int32_t* cand_col;   // (cap,)
     unsigned long long* count;  // candidates found (may exceed cap; 64-bit: never wraps)
     int32_t* overflow;   // set to 1 when count > cap
+    int32_t* fill;       // (N,) scratch, zeroed: candidates per column, then the scatter's cursors
+    int32_t* start;      // (N + 1,) scratch: each column's first candidate in `sorted`
+    int64_t* sorted;     // (cap,) scratch: the candidates' keys grouped by column
 };
 
 struct Params {
@@ -64,6 +68,8 @@ struct Params {
     // running moments, (N,): updated in place; null mean: no moments
     double* mean; double* m2; double* m3; double* m4; double* vmin; double* vmax; int64_t* n_active;
     double n_before;          // rows the running moments hold
+    unsigned char* zero;      // scratch zeroed before the kernels (the candidate counts), `zero_bytes` long
+    int64_t zero_bytes;
 };
 
 // element types of x: the kernel reads every value as the bits of its float32 image
@@ -328,57 +334,131 @@ __global__ void moments_combine(Params p) {
     p.vmin[n] = lo; p.vmax[n] = hi; p.n_active[n] = act;
 }
 
-__device__ __forceinline__ void insert(int64_t* keys, int64_t k, int64_t N, int64_t n, int64_t key) {
-    // into column n of the (k, N) keys, best first; keys are unique, so the order of inserts does not matter
-    if (key <= keys[(k - 1) * N + n]) return;
+// ---- the candidates into the keys ----------------------------------------------------------------------
+// A batch's candidates (m of them, in the order threads found them) are grouped by column with a counting
+// sort: m + N work. Each column's thread then reads only its own candidates and inserts them into its k keys,
+// held in shared memory while it does (one coalesced load and store of the keys instead of a dependent global
+// load per shifted key). The scan this replaces had every column's thread read the whole list: m x N work,
+// which grows with the square of the model's width (m itself grows with N).
+
+#define GROUP_BLOCKS 1024
+#define SCAN_THREADS 256
+#define INSERT_THREADS 64
+#define INSERT_SMEM (48 * 1024)
+
+__device__ __forceinline__ int64_t listed(const Ranked& r, int64_t cap) {
+    const unsigned long long count = *r.count;
+    return count < (unsigned long long)cap ? (int64_t)count : cap;
+}
+
+__device__ __forceinline__ Ranked pick(const Ranked& top, const Ranked& bottom, bool second) {
+    // field by field: a reference chosen at run time between two kernel parameters copies both to the stack
+    Ranked r;
+    r.keys = second ? bottom.keys : top.keys; r.floor = second ? bottom.floor : top.floor;
+    r.k = second ? bottom.k : top.k;
+    r.cand_key = second ? bottom.cand_key : top.cand_key; r.cand_col = second ? bottom.cand_col : top.cand_col;
+    r.count = second ? bottom.count : top.count; r.overflow = second ? bottom.overflow : top.overflow;
+    r.fill = second ? bottom.fill : top.fill; r.start = second ? bottom.start : top.start;
+    r.sorted = second ? bottom.sorted : top.sorted;
+    return r;
+}
+
+__global__ void cand_count(Ranked top, Ranked bottom, int64_t cap) {  // grid y: 0 top, 1 bottom
+    const Ranked r = pick(top, bottom, blockIdx.y);
+    const int64_t m = listed(r, cap), step = (int64_t)gridDim.x * blockDim.x;
+    if (blockIdx.x == 0 && threadIdx.x == 0 && *r.count > (unsigned long long)cap) *r.overflow = 1;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < m; i += step) atomicAdd(&r.fill[r.cand_col[i]], 1);
+}
+
+__global__ void cand_scan(Ranked top, Ranked bottom, int64_t N) {  // one block per list: start = the counts' prefix sums
+    __shared__ int32_t part[SCAN_THREADS];
+    const Ranked r = pick(top, bottom, blockIdx.x);
+    const int tid = threadIdx.x;
+    const int64_t per = (N + SCAN_THREADS - 1) / SCAN_THREADS, lo = tid * per, hi = (lo + per) < N ? (lo + per) : N;
+    int32_t own = 0;
+    for (int64_t i = lo; i < hi; ++i) own += r.fill[i];
+    part[tid] = own;
+    __syncthreads();
+    for (int off = 1; off < SCAN_THREADS; off <<= 1) {  // inclusive scan of the threads' sums
+        const int32_t v = tid >= off ? part[tid - off] : 0;
+        __syncthreads();
+        part[tid] += v;
+        __syncthreads();
+    }
+    int32_t acc = part[tid] - own;
+    for (int64_t i = lo; i < hi; ++i) {
+        const int32_t c = r.fill[i];
+        r.start[i] = acc;
+        r.fill[i] = acc;  // the scatter's cursor
+        acc += c;
+    }
+    if (tid == SCAN_THREADS - 1) r.start[N] = acc;
+}
+
+__global__ void cand_scatter(Ranked top, Ranked bottom, int64_t cap) {  // grid y: 0 top, 1 bottom
+    const Ranked r = pick(top, bottom, blockIdx.y);
+    const int64_t m = listed(r, cap), step = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < m; i += step) {
+        r.sorted[atomicAdd(&r.fill[r.cand_col[i]], 1)] = r.cand_key[i];
+    }
+}
+
+__device__ __forceinline__ void insert(int64_t* keys, int64_t stride, int64_t k, int64_t key) {
+    // into one column's keys (keys[j * stride], best first); keys are unique, so the order of inserts does
+    // not matter
+    if (key <= keys[(k - 1) * stride]) return;
     int64_t j = k - 1;
-    while (j > 0 && keys[(j - 1) * N + n] < key) {
-        keys[j * N + n] = keys[(j - 1) * N + n];
+    while (j > 0 && keys[(j - 1) * stride] < key) {
+        keys[j * stride] = keys[(j - 1) * stride];
         --j;
     }
-    keys[j * N + n] = key;
+    keys[j * stride] = key;
 }
 
-#define STAGE 256
+struct ColumnKeys {  // one column's k keys, in shared memory once the column has a candidate (global if too many)
+    int64_t* global; int64_t* keys; int64_t stride, k, N; bool staged, loaded;
 
-__global__ void topk_insert(Ranked r, int64_t N, int64_t cap) {
-    // one thread per column; the candidates pass through shared memory STAGE at a time (coalesced loads),
-    // and every thread scans each stage for its column
-    __shared__ int64_t skey[STAGE];
-    __shared__ int32_t scol[STAGE];
-    const int tid = threadIdx.x;
-    const int64_t n = (int64_t)blockIdx.x * blockDim.x + tid;
-    const unsigned long long count = *r.count;
-    if (n == 0 && count > (unsigned long long)cap) *r.overflow = 1;
-    const int64_t m = count < (unsigned long long)cap ? (int64_t)count : cap;
-    for (int64_t base = 0; base < m; base += STAGE) {
-        if (base + tid < m) { skey[tid] = r.cand_key[base + tid]; scol[tid] = r.cand_col[base + tid]; }
-        __syncthreads();
-        const int64_t lim = (m - base) < STAGE ? (m - base) : STAGE;
-        if (n < N) {
-            for (int64_t j = 0; j < lim; ++j) {
-                if (scol[j] == n) insert(r.keys, r.k, N, n, skey[j]);
-            }
+    __device__ void add(int64_t key) {
+        if (!loaded) {
+            if (staged) for (int64_t j = 0; j < k; ++j) keys[j * stride] = global[j * N];
+            loaded = true;
         }
-        __syncthreads();
+        insert(keys, stride, k, key);
     }
-}
+    __device__ void store() {
+        if (staged && loaded) for (int64_t j = 0; j < k; ++j) global[j * N] = keys[j * stride];
+    }
+};
 
 #define CTX_STAGE 8
 
-__global__ void context_insert(Ranked r, const int64_t* c_key, int64_t n_ctx, int64_t N) {
-    // each thread's column, CTX_STAGE contexts' keys loaded at once (independent loads in flight)
+__global__ void keys_insert(Params p, int64_t smem) {  // grid y: 0 top, 1 bottom, 2 context peaks
+#ifdef EMULATE
+    int64_t* shared_keys = (int64_t*)emu_smem;
+#else
+    extern __shared__ __align__(16) unsigned char insert_smem[];
+    int64_t* shared_keys = (int64_t*)insert_smem;
+#endif
+    const Ranked& r = blockIdx.y == 0 ? p.top : blockIdx.y == 1 ? p.bottom : p.ctx;
     const int64_t n = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (n >= N) return;
-    for (int64_t c0 = 0; c0 < n_ctx; c0 += CTX_STAGE) {
-        int64_t keys[CTX_STAGE];
+    if (!r.keys || (blockIdx.y < 2 && !p.cap) || n >= p.N) return;  // no barrier below: threads may leave
+    const bool staged = r.k * (int64_t)blockDim.x * 8 <= smem;
+    ColumnKeys col{r.keys + n, staged ? shared_keys + threadIdx.x : r.keys + n,
+                   staged ? (int64_t)blockDim.x : p.N, r.k, p.N, staged, false};
+    if (blockIdx.y < 2) {
+        for (int64_t i = r.start[n]; i < r.start[n + 1]; ++i) col.add(r.sorted[i]);
+    } else {
+        for (int64_t c0 = 0; c0 < p.n_ctx; c0 += CTX_STAGE) {  // CTX_STAGE contexts' keys loaded at once
+            int64_t keys[CTX_STAGE];
 #pragma unroll
-        for (int u = 0; u < CTX_STAGE; ++u) keys[u] = c0 + u < n_ctx ? c_key[(c0 + u) * N + n] : EMPTY_KEY;
+            for (int u = 0; u < CTX_STAGE; ++u) keys[u] = c0 + u < p.n_ctx ? p.c_key[(c0 + u) * p.N + n] : EMPTY_KEY;
 #pragma unroll
-        for (int u = 0; u < CTX_STAGE; ++u) {
-            if (keys[u] != EMPTY_KEY) insert(r.keys, r.k, N, n, keys[u]);
+            for (int u = 0; u < CTX_STAGE; ++u) {
+                if (keys[u] != EMPTY_KEY) col.add(keys[u]);
+            }
         }
     }
+    col.store();
 }
 
 extern "C" int64_t layer_smem_bytes(int32_t nb) {
@@ -405,13 +485,15 @@ extern "C" int layer_update(Params* pp, int dtype, void* stream) {  // dtype: X_
     const unsigned gx = (unsigned)((p.N + COLS - 1) / COLS);
     const int64_t row_blocks = layer_row_blocks(p.n_ctx, p.per_block);
     const unsigned per_col = (unsigned)((p.N + 255) / 256);
+    int64_t max_k = p.ctx.keys ? p.ctx.k : 0;  // keys_insert stages this many keys a column in shared memory
+    if (p.cap && p.top.k > max_k) max_k = p.top.k;
+    if (p.cap && p.bottom.k > max_k) max_k = p.bottom.k;
+    const int64_t insert_smem = max_k * INSERT_THREADS * 8 <= INSERT_SMEM ? max_k * INSERT_THREADS * 8 : 0;
+    const unsigned group_blocks = (unsigned)((p.cap + 255) / 256 < GROUP_BLOCKS ? (p.cap + 255) / 256 : GROUP_BLOCKS);
 #ifdef EMULATE
-    if (p.cap) { *p.top.count = 0; *p.bottom.count = 0; }
+    if (p.zero_bytes) memset(p.zero, 0, (size_t)p.zero_bytes);
 #else
-    if (p.cap) {
-        cudaMemsetAsync(p.top.count, 0, 8, (cudaStream_t)stream);
-        cudaMemsetAsync(p.bottom.count, 0, 8, (cudaStream_t)stream);
-    }
+    if (p.zero_bytes) cudaMemsetAsync(p.zero, 0, (size_t)p.zero_bytes, (cudaStream_t)stream);
     const cudaFuncAttribute smem_max = cudaFuncAttributeMaxDynamicSharedMemorySize;
     cudaError_t e = dtype == X_BFLOAT16 ? cudaFuncSetAttribute(layer_kernel<X_BFLOAT16>, smem_max, (int)smem)
                   : dtype == X_FLOAT16 ? cudaFuncSetAttribute(layer_kernel<X_FLOAT16>, smem_max, (int)smem)
@@ -424,9 +506,13 @@ extern "C" int layer_update(Params* pp, int dtype, void* stream) {  // dtype: X_
     if (p.counts) LAUNCH(hist_reduce, (unsigned)((p.N * p.nb + 255) / 256), 1, 256, 0, p, row_blocks);
     if (p.mean) LAUNCH(moments_combine, per_col, 1, 256, 0, p);
     if (p.cap) {
-        LAUNCH(topk_insert, per_col, 1, 256, 0, p.top, p.N, p.cap);
-        LAUNCH(topk_insert, per_col, 1, 256, 0, p.bottom, p.N, p.cap);
+        LAUNCH(cand_count, group_blocks, 2, 256, 0, p.top, p.bottom, p.cap);
+        LAUNCH(cand_scan, 2, 1, SCAN_THREADS, 0, p.top, p.bottom, p.N);
+        LAUNCH(cand_scatter, group_blocks, 2, 256, 0, p.top, p.bottom, p.cap);
     }
-    if (p.ctx.keys) LAUNCH(context_insert, per_col, 1, 256, 0, p.ctx, p.c_key, p.n_ctx, p.N);
+    if (p.cap || p.ctx.keys) {
+        LAUNCH(keys_insert, (unsigned)((p.N + INSERT_THREADS - 1) / INSERT_THREADS), 3, INSERT_THREADS, insert_smem, p,
+               insert_smem);
+    }
     return CHECK();
 }

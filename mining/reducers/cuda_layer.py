@@ -44,8 +44,9 @@ MAX_BINS = 3000
 """Histogram bins a block's shared memory holds (16 columns x bins x 4 B, under the 227 KB of an H100);
 finer bins keep the torch ops."""
 CAP_MARGIN = 32
-"""Candidate lists 32 times the expected count: the inserts scan only the candidates found, so a wide list
-costs 12 bytes an entry and spares the shard a dense re-mine when a batch is lumpy."""
+"""Candidate lists 32 times the expected count: the kernels read only the candidates found, so a wide list
+costs 20 bytes an entry (key, column, and its grouped copy) and spares the shard a dense re-mine when a batch
+is lumpy."""
 X_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 """The activations' dtypes the kernel reads, and its codes for them (X_FLOAT32, X_BFLOAT16, X_FLOAT16)."""
 DLA_ROWS = 512
@@ -55,7 +56,8 @@ DLA_ROWS = 512
 class Ranked(ctypes.Structure):
     _fields_ = [("keys", ctypes.c_void_p), ("floor", ctypes.c_void_p), ("k", ctypes.c_int64),
                 ("cand_key", ctypes.c_void_p), ("cand_col", ctypes.c_void_p), ("count", ctypes.c_void_p),
-                ("overflow", ctypes.c_void_p)]
+                ("overflow", ctypes.c_void_p), ("fill", ctypes.c_void_p), ("start", ctypes.c_void_p),
+                ("sorted", ctypes.c_void_p)]
 
 
 class Params(ctypes.Structure):
@@ -72,7 +74,7 @@ class Params(ctypes.Structure):
                 ("c_active", ctypes.c_void_p), ("c_key", ctypes.c_void_p),
                 ("mean", ctypes.c_void_p), ("m2", ctypes.c_void_p), ("m3", ctypes.c_void_p), ("m4", ctypes.c_void_p),
                 ("vmin", ctypes.c_void_p), ("vmax", ctypes.c_void_p), ("n_active", ctypes.c_void_p),
-                ("n_before", ctypes.c_double)]
+                ("n_before", ctypes.c_double), ("zero", ctypes.c_void_p), ("zero_bytes", ctypes.c_int64)]
 
 
 _lib: dict[str, object] = {}
@@ -216,6 +218,7 @@ def _ranked(t, cap: int, ws: Workspace | None, prefix: str) -> Ranked:
         r.floor = t.floor.data_ptr()
     if cap and ws is not None:
         r.cand_key, r.cand_col, r.count = ws.ptr(prefix + "key"), ws.ptr(prefix + "col"), ws.ptr(prefix + "count")
+        r.fill, r.start, r.sorted = ws.ptr(prefix + "fill"), ws.ptr(prefix + "start"), ws.ptr(prefix + "sorted")
         r.overflow = t.overflow_buffer(t.keys.device).data_ptr()
     return r
 
@@ -249,13 +252,18 @@ def layer_pass(x: torch.Tensor, layout: Layout, top, bottom, contexts, histogram
     cap = 0 if not caps or any(c is None for c in caps) else max(caps)
     per_block = max(PER_BLOCK, -(-C // MAX_ROW_BLOCKS))
     rb = lib.layer_row_blocks(C, per_block)
-    sizes = {name: C * N * 8 for name in ("c_mean", "c_m2", "c_m3", "c_m4", "c_key")}
+    sizes = {}
+    if cap:  # first, one span the library zeroes: the candidate counts, and the counts per column
+        for prefix in ("top_", "bot_"):
+            sizes.update({prefix + "count": 8, prefix + "fill": N * 4})
+    sizes.update({name: C * N * 8 for name in ("c_mean", "c_m2", "c_m3", "c_m4", "c_key")})
     sizes.update({name: C * N * 4 for name in ("c_min", "c_max", "c_active")})
     if histogram is not None:
         sizes["hist_part"] = rb * N * histogram.bins.n_bins * 4
     if cap:
         for prefix in ("top_", "bot_"):
-            sizes.update({prefix + "key": cap * 8, prefix + "col": cap * 4, prefix + "count": 8})
+            sizes.update({prefix + "key": cap * 8, prefix + "col": cap * 4, prefix + "start": (N + 1) * 4,
+                          prefix + "sorted": cap * 8})
     ws = Workspace(sizes, dev)
     p = Params(x=x.data_ptr(), tok=layout.tok.data_ptr(), first=layout.first.data_ptr(),
                ctx_count=layout.counts.data_ptr(), M=M, N=N, T=layout.T, n_ctx=C, per_block=per_block, cap=cap)
@@ -263,6 +271,7 @@ def layer_pass(x: torch.Tensor, layout: Layout, top, bottom, contexts, histogram
         setattr(p, name, ws.ptr(name))
     if cap:
         p.top, p.bottom = _ranked(top, cap, ws, "top_"), _ranked(bottom, cap, ws, "bot_")
+        p.zero, p.zero_bytes = ws.ptr("top_count"), ws.ptr("bot_fill") + N * 4 - ws.ptr("top_count")
     if contexts is not None:
         p.ctx = _ranked(contexts.top, 0, None, "")
     if histogram is not None:
