@@ -297,6 +297,8 @@ __device__ __forceinline__ void pebay(double& na, double& mean, double& m2, doub
 }
 
 #define PREFETCH 4
+#define COLUMN_THREADS 32  // a block, where a thread owns a column: 1,536 columns then use 48 SMs, not 6
+
 
 __global__ void moments_combine(Params p) {
     const int64_t n = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -343,7 +345,7 @@ __global__ void moments_combine(Params p) {
 
 #define GROUP_BLOCKS 1024
 #define SCAN_THREADS 256
-#define INSERT_THREADS 64
+#define INSERT_THREADS COLUMN_THREADS
 #define INSERT_SMEM (48 * 1024)
 
 __device__ __forceinline__ int64_t listed(const Ranked& r, int64_t cap) {
@@ -484,7 +486,7 @@ extern "C" int layer_update(Params* pp, int dtype, void* stream) {  // dtype: X_
     const int64_t smem = layer_smem_bytes(p.counts ? p.nb : 0);
     const unsigned gx = (unsigned)((p.N + COLS - 1) / COLS);
     const int64_t row_blocks = layer_row_blocks(p.n_ctx, p.per_block);
-    const unsigned per_col = (unsigned)((p.N + 255) / 256);
+    const unsigned per_col = (unsigned)((p.N + COLUMN_THREADS - 1) / COLUMN_THREADS);
     int64_t max_k = p.ctx.keys ? p.ctx.k : 0;  // keys_insert stages this many keys a column in shared memory
     if (p.cap && p.top.k > max_k) max_k = p.top.k;
     if (p.cap && p.bottom.k > max_k) max_k = p.bottom.k;
@@ -504,15 +506,14 @@ extern "C" int layer_update(Params* pp, int dtype, void* stream) {  // dtype: X_
     else if (dtype == X_FLOAT16) LAUNCH(layer_kernel<X_FLOAT16>, gx, (unsigned)row_blocks, THREADS, smem, p);
     else LAUNCH(layer_kernel<X_FLOAT32>, gx, (unsigned)row_blocks, THREADS, smem, p);
     if (p.counts) LAUNCH(hist_reduce, (unsigned)((p.N * p.nb + 255) / 256), 1, 256, 0, p, row_blocks);
-    if (p.mean) LAUNCH(moments_combine, per_col, 1, 256, 0, p);
+    if (p.mean) LAUNCH(moments_combine, per_col, 1, COLUMN_THREADS, 0, p);
     if (p.cap) {
         LAUNCH(cand_count, group_blocks, 2, 256, 0, p.top, p.bottom, p.cap);
         LAUNCH(cand_scan, 2, 1, SCAN_THREADS, 0, p.top, p.bottom, p.N);
         LAUNCH(cand_scatter, group_blocks, 2, 256, 0, p.top, p.bottom, p.cap);
     }
     if (p.cap || p.ctx.keys) {
-        LAUNCH(keys_insert, (unsigned)((p.N + INSERT_THREADS - 1) / INSERT_THREADS), 3, INSERT_THREADS, insert_smem, p,
-               insert_smem);
+        LAUNCH(keys_insert, per_col, 3, INSERT_THREADS, insert_smem, p, insert_smem);
     }
     return CHECK();
 }
