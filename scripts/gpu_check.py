@@ -23,14 +23,17 @@ Stages (--stages, comma-separated), each reported even if another fails:
   bench_auto    the same at `--batch-size auto` (compute.batch_size: auto: the batch that fills the device)
   miner         ShardMiner on a tiny random Llama on the device against the CPU, and the host syncs
                 left while it mines (torch.cuda.set_sync_debug_mode)
-  profile       torch.profiler over the bench's mining variant: device and host time by op (profile.txt)
+  profile       torch.profiler over the bench's mining variant: device and host time by op (profile.txt), the
+                device's busy fraction and longest idle gaps, the trace (trace.json.gz)
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -386,7 +389,39 @@ def profile(dev: torch.device, model: Path, out: Path, tokens: int = 131072) -> 
     host_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
     (out / "profile.txt").write_text(device_table + "\n\n" + host_table)
     print(device_table[-6000:], flush=True)
-    return {"tokens": work.n_tokens, "remined": miner.remined}
+    trace = out / "trace.json"
+    prof.export_chrome_trace(str(trace))  # chrome://tracing or ui.perfetto.dev
+    with open(trace, "rb") as f, gzip.open(str(trace) + ".gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    trace.unlink()
+    return {"tokens": work.n_tokens, "remined": miner.remined, **timeline(prof.events(), dev.type == "cuda")}
+
+
+def timeline(events, on_device: bool, top: int = 12) -> dict:
+    """How much of the profiled span the device was busy, and its longest idle gaps with the kernels on either
+    side: whatever keeps the GPU waiting (host work, a sync, a slow launch) shows up here, not in per-kernel
+    tables. On the CPU (a dry run) the same over the host's ops."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                   if (e.device_type == DeviceType.CUDA) == on_device and e.time_range.end > e.time_range.start)
+    if not spans:
+        return {"busy_fraction": None}
+    gaps, busy, (lo, end, last) = [], 0.0, spans[0]
+    start = lo
+    for a, b, name in spans[1:]:
+        if a > end:
+            busy += end - start
+            gaps.append((a - end, last, name))
+            start = a
+        if b > end:
+            end, last = b, name
+    busy += end - start
+    gaps.sort(reverse=True)
+    idle = sum(g for g, _, _ in gaps)
+    return {"busy_fraction": busy / (end - lo), "span_ms": (end - lo) / 1e3, "idle_ms": idle / 1e3,
+            "idle_in_gaps_over_100us_ms": sum(g for g, _, _ in gaps if g > 100) / 1e3,
+            "longest_gaps": [{"us": round(g, 1), "after": a[:80], "before": b[:80]} for g, a, b in gaps[:top]]}
 
 
 @stage("model")
