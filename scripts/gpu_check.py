@@ -472,6 +472,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(a.device)
     REPORT["env"] = {"torch": torch.__version__, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+    if dev.type == "cuda":  # built with nvcc and passed its first-use check (cuda_layer.proves_itself), or the torch ops
+        from mining.reducers import cuda_layer
+
+        t0 = time.perf_counter()
+        REPORT["env"]["cuda_layer"] = {"nvcc": cuda_layer.nvcc(), "trusted": cuda_layer.library(dev) is not None,
+                                       "build_and_check_s": round(time.perf_counter() - t0, 1)}
     print(REPORT["env"], flush=True)
     os.environ["MINING_DEVICE_PATH"] = "1"  # the CPU reference runs unset it; on a GPU it changes nothing
     os.environ["MINING_KERNELS"] = "torch"  # CPU references on the torch code (bit-identical; no numba compile)

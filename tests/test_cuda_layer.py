@@ -145,6 +145,32 @@ def test_candidates_grouped_by_column(emulated, monkeypatch):
     assert int(got[0].keys[0, 7] >> 31) > 0 and (got[0].keys[:, 7] >> 31).unique().numel() == 8
 
 
+class NoKernel:
+    """A library that launches nothing (or fails to): what a miscompile or a wrong driver might amount to."""
+
+    def __init__(self, error: int = 0):
+        self.error = error
+
+    def layer_update(self, params, dtype, stream) -> int:
+        return self.error
+
+    def layer_row_blocks(self, n_ctx, per_block) -> int:
+        return (n_ctx + per_block - 1) // per_block
+
+
+def test_the_kernel_proves_itself_before_it_is_trusted(monkeypatch, capsys):
+    """On a GPU the first use runs proves_itself: the built library is kept only if five small hostile batches
+    leave the CPU reducers' states; one that does nothing, or whose launches fail, gives the torch ops."""
+    real = cuda_layer._build(emulate=True)
+    for lib, kept in ((real, True), (NoKernel(), False), (NoKernel(error=35), False)):
+        monkeypatch.setattr(cuda_layer, "_lib", {})
+        monkeypatch.setattr(cuda_layer, "_build", lambda emulate, lib=lib: lib)
+        assert (cuda_layer.library(torch.device("cpu")) is lib) == kept
+        said = capsys.readouterr().err
+        assert ("failed its check" in said) != kept, said
+    assert "CUDA error 35" in said
+
+
 def test_a_full_candidate_list_is_flagged(emulated, monkeypatch):
     x, toks = data(2, 4, 10, 20, torch.float32)
     monkeypatch.setattr(TopK, "sparse_capacity", lambda self, M, N, margin=4: 2 if self.seen else None)

@@ -24,8 +24,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -142,11 +144,83 @@ def _build(emulate: bool) -> ctypes.CDLL | None:
     return so
 
 
-def library():
+def library(dev: torch.device | None = None):
+    """The built kernel, or None (the torch ops stay). On a GPU it must first pass `proves_itself` on `dev`."""
     key = "emulate" if emulated() else "cuda"
     if key not in _lib:
         _lib[key] = _build(emulated())
+        if _lib[key] is not None and key == "cuda" and not proves_itself(dev or torch.device("cuda")):
+            _lib[key] = None
     return _lib[key]
+
+
+@contextmanager
+def _cpu_reference() -> Iterator[None]:
+    """The CPU reducers' own torch code for the block (no device path, no numba compile)."""
+    saved = {name: os.environ.get(name) for name in ("MINING_DEVICE_PATH", "MINING_KERNELS")}
+    os.environ.pop("MINING_DEVICE_PATH", None)
+    os.environ["MINING_KERNELS"] = "torch"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def proves_itself(dev: torch.device) -> bool:
+    """The kernel's first use in a process: five small batches with ties, NaN and infinities (dense first, then
+    through the candidate lists) must leave the states the CPU reducers leave: keys and counts bit for bit, moments
+    to 1e-9. A library built for the wrong driver, or miscompiled, then costs one line on stderr and the torch ops,
+    not a crash or a wrong result. A few milliseconds, once."""
+    from . import ContextTopK, Histogram, HistogramBins, Moments, TopK
+
+    gen = torch.Generator().manual_seed(0)
+    B, T, N, k = 15, 40, 37, 2  # 37 columns: a partial block
+    x = (torch.randn(B, T, N, generator=gen) * 3).round(decimals=1)  # ties
+    flat = x.view(-1)
+    flat[::97], flat[::89], flat[::83] = float("nan"), float("inf"), float("-inf")
+    toks = np.arange(B * T, dtype=np.int64).reshape(B, T) * 2 + 5
+    toks[:, 0] = -1  # unmined first positions
+    toks[4] = -1  # a context with nothing mined
+    batches = [slice(lo, lo + 3) for lo in range(0, B, 3)]
+
+    def fresh():
+        return TopK(k), TopK(k, largest=False), ContextTopK(k), Histogram(HistogramBins()), Moments()
+
+    try:
+        got = fresh()
+        xd = x.to(dev)
+        for sl in batches:
+            tok = torch.from_numpy(np.ascontiguousarray(toks[sl])).to(dev)
+            layer_pass(xd[sl].reshape(-1, N).contiguous(), Layout.of_grid(toks[sl], tok), *got)
+        top, bottom, ctx, hist, mom = got
+        ref = fresh()
+        with _cpu_reference():
+            for sl in batches:
+                xb, tb = x[sl], torch.from_numpy(toks[sl])
+                mined = tb >= 0
+                ref[0].update(xb[mined], tb[mined], check=False)
+                ref[1].update(xb[mined], tb[mined], check=False)
+                ref[2].update(xb, tb, check=False, rising=True)
+                ref[3].update(xb[mined])
+                ref[4].update(xb[mined])
+        same = not top.overflowed() and not bottom.overflowed()
+        same &= all(torch.equal(a.cpu(), b) for a, b in ((top.keys, ref[0].keys), (bottom.keys, ref[1].keys),
+                                                          (ctx.top.keys, ref[2].top.keys)))
+        same &= torch.equal(hist.finalize().cpu(), ref[3].finalize())
+        a, b = mom.finalize(), ref[4].finalize()
+        same &= all(np.array_equal(a[key], b[key], equal_nan=True) for key in ("count", "frac_active", "min", "max"))
+        same &= all(np.allclose(a[key], b[key], rtol=1e-9, atol=1e-12, equal_nan=True) for key in ("mean", "std"))
+        if not same:
+            raise ValueError("its states differ from the CPU reducers'")
+        return True
+    except Exception as e:  # noqa: BLE001 - whatever went wrong, the torch ops are the safe answer
+        print(f"cuda_layer: the kernel failed its check on {dev} ({type(e).__name__}: {e}); torch ops instead",
+              file=sys.stderr)
+        return False
 
 
 def usable(x: torch.Tensor, histogram=None) -> bool:
@@ -158,7 +232,7 @@ def usable(x: torch.Tensor, histogram=None) -> bool:
         return False
     if not x.is_contiguous() or not (x.is_cuda or (emulated() and device.forced())):
         return False
-    return library() is not None
+    return library(x.device) is not None
 
 
 @dataclass(frozen=True)
