@@ -2,7 +2,8 @@
 service targets. The emulated tests compile the same file with g++, which never sees the device-only code
 (intrinsics, atomics, the launches, templates as nvcc's front end reads them). Here ptxas must report every
 activation dtype's layer kernel and no kernel using the stack (spills, or a parameter copied to local
-memory), and the library must export what cuda_layer.py calls. `.ci/run` sets MINING_REQUIRE_NVCC, so there a missing nvcc fails instead of skipping."""
+memory), and the library must export what cuda_layer.py calls. `.ci/run` sets MINING_REQUIRE_NVCC, so there a
+missing nvcc fails instead of skipping."""
 
 import ctypes
 import os

@@ -369,10 +369,12 @@ __global__ void cand_count(Ranked top, Ranked bottom, int64_t cap) {  // grid y:
     const Ranked r = pick(top, bottom, blockIdx.y);
     const int64_t m = listed(r, cap), step = (int64_t)gridDim.x * blockDim.x;
     if (blockIdx.x == 0 && threadIdx.x == 0 && *r.count > (unsigned long long)cap) *r.overflow = 1;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < m; i += step) atomicAdd(&r.fill[r.cand_col[i]], 1);
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < m; i += step) {
+        atomicAdd(&r.fill[r.cand_col[i]], 1);
+    }
 }
 
-__global__ void cand_scan(Ranked top, Ranked bottom, int64_t N) {  // one block per list: start = the counts' prefix sums
+__global__ void cand_scan(Ranked top, Ranked bottom, int64_t N) {  // a block a list: start = the counts' prefix sums
     __shared__ int32_t part[SCAN_THREADS];
     const Ranked r = pick(top, bottom, blockIdx.x);
     const int tid = threadIdx.x;

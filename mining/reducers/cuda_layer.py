@@ -7,11 +7,12 @@ shared memory, per-context moments and peaks, the few top/bottom candidates), th
 fold those into the reducers' tensors: one library call per layer, no torch op in between. The states are
 the ones the other paths leave (keys and counts bit for bit, moments to rounding).
 
-The kernel is compiled with nvcc on first use (cached under ~/.cache/activation-mining/cuda) and called
-through ctypes on torch's current stream. nvcc is the one on PATH or in /usr/local/cuda, else the one the
-nvidia-cuda-nvcc wheel installs (`pip install activation-mining[cuda]`) when its CUDA major version is
-torch's. Without nvcc, or with MINING_CUDA_LAYER=0, the caller keeps the torch ops. MINING_CUDA_EMULATE=1 (with MINING_DEVICE_PATH=1) builds it for the CPU instead: one std::thread
-per CUDA thread, for the tests.
+The kernel is compiled with nvcc on first use (cached under ~/.cache/activation-mining/cuda), checked on
+the device against the CPU reducers (`proves_itself`), and called through ctypes on torch's current stream.
+nvcc is the one on PATH or in /usr/local/cuda, else the one the nvidia-cuda-nvcc wheel installs (`pip install
+activation-mining[cuda]`) when its CUDA major version is torch's. Without nvcc, after a failed build or check,
+or with MINING_CUDA_LAYER=0, the caller keeps the torch ops. MINING_CUDA_EMULATE=1 (with MINING_DEVICE_PATH=1)
+builds it for the CPU instead: one std::thread per CUDA thread, for the tests.
 """
 
 from __future__ import annotations
