@@ -385,7 +385,12 @@ def machine(work: Workload | None, cfg: BenchConfig) -> dict[str, Any]:
             "python": platform.python_version(), "platform": platform.platform(),
             "dtype": cfg.dtype, "device": str(work.loaded.device) if work else cfg.device}
     if work and work.loaded.device.type == "cuda":
+        from .reducers import cuda_layer
+
         info["gpu"] = torch.cuda.get_device_name(work.loaded.device)
+        # the reducers' path on the device: the CUDA kernel (built and past its first-use check), or the torch ops
+        kernel = os.environ.get("MINING_CUDA_LAYER") != "0" and cuda_layer.library(work.loaded.device) is not None
+        info["gpu_reducers"] = "cuda kernel" if kernel else "torch ops"
     return info
 
 
@@ -467,7 +472,8 @@ def format_report(r: dict[str, Any]) -> str:
     m, c = r["machine"], r.get("config")
     where = f"{m['dtype']} on {m['device']}" if m.get("device") else "no model"
     out.append(f"machine: {m['cpu']} ({m['cpus_usable']} usable of {m['cpu_count']} CPUs), torch {m['torch']}, "
-               f"{m['threads']} threads, {where}" + (f", {m['gpu']}" if m.get("gpu") else ""))
+               f"{m['threads']} threads, {where}" + (f", {m['gpu']}" if m.get("gpu") else "")
+               + (f" ({m['gpu_reducers']})" if m.get("gpu_reducers") else ""))
     if c:
         auto = " (auto)" if c.get("batch_fit") else ""
         out.append(f"workload: {c['model']}, {c['tokens']:,} tokens of {c['corpus']}, batch {c['batch_size']}{auto} x "

@@ -125,3 +125,25 @@ def test_bad_input(capsys, args, message):
     assert main(["bench", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(message)
+
+
+def test_machine_names_the_gpu_reducers(monkeypatch):
+    """On a GPU the report says which path the reducers took: the CUDA kernel, or the torch ops (no nvcc, a failed
+    build or first-use check, MINING_CUDA_LAYER=0), so a figure is never read as the kernel's by mistake."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mining.bench import BenchConfig, machine
+    from mining.reducers import cuda_layer
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "A GPU")
+    work = SimpleNamespace(loaded=SimpleNamespace(device=torch.device("cuda", 0)))
+    for lib, env, said in ((object(), None, "cuda kernel"), (None, None, "torch ops"), (object(), "0", "torch ops")):
+        monkeypatch.setattr(cuda_layer, "library", lambda dev=None, lib=lib: lib)
+        if env is None:
+            monkeypatch.delenv("MINING_CUDA_LAYER", raising=False)
+        else:
+            monkeypatch.setenv("MINING_CUDA_LAYER", env)
+        info = machine(work, BenchConfig())
+        assert info["gpu"] == "A GPU" and info["gpu_reducers"] == said
