@@ -173,55 +173,58 @@ def _cpu_reference() -> Iterator[None]:
 
 def proves_itself(dev: torch.device) -> bool:
     """The kernel's first use in a process: five small batches with ties, NaN and infinities (dense first, then
-    through the candidate lists) must leave the states the CPU reducers leave: keys and counts bit for bit, moments
-    to 1e-9. A library built for the wrong driver, or miscompiled, then costs one line on stderr and the torch ops,
-    not a crash or a wrong result. A few milliseconds, once."""
-    from . import ContextTopK, Histogram, HistogramBins, Moments, TopK
-
+    through the candidate lists), in each dtype it reads, must leave the states the CPU reducers leave: keys and
+    counts bit for bit, moments to 1e-9. A library built for the wrong driver, or miscompiled, then costs one line
+    on stderr and the torch ops, not a crash or a wrong result. A few milliseconds, once."""
     gen = torch.Generator().manual_seed(0)
-    B, T, N, k = 15, 40, 37, 2  # 37 columns: a partial block
+    B, T, N = 15, 40, 37  # 37 columns: a partial block
     x = (torch.randn(B, T, N, generator=gen) * 3).round(decimals=1)  # ties
     flat = x.view(-1)
     flat[::97], flat[::89], flat[::83] = float("nan"), float("inf"), float("-inf")
     toks = np.arange(B * T, dtype=np.int64).reshape(B, T) * 2 + 5
     toks[:, 0] = -1  # unmined first positions
     toks[4] = -1  # a context with nothing mined
-    batches = [slice(lo, lo + 3) for lo in range(0, B, 3)]
-
-    def fresh():
-        return TopK(k), TopK(k, largest=False), ContextTopK(k), Histogram(HistogramBins()), Moments()
-
     try:
-        got = fresh()
-        xd = x.to(dev)
-        for sl in batches:
-            tok = torch.from_numpy(np.ascontiguousarray(toks[sl])).to(dev)
-            layer_pass(xd[sl].reshape(-1, N).contiguous(), Layout.of_grid(toks[sl], tok), *got)
-        top, bottom, ctx, hist, mom = got
-        ref = fresh()
-        with _cpu_reference():
-            for sl in batches:
-                xb, tb = x[sl], torch.from_numpy(toks[sl])
-                mined = tb >= 0
-                ref[0].update(xb[mined], tb[mined], check=False)
-                ref[1].update(xb[mined], tb[mined], check=False)
-                ref[2].update(xb, tb, check=False, rising=True)
-                ref[3].update(xb[mined])
-                ref[4].update(xb[mined])
-        same = not top.overflowed() and not bottom.overflowed()
-        same &= all(torch.equal(a.cpu(), b) for a, b in ((top.keys, ref[0].keys), (bottom.keys, ref[1].keys),
-                                                          (ctx.top.keys, ref[2].top.keys)))
-        same &= torch.equal(hist.finalize().cpu(), ref[3].finalize())
-        a, b = mom.finalize(), ref[4].finalize()
-        same &= all(np.array_equal(a[key], b[key], equal_nan=True) for key in ("count", "frac_active", "min", "max"))
-        same &= all(np.allclose(a[key], b[key], rtol=1e-9, atol=1e-12, equal_nan=True) for key in ("mean", "std"))
-        if not same:
-            raise ValueError("its states differ from the CPU reducers'")
+        for dtype in X_DTYPES:
+            if not _same_states(x.to(dtype), toks, dev):
+                raise ValueError(f"its states differ from the CPU reducers' in {dtype}")
         return True
     except Exception as e:  # noqa: BLE001 - whatever went wrong, the torch ops are the safe answer
         print(f"cuda_layer: the kernel failed its check on {dev} ({type(e).__name__}: {e}); torch ops instead",
               file=sys.stderr)
         return False
+
+
+def _same_states(x: torch.Tensor, toks: np.ndarray, dev: torch.device, k: int = 2) -> bool:
+    """x (B, T, N) on the host, mined by the kernel on dev three contexts a batch and by the CPU reducers."""
+    from . import ContextTopK, Histogram, HistogramBins, Moments, TopK
+
+    def fresh():
+        return TopK(k), TopK(k, largest=False), ContextTopK(k), Histogram(HistogramBins()), Moments()
+
+    batches = [slice(lo, lo + 3) for lo in range(0, x.shape[0], 3)]
+    top, bottom, ctx, hist, mom = got = fresh()
+    xd = x.to(dev)
+    for sl in batches:
+        tok = torch.from_numpy(np.ascontiguousarray(toks[sl])).to(dev)
+        layer_pass(xd[sl].reshape(-1, x.shape[-1]).contiguous(), Layout.of_grid(toks[sl], tok), *got)
+    ref = fresh()
+    with _cpu_reference():
+        for sl in batches:
+            xb, tb = x[sl].float(), torch.from_numpy(toks[sl])
+            mined = tb >= 0
+            ref[0].update(xb[mined], tb[mined], check=False)
+            ref[1].update(xb[mined], tb[mined], check=False)
+            ref[2].update(xb, tb, check=False, rising=True)
+            ref[3].update(xb[mined])
+            ref[4].update(xb[mined])
+    same = not top.overflowed() and not bottom.overflowed()
+    same &= all(torch.equal(a.cpu(), b) for a, b in ((top.keys, ref[0].keys), (bottom.keys, ref[1].keys),
+                                                      (ctx.top.keys, ref[2].top.keys)))
+    same &= torch.equal(hist.finalize().cpu(), ref[3].finalize())
+    a, b = mom.finalize(), ref[4].finalize()
+    same &= all(np.array_equal(a[key], b[key], equal_nan=True) for key in ("count", "frac_active", "min", "max"))
+    return same and all(np.allclose(a[key], b[key], rtol=1e-9, atol=1e-12, equal_nan=True) for key in ("mean", "std"))
 
 
 def usable(x: torch.Tensor, histogram=None) -> bool:
