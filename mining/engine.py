@@ -102,7 +102,7 @@ class HookStats:
         # rows: (M,) the mined positions' flat index into B*T (from the host: no device sync); flat_toks = their toks
         # groups: "by_token" / "by_position" -> (M,) group index of each mined position
         # one pass for the standard set: the GPU kernel, or the CPU kernels (a shard's tok grid rises along each context)
-        if layout is not None and x.ndim == 3 and cuda_layer.usable(x, self.histogram):
+        if layout is not None and x.ndim == 3 and cuda_layer.usable(x):
             cuda_layer.layer_pass(x.view(-1, x.shape[-1]), layout, self.top, self.bottom, self.contexts,
                                   self.histogram, self.moments)
             fused = True

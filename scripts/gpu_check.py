@@ -478,6 +478,8 @@ def main() -> None:
         t0 = time.perf_counter()
         REPORT["env"]["cuda_layer"] = {"nvcc": cuda_layer.nvcc(), "trusted": cuda_layer.library(dev) is not None,
                                        "build_and_check_s": round(time.perf_counter() - t0, 1)}
+        if REPORT["env"]["cuda_layer"]["trusted"]:
+            REPORT["env"]["cuda_layer"]["smem_limit_bytes"] = cuda_layer.smem_limit(dev)
     print(REPORT["env"], flush=True)
     os.environ["MINING_DEVICE_PATH"] = "1"  # the CPU reference runs unset it; on a GPU it changes nothing
     os.environ["MINING_KERNELS"] = "torch"  # CPU references on the torch code (bit-identical; no numba compile)

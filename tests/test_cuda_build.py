@@ -13,9 +13,9 @@ import subprocess
 
 import pytest
 
-from mining.reducers import cuda_layer
+from mining.reducers import HistogramBins, cuda_layer
 
-ARCHES = ("sm_80", "sm_90")  # A100; H100 and H200
+ARCHES = ("sm_75", "sm_80", "sm_89", "sm_90")  # T4; A100; L4, RTX 40xx, L40S; H100 and H200
 WHEEL_CUDA = "13"  # the [cuda] extra's nvidia-cuda-nvcc major version
 
 
@@ -75,6 +75,10 @@ def test_nvcc_builds_the_kernel(compiler, arch, tmp_path):
     so.layer_row_blocks.restype = ctypes.c_int64
     assert so.layer_update is not None
     assert [so.layer_row_blocks(c, 4) for c in (1, 4, 5, 64, 65)] == [1, 1, 2, 16, 17]
+    so.layer_smem_bytes.restype = so.layer_smem_limit.restype = ctypes.c_int64
+    # the default bins' block (645 bins, 45 KB) fits the 48 KB every GPU gives without opting in, which is
+    # also what the library answers where it cannot ask a device
+    assert so.layer_smem_bytes(HistogramBins().n_bins) <= 48 * 1024 == so.layer_smem_limit(0)
 
 
 def test_the_wheel_nvcc_only_for_torch_cuda_major(monkeypatch):

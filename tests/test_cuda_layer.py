@@ -23,9 +23,9 @@ def emulated(monkeypatch):
     assert cuda_layer.library() is not None
 
 
-def reference(x: torch.Tensor, toks: np.ndarray, k: int, batches: list[slice], floor=None):
+def reference(x: torch.Tensor, toks: np.ndarray, k: int, batches: list[slice], floor=None, bins=HistogramBins()):
     """The CPU reducers, fed batch by batch as the miner feeds them."""
-    top, bottom, ctx, hist, mom = TopK(k), TopK(k, largest=False), ContextTopK(k), Histogram(HistogramBins()), Moments()
+    top, bottom, ctx, hist, mom = TopK(k), TopK(k, largest=False), ContextTopK(k), Histogram(bins), Moments()
     if floor is not None:
         top.set_floor(floor[0]), bottom.set_floor(floor[1])
     for sl in batches:
@@ -40,8 +40,9 @@ def reference(x: torch.Tensor, toks: np.ndarray, k: int, batches: list[slice], f
     return top, bottom, ctx, hist, mom
 
 
-def kernel_pass(x: torch.Tensor, toks: np.ndarray, k: int, batches: list[slice], floor=None, rows: int = 0):
-    top, bottom, ctx, hist, mom = TopK(k), TopK(k, largest=False), ContextTopK(k), Histogram(HistogramBins()), Moments()
+def kernel_pass(x: torch.Tensor, toks: np.ndarray, k: int, batches: list[slice], floor=None, rows: int = 0,
+                bins=HistogramBins()):
+    top, bottom, ctx, hist, mom = TopK(k), TopK(k, largest=False), ContextTopK(k), Histogram(bins), Moments()
     if floor is not None:
         top.set_floor(floor[0], rows), bottom.set_floor(floor[1], rows)
     caps = []
@@ -157,6 +158,12 @@ class NoKernel:
     def layer_row_blocks(self, n_ctx, per_block) -> int:
         return (n_ctx + per_block - 1) // per_block
 
+    def layer_smem_bytes(self, n_bins) -> int:
+        return 0
+
+    def layer_smem_limit(self, device) -> int:
+        return 48 * 1024
+
 
 def test_the_kernel_proves_itself_before_it_is_trusted(monkeypatch, capsys):
     """On a GPU the first use runs proves_itself: the built library is kept only if five small hostile batches
@@ -227,12 +234,46 @@ def test_the_miner_with_the_kernel_in_float16(tiny_job, monkeypatch):
     assert torch.float16 in dtypes
 
 
-def test_one_row_block_and_fine_bins(emulated, monkeypatch):
-    """All contexts in one block down the rows (a large batch's bounded partials); bins too fine for the
-    kernel's shared memory keep the torch ops."""
+def test_one_row_block(emulated, monkeypatch):
+    """All contexts in one block down the rows (a large batch's bounded partials)."""
     monkeypatch.setattr(cuda_layer, "MAX_ROW_BLOCKS", 1)
     x, toks = data(4, 9, 20, 21, torch.bfloat16)
     batches = [slice(0, 9)]
     check_same(kernel_pass(x, toks, 2, batches)[0], reference(x, toks, 2, batches))
-    assert not cuda_layer.usable(x, Histogram(HistogramBins(mantissa_bits=8)))
-    assert cuda_layer.usable(x.contiguous(), Histogram(HistogramBins()))
+
+
+class Spy:
+    """The library, with the histogram pointer of each layer_update call noted (0: no histogram in the kernel)."""
+
+    def __init__(self, lib):
+        self.lib, self.counts = lib, []
+
+    def __getattr__(self, name):
+        return getattr(self.lib, name)
+
+    def layer_update(self, params, dtype, stream) -> int:
+        self.counts.append(params._obj.counts or 0)
+        return self.lib.layer_update(params, dtype, stream)
+
+
+@pytest.mark.parametrize("limit, in_kernel", [(64 * 1024, False), (99 * 1024, True)])  # a T4's; an L4's
+def test_bins_too_fine_for_the_device_go_apart(emulated, monkeypatch, limit, in_kernel):
+    """1,285 bins (mantissa_bits 5) need 86 KB of shared memory a block: more than a T4 gives. There the
+    histogram takes the torch ops and the rest stays in the kernel, with the same states; before, the launch
+    failed and the job with it."""
+    bins = HistogramBins(mantissa_bits=5)
+    spy = Spy(cuda_layer.library())
+    monkeypatch.setattr(cuda_layer, "library", lambda dev=None: spy)
+    monkeypatch.setattr(cuda_layer, "smem_limit", lambda dev: limit)
+    assert cuda_layer.histogram_fits(HistogramBins().n_bins, torch.device("cpu"))  # the default, 45 KB: any GPU
+    assert cuda_layer.histogram_fits(bins.n_bins, torch.device("cpu")) == in_kernel
+    x, toks = data(5, 15, 40, 21, torch.bfloat16)
+    batches = [slice(lo, lo + 3) for lo in range(0, 15, 3)]
+    got, caps = kernel_pass(x, toks, 2, batches, bins=bins)
+    check_same(got, reference(x, toks, 2, batches, bins=bins))
+    assert caps[-1] is not None and len(spy.counts) == 5  # the kernel ranked the last batches' candidates
+    assert all(bool(c) == in_kernel for c in spy.counts)
+
+
+def test_the_emulation_answers_as_an_h100(emulated):
+    assert cuda_layer.smem_limit(torch.device("cpu")) == 232448

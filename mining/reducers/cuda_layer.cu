@@ -469,6 +469,19 @@ extern "C" int64_t layer_smem_bytes(int32_t nb) {
     return (int64_t)THREADS * (8 + 4 + 4) + (int64_t)COLS * nb * 4;
 }
 
+extern "C" int64_t layer_smem_limit(int32_t device) {
+    // the most shared memory a block may opt in to: 227 KB on an H100 or H200, 163 KB on an A100, 99 KB on an
+    // RTX 30xx/40xx, A10 or L4, 64 KB on a T4. The emulation answers as an H100.
+#ifdef EMULATE
+    (void)device;
+    return 232448;
+#else
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return 48 * 1024;
+    return v;
+#endif
+}
+
 extern "C" int64_t layer_row_blocks(int64_t n_ctx, int64_t per_block) {
     return (n_ctx + per_block - 1) / per_block;
 }

@@ -43,9 +43,6 @@ PER_BLOCK = 4
 MAX_ROW_BLOCKS = 16
 """At most this many blocks down the rows (more contexts per block beyond): the histogram partials they
 write, row blocks x N x bins int32, stay bounded (16 x 1,536 x 645 x 4 B = 63 MB for SmolLM2)."""
-MAX_BINS = 3000
-"""Histogram bins a block's shared memory holds (16 columns x bins x 4 B, under the 227 KB of an H100);
-finer bins keep the torch ops."""
 CAP_MARGIN = 32
 """Candidate lists 32 times the expected count: the kernels read only the candidates found, so a wide list
 costs 20 bytes an entry (key, column, and its grouped copy) and spares the shard a dense re-mine when a batch
@@ -81,6 +78,7 @@ class Params(ctypes.Structure):
 
 
 _lib: dict[str, object] = {}
+_smem_limit: dict[tuple[str, int], int] = {}
 
 
 def emulated() -> bool:
@@ -142,6 +140,10 @@ def _build(emulate: bool) -> ctypes.CDLL | None:
     so.layer_update.restype = ctypes.c_int
     so.layer_row_blocks.argtypes = [ctypes.c_int64, ctypes.c_int64]
     so.layer_row_blocks.restype = ctypes.c_int64
+    so.layer_smem_bytes.argtypes = [ctypes.c_int32]
+    so.layer_smem_bytes.restype = ctypes.c_int64
+    so.layer_smem_limit.argtypes = [ctypes.c_int32]
+    so.layer_smem_limit.restype = ctypes.c_int64
     return so
 
 
@@ -153,6 +155,21 @@ def library(dev: torch.device | None = None):
         if _lib[key] is not None and key == "cuda" and not proves_itself(dev or torch.device("cuda")):
             _lib[key] = None
     return _lib[key]
+
+
+def smem_limit(dev: torch.device) -> int:
+    """The shared memory a block of the kernel may opt in to on `dev`, in bytes (asked once a device)."""
+    index = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else 0)
+    key = ("emulate" if emulated() else "cuda", index)
+    if key not in _smem_limit:
+        _smem_limit[key] = library(dev).layer_smem_limit(index)
+    return _smem_limit[key]
+
+
+def histogram_fits(n_bins: int, dev: torch.device) -> bool:
+    """Whether the kernel's per-block histogram (16 columns x n_bins x 4 B) fits `dev`'s shared memory: the
+    default 645 bins (45 KB) fit every GPU since Turing; finer ones may not (1,285 bins, 86 KB, on a T4)."""
+    return library(dev).layer_smem_bytes(n_bins) <= smem_limit(dev)
 
 
 @contextmanager
@@ -227,12 +244,9 @@ def _same_states(x: torch.Tensor, toks: np.ndarray, dev: torch.device, k: int = 
     return same and all(np.allclose(a[key], b[key], rtol=1e-9, atol=1e-12, equal_nan=True) for key in ("mean", "std"))
 
 
-def usable(x: torch.Tensor, histogram=None) -> bool:
-    """A contiguous float32/bfloat16/float16 batch on a GPU (or on the CPU under MINING_CUDA_EMULATE=1), and bins
-    that fit the kernel's shared memory."""
+def usable(x: torch.Tensor) -> bool:
+    """A contiguous float32/bfloat16/float16 batch on a GPU (or on the CPU under MINING_CUDA_EMULATE=1)."""
     if os.environ.get("MINING_CUDA_LAYER") == "0" or x.dtype not in X_DTYPES:
-        return False
-    if histogram is not None and histogram.bins.n_bins > MAX_BINS:
         return False
     if not x.is_contiguous() or not (x.is_cuda or (emulated() and device.forced())):
         return False
@@ -319,8 +333,12 @@ def _moments_state(m, N: int, dev: torch.device) -> None:
 def layer_pass(x: torch.Tensor, layout: Layout, top, bottom, contexts, histogram, moments) -> None:
     """x (rows, N) contiguous, rows = contexts x layout.T. top/bottom: TopK (largest, smallest) or None;
     contexts: ContextTopK or None; histogram: Histogram or None; moments: Moments or None. One library
-    call: the kernel's read, then the states updated in place."""
+    call: the kernel's read, then the states updated in place. A histogram too fine for the device's shared
+    memory takes its own torch ops afterwards; the rest stays in the kernel."""
     dev, (M, N) = x.device, x.shape
+    apart = None
+    if histogram is not None and not histogram_fits(histogram.bins.n_bins, dev):
+        apart, histogram = histogram, None
     C = layout.first.shape[0]
     lib = library()
     ranked = [t for t in (top, bottom) if t is not None]
@@ -365,6 +383,8 @@ def layer_pass(x: torch.Tensor, layout: Layout, top, bottom, contexts, histogram
     err = lib.layer_update(ctypes.byref(p), X_DTYPES[x.dtype], stream)
     if err:
         raise RuntimeError(f"cuda_layer: kernel launch failed (CUDA error {err})")
+    if apart is not None:
+        apart.update(x if layout.rows is None else x.index_select(0, layout.rows))
     if moments is not None:
         moments.count += layout.total
     if cap:
