@@ -15,8 +15,8 @@ and name `.gpu` in the device call's carry.
 Stages (--stages, comma-separated), each reported even if another fails:
   kernel_exact  cuda_layer.cu against the CPU reducers, batch by batch, on bf16 and fp16 data with ties, NaN
                 and infinities: top/bottom/context keys and histogram counts bit for bit, moments to 1e-7;
-                and every fp16 bit pattern's float32 image
-  kernel_ops    one layer's pass at the bench's shape, CUDA events
+                and every fp16 bit pattern's float32 image; bf16 again with the float32-pair sums forced
+  kernel_ops    one layer's pass at the bench's shape, CUDA events; with float64 and with float32-pair sums
   exact         the torch-ops device path (reducers/device.py) against the CPU
   ops           per-reducer times of the torch-ops path on one layer's (B*T, N) bf16 batch
   bench         `mine bench` forward, mining, dla on the random SmolLM2, batch 64 x 512
@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -248,7 +249,22 @@ def kernel_exact(dev: torch.device) -> dict:
     ties and NaN; and every float16 bit pattern's image."""
     out = {"bfloat16": kernel_exact_dtype(dev, torch.bfloat16), "float16": kernel_exact_dtype(dev, torch.float16)}
     out["float16_patterns"] = every_float16(dev)
+    with summing(pairs=True):  # the sums of GPUs with slow float64 (T4, L4, RTX), on this one's hardware
+        out["bfloat16_float_pairs"] = kernel_exact_dtype(dev, torch.bfloat16)
     return out
+
+
+@contextmanager
+def summing(pairs: bool):
+    """The kernel's power sums forced to float32 pairs or float64, whatever this device's float64 rate."""
+    from mining.reducers import cuda_layer
+
+    saved = cuda_layer.float_pairs
+    cuda_layer.float_pairs = lambda dev: pairs
+    try:
+        yield
+    finally:
+        cuda_layer.float_pairs = saved
 
 
 def every_float16(dev: torch.device) -> bool:
@@ -354,6 +370,9 @@ def kernel_ops(dev: torch.device) -> dict:
     out = {"layer_pass_ms": timed(settled_pass), "capacity": top.sparse_capacity(B * T, N)}
     # a job's second batch: thresholds from one batch, about k candidates a column (~49k a list) to group and insert
     out["layer_pass_second_batch_ms"] = timed(lambda: settled_pass(1))
+    for pairs in (False, True):  # both ways of summing powers, whichever this device takes by default
+        with summing(pairs):
+            out[f"layer_pass_{'float_pairs' if pairs else 'float64'}_sums_ms"] = timed(settled_pass)
     lean = Histogram(HistogramBins())
     out["kernel_hist_moments_ctx_ms"] = timed(lambda: cuda_layer.layer_pass(x.view(-1, N), layout, None, None, ctx, lean, mom))
     out["x_read_ms_at_3.4TB/s"] = x.numel() * 2 / 3.4e12 * 1e3
@@ -479,7 +498,8 @@ def main() -> None:
         REPORT["env"]["cuda_layer"] = {"nvcc": cuda_layer.nvcc(), "trusted": cuda_layer.library(dev) is not None,
                                        "build_and_check_s": round(time.perf_counter() - t0, 1)}
         if REPORT["env"]["cuda_layer"]["trusted"]:
-            REPORT["env"]["cuda_layer"]["smem_limit_bytes"] = cuda_layer.smem_limit(dev)
+            REPORT["env"]["cuda_layer"].update(smem_limit_bytes=cuda_layer.smem_limit(dev),
+                                               sums="float32 pairs" if cuda_layer.float_pairs(dev) else "float64")
     print(REPORT["env"], flush=True)
     os.environ["MINING_DEVICE_PATH"] = "1"  # the CPU reference runs unset it; on a GPU it changes nothing
     os.environ["MINING_KERNELS"] = "torch"  # CPU references on the torch code (bit-identical; no numba compile)

@@ -1,7 +1,7 @@
 """cuda_layer.cu built by a real nvcc (the nvidia-cuda-nvcc wheel, part of the test extra) for the GPUs the
 service targets. The emulated tests compile the same file with g++, which never sees the device-only code
 (intrinsics, atomics, the launches, templates as nvcc's front end reads them). Here ptxas must report every
-activation dtype's layer kernel and no kernel using the stack (spills, or a parameter copied to local
+activation dtype's layer kernel (each with float64 and float32-pair sums) and no kernel using the stack (spills, or a parameter copied to local
 memory), and the library must export what cuda_layer.py calls. `.ci/run` sets MINING_REQUIRE_NVCC, so there a
 missing nvcc fails instead of skipping."""
 
@@ -63,8 +63,9 @@ def test_nvcc_builds_the_kernel(compiler, arch, tmp_path):
     done = subprocess.run(cuda_layer.compile_command(compiler, flags, out), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     report = ptxas_report(done.stderr)
-    for code in cuda_layer.X_DTYPES.values():  # float32, bfloat16, float16: one instance each
-        assert f"_Z12layer_kernelILi{code}EEv6Params" in report, sorted(report)
+    for code in cuda_layer.X_DTYPES.values():  # float32, bfloat16, float16, each with both ways of summing
+        for sums in ("11Float64Sums", "13FloatPairSums"):
+            assert f"_Z12layer_kernelILi{code}E{sums}Ev6Params" in report, sorted(report)
     for kernel in ("hist_reduce", "moments_combine", "cand_count", "cand_scan", "cand_scatter", "keys_insert"):
         assert any(kernel in name for name in report), (kernel, sorted(report))
     on_stack = {name: r for name, r in report.items() if any(r[1:])}  # local memory: spills, or a copied param
@@ -76,6 +77,7 @@ def test_nvcc_builds_the_kernel(compiler, arch, tmp_path):
     assert so.layer_update is not None
     assert [so.layer_row_blocks(c, 4) for c in (1, 4, 5, 64, 65)] == [1, 1, 2, 16, 17]
     so.layer_smem_bytes.restype = so.layer_smem_limit.restype = ctypes.c_int64
+    assert so.layer_fp64_ratio(0) == 2  # no device to ask: float64 sums, the choice that is exact everywhere
     # the default bins' block (645 bins, 45 KB) fits the 48 KB every GPU gives without opting in, which is
     # also what the library answers where it cannot ask a device
     assert so.layer_smem_bytes(HistogramBins().n_bins) <= 48 * 1024 == so.layer_smem_limit(0)

@@ -81,8 +81,10 @@ def check_same(got, ref, caps=None):
         assert np.array_equal(np.isfinite(a[key]), np.isfinite(b[key])) or key in ("skew", "kurtosis"), key
 
 
+@pytest.mark.parametrize("pairs", [False, True], ids=["float64", "float_pairs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_kernel_equals_the_reducers(dtype, emulated):
+def test_kernel_equals_the_reducers(dtype, pairs, emulated, monkeypatch):
+    monkeypatch.setattr(cuda_layer, "float_pairs", lambda dev: pairs)
     x, toks = data(0, 15, 40, 37, dtype)  # 37 columns: a partial block of 16
     batches = [slice(lo, lo + 3) for lo in range(0, 15, 3)]
     got, caps = kernel_pass(x, toks, 2, batches)
@@ -277,3 +279,34 @@ def test_bins_too_fine_for_the_device_go_apart(emulated, monkeypatch, limit, in_
 
 def test_the_emulation_answers_as_an_h100(emulated):
     assert cuda_layer.smem_limit(torch.device("cpu")) == 232448
+
+
+def wide_ranges(seed: int, B: int, T: int, N: int) -> torch.Tensor:
+    """Columns a float32 pair cannot hold alone: heavy tails, a first value far out (a shift far from the mean),
+    values within 2^-24 of the shift or 2^28 from it, and near-dead SiLU tails around -1e-9."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, N, generator=g) * torch.rand(N, generator=g) * 3
+    x[..., 0] = torch.distributions.StudentT(1.5).sample((B, T)) * 10  # heavy-tailed
+    x[:, 0, 1] = 1e4  # each context's shift far out
+    x[..., 2] = 1.0 + torch.randint(-3, 4, (B, T), generator=g) * 2.0**-26  # within 2^-24 of the shift
+    x[..., 3] = torch.randn(B, T, generator=g) * 1e9  # beyond 2^28
+    x[..., 4] = -1e-9 * (1 + torch.rand(B, T, generator=g))  # dead SiLU tails
+    x[..., 5] = torch.randn(B, T, generator=g) * 1e-30  # denormal-adjacent powers
+    return x
+
+
+def test_float_pairs_agree_with_float64(emulated, monkeypatch):
+    """The float32-pair sums (GPUs with slow float64) against the float64 ones, on columns that push them: mean
+    and std to 1e-9, skew and kurtosis to 1e-7, relative (absolute near zero)."""
+    x = wide_ranges(7, 12, 40, 21)
+    toks = (np.arange(12 * 40).reshape(12, 40) * 2 + 5).astype(np.int64)
+    batches = [slice(lo, lo + 4) for lo in range(0, 12, 4)]
+    states = {}
+    for pairs in (False, True):
+        monkeypatch.setattr(cuda_layer, "float_pairs", lambda dev, pairs=pairs: pairs)
+        states[pairs] = kernel_pass(x, toks, 2, batches)[0][4].finalize()
+    for key, tol in (("mean", 1e-9), ("std", 1e-9), ("skew", 1e-7), ("kurtosis", 1e-7)):
+        a, b = states[False][key], states[True][key]
+        assert np.isfinite(a).all(), key
+        scale = np.maximum(np.abs(a), {"mean": 1e-12, "std": 1e-12}.get(key, 1e-6))
+        assert (np.abs(a - b) / scale).max() < tol, (key, np.abs(a - b) / scale)

@@ -8,7 +8,8 @@
 // striding over a context's rows, so a warp reads two rows of 16 adjacent columns (coalesced). For every
 // mined row it
 //   - counts the value's histogram bin in shared memory (written out per block, summed by hist_reduce),
-//   - sums (x - shift)^p, p = 1..4, in float64 (shift: the context's first mined value), n_active, min, max,
+//   - sums (x - shift)^p, p = 1..4 (shift: the context's first mined value), in float64, or in pairs of float32
+//     on GPUs whose float64 is slow (Sums below), and n_active, min, max,
 //   - tracks the context's peak (highest value, first position on ties) and writes its key if it beats
 //     the column's k-th context key,
 //   - appends (key, column) to the top / bottom candidate lists when its key beats the column's k-th.
@@ -70,7 +71,11 @@ struct Params {
     double n_before;          // rows the running moments hold
     unsigned char* zero;      // scratch zeroed before the kernels (the candidate counts), `zero_bytes` long
     int64_t zero_bytes;
+    int32_t sums;             // SUMS_FLOAT64 or SUMS_FLOAT_PAIRS: how the kernel sums the powers
 };
+
+#define SUMS_FLOAT64 0
+#define SUMS_FLOAT_PAIRS 1
 
 // element types of x: the kernel reads every value as the bits of its float32 image
 #define X_FLOAT32 0
@@ -124,7 +129,66 @@ __device__ __forceinline__ void append(const Ranked& r, int64_t cap, int64_t key
     if (i < (unsigned long long)cap) { r.cand_key[i] = key; r.cand_col[i] = col; }
 }
 
-template <int DTYPE>
+// ---- a lane's power sums (x - shift)^p, p = 1..4 ------------------------------------------------------------
+// In float64 where the GPU runs it at half its float32 rate (A100, H100, H200). Elsewhere (T4, L4, A10, RTX) float64
+// runs at 1/32 to 1/64 of float32, and the seven float64 operations a value would cost more than the rest of the
+// kernel: there each sum is an unevaluated pair of float32 (hi + lo, about 44 bits: Dekker's two-sum, and fma for
+// exact products), which agrees with float64 far below the 1e-9 the first-use check asks. A value whose distance
+// from the shift is outside [2^-24, 2^28) (or infinite), where a pair's parts would underflow or its fourth power
+// overflow, goes to float64 sums beside the pairs: rare, and exact as before.
+
+struct Float64Sums {
+    double s1 = 0, s2 = 0, s3 = 0, s4 = 0;
+    __device__ __forceinline__ void add(float v, float shift) {
+        const double d = (double)v - (double)shift, d2 = d * d;
+        s1 += d; s2 += d2; s3 += d2 * d; s4 += d2 * d2;
+    }
+    __device__ __forceinline__ void totals(double* out) const { out[0] = s1; out[1] = s2; out[2] = s3; out[3] = s4; }
+};
+
+struct Pair { float hi, lo; };
+
+__device__ __forceinline__ Pair two_sum(float a, float b) {  // a + b = hi + lo exactly
+    const float s = a + b, bb = s - a;
+    return {s, (a - (s - bb)) + (b - bb)};
+}
+
+__device__ __forceinline__ Pair fast_two_sum(float a, float b) {  // the same where |a| >= |b|
+    const float s = a + b;
+    return {s, b - (s - a)};
+}
+
+__device__ __forceinline__ Pair pair_mul(Pair a, Pair b) {
+    const float p = a.hi * b.hi;
+    return fast_two_sum(p, fmaf(a.hi, b.hi, -p) + (a.hi * b.lo + a.lo * b.hi));
+}
+
+__device__ __forceinline__ Pair pair_add(Pair a, Pair b) {
+    const Pair s = two_sum(a.hi, b.hi);
+    return fast_two_sum(s.hi, s.lo + (a.lo + b.lo));
+}
+
+struct FloatPairSums {
+    Pair s1 = {0, 0}, s2 = {0, 0}, s3 = {0, 0}, s4 = {0, 0};
+    Float64Sums wide;  // the values out of the pairs' range
+    __device__ __forceinline__ void add(float v, float shift) {
+        const Pair d = two_sum(v, -shift);
+        const float a = fabsf(d.hi);
+        if (!(a < 0x1p28f) || (a < 0x1p-24f && a != 0.0f)) {  // infinite, huge or tiny: float64
+            wide.add(v, shift);
+            return;
+        }
+        const Pair d2 = pair_mul(d, d);
+        s1 = pair_add(s1, d); s2 = pair_add(s2, d2); s3 = pair_add(s3, pair_mul(d2, d)); s4 = pair_add(s4, pair_mul(d2, d2));
+    }
+    __device__ __forceinline__ void totals(double* out) const {
+        const Pair s[4] = {s1, s2, s3, s4};
+        wide.totals(out);
+        for (int i = 0; i < 4; ++i) out[i] += (double)s[i].hi + (double)s[i].lo;
+    }
+};
+
+template <int DTYPE, typename Sums>
 __global__ void layer_kernel(Params p) {
 #ifdef EMULATE
     unsigned char* smem = emu_smem;
@@ -151,12 +215,12 @@ __global__ void layer_kernel(Params p) {
         const int64_t row0 = ctx * p.T;
         const int64_t len = (p.M - row0) < p.T ? (p.M - row0) : p.T;
         const int32_t f = p.first[ctx];
-        double shift = 0.0;
+        float shift = 0.0f;
         if (f >= 0 && col_ok) {
             float v0 = __uint_as_float(load_bits(p.x, (row0 + f) * p.N + n, DTYPE));
-            if (isfinite(v0)) shift = (double)v0;
+            if (isfinite(v0)) shift = v0;
         }
-        double s1 = 0, s2 = 0, s3 = 0, s4 = 0;
+        Sums sums;
         float lo = INFINITY, hi = -INFINITY;
         int32_t act = 0, nan_seen = 0, ppos = 2147483647, po = INT32_LOWEST;
         if (f >= 0 && col_ok) {
@@ -178,8 +242,7 @@ __global__ void layer_kernel(Params p) {
                     const float v = __uint_as_float(b);
                     if (p.counts) atomicAdd(&hist[c * p.nb + bin_of(b, p)], 1);
                     if ((b & 0x7FFFFFFFu) > 0x7F800000u) { nan_seen = 1; continue; }
-                    const double d = (double)v - shift, d2 = d * d;
-                    s1 += d; s2 += d2; s3 += d2 * d; s4 += d2 * d2;
+                    sums.add(v, shift);
                     lo = fminf(lo, v); hi = fmaxf(hi, v);
                     act += v > 0.0f;
                     const int32_t o = ordered(b);
@@ -197,8 +260,8 @@ __global__ void layer_kernel(Params p) {
             }
         }
         // lanes -> lane 0 of each column, one statistic at a time through shared memory
-        double tot[4];
-        const double stat[4] = {s1, s2, s3, s4};
+        double tot[4], stat[4];
+        sums.totals(stat);
         for (int s = 0; s < 4; ++s) {
             red[tid] = stat[s];
             __syncthreads();
@@ -255,7 +318,7 @@ __global__ void layer_kernel(Params p) {
             double mean = 0, m2 = 0, m3 = 0, m4 = 0;
             if (cn > 0) {  // central sums from the shifted ones (the shift is one of the values)
                 const double a = tot[0] / cn;
-                mean = shift + a;
+                mean = (double)shift + a;
                 m2 = tot[1] - tot[0] * a;
                 m3 = tot[2] - 3.0 * a * tot[1] + 2.0 * a * a * tot[0];
                 m4 = tot[3] - 4.0 * a * tot[2] + 6.0 * a * a * tot[1] - 3.0 * a * a * a * tot[0];
@@ -482,6 +545,19 @@ extern "C" int64_t layer_smem_limit(int32_t device) {
 #endif
 }
 
+extern "C" int32_t layer_fp64_ratio(int32_t device) {
+    // how many times slower float64 runs than float32 on the device: 2 on an A100, H100 or H200, 32 on a T4, 64
+    // on an L4, A10 or RTX. The emulation answers as an H100; an error, as one too (float64: the safe choice).
+#ifdef EMULATE
+    (void)device;
+    return 2;
+#else
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrSingleToDoublePrecisionPerfRatio, device) != cudaSuccess || v <= 0) return 2;
+    return v;
+#endif
+}
+
 extern "C" int64_t layer_row_blocks(int64_t n_ctx, int64_t per_block) {
     return (n_ctx + per_block - 1) / per_block;
 }
@@ -495,6 +571,24 @@ extern "C" int64_t layer_row_blocks(int64_t n_ctx, int64_t per_block) {
     kernel<<<dim3(grid_x, grid_y), threads, smem, (cudaStream_t)stream>>>(__VA_ARGS__)
 #define CHECK() (int)cudaGetLastError()
 #endif
+
+template <int DTYPE, typename Sums>
+int launch_layer(const Params& p, unsigned gx, unsigned gy, int64_t smem, void* stream) {
+    void (*kernel)(Params) = layer_kernel<DTYPE, Sums>;
+#ifndef EMULATE
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return (int)e;
+#endif
+    LAUNCH(kernel, gx, gy, THREADS, smem, p);
+    return 0;
+}
+
+template <typename Sums>
+int launch_layer(const Params& p, int dtype, unsigned gx, unsigned gy, int64_t smem, void* stream) {
+    if (dtype == X_BFLOAT16) return launch_layer<X_BFLOAT16, Sums>(p, gx, gy, smem, stream);
+    if (dtype == X_FLOAT16) return launch_layer<X_FLOAT16, Sums>(p, gx, gy, smem, stream);
+    return launch_layer<X_FLOAT32, Sums>(p, gx, gy, smem, stream);
+}
 
 extern "C" int layer_update(Params* pp, int dtype, void* stream) {  // dtype: X_FLOAT32, X_BFLOAT16 or X_FLOAT16
     Params& p = *pp;
@@ -511,15 +605,10 @@ extern "C" int layer_update(Params* pp, int dtype, void* stream) {  // dtype: X_
     if (p.zero_bytes) memset(p.zero, 0, (size_t)p.zero_bytes);
 #else
     if (p.zero_bytes) cudaMemsetAsync(p.zero, 0, (size_t)p.zero_bytes, (cudaStream_t)stream);
-    const cudaFuncAttribute smem_max = cudaFuncAttributeMaxDynamicSharedMemorySize;
-    cudaError_t e = dtype == X_BFLOAT16 ? cudaFuncSetAttribute(layer_kernel<X_BFLOAT16>, smem_max, (int)smem)
-                  : dtype == X_FLOAT16 ? cudaFuncSetAttribute(layer_kernel<X_FLOAT16>, smem_max, (int)smem)
-                                       : cudaFuncSetAttribute(layer_kernel<X_FLOAT32>, smem_max, (int)smem);
-    if (e != cudaSuccess) return (int)e;
 #endif
-    if (dtype == X_BFLOAT16) LAUNCH(layer_kernel<X_BFLOAT16>, gx, (unsigned)row_blocks, THREADS, smem, p);
-    else if (dtype == X_FLOAT16) LAUNCH(layer_kernel<X_FLOAT16>, gx, (unsigned)row_blocks, THREADS, smem, p);
-    else LAUNCH(layer_kernel<X_FLOAT32>, gx, (unsigned)row_blocks, THREADS, smem, p);
+    const int e = p.sums == SUMS_FLOAT_PAIRS ? launch_layer<FloatPairSums>(p, dtype, gx, (unsigned)row_blocks, smem, stream)
+                                             : launch_layer<Float64Sums>(p, dtype, gx, (unsigned)row_blocks, smem, stream);
+    if (e) return e;
     if (p.counts) LAUNCH(hist_reduce, (unsigned)((p.N * p.nb + 255) / 256), 1, 256, 0, p, row_blocks);
     if (p.mean) LAUNCH(moments_combine, per_col, 1, COLUMN_THREADS, 0, p);
     if (p.cap) {

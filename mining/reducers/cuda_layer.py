@@ -74,11 +74,20 @@ class Params(ctypes.Structure):
                 ("c_active", ctypes.c_void_p), ("c_key", ctypes.c_void_p),
                 ("mean", ctypes.c_void_p), ("m2", ctypes.c_void_p), ("m3", ctypes.c_void_p), ("m4", ctypes.c_void_p),
                 ("vmin", ctypes.c_void_p), ("vmax", ctypes.c_void_p), ("n_active", ctypes.c_void_p),
-                ("n_before", ctypes.c_double), ("zero", ctypes.c_void_p), ("zero_bytes", ctypes.c_int64)]
+                ("n_before", ctypes.c_double), ("zero", ctypes.c_void_p), ("zero_bytes", ctypes.c_int64),
+                ("sums", ctypes.c_int32)]
+
+
+SUMS_FLOAT64, SUMS_FLOAT_PAIRS = 0, 1
+"""How the kernel sums a context's powers (cuda_layer.cu, Float64Sums and FloatPairSums)."""
+SLOW_FP64 = 8
+"""A device whose float64 runs this many times slower than its float32, or more, sums in float32 pairs: a T4 (32),
+an L4, A10 or RTX (64); an A100, H100 or H200 (2) keeps float64."""
 
 
 _lib: dict[str, object] = {}
 _smem_limit: dict[tuple[str, int], int] = {}
+_fp64_ratio: dict[tuple[str, int], int] = {}
 
 
 def emulated() -> bool:
@@ -144,6 +153,8 @@ def _build(emulate: bool) -> ctypes.CDLL | None:
     so.layer_smem_bytes.restype = ctypes.c_int64
     so.layer_smem_limit.argtypes = [ctypes.c_int32]
     so.layer_smem_limit.restype = ctypes.c_int64
+    so.layer_fp64_ratio.argtypes = [ctypes.c_int32]
+    so.layer_fp64_ratio.restype = ctypes.c_int32
     return so
 
 
@@ -157,13 +168,25 @@ def library(dev: torch.device | None = None):
     return _lib[key]
 
 
+def _device_key(dev: torch.device) -> tuple[str, int]:
+    index = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else 0)
+    return "emulate" if emulated() else "cuda", index
+
+
 def smem_limit(dev: torch.device) -> int:
     """The shared memory a block of the kernel may opt in to on `dev`, in bytes (asked once a device)."""
-    index = dev.index if dev.index is not None else (torch.cuda.current_device() if dev.type == "cuda" else 0)
-    key = ("emulate" if emulated() else "cuda", index)
+    key = _device_key(dev)
     if key not in _smem_limit:
-        _smem_limit[key] = library(dev).layer_smem_limit(index)
+        _smem_limit[key] = library(dev).layer_smem_limit(key[1])
     return _smem_limit[key]
+
+
+def float_pairs(dev: torch.device) -> bool:
+    """Whether the kernel sums powers in float32 pairs on `dev` (its float64 is slow: SLOW_FP64) or in float64."""
+    key = _device_key(dev)
+    if key not in _fp64_ratio:
+        _fp64_ratio[key] = library(dev).layer_fp64_ratio(key[1])
+    return _fp64_ratio[key] >= SLOW_FP64
 
 
 def histogram_fits(n_bins: int, dev: torch.device) -> bool:
@@ -190,8 +213,8 @@ def _cpu_reference() -> Iterator[None]:
 
 def proves_itself(dev: torch.device) -> bool:
     """The kernel's first use in a process: five small batches with ties, NaN and infinities (dense first, then
-    through the candidate lists), in each dtype it reads, must leave the states the CPU reducers leave: keys and
-    counts bit for bit, moments to 1e-9. A library built for the wrong driver, or miscompiled, then costs one line
+    through the candidate lists), in each dtype it reads and with the sums the device takes (float_pairs), must
+    leave the states the CPU reducers leave: keys and counts bit for bit, moments to 1e-9. A library built for the wrong driver, or miscompiled, then costs one line
     on stderr and the torch ops, not a crash or a wrong result. A few milliseconds, once."""
     gen = torch.Generator().manual_seed(0)
     B, T, N = 15, 40, 37  # 37 columns: a partial block
@@ -362,7 +385,8 @@ def layer_pass(x: torch.Tensor, layout: Layout, top, bottom, contexts, histogram
                           prefix + "sorted": cap * 8})
     ws = Workspace(sizes, dev)
     p = Params(x=x.data_ptr(), tok=layout.tok.data_ptr(), first=layout.first.data_ptr(),
-               ctx_count=layout.counts.data_ptr(), M=M, N=N, T=layout.T, n_ctx=C, per_block=per_block, cap=cap)
+               ctx_count=layout.counts.data_ptr(), M=M, N=N, T=layout.T, n_ctx=C, per_block=per_block, cap=cap,
+               sums=SUMS_FLOAT_PAIRS if float_pairs(dev) else SUMS_FLOAT64)
     for name in ("c_mean", "c_m2", "c_m3", "c_m4", "c_min", "c_max", "c_active", "c_key"):
         setattr(p, name, ws.ptr(name))
     if cap:
