@@ -390,7 +390,8 @@ def machine(work: Workload | None, cfg: BenchConfig) -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(work.loaded.device)
         # the reducers' path on the device: the CUDA kernel (built and past its first-use check), or the torch ops
         kernel = os.environ.get("MINING_CUDA_LAYER") != "0" and cuda_layer.library(work.loaded.device) is not None
-        info["gpu_reducers"] = "cuda kernel" if kernel else "torch ops"
+        sums = "float32-pair" if kernel and cuda_layer.float_pairs(work.loaded.device) else "float64"
+        info["gpu_reducers"] = f"cuda kernel, {sums} sums" if kernel else "torch ops"
     return info
 
 

@@ -129,7 +129,8 @@ def test_bad_input(capsys, args, message):
 
 def test_machine_names_the_gpu_reducers(monkeypatch):
     """On a GPU the report says which path the reducers took: the CUDA kernel, or the torch ops (no nvcc, a failed
-    build or first-use check, MINING_CUDA_LAYER=0), so a figure is never read as the kernel's by mistake."""
+    build or first-use check, MINING_CUDA_LAYER=0), so a figure is never read as the kernel's by mistake; and how the
+    kernel sums the moments' powers (float32 pairs on GPUs with slow float64)."""
     from types import SimpleNamespace
 
     import torch
@@ -139,8 +140,11 @@ def test_machine_names_the_gpu_reducers(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "A GPU")
     work = SimpleNamespace(loaded=SimpleNamespace(device=torch.device("cuda", 0)))
-    for lib, env, said in ((object(), None, "cuda kernel"), (None, None, "torch ops"), (object(), "0", "torch ops")):
+    cases = ((object(), None, False, "cuda kernel, float64 sums"), (object(), None, True, "cuda kernel, float32-pair sums"),
+             (None, None, False, "torch ops"), (object(), "0", False, "torch ops"))
+    for lib, env, pairs, said in cases:
         monkeypatch.setattr(cuda_layer, "library", lambda dev=None, lib=lib: lib)
+        monkeypatch.setattr(cuda_layer, "float_pairs", lambda dev, pairs=pairs: pairs)
         if env is None:
             monkeypatch.delenv("MINING_CUDA_LAYER", raising=False)
         else:
