@@ -302,6 +302,10 @@ class ShardMiner:
             signs: dict[int, dict[str, torch.Tensor]] = {}
 
             def on_activation(point: HookPoint, x: torch.Tensor) -> None:
+                if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+                    # the CPU kernels read float32 (the reducers' own image of these values): one conversion, then
+                    # the single pass, instead of each reducer on its own copy
+                    x = x.float()
                 if point.name in extra:  # a gated MLP's gate or up projection: keep only the signs
                     layer, kind = extra[point.name]
                     signs.setdefault(layer, {})[kind] = mined_rows(x, rows) > 0

@@ -334,3 +334,27 @@ def test_fused_product_equals_the_values_it_stands_for(seed):
         assert torch.equal(a.keys, b.keys)
     for k in ("mean", "m2", "m3", "m4", "n_active", "min", "max"):
         assert torch.equal(getattr(fast[2], k).nan_to_num(7.0), getattr(ref[2], k).nan_to_num(7.0)), k
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_model_on_the_cpu_takes_the_single_pass(dtype, tiny_job, monkeypatch, torch_ops):
+    """A bfloat16 or float16 model on the CPU (bfloat16 runs 2.5-3.7 times faster than float32 on a CPU with AMX):
+    its activations are converted to float32 once and go through the single-pass kernel, and the states are
+    those of the reducers one by one (kernels off), DLA included."""
+    from dataclasses import replace
+
+    from mining import engine
+    from mining.models import load_model
+
+    from test_device import mine_all, same_results
+
+    spec, _, shards = tiny_job
+    spec = replace(spec, model=replace(spec.model, dtype=dtype))
+    loaded = load_model(spec.model)
+    shards = shards[:2]  # the second mined with the first's floors
+    ref = torch_ops(lambda: mine_all(spec, loaded, shards))
+    took = []
+    original = engine.update_hook
+    monkeypatch.setattr(engine, "update_hook", lambda *a, **k: took.append(original(*a, **k)) or took[-1])
+    same_results(mine_all(spec, loaded, shards), ref)
+    assert any(took)  # once the top-k thresholds settle (after the first batches), each hook in one pass
