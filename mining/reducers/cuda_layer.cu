@@ -532,30 +532,28 @@ extern "C" int64_t layer_smem_bytes(int32_t nb) {
     return (int64_t)THREADS * (8 + 4 + 4) + (int64_t)COLS * nb * 4;
 }
 
+// What the host asks of the device: an attribute, or `fallback` where it cannot be asked. The emulation answers as
+// an H100 would.
+#ifdef EMULATE
+#define DEVICE_ATTRIBUTE(attr, device, fallback, h100) ((void)(device), (int64_t)(h100))
+#else
+#define DEVICE_ATTRIBUTE(attr, device, fallback, h100) device_attribute(attr, device, fallback)
+static int64_t device_attribute(cudaDeviceAttr attr, int32_t device, int64_t fallback) {
+    int v = 0;
+    return cudaDeviceGetAttribute(&v, attr, device) == cudaSuccess && v > 0 ? v : fallback;
+}
+#endif
+
 extern "C" int64_t layer_smem_limit(int32_t device) {
     // the most shared memory a block may opt in to: 227 KB on an H100 or H200, 163 KB on an A100, 99 KB on an
-    // RTX 30xx/40xx, A10 or L4, 64 KB on a T4. The emulation answers as an H100.
-#ifdef EMULATE
-    (void)device;
-    return 232448;
-#else
-    int v = 0;
-    if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return 48 * 1024;
-    return v;
-#endif
+    // RTX 30xx/40xx, A10 or L4, 64 KB on a T4; 48 KB, which every GPU gives, where the device cannot be asked
+    return DEVICE_ATTRIBUTE(cudaDevAttrMaxSharedMemoryPerBlockOptin, device, 48 * 1024, 232448);
 }
 
 extern "C" int32_t layer_fp64_ratio(int32_t device) {
-    // how many times slower float64 runs than float32 on the device: 2 on an A100, H100 or H200, 32 on a T4, 64
-    // on an L4, A10 or RTX. The emulation answers as an H100; an error, as one too (float64: the safe choice).
-#ifdef EMULATE
-    (void)device;
-    return 2;
-#else
-    int v = 0;
-    if (cudaDeviceGetAttribute(&v, cudaDevAttrSingleToDoublePrecisionPerfRatio, device) != cudaSuccess || v <= 0) return 2;
-    return v;
-#endif
+    // how many times slower float64 runs than float32: 2 on an A100, H100 or H200, 32 on a T4, 64 on an L4, A10 or
+    // RTX; 2 where the device cannot be asked (then float64, exact everywhere)
+    return (int32_t)DEVICE_ATTRIBUTE(cudaDevAttrSingleToDoublePrecisionPerfRatio, device, 2, 2);
 }
 
 extern "C" int64_t layer_row_blocks(int64_t n_ctx, int64_t per_block) {
