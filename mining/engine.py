@@ -22,7 +22,7 @@ from .errors import UserError
 from .reducers import ContextTopK, Histogram, HistogramBins, Moments, QuantileSamples, TopK
 from .batch import OnHost, make_batch, mined_rows, token_scores
 from .reducers import cuda_layer
-from .reducers.device import download, upload
+from .reducers.device import applies as device_path, download, upload
 from .reducers.fused import update_hook, update_ranked
 from .reducers.layer_kernel import Numerator
 from .reducers.gate_cases import GateCases
@@ -302,7 +302,7 @@ class ShardMiner:
             signs: dict[int, dict[str, torch.Tensor]] = {}
 
             def on_activation(point: HookPoint, x: torch.Tensor) -> None:
-                if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+                if x.dtype in (torch.bfloat16, torch.float16) and not device_path(x):
                     # the CPU kernels read float32 (the reducers' own image of these values): one conversion, then
                     # the single pass, instead of each reducer on its own copy
                     x = x.float()
