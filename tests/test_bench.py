@@ -140,7 +140,8 @@ def test_machine_names_the_gpu_reducers(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "A GPU")
     work = SimpleNamespace(loaded=SimpleNamespace(device=torch.device("cuda", 0)))
-    cases = ((object(), None, False, "cuda kernel, float64 sums"), (object(), None, True, "cuda kernel, float32-pair sums"),
+    cases = ((object(), None, False, "cuda kernel, float64 sums"),
+             (object(), None, True, "cuda kernel, float32-pair sums"),
              (None, None, False, "torch ops"), (object(), "0", False, "torch ops"))
     for lib, env, pairs, said in cases:
         monkeypatch.setattr(cuda_layer, "library", lambda dev=None, lib=lib: lib)

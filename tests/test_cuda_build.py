@@ -1,9 +1,9 @@
 """cuda_layer.cu built by a real nvcc (the nvidia-cuda-nvcc wheel, part of the test extra) for the GPUs the
 service targets. The emulated tests compile the same file with g++, which never sees the device-only code
 (intrinsics, atomics, the launches, templates as nvcc's front end reads them). Here ptxas must report every
-activation dtype's layer kernel (each with float64 and float32-pair sums) and no kernel using the stack (spills, or a parameter copied to local
-memory), and the library must export what cuda_layer.py calls. `.ci/run` sets MINING_REQUIRE_NVCC, so there a
-missing nvcc fails instead of skipping."""
+activation dtype's layer kernel (each with float64 and float32-pair sums) and no kernel using the stack (spills,
+or a parameter copied to local memory), and the library must export what cuda_layer.py calls. `.ci/run` sets
+MINING_REQUIRE_NVCC, so there a missing nvcc fails instead of skipping."""
 
 import ctypes
 import os

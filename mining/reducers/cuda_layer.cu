@@ -179,7 +179,10 @@ struct FloatPairSums {
             return;
         }
         const Pair d2 = pair_mul(d, d);
-        s1 = pair_add(s1, d); s2 = pair_add(s2, d2); s3 = pair_add(s3, pair_mul(d2, d)); s4 = pair_add(s4, pair_mul(d2, d2));
+        s1 = pair_add(s1, d);
+        s2 = pair_add(s2, d2);
+        s3 = pair_add(s3, pair_mul(d2, d));
+        s4 = pair_add(s4, pair_mul(d2, d2));
     }
     __device__ __forceinline__ void totals(double* out) const {
         const Pair s[4] = {s1, s2, s3, s4};
@@ -604,8 +607,9 @@ extern "C" int layer_update(Params* pp, int dtype, void* stream) {  // dtype: X_
 #else
     if (p.zero_bytes) cudaMemsetAsync(p.zero, 0, (size_t)p.zero_bytes, (cudaStream_t)stream);
 #endif
-    const int e = p.sums == SUMS_FLOAT_PAIRS ? launch_layer<FloatPairSums>(p, dtype, gx, (unsigned)row_blocks, smem, stream)
-                                             : launch_layer<Float64Sums>(p, dtype, gx, (unsigned)row_blocks, smem, stream);
+    const unsigned gy = (unsigned)row_blocks;
+    const int e = p.sums == SUMS_FLOAT_PAIRS ? launch_layer<FloatPairSums>(p, dtype, gx, gy, smem, stream)
+                                             : launch_layer<Float64Sums>(p, dtype, gx, gy, smem, stream);
     if (e) return e;
     if (p.counts) LAUNCH(hist_reduce, (unsigned)((p.N * p.nb + 255) / 256), 1, 256, 0, p, row_blocks);
     if (p.mean) LAUNCH(moments_combine, per_col, 1, COLUMN_THREADS, 0, p);

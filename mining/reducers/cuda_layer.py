@@ -214,8 +214,9 @@ def _cpu_reference() -> Iterator[None]:
 def proves_itself(dev: torch.device) -> bool:
     """The kernel's first use in a process: five small batches with ties, NaN and infinities (dense first, then
     through the candidate lists), in each dtype it reads and with the sums the device takes (float_pairs), must
-    leave the states the CPU reducers leave: keys and counts bit for bit, moments to 1e-9. A library built for the wrong driver, or miscompiled, then costs one line
-    on stderr and the torch ops, not a crash or a wrong result. A few milliseconds, once."""
+    leave the states the CPU reducers leave: keys and counts bit for bit, moments to 1e-9. A library built for the
+    wrong driver, or miscompiled, then costs one line on stderr and the torch ops, not a crash or a wrong result.
+    A few milliseconds, once."""
     gen = torch.Generator().manual_seed(0)
     B, T, N = 15, 40, 37  # 37 columns: a partial block
     x = (torch.randn(B, T, N, generator=gen) * 3).round(decimals=1)  # ties
