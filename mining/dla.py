@@ -167,9 +167,24 @@ class GainProduct:
         return torch.div(self.u, self.batch.scale[:, None])
 
 
+@dataclass
+class FusedGain:
+    """A layer's DLA where the GPU kernel reduces it: the hook's activations as the model left them, reduced at the
+    batch's end with each row's gains and the final norm's scale applied as the kernel reads them (cuda_layer.Gain).
+    The torch path's (M, N) float32 product and quotient are never written: a bfloat16 model holds half the memory
+    a layer until the batch ends, and the device makes one pass over it instead of five."""
+
+    x: torch.Tensor
+    """(B * T, N) the hook's activations, not copied."""
+    layout: cuda_layer.Layout
+    """The batch's contexts, with only the positions that have a next token mined (DlaBatch.fused_layout)."""
+    gain: cuda_layer.Gain
+
+
 class DlaBatch:
     """One batch's DLA: each hooked layer's a·(w_out·d_t), divided by the final norm's scale at the end.
-    defer: where the CPU kernels apply, keep each layer's activations and gains (GainProduct) instead."""
+    defer: keep each layer's activations until the end instead, with their gains (GainProduct) where the CPU
+    kernels apply, as they are (FusedGain) where the GPU kernel does."""
 
     def __init__(self, dla: DirectLogitAttribution, batch: Batch, defer: bool = False):
         self.dla = dla
@@ -195,14 +210,29 @@ class DlaBatch:
             self.urow[np.searchsorted(mined, sel)] = np.arange(len(sel))
         self.raw: dict[str, torch.Tensor] = {}
         self.deferred: dict[str, GainProduct] = {}
-        self.scale: torch.Tensor | None = None
+        self.fused: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (activations, layer)
+        self.scale: torch.Tensor | None = None  # (M,) at the mined positions with a next token
+        self.row_scale: torch.Tensor | None = None  # (B * T,) at every position
         self._layout: cuda_layer.Layout | None = None
 
     def layout(self) -> cuda_layer.Layout | None:
-        """The rows as the GPU kernel takes them, once per batch (None where the kernel does not run)."""
-        if self._layout is None and device_path(self.toks) and len(self.toks):
+        """The rows of the raw values as the GPU kernel takes them, once per batch (None where it does not run)."""
+        if self._layout is None and self.raw and device_path(self.toks) and len(self.toks):
             self._layout = cuda_layer.Layout.of_rows(self.toks)
         return self._layout
+
+    def fused_layout(self) -> tuple[cuda_layer.Layout, torch.Tensor]:
+        """The batch's contexts with only the positions that have a next token mined, and each position's row in
+        the gain table: what the GPU kernel takes for FusedGain, once per batch."""
+        if not hasattr(self, "_fused"):
+            dev = self.toks.device
+            toks = np.full(int(np.prod(self.shape)), -1, np.int64)
+            toks[self.sel_np] = self.toks_np
+            target = np.zeros(len(toks), np.int32)  # a valid row where none is read
+            target[self.sel_np] = self.inverse_np
+            grid = toks.reshape(self.shape)
+            self._fused = cuda_layer.Layout.of_grid(grid, upload(grid, dev), self.sel), upload(target, dev)
+        return self._fused
 
     def per_position(self, per_target: torch.Tensor) -> torch.Tensor:
         """(U, ...) rows, one per distinct target -> a fresh (M, ...), one per mined position."""
@@ -238,13 +268,19 @@ class DlaBatch:
                 layer_kernel.gain_product(x, self.sel_np, numerator.kept, numerator.src, numerator.u, numerator.fresh)
             self.deferred[point.name] = GainProduct(numerator.u, self)
             return
+        if self.defer and x.ndim == 3 and len(self.sel_np) and cuda_layer.usable(x):
+            # reduced at the end as it is, no copy: the model only reads an MLP's activations after its hook (the
+            # miner's inference tensors keep no version counter to check that with)
+            self.fused[point.name] = (x, point.layer)
+            return
         gain = self.dla.neuron_gain(point.layer, self.directions)  # (U, N)
         self.raw[point.name] = self.per_position(gain).mul_(mined_rows(x, self.sel))  # a fresh (M, N): in place
 
     @contextmanager
     def watch_norm(self) -> Iterator[None]:
         def keep(module, args):
-            self.scale = self.dla.scale(args[0]).reshape(-1)[self.sel]
+            self.row_scale = self.dla.scale(args[0]).reshape(-1)
+            self.scale = self.row_scale[self.sel]
 
         handle = self.dla.norm.register_forward_pre_hook(keep)
         try:
@@ -252,7 +288,12 @@ class DlaBatch:
         finally:
             handle.remove()
 
-    def finish(self) -> Iterator[tuple[str, torch.Tensor | GainProduct]]:
+    def finish(self) -> Iterator[tuple[str, torch.Tensor | GainProduct | FusedGain]]:
         for name, raw in self.raw.items():
             yield name, raw.div_(self.scale[:, None])  # raw is this batch's own tensor: no copy
         yield from self.deferred.items()
+        for name, (x, layer) in self.fused.items():
+            layout, target = self.fused_layout()
+            table = self.dla.neuron_gain(layer, self.directions).contiguous()  # (U, N) float32, as the torch path's
+            yield name, FusedGain(x.reshape(-1, x.shape[-1]), layout,
+                                  cuda_layer.Gain(table, target, self.row_scale.contiguous()))

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .dla import DirectLogitAttribution, DlaBatch, GainCache, GainProduct
+from .dla import DirectLogitAttribution, DlaBatch, FusedGain, GainCache, GainProduct
 from .hooks import HookPoint, capture, resolve_hooks
 from .models import LoadedModel
 from .errors import UserError
@@ -132,9 +132,14 @@ class HookStats:
         """gate, up: (M, N) booleans (pre-activation > 0) at the mined positions."""
         self.gate_cases.update(mined_rows(x, rows).float(), gate, up, flat_toks)
 
-    def update_dla(self, dla: torch.Tensor | GainProduct, toks: torch.Tensor, layout: cuda_layer.Layout | None = None) -> None:
+    def update_dla(self, dla: torch.Tensor | GainProduct | FusedGain, toks: torch.Tensor,
+                   layout: cuda_layer.Layout | None = None) -> None:
         """dla (M, N) for the mined positions that have a next token, or those values still to compute; toks (M,);
         layout: their rows as the GPU kernel takes them (Layout.of_rows(toks), shared by every layer of a batch)."""
+        if isinstance(dla, FusedGain):
+            cuda_layer.layer_pass(dla.x, dla.layout, self.dla_top, self.dla_bottom, None, None, self.dla_moments,
+                                  gain=dla.gain)
+            return
         if isinstance(dla, GainProduct):
             if update_ranked(self.dla_top, self.dla_bottom, self.dla_moments, *dla.kernel_args()):
                 return

@@ -16,7 +16,9 @@ Stages (--stages, comma-separated), each reported even if another fails:
   kernel_exact  cuda_layer.cu against the CPU reducers, batch by batch, on bf16 and fp16 data with ties, NaN
                 and infinities: top/bottom/context keys and histogram counts bit for bit, moments to 1e-7;
                 and every fp16 bit pattern's float32 image; bf16 again with the float32-pair sums forced
-  kernel_ops    one layer's pass at the bench's shape, CUDA events; with float64 and with float32-pair sums
+  kernel_ops    one layer's pass at the bench's shape, CUDA events; with float64 and with float32-pair sums;
+                and its direct logit attribution as the torch product and quotient then the kernel (the path
+                before session 17) against the kernel reading the activations with the gains (FusedGain)
   exact         the torch-ops device path (reducers/device.py) against the CPU
   ops           per-reducer times of the torch-ops path on one layer's (B*T, N) bf16 batch
   bench         `mine bench` forward, mining, dla on the random SmolLM2, batch 64 x 512
@@ -349,11 +351,11 @@ def kernel_exact_dtype(dev: torch.device, dtype: torch.dtype) -> dict:
 
 
 @stage("kernel_ops")
-def kernel_ops(dev: torch.device) -> dict:
+def kernel_ops(dev: torch.device, B: int = 64, T: int = 512) -> dict:
     """One layer's pass at the bench's shape: the kernel alone, and with the torch ops around it."""
     from mining.reducers import Moments, cuda_layer
 
-    B, T, N, k = 64, 512, 1536, 32
+    N, k = 1536, 32
     x = (torch.randn(B, T, N, device=dev) * torch.rand(N, device=dev)).bfloat16()
     toks_np = np.arange(B * T).reshape(B, T).astype(np.int64)
     tok = torch.from_numpy(toks_np).to(dev)
@@ -376,7 +378,37 @@ def kernel_ops(dev: torch.device) -> dict:
     lean = Histogram(HistogramBins())
     out["kernel_hist_moments_ctx_ms"] = timed(lambda: cuda_layer.layer_pass(x.view(-1, N), layout, None, None, ctx, lean, mom))
     out["x_read_ms_at_3.4TB/s"] = x.numel() * 2 / 3.4e12 * 1e3
+    out.update(dla_ops(x, fresh, layout, k))
     return out
+
+
+def dla_ops(x: torch.Tensor, fresh: torch.Tensor, layout, k: int, targets: int = 8192) -> dict:
+    """One layer's DLA at the same shape (every row with a next token), settled thresholds: DlaBatch's torch path
+    (gains gathered per row, times the activations, over the scale: three (M, N) float32 tensors written) and the
+    kernel on its values, against the kernel reading the activations with the gains (cuda_layer.Gain)."""
+    from mining.reducers import Moments, cuda_layer
+
+    B, T, N = x.shape
+    dev = x.device
+    table = torch.randn(targets, N, device=dev)
+    gain = cuda_layer.Gain(table, torch.randint(0, targets, (B * T,), device=dev, dtype=torch.int32),
+                           torch.rand(B * T, device=dev) + 0.5)
+    every = torch.arange(B * T, device=dev)
+    by_rows = cuda_layer.Layout.of_rows(layout.tok)
+    top, bot, mom = TopK(k), TopK(k, largest=False), Moments()
+    cuda_layer.layer_pass(fresh.view(-1, N), layout, top, bot, None, None, mom, gain=gain)  # dense first batch
+    keys = (top.keys, bot.keys)
+
+    def settled(fused: bool) -> None:
+        top.keys, bot.keys = (t.clone() for t in keys)
+        top.seen = bot.seen = 30 * B * T
+        if fused:
+            cuda_layer.layer_pass(x.view(-1, N), layout, top, bot, None, None, mom, gain=gain)
+        else:
+            values = table.index_select(0, gain.row.long()).mul_(x.view(-1, N).index_select(0, every))
+            cuda_layer.layer_pass(values.div_(gain.scale[:, None]), by_rows, top, bot, None, None, mom)
+    return {"dla_torch_then_kernel_ms": timed(lambda: settled(False)), "dla_fused_ms": timed(lambda: settled(True)),
+            "dla_capacity": top.sparse_capacity(B * T, N)}
 
 
 @stage("profile")

@@ -39,6 +39,15 @@ class NoKernel:
     def layer_row_blocks(self, n_ctx: int, per_block: int) -> int:
         return (n_ctx + per_block - 1) // per_block
 
+    def layer_smem_bytes(self, n_bins: int) -> int:
+        return 0
+
+    def layer_smem_limit(self, device: int) -> int:
+        return 1
+
+    def layer_fp64_ratio(self, device: int) -> int:
+        return 2
+
 
 def as_gpu_batches(rows: int) -> None:
     """Candidate lists sized as for GPU batches of `rows` rows each (the rows seen and the floors' rows scaled

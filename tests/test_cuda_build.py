@@ -63,9 +63,10 @@ def test_nvcc_builds_the_kernel(compiler, arch, tmp_path):
     done = subprocess.run(cuda_layer.compile_command(compiler, flags, out), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     report = ptxas_report(done.stderr)
-    for code in cuda_layer.X_DTYPES.values():  # float32, bfloat16, float16, each with both ways of summing
-        for sums in ("11Float64Sums", "13FloatPairSums"):
-            assert f"_Z12layer_kernelILi{code}E{sums}Ev6Params" in report, sorted(report)
+    for code in cuda_layer.X_DTYPES.values():  # float32, bfloat16, float16, each with both ways of summing,
+        for sums in ("11Float64Sums", "13FloatPairSums"):  # reading activations (b0) or their DLA (b1)
+            for gain in (0, 1):
+                assert f"_Z12layer_kernelILi{code}E{sums}Lb{gain}EEv6Params" in report, sorted(report)
     for kernel in ("hist_reduce", "moments_combine", "cand_count", "cand_scan", "cand_scatter", "keys_insert"):
         assert any(kernel in name for name in report), (kernel, sorted(report))
     on_stack = {name: r for name, r in report.items() if any(r[1:])}  # local memory: spills, or a copied param

@@ -180,6 +180,22 @@ def test_the_kernel_proves_itself_before_it_is_trusted(monkeypatch, capsys):
     assert "CUDA error 35" in said
 
 
+def test_a_wrong_dla_read_fails_the_check(monkeypatch, capsys, tmp_path):
+    """The read with gains is a kernel of its own, and the first-use check runs it too: a library whose DLA read
+    leaves out the final norm's scale, and is right everywhere else, gives the torch ops."""
+    for name in cuda_layer.SOURCES:
+        text = (cuda_layer.HERE / name).read_text()
+        (tmp_path / name).write_text(text.replace("__fdiv_rn(u, p.row_scale[row])", "u"))
+    assert (tmp_path / "cuda_layer.cu").read_text() != (cuda_layer.HERE / "cuda_layer.cu").read_text()
+    monkeypatch.setattr(cuda_layer, "HERE", tmp_path)
+    monkeypatch.setenv("MINING_CACHE_DIR", str(tmp_path / "cache"))
+    wrong = cuda_layer._build(emulate=True)
+    monkeypatch.setattr(cuda_layer, "_lib", {})
+    monkeypatch.setattr(cuda_layer, "_build", lambda emulate: wrong)
+    assert cuda_layer.library(torch.device("cpu")) is None
+    assert "direct logit attributions differ" in capsys.readouterr().err
+
+
 def test_a_full_candidate_list_is_flagged(emulated, monkeypatch):
     x, toks = data(2, 4, 10, 20, torch.float32)
     monkeypatch.setattr(TopK, "sparse_capacity", lambda self, M, N, margin=4: 2 if self.seen else None)
@@ -201,17 +217,61 @@ def test_dla_rows_without_contexts(emulated):
         assert np.allclose(v, r_mom.finalize()[key], rtol=1e-9), key
 
 
+@pytest.mark.parametrize("pairs", [False, True], ids=["float64", "float_pairs"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dla_fused_into_the_read(dtype, pairs, emulated, monkeypatch):
+    """The kernel's GAIN read (the value (x * gain[target]) / scale, never stored) against DlaBatch's torch product
+    and quotient fed to the CPU reducers: the same keys bit for bit, moments to rounding. Rows without a next token
+    are left out; NaN, infinities and subnormals are in x; the first batch ranks densely, the later ones through
+    the candidate lists."""
+    monkeypatch.setattr(cuda_layer, "float_pairs", lambda dev: pairs)
+    x, toks = data(5, 12, 40, 37, dtype)
+    x[..., :24] = torch.nan_to_num(x[..., :24].float(), nan=0.5, posinf=3.0, neginf=-3.0).to(dtype)  # finite moments
+    rng = np.random.default_rng(5)
+    toks[rng.random(toks.shape) < 0.15] = -1  # mined, but no next token: not a DLA row
+    U, k = 9, 3
+    table = torch.from_numpy(rng.standard_normal((U, 37)).astype(np.float32))
+    table[2, 5] = 0.0
+    target = torch.from_numpy(rng.integers(0, U, toks.size).astype(np.int32))
+    scale = torch.from_numpy(rng.uniform(0.3, 7.0, toks.size).astype(np.float32))
+    top, bottom, mom = TopK(k), TopK(k, largest=False), Moments()
+    r_top, r_bottom, r_mom = TopK(k), TopK(k, largest=False), Moments()
+    caps = []
+    for lo in range(0, 12, 4):
+        sl, rows = slice(lo, lo + 4), slice(lo * 40, (lo + 4) * 40)
+        tb = torch.from_numpy(np.ascontiguousarray(toks[sl]))
+        layout = cuda_layer.Layout.of_grid(toks[sl], tb)
+        caps.append(top.sparse_capacity(layout.total, 37))
+        gain = cuda_layer.Gain(table, target[rows].contiguous(), scale[rows].contiguous())
+        cuda_layer.layer_pass(x[sl].reshape(-1, 37).contiguous(), layout, top, bottom, None, None, mom, gain=gain)
+        sel = np.flatnonzero(toks[sl].reshape(-1) >= 0)
+        values = table[target[rows][sel].long()].mul_(x[sl].reshape(-1, 37)[sel]).div_(scale[rows][sel][:, None])
+        r_top.update(values, tb.reshape(-1)[sel], check=False)
+        r_bottom.update(values, tb.reshape(-1)[sel], check=False)
+        r_mom.update(values)
+    assert caps[0] is None and caps[-1] is not None
+    assert not top.overflowed() and not bottom.overflowed()
+    assert torch.equal(top.keys, r_top.keys) and torch.equal(bottom.keys, r_bottom.keys)
+    a, b = mom.finalize(), r_mom.finalize()
+    for key in ("count", "frac_active", "min", "max"):
+        assert np.array_equal(a[key], b[key], equal_nan=True), key
+    finite = np.isfinite(b["mean"]) & np.isfinite(b["std"])
+    assert finite.sum() > 20
+    for key in ("mean", "std", "skew", "kurtosis"):
+        assert np.allclose(a[key][finite], b[key][finite], rtol=1e-7, atol=1e-9, equal_nan=True), key
+
+
 def test_the_miner_with_the_kernel_equals_the_cpu_miner(tiny_job, monkeypatch):
     spec, loaded, shards = tiny_job
     shards = shards[:2]  # the second mined with the first's floors: sparse candidates from its first batch
     ref = mine_all(spec, loaded, shards)
     monkeypatch.setenv("MINING_DEVICE_PATH", "1")
     monkeypatch.setenv("MINING_CUDA_EMULATE", "1")
-    calls = []
+    calls = []  # whether each call reduced DLA fused into the read
     original = cuda_layer.layer_pass
-    monkeypatch.setattr(cuda_layer, "layer_pass", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(cuda_layer, "layer_pass", lambda *a, **kw: calls.append("gain" in kw) or original(*a, **kw))
     same_results(mine_all(spec, loaded, shards), ref)
-    assert calls
+    assert True in calls and False in calls
 
 
 @pytest.mark.slow
@@ -231,7 +291,7 @@ def test_the_miner_with_the_kernel_in_float16(tiny_job, monkeypatch):
     monkeypatch.setenv("MINING_CUDA_EMULATE", "1")
     dtypes = []
     original = cuda_layer.layer_pass
-    monkeypatch.setattr(cuda_layer, "layer_pass", lambda x, *a: dtypes.append(x.dtype) or original(x, *a))
+    monkeypatch.setattr(cuda_layer, "layer_pass", lambda x, *a, **kw: dtypes.append(x.dtype) or original(x, *a, **kw))
     same_results(mine_all(spec, loaded, shards), ref)
     assert torch.float16 in dtypes
 

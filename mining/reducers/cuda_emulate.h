@@ -23,6 +23,9 @@ inline unsigned char* emu_smem = nullptr;
 #define __syncthreads() emu_barrier->arrive_and_wait()
 
 inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t __float_as_uint(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float __fmul_rn(float a, float b) { return a * b; }  // x86-64: SSE, rounded to nearest
+inline float __fdiv_rn(float a, float b) { return a / b; }
 inline int32_t atomicAdd(int32_t* p, int32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
     return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);

@@ -72,6 +72,11 @@ struct Params {
     unsigned char* zero;      // scratch zeroed before the kernels (the candidate counts), `zero_bytes` long
     int64_t zero_bytes;
     int32_t sums;             // SUMS_FLOAT64 or SUMS_FLOAT_PAIRS: how the kernel sums the powers
+    // direct logit attribution, fused (the GAIN kernels): the value of row i, column n is not x but
+    // (x * gain[gain_row[i], n]) / row_scale[i] in float32, the bits DlaBatch's torch product and quotient give
+    const float* gain;        // (U, N) float32: each distinct target's gains w_out . d_t
+    const int32_t* gain_row;  // (M,) the row's target among them (any valid row where tok < 0: read, not used)
+    const float* row_scale;   // (M,) the final norm's scale of the row's position
 };
 
 #define SUMS_FLOAT64 0
@@ -98,6 +103,15 @@ __device__ __forceinline__ uint32_t load_bits(const void* x, int64_t i, int dtyp
     if (dtype == X_BFLOAT16) return ((uint32_t)((const uint16_t*)x)[i]) << 16;
     if (dtype == X_FLOAT16) return half_to_float_bits(((const uint16_t*)x)[i]);
     return ((const uint32_t*)x)[i];
+}
+
+template <int DTYPE, bool GAIN>
+__device__ __forceinline__ uint32_t value_bits(const Params& p, int64_t row, int64_t n) {
+    const uint32_t b = load_bits(p.x, row * p.N + n, DTYPE);
+    if (!GAIN) return b;
+    // rounded as torch rounds gain * x, then / scale: the same bits as the unfused path (no fma can form here)
+    const float u = __fmul_rn(__uint_as_float(b), p.gain[(int64_t)p.gain_row[row] * p.N + n]);
+    return __float_as_uint(__fdiv_rn(u, p.row_scale[row]));
 }
 
 __device__ __forceinline__ int32_t ordered(uint32_t b) {
@@ -191,7 +205,7 @@ struct FloatPairSums {
     }
 };
 
-template <int DTYPE, typename Sums>
+template <int DTYPE, typename Sums, bool GAIN>
 __global__ void layer_kernel(Params p) {
 #ifdef EMULATE
     unsigned char* smem = emu_smem;
@@ -220,7 +234,7 @@ __global__ void layer_kernel(Params p) {
         const int32_t f = p.first[ctx];
         float shift = 0.0f;
         if (f >= 0 && col_ok) {
-            float v0 = __uint_as_float(load_bits(p.x, (row0 + f) * p.N + n, DTYPE));
+            float v0 = __uint_as_float(value_bits<DTYPE, GAIN>(p, row0 + f, n));
             if (isfinite(v0)) shift = v0;
         }
         Sums sums;
@@ -235,7 +249,7 @@ __global__ void layer_kernel(Params p) {
                 for (int u = 0; u < UNROLL; ++u) {
                     const int64_t t = t0 + u * LANES;
                     tks[u] = t < len ? p.tok[row0 + t] : -1;
-                    bits[u] = t < len ? load_bits(p.x, (row0 + t) * p.N + n, DTYPE) : 0u;
+                    bits[u] = t < len ? value_bits<DTYPE, GAIN>(p, row0 + t, n) : 0u;
                 }
 #pragma unroll
                 for (int u = 0; u < UNROLL; ++u) {
@@ -573,9 +587,9 @@ extern "C" int64_t layer_row_blocks(int64_t n_ctx, int64_t per_block) {
 #define CHECK() (int)cudaGetLastError()
 #endif
 
-template <int DTYPE, typename Sums>
+template <int DTYPE, typename Sums, bool GAIN>
 int launch_layer(const Params& p, unsigned gx, unsigned gy, int64_t smem, void* stream) {
-    void (*kernel)(Params) = layer_kernel<DTYPE, Sums>;
+    void (*kernel)(Params) = layer_kernel<DTYPE, Sums, GAIN>;
 #ifndef EMULATE
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != cudaSuccess) return (int)e;
@@ -584,11 +598,17 @@ int launch_layer(const Params& p, unsigned gx, unsigned gy, int64_t smem, void* 
     return 0;
 }
 
+template <typename Sums, bool GAIN>
+int launch_layer(const Params& p, int dtype, unsigned gx, unsigned gy, int64_t smem, void* stream) {
+    if (dtype == X_BFLOAT16) return launch_layer<X_BFLOAT16, Sums, GAIN>(p, gx, gy, smem, stream);
+    if (dtype == X_FLOAT16) return launch_layer<X_FLOAT16, Sums, GAIN>(p, gx, gy, smem, stream);
+    return launch_layer<X_FLOAT32, Sums, GAIN>(p, gx, gy, smem, stream);
+}
+
 template <typename Sums>
 int launch_layer(const Params& p, int dtype, unsigned gx, unsigned gy, int64_t smem, void* stream) {
-    if (dtype == X_BFLOAT16) return launch_layer<X_BFLOAT16, Sums>(p, gx, gy, smem, stream);
-    if (dtype == X_FLOAT16) return launch_layer<X_FLOAT16, Sums>(p, gx, gy, smem, stream);
-    return launch_layer<X_FLOAT32, Sums>(p, gx, gy, smem, stream);
+    return p.gain ? launch_layer<Sums, true>(p, dtype, gx, gy, smem, stream)
+                  : launch_layer<Sums, false>(p, dtype, gx, gy, smem, stream);
 }
 
 extern "C" int layer_update(Params* pp, int dtype, void* stream) {  // dtype: X_FLOAT32, X_BFLOAT16 or X_FLOAT16

@@ -75,7 +75,24 @@ class Params(ctypes.Structure):
                 ("mean", ctypes.c_void_p), ("m2", ctypes.c_void_p), ("m3", ctypes.c_void_p), ("m4", ctypes.c_void_p),
                 ("vmin", ctypes.c_void_p), ("vmax", ctypes.c_void_p), ("n_active", ctypes.c_void_p),
                 ("n_before", ctypes.c_double), ("zero", ctypes.c_void_p), ("zero_bytes", ctypes.c_int64),
-                ("sums", ctypes.c_int32)]
+                ("sums", ctypes.c_int32), ("gain", ctypes.c_void_p), ("gain_row", ctypes.c_void_p),
+                ("row_scale", ctypes.c_void_p)]
+
+
+@dataclass(frozen=True)
+class Gain:
+    """Direct logit attribution fused into the kernel's read: the value of row i, column n is
+    (x[i, n] * table[row[i], n]) / scale[i] in float32, the bits DlaBatch's torch product and quotient give, so a
+    layer's (M, N) attributions are never written out (see DlaBatch.gain)."""
+
+    table: torch.Tensor  # (U, N) float32, contiguous: each distinct target's gains
+    row: torch.Tensor  # (rows,) int32: each row's target among them (any valid index where the row is not mined)
+    scale: torch.Tensor  # (rows,) float32: the final norm's scale at each row's position
+
+    def values(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The (len(rows), N) float32 values of x's `rows`, as the kernel takes them (for the torch ops around it)."""
+        product = self.table.index_select(0, self.row.index_select(0, rows).long())
+        return product.mul_(x.index_select(0, rows)).div_(self.scale.index_select(0, rows)[:, None])
 
 
 SUMS_FLOAT64, SUMS_FLOAT_PAIRS = 0, 1
@@ -229,6 +246,8 @@ def proves_itself(dev: torch.device) -> bool:
         for dtype in X_DTYPES:
             if not _same_states(x.to(dtype), toks, dev):
                 raise ValueError(f"its states differ from the CPU reducers' in {dtype}")
+            if not _same_dla(x.to(dtype), toks, dev):
+                raise ValueError(f"its direct logit attributions differ from the CPU reducers' in {dtype}")
         return True
     except Exception as e:  # noqa: BLE001 - whatever went wrong, the torch ops are the safe answer
         print(f"cuda_layer: the kernel failed its check on {dev} ({type(e).__name__}: {e}); torch ops instead",
@@ -264,6 +283,37 @@ def _same_states(x: torch.Tensor, toks: np.ndarray, dev: torch.device, k: int = 
                                                       (ctx.top.keys, ref[2].top.keys)))
     same &= torch.equal(hist.finalize().cpu(), ref[3].finalize())
     a, b = mom.finalize(), ref[4].finalize()
+    same &= all(np.array_equal(a[key], b[key], equal_nan=True) for key in ("count", "frac_active", "min", "max"))
+    return same and all(np.allclose(a[key], b[key], rtol=1e-9, atol=1e-12, equal_nan=True) for key in ("mean", "std"))
+
+
+def _same_dla(x: torch.Tensor, toks: np.ndarray, dev: torch.device, k: int = 2) -> bool:
+    """The read with gains (Gain, a kernel of its own) on the same batches against the CPU reducers fed Gain.values."""
+    from . import Moments, TopK
+
+    gen = torch.Generator().manual_seed(1)
+    B, T, N = x.shape
+    x = x.clone()  # half the columns finite: there infinities would not show a wrong scale, nor NaN wrong moments
+    x[..., :N // 2] = torch.nan_to_num(x[..., :N // 2].float(), nan=0.5, posinf=4.0, neginf=-4.0).to(x.dtype)
+    table = torch.randn(5, N, generator=gen)
+    target = torch.randint(0, 5, (B * T,), generator=gen, dtype=torch.int32)
+    scale = torch.rand(B * T, generator=gen) + 0.5
+    on_dev = [t.to(dev) for t in (x, table, target, scale)]
+    (top, bottom, mom), ref = ((TopK(k), TopK(k, largest=False), Moments()) for _ in range(2))
+    for lo in range(0, B, 3):
+        rows, tb = slice(lo * T, (lo + 3) * T), np.ascontiguousarray(toks[lo:lo + 3])
+        xd, td, gd, sd = on_dev[0][lo:lo + 3].reshape(-1, N), on_dev[1], on_dev[2][rows], on_dev[3][rows]
+        layer_pass(xd, Layout.of_grid(tb, torch.from_numpy(tb).to(dev)), top, bottom, None, None, mom,
+                   gain=Gain(td, gd, sd))
+        sel = torch.from_numpy(np.flatnonzero(tb.reshape(-1) >= 0))
+        with _cpu_reference():
+            values = Gain(table, target[rows], scale[rows]).values(x[lo:lo + 3].reshape(-1, N), sel)
+            ref[0].update(values, torch.from_numpy(tb.reshape(-1))[sel], check=False)
+            ref[1].update(values, torch.from_numpy(tb.reshape(-1))[sel], check=False)
+            ref[2].update(values)
+    same = not top.overflowed() and not bottom.overflowed()
+    same &= torch.equal(top.keys.cpu(), ref[0].keys) and torch.equal(bottom.keys.cpu(), ref[1].keys)
+    a, b = mom.finalize(), ref[2].finalize()
     same &= all(np.array_equal(a[key], b[key], equal_nan=True) for key in ("count", "frac_active", "min", "max"))
     return same and all(np.allclose(a[key], b[key], rtol=1e-9, atol=1e-12, equal_nan=True) for key in ("mean", "std"))
 
@@ -354,11 +404,13 @@ def _moments_state(m, N: int, dev: torch.device) -> None:
                 setattr(m, name, v.to(dev).contiguous())
 
 
-def layer_pass(x: torch.Tensor, layout: Layout, top, bottom, contexts, histogram, moments) -> None:
+def layer_pass(x: torch.Tensor, layout: Layout, top, bottom, contexts, histogram, moments,
+               gain: Gain | None = None) -> None:
     """x (rows, N) contiguous, rows = contexts x layout.T. top/bottom: TopK (largest, smallest) or None;
-    contexts: ContextTopK or None; histogram: Histogram or None; moments: Moments or None. One library
-    call: the kernel's read, then the states updated in place. A histogram too fine for the device's shared
-    memory takes its own torch ops afterwards; the rest stays in the kernel."""
+    contexts: ContextTopK or None; histogram: Histogram or None; moments: Moments or None; gain: the reducers take
+    x's direct logit attributions instead of x (Gain). One library call: the kernel's read, then the states
+    updated in place. A histogram too fine for the device's shared memory takes its own torch ops afterwards;
+    the rest stays in the kernel."""
     dev, (M, N) = x.device, x.shape
     apart = None
     if histogram is not None and not histogram_fits(histogram.bins.n_bins, dev):
@@ -399,6 +451,8 @@ def layer_pass(x: torch.Tensor, layout: Layout, top, bottom, contexts, histogram
         histogram._flush()
         p.counts, p.hist_part = histogram.accumulator(N, dev).data_ptr(), ws.ptr("hist_part")
         p.shift, p.base, p.R, p.zero_bin, p.nb = histogram.bins.kernel_params()
+    if gain is not None:
+        p.gain, p.gain_row, p.row_scale = gain.table.data_ptr(), gain.row.data_ptr(), gain.scale.data_ptr()
     if moments is not None:
         _moments_state(moments, N, dev)
         p.mean, p.m2, p.m3, p.m4 = (getattr(moments, k).data_ptr() for k in ("mean", "m2", "m3", "m4"))
@@ -408,16 +462,19 @@ def layer_pass(x: torch.Tensor, layout: Layout, top, bottom, contexts, histogram
     err = lib.layer_update(ctypes.byref(p), X_DTYPES[x.dtype], stream)
     if err:
         raise RuntimeError(f"cuda_layer: kernel launch failed (CUDA error {err})")
+    if apart is not None or (not cap and ranked):  # what the torch ops take: the mined rows' values
+        if gain is not None:
+            values = gain.values(x, layout.rows if layout.rows is not None else torch.arange(M, device=dev))
+        else:
+            values = x if layout.rows is None else x.index_select(0, layout.rows)
     if apart is not None:
-        apart.update(x if layout.rows is None else x.index_select(0, layout.rows))
+        apart.update(values)
     if moments is not None:
         moments.count += layout.total
     if cap:
         for t in ranked:
             t.seen += layout.total
     elif ranked:  # young thresholds: the batch's mined rows ranked densely by the torch ops
-        rows, toks = x, layout.tok
-        if layout.rows is not None:
-            rows, toks = x.index_select(0, layout.rows), layout.tok[layout.rows]
+        toks = layout.tok if layout.rows is None else layout.tok[layout.rows]
         for t in ranked:
-            device.topk_update(t, rows, toks)
+            device.topk_update(t, values, toks)
