@@ -152,3 +152,18 @@ def test_machine_names_the_gpu_reducers(monkeypatch):
             monkeypatch.setenv("MINING_CUDA_LAYER", env)
         info = machine(work, BenchConfig())
         assert info["gpu"] == "A GPU" and info["gpu_reducers"] == said
+
+
+def test_the_host_overhead_script_runs():
+    """scripts/host_overhead.py (the GPU path's host work, measured on the CPU with a no-op library) at a tiny size:
+    its stand-in library must keep answering what layer_pass asks (session 16 added questions it did not answer)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "host_overhead.py"
+    done = subprocess.run([sys.executable, str(script), "--layers", "2", "--width", "64", "--batches", "3",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "over the bare forward: mining +" in done.stdout and ", dla +" in done.stdout
+    assert "outside the forward passes" in done.stdout
