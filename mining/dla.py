@@ -214,6 +214,7 @@ class DlaBatch:
         self.scale: torch.Tensor | None = None  # (M,) at the mined positions with a next token
         self.row_scale: torch.Tensor | None = None  # (B * T,) at every position
         self._layout: cuda_layer.Layout | None = None
+        self._fused: tuple[cuda_layer.Layout, torch.Tensor] | None = None
 
     def layout(self) -> cuda_layer.Layout | None:
         """The rows of the raw values as the GPU kernel takes them, once per batch (None where it does not run)."""
@@ -224,7 +225,7 @@ class DlaBatch:
     def fused_layout(self) -> tuple[cuda_layer.Layout, torch.Tensor]:
         """The batch's contexts with only the positions that have a next token mined, and each position's row in
         the gain table: what the GPU kernel takes for FusedGain, once per batch."""
-        if not hasattr(self, "_fused"):
+        if self._fused is None:
             dev = self.toks.device
             toks = np.full(int(np.prod(self.shape)), -1, np.int64)
             toks[self.sel_np] = self.toks_np
