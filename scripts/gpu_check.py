@@ -15,7 +15,8 @@ and name `.gpu` in the device call's carry.
 Stages (--stages, comma-separated), each reported even if another fails:
   kernel_exact  cuda_layer.cu against the CPU reducers, batch by batch, on bf16 and fp16 data with ties, NaN
                 and infinities: top/bottom/context keys and histogram counts bit for bit, moments to 1e-7;
-                and every fp16 bit pattern's float32 image; bf16 again with the float32-pair sums forced
+                and every fp16 bit pattern's float32 image; bf16 again with the float32-pair sums forced;
+                DLA read with the gains (FusedGain) at the bench's width
   kernel_ops    one layer's pass at the bench's shape, CUDA events; with float64 and with float32-pair sums;
                 and its direct logit attribution as the torch product and quotient then the kernel (the path
                 before session 17) against the kernel reading the activations with the gains (FusedGain)
@@ -253,7 +254,20 @@ def kernel_exact(dev: torch.device) -> dict:
     out["float16_patterns"] = every_float16(dev)
     with summing(pairs=True):  # the sums of GPUs with slow float64 (T4, L4, RTX), on this one's hardware
         out["bfloat16_float_pairs"] = kernel_exact_dtype(dev, torch.bfloat16)
+    out["dla_fused_bfloat16"] = dla_exact(dev)
     return out
+
+
+def dla_exact(dev: torch.device, B: int = 24, T: int = 128, N: int = 1536) -> bool:
+    """The kernel's read with gains (FusedGain) at the bench's width, against the CPU reducers fed the torch path's
+    values: the first-use check's comparison (cuda_layer._same_dla) on a larger batch."""
+    from mining.reducers import cuda_layer
+
+    toks = (np.arange(B * T).reshape(B, T) * 2 + 1).astype(np.int64)
+    toks[:, 0] = -1
+    toks[3] = -1
+    toks[:, -1] = -1  # no next token
+    return cuda_layer._same_dla(hostile(B * T, N, 2).view(B, T, N), toks, dev, k=8)
 
 
 @contextmanager
