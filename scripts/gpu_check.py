@@ -418,9 +418,8 @@ def dla_ops(x: torch.Tensor, fresh: torch.Tensor, layout, k: int, targets: int =
         top.seen = bot.seen = 30 * B * T
         if fused:
             cuda_layer.layer_pass(x.view(-1, N), layout, top, bot, None, None, mom, gain=gain)
-        else:
-            values = table.index_select(0, gain.row.long()).mul_(x.view(-1, N).index_select(0, every))
-            cuda_layer.layer_pass(values.div_(gain.scale[:, None]), by_rows, top, bot, None, None, mom)
+        else:  # Gain.values is the torch path's product and quotient: the same three (M, N) tensors
+            cuda_layer.layer_pass(gain.values(x.view(-1, N), every), by_rows, top, bot, None, None, mom)
     return {"dla_torch_then_kernel_ms": timed(lambda: settled(False)), "dla_fused_ms": timed(lambda: settled(True)),
             "dla_capacity": top.sparse_capacity(B * T, N)}
 
