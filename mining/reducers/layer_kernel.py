@@ -149,6 +149,14 @@ if numba is not None:
             for j in range(w):
                 keys[i, c0 + j] = local[j, i]
 
+    @njit(boundscheck=False, nogil=True, cache=True)
+    def _count_part(bins, pending, c0, w, M):  # pragma: no cover - compiled
+        """A part's histogram scratch (subs, >= M, HIST_SB) added to its columns' pending blocks, one sub-block at a
+        time. A function of its own, called, not inlined: the same loop inlined into _layer's parallel body ran
+        0.3-0.5 ms a layer slower (of about 5)."""
+        for q in range(0, w, HIST_SB):
+            _count_bins(bins[q // HIST_SB, :M, :min(HIST_SB, w - q)], pending[(c0 + q) // HIST_SB])
+
     @njit(**_jit)
     def _layer(x, xi, mined, tok, top, top_floor, bot, bot_floor, do_ctx, ctx, ctx_floor, ctx_bad,
                hist, shift, offset, R, zero_bin, n_bins, pending, bin_rows, step,
@@ -236,8 +244,7 @@ if numba is not None:
                 peaks[cur] = best
                 where[cur] = at
             if hist:
-                for q in range(0, w, HIST_SB):
-                    _count_bins(bins[q // HIST_SB, :M, :min(HIST_SB, w - q)], pending[(c0 + q) // HIST_SB])
+                _count_part(bins, pending, c0, w, M)
             for j in range(w):  # a column with a NaN or infinity anywhere is left to the exact path, whole
                 if do_ctx and bad[j] == 0:
                     for b in range(B):
