@@ -27,7 +27,7 @@ class Batch:
     sl: slice
     T: int
     ids: torch.Tensor  # (B, T)
-    attention: torch.Tensor  # (B, T)
+    attention: torch.Tensor | None  # (B, T); None where no context is padded (see model_mask)
     toks_np: np.ndarray  # (B, T) global token index, -1 where not mined
     toks: torch.Tensor
     mask: torch.Tensor  # toks >= 0
@@ -43,12 +43,23 @@ def make_batch(shard: Shard, sl: slice, tok_grid: np.ndarray, dev: torch.device)
     mined = toks_np >= 0
     check_toks(torch.from_numpy(toks_np[mined]))  # on the host copy: no device sync
     rows_np = np.flatnonzero(mined)
-    attention = (np.arange(T)[None, :] < shard.length[sl][:, None]).astype(np.int64)
+    attention = model_mask(shard.length[sl], T)
     toks, rows = upload(toks_np, dev), upload(rows_np, dev)
     layout = cuda_layer.Layout.of_grid(toks_np, toks, rows) if device_path(toks) else None
-    return Batch(sl=sl, T=T, ids=upload(shard.ids[sl, :T], dev), attention=upload(attention, dev), toks_np=toks_np,
+    return Batch(sl=sl, T=T, ids=upload(shard.ids[sl, :T], dev), toks_np=toks_np,
+                 attention=None if attention is None else upload(attention, dev),
                  toks=toks, mask=toks >= 0, rows=rows, flat_toks=upload(toks_np.reshape(-1)[rows_np], dev),
                  targets_np=next_token_targets(shard, sl, T, toks_np), layout=layout)
+
+
+def model_mask(lengths: np.ndarray, T: int) -> np.ndarray | None:
+    """The attention mask (B, T) int64 for contexts of these lengths, or None where none is padded. A mask of all
+    ones means the same to the model, but transformers then checks that it is all ones (`masking_utils`' fast_all),
+    which on a GPU reads a device value back: a host sync every forward pass. Without a mask it goes straight to
+    SDPA's causal path, as it would after the check."""
+    if (lengths >= T).all():
+        return None
+    return (np.arange(T)[None, :] < lengths[:, None]).astype(np.int64)
 
 
 def mined_rows(x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -203,8 +203,10 @@ def _on_gpu(device: str) -> bool:
 
 
 def iter_batches(shards, batch_size: int, device):
-    """(ids (B, T), attention (B, T), toks (B, T) global index or -1) exactly as the engine builds them."""
+    """(ids (B, T), attention (B, T) or None, toks (B, T) global index or -1) exactly as the engine builds them."""
     import torch
+
+    from .batch import model_mask
 
     for shard in shards:
         grid = shard.tok_grid()
@@ -212,7 +214,8 @@ def iter_batches(shards, batch_size: int, device):
             sl = slice(lo, lo + batch_size)
             T = int(shard.length[sl].max())
             ids = torch.from_numpy(shard.ids[sl, :T]).to(device)
-            attention = (torch.arange(T)[None, :] < torch.from_numpy(shard.length[sl])[:, None]).long().to(device)
+            mask = model_mask(shard.length[sl], T)
+            attention = None if mask is None else torch.from_numpy(mask).to(device)
             yield ids, attention, torch.from_numpy(grid[sl, :T]).to(device)
 
 

@@ -113,7 +113,7 @@ class DiffMiner(ShardMiner):
             points_b = list(self.points_b.values()) + [p for p in self.heads_b if p.name not in paired]
             with capture(self.loaded_b.model, points_b, pair_b), (dla_b.watch_norm() if dla_b else nullcontext()):
                 out_b = self.loaded_b.model(input_ids=ids.to(self.loaded_b.device),
-                                            attention_mask=attention.to(self.loaded_b.device))
+                                            attention_mask=None if attention is None else attention.to(self.loaded_b.device))
             if dla_a is not None:
                 fb = dict(dla_b.finish())
                 for name, va in dla_a.finish():

@@ -1,0 +1,55 @@
+"""The batch's attention mask: none where no context is padded (no all-ones check, so no device sync), the same
+outputs either way, and the padding still masked where there is some."""
+
+import numpy as np
+import pytest
+import torch
+
+from mining.batch import model_mask
+from mining.tiny import tiny_model
+
+
+def test_no_mask_without_padding():
+    assert model_mask(np.array([8, 8, 8]), 8) is None
+    mask = model_mask(np.array([8, 5]), 8)
+    assert mask.dtype == np.int64 and mask.shape == (2, 8)
+    assert mask[0].all() and mask[1].tolist() == [1] * 5 + [0] * 3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_no_mask_means_what_all_ones_meant(arch):
+    """Bit for bit: transformers drops an all-ones mask itself, after reading it (a sync on a GPU)."""
+    model = tiny_model(arch)
+    ids = torch.randint(0, 500, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ones = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        none = model(input_ids=ids, attention_mask=model_mask(np.full(3, 12), 12)).logits
+    assert torch.equal(ones, none)
+
+
+def test_an_encoder_still_sees_its_padding():
+    """With a padded context the mask is kept: a bidirectional model would otherwise attend to the padding."""
+    model = tiny_model("bert")
+    ids = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(1))
+    lengths = np.array([12, 7])
+    mask = model_mask(lengths, 12)
+    with torch.inference_mode():
+        padded = model(input_ids=ids, attention_mask=torch.from_numpy(mask)).logits
+        alone = model(input_ids=ids[1:, :7]).logits
+    torch.testing.assert_close(padded[1, :7], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_make_batch_passes_a_mask_only_with_padding():
+    from mining.batch import make_batch
+    from mining.shards import Shard
+
+    C, L = 3, 8
+    length = np.array([8, 8, 5])
+    shard = Shard(index=0, ids=np.arange(C * L).reshape(C, L), length=length, first=np.zeros(C, np.int64),
+                  mined=length.copy(), tok0=np.array([0, 8, 16]), ctx=np.arange(C), doc_id=np.arange(C),
+                  spans=np.full((C, L, 2), -1, np.int32), next_id=np.full(C, -1), token_text=np.array([], object))
+    grid, cpu = shard.tok_grid(), torch.device("cpu")
+    assert make_batch(shard, slice(0, 2), grid, cpu).attention is None
+    assert make_batch(shard, slice(2, 3), grid, cpu).attention is None  # one context of 5: T is 5, nothing padded
+    both = make_batch(shard, slice(1, 3), grid, cpu).attention
+    assert both.tolist() == [[1] * 8, [1] * 5 + [0] * 3]
