@@ -1,5 +1,5 @@
-"""The batch's attention mask: none where no context is padded (no all-ones check, so no device sync), the same
-outputs either way, and the padding still masked where there is some."""
+"""What a batch's forward pass gets: no attention mask where no context is padded (no all-ones check, so no device
+sync), the same outputs either way, the padding still masked where there is some; and no KV cache."""
 
 import numpy as np
 import pytest
@@ -53,3 +53,15 @@ def test_make_batch_passes_a_mask_only_with_padding():
     assert make_batch(shard, slice(2, 3), grid, cpu).attention is None  # one context of 5: T is 5, nothing padded
     both = make_batch(shard, slice(1, 3), grid, cpu).attention
     assert both.tolist() == [[1] * 8, [1] * 5 + [0] * 3]
+
+
+def test_a_loaded_model_keeps_no_kv_cache(tmp_path, smol_tokenizer):
+    from mining.models import load_model
+    from mining.spec import ModelSpec
+
+    tiny_model("llama", vocab_size=len(smol_tokenizer)).save_pretrained(tmp_path)
+    smol_tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(ModelSpec(id=str(tmp_path)))
+    with torch.inference_mode():
+        out = loaded.model(input_ids=torch.zeros(1, 4, dtype=torch.int64))
+    assert out.past_key_values is None
