@@ -167,3 +167,28 @@ def test_the_host_overhead_script_runs():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "over the bare forward: mining +" in done.stdout and ", dla +" in done.stdout
     assert "outside the forward passes" in done.stdout
+
+
+def test_the_kernel_variants_script_runs(tmp_path):
+    """scripts/kernel_variants.py at a tiny size; a variant is compiled under its own path, so numba's cache never
+    hands its machine code to the real layer_kernel (the cache keys a function by its file and its own bytecode)."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mining.reducers.layer_kernel as layer_kernel
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "kernel_variants.py"
+    done = subprocess.run([sys.executable, str(script), "--rounds", "2", "--layers", "2", "--shape", "2", "16", "64"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "as is: best" in done.stdout and "(1.000 of as is)" in done.stdout
+    spec = importlib.util.spec_from_file_location("kernel_variants", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    copy = tmp_path / "copy.py"
+    copy.write_text(Path(layer_kernel.__file__).read_text())
+    variant = module.load_variant("copy", str(copy))
+    assert variant._layer.py_func.__code__.co_filename == str(copy.resolve())
+    assert callable(variant.layer_update)
