@@ -26,6 +26,7 @@ import dataclasses
 import gc
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -323,6 +324,9 @@ def throughput(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str
     out["rounds_tokens_per_s"] = rates
     # Each round's ratio to the same round's forward (run next to it): how far the machine's drift moves the ratio.
     out["round_ratios"] = {name: [v / f for v, f in zip(r, rates["forward"])] for name, r in rates.items() if name != "forward"}
+    # On a host whose speed drifts between rounds, the best-of ratio moves with whichever variant got the fastest
+    # round; the median of the rounds' own ratios does not.
+    out["round_ratio_medians"] = {name: statistics.median(r) for name, r in out["round_ratios"].items()}
     remined = {name: m.remined for name, m in work.miners.items() if m.remined}
     if remined:  # the device path's candidate buffers overflowed: those shards were mined twice
         out["remined_shards"] = remined
@@ -484,7 +488,7 @@ def format_report(r: dict[str, Any]) -> str:
                    f"{c['context_length']}, top_k {c['top_k']}, {c['neurons']:,} neurons ({c['layers']} layers, "
                    f"{c['hooks']}), best of {c['repeats']} interleaved rounds")
     if "bare_tokens_per_s" in r:
-        out += ["", f"{'throughput':<58}{'tok/s':>9}{'ratio':>8}{'time':>8}{'per round':>14}"]
+        out += ["", f"{'throughput':<58}{'tok/s':>9}{'ratio':>8}{'time':>8}{'per round (median)':>22}"]
         bare = r["bare_tokens_per_s"]
         rows = [("forward", bare)] + [(n, r[f"{n}_tokens_per_s"]) for n in MINER_VARIANTS if f"{n}_tokens_per_s" in r]
         alt = r.get("alternatives", {})
@@ -492,8 +496,8 @@ def format_report(r: dict[str, Any]) -> str:
         for name, rate in rows:
             label = LABELS[name].format(dense_hook=c["dense_hook"])
             spread = r.get("round_ratios", {}).get(name)
-            spread = f"{min(spread):.2f}-{max(spread):.2f}" if spread else ""
-            out.append(f"  {label:<56}{rate:>9,.0f}{rate / bare:>8.2f}{bare / rate:>7.2f}x{spread:>14}")
+            spread = f"{min(spread):.2f}-{max(spread):.2f} ({statistics.median(spread):.2f})" if spread else ""
+            out.append(f"  {label:<56}{rate:>9,.0f}{rate / bare:>8.2f}{bare / rate:>7.2f}x{spread:>22}")
         for name, a in sorted(alt.items(), key=lambda item: "skipped" in item[1]):
             if "skipped" in a:
                 out.append(f"  {name}: skipped: {a['skipped']}")
@@ -502,7 +506,7 @@ def format_report(r: dict[str, Any]) -> str:
                            f"reduce {a['reduce_s']:.1f} s" + (f"; mining is {a['mining_speedup']:.2f}x its speed"
                                                               if "mining_speedup" in a else "") + ")")
         out.append("  ratio = best tok/s over the bare forward's best; time = wall time over the bare forward's; "
-                   "per round = the range of each round's ratio to that round's forward")
+                   "per round = the range of each round's ratio to that round's forward, and its median")
         g = r.get("gpu_utilisation")
         if g:
             mfu = ", ".join(f"{k} {v:.1%}" for k, v in g.get("mfu", {}).items()) or "n/a (no bf16/fp16 peak known)"

@@ -37,6 +37,7 @@ def test_throughput_json(capsys, tiny_llama):
     assert r["config"]["tokens"] == 300 and r["config"]["layers"] == 2 and r["config"]["neurons"] == 128
     rounds = r["round_ratios"]["mining"]  # each round's ratio to the forward run next to it
     assert len(rounds) == r["config"]["repeats"] and all(v > 0 for v in rounds)
+    assert min(rounds) <= r["round_ratio_medians"]["mining"] <= max(rounds)
     assert {"cpu_count", "torch", "device", "dtype", "threads"} <= set(r["machine"])
     assert "token_table_tokens_per_s" not in r and "store" not in r
 
