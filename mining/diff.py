@@ -112,8 +112,8 @@ class DiffMiner(ShardMiner):
                 out_a = self.loaded.model(input_ids=ids, attention_mask=attention)
             points_b = list(self.points_b.values()) + [p for p in self.heads_b if p.name not in paired]
             with capture(self.loaded_b.model, points_b, pair_b), (dla_b.watch_norm() if dla_b else nullcontext()):
-                out_b = self.loaded_b.model(input_ids=ids.to(self.loaded_b.device),
-                                            attention_mask=None if attention is None else attention.to(self.loaded_b.device))
+                mask_b = None if attention is None else attention.to(self.loaded_b.device)
+                out_b = self.loaded_b.model(input_ids=ids.to(self.loaded_b.device), attention_mask=mask_b)
             if dla_a is not None:
                 fb = dict(dla_b.finish())
                 for name, va in dla_a.finish():

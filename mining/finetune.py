@@ -49,7 +49,7 @@ def parse_layers(text: str, n_layers: int) -> tuple[int, ...]:
 def finetune(model_id: str, source: str, out: Path, *, steps: int = 20, lr: float = 1e-4, batch_size: int = 4,
              context_length: int = 128, layers: str = "all", seed: int = 0) -> FinetuneResult:
     from .architectures import arch_of, locate
-    from .models import load_model
+    from .models import load_config, load_model
     from .runner import plan
     from .spec import JobSpec
 
@@ -88,6 +88,7 @@ def finetune(model_id: str, source: str, out: Path, *, steps: int = 20, lr: floa
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.config.__dict__.pop("quantization_config", None)  # a GGUF source's; the copy is plain weights
+    model.config.use_cache = load_config(spec.model).use_cache  # as the source had it: load_model turned it off
     model.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)
     return FinetuneResult(out, steps, seen, losses[0], losses[-1], time.perf_counter() - start, chosen)

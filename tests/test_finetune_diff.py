@@ -58,3 +58,14 @@ def test_weight_diff_finds_the_trained_layers(store):
     assert changed == {28, 29}
     neurons = run_named(con, "weight-changes", {"what": "neuron", "limit": "50"}).to_pylist()
     assert {n["layer"] for n in neurons} <= {28, 29}
+
+
+def test_the_copy_keeps_the_sources_kv_cache_setting(store):
+    """load_model turns the KV cache off for mining; the copy a user may generate from keeps the source's setting."""
+    import json
+
+    from mining.models import load_config
+    from mining.spec import ModelSpec
+
+    saved = json.loads((store.parent / "ft" / "config.json").read_text())
+    assert saved["use_cache"] is load_config(ModelSpec(id="smollm2-135m")).use_cache is True
