@@ -1,6 +1,7 @@
 """The GPU path, checked and measured in one run (for a lent GPU machine; see BENCHMARKS.md).
 
     python3 scripts/gpu_check.py --config DIR --out OUT [--device cuda] [--tokens N]
+    python3 scripts/gpu_check.py --config DIR --out OUT --dry-run   # toy sizes on the CPU, kernel emulated
 
 DIR holds a model's config.json and tokenizer files (no weights: the device machine cannot download
 any, and SmolLM2's weights are too large to carry there), so the model is SmolLM2-135M's architecture
@@ -55,6 +56,13 @@ from mining.reducers import ContextTopK, Histogram, HistogramBins, TopK  # noqa:
 from mining.reducers.moments import _batch_moments  # noqa: E402
 
 REPORT: dict = {}
+DRY = False
+"""--dry-run: every stage at a toy size on the CPU, the kernel emulated (MINING_CUDA_EMULATE=1), timed with the
+host's clock: the script itself checked (tests/test_gpu_check.py) before a device session spends minutes on it."""
+
+
+def size(real, toy):
+    return toy if DRY else real
 
 
 def stage(name):
@@ -94,7 +102,7 @@ def cpu_path(fn):
 
 @stage("exact")
 def exact(dev: torch.device) -> dict:
-    M, N, k = 4096, 1536, 16
+    M, N, k = size(4096, 64), size(1536, 64), 16
     x = hostile(M * 4, N, 0)
     tok = torch.randperm(10 * M * 4)[: M * 4].sort().values
     out = {}
@@ -107,7 +115,7 @@ def exact(dev: torch.device) -> dict:
             got.update(x[lo:lo + M].to(dev), tok[lo:lo + M].to(dev), check=False)
         out[f"topk_{'top' if largest else 'bottom'}"] = {
             "equal": bool(torch.equal(ref.keys, got.keys.cpu())), "capacities": caps, "overflow": got.overflowed()}
-    B, T = 32, 128
+    B, T = size(32, 4), size(128, 16)
     xs = x[: B * T].view(B, T, N)
     toks = torch.arange(B * T).view(B, T) * 2
     toks[:, :3] = -1
@@ -201,6 +209,10 @@ def miner(dev: torch.device, config_dir: str, scratch: Path) -> dict:
 
 
 def timed(fn, n: int = 20) -> float:
+    if DRY:  # one call, the host's clock: the dry run checks that it runs, not how fast
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     times = []
     for _ in range(3):
         fn()
@@ -216,7 +228,7 @@ def timed(fn, n: int = 20) -> float:
 
 @stage("ops")
 def ops(dev: torch.device) -> dict:
-    B, T, N, k = 64, 512, 1536, 32
+    B, T, N, k = size(64, 4), size(512, 16), size(1536, 64), 32
     x = (torch.randn(B, T, N, device=dev) * torch.rand(N, device=dev)).bfloat16()
     flat = x.view(-1, N)
     tok = torch.arange(B * T, device=dev).view(B, T)
@@ -254,7 +266,7 @@ def kernel_exact(dev: torch.device) -> dict:
     out["float16_patterns"] = every_float16(dev)
     with summing(pairs=True):  # the sums of GPUs with slow float64 (T4, L4, RTX), on this one's hardware
         out["bfloat16_float_pairs"] = kernel_exact_dtype(dev, torch.bfloat16)
-    out["dla_fused_bfloat16"] = dla_exact(dev)
+    out["dla_fused_bfloat16"] = dla_exact(dev, *size((24, 128, 1536), (8, 16, 64)))
     return out
 
 
@@ -313,7 +325,7 @@ def every_float16(dev: torch.device) -> bool:
 def kernel_exact_dtype(dev: torch.device, dtype: torch.dtype) -> dict:
     from mining.reducers import Moments, cuda_layer
 
-    B, T, N, k = 24, 128, 1536, 8
+    B, T, N, k = size(24, 8), size(128, 16), size(1536, 64), 8
     x = hostile(B * T, N, 1, dtype).view(B, T, N)
     toks = (np.arange(B * T).reshape(B, T) * 2 + 1).astype(np.int64)
     toks[:, 0] = -1
@@ -351,8 +363,9 @@ def kernel_exact_dtype(dev: torch.device, dtype: torch.dtype) -> dict:
     out["moments_off"] = {key: float(np.nanmax(np.abs(a[key][fin] - b[key][fin]))) for key in off}
     out["moments_nonfinite_match"] = bool(np.array_equal(np.isfinite(a["std"]), fin))
     # direct logit attribution: rows without contexts
-    dla = torch.randn(40_000, N, device=dev)
-    dtok = torch.arange(40_000, device=dev) * 3
+    rows = size(40_000, 500)
+    dla = torch.randn(rows, N, device=dev)
+    dtok = torch.arange(rows, device=dev) * 3
     t2, b2, m2 = TopK(k), TopK(k, largest=False), Moments()
     cuda_layer.layer_pass(dla, cuda_layer.Layout.of_rows(dtok), t2, b2, None, None, m2)
     r2, q2 = TopK(k), TopK(k, largest=False)
@@ -365,11 +378,11 @@ def kernel_exact_dtype(dev: torch.device, dtype: torch.dtype) -> dict:
 
 
 @stage("kernel_ops")
-def kernel_ops(dev: torch.device, B: int = 64, T: int = 512) -> dict:
+def kernel_ops(dev: torch.device) -> dict:
     """One layer's pass at the bench's shape: the kernel alone, and with the torch ops around it."""
     from mining.reducers import Moments, cuda_layer
 
-    N, k = 1536, 32
+    B, T, N, k = size(64, 4), size(512, 16), size(1536, 64), 32
     x = (torch.randn(B, T, N, device=dev) * torch.rand(N, device=dev)).bfloat16()
     toks_np = np.arange(B * T).reshape(B, T).astype(np.int64)
     tok = torch.from_numpy(toks_np).to(dev)
@@ -392,7 +405,7 @@ def kernel_ops(dev: torch.device, B: int = 64, T: int = 512) -> dict:
     lean = Histogram(HistogramBins())
     out["kernel_hist_moments_ctx_ms"] = timed(lambda: cuda_layer.layer_pass(x.view(-1, N), layout, None, None, ctx, lean, mom))
     out["x_read_ms_at_3.4TB/s"] = x.numel() * 2 / 3.4e12 * 1e3
-    out.update(dla_ops(x, fresh, layout, k))
+    out.update(dla_ops(x, fresh, layout, k, targets=size(8192, 64)))
     return out
 
 
@@ -433,7 +446,7 @@ def profile(dev: torch.device, model: Path, out: Path, tokens: int = 131072) -> 
 
     from mining.bench import BenchConfig, Workload
 
-    tokens = tokens if dev.type == "cuda" else 512  # a CPU dry run of the script
+    tokens = tokens if dev.type == "cuda" else 512  # a CPU run of the script
     cfg = BenchConfig(model=str(model), tokens=tokens, batch_size=64 if dev.type == "cuda" else 4,
                       context_length=512 if dev.type == "cuda" else 64, dtype="bfloat16" if dev.type == "cuda"
                       else "float32", device=str(dev), corpus="builtin:python-stdlib", parts=("mining",))
@@ -500,14 +513,15 @@ def make_model(config_dir: str, target: Path) -> dict:
     return {"params": sum(p.numel() for p in model.parameters())}
 
 
-def bench(name: str, model: Path, out: Path, tokens: int, env: dict, batch_size: str = "64") -> None:
+def bench(name: str, model: Path, out: Path, tokens: int, env: dict, dev: torch.device, batch_size: str = "64") -> None:
     @stage(name)
     def run() -> dict:
         cmd = [sys.executable, "-c", "import sys; from mining.cli import main; sys.exit(main(sys.argv[1:]))", "bench",
-               "--model", str(model), "--device", "cuda", "--dtype", "bfloat16", "--batch-size", batch_size,
-               "--context-length", "512", "--tokens", str(tokens), "--corpus", "builtin:python-stdlib",
-               "--parts", "forward,mining,dla", "--repeats", "3"]
-        p = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=200,
+               "--model", str(model), "--device", str(dev), "--dtype", "bfloat16",
+               "--batch-size", batch_size if not DRY or batch_size == "auto" else "4",
+               "--context-length", size("512", "64"), "--tokens", str(size(tokens, 512)),
+               "--corpus", "builtin:python-stdlib", "--parts", "forward,mining,dla", "--repeats", size("3", "1")]
+        p = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=size(200, 600),
                            env={**os.environ, **env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
         (out / f"{name}.log").write_text(p.stderr[-20000:])
         if p.returncode:
@@ -531,7 +545,14 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tokens", type=int, default=524288)
     ap.add_argument("--stages", default="kernel_exact,kernel_ops,bench,miner")
+    ap.add_argument("--scratch", default="/tmp/gpu_check", help="where the random model and tiny model are kept")
+    ap.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU, the kernel emulated")
     a = ap.parse_args()
+    if a.dry_run:
+        global DRY
+        DRY = True
+        a.device = "cpu"
+        os.environ["MINING_CUDA_EMULATE"] = "1"
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(a.device)
@@ -548,7 +569,7 @@ def main() -> None:
     print(REPORT["env"], flush=True)
     os.environ["MINING_DEVICE_PATH"] = "1"  # the CPU reference runs unset it; on a GPU it changes nothing
     os.environ["MINING_KERNELS"] = "torch"  # CPU references on the torch code (bit-identical; no numba compile)
-    scratch = Path("/tmp/gpu_check")
+    scratch = Path(a.scratch)
     stages = a.stages.split(",")
     model = scratch / "smollm2-random"
     try:
@@ -559,11 +580,11 @@ def main() -> None:
             elif s == "bench":
                 if not model.exists():
                     make_model(a.config, model)
-                bench("bench", model, out, a.tokens, {})
+                bench("bench", model, out, a.tokens, {}, dev)
             elif s == "bench_auto":
                 if not model.exists():
                     make_model(a.config, model)
-                bench("bench_auto", model, out, a.tokens, {}, batch_size="auto")
+                bench("bench_auto", model, out, a.tokens, {}, dev, batch_size="auto")
             elif s == "ops":
                 ops(dev)
             elif s == "kernel_exact":
@@ -580,6 +601,9 @@ def main() -> None:
         (out / "report.json").write_text(json.dumps(REPORT, indent=1, default=str))
         print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "trace"} for k, v in REPORT.items()},
                          indent=1, default=str), flush=True)
+    failed = [name for name, r in REPORT.items() if isinstance(r.get("ok"), bool) and not r["ok"]]
+    if failed:
+        sys.exit(f"gpu_check: {', '.join(failed)} failed (report.json has each one's error)")
 
 
 if __name__ == "__main__":
