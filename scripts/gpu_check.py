@@ -518,7 +518,7 @@ def bench(name: str, model: Path, out: Path, tokens: int, env: dict, dev: torch.
     def run() -> dict:
         cmd = [sys.executable, "-c", "import sys; from mining.cli import main; sys.exit(main(sys.argv[1:]))", "bench",
                "--model", str(model), "--device", str(dev), "--dtype", "bfloat16",
-               "--batch-size", batch_size if not DRY or batch_size == "auto" else "4",
+               "--batch-size", batch_size if batch_size == "auto" else size(batch_size, "4"),
                "--context-length", size("512", "64"), "--tokens", str(size(tokens, 512)),
                "--corpus", "builtin:python-stdlib", "--parts", "forward,mining,dla", "--repeats", size("3", "1")]
         p = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=size(200, 600),

@@ -93,6 +93,7 @@ def tiny_job(tmp_path_factory, smol_tokenizer):
     return spec, loaded, shards
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own, which tears the session's fixtures down
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """End the run's native machinery while the interpreter is whole, then skip its teardown.
 
