@@ -41,8 +41,7 @@ def run_demo(store: Path, job: str | None, fresh: bool, overrides: list[str]) ->
     heavy = run_named(con, "heavy-tailed", {"limit": "2", **firing}).to_pylist()
     for row in heavy:
         layer, neuron = row["layer"], row["neuron"]
-        section(f"Top contexts of layer {layer} neuron {neuron} (the activating token is «marked»)",
-                run_named(con, "top-activations", {"layer": str(layer), "neuron": str(neuron), "k": "5"}))
+        tail(con, row)
         section(f"Quantiles of layer {layer} neuron {neuron}",
                 run_named(con, "quantiles", {"layer": str(layer), "neuron": str(neuron)}))
     section("Top contexts of layer 5 neuron 100",
@@ -57,6 +56,19 @@ def run_demo(store: Path, job: str | None, fresh: bool, overrides: list[str]) ->
     print(f"Ask your own: mine query {store} \"SELECT ...\"   |   mine queries")
     print(f"Browse: mine export {store} --top 50 --format html --out {store}-viewer   |   mine serve {store}")
     return 0
+
+
+def tail(con, row: dict) -> None:
+    """A heavy-tailed neuron's rare, strong activations: its lowest where the tail is negative (skew < 0), else its
+    top contexts. A SiLU-gated MLP's output is often heavy-tailed below zero, where its top contexts say little."""
+    layer, neuron = row["layer"], row["neuron"]
+    params = {"layer": str(layer), "neuron": str(neuron), "k": "5"}
+    if row["skew"] is not None and row["skew"] < 0:
+        section(f"Lowest activations of layer {layer} neuron {neuron}, where its tail is (skew {row['skew']:.1f}; "
+                "the token is «marked»)", run_named(con, "bottom-activations", params))
+    else:
+        section(f"Top contexts of layer {layer} neuron {neuron} (the activating token is «marked»)",
+                run_named(con, "top-activations", params))
 
 
 def section(title: str, table) -> None:

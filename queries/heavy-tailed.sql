@@ -1,5 +1,5 @@
 -- name: heavy-tailed
--- purpose: neurons by excess kurtosis, highest first: rare, strong features (layer = -1: all layers; min_frac_active > 0 keeps neurons that do fire)
+-- purpose: neurons by excess kurtosis, highest first: rare, strong features, on the side skew gives (layer = -1: all layers; min_frac_active > 0 keeps neurons that do fire)
 -- param: limit = 20
 -- param: hook = mlp.hook_post
 -- param: layer = -1
@@ -13,6 +13,7 @@ SELECT
     mean,
     std,
     frac_active,
+    min,
     max
 FROM neurons
 WHERE hook = $hook AND ($layer < 0 OR layer = $layer) AND kurtosis IS NOT NULL

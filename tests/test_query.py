@@ -253,6 +253,9 @@ def test_heavy_tailed_order(con, acts):
     got = run_named(con, "heavy-tailed", {"limit": "6"}).to_pylist()
     assert [(r["layer"], r["neuron"]) for r in got] == [(layer, n) for _, layer, n in want[:6]]
     assert got[0]["kurtosis"] == pytest.approx(want[0][0])
+    x = {(layer, n): x for hook, layer, n, x in neurons_of(acts) if hook == HOOKS[0]}
+    assert [(r["min"], r["max"]) for r in got] == [pytest.approx((x[r["layer"], r["neuron"]].min(),
+                                                                  x[r["layer"], r["neuron"]].max())) for r in got]
     one = run_named(con, "heavy-tailed", {"layer": "1", "limit": "100"}).to_pylist()
     assert {r["layer"] for r in one} == {1} and len(one) == sum(1 for k, layer, _ in want if layer == 1)
 
