@@ -278,7 +278,13 @@ def run_named(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, str])
         else:
             raise UserError(f"{name}: missing required parameter {p.name} (give --param {p.name}=VALUE)")
     used = set(re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", _strip_comments(q.sql)))
-    return run_sql(con, q.sql, {k: v for k, v in values.items() if k in used})
+    try:
+        return run_sql(con, q.sql, {k: v for k, v in values.items() if k in used})
+    except UserError as e:
+        text = [k for k in used if isinstance(values.get(k), str) and f"'{values[k]}'" in str(e)]
+        if "Conversion Error" in str(e) and text:  # a number's parameter given text: name it, not just the cast
+            raise UserError(f"{name}: parameter {text[0]}={values[text[0]]!r} is not a number") from None
+        raise
 
 
 _HOW_TO_GET = {

@@ -1,5 +1,5 @@
 -- name: heavy-tailed
--- purpose: neurons by excess kurtosis, highest first: rare, strong features, on the side skew gives (layer = -1: all layers; min_frac_active > 0 keeps neurons that do fire)
+-- purpose: neurons by excess kurtosis, highest first: rare, strong features (the sign of skew says on which side, min or max how far; layer = -1: all layers; min_frac_active > 0 keeps neurons that do fire)
 -- param: limit = 20
 -- param: hook = mlp.hook_post
 -- param: layer = -1

@@ -149,6 +149,8 @@ def _store_cases(w):
         "unknown-named-query": (["query", s, "--named", "nope"], "unknown named query"),
         "missing-query-param": (["query", s, "--named", "quantiles"], "missing required parameter"),
         "unknown-query-param": (["query", s, "--named", "heads", "--param", "colour=red"], "unknown parameter"),
+        "text-for-a-number": (["query", s, "--named", "quantiles", "--param", "layer=five", "--param", "neuron=1"],
+                              "parameter layer='five' is not a number"),
         "export-missing-neuron": (["export", s, "--neuron", "0:99999", "--out", w["root"] / "x.jsonl"],
                                   "not in the store"),
         "export-bad-neuron-syntax": (["export", s, "--neuron", "five", "--out", w["root"] / "x.jsonl"],

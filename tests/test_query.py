@@ -344,7 +344,7 @@ def test_named_query_errors(con):
         run_named(con, "top-activations", {"layer": "0", "neuron": "1", "bogus": "1"})
     with pytest.raises(UserError, match=r"unknown named query 'nope'.*top-activations"):
         run_named(con, "nope", {})
-    with pytest.raises(UserError, match="query failed"):
+    with pytest.raises(UserError, match=r"^top-activations: parameter layer='zero' is not a number$"):
         run_named(con, "top-activations", {"layer": "zero", "neuron": "1"})
     with pytest.raises(UserError, match="query failed") as e:
         run_sql(con, "SELEC * FROM neurons")
