@@ -8,6 +8,7 @@ in the cache directory so every later load (actors, export replays, tests) takes
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import io
 import importlib.util
@@ -171,7 +172,7 @@ def load_model(spec: ModelSpec, device: str | None = None) -> LoadedModel:
     except UserError:
         raise
     except Exception as e:  # transformers raises OSError/ValueError/HTTP errors of many kinds
-        raise UserError(f"model.id: cannot load {spec.id!r}: {_first_line(e)}") from None
+        raise UserError(f"model.id: cannot load {spec.id!r}: {_first_line(e)}{_alias_hint(spec.id)}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"model.id: {spec.id!r} has no fast tokenizer; character offsets need one")
     model.to(dev).eval()
@@ -194,7 +195,8 @@ def load_tokenizer(spec: ModelSpec) -> Any:
 
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except Exception as e:
-        raise UserError(f"model.id: cannot load the tokenizer of {spec.id!r}: {_first_line(e)}") from None
+        raise UserError(f"model.id: cannot load the tokenizer of {spec.id!r}: {_first_line(e)}"
+                        f"{_alias_hint(spec.id)}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"model.id: {spec.id!r} has no fast tokenizer; character offsets need one")
     return tokenizer
@@ -208,7 +210,8 @@ def load_config(spec: ModelSpec) -> Any:
 
         return AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     except Exception as e:
-        raise UserError(f"model.id: cannot load the config of {spec.id!r}: {_first_line(e)}") from None
+        raise UserError(f"model.id: cannot load the config of {spec.id!r}: {_first_line(e)}"
+                       f"{_alias_hint(spec.id)}") from None
 
 
 # ---------------------------------------------------------------- GGUF conversion cache
@@ -294,6 +297,16 @@ def quiet_transformers() -> None:
         transformers.utils.logging.disable_progress_bar()
     except Exception:  # noqa: BLE001 - cosmetics only
         pass
+
+
+def _alias_hint(model_id: str) -> str:
+    """' (did you mean the alias ...?)' where a failed id looks like a bundled model's name or package: a user who
+    types the package's name (all-minilm-l6-v2) would otherwise only see the hub's connection error."""
+    names = {name: name for name in ALIASES}
+    names.update({a.package.replace("_", "-"): name for name, a in ALIASES.items()})
+    names.update({a.package.replace("_", "-").split("-", 1)[1]: name for name, a in ALIASES.items()})
+    close = difflib.get_close_matches(model_id.rsplit("/", 1)[-1].lower(), names, n=1, cutoff=0.6)
+    return f" (did you mean the alias {names[close[0]]!r}?)" if close else ""
 
 
 def _first_line(e: BaseException) -> str:

@@ -93,6 +93,8 @@ def _spec_cases(w):
         "context-longer-than-model": (base.replace("context_length: 32", "context_length: 100000"),
                                       "exceeds the model's maximum"),
         "unknown-model": (base.replace(str(model), "./no/such/model"), "model.id"),
+        "package-name-for-an-alias": (base.replace(str(model), "all-minilm-l6-v2"),
+                                      "did you mean the alias 'minilm-l6'?"),
         "missing-gguf": (base.replace(str(model), "/tmp/none.gguf"), "GGUF file"),
         "corrupt-gguf": (base.replace(str(model), str(bad_gguf)), "model.id"),
         "truncated-weights": (base.replace(str(model), str(truncated)), "model.id"),
@@ -108,7 +110,8 @@ def _spec_cases(w):
 
 
 SPEC_CASES = ["malformed-yaml", "not-a-mapping", "unknown-key", "mistyped-nested-key", "wrong-type", "zero-top-k",
-              "zero-batch", "token-fraction-over-one", "context-longer-than-model", "unknown-model", "missing-gguf",
+              "zero-batch", "token-fraction-over-one", "context-longer-than-model", "unknown-model",
+              "package-name-for-an-alias", "missing-gguf",
               "corrupt-gguf", "truncated-weights", "pickled-weights", "non-utf8-corpus", "empty-corpus",
               "corpus-glob-matches-nothing", "unknown-corpus-scheme", "hook-matches-nothing", "layer-out-of-range",
               "no-hooks"]
