@@ -38,7 +38,7 @@ from .errors import UserError
 
 MILLION = 1_000_000
 QUERIES = ("top-activations", "quantiles", "neuron-summary")
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2  # 2: WordPiece-like spans, docs with their text
 SYNTHETIC_CONTEXT = 128
 SYNTHETIC_SHARD_TOKENS = 65536
 
@@ -65,7 +65,7 @@ def store_bytes(work, scratch: str) -> dict[str, Any]:
     root = Path(scratch) / "store"
     store = Store(root)
     store.begin(spec.to_dict(), provenance(spec, work.loaded.tokenizer, work.shards), resume=False)
-    store.write_table("docs", work.docs)
+    store.write_docs(work.docs)
     writes = []
     for shard, result in zip(work.shards, results):
         start = time.perf_counter()
@@ -334,16 +334,21 @@ def _write_synthetic(root: Path, p: dict[str, Any]) -> None:
     rng = np.random.default_rng(p["seed"])
     store = Store(root)
     per_ctx = SYNTHETIC_CONTEXT - 1  # BOS is never mined
-    vocab = pa.array([f" w{i:04d}" for i in range(4096)])
+    # WordPiece-like: a token's span leaves out the space before it, so every context's text reads the gaps
+    # from docs.parquet (tok_contexts), the costlier case; byte-level BPE's spans tile the text
+    words = [f"w{i:04d}" for i in range(4096)]
+    vocab, spelled = pa.array(words), np.frombuffer("".join(" " + w for w in words).encode(), np.uint8).reshape(-1, 6)
+    all_ids = []
     markers = []
     for i, lo in enumerate(range(0, p["tokens"], SYNTHETIC_SHARD_TOKENS)):
         tok = np.arange(lo, min(lo + SYNTHETIC_SHARD_TOKENS, p["tokens"]), dtype=np.int64)
         ctx, doc = tok // per_ctx, tok // per_ctx // 8
         ids = rng.integers(0, len(vocab), len(tok)).astype(np.int32)
-        start = ((tok - doc * 8 * per_ctx) * 6).astype(np.int32)
+        all_ids.append(ids)
+        start = ((tok - doc * 8 * per_ctx) * 6 + 1).astype(np.int32)
         table = pa.table({
             "tok": tok, "ctx": ctx, "pos": (tok % per_ctx + 1).astype(np.int32), "doc_id": doc,
-            "char_start": start, "char_end": start + 6, "token_id": ids, "token": vocab.take(pa.array(ids)),
+            "char_start": start, "char_end": start + 5, "token_id": ids, "token": vocab.take(pa.array(ids)),
             "logprob": -rng.exponential(2.0, len(tok)).astype(np.float32),
             "entropy": rng.uniform(0, 5, len(tok)).astype(np.float32), "shard": np.full(len(tok), i, np.int32),
         })
@@ -352,10 +357,12 @@ def _write_synthetic(root: Path, p: dict[str, Any]) -> None:
                         "contexts": int(ctx[-1] - ctx[0] + 1), "rows": {"tokens": len(tok)},
                         "files": {store.tokens_name(i): digest}})
     n_docs = (p["tokens"] - 1) // per_ctx // 8 + 1
-    store.write_table("docs", pa.table({
+    ids = np.concatenate(all_ids)
+    texts = [spelled[ids[d * 8 * per_ctx:(d + 1) * 8 * per_ctx]].tobytes().decode() for d in range(n_docs)]
+    store.write_docs(pa.table({
         "doc_id": np.arange(n_docs, dtype=np.int64), "source": pa.repeat("synthetic", n_docs),
-        "path": pa.array([f"doc-{d}.txt" for d in range(n_docs)]), "n_chars": np.full(n_docs, 6 * 8 * per_ctx),
-        "n_tokens": np.full(n_docs, 8 * per_ctx), "text": pa.repeat("", n_docs)}))
+        "path": pa.array([f"doc-{d}.txt" for d in range(n_docs)]), "n_chars": pa.array([len(t) for t in texts]),
+        "n_tokens": pa.array([len(t) // 6 for t in texts]), "text": texts}))
     for name, table in _neuron_tables(rng, p, HistogramBins()).items():
         store.write_table(name, table)
     store.write_table("manifest", manifest_table(markers))

@@ -37,6 +37,9 @@ class Context:
     pos: tuple[int, ...]
     token_id: tuple[int, ...]
     token: tuple[str, ...]
+    """Each token's text as shown: its span, after any of the document's text between it and the previous token that
+    no span covers (WordPiece leaves spaces and newlines out of its spans; byte-level BPE's tile the text, so there
+    it is the token table's `token`). Joined, they are the context's text."""
     doc_id: int
     char_start: tuple[int, ...]
     char_end: tuple[int, ...]
@@ -65,9 +68,25 @@ def load_contexts(root: Path, ctxs: Iterable[int]) -> dict[int, Context]:
     if missing:
         raise UserError(f"{root}: contexts {sorted(missing)[:5]} are not in the token table; was it mined "
                         "with stats.token_table: false?")
+    gaps = {ctx: [i for i in range(1, len(r["pos"])) if r["char_start"][i] > r["char_end"][i - 1]]
+            for ctx, r in rows.items()}
+    texts = _doc_texts(root, {rows[ctx]["doc_id"][0] for ctx, at in gaps.items() if at})
+    for ctx, at in gaps.items():
+        r = rows[ctx]
+        for i in at:
+            r["token"][i] = texts[r["doc_id"][0]][r["char_end"][i - 1]:r["char_start"][i]] + r["token"][i]
     return {ctx: Context(ctx, tuple(r["tok"]), tuple(r["pos"]), tuple(r["token_id"]), tuple(r["token"]),
                          r["doc_id"][0], tuple(r["char_start"]), tuple(r["char_end"]))
             for ctx, r in rows.items()}
+
+
+def _doc_texts(root: Path, doc_ids: set[int]) -> dict[int, str]:
+    """The text of these documents (docs.parquet's row groups are small, so only theirs are read)."""
+    if not doc_ids:
+        return {}
+    table = ds.dataset(root / "docs.parquet", format="parquet").to_table(
+        columns=["doc_id", "text"], filter=pc.field("doc_id").isin(sorted(doc_ids)))
+    return dict(zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()))
 
 
 class _Stop(Exception):

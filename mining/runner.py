@@ -195,7 +195,7 @@ def run_job(spec: JobSpec, store_dir: Path, *, address: str | None = None, resum
     shards, docs = plan(spec, tokenizer)
     store.begin(job, provenance(spec, tokenizer, shards), resume=resume)
     if not (store.root / "docs.parquet").exists() or not resume:
-        store.write_table("docs", docs)
+        store.write_docs(docs)
     todo = [s for s in shards if not (resume and store.shard_done(s.index))]
     from .ray_pool import mine_on_ray
 

@@ -43,9 +43,9 @@ def local_path(location: str | Path) -> Path:
     return Path(str(location).removeprefix("file://"))
 
 
-def parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_size)
     return sink.getvalue().to_pybytes()
 
 
@@ -98,9 +98,9 @@ class LocalFiles:
         atomic_write_bytes(self.path(rel), data)
         return hashlib.sha256(data).hexdigest()
 
-    def write_parquet(self, rel: str, table: pa.Table) -> str:
+    def write_parquet(self, rel: str, table: pa.Table, row_group_size: int | None = None) -> str:
         path = self.path(rel)
-        atomic_write(path, lambda p: pq.write_table(table, p, compression="zstd"))
+        atomic_write(path, lambda p: pq.write_table(table, p, compression="zstd", row_group_size=row_group_size))
         return checksum(path)
 
     def checksum(self, rel: str) -> str:
@@ -209,8 +209,8 @@ class RemoteFiles:
         self.fs.pipe_file(self.full(rel), data)  # one PUT: the object appears complete or not at all
         return hashlib.sha256(data).hexdigest()
 
-    def write_parquet(self, rel: str, table: pa.Table) -> str:
-        return self.write_bytes(rel, parquet_bytes(table))
+    def write_parquet(self, rel: str, table: pa.Table, row_group_size: int | None = None) -> str:
+        return self.write_bytes(rel, parquet_bytes(table, row_group_size))
 
     @_one_line
     def put_dir(self, rel: str, local: Path) -> str:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
@@ -50,6 +51,8 @@ DENSE = "activations.zarr"
 MANIFEST = "manifest.parquet"
 MERGED_STATES = f"{SHARDS}/merged.states.zst"
 MERGED_MARKER = f"{SHARDS}/merged.json"
+DOC_GROUP_BYTES = 1 << 20
+"""Text per row group of docs.parquet (a 10M-token store's text is about 40-70 MB)."""
 FILES_KEY = b"mining.files"  # manifest metadata: checksums of every file the shard rows do not cover
 
 
@@ -340,9 +343,15 @@ class Store:
         """After writing tables into a complete store (`mine analyze`): the manifest lists them too."""
         self.seal(self.read_table("manifest"))
 
-    def write_table(self, name: str, table: pa.Table) -> Path | RemotePath:
-        self.files.write_parquet(f"{name}.parquet", table)
+    def write_table(self, name: str, table: pa.Table, row_group_size: int | None = None) -> Path | RemotePath:
+        self.files.write_parquet(f"{name}.parquet", table, row_group_size)
         return self.root / f"{name}.parquet"
+
+    def write_docs(self, docs: pa.Table) -> Path | RemotePath:
+        """The docs table in row groups of about DOC_GROUP_BYTES of text: a context's text between tokens (see
+        tok_contexts in queries/_macros.sql) then reads the row groups of its own documents, not every text."""
+        size = pc.sum(pc.binary_length(docs.column("text"))).as_py() or 0
+        return self.write_table("docs", docs, max(1, DOC_GROUP_BYTES * docs.num_rows // max(1, size)))
 
 
 LAYOUT = "__byte_planes__"

@@ -80,12 +80,26 @@ CREATE OR REPLACE MACRO neuron_frac_of_max(h, l, n, v) AS (
 
 -- Text of the tokens within w positions of global token t in its context, t marked «like this».
 -- tok is contiguous within a context (tok - pos is constant there), so the tok range is the
--- same window; it lets the Parquet scan skip row groups.
+-- same window; it lets the Parquet scan skip row groups. Text between two tokens that neither
+-- token's span covers (WordPiece's spaces and newlines: BERT's offsets leave them out) comes from
+-- the document, read only where there is such a gap (never for byte-level BPE, whose spans tile it).
 CREATE OR REPLACE MACRO tok_context(t, w) AS (
-    SELECT string_agg(CASE WHEN x.tok = t THEN '«' || x.token || '»' ELSE x.token END, '' ORDER BY x.pos)
-    FROM tokens AS x
-    INNER JOIN (SELECT ctx AS c_ctx, pos AS c_pos FROM tokens WHERE tok = t) ON x.ctx = c_ctx
-    WHERE x.tok BETWEEN t - w AND t + w AND x.pos BETWEEN c_pos - w AND c_pos + w
+    WITH y AS (
+        SELECT x.pos, x.tok, x.token, x.doc_id, x.char_start, lag(x.char_end) OVER (ORDER BY x.pos) AS prev_end
+        FROM tokens AS x
+        INNER JOIN (SELECT ctx AS c_ctx, pos AS c_pos FROM tokens WHERE tok = t) ON x.ctx = c_ctx
+        WHERE x.tok BETWEEN t - w AND t + w AND x.pos BETWEEN c_pos - w AND c_pos + w
+    ),
+
+    gaps AS (
+        SELECT y.pos, substr(d.text, y.prev_end + 1, y.char_start - y.prev_end) AS gap
+        FROM y INNER JOIN docs AS d ON d.doc_id = y.doc_id
+        WHERE y.char_start > y.prev_end
+    )
+
+    SELECT string_agg(coalesce(gaps.gap, '') || CASE WHEN y.tok = t THEN '«' || y.token || '»' ELSE y.token END, ''
+                      ORDER BY y.pos)
+    FROM y LEFT JOIN gaps ON gaps.pos = y.pos
 );
 
 -- The same for many tokens in one scan of the token table: for each t in the list toks, its
@@ -99,19 +113,31 @@ WITH win AS (
 ),
 
 rows AS (
-    SELECT win.peak, x.tok, x.ctx, x.pos, x.doc_id, x.token
+    SELECT win.peak, x.tok, x.ctx, x.pos, x.doc_id, x.token, x.char_start, x.char_end
     FROM win INNER JOIN tokens AS x ON x.tok = win.wtok
 ),
 
-peaks AS (SELECT peak, ctx AS peak_ctx, doc_id, pos, token FROM rows WHERE tok = peak)
+peaks AS (SELECT peak, ctx AS peak_ctx, doc_id, pos, token FROM rows WHERE tok = peak),
+
+shown AS (
+    SELECT rows.*, lag(rows.char_end) OVER (PARTITION BY rows.peak ORDER BY rows.pos) AS prev_end
+    FROM rows INNER JOIN peaks ON peaks.peak = rows.peak AND rows.ctx = peaks.peak_ctx
+),
+
+gaps AS (
+    SELECT g.peak, g.pos, substr(d.text, g.prev_end + 1, g.char_start - g.prev_end) AS gap
+    FROM shown AS g INNER JOIN docs AS d ON d.doc_id = g.doc_id
+    WHERE g.char_start > g.prev_end
+)
 
 SELECT
     peaks.peak AS tok,
     any_value(peaks.doc_id) AS doc_id,
     any_value(peaks.pos) AS pos,
     any_value(peaks.token) AS token,
-    string_agg(CASE WHEN rows.tok = rows.peak THEN '«' || rows.token || '»' ELSE rows.token END, ''
-               ORDER BY rows.pos) AS context
-FROM rows
-INNER JOIN peaks ON peaks.peak = rows.peak AND rows.ctx = peaks.peak_ctx
+    string_agg(coalesce(gaps.gap, '') || CASE WHEN shown.tok = shown.peak THEN '«' || shown.token || '»' ELSE shown.token END,
+               '' ORDER BY shown.pos) AS context
+FROM shown
+INNER JOIN peaks ON peaks.peak = shown.peak
+LEFT JOIN gaps ON gaps.peak = shown.peak AND gaps.pos = shown.pos
 GROUP BY peaks.peak;

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from mining.cli import main
+from mining.query import connect, run_named
+from mining.replay import load_contexts
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -57,3 +59,18 @@ def test_minilm_store_matches_brute_force(tmp_path):
         np.testing.assert_allclose(col[mine.tok.to_numpy()], mine.value, rtol=1e-4, atol=1e-4)
         row = neurons[(neurons.layer == layer) & (neurons.neuron == neuron)].iloc[0]
         np.testing.assert_allclose([row["mean"], row["std"]], [col.mean(), col.std()], rtol=1e-4, atol=1e-5)
+
+
+    # WordPiece's spans leave the spaces and newlines out; contexts still read as the document's text
+    docs = dict(zip(*pq.read_table(store / "docs.parquet", columns=["doc_id", "text"]).to_pydict().values()))
+    con = connect(store)
+    shown = run_named(con, "top-contexts", {"layer": str(layer), "neuron": "0", "k": "4"}).to_pylist()
+    con.close()
+    assert len(shown) == 4
+    for row in shown:
+        text = row["context"].replace("«", "").replace("»", "")
+        assert " " in text and text in docs[row["doc_id"]], row
+    ctxs = load_contexts(store, sorted(set(tokens.ctx))[:5])
+    for c in ctxs.values():  # the replayed contexts (exports, the viewer) show the same text
+        start, end = c.span
+        assert "".join(c.token) == docs[c.doc_id][start:end]
