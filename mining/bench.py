@@ -236,7 +236,10 @@ def runners(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str, C
 
     B = work.cfg.batch_size
     out: dict[str, Callable[[list], Any]] = {"forward": lambda shards: bare_forward(work.loaded, shards, B)}
-    for name, (part, _, _) in MINER_VARIANTS.items():
+    for name, (part, extra, _) in MINER_VARIANTS.items():
+        if name == "dla" and part in parts and not work.loaded.causal:  # the engine would mine it without DLA
+            work.skipped[name] = {"skipped": f"{work.cfg.model} is an encoder: no next token to attribute"}
+            continue
         if part in parts:
             miner = work.miners[name] = ShardMiner(work.spec(name), work.loaded)
             with kernels_off(name in TORCH_OPS):
@@ -255,9 +258,10 @@ def runners(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str, C
 
         spec = work.spec("mining")
         points = resolve_hooks(work.loaded.model, spec.hooks)
-        alternatives, work.skipped = alternative_runners(work.loaded, points, spec.stats.top_k, histogram_bins(spec),
+        alternatives, skipped = alternative_runners(work.loaded, points, spec.stats.top_k, histogram_bins(spec),
                                                          B, scratch)
         out.update(alternatives)
+        work.skipped.update(skipped)
     return out
 
 
@@ -319,6 +323,9 @@ def throughput(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str
         if name in best:
             out[f"{name}_tokens_per_s"] = best[name]
             out[f"{name}_ratio"] = best[name] / bare
+    if "dla" in work.skipped:
+        out["dla_ratio"] = None
+        out["skipped_variants"] = {"dla": work.skipped["dla"]["skipped"]}
     if "mining" in best and "mining_torch_ops" in best:
         out["kernels_speedup"] = best["mining"] / best["mining_torch_ops"]
     out["rounds_tokens_per_s"] = rates
@@ -430,7 +437,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             "model": cfg.model, "corpus": cfg.corpus, "tokens": work.n_tokens, "shards": len(work.shards),
             "batch_size": cfg.batch_size, "context_length": cfg.context_length, "top_k": cfg.top_k,
             "repeats": cfg.repeats, "hooks": "blocks.*.mlp.hook_post", "layers": work.n_layers,
-            "neurons": work.n_neurons, "dense_hook": work.dense_hook}
+            "neurons": work.n_neurons, "dense_hook": work.dense_hook, "causal": work.loaded.causal}
         if work.batch_fit:
             result["config"]["batch_fit"] = work.batch_fit
     result["machine"] = machine(work, cfg)
@@ -495,9 +502,13 @@ def format_report(r: dict[str, Any]) -> str:
         rows += [(name, a["tokens_per_s"]) for name, a in alt.items() if "tokens_per_s" in a]
         for name, rate in rows:
             label = LABELS[name].format(dense_hook=c["dense_hook"])
+            if name == "forward" and not c.get("causal", True):
+                label = "bare forward (model; an encoder: no LM head)"
             spread = r.get("round_ratios", {}).get(name)
             spread = f"{min(spread):.2f}-{max(spread):.2f} ({statistics.median(spread):.2f})" if spread else ""
             out.append(f"  {label:<56}{rate:>9,.0f}{rate / bare:>8.2f}{bare / rate:>7.2f}x{spread:>22}")
+            if name == "mining":
+                out += [f"  {LABELS[n]}: skipped: {why}" for n, why in r.get("skipped_variants", {}).items()]
         for name, a in sorted(alt.items(), key=lambda item: "skipped" in item[1]):
             if "skipped" in a:
                 out.append(f"  {name}: skipped: {a['skipped']}")

@@ -74,6 +74,13 @@ def validate(spec: JobSpec) -> Any:
         resolve_hooks(meta, spec.dense.hooks)
     if spec.is_diff:
         validate_diff(spec, config)
+    from .models import ENCODER_TYPES
+
+    if config.model_type in ENCODER_TYPES:
+        for key, why in CAUSAL_ONLY.items():
+            if getattr(spec.stats, key):
+                raise UserError(f"stats.{key}: needs a causal LM ({why}); {spec.model.id} is an encoder "
+                                f"({config.model_type}): turn it off for this model")
     if spec.stats.gate_cases:
         from .engine import gate_points
 
@@ -82,6 +89,9 @@ def validate(spec: JobSpec) -> Any:
                             "(SwiGLU/GeGLU) in this job; turn it off for this model")
     return config
 
+
+CAUSAL_ONLY = {"dla": "it attributes the logit of the actual next token", "head_ablation": "it scores the next-token loss"}
+"""Stats an encoder cannot give, with why (the token table's log-probs are NULL for one instead, its rows still useful)."""
 
 DIFF_UNSUPPORTED = ("quantile_samples", "gate_cases", "polysemanticity", "head_ablation", "heads",
                     "logit_lens")

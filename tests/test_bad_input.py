@@ -95,6 +95,10 @@ def _spec_cases(w):
         "unknown-model": (base.replace(str(model), "./no/such/model"), "model.id"),
         "package-name-for-an-alias": (base.replace(str(model), "all-minilm-l6-v2"),
                                       "did you mean the alias 'minilm-l6'?"),
+        "dla-on-an-encoder": (base.replace(str(model), "minilm-l6") + "stats: {dla: true}\n",
+                              "stats.dla: needs a causal LM"),
+        "head-ablation-on-an-encoder": (base.replace(str(model), "minilm-l6") + "stats: {head_ablation: true}\n",
+                                        "stats.head_ablation: needs a causal LM"),
         "missing-gguf": (base.replace(str(model), "/tmp/none.gguf"), "GGUF file"),
         "corrupt-gguf": (base.replace(str(model), str(bad_gguf)), "model.id"),
         "truncated-weights": (base.replace(str(model), str(truncated)), "model.id"),
@@ -111,7 +115,7 @@ def _spec_cases(w):
 
 SPEC_CASES = ["malformed-yaml", "not-a-mapping", "unknown-key", "mistyped-nested-key", "wrong-type", "zero-top-k",
               "zero-batch", "token-fraction-over-one", "context-longer-than-model", "unknown-model",
-              "package-name-for-an-alias", "missing-gguf",
+              "package-name-for-an-alias", "dla-on-an-encoder", "head-ablation-on-an-encoder", "missing-gguf",
               "corrupt-gguf", "truncated-weights", "pickled-weights", "non-utf8-corpus", "empty-corpus",
               "corpus-glob-matches-nothing", "unknown-corpus-scheme", "hook-matches-nothing", "layer-out-of-range",
               "no-hooks"]

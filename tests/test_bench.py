@@ -42,6 +42,20 @@ def test_throughput_json(capsys, tiny_llama):
     assert "token_table_tokens_per_s" not in r and "store" not in r
 
 
+def test_an_encoder_has_no_dla_to_measure(capsys, tmp_path, minilm_tokenizer):
+    from mining.tiny import tiny_model
+
+    tiny_model("bert", vocab_size=len(minilm_tokenizer), head=False).save_pretrained(tmp_path)
+    minilm_tokenizer.save_pretrained(tmp_path)
+    r = bench(capsys, tmp_path, "--parts", "forward,mining,dla")
+    assert r["mining_ratio"] > 0 and r["dla_ratio"] is None and "dla_tokens_per_s" not in r
+    assert "encoder" in r["skipped_variants"]["dla"] and r["config"]["causal"] is False
+    assert main(["bench", "--model", str(tmp_path), "--tokens", "300", "--context-length", "64", "--batch-size", "4",
+                 "--repeats", "1", "--parts", "forward,mining,dla"]) == 0
+    out = capsys.readouterr().out
+    assert "an encoder: no LM head" in out and "direct logit attribution: skipped: " in out
+
+
 def test_other_parts(capsys, tiny_llama):
     r = bench(capsys, tiny_llama, "--parts", "tokens,dense,alternatives,bytes")
     assert r["bare_tokens_per_s"] > 0  # the baseline runs whenever a throughput variant does
