@@ -59,7 +59,7 @@ class DiffMiner(ShardMiner):
         if not same_tokenizer(loaded_a.tokenizer, loaded_b.tokenizer):
             raise UserError("models.a and models.b tokenize differently; a diff compares the same tokens, "
                             "so both need the same tokenizer")
-        self.points_b = {p.name: p for p in resolve_hooks(loaded_b.model, spec.hooks)}
+        self.points_b = {p.name: p for p in resolve_hooks(loaded_b.model, spec.hooks)} if spec.hooks else {}
         # with dla: each head's direct logit attribution too, read at attn.hook_z through its W_O slice
         self.heads_a = resolve_hooks(loaded_a.model, ["blocks.*.attn.hook_z"]) if self.dla else []
         self.heads_b = resolve_hooks(loaded_b.model, ["blocks.*.attn.hook_z"]) if self.dla else []
@@ -216,10 +216,19 @@ def weight_diff_tables(a: torch.nn.Module, b: torch.nn.Module) -> dict[str, pa.T
         m = LAYER.search(name)
         rows.append({"param": name, "layer": int(m.group(1)) if m else -1,
                      "rel_norm": delta / na if na > 0 else float("nan"), "norm_a": na})
-    if not rows:
-        raise UserError("models.a and models.b share no parameter of the same name and shape; nothing to compare")
+    if not rows:  # models of different sizes, diffed token by token: no weight to compare
+        return {}
     return {"weight_diff": pa.Table.from_pylist(rows), "neuron_weight_diff": _neuron_weights(a, b),
             "head_weight_diff": _head_weights(a, b)}
+
+
+def _shared_layers(a: torch.nn.Module, b: torch.nn.Module, site: str) -> list:
+    """The hook points of `site` at the layers where A and B have the same width (a deeper B: A's layers)."""
+    from .architectures import arch_of, locate
+
+    n = min(len(locate(m, arch_of(m))[1]) for m in (a, b))
+    on_a, on_b = (resolve_hooks(m, [f"blocks.{layer}.{site}" for layer in range(n)]) for m in (a, b))
+    return [p for p, q in zip(on_a, on_b) if (p.width, p.n_heads, p.d_head) == (q.width, q.n_heads, q.d_head)]
 
 
 def _feature_rows(model: torch.nn.Module, point) -> torch.Tensor:
@@ -231,13 +240,19 @@ def _feature_rows(model: torch.nn.Module, point) -> torch.Tensor:
     return (w.T if linear else w) if point.direction == "input" else (w if linear else w.T)
 
 
-def _neuron_weights(a: torch.nn.Module, b: torch.nn.Module) -> pa.Table:
-    from .architectures import arch_of, locate
+NEURON_WEIGHTS = pa.schema([("layer", pa.int32()), ("neuron", pa.int32()), ("in_norm", pa.float64()),
+                            ("out_norm", pa.float64()), ("in_rel", pa.float64()), ("out_rel", pa.float64())])
+HEAD_WEIGHTS = pa.schema([("layer", pa.int64()), ("head", pa.int64()), ("out_norm", pa.float64()),
+                          ("out_rel", pa.float64())])
 
-    parts = []
-    for layer in range(len(locate(a, arch_of(a))[1])):
-        post = resolve_hooks(a, [f"blocks.{layer}.mlp.hook_post"])[0]
+
+def _neuron_weights(a: torch.nn.Module, b: torch.nn.Module) -> pa.Table:
+    parts = [NEURON_WEIGHTS.empty_table()]
+    for post in _shared_layers(a, b, "mlp.hook_post"):
+        layer = post.layer
         wo_a, wo_b = mlp_out_weight(a, layer).double(), mlp_out_weight(b, layer).double()  # (N, d)
+        if wo_a.shape != wo_b.shape:
+            continue
         out_norm = (wo_b - wo_a).norm(dim=1)
         out_rel = out_norm / wo_a.norm(dim=1).clamp(min=1e-30)
         in_sq, in_base = torch.zeros_like(out_norm), torch.zeros_like(out_norm)
@@ -247,6 +262,8 @@ def _neuron_weights(a: torch.nn.Module, b: torch.nn.Module) -> pa.Table:
             except UserError:
                 continue  # not a gated MLP: no separate up projection
             wa, wb = _feature_rows(a, point), _feature_rows(b, point)  # (N, d)
+            if wa.shape != wb.shape:
+                continue
             in_sq += ((wb - wa) ** 2).sum(1)
             in_base += (wa ** 2).sum(1)
         n = post.width
@@ -258,15 +275,15 @@ def _neuron_weights(a: torch.nn.Module, b: torch.nn.Module) -> pa.Table:
 
 
 def _head_weights(a: torch.nn.Module, b: torch.nn.Module) -> pa.Table:
-    from .architectures import arch_of, locate
-
     rows = []
-    for layer in range(len(locate(a, arch_of(a))[1])):
-        point = resolve_hooks(a, [f"blocks.{layer}.attn.hook_z"])[0]
+    for point in _shared_layers(a, b, "attn.hook_z"):
+        layer = point.layer
         wa, wb = _feature_rows(a, point), _feature_rows(b, point)  # (H * dh, d)
+        if wa.shape != wb.shape:
+            continue
         for h in range(point.n_heads):
             sl = slice(h * point.d_head, (h + 1) * point.d_head)
             delta = float((wb[sl] - wa[sl]).norm())
             base = float(wa[sl].norm())
             rows.append({"layer": layer, "head": h, "out_norm": delta, "out_rel": delta / base if base else float("nan")})
-    return pa.Table.from_pylist(rows)
+    return pa.Table.from_pylist(rows, schema=HEAD_WEIGHTS)

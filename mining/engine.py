@@ -243,7 +243,7 @@ class ShardMiner:
         self.loaded = loaded
         self.batch_size: int | None = spec.compute.fixed_batch_size
         """Contexts per forward pass: compute.batch_size, or what batch_fit chose for `auto`."""
-        self.points: list[HookPoint] = resolve_hooks(loaded.model, spec.hooks)
+        self.points: list[HookPoint] = resolve_hooks(loaded.model, spec.hooks) if spec.hooks else []  # diff: may be none
         self.dense_points = resolve_hooks(loaded.model, spec.dense.hooks) if spec.dense.hooks else []
         self.dla = DirectLogitAttribution(loaded.model) if spec.stats.dla and loaded.causal else None
         self.dla_points = {p.name for p in self.points if p.site == "mlp.hook_post"} if self.dla else set()

@@ -301,10 +301,14 @@ _HOW_TO_GET = {
     "neuron_coherence": "mine with `stats: {polysemanticity: true}`",
     "head_ablation": "mine with `stats: {head_ablation: true}`",
     "token_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`)",
-    "neuron_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`)",
-    "weight_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`)",
-    "neuron_weight_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`)",
-    "head_weight_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`)",
+    "neuron_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`) with hooks (one without compares "
+                   "tokens only)",
+    "weight_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`) of two models that share weights "
+                   "of the same name and shape",
+    "neuron_weight_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`) of two models that share "
+                          "weights of the same name and shape",
+    "head_weight_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`) of two models that share "
+                        "weights of the same name and shape",
     "neuron_match": "mine a diff job with `stats: {neuron_match: true}`",
     "dla_diff": "mine a diff job with `stats: {dla: true}`",
     "head_dla_diff": "mine a diff job with `stats: {dla: true}`",

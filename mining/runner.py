@@ -69,7 +69,8 @@ def validate(spec: JobSpec) -> Any:
     meta = meta_model(config)
     from .hooks import resolve_hooks
 
-    resolve_hooks(meta, spec.hooks)
+    if spec.hooks:  # a diff job may have none (token by token)
+        resolve_hooks(meta, spec.hooks)
     if spec.dense.hooks:
         resolve_hooks(meta, spec.dense.hooks)
     if spec.is_diff:
@@ -113,7 +114,20 @@ def validate_diff(spec: JobSpec, config_a: Any) -> None:
     if not same_tokenizer(load_tokenizer(spec.models["a"]), load_tokenizer(b)):
         raise UserError(f"models.a ({spec.models['a'].id}) and models.b ({b.id}) tokenize differently; "
                         "a diff compares the same tokens, so both need the same tokenizer")
-    resolve_hooks(meta_model(load_config(b)), spec.hooks)
+    if not spec.hooks:
+        paired = [key for key in ("dla", "neuron_match") if getattr(spec.stats, key)]
+        if paired:
+            raise UserError(f"stats.{paired[0]}: compares the two models neuron by neuron, and this diff job has no "
+                            "hooks (it compares them token by token); give hooks, or turn it off")
+        return
+    points_b = {p.name: p for p in resolve_hooks(meta_model(load_config(b)), spec.hooks)}
+    for p in resolve_hooks(meta_model(config_a), spec.hooks):
+        q = points_b.get(p.name)
+        if q is None or q.width != p.width:
+            raise UserError(f"hooks: {p.name} differs between models.a and models.b "
+                            f"({p.width} vs {q.width if q else 'no such hook'} features): a neuron diff needs the "
+                            "same structure; with `hooks: []` the job compares models of any size token by token "
+                            "(token-gains, doc-diff)")
 
 
 def meta_model(config: Any) -> Any:

@@ -195,3 +195,54 @@ def test_diff_job_refusals(pair, tmp_path, capsys):
     assert main(["run", str(job), "--store", str(tmp_path / "s")]) != 0
     assert "models: expected exactly the keys a and b" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_models_of_different_sizes_are_diffed_token_by_token(pair, tmp_path, capsys):
+    """A larger B (more layers, wider): with `hooks: []` the job compares the two token by token; with hooks it is
+    refused before anything is written, and the error says how to diff them."""
+    tok = pair["tokenizer"]
+    big = tiny_model("llama", vocab_size=len(tok), seed=5, num_hidden_layers=3, hidden_size=96, intermediate_size=160,
+                     num_attention_heads=6)
+    b = _save(big, tok, tmp_path / "big")
+    job = tmp_path / "job.yaml"
+    text = JOB.replace("{id: A}", f"{{id: '{pair['a']}'}}").replace("{id: B}", f"{{id: '{b}'}}")
+    job.write_text(text)
+    assert main(["run", str(job), "--store", str(tmp_path / "refused"), "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "blocks.0.mlp.hook_post differs between models.a and models.b (64 vs 160 features)" in err
+    assert "`hooks: []`" in err and not (tmp_path / "refused").exists()
+    job.write_text(text.replace('["blocks.*.mlp.hook_post"]', "[]"))
+    assert main(["run", str(job), "--store", str(tmp_path / "refused"), "--no-progress"]) != 0
+    assert "stats.dla: compares the two models neuron by neuron" in capsys.readouterr().err
+
+    job.write_text(text.replace('["blocks.*.mlp.hook_post"]', "[]").replace("neuron_match: true, dla: true", ""))
+    store = tmp_path / "store"
+    assert main(["run", str(job), "--store", str(store), "--no-progress"]) == 0
+    toks, ((_, lp_a), (_, lp_b)) = _brute([pair["models"][0], big], store, tok)
+    con = connect(store)
+    got = con.sql("SELECT tok, logprob_a, logprob_b FROM token_diff ORDER BY tok").fetchnumpy()
+    inside = ~np.isnan(lp_a)
+    assert got["tok"].tolist() == toks.tolist()
+    np.testing.assert_allclose(got["logprob_a"][inside], lp_a[inside], atol=1e-4)
+    np.testing.assert_allclose(got["logprob_b"][inside], lp_b[inside], atol=1e-4)
+    assert run_named(con, "doc-diff", {})
+    assert run_named(con, "token-gains", {"k": "3"}).num_rows == 3
+    for named in ("neuron-diff", "weight-changes"):  # nothing neuron by neuron, no weight of the same shape
+        with pytest.raises(Exception, match="this store has no"):
+            run_named(con, named, {})
+    con.close()
+
+
+def test_weights_are_compared_where_both_models_have_them(pair):
+    from mining.diff import weight_diff_tables
+
+    a = pair["models"][0]
+    deeper = tiny_model("llama", vocab_size=len(pair["tokenizer"]), seed=7, num_hidden_layers=3)
+    with torch.no_grad():  # as on an actor, whose models are loaded for inference
+        tables = weight_diff_tables(a, deeper)
+    assert set(tables["neuron_weight_diff"].column("layer").to_pylist()) == {0, 1}
+    assert set(tables["head_weight_diff"].column("layer").to_pylist()) == {0, 1}
+    assert tables["neuron_weight_diff"].num_rows == 2 * a.config.intermediate_size
+    wider = tiny_model("llama", vocab_size=len(pair["tokenizer"]), hidden_size=96, num_attention_heads=6)
+    with torch.no_grad():
+        assert weight_diff_tables(a, wider) == {}
