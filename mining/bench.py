@@ -236,7 +236,7 @@ def runners(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str, C
 
     B = work.cfg.batch_size
     out: dict[str, Callable[[list], Any]] = {"forward": lambda shards: bare_forward(work.loaded, shards, B)}
-    for name, (part, extra, _) in MINER_VARIANTS.items():
+    for name, (part, _, _) in MINER_VARIANTS.items():
         if name == "dla" and part in parts and not work.loaded.causal:  # the engine would mine it without DLA
             work.skipped[name] = {"skipped": f"{work.cfg.model} is an encoder: no next token to attribute"}
             continue
