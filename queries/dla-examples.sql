@@ -5,15 +5,20 @@
 -- param: sign = positive
 -- param: k = 10
 -- requires: dla_examples
+WITH e AS (
+    SELECT rank, dla, tok
+    FROM dla_examples
+    WHERE layer = $layer AND neuron = $neuron AND sign = $sign AND rank <= $k
+)
+
 SELECT
     e.rank,
     e.dla,
     e.tok,
-    t.token,
+    c.token,
     nxt.token AS next_token,
-    tok_context(e.tok, 12) AS context
-FROM dla_examples AS e
-LEFT JOIN tokens AS t ON t.tok = e.tok
-LEFT JOIN tokens AS nxt ON nxt.tok = e.tok + 1 AND nxt.doc_id = t.doc_id
-WHERE e.layer = $layer AND e.neuron = $neuron AND e.sign = $sign AND e.rank <= $k
+    c.context
+FROM e
+LEFT JOIN tok_contexts((SELECT list(tok) FROM e), 12) AS c ON c.tok = e.tok
+LEFT JOIN tokens AS nxt ON nxt.tok = e.tok + 1 AND nxt.doc_id = c.doc_id
 ORDER BY e.rank;

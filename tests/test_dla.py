@@ -10,6 +10,7 @@ import torch
 from mining.cli import main
 from mining.dla import DirectLogitAttribution
 from mining.hooks import record
+from mining.query import connect, run_named
 
 pytestmark = pytest.mark.slow
 
@@ -124,3 +125,13 @@ def test_mined_dla_matches_brute_force(tmp_path, smollm2):
             np.testing.assert_allclose(neg.sort_values("rank").dla, np.sort(col)[:5], rtol=1e-3, atol=1e-4)
             lookup = dict(zip(toks, col))
             np.testing.assert_allclose([lookup[t] for t in pos.tok], pos.dla, rtol=1e-3, atol=1e-4)
+    con = connect(store)  # the named query: the mined rows, each with the token it predicts and its context
+    pos = examples[(examples.layer == 29) & (examples.neuron == 0) & (examples.sign == "positive")].sort_values("rank")
+    shown = run_named(con, "dla-examples", {"layer": "29", "neuron": "0", "k": "5"}).to_pylist()
+    con.close()
+    by_tok = tokens.set_index("tok")
+    assert [r["tok"] for r in shown] == pos.tok.tolist() and [r["dla"] for r in shown] == pos.dla.tolist()
+    for r in shown:
+        nxt = by_tok.token.get(r["tok"] + 1) if by_tok.doc_id.get(r["tok"] + 1) == by_tok.doc_id[r["tok"]] else None
+        assert r["token"] == by_tok.token[r["tok"]] and r["next_token"] == nxt
+        assert "«" + r["token"] + "»" in r["context"]
