@@ -47,6 +47,13 @@ def run_demo(store: Path, job: str | None, fresh: bool, overrides: list[str]) ->
     section("Top contexts of layer 5 neuron 100",
             run_named(con, "top-activations", {"layer": "5", "neuron": "100", "k": "5"}))
     section("Dead and dense neurons", run_named(con, "dead-and-dense", {"limit": "5"}))
+    if spec.stats.polysemanticity:
+        poly = run_named(con, "polysemanticity", {"limit": "5"})
+        section("Polysemantic neurons: their top contexts peak on unrelated tokens (coherence near 0)", poly)
+        if poly.num_rows:
+            layer, neuron = poly["layer"][0].as_py(), poly["neuron"][0].as_py()
+            section(f"Top contexts of layer {layer} neuron {neuron}, the least coherent (compare the marked tokens)",
+                    run_named(con, "top-contexts", {"layer": str(layer), "neuron": str(neuron), "k": "5"}))
     if spec.stats.dla:
         helpful = run_named(con, "dla-neurons", {"limit": "3"})
         section("Neurons that most raise the logit of the actual next token (mean direct logit attribution)", helpful)

@@ -76,6 +76,14 @@ def test_demo_mines_prints_answers_the_store_backs_and_reuses_the_store(tmp_path
         assert "«" in got[title]
         quantiles = got[f"Quantiles of layer {layer} neuron {neuron}"]
         assert quantiles.splitlines()[-1].startswith("(12 rows)")
+    poly = run_named(con, "polysemanticity", {"limit": "5"}).to_pylist()
+    table = got["Polysemantic neurons: their top contexts peak on unrelated tokens (coherence near 0)"]
+    assert [tuple(map(int, line.split()[1:3])) for line in table.splitlines()[2:7]] == \
+        [(r["layer"], r["neuron"]) for r in poly]
+    title = f"Top contexts of layer {poly[0]['layer']} neuron {poly[0]['neuron']}, the least coherent"
+    contexts = next(body for t, body in got.items() if t.startswith(title))
+    want = run_named(con, "top-contexts", {"layer": str(poly[0]["layer"]), "neuron": str(poly[0]["neuron"]), "k": "5"})
+    assert printed_values(contexts) == pytest.approx(want.column("value").to_pylist(), rel=1e-5)
     helpful = got["Neurons that most raise the logit of the actual next token (mean direct logit attribution)"]
     best = run_named(con, "dla-neurons", {"limit": "1"}).to_pylist()[0]
     assert re.search(rf"^\s*{best['layer']}\s+{best['neuron']}\s", helpful.splitlines()[2]), helpful
