@@ -6,19 +6,24 @@
 -- param: hook = mlp.hook_post
 -- param: k = 10
 -- requires: pca_examples
+WITH e AS (
+    SELECT layer, rank, score, tok
+    FROM pca_examples
+    WHERE
+        hook = $hook
+        AND ($layer < 0 OR layer = $layer)
+        AND component = $component
+        AND sign = $sign
+        AND rank <= $k
+)
+
 SELECT
     e.layer,
     e.rank,
     e.score,
     e.tok,
-    t.token,
-    tok_context(e.tok, 12) AS context
-FROM pca_examples AS e
-LEFT JOIN tokens AS t ON e.tok = t.tok
-WHERE
-    e.hook = $hook
-    AND ($layer < 0 OR e.layer = $layer)
-    AND e.component = $component
-    AND e.sign = $sign
-    AND e.rank <= $k
+    c.token,
+    c.context
+FROM e
+LEFT JOIN tok_contexts((SELECT list(tok) FROM e), 12) AS c ON c.tok = e.tok
 ORDER BY e.layer, e.rank;

@@ -229,4 +229,16 @@ def test_gate_sign_cases_match_brute_force(store, brute):
                     best = np.sort(vals)[::-1] if gs == us else np.sort(vals)
                     np.testing.assert_allclose(top.value, best[:len(top)], rtol=1e-4, atol=1e-4)
                     np.testing.assert_allclose(row["mean"], vals.mean(), rtol=1e-3, atol=1e-5)
-    assert run_named(connect(store), "gate-cases", {"layer": "3", "neuron": "100"}).num_rows == 4
+    con = connect(store)
+    shown = run_named(con, "gate-cases", {"layer": "3", "neuron": "100"}).to_pylist()
+    assert len(shown) == 4
+    for r in shown:  # each case's strongest example, with the context the per-token macro gives it
+        best = examples[(examples.layer == 3) & (examples.neuron == 100) & (examples.gate_sign == r["gate_sign"])
+                        & (examples.up_sign == r["up_sign"]) & (examples["rank"] == 1)]
+        if len(best):
+            tok = int(best.tok.iloc[0])
+            assert r["top_value"] == best.value.iloc[0]
+            assert r["top_context"] == con.execute("SELECT tok_context($t, 10)", {"t": tok}).fetchone()[0]
+        else:
+            assert r["top_value"] is None and r["top_context"] is None
+    con.close()
