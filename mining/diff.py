@@ -65,12 +65,7 @@ class DiffMiner(ShardMiner):
         self.heads_b = resolve_hooks(loaded_b.model, ["blocks.*.attn.hook_z"]) if self.dla else []
         self.w_o = {(side, p.name): _feature_rows(m.model, p).float()
                     for side, m, pts in (("a", loaded_a, self.heads_a), ("b", loaded_b, self.heads_b)) for p in pts}
-        for p in self.points:
-            q = self.points_b.get(p.name)
-            if q is None or q.width != p.width:
-                raise UserError(f"hook {p.name}: models.a and models.b differ there "
-                                f"({p.width} vs {q.width if q else 'missing'} features); a neuron diff needs "
-                                "the same structure")
+        check_same_structure(self.points, list(self.points_b.values()))
 
     @torch.inference_mode()
     def mine(self, shard: Shard) -> ShardResult:
@@ -125,6 +120,17 @@ class DiffMiner(ShardMiner):
         result = ShardResult(shard.index, stats, _concat(token_parts, shard.index), n_tokens=shard.n_tokens)
         result.seconds = time.perf_counter() - start
         return result
+
+
+def check_same_structure(points_a: list, points_b: list) -> None:
+    """Every hooked point of A is in B at the same width, or one line saying which is not and the way out."""
+    widths_b = {q.name: q.width for q in points_b}
+    for p in points_a:
+        if widths_b.get(p.name) != p.width:
+            raise UserError(f"hooks: {p.name} differs between models.a and models.b "
+                            f"({p.width} vs {widths_b.get(p.name, 'no such hook')} features): a neuron diff needs the "
+                            "same structure; with `hooks: []` the job compares models of any size token by token "
+                            "(token-gains, doc-diff)")
 
 
 def _head_dla(dla: DlaBatch, point, z: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:

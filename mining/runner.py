@@ -74,7 +74,7 @@ def validate(spec: JobSpec) -> Any:
     if spec.dense.hooks:
         resolve_hooks(meta, spec.dense.hooks)
     if spec.is_diff:
-        validate_diff(spec, config)
+        validate_diff(spec, meta)
     from .models import ENCODER_TYPES
 
     if config.model_type in ENCODER_TYPES:
@@ -98,7 +98,7 @@ DIFF_UNSUPPORTED = ("quantile_samples", "gate_cases", "polysemanticity", "head_a
                     "logit_lens")
 
 
-def validate_diff(spec: JobSpec, config_a: Any) -> None:
+def validate_diff(spec: JobSpec, meta_a: Any) -> None:
     """A diff job: B's files exist, both tokenize alike, the hooks exist in B; per-model analyses refused."""
     on = [key for key in DIFF_UNSUPPORTED if getattr(spec.stats, key)]
     if on:
@@ -120,14 +120,9 @@ def validate_diff(spec: JobSpec, config_a: Any) -> None:
             raise UserError(f"stats.{paired[0]}: compares the two models neuron by neuron, and this diff job has no "
                             "hooks (it compares them token by token); give hooks, or turn it off")
         return
-    points_b = {p.name: p for p in resolve_hooks(meta_model(load_config(b)), spec.hooks)}
-    for p in resolve_hooks(meta_model(config_a), spec.hooks):
-        q = points_b.get(p.name)
-        if q is None or q.width != p.width:
-            raise UserError(f"hooks: {p.name} differs between models.a and models.b "
-                            f"({p.width} vs {q.width if q else 'no such hook'} features): a neuron diff needs the "
-                            "same structure; with `hooks: []` the job compares models of any size token by token "
-                            "(token-gains, doc-diff)")
+    from .diff import check_same_structure
+
+    check_same_structure(resolve_hooks(meta_a, spec.hooks), resolve_hooks(meta_model(load_config(b)), spec.hooks))
 
 
 def meta_model(config: Any) -> Any:

@@ -78,32 +78,11 @@ CREATE OR REPLACE MACRO neuron_frac_of_max(h, l, n, v) AS (
     SELECT v / nullif(max, 0) FROM neurons WHERE hook = h AND layer = l AND neuron = n
 );
 
--- Text of the tokens within w positions of global token t in its context, t marked «like this».
--- tok is contiguous within a context (tok - pos is constant there), so the tok range is the
--- same window; it lets the Parquet scan skip row groups. Text between two tokens that neither
--- token's span covers (WordPiece's spaces and newlines: BERT's offsets leave them out) comes from
--- the document, read only where there is such a gap (never for byte-level BPE, whose spans tile it).
-CREATE OR REPLACE MACRO tok_context(t, w) AS (
-    WITH y AS (
-        SELECT x.pos, x.tok, x.token, x.doc_id, x.char_start, lag(x.char_end) OVER (ORDER BY x.pos) AS prev_end
-        FROM tokens AS x
-        INNER JOIN (SELECT ctx AS c_ctx, pos AS c_pos FROM tokens WHERE tok = t) ON x.ctx = c_ctx
-        WHERE x.tok BETWEEN t - w AND t + w AND x.pos BETWEEN c_pos - w AND c_pos + w
-    ),
-
-    gaps AS (
-        SELECT y.pos, substr(d.text, y.prev_end + 1, y.char_start - y.prev_end) AS gap
-        FROM y INNER JOIN docs AS d ON d.doc_id = y.doc_id
-        WHERE y.char_start > y.prev_end
-    )
-
-    SELECT string_agg(coalesce(gaps.gap, '') || CASE WHEN y.tok = t THEN '«' || y.token || '»' ELSE y.token END, ''
-                      ORDER BY y.pos)
-    FROM y LEFT JOIN gaps ON gaps.pos = y.pos
-);
-
--- The same for many tokens in one scan of the token table: for each t in the list toks, its
--- tok, doc_id, pos, token and context. One hash join against every window position lets DuckDB
+-- Text of the tokens within w positions of each global token t in the list toks, in t's context,
+-- t marked «like this»; for each t its tok, doc_id, pos, token and context. Text between two tokens
+-- that neither token's span covers (WordPiece's spaces and newlines: BERT's offsets leave them
+-- out) comes from the document, read only where there is such a gap (never for byte-level BPE,
+-- whose spans tile the text). One hash join against every window position lets DuckDB
 -- push the positions into the Parquet scan as a dynamic IN filter (a few row groups read), where
 -- tok_context per row costs a subquery and a scan each.
 CREATE OR REPLACE MACRO tok_contexts(toks, w) AS TABLE
@@ -141,3 +120,9 @@ FROM shown
 INNER JOIN peaks ON peaks.peak = shown.peak
 LEFT JOIN gaps ON gaps.peak = shown.peak AND gaps.pos = shown.pos
 GROUP BY peaks.peak;
+
+-- One token's context: tok_contexts for a single t (queries that show many rows call tok_contexts
+-- once with all of them, one scan instead of a subquery per row).
+CREATE OR REPLACE MACRO tok_context(t, w) AS (
+    (SELECT context FROM tok_contexts([t], w))
+);

@@ -231,14 +231,17 @@ def test_gate_sign_cases_match_brute_force(store, brute):
                     np.testing.assert_allclose(row["mean"], vals.mean(), rtol=1e-3, atol=1e-5)
     con = connect(store)
     shown = run_named(con, "gate-cases", {"layer": "3", "neuron": "100"}).to_pylist()
+    tokens = con.execute("SELECT tok, token, doc_id FROM tokens").df().set_index("tok")
+    texts = dict(con.execute("SELECT doc_id, text FROM docs").fetchall())
+    con.close()
     assert len(shown) == 4
-    for r in shown:  # each case's strongest example, with the context the per-token macro gives it
+    for r in shown:  # each case's strongest example, shown in its own text around its «token»
         best = examples[(examples.layer == 3) & (examples.neuron == 100) & (examples.gate_sign == r["gate_sign"])
                         & (examples.up_sign == r["up_sign"]) & (examples["rank"] == 1)]
         if len(best):
             tok = int(best.tok.iloc[0])
             assert r["top_value"] == best.value.iloc[0]
-            assert r["top_context"] == con.execute("SELECT tok_context($t, 10)", {"t": tok}).fetchone()[0]
+            assert "«" + tokens.token[tok] + "»" in r["top_context"]
+            assert r["top_context"].replace("«", "").replace("»", "") in texts[tokens.doc_id[tok]]
         else:
             assert r["top_value"] is None and r["top_context"] is None
-    con.close()
