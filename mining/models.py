@@ -175,6 +175,10 @@ def load_model(spec: ModelSpec, device: str | None = None) -> LoadedModel:
         raise UserError(f"model.id: cannot load {spec.id!r}: {_first_line(e)}{_alias_hint(spec.id)}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"model.id: {spec.id!r} has no fast tokenizer; character offsets need one")
+    if spec.quantize:
+        from .quantize import quantize_weights
+
+        quantize_weights(model, spec.quantize)  # on the host, before the move: gguf's quantizer is numpy
     model.to(dev).eval()
     model.requires_grad_(False)
     # One forward pass a batch and no generation: a KV cache would only keep every layer's keys and values alive

@@ -36,8 +36,15 @@ class ModelSpec:
     allow_pickle: bool = False
     """Load pickled checkpoints (pytorch_model.bin, *.pt), which can run code when unpickled. Off: only
     safetensors and GGUF weights load."""
+    quantize: str | None = None
+    """Round every weight matrix through a llama.cpp format and back before mining (q8_0, q5_1, q5_0, q4_1, q4_0,
+    mxfp4, bf16, f16): diff a model against its quantized self (mining/quantize.py)."""
 
     def __post_init__(self) -> None:
+        if self.quantize is not None:
+            from .quantize import check_format
+
+            check_format(self.quantize)
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise UserError(f"model.dtype: expected float32, float16 or bfloat16, got {self.dtype!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -313,7 +320,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
                 raise UserError(f"{key}: missing (required)")
             continue
         kwargs[name] = _coerce(hints[name], raw[name], key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except UserError as e:  # a model's own checks say `model.`; in a diff job it is models.a or models.b
+        if cls is ModelSpec and prefix != "model." and str(e).startswith("model."):
+            raise UserError(prefix + str(e).removeprefix("model.")) from None
+        raise
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
