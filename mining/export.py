@@ -316,6 +316,10 @@ def export(store: str | Path, fmt: str, out: Path, nids: Sequence[NeuronId] | No
     root = local_root(store)
     con = connect(store)
     try:
+        from .viewer.diffview import is_diff_store
+
+        if is_diff_store(con):
+            return _export_diff(root, con, store, fmt, out, nids, selection or {})
         require_single_model(con, store)
         nids = list(nids) if nids else select_neurons(con, **(selection or {}))
         if replayer is None and (actors or address):
@@ -344,6 +348,26 @@ def export(store: str | Path, fmt: str, out: Path, nids: Sequence[NeuronId] | No
         con.close()
         if replayer is not None and hasattr(replayer, "close"):
             replayer.close()
+
+
+def _export_diff(root: Path, con: duckdb.DuckDBPyConnection, store: str | Path, fmt: str, out: Path,
+                 nids: Sequence[NeuronId] | None, selection: dict) -> str:
+    """A diff store's viewer: documents and tokens by B's gain, and the neurons chosen (default: the 20 whose
+    activations changed most)."""
+    from .viewer.diffview import pick_neurons, write_diff_site
+
+    if fmt != "html":
+        raise UserError(f"{store}: a diff store (models a and b) exports as --format html (its viewer); for rows, "
+                        "use its named queries with --out (token-gains, neuron-diff-examples, doc-tokens)")
+    if selection.get("query"):
+        raise UserError("--query: not for a diff store; choose neurons with --neuron or --top N --by "
+                        "mean_abs_diff|corr|overlap")
+    by = selection.get("by", "kurtosis")
+    explicit = [(n.layer, n.neuron) for n in nids or ()] or list(selection.get("explicit", ()))
+    top = selection.get("top", 0) or (0 if explicit else 20)
+    chosen = pick_neurons(con, selection.get("hook", "mlp.hook_post"), explicit, top,
+                          "mean_abs_diff" if by == "kurtosis" else by, selection.get("layer", -1))
+    return write_diff_site(root, con, chosen, out)
 
 
 def _model_slug(model_id: str) -> str:

@@ -303,6 +303,8 @@ _HOW_TO_GET = {
     "token_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`)",
     "neuron_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`) with hooks (one without compares "
                    "tokens only)",
+    "neuron_diff_examples": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`) with hooks (one "
+                            "without compares tokens only)",
     "weight_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`) of two models that share weights "
                    "of the same name and shape",
     "neuron_weight_diff": "mine a diff job (`models: {a: ..., b: ...}` instead of `model`) of two models that share "

@@ -246,3 +246,132 @@ def test_weights_are_compared_where_both_models_have_them(pair):
     wider = tiny_model("llama", vocab_size=len(pair["tokenizer"]), hidden_size=96, num_attention_heads=6)
     with torch.no_grad():
         assert weight_diff_tables(a, wider) == {}
+
+
+# ---------------------------------------------------------------- the diff store's pages and their queries
+
+
+def test_doc_tokens_reads_the_document_with_each_tokens_prediction(scaled):
+    """doc-tokens: gap + token reads as the document, and each token carries the diff of the row that predicted it."""
+    con = connect(scaled)
+    diffs = dict(con.sql("SELECT tok, diff FROM token_diff").fetchall())
+    for doc_id, text in con.sql("SELECT doc_id, text FROM docs").fetchall():
+        rows = run_named(con, "doc-tokens", {"doc": str(doc_id)}).to_pylist()
+        end = con.sql(f"SELECT max(char_end) FROM tokens WHERE doc_id = {doc_id}").fetchall()[0][0]
+        assert rows and "".join(r["gap"] + r["token"] for r in rows) == text[:end]
+        toks = [r["tok"] for r in rows]
+        assert rows[0]["diff"] is None
+        for prev, r in zip(toks, rows[1:]):
+            assert r["diff"] == pytest.approx(diffs[prev], abs=1e-6) if r["tok"] == prev + 1 else r["diff"] is None
+    with pytest.raises(Exception, match="doc"):
+        run_named(con, "doc-tokens", {})
+
+
+def test_neuron_diff_examples_reads_each_set_with_its_contexts(scaled):
+    con = connect(scaled)
+    layer, neuron = SCALED_NEURON
+    p = {"layer": str(layer), "neuron": str(neuron), "k": "3"}
+    for s, table, col, where in (("b_above_a", "neuron_diff_examples", "diff", "sign = 'b_above_a'"),
+                                 ("a_above_b", "neuron_diff_examples", "diff", "sign = 'a_above_b'"),
+                                 ("top_a", "diff_top_examples", "value", "model = 'a'"),
+                                 ("top_b", "diff_top_examples", "value", "model = 'b'")):
+        want = con.sql(f"SELECT rank, {col}, tok FROM {table} WHERE hook = 'mlp.hook_post' AND layer = {layer} AND "
+                       f"neuron = {neuron} AND {where} AND rank <= 3 ORDER BY rank").fetchall()
+        got = run_named(con, "neuron-diff-examples", {**p, "set": s}).to_pylist()
+        assert [(r["rank"], r["value"], r["tok"]) for r in got] == want and want, s
+        for r in got:
+            token = con.sql(f"SELECT token FROM tokens WHERE tok = {r['tok']}").fetchall()[0][0]
+            assert f"«{token}»" in r["context"]
+    # B's neuron is A's times 3, so its largest B - A values are at A's largest activations
+    top_a = [r["tok"] for r in run_named(con, "neuron-diff-examples", {**p, "set": "top_a"}).to_pylist()]
+    assert [r["tok"] for r in run_named(con, "neuron-diff-examples", {**p, "set": "b_above_a"}).to_pylist()] == top_a
+    with pytest.raises(Exception, match="set must be b_above_a"):
+        run_named(con, "neuron-diff-examples", {**p, "set": "gains"})
+
+
+def _links_resolve(site):
+    """Every relative href of every page names a file of the site (and an anchor on it, where it gives one)."""
+    import re
+
+    pages = list(site.rglob("*.html"))
+    for page in pages:
+        for href in re.findall(r'href="([^"]+)"', page.read_text()):
+            target, _, anchor = href.partition("#")
+            path = (page.parent / target).resolve()
+            assert path.is_file(), (page, href)
+            if anchor:
+                assert f'id="{anchor}"' in path.read_text(), (page, href)
+    return pages
+
+
+def test_diff_store_viewer(scaled, tmp_path, capsys):
+    """`mine export --format html` on a diff store: index, a page per document with every token's B - A, a page per
+    chosen neuron; the rest of export refuses a diff store in one line."""
+    import html as htmllib
+    import re
+
+    out = tmp_path / "site"
+    layer, neuron = SCALED_NEURON
+    assert main(["export", str(scaled), "--format", "html", "--out", str(out), "--neuron", f"{layer}:{neuron}",
+                 "--top", "3", "--by", "corr"]) == 0
+    con = connect(scaled)
+    pages = _links_resolve(out)
+    docs = {r[0] for r in con.sql("SELECT DISTINCT doc_id FROM tokens").fetchall()}
+    assert {p.name for p in (out / "docs").iterdir()} == {f"{d}.html" for d in docs}
+    least = {(r["layer"], r["neuron"]) for r in run_named(con, "neuron-diff", {"order": "corr", "limit": "3"}).to_pylist()}
+    assert {p.name for p in (out / "neurons").iterdir()} == {f"mlp.hook_post-{la}-{n}.html"
+                                                             for la, n in least | {SCALED_NEURON}}
+    index = (out / "index.html").read_text()
+    assert f"neurons/mlp.hook_post-{layer}-{neuron}.html" in index
+    mean = con.sql("SELECT avg(diff) FROM token_diff").fetchall()[0][0]
+    assert re.search(r"<p id=summary>.*?<b>([^<]+)</b>", index).group(1) == f"{mean:.4g}"
+    diffs = dict(con.sql("SELECT tok + 1, diff FROM token_diff").fetchall())
+    shown = 0
+    for d in docs:
+        text = (out / "docs" / f"{d}.html").read_text()
+        for tok, tip in re.findall(r'<span class="t" id="t(\d+)" style="[^"]*" data-v="([^"]+)"', text):
+            got = float(re.match(r"B − A ([-+][\d.]+)", htmllib.unescape(tip)).group(1))
+            assert got == pytest.approx(diffs[int(tok)], abs=6e-4)
+            shown += 1
+    assert shown >= con.sql("SELECT count(*) FROM token_diff").fetchall()[0][0] - 2 * len(docs) - 20
+    page = (out / "neurons" / f"mlp.hook_post-{layer}-{neuron}.html").read_text()
+    assert all(f'id="set-{s}"' in page for s in ("b_above_a", "top_a", "top_b"))
+    assert len(pages) == 1 + len(docs) + len(list((out / "neurons").iterdir()))
+    for argv, says in ((["--format", "jsonl", "--out", str(tmp_path / "x.jsonl"), "--top", "3"], "exports as --format html"),
+                       (["--format", "html", "--out", str(tmp_path / "y"), "--by", "kurtosis2", "--top", "2"], "by 'kurtosis2'"),
+                       (["--format", "html", "--out", str(tmp_path / "y"), "--query", "neuron-diff"], "--query: not for a diff"),
+                       (["--format", "html", "--out", str(tmp_path / "y"), "--neuron", "9:0"], "neuron 9:0")):
+        capsys.readouterr()
+        assert main(["export", str(scaled), *argv]) != 0
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "y").exists()
+
+
+def test_diff_store_served(scaled):
+    """`mine serve` on a diff store: the same pages on demand, over HTTP on 127.0.0.1; bad requests get error pages."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from mining.viewer.server import DiffViewer, make_server
+
+    server = make_server(DiffViewer(scaled), 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    layer, neuron = SCALED_NEURON
+    try:
+        index = urllib.request.urlopen(base + "/?by=corr&limit=5").read().decode()
+        assert index.count('href="/neuron/mlp.hook_post/') == 5 and 'href="/doc/' in index
+        doc = connect(scaled).sql("SELECT min(doc_id) FROM tokens").fetchall()[0][0]
+        assert 'id="doc-text"' in urllib.request.urlopen(f"{base}/doc/{doc}").read().decode()
+        page = urllib.request.urlopen(f"{base}/neuron/mlp.hook_post/{layer}/{neuron}").read().decode()
+        assert f"layer {layer} · neuron {neuron}: A vs B" in page
+        for path, code in (("/doc/999999", 400), ("/?by=kurtosis", 400), ("/neuron/mlp.hook_post/0/99999", 400),
+                           ("/nothing", 404)):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(base + path)
+            assert e.value.code == code and b"<p id=error>" in e.value.read()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -16,9 +16,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from ..errors import UserError
 from ..examples import NeuronId, attach, pick_examples, random_contexts
 from ..export import check_exist, require_single_model
-from ..query import connect, local_root
+from ..query import connect, has_tables, local_root
 from ..replay import Replayer
-from . import data
+from . import data, diffview
 from .html import esc, page
 from .pages import SERVED, head_page, index_page, neuron_page
 from .site import head_patterns, pattern_contexts
@@ -87,6 +87,62 @@ class Viewer:
         return head_page(layer, head, scores, patterns, SERVED)
 
 
+class DiffViewer:
+    """The same interface for a diff store: the index ranks neurons by neuron-diff, documents and neurons on demand."""
+
+    def __init__(self, store: str | Path):
+        self.root = local_root(store)
+        self.con = connect(store)
+        self.title = diffview.models_title(self.root, self.con)
+        self.hooks = [r[0] for r in self.con.execute("SELECT DISTINCT hook FROM neuron_diff ORDER BY hook").fetchall()
+                      ] if has_tables(self.con, "neuron_diff") else []
+        self.lock = threading.Lock()
+
+    def handle(self, url: str) -> tuple[int, str]:
+        parts = urlsplit(url)
+        path = [unquote(p) for p in parts.path.split("/") if p]
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        with self.lock:
+            try:
+                if not path:
+                    return 200, self.index(query)
+                if path[0] == "doc" and len(path) == 2:
+                    d = diffview.doc_page_data(self.con, _int(path[1], "document"))
+                    return 200, diffview.doc_page(self.title, d, diffview.SERVED)
+                if path[0] == "neuron" and len(path) == 4:
+                    nid = NeuronId(path[1], _int(path[2], "layer"), _int(path[3], "neuron"))
+                    return 200, diffview.neuron_page(nid, diffview.neuron_page_data(self.con, nid), diffview.SERVED)
+                return 404, _error_page("no such page: " + parts.path)
+            except UserError as e:
+                return 400, _error_page(str(e))
+
+    def index(self, q: dict[str, str]) -> str:
+        hook = q.get("hook", "mlp.hook_post" if "mlp.hook_post" in self.hooks or not self.hooks else self.hooks[0])
+        if self.hooks and hook not in self.hooks:
+            raise UserError(f"hook {hook!r} is not in this store; it has {', '.join(self.hooks)}")
+        by, layer = q.get("by", "mean_abs_diff"), _int(q.get("layer", "-1"), "layer")
+        limit = min(max(_int(q.get("limit", "50"), "limit"), 0), 5000)
+        nids = diffview.pick_neurons(self.con, hook, top=limit, by=by, layer=layer) if self.hooks else []
+        controls = _diff_controls(self.hooks, hook, layer, by, limit) if self.hooks else ""
+        weights = {w: diffview.weight_rows(self.con, w) for w in ("param", "neuron", "head")}
+        return diffview.index_page(self.title, diffview.doc_rows(self.con), diffview.token_rows(self.con, "gains"),
+                                   diffview.token_rows(self.con, "losses"), diffview.neuron_rows(self.con, nids),
+                                   weights, diffview.SERVED, controls)
+
+
+def _diff_controls(hooks: list[str], hook: str, layer: int, by: str, limit: int) -> str:
+    def select(name: str, options, current) -> str:
+        opts = "".join(f'<option{" selected" if o == current else ""}>{esc(o)}</option>' for o in options)
+        return f'<label>{name} <select name="{name}">{opts}</select></label> '
+
+    return ('<form method="get" action="/" id="rank">neurons: ' + select("hook", hooks, hook)
+            + f'<label>layer <input name="layer" value="{layer}" size="4"></label> '
+            + select("by", diffview.NEURON_ORDERS, by)
+            + f'<label>limit <input name="limit" value="{limit}" size="5"></label> '
+            + '<button type="submit">rank</button> <span class="note">corr: least correlated first; overlap: '
+            'fewest shared top tokens first</span></form>')
+
+
 def _int(text: str, name: str) -> int:
     try:
         return int(text)
@@ -110,7 +166,7 @@ def _controls(hooks: list[str], hook: str, layer: int, by: str, order: str, limi
             + '<button type="submit">rank</button> <span class="note">layer -1: all layers</span></form>')
 
 
-def make_server(viewer: Viewer, port: int) -> ThreadingHTTPServer:
+def make_server(viewer: Viewer | DiffViewer, port: int) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
@@ -140,7 +196,10 @@ def make_server(viewer: Viewer, port: int) -> ThreadingHTTPServer:
 
 
 def serve(store: str | Path, port: int) -> int:
-    viewer = Viewer(store)
+    con = connect(store)
+    diff = diffview.is_diff_store(con)
+    con.close()
+    viewer = DiffViewer(store) if diff else Viewer(store)
     server = make_server(viewer, port)
     print(f"serving {store} on http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C to stop)", flush=True)
     try:

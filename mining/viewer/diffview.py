@@ -1,0 +1,270 @@
+"""The viewer of a diff store (two models over the same tokens): where B predicts better or worse, document by
+document and token by token, and which neurons and weights changed. Read through the diff store's named queries;
+the same pages for `mine export --format html` and `mine serve`, only the links differ (DiffLinks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+from urllib.parse import quote
+
+import duckdb
+import numpy as np
+import yaml
+
+from ..errors import UserError
+from ..examples import NeuronId
+from ..query import has_tables, run_named
+from .html import colour, esc, fmt, page, table, token_html
+
+DOC_TOKENS = 20_000  # tokens shown on one document's page
+DOC_PAGES = 100  # static export: pages for this many best and as many worst documents (by mean gain)
+INDEX_DOCS = 1000
+TOKEN_ROWS = 20
+EXAMPLES = 10
+DIFF_SETS = {"b_above_a": "Where B's activation most exceeds A's (value: B − A)",
+             "a_above_b": "Where A's activation most exceeds B's (value: B − A)",
+             "top_a": "A's top activations", "top_b": "B's top activations"}
+NEURON_ORDERS = ("mean_abs_diff", "corr", "overlap")
+
+
+@dataclass(frozen=True)
+class DiffLinks:
+    index: str
+    doc: Callable[[int, int | None], str | None]  # (doc_id, tok to scroll to) -> href
+    neuron: Callable[[NeuronId], str | None]
+
+
+def static_links(depth: int, docs: set[int], neurons: set[NeuronId]) -> DiffLinks:
+    up = "../" * depth
+    return DiffLinks(
+        index=f"{up}index.html",
+        doc=lambda d, tok=None: f"{up}docs/{d}.html{'' if tok is None else f'#t{tok}'}" if d in docs else None,
+        neuron=lambda n: f"{up}neurons/{n.hook}-{n.layer}-{n.neuron}.html" if n in neurons else None,
+    )
+
+
+SERVED = DiffLinks(index="/", doc=lambda d, tok=None: f"/doc/{d}{'' if tok is None else f'#t{tok}'}",
+                   neuron=lambda n: f"/neuron/{quote(n.hook)}/{n.layer}/{n.neuron}")
+
+
+def is_diff_store(con: duckdb.DuckDBPyConnection) -> bool:
+    return not has_tables(con, "neurons") and has_tables(con, "token_diff")
+
+
+# ---------------------------------------------------------------- data
+
+
+def models_title(root: Path, con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    spec = yaml.safe_load((root / "job.yaml").read_text())
+    mean, tokens = con.execute("SELECT avg(diff), count(*) FROM token_diff").fetchall()[0]
+    return {"name": spec.get("name", root.name), "a": _model_label(spec["models"]["a"]),
+            "b": _model_label(spec["models"]["b"]), "corpus": (spec.get("corpus") or {}).get("source"),
+            "tokens": tokens, "mean_gain": mean}
+
+
+def _model_label(m: dict[str, Any]) -> str:
+    extra = [f"{k} {m[k]}" for k in ("quantize", "dtype", "revision") if m.get(k) and m[k] != "float32"]
+    return m["id"] + (f" ({', '.join(extra)})" if extra else "")
+
+
+def doc_rows(con: duckdb.DuckDBPyConnection) -> list[dict]:
+    return run_named(con, "doc-diff", {"limit": str(INDEX_DOCS)}).to_pylist()
+
+
+def paged_docs(con: duckdb.DuckDBPyConnection) -> set[int]:
+    """The static export's document pages: the DOC_PAGES best and DOC_PAGES worst by mean gain."""
+    rows = con.execute("SELECT t.doc_id FROM token_diff AS x JOIN tokens AS t USING (tok) WHERE x.diff IS NOT NULL "
+                       "GROUP BY t.doc_id ORDER BY avg(x.diff) DESC, t.doc_id").fetchall()
+    ids = [r[0] for r in rows]
+    return set(ids[:DOC_PAGES]) | set(ids[-DOC_PAGES:])
+
+
+def token_rows(con: duckdb.DuckDBPyConnection, direction: str) -> list[dict]:
+    return run_named(con, "token-gains", {"direction": direction, "k": str(TOKEN_ROWS)}).to_pylist()
+
+
+def pick_neurons(con: duckdb.DuckDBPyConnection, hook: str, explicit: Sequence[tuple[int, int]] = (), top: int = 0,
+                 by: str = "mean_abs_diff", layer: int = -1) -> list[NeuronId]:
+    """Explicit neurons, then the top N of neuron-diff by `by` (mean_abs_diff, corr: least correlated, overlap)."""
+    if by not in NEURON_ORDERS:
+        raise UserError(f"by {by!r}: a diff store ranks neurons by {', '.join(NEURON_ORDERS)}")
+    chosen = [NeuronId(hook, la, n) for la, n in explicit]
+    if top > 0 and has_tables(con, "neuron_diff"):
+        chosen += [NeuronId(r["hook"], r["layer"], r["neuron"]) for r in run_named(
+            con, "neuron-diff", {"hook": hook, "layer": str(layer), "order": by, "limit": str(top)}).to_pylist()]
+    for n in chosen:
+        found = has_tables(con, "neuron_diff") and con.execute(
+            "SELECT count(*) FROM neuron_diff WHERE hook = ? AND layer = ? AND neuron = ?",
+            [n.hook, n.layer, n.neuron]).fetchall()[0][0]
+        if not found:
+            raise UserError(f"neuron {n.layer}:{n.neuron} of {n.hook} is not in this diff store's neuron_diff "
+                            "(see `mine query STORE --named neuron-diff`)")
+    return list(dict.fromkeys(chosen))
+
+
+def neuron_rows(con: duckdb.DuckDBPyConnection, nids: Sequence[NeuronId]) -> list[dict]:
+    rows = []
+    for n in nids:
+        rows += _dicts(con, "SELECT hook, layer, neuron, mean_abs_diff, corr, top_overlap, mean_a, mean_b, std_a, "
+                            "std_b FROM neuron_diff WHERE hook = ? AND layer = ? AND neuron = ?",
+                       [n.hook, n.layer, n.neuron])
+    return rows
+
+
+def weight_rows(con: duckdb.DuckDBPyConnection, what: str, limit: int = 20) -> list[dict]:
+    if not has_tables(con, "weight_diff", "neuron_weight_diff", "head_weight_diff"):
+        return []
+    return run_named(con, "weight-changes", {"what": what, "limit": str(limit)}).to_pylist()
+
+
+@dataclass
+class DocPage:
+    doc_id: int
+    path: str | None
+    tokens: list[dict]  # doc-tokens rows
+    total: int
+
+
+def doc_page_data(con: duckdb.DuckDBPyConnection, doc_id: int) -> DocPage:
+    found = con.execute("SELECT path, n_tokens FROM docs WHERE doc_id = ?", [doc_id]).fetchall()
+    if not found:
+        raise UserError(f"document {doc_id} is not in this store (see `mine query STORE --named doc-diff`)")
+    total = con.execute("SELECT count(*) FROM tokens WHERE doc_id = ?", [doc_id]).fetchall()[0][0]
+    rows = run_named(con, "doc-tokens", {"doc": str(doc_id), "limit": str(DOC_TOKENS)}).to_pylist()
+    return DocPage(doc_id, found[0][0], rows, total)
+
+
+def neuron_page_data(con: duckdb.DuckDBPyConnection, nid: NeuronId) -> dict[str, Any]:
+    rows = neuron_rows(con, [nid])
+    if not rows:
+        raise UserError(f"neuron {nid.layer}:{nid.neuron} of {nid.hook} is not in this diff store's neuron_diff")
+    p = {"hook": nid.hook, "layer": str(nid.layer), "neuron": str(nid.neuron), "k": str(EXAMPLES)}
+    sets = {s: run_named(con, "neuron-diff-examples", {**p, "set": s}).to_pylist() for s in DIFF_SETS}
+    extra: dict[str, Any] = {}
+    if nid.hook == "mlp.hook_post" and has_tables(con, "neuron_weight_diff"):
+        extra.update(_one(con, "SELECT in_norm, out_norm, in_rel, out_rel FROM neuron_weight_diff "
+                               "WHERE layer = ? AND neuron = ?", [nid.layer, nid.neuron]))
+    if nid.hook == "mlp.hook_post" and has_tables(con, "dla_diff"):
+        extra.update(_one(con, "SELECT mean_dla_a, mean_dla_b, diff AS dla_diff FROM dla_diff "
+                               "WHERE layer = ? AND neuron = ?", [nid.layer, nid.neuron]))
+    return {"stats": rows[0], "extra": extra, "sets": sets}
+
+
+def _one(con: duckdb.DuckDBPyConnection, sql: str, params: list) -> dict[str, Any]:
+    rows = _dicts(con, sql, params)
+    return rows[0] if rows else {}
+
+
+def _dicts(con: duckdb.DuckDBPyConnection, sql: str, params: list) -> list[dict[str, Any]]:
+    cur = con.execute(sql, params)
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+# ---------------------------------------------------------------- pages
+
+
+def index_page(title: dict[str, Any], docs: list[dict], gains: list[dict], losses: list[dict],
+               neurons: list[dict], weights: dict[str, list[dict]], links: DiffLinks, controls: str = "") -> str:
+    mean = title["mean_gain"]
+    body = [f"<h1>{esc(title['name'])}</h1>",
+            f"<p class=note>A: {esc(title['a'])} · B: {esc(title['b'])} · corpus {esc(title['corpus'])} · "
+            f"{title['tokens']:,} tokens</p>",
+            f"<p id=summary>B − A, log-prob of the actual next token, mean over all tokens: <b>{fmt(mean)}</b> nats "
+            f"({'B predicts better' if (mean or 0) > 0 else 'B predicts worse'} on average)</p>", controls]
+    doc_cols = [("doc_id", "num"), ("path", "txt"), ("tokens", "num"), ("mean_logprob_a", "num"),
+                ("mean_logprob_b", "num"), ("mean_gain", "num"), ("total_gain", "num")]
+    body += [f"<h2>Documents ({len(docs)}), best for B first</h2>",
+             table(doc_cols, ([r[c] for c, _ in doc_cols] for r in docs), table_id="docs",
+                   links={0: [links.doc(r["doc_id"], None) for r in docs]})]
+    tok_cols = [("tok", "num"), ("diff", "num"), ("logprob_a", "num"), ("logprob_b", "num"), ("doc_id", "num"),
+                ("next", "txt"), ("context", "txt")]
+    for name, rows in (("gains", gains), ("losses", losses)):
+        body += [f"<h2>Largest {name}: tokens B predicts {'better' if name == 'gains' else 'worse'} than A</h2>",
+                 "<p class=note>diff: B − A for predicting <i>next</i> after the «marked» token</p>",
+                 table(tok_cols, ([r[c] for c, _ in tok_cols] for r in rows), table_id=f"token-{name}",
+                       links={0: [links.doc(r["doc_id"], r["tok"] + 1) for r in rows]})]
+    if neurons:
+        ncols = [("hook", "txt"), ("layer", "num"), ("neuron", "num"), ("mean_abs_diff", "num"), ("corr", "num"),
+                 ("top_overlap", "num"), ("mean_a", "num"), ("mean_b", "num"), ("std_a", "num"), ("std_b", "num")]
+        body += [f"<h2>Neurons whose activations changed ({len(neurons)})</h2>",
+                 table(ncols, ([r[c] for c, _ in ncols] for r in neurons), table_id="neurons",
+                       links={2: [links.neuron(NeuronId(r["hook"], r["layer"], r["neuron"])) for r in neurons]})]
+    for what, rows in weights.items():
+        if rows:
+            cols = [(c, "txt" if c in ("what", "param") else "num") for c in rows[0]]
+            body += [f"<h2>Weights that changed most: {esc(what)}s</h2>",
+                     table(cols, ([r[c] for c, _ in cols] for r in rows), table_id=f"weights-{what}")]
+    return page(f"{title['name']}: A vs B", "\n".join(body), nav=[("index", links.index)])
+
+
+def doc_page(title: dict[str, Any], d: DocPage, links: DiffLinks) -> str:
+    diffs = np.array([abs(r["diff"]) for r in d.tokens if r["diff"] is not None] or [0.0])
+    scale = max(0.5, float(np.quantile(diffs, 0.98)))
+    spans = []
+    for r in d.tokens:
+        gap = token_html(r["gap"]) if r["gap"] else ""
+        if r["diff"] is None:
+            spans.append(f'{gap}<span class="t" id="t{r["tok"]}">{token_html(r["token"])}</span>')
+            continue
+        tip = f"B − A {r['diff']:+.3f} (A {r['logprob_a']:.3f}, B {r['logprob_b']:.3f})"
+        spans.append(f'{gap}<span class="t" id="t{r["tok"]}" style="background:{colour(r["diff"], scale)}" '
+                     f'data-v="{esc(tip)}">{token_html(r["token"])}</span>')
+    gains = [r["diff"] for r in d.tokens if r["diff"] is not None]
+    shown = (f"the first {len(d.tokens):,} of its {d.total:,} mined tokens" if len(d.tokens) < d.total
+             else f"its {d.total:,} mined tokens")
+    body = [f"<h1>Document {d.doc_id}: {esc(d.path)}</h1>",
+            f"<p class=note>A: {esc(title['a'])} · B: {esc(title['b'])} · {shown}; mean B − A over them "
+            f"{fmt(float(np.mean(gains)) if gains else None)} nats</p>",
+            f"<p class=note>Each token is coloured by how much better B predicted it than A did (log-prob of this "
+            f"token given the text before it): orange where B is better, blue where worse, full colour at "
+            f"±{fmt(scale, 3)} nats. Hover a token for both log-probs.</p>",
+            f'<div class="toks doc" id="doc-text">{"".join(spans)}</div>']
+    return page(f"doc {d.doc_id}: A vs B", "\n".join(body), nav=[("index", links.index)])
+
+
+def neuron_page(nid: NeuronId, p: dict[str, Any], links: DiffLinks) -> str:
+    stats = {k: v for k, v in p["stats"].items() if k not in ("hook", "layer", "neuron")} | p["extra"]
+    body = [f"<h1>{esc(nid.hook)} · layer {nid.layer} · neuron {nid.neuron}: A vs B</h1>",
+            table([(k, "num") for k in stats], [list(stats.values())], table_id="stats", sortable=False),
+            "<p class=note>corr: correlation of A's and B's activations over the mined tokens; top_overlap: share "
+            "of A's top-k tokens also in B's top-k.</p>"]
+    cols = [("rank", "num"), ("value", "num"), ("token", "txt"), ("doc_id", "num"), ("context", "txt")]
+    for s, heading in DIFF_SETS.items():
+        rows = p["sets"][s]
+        if rows:
+            body += [f"<h2>{esc(heading)}</h2>",
+                     table(cols, ([r[c] for c, _ in cols] for r in rows), table_id=f"set-{s}",
+                           links={2: [links.doc(r["doc_id"], r["tok"]) for r in rows]})]
+    return page(f"{nid.hook} {nid.layer}:{nid.neuron}: A vs B", "\n".join(body), nav=[("index", links.index)])
+
+
+# ---------------------------------------------------------------- the static site
+
+
+def write_diff_site(root: Path, con: duckdb.DuckDBPyConnection, nids: Sequence[NeuronId], out: Path) -> str:
+    from ..export import publish_dir
+
+    docs = paged_docs(con)
+    neurons = set(nids)
+
+    def build(tmp: Path) -> None:
+        title = models_title(root, con)
+        links = static_links(0, docs, neurons)
+        weights = {w: weight_rows(con, w) for w in ("param", "neuron", "head")}
+        (tmp / "index.html").write_text(index_page(title, doc_rows(con), token_rows(con, "gains"),
+                                                   token_rows(con, "losses"), neuron_rows(con, nids), weights, links),
+                                        encoding="utf-8")
+        deep = static_links(1, docs, neurons)
+        (tmp / "docs").mkdir()
+        for d in sorted(docs):
+            (tmp / "docs" / f"{d}.html").write_text(doc_page(title, doc_page_data(con, d), deep), encoding="utf-8")
+        (tmp / "neurons").mkdir()
+        for n in nids:
+            (tmp / "neurons" / f"{n.hook}-{n.layer}-{n.neuron}.html").write_text(
+                neuron_page(n, neuron_page_data(con, n), deep), encoding="utf-8")
+
+    publish_dir(out, build)
+    return f"wrote a diff viewer of {len(docs)} documents and {len(nids)} neurons to {out}/index.html"
