@@ -195,3 +195,50 @@ def test_served_errors_are_pages_not_tracebacks(served):
     with pytest.raises(urllib.error.HTTPError) as e:  # a DNS-rebinding page cannot read the viewer
         urllib.request.urlopen(rebound)
     assert e.value.code == 403
+
+
+@pytest.fixture(scope="module")
+def diff_site(viewer_store, tmp_path_factory):
+    """The hostile corpus diffed between the viewer store's tiny model and its q4_0-rounded self, exported."""
+    root = viewer_store.parent
+    tmp = tmp_path_factory.mktemp("diff-site")
+    job = tmp / "job.yaml"
+    job.write_text(f"""
+name: hostile-diff
+models: {{a: {{id: "{root / 'model'}"}}, b: {{id: "{root / 'model'}", quantize: q4_0}}}}
+corpus: {{source: "files:{root / 'docs'}/*.txt", context_length: 64, max_tokens: 1200}}
+hooks: ["blocks.*.mlp.hook_post"]
+stats: {{top_k: 4}}
+compute: {{actors: 1, batch_size: 8}}
+""")
+    assert main(["run", str(job), "--store", str(tmp / "store"), "--no-progress"]) == 0
+    assert main(["export", str(tmp / "store"), "--format", "html", "--top", "3", "--out", str(tmp / "site")]) == 0
+    return tmp / "site"
+
+
+def test_diff_viewer_pages(browser, diff_site, shots):
+    """A diff store's index, a document and a neuron: no console errors, hostile text shown as text, a token's
+    log-probs on hover."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    _load(browser, (diff_site / "index.html").as_uri())
+    assert console_errors(browser) == [] and browser.find_elements("css selector", "#docs tbody tr")
+    body = browser.find_element("tag name", "body").text
+    assert "B − A, log-prob of the actual next token" in body and "(quantize q4_0)" in body
+    _screenshot(browser, shots, "diff-index.png")
+    doc = sorted((diff_site / "docs").iterdir())[0]
+    _load(browser, doc.as_uri())
+    assert console_errors(browser) == []
+    _no_dialog(browser)
+    body = browser.find_element("id", "doc-text").text
+    assert '<script>alert("x")</script>' in body and "<U+202E>" in body
+    assert browser.find_elements("tag name", "img") == [] and len(browser.find_elements("tag name", "script")) == 1
+    token = browser.find_elements("css selector", "#doc-text .t[data-v]")[5]
+    ActionChains(browser).move_to_element(token).perform()
+    tip = browser.find_element("id", "tip")
+    assert tip.is_displayed() and "B − A" in tip.text and "(A " in tip.text
+    _screenshot(browser, shots, "diff-doc.png")
+    neuron = sorted((diff_site / "neurons").iterdir())[0]
+    _load(browser, neuron.as_uri())
+    assert console_errors(browser) == [] and browser.find_elements("css selector", "#set-top_a tbody tr")
+    _no_dialog(browser)
