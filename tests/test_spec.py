@@ -69,3 +69,16 @@ def test_mistakes_name_the_key(tmp_path, text, key):
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="job spec not found"):
         load_spec(tmp_path / "nope.yaml")
+
+
+def test_every_shipped_job_spec_is_valid():
+    """jobs/*.yaml are what users launch first: each parses, validates and names models that resolve here."""
+    from pathlib import Path
+
+    from mining.runner import validate
+
+    jobs = sorted((Path(__file__).parent.parent / "jobs").glob("*.yaml"))
+    assert len(jobs) >= 2
+    for path in jobs:
+        spec = load_spec(path)
+        validate(spec)

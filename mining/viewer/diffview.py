@@ -75,9 +75,7 @@ def doc_rows(con: duckdb.DuckDBPyConnection) -> list[dict]:
 
 def paged_docs(con: duckdb.DuckDBPyConnection) -> set[int]:
     """The static export's document pages: the DOC_PAGES best and DOC_PAGES worst by mean gain."""
-    rows = con.execute("SELECT t.doc_id FROM token_diff AS x JOIN tokens AS t USING (tok) WHERE x.diff IS NOT NULL "
-                       "GROUP BY t.doc_id ORDER BY avg(x.diff) DESC, t.doc_id").fetchall()
-    ids = [r[0] for r in rows]
+    ids = run_named(con, "doc-diff", {"limit": str(2**62)}).column("doc_id").to_pylist()
     return set(ids[:DOC_PAGES]) | set(ids[-DOC_PAGES:])
 
 
