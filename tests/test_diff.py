@@ -318,7 +318,8 @@ def test_diff_store_viewer(scaled, tmp_path, capsys):
     pages = _links_resolve(out)
     docs = {r[0] for r in con.sql("SELECT DISTINCT doc_id FROM tokens").fetchall()}
     assert {p.name for p in (out / "docs").iterdir()} == {f"{d}.html" for d in docs}
-    least = {(r["layer"], r["neuron"]) for r in run_named(con, "neuron-diff", {"order": "corr", "limit": "3"}).to_pylist()}
+    least = {(r["layer"], r["neuron"])
+             for r in run_named(con, "neuron-diff", {"order": "corr", "limit": "3"}).to_pylist()}
     assert {p.name for p in (out / "neurons").iterdir()} == {f"mlp.hook_post-{la}-{n}.html"
                                                              for la, n in least | {SCALED_NEURON}}
     index = (out / "index.html").read_text()
@@ -336,11 +337,20 @@ def test_diff_store_viewer(scaled, tmp_path, capsys):
     assert shown >= con.sql("SELECT count(*) FROM token_diff").fetchall()[0][0] - 2 * len(docs) - 20
     page = (out / "neurons" / f"mlp.hook_post-{layer}-{neuron}.html").read_text()
     assert all(f'id="set-{s}"' in page for s in ("b_above_a", "top_a", "top_b"))
+    # the replayed traces: B's neuron is A's times 3, and B - A at the marked token is the mined value
+    stored = run_named(con, "neuron-diff-examples", {"layer": str(layer), "neuron": str(neuron), "k": "5"}).to_pylist()
+    traces = page.split('id="traces-b_above_a"')[1].split('<p class=note>')[0]
+    peaks = re.findall(r'data-model="(a|b)">.*?<span class="t pk" style="[^"]*" data-v="([^"]+)"', traces, re.S)
+    assert [m for m, _ in peaks] == ["a", "b"] * len(stored) and stored
+    for want, (a, b) in zip(stored, zip(peaks[::2], peaks[1::2])):
+        a, b = float(a[1]), float(b[1])
+        assert b == pytest.approx(3 * a, rel=2e-3) and b - a == pytest.approx(want["value"], rel=2e-3, abs=1e-3)
     assert len(pages) == 1 + len(docs) + len(list((out / "neurons").iterdir()))
-    for argv, says in ((["--format", "jsonl", "--out", str(tmp_path / "x.jsonl"), "--top", "3"], "exports as --format html"),
-                       (["--format", "html", "--out", str(tmp_path / "y"), "--by", "kurtosis2", "--top", "2"], "by 'kurtosis2'"),
-                       (["--format", "html", "--out", str(tmp_path / "y"), "--query", "neuron-diff"], "--query: not for a diff"),
-                       (["--format", "html", "--out", str(tmp_path / "y"), "--neuron", "9:0"], "neuron 9:0")):
+    html_to = ["--format", "html", "--out", str(tmp_path / "y")]
+    for argv, says in ((["--format", "jsonl", "--out", str(tmp_path / "x.jsonl"), "--top", "3"], "as --format html"),
+                       ([*html_to, "--by", "kurtosis2", "--top", "2"], "by 'kurtosis2'"),
+                       ([*html_to, "--query", "neuron-diff"], "--query: not for a diff"),
+                       ([*html_to, "--neuron", "9:0"], "neuron 9:0")):
         capsys.readouterr()
         assert main(["export", str(scaled), *argv]) != 0
         err = capsys.readouterr().err

@@ -27,6 +27,9 @@ DIFF_SETS = {"b_above_a": "Where B's activation most exceeds A's (value: B − A
              "a_above_b": "Where A's activation most exceeds B's (value: B − A)",
              "top_a": "A's top activations", "top_b": "B's top activations"}
 NEURON_ORDERS = ("mean_abs_diff", "corr", "overlap")
+TRACED = ("b_above_a", "a_above_b")  # sets whose first TRACES contexts are replayed through both models
+TRACES = 5
+TRACE_BEFORE, TRACE_AFTER = 24, 8  # tokens shown around the marked one
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,8 @@ def doc_page_data(con: duckdb.DuckDBPyConnection, doc_id: int) -> DocPage:
     return DocPage(doc_id, found[0][0], rows, total)
 
 
-def neuron_page_data(con: duckdb.DuckDBPyConnection, nid: NeuronId) -> dict[str, Any]:
+def neuron_page_data(con: duckdb.DuckDBPyConnection, nid: NeuronId, replay: "DiffReplay | None" = None
+                     ) -> dict[str, Any]:
     rows = neuron_rows(con, [nid])
     if not rows:
         raise UserError(f"neuron {nid.layer}:{nid.neuron} of {nid.hook} is not in this diff store's neuron_diff")
@@ -147,7 +151,8 @@ def neuron_page_data(con: duckdb.DuckDBPyConnection, nid: NeuronId) -> dict[str,
     if nid.hook == "mlp.hook_post" and has_tables(con, "dla_diff"):
         extra.update(_one(con, "SELECT mean_dla_a, mean_dla_b, diff AS dla_diff FROM dla_diff "
                                "WHERE layer = ? AND neuron = ?", [nid.layer, nid.neuron]))
-    return {"stats": rows[0], "extra": extra, "sets": sets}
+    traces = {s: replay.traces(nid, sets[s][:TRACES]) for s in TRACED} if replay else {}
+    return {"stats": rows[0], "extra": extra, "sets": sets, "traces": traces}
 
 
 def _one(con: duckdb.DuckDBPyConnection, sql: str, params: list) -> dict[str, Any]:
@@ -159,6 +164,46 @@ def _dicts(con: duckdb.DuckDBPyConnection, sql: str, params: list) -> list[dict[
     cur = con.execute(sql, params)
     names = [d[0] for d in cur.description]
     return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+class DiffReplay:
+    """Both models of a diff store, replaying contexts (each a Replayer of its own: loaded on first use)."""
+
+    def __init__(self, root: Path):
+        from ..replay import Replayer
+
+        job = yaml.safe_load((Path(root) / "job.yaml").read_text())
+        self.root = Path(root)
+        self.sides = {}
+        for side in ("a", "b"):
+            one = {k: v for k, v in job.items() if k != "models"} | {"model": job["models"][side]}
+            self.sides[side] = Replayer(self.root, job=one)
+
+    def traces(self, nid: NeuronId, rows: list[dict]) -> list[dict]:
+        """Each example row's whole context, with the neuron's activation at every token under A and under B."""
+        from ..replay import load_contexts
+
+        if not rows:
+            return []
+        toks = [r["tok"] for r in rows]
+        ctx_of = dict(self._con().execute("SELECT tok, ctx FROM tokens WHERE tok IN (SELECT unnest(?))",
+                                          [toks]).fetchall())
+        contexts = load_contexts(self.root, set(ctx_of.values()))
+        acts = {side: rep.activations(nid.hook, [nid.layer], contexts, {nid.layer: [nid.neuron]})
+                for side, rep in self.sides.items()}
+        out = []
+        for r in rows:
+            c = contexts[ctx_of[r["tok"]]]
+            out.append({**r, "context_tokens": c.token, "peak": c.tok.index(r["tok"]), "doc_span": c.span,
+                        **{side: acts[side][(nid.layer, c.ctx)][:, 0].tolist() for side in self.sides}})
+        return out
+
+    def _con(self) -> duckdb.DuckDBPyConnection:
+        from ..query import connect
+
+        if not hasattr(self, "_connection"):
+            self._connection = connect(self.root)
+        return self._connection
 
 
 # ---------------------------------------------------------------- pages
@@ -233,10 +278,34 @@ def neuron_page(nid: NeuronId, p: dict[str, Any], links: DiffLinks) -> str:
     for s, heading in DIFF_SETS.items():
         rows = p["sets"][s]
         if rows:
-            body += [f"<h2>{esc(heading)}</h2>",
-                     table(cols, ([r[c] for c, _ in cols] for r in rows), table_id=f"set-{s}",
+            body += [f"<h2>{esc(heading)}</h2>"]
+            if p.get("traces", {}).get(s):
+                body += [f'<div class="set" id="traces-{s}">', *(trace_html(t) for t in p["traces"][s]), "</div>",
+                         f"<p class=note>the first {len(p['traces'][s])} replayed through both models: the tokens "
+                         "around each one coloured by the neuron's activation under A (upper row) and B (lower "
+                         "row), on one scale; hover a token for its value. All of them:</p>"]
+            body += [table(cols, ([r[c] for c, _ in cols] for r in rows), table_id=f"set-{s}",
                            links={2: [links.doc(r["doc_id"], r["tok"]) for r in rows]})]
     return page(f"{nid.hook} {nid.layer}:{nid.neuron}: A vs B", "\n".join(body), nav=[("index", links.index)])
+
+
+def trace_html(t: dict) -> str:
+    """One replayed context: A's and B's activations of the neuron at each token, on one colour scale."""
+    from .html import tokens_html
+
+    lo, hi = max(0, t["peak"] - TRACE_BEFORE), min(len(t["a"]), t["peak"] + TRACE_AFTER + 1)
+    window = {side: t[side][lo:hi] for side in ("a", "b")}
+    scale = max((abs(v) for v in window["a"] + window["b"]), default=0.0) or 1.0
+    start, end = t["doc_span"]
+    peak = t["peak"]
+    meta = (f"#{t['rank']} · B − A {fmt(t['value'])} at the marked token (A {fmt(t['a'][peak])}, "
+            f"B {fmt(t['b'][peak])}) · doc {t['doc_id']} chars {start}–{end}")
+    more = ('<span class="note">… </span>' if lo else "",
+            '<span class="note"> …</span>' if hi < len(t["a"]) else "")
+    rows = "".join(f'<div class="toks" data-model="{side}"><span class="note">{side.upper()} </span>{more[0]}'
+                   f'{tokens_html(t["context_tokens"][lo:hi], window[side], scale, peak - lo)}{more[1]}</div>'
+                   for side in ("a", "b"))
+    return f'<div class="ex" data-rank="{t["rank"]}"><div class="meta">{esc(meta)}</div>{rows}</div>'
 
 
 # ---------------------------------------------------------------- the static site
@@ -245,6 +314,7 @@ def neuron_page(nid: NeuronId, p: dict[str, Any], links: DiffLinks) -> str:
 def write_diff_site(root: Path, con: duckdb.DuckDBPyConnection, nids: Sequence[NeuronId], out: Path) -> str:
     from ..export import publish_dir
 
+    replay = DiffReplay(root) if nids else None
     docs = paged_docs(con)
     neurons = set(nids)
 
@@ -262,7 +332,7 @@ def write_diff_site(root: Path, con: duckdb.DuckDBPyConnection, nids: Sequence[N
         (tmp / "neurons").mkdir()
         for n in nids:
             (tmp / "neurons" / f"{n.hook}-{n.layer}-{n.neuron}.html").write_text(
-                neuron_page(n, neuron_page_data(con, n), deep), encoding="utf-8")
+                neuron_page(n, neuron_page_data(con, n, replay), deep), encoding="utf-8")
 
     publish_dir(out, build)
     return f"wrote a diff viewer of {len(docs)} documents and {len(nids)} neurons to {out}/index.html"

@@ -94,6 +94,7 @@ class DiffViewer:
         self.root = local_root(store)
         self.con = connect(store)
         self.title = diffview.models_title(self.root, self.con)
+        self.replay = diffview.DiffReplay(self.root)
         self.hooks = [r[0] for r in self.con.execute("SELECT DISTINCT hook FROM neuron_diff ORDER BY hook").fetchall()
                       ] if has_tables(self.con, "neuron_diff") else []
         self.lock = threading.Lock()
@@ -111,7 +112,8 @@ class DiffViewer:
                     return 200, diffview.doc_page(self.title, d, diffview.SERVED)
                 if path[0] == "neuron" and len(path) == 4:
                     nid = NeuronId(path[1], _int(path[2], "layer"), _int(path[3], "neuron"))
-                    return 200, diffview.neuron_page(nid, diffview.neuron_page_data(self.con, nid), diffview.SERVED)
+                    data = diffview.neuron_page_data(self.con, nid, self.replay)
+                    return 200, diffview.neuron_page(nid, data, diffview.SERVED)
                 return 404, _error_page("no such page: " + parts.path)
             except UserError as e:
                 return 400, _error_page(str(e))
