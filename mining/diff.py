@@ -12,10 +12,15 @@ and each hook's (A, B) pair feeds the paired reducers:
 
 The token rows carry both models' log-prob of the actual next token (`token_diff` view). The
 weights are compared on an actor after mining (`weight_diff_tables`).
+
+Models of different sizes (other widths or depths) have no neuron-by-neuron pairs; with
+`stats.neuron_match` alone, each hooked layer of A is matched against B's layer at the same relative
+depth (`matched_layer`) and only the cross-correlation is kept -> neuron_match (layer_b: B's layer).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 
@@ -29,12 +34,12 @@ from .dla import DirectLogitAttribution, DlaBatch
 from .batch import OnHost, make_batch, mined_rows, token_scores
 from .engine import HookStats, ShardMiner, ShardResult, _concat, unresolved
 from .errors import UserError
-from .hooks import capture, mlp_out_weight, resolve_hooks
+from .hooks import capture, mlp_out_weight, n_layers, resolve_hooks
 from .models import LoadedModel
 from .reducers import Moments, TopK
 from .reducers.pair import CrossMoments, PairMoments
 from .shards import Shard
-from .spec import JobSpec
+from .spec import JobSpec, ModelSpec
 
 
 def same_tokenizer(a, b) -> bool:
@@ -59,19 +64,29 @@ class DiffMiner(ShardMiner):
         if not same_tokenizer(loaded_a.tokenizer, loaded_b.tokenizer):
             raise UserError("models.a and models.b tokenize differently; a diff compares the same tokens, "
                             "so both need the same tokenizer")
-        self.points_b = {p.name: p for p in resolve_hooks(loaded_b.model, spec.hooks)} if spec.hooks else {}
+        # B's point for each of A's: the same name, or for models of other sizes the same site at the same depth
+        self.cross_size = bool(spec.hooks) and not same_structure(self.points, n_layers(loaded_a.model),
+                                                                  loaded_b.model, spec.hooks)
+        pairs = paired_points(self.points, n_layers(loaded_a.model), loaded_b.model, self.cross_size)
+        self.partners: dict[str, list[str]] = {}
+        for pa_, pb in pairs:
+            self.partners.setdefault(pb.name, []).append(pa_.name)
+        self.points_b = {pb.name: pb for _, pb in pairs}
         # with dla: each head's direct logit attribution too, read at attn.hook_z through its W_O slice
         self.heads_a = resolve_hooks(loaded_a.model, ["blocks.*.attn.hook_z"]) if self.dla else []
         self.heads_b = resolve_hooks(loaded_b.model, ["blocks.*.attn.hook_z"]) if self.dla else []
         self.w_o = {(side, p.name): _feature_rows(m.model, p).float()
                     for side, m, pts in (("a", loaded_a, self.heads_a), ("b", loaded_b, self.heads_b)) for p in pts}
-        check_same_structure(self.points, list(self.points_b.values()))
+        if self.cross_size and (self.dla or not spec.stats.neuron_match):
+            raise UserError("hooks: models.a and models.b differ in size; only stats.neuron_match pairs their "
+                            "neurons (by correlation, at the same relative depth)")
 
     @torch.inference_mode()
     def mine(self, shard: Shard) -> ShardResult:
         start = time.perf_counter()
         dev = self.loaded.device
-        stats = {p.name: diff_stats(self.spec, p.name in self.dla_points) for p in self.points}
+        stats = {p.name: HookStats(cross=CrossMoments()) if self.cross_size else
+                 diff_stats(self.spec, p.name in self.dla_points) for p in self.points}
         stats.update({p.name: HookStats(dla_moments=Moments(), dla_moments_b=Moments()) for p in self.heads_a})
         paired = {p.name for p in self.points}
         token_parts = []
@@ -97,8 +112,11 @@ class DiffMiner(ShardMiner):
                 if point.site == "attn.hook_z":
                     dla_b.raw[point.name] = _head_dla(dla_b, point, x, self.w_o["b", point.name])
                     return
-                if point.name in acts:
-                    _update_pair(stats[point.name], acts.pop(point.name), mined_rows(x, rows).float(), flat_toks)
+                partners = [a for a in self.partners.get(point.name, ()) if a in acts]
+                if partners:
+                    b = mined_rows(x, rows).float()
+                    for a in partners:
+                        _update_pair(stats[a], acts.pop(a), b, flat_toks)
                 if dla_b is not None and point.name in self.dla_points:
                     dla_b.gain(point, x)
 
@@ -122,15 +140,51 @@ class DiffMiner(ShardMiner):
         return result
 
 
-def check_same_structure(points_a: list, points_b: list) -> None:
-    """Every hooked point of A is in B at the same width, or one line saying which is not and the way out."""
+def same_structure(points_a: list, n_a: int, model_b: torch.nn.Module, hooks) -> bool:
+    """B has A's depth (n_a layers) and every hooked point of A at the same width (model_b may be on the meta
+    device). Otherwise the two are models of other sizes, paired only by neuron_match."""
+    if n_layers(model_b) != n_a:
+        return False
+    try:
+        widths_b = {q.name: q.width for q in resolve_hooks(model_b, hooks)}
+    except UserError:  # e.g. blocks.29.* on a shallower B
+        return False
+    return all(widths_b.get(p.name) == p.width for p in points_a)
+
+
+def check_same_structure(points_a: list, points_b: list, n_a: int, n_b: int) -> None:
+    """A and B have the same depth and every hooked point of A is in B at the same width, or one line saying which
+    is not and the ways out."""
+    ways_out = ("with `hooks: []` the job compares models of any size token by token (token-gains, doc-diff), and "
+                "with `stats: {neuron_match: true}` alone it matches each A neuron to its best-correlated B neuron "
+                "at the same relative depth")
+    if n_a != n_b:
+        raise UserError(f"hooks: models.a has {n_a} layers and models.b {n_b}: a neuron diff needs the same "
+                        f"structure; {ways_out}")
     widths_b = {q.name: q.width for q in points_b}
     for p in points_a:
         if widths_b.get(p.name) != p.width:
             raise UserError(f"hooks: {p.name} differs between models.a and models.b "
                             f"({p.width} vs {widths_b.get(p.name, 'no such hook')} features): a neuron diff needs the "
-                            "same structure; with `hooks: []` the job compares models of any size token by token "
-                            "(token-gains, doc-diff)")
+                            f"same structure; {ways_out}")
+
+
+def matched_layer(layer: int, n_a: int, n_b: int) -> int:
+    """B's layer at the relative depth of A's `layer`: first to first, last to last, the rest rounded between."""
+    return 0 if n_a <= 1 else round(layer * (n_b - 1) / (n_a - 1))
+
+
+def paired_points(points_a: list, n_a: int, model_b: torch.nn.Module, cross_size: bool) -> list:
+    """(A point, B point) for every A point: B's of the same name, or (cross_size) of the same site at the matched
+    layer (A has n_a layers). model_b may be a meta-device model (validation)."""
+    if not points_a:
+        return []
+
+    n_b = n_layers(model_b)
+    names = {p.name: f"blocks.{matched_layer(p.layer, n_a, n_b) if cross_size else p.layer}.{p.site}"
+             for p in points_a}
+    by_name = {q.name: q for q in resolve_hooks(model_b, sorted(set(names.values())))}
+    return [(p, by_name[names[p.name]]) for p in points_a]
 
 
 def _head_dla(dla: DlaBatch, point, z: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
@@ -150,6 +204,9 @@ def head_dla_table(st: HookStats, layer: int) -> pa.Table:
 
 
 def _update_pair(st: HookStats, a: torch.Tensor, b: torch.Tensor, toks: torch.Tensor) -> None:
+    if st.pair is None:  # models of other sizes: the cross-correlation only
+        st.cross.update(a, b)
+        return
     st.top.update(a, toks, check=False)
     st.top_b.update(b, toks, check=False)
     st.pair.update(a, b)
@@ -199,6 +256,26 @@ def diff_hook_tables(st: HookStats, site: str, layer: int) -> dict[str, pa.Table
                                         "layer_b": np.full(n, layer, np.int32), "neuron_b": best.astype(np.int32),
                                         "corr": corr, "self_corr": p["corr"]})
     return out
+
+
+def cross_match_table(st: HookStats, site: str, layer: int, spec: JobSpec) -> pa.Table:
+    """neuron_match of models of other sizes: each A neuron's best-correlated neuron in B's matched layer."""
+    best, corr = st.cross.best_match()
+    n = len(best)
+    n_a, n_b = (_n_layers(spec.models[side]) for side in ("a", "b"))
+    return pa.table({"hook": pa.array([site] * n), "layer_a": np.full(n, layer, np.int32),
+                     "neuron_a": np.arange(n, dtype=np.int32),
+                     "layer_b": np.full(n, matched_layer(layer, n_a, n_b), np.int32),
+                     "neuron_b": best.astype(np.int32), "corr": corr,
+                     "self_corr": pa.nulls(n, pa.float64())})
+
+
+@functools.lru_cache(maxsize=8)
+def _n_layers(model: "ModelSpec") -> int:
+    from .models import load_config
+    from .runner import meta_model
+
+    return n_layers(meta_model(load_config(model)))
 
 
 # ---------------------------------------------------------------- weights

@@ -59,6 +59,10 @@ def _valid_names(model: nn.Module, n_layers: int) -> str:
     return f"valid hooks for this {model_type(model)} model: {sites} with L in 0..{n_layers - 1} or *"
 
 
+def n_layers(model: nn.Module) -> int:
+    return len(locate(model, arch_of(model))[1])
+
+
 def resolve_hooks(model: nn.Module, patterns: Sequence[str] | str) -> list[HookPoint]:
     """Hook names (a `*` layer means every layer) -> points sorted by (layer, site order), deduplicated."""
     arch = arch_of(model)

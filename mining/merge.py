@@ -125,9 +125,11 @@ def final_tables(merged: dict[str, HookStats], spec: JobSpec) -> dict[str, pa.Ta
 
 
 def _hook_tables(st: HookStats, site: str, layer: int, spec: JobSpec) -> dict[str, pa.Table]:
-    if st.top is None:  # a diff job's per-head DLA (attn.hook_z): nothing else is kept there
-        from .diff import head_dla_table
+    if st.top is None:  # a diff job's per-head DLA (attn.hook_z), or the cross-correlation of models of other sizes
+        from .diff import cross_match_table, head_dla_table
 
+        if st.cross is not None:
+            return {"neuron_match": cross_match_table(st, site, layer, spec)}
         return {"head_dla_diff": head_dla_table(st, layer)}
     out = {"top_examples": examples_table(*st.top.finalize(), site, layer)}
     if st.bottom is not None:

@@ -120,9 +120,23 @@ def validate_diff(spec: JobSpec, meta_a: Any) -> None:
             raise UserError(f"stats.{paired[0]}: compares the two models neuron by neuron, and this diff job has no "
                             "hooks (it compares them token by token); give hooks, or turn it off")
         return
-    from .diff import check_same_structure
+    from .diff import check_same_structure, same_structure
 
-    check_same_structure(resolve_hooks(meta_a, spec.hooks), resolve_hooks(meta_model(load_config(b)), spec.hooks))
+    points_a, meta_b = resolve_hooks(meta_a, spec.hooks), meta_model(load_config(b))
+    from .hooks import n_layers
+
+    if same_structure(points_a, n_layers(meta_a), meta_b, spec.hooks):
+        return
+    if spec.stats.neuron_match:  # models of other sizes: matched by correlation at the same relative depth
+        if spec.stats.dla:
+            raise UserError("stats.dla: compares the two models neuron by neuron, and models.a and models.b differ "
+                            "in size (only neuron_match pairs their neurons, by correlation); turn it off")
+        from .diff import paired_points
+
+        paired_points(points_a, n_layers(meta_a), meta_b, cross_size=True)
+        return
+    n_a, n_b = n_layers(meta_a), n_layers(meta_b)
+    check_same_structure(points_a, resolve_hooks(meta_b, spec.hooks) if n_a == n_b else [], n_a, n_b)
 
 
 def meta_model(config: Any) -> Any:

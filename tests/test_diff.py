@@ -208,9 +208,13 @@ def test_models_of_different_sizes_are_diffed_token_by_token(pair, tmp_path, cap
     text = JOB.replace("{id: A}", f"{{id: '{pair['a']}'}}").replace("{id: B}", f"{{id: '{b}'}}")
     job.write_text(text)
     assert main(["run", str(job), "--store", str(tmp_path / "refused"), "--no-progress"]) != 0
+    assert "stats.dla: compares the two models neuron by neuron, and models.a and models.b differ in size" in \
+        capsys.readouterr().err
+    job.write_text(text.replace("neuron_match: true, dla: true", ""))
+    assert main(["run", str(job), "--store", str(tmp_path / "refused"), "--no-progress"]) != 0
     err = capsys.readouterr().err
-    assert "blocks.0.mlp.hook_post differs between models.a and models.b (64 vs 160 features)" in err
-    assert "`hooks: []`" in err and not (tmp_path / "refused").exists()
+    assert "models.a has 2 layers and models.b 3: a neuron diff needs the same structure" in err
+    assert "`hooks: []`" in err and "neuron_match: true" in err and not (tmp_path / "refused").exists()
     job.write_text(text.replace('["blocks.*.mlp.hook_post"]', "[]"))
     assert main(["run", str(job), "--store", str(tmp_path / "refused"), "--no-progress"]) != 0
     assert "stats.dla: compares the two models neuron by neuron" in capsys.readouterr().err
@@ -231,6 +235,63 @@ def test_models_of_different_sizes_are_diffed_token_by_token(pair, tmp_path, cap
         with pytest.raises(Exception, match="this store has no"):
             run_named(con, named, {})
     con.close()
+
+
+def test_neurons_of_a_wider_model_are_matched_to_their_twins(pair, tmp_path, capsys):
+    """B = A with its MLPs widened (A's neurons permuted, plus 32 new ones whose output weights are zero): the same
+    function. neuron_match alone pairs models of other sizes: every A neuron finds its twin, at correlation 1."""
+    tok = pair["tokenizer"]
+    a = pair["models"][0]
+    wide = tiny_model("llama", vocab_size=len(tok), seed=9, intermediate_size=96)
+    perm = torch.randperm(96, generator=torch.Generator().manual_seed(4))  # A's neuron j sits at B's perm[j]
+    with torch.no_grad():
+        wide.load_state_dict({k: v for k, v in a.state_dict().items() if "mlp" not in k}, strict=False)
+        for la, lb in zip(a.model.layers, wide.model.layers):
+            for name in ("gate_proj", "up_proj"):
+                getattr(lb.mlp, name).weight[perm[:64]] = getattr(la.mlp, name).weight
+            lb.mlp.down_proj.weight.zero_()
+            lb.mlp.down_proj.weight[:, perm[:64]] = la.mlp.down_proj.weight
+    b = _save(wide, tok, tmp_path / "wide")
+    job = tmp_path / "job.yaml"
+    text = JOB.replace("{id: A}", f"{{id: '{pair['a']}'}}").replace("{id: B}", f"{{id: '{b}'}}")
+    job.write_text(text.replace("neuron_match: true, dla: true", "dla: true"))
+    assert main(["run", str(job), "--store", str(tmp_path / "store"), "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "blocks.0.mlp.hook_post differs between models.a and models.b (64 vs 96 features)" in err
+    assert "neuron_match: true" in err and not (tmp_path / "store").exists()
+    job.write_text(text.replace("neuron_match: true, dla: true", "neuron_match: true"))
+    assert main(["run", str(job), "--store", str(tmp_path / "store"), "--no-progress"]) == 0
+    con = connect(tmp_path / "store")
+    got = con.sql("SELECT max(abs(diff)) FROM token_diff").fetchall()[0][0]
+    assert got < 1e-4  # the same function
+    rows = run_named(con, "neuron-match", {"order": "worst", "limit": "1000"}).to_pylist()
+    assert len(rows) == 2 * 64
+    for r in rows:
+        assert r["layer_b"] == r["layer_a"] and r["neuron_b"] == int(perm[r["neuron_a"]]), r
+        assert r["corr"] == pytest.approx(1, abs=1e-5) and r["self_corr"] is None
+    with pytest.raises(Exception, match="this store has no"):
+        run_named(con, "neuron-diff", {})
+    assert main(["export", str(tmp_path / "store"), "--format", "html", "--out", str(tmp_path / "site")]) == 0
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert 'id="match-best"' in index and 'id="match-worst"' in index and 'id="neurons"' not in index
+
+
+def test_a_deeper_model_is_matched_at_the_same_relative_depth(pair, tmp_path, capsys):
+    from mining.diff import matched_layer
+
+    assert [matched_layer(la, 30, 32) for la in (0, 14, 15, 29)] == [0, 15, 16, 31]
+    assert [matched_layer(la, 4, 2) for la in range(4)] == [0, 0, 1, 1]
+    tok = pair["tokenizer"]
+    b = _save(tiny_model("llama", vocab_size=len(tok), seed=5, num_hidden_layers=5), tok, tmp_path / "deep")
+    job = tmp_path / "job.yaml"
+    text = (JOB.replace("{id: A}", f"{{id: '{pair['a']}'}}").replace("{id: B}", f"{{id: '{b}'}}")
+            .replace("neuron_match: true, dla: true", "neuron_match: true"))
+    job.write_text(text.replace('"blocks.*.mlp.hook_post"', '"blocks.1.mlp.hook_post"'))
+    assert main(["run", str(job), "--store", str(tmp_path / "store"), "--no-progress"]) == 0
+    con = connect(tmp_path / "store")
+    assert con.sql("SELECT DISTINCT layer_a, layer_b FROM neuron_match").fetchall() == [(1, 4)]
+    corr = con.sql("SELECT corr FROM neuron_match").fetchnumpy()["corr"]
+    assert len(corr) == 64 and np.all(np.abs(corr) <= 1)
 
 
 def test_weights_are_compared_where_both_models_have_them(pair):

@@ -114,6 +114,12 @@ def neuron_rows(con: duckdb.DuckDBPyConnection, nids: Sequence[NeuronId]) -> lis
     return rows
 
 
+def match_rows(con: duckdb.DuckDBPyConnection, order: str, limit: int = 20) -> list[dict]:
+    if not has_tables(con, "neuron_match"):
+        return []
+    return run_named(con, "neuron-match", {"order": order, "limit": str(limit)}).to_pylist()
+
+
 def weight_rows(con: duckdb.DuckDBPyConnection, what: str, limit: int = 20) -> list[dict]:
     if not has_tables(con, "weight_diff", "neuron_weight_diff", "head_weight_diff"):
         return []
@@ -210,7 +216,9 @@ class DiffReplay:
 
 
 def index_page(title: dict[str, Any], docs: list[dict], gains: list[dict], losses: list[dict],
-               neurons: list[dict], weights: dict[str, list[dict]], links: DiffLinks, controls: str = "") -> str:
+               neurons: list[dict], weights: dict[str, list[dict]], links: DiffLinks, controls: str = "",
+               matches: dict[str, list[dict]] | None = None) -> str:
+    matches = matches or {}
     mean = title["mean_gain"]
     body = [f"<h1>{esc(title['name'])}</h1>",
             f"<p class=note>A: {esc(title['a'])} · B: {esc(title['b'])} · corpus {esc(title['corpus'])} · "
@@ -235,6 +243,12 @@ def index_page(title: dict[str, Any], docs: list[dict], gains: list[dict], losse
         body += [f"<h2>Neurons whose activations changed ({len(neurons)})</h2>",
                  table(ncols, ([r[c] for c, _ in ncols] for r in neurons), table_id="neurons",
                        links={2: [links.neuron(NeuronId(r["hook"], r["layer"], r["neuron"])) for r in neurons]})]
+    for order, rows in matches.items():
+        if rows:
+            cols = [(c, "txt" if c == "hook" else "num") for c in rows[0]]
+            title_ = ("clearest A → B correspondences" if order == "best" else "A neurons without a good B twin")
+            body += [f"<h2>Neuron matches: {title_}</h2>",
+                     table(cols, ([r[c] for c, _ in cols] for r in rows), table_id=f"match-{order}")]
     for what, rows in weights.items():
         if rows:
             cols = [(c, "txt" if c in ("what", "param") else "num") for c in rows[0]]
@@ -322,9 +336,10 @@ def write_diff_site(root: Path, con: duckdb.DuckDBPyConnection, nids: Sequence[N
         title = models_title(root, con)
         links = static_links(0, docs, neurons)
         weights = {w: weight_rows(con, w) for w in ("param", "neuron", "head")}
+        matches = {order: match_rows(con, order) for order in ("best", "worst")}
         (tmp / "index.html").write_text(index_page(title, doc_rows(con), token_rows(con, "gains"),
-                                                   token_rows(con, "losses"), neuron_rows(con, nids), weights, links),
-                                        encoding="utf-8")
+                                                   token_rows(con, "losses"), neuron_rows(con, nids), weights, links,
+                                                   matches=matches), encoding="utf-8")
         deep = static_links(1, docs, neurons)
         (tmp / "docs").mkdir()
         for d in sorted(docs):

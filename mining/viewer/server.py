@@ -129,7 +129,8 @@ class DiffViewer:
         weights = {w: diffview.weight_rows(self.con, w) for w in ("param", "neuron", "head")}
         return diffview.index_page(self.title, diffview.doc_rows(self.con), diffview.token_rows(self.con, "gains"),
                                    diffview.token_rows(self.con, "losses"), diffview.neuron_rows(self.con, nids),
-                                   weights, diffview.SERVED, controls)
+                                   weights, diffview.SERVED, controls,
+                                   matches={o: diffview.match_rows(self.con, o) for o in ("best", "worst")})
 
 
 def _diff_controls(hooks: list[str], hook: str, layer: int, by: str, limit: int) -> str:
