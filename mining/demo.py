@@ -62,6 +62,8 @@ def run_demo(store: Path, job: str | None, fresh: bool, overrides: list[str]) ->
                 run_named(con, "dla-examples", {"layer": str(best["layer"]), "neuron": str(best["neuron"]), "k": "5"}))
     print(f"Ask your own: mine query {store} \"SELECT ...\"   |   mine queries")
     print(f"Browse: mine export {store} --top 50 --format html --out {store}-viewer   |   mine serve {store}")
+    print("Diff against its q4_0-quantized self: mine run jobs/smollm2-vs-q4_0.yaml   "
+          "(then mine serve runs/smollm2-vs-q4_0)")
     return 0
 
 
