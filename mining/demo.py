@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -62,8 +63,10 @@ def run_demo(store: Path, job: str | None, fresh: bool, overrides: list[str]) ->
                 run_named(con, "dla-examples", {"layer": str(best["layer"]), "neuron": str(best["neuron"]), "k": "5"}))
     print(f"Ask your own: mine query {store} \"SELECT ...\"   |   mine queries")
     print(f"Browse: mine export {store} --top 50 --format html --out {store}-viewer   |   mine serve {store}")
-    print("Diff against its q4_0-quantized self: mine run jobs/smollm2-vs-q4_0.yaml   "
-          "(then mine serve runs/smollm2-vs-q4_0)")
+    diff_job = bundled_job().parent / "smollm2-vs-q4_0.yaml"
+    if diff_job.exists():
+        shown = os.path.relpath(diff_job) if diff_job.is_relative_to(Path.cwd()) else diff_job
+        print(f"Diff it against its q4_0-quantized self: mine run {shown}   (then mine serve runs/smollm2-vs-q4_0)")
     return 0
 
 
