@@ -26,8 +26,29 @@ from .site import head_patterns, pattern_contexts
 BY = ("kurtosis", "skew", "max", "min", "abs_max", "mean", "std", "frac_active")
 
 
-class Viewer:
-    """Builds pages for one store; every public method returns (status, html)."""
+class _Pages:
+    """URL -> (status, html): one lock (DuckDB connections and the models are not shared across threads), bad
+    input an error page (400), unknown paths 404. Subclasses route the path's parts."""
+
+    lock: threading.Lock
+
+    def handle(self, url: str) -> tuple[int, str]:
+        parts = urlsplit(url)
+        path = [unquote(p) for p in parts.path.split("/") if p]
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        with self.lock:
+            try:
+                html = self.route(path, query)
+            except UserError as e:
+                return 400, _error_page(str(e))
+        return (200, html) if html is not None else (404, _error_page("no such page: " + parts.path))
+
+    def route(self, path: list[str], query: dict[str, str]) -> str | None:
+        raise NotImplementedError
+
+
+class Viewer(_Pages):
+    """Builds pages for one store."""
 
     def __init__(self, store: str | Path, k: int = 10, per_band: int = 2, random: int = 5):
         self.root = local_root(store)
@@ -39,21 +60,14 @@ class Viewer:
         self.hooks = [r[0] for r in self.con.execute("SELECT DISTINCT hook FROM neurons ORDER BY hook").fetchall()]
         self.lock = threading.Lock()
 
-    def handle(self, url: str) -> tuple[int, str]:
-        parts = urlsplit(url)
-        path = [unquote(p) for p in parts.path.split("/") if p]
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        with self.lock:
-            try:
-                if not path:
-                    return 200, self.index(query)
-                if path[0] == "neuron" and len(path) == 4:
-                    return 200, self.neuron(path[1], _int(path[2], "layer"), _int(path[3], "neuron"))
-                if path[0] == "head" and len(path) == 3:
-                    return 200, self.head(_int(path[1], "layer"), _int(path[2], "head"))
-                return 404, _error_page("no such page: " + parts.path)
-            except UserError as e:
-                return 400, _error_page(str(e))
+    def route(self, path: list[str], query: dict[str, str]) -> str | None:
+        if not path:
+            return self.index(query)
+        if path[0] == "neuron" and len(path) == 4:
+            return self.neuron(path[1], _int(path[2], "layer"), _int(path[3], "neuron"))
+        if path[0] == "head" and len(path) == 3:
+            return self.head(_int(path[1], "layer"), _int(path[2], "head"))
+        return None
 
     def index(self, q: dict[str, str]) -> str:
         default = "mlp.hook_post" if "mlp.hook_post" in self.hooks or not self.hooks else self.hooks[0]
@@ -87,7 +101,7 @@ class Viewer:
         return head_page(layer, head, scores, patterns, SERVED)
 
 
-class DiffViewer:
+class DiffViewer(_Pages):
     """The same interface for a diff store: the index ranks neurons by neuron-diff, documents and neurons on demand."""
 
     def __init__(self, store: str | Path):
@@ -99,24 +113,16 @@ class DiffViewer:
                       ] if has_tables(self.con, "neuron_diff") else []
         self.lock = threading.Lock()
 
-    def handle(self, url: str) -> tuple[int, str]:
-        parts = urlsplit(url)
-        path = [unquote(p) for p in parts.path.split("/") if p]
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        with self.lock:
-            try:
-                if not path:
-                    return 200, self.index(query)
-                if path[0] == "doc" and len(path) == 2:
-                    d = diffview.doc_page_data(self.con, _int(path[1], "document"))
-                    return 200, diffview.doc_page(self.title, d, diffview.SERVED)
-                if path[0] == "neuron" and len(path) == 4:
-                    nid = NeuronId(path[1], _int(path[2], "layer"), _int(path[3], "neuron"))
-                    data = diffview.neuron_page_data(self.con, nid, self.replay)
-                    return 200, diffview.neuron_page(nid, data, diffview.SERVED)
-                return 404, _error_page("no such page: " + parts.path)
-            except UserError as e:
-                return 400, _error_page(str(e))
+    def route(self, path: list[str], query: dict[str, str]) -> str | None:
+        if not path:
+            return self.index(query)
+        if path[0] == "doc" and len(path) == 2:
+            return diffview.doc_page(self.title, diffview.doc_page_data(self.con, _int(path[1], "document")),
+                                     diffview.SERVED)
+        if path[0] == "neuron" and len(path) == 4:
+            nid = NeuronId(path[1], _int(path[2], "layer"), _int(path[3], "neuron"))
+            return diffview.neuron_page(nid, diffview.neuron_page_data(self.con, nid, self.replay), diffview.SERVED)
+        return None
 
     def index(self, q: dict[str, str]) -> str:
         hook = q.get("hook", "mlp.hook_post" if "mlp.hook_post" in self.hooks or not self.hooks else self.hooks[0])
@@ -134,13 +140,9 @@ class DiffViewer:
 
 
 def _diff_controls(hooks: list[str], hook: str, layer: int, by: str, limit: int) -> str:
-    def select(name: str, options, current) -> str:
-        opts = "".join(f'<option{" selected" if o == current else ""}>{esc(o)}</option>' for o in options)
-        return f'<label>{name} <select name="{name}">{opts}</select></label> '
-
-    return ('<form method="get" action="/" id="rank">neurons: ' + select("hook", hooks, hook)
+    return ('<form method="get" action="/" id="rank">neurons: ' + _select("hook", hooks, hook)
             + f'<label>layer <input name="layer" value="{layer}" size="4"></label> '
-            + select("by", diffview.NEURON_ORDERS, by)
+            + _select("by", diffview.NEURON_ORDERS, by)
             + f'<label>limit <input name="limit" value="{limit}" size="5"></label> '
             + '<button type="submit">rank</button> <span class="note">corr: least correlated first; overlap: '
             'fewest shared top tokens first</span></form>')
@@ -157,14 +159,15 @@ def _error_page(message: str) -> str:
     return page("error", f"<h1>Cannot show that</h1><p id=error>{esc(message)}</p>", nav=[("index", "/")])
 
 
-def _controls(hooks: list[str], hook: str, layer: int, by: str, order: str, limit: int) -> str:
-    def select(name: str, options, current) -> str:
-        opts = "".join(f'<option{" selected" if o == current else ""}>{esc(o)}</option>' for o in options)
-        return f'<label>{name} <select name="{name}">{opts}</select></label> '
+def _select(name: str, options, current) -> str:
+    opts = "".join(f'<option{" selected" if o == current else ""}>{esc(o)}</option>' for o in options)
+    return f'<label>{name} <select name="{name}">{opts}</select></label> '
 
-    return ('<form method="get" action="/" id="rank">' + select("hook", hooks, hook)
+
+def _controls(hooks: list[str], hook: str, layer: int, by: str, order: str, limit: int) -> str:
+    return ('<form method="get" action="/" id="rank">' + _select("hook", hooks, hook)
             + f'<label>layer <input name="layer" value="{layer}" size="4"></label> '
-            + select("by", BY, by) + select("order", ("desc", "asc"), order)
+            + _select("by", BY, by) + _select("order", ("desc", "asc"), order)
             + f'<label>limit <input name="limit" value="{limit}" size="5"></label> '
             + '<button type="submit">rank</button> <span class="note">layer -1: all layers</span></form>')
 
