@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     qs.set_defaults(func=cmd_queries)
 
     ex = sub.add_parser("export", help="example sets of chosen neurons: JSONL, Parquet, OpenAI neuron records, "
-                                       "Neuronpedia, or a static HTML viewer")
+                                       "Neuronpedia, or a static HTML viewer (a diff store's: --format html)")
     ex.add_argument("store")
     pick = ex.add_argument_group("which neurons (any mix; at least one)")
     pick.add_argument("--neuron", action="append", default=[], metavar="LAYER:NEURON")
@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--param", action="append", default=[], metavar="K=V", help="a parameter of --query")
     pick.add_argument("--top", type=int, default=0, metavar="N", help="the top N neurons by --by")
     pick.add_argument("--by", default="kurtosis",
-                      help="metric for --top: mean, std, skew, kurtosis, frac_active, min, max, abs_max (default kurtosis)")
+                      help="metric for --top: mean, std, skew, kurtosis, frac_active, min, max, abs_max (default "
+                           "kurtosis); for a diff store mean_abs_diff, corr or overlap (default mean_abs_diff)")
     pick.add_argument("--order", default="desc", choices=["desc", "asc"], help="--top order (default desc)")
     pick.add_argument("--layer", type=int, default=-1, help="--top within one layer (default: all)")
     ex.add_argument("--hook", default="mlp.hook_post", help="hook site without the layer (default mlp.hook_post)")
