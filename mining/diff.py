@@ -65,8 +65,8 @@ class DiffMiner(ShardMiner):
             raise UserError("models.a and models.b tokenize differently; a diff compares the same tokens, "
                             "so both need the same tokenizer")
         # B's point for each of A's: the same name, or for models of other sizes the same site at the same depth
-        self.cross_size = bool(spec.hooks) and not same_structure(self.points, n_layers(loaded_a.model),
-                                                                  loaded_b.model, spec.hooks)
+        self.cross_size = bool(spec.hooks) and structure_difference(self.points, n_layers(loaded_a.model),
+                                                                    loaded_b.model, spec.hooks) is not None
         pairs = paired_points(self.points, n_layers(loaded_a.model), loaded_b.model, self.cross_size)
         self.partners: dict[str, list[str]] = {}
         for pa_, pb in pairs:
@@ -140,33 +140,29 @@ class DiffMiner(ShardMiner):
         return result
 
 
-def same_structure(points_a: list, n_a: int, model_b: torch.nn.Module, hooks) -> bool:
-    """B has A's depth (n_a layers) and every hooked point of A at the same width (model_b may be on the meta
-    device). Otherwise the two are models of other sizes, paired only by neuron_match."""
-    if n_layers(model_b) != n_a:
-        return False
-    try:
-        widths_b = {q.name: q.width for q in resolve_hooks(model_b, hooks)}
-    except UserError:  # e.g. blocks.29.* on a shallower B
-        return False
-    return all(widths_b.get(p.name) == p.width for p in points_a)
-
-
-def check_same_structure(points_a: list, points_b: list, n_a: int, n_b: int) -> None:
-    """A and B have the same depth and every hooked point of A is in B at the same width, or one line saying which
-    is not and the ways out."""
-    ways_out = ("with `hooks: []` the job compares models of any size token by token (token-gains, doc-diff), and "
-                "with `stats: {neuron_match: true}` alone it matches each A neuron to its best-correlated B neuron "
-                "at the same relative depth")
-    if n_a != n_b:
-        raise UserError(f"hooks: models.a has {n_a} layers and models.b {n_b}: a neuron diff needs the same "
-                        f"structure; {ways_out}")
-    widths_b = {q.name: q.width for q in points_b}
+def structure_difference(points_a: list, n_a: int, model_b: torch.nn.Module, hooks) -> str | None:
+    """How B differs from A (n_a layers) where the hooks are, or None when B has A's depth and every hooked point
+    of A at the same width (model_b may be on the meta device). Otherwise they are models of other sizes, which
+    only neuron_match pairs."""
+    n_b = n_layers(model_b)
+    if n_b != n_a:
+        return f"models.a has {n_a} layers and models.b {n_b}"
+    widths_b = {q.name: q.width for q in resolve_hooks(model_b, hooks)}
     for p in points_a:
         if widths_b.get(p.name) != p.width:
-            raise UserError(f"hooks: {p.name} differs between models.a and models.b "
-                            f"({p.width} vs {widths_b.get(p.name, 'no such hook')} features): a neuron diff needs the "
-                            f"same structure; {ways_out}")
+            return (f"{p.name} differs between models.a and models.b "
+                    f"({p.width} vs {widths_b.get(p.name, 'no such hook')} features)")
+    return None
+
+
+def check_same_structure(points_a: list, n_a: int, model_b: torch.nn.Module, hooks) -> None:
+    """One line saying how B differs and the ways out, unless the two have the same structure."""
+    problem = structure_difference(points_a, n_a, model_b, hooks)
+    if problem:
+        raise UserError(f"hooks: {problem}: a neuron diff needs the same structure; with `hooks: []` the job "
+                        "compares models of any size token by token (token-gains, doc-diff), and with "
+                        "`stats: {neuron_match: true}` alone it matches each A neuron to its best-correlated B "
+                        "neuron at the same relative depth")
 
 
 def matched_layer(layer: int, n_a: int, n_b: int) -> int:

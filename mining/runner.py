@@ -120,23 +120,18 @@ def validate_diff(spec: JobSpec, meta_a: Any) -> None:
             raise UserError(f"stats.{paired[0]}: compares the two models neuron by neuron, and this diff job has no "
                             "hooks (it compares them token by token); give hooks, or turn it off")
         return
-    from .diff import check_same_structure, same_structure
-
-    points_a, meta_b = resolve_hooks(meta_a, spec.hooks), meta_model(load_config(b))
+    from .diff import check_same_structure, paired_points, structure_difference
     from .hooks import n_layers
 
-    if same_structure(points_a, n_layers(meta_a), meta_b, spec.hooks):
+    points_a, meta_b, n_a = resolve_hooks(meta_a, spec.hooks), meta_model(load_config(b)), n_layers(meta_a)
+    if structure_difference(points_a, n_a, meta_b, spec.hooks) is None:
         return
-    if spec.stats.neuron_match:  # models of other sizes: matched by correlation at the same relative depth
-        if spec.stats.dla:
-            raise UserError("stats.dla: compares the two models neuron by neuron, and models.a and models.b differ "
-                            "in size (only neuron_match pairs their neurons, by correlation); turn it off")
-        from .diff import paired_points
-
-        paired_points(points_a, n_layers(meta_a), meta_b, cross_size=True)
-        return
-    n_a, n_b = n_layers(meta_a), n_layers(meta_b)
-    check_same_structure(points_a, resolve_hooks(meta_b, spec.hooks) if n_a == n_b else [], n_a, n_b)
+    if not spec.stats.neuron_match:
+        check_same_structure(points_a, n_a, meta_b, spec.hooks)
+    if spec.stats.dla:  # models of other sizes: only neuron_match pairs them, by correlation at the same depth
+        raise UserError("stats.dla: compares the two models neuron by neuron, and models.a and models.b differ "
+                        "in size (only neuron_match pairs their neurons, by correlation); turn it off")
+    paired_points(points_a, n_a, meta_b, cross_size=True)
 
 
 def meta_model(config: Any) -> Any:

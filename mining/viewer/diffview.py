@@ -157,7 +157,7 @@ def neuron_page_data(con: duckdb.DuckDBPyConnection, nid: NeuronId, replay: "Dif
     if nid.hook == "mlp.hook_post" and has_tables(con, "dla_diff"):
         extra.update(_one(con, "SELECT mean_dla_a, mean_dla_b, diff AS dla_diff FROM dla_diff "
                                "WHERE layer = ? AND neuron = ?", [nid.layer, nid.neuron]))
-    traces = {s: replay.traces(nid, sets[s][:TRACES]) for s in TRACED} if replay else {}
+    traces = {s: replay.traces(con, nid, sets[s][:TRACES]) for s in TRACED} if replay else {}
     return {"stats": rows[0], "extra": extra, "sets": sets, "traces": traces}
 
 
@@ -185,15 +185,14 @@ class DiffReplay:
             one = {k: v for k, v in job.items() if k != "models"} | {"model": job["models"][side]}
             self.sides[side] = Replayer(self.root, job=one)
 
-    def traces(self, nid: NeuronId, rows: list[dict]) -> list[dict]:
+    def traces(self, con: duckdb.DuckDBPyConnection, nid: NeuronId, rows: list[dict]) -> list[dict]:
         """Each example row's whole context, with the neuron's activation at every token under A and under B."""
         from ..replay import load_contexts
 
         if not rows:
             return []
         toks = [r["tok"] for r in rows]
-        ctx_of = dict(self._con().execute("SELECT tok, ctx FROM tokens WHERE tok IN (SELECT unnest(?))",
-                                          [toks]).fetchall())
+        ctx_of = dict(con.execute("SELECT tok, ctx FROM tokens WHERE tok IN (SELECT unnest(?))", [toks]).fetchall())
         contexts = load_contexts(self.root, set(ctx_of.values()))
         acts = {side: rep.activations(nid.hook, [nid.layer], contexts, {nid.layer: [nid.neuron]})
                 for side, rep in self.sides.items()}
@@ -203,13 +202,6 @@ class DiffReplay:
             out.append({**r, "context_tokens": c.token, "peak": c.tok.index(r["tok"]), "doc_span": c.span,
                         **{side: acts[side][(nid.layer, c.ctx)][:, 0].tolist() for side in self.sides}})
         return out
-
-    def _con(self) -> duckdb.DuckDBPyConnection:
-        from ..query import connect
-
-        if not hasattr(self, "_connection"):
-            self._connection = connect(self.root)
-        return self._connection
 
 
 # ---------------------------------------------------------------- pages
