@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--neuron", action="append", default=[], metavar="LAYER:NEURON")
     pick.add_argument("--query", metavar="NAME", help="a named query whose rows have layer, neuron (and hook) columns")
     pick.add_argument("--param", action="append", default=[], metavar="K=V", help="a parameter of --query")
-    pick.add_argument("--top", type=int, default=0, metavar="N", help="the top N neurons by --by")
+    pick.add_argument("--top", type=int, default=None, metavar="N",
+                      help="the top N neurons by --by (a diff store: default 20 unless --neuron is given)")
     pick.add_argument("--by", default="kurtosis",
                       help="metric for --top: mean, std, skew, kurtosis, frac_active, min, max, abs_max (default "
                            "kurtosis); for a diff store mean_abs_diff, corr or overlap (default mean_abs_diff)")
@@ -255,7 +256,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if bad or not sets:
         raise UserError(f"--sets {args.sets!r}: choose from {', '.join(SETS)}")
     for name in ("k", "per_band", "random", "top", "heads", "actors"):
-        if getattr(args, name) < 0:
+        if (getattr(args, name) or 0) < 0:
             raise UserError(f"--{name.replace('_', '-')}: must be >= 0")
     if args.param and not args.query:
         raise UserError("--param needs --query NAME")

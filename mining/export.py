@@ -57,7 +57,7 @@ def require_single_model(con: duckdb.DuckDBPyConnection, store: str | Path) -> N
 
 
 def select_neurons(con: duckdb.DuckDBPyConnection, hook: str, explicit: Sequence[tuple[int, int]] = (),
-                   query: str | None = None, params: dict[str, str] | None = None, top: int = 0,
+                   query: str | None = None, params: dict[str, str] | None = None, top: int | None = 0,
                    by: str = "kurtosis", order: str = "desc", layer: int = -1) -> list[NeuronId]:
     """Explicit neurons first, then a named query's rows, then the top N by `by`; duplicates dropped."""
     chosen: list[NeuronId] = [NeuronId(hook, layer_, neuron) for layer_, neuron in explicit]
@@ -69,7 +69,7 @@ def select_neurons(con: duckdb.DuckDBPyConnection, hook: str, explicit: Sequence
                             "export needs layer and neuron (and optionally hook)")
         for r in table.to_pylist():
             chosen.append(NeuronId(r.get("hook") or hook, int(r["layer"]), int(r["neuron"])))
-    if top > 0:
+    if top:
         rows = run_named(con, "top-neurons", {"hook": hook, "layer": str(layer), "by": by, "order": order,
                                                "limit": str(top)}).to_pylist()
         chosen += [NeuronId(r["hook"], r["layer"], r["neuron"]) for r in rows]
@@ -364,7 +364,9 @@ def _export_diff(root: Path, con: duckdb.DuckDBPyConnection, store: str | Path, 
                         "mean_abs_diff|corr|overlap")
     by = selection.get("by", "kurtosis")
     explicit = [(n.layer, n.neuron) for n in nids or ()] or list(selection.get("explicit", ()))
-    top = selection.get("top", 0) or (0 if explicit else 20)
+    top = selection.get("top")
+    if top is None:  # --top not given: the 20 whose activations changed most, unless neurons were named
+        top = 0 if explicit else 20
     chosen = pick_neurons(con, selection.get("hook", "mlp.hook_post"), explicit, top,
                           "mean_abs_diff" if by == "kurtosis" else by, selection.get("layer", -1))
     return write_diff_site(root, con, chosen, out)

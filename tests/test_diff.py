@@ -417,6 +417,10 @@ def test_diff_store_viewer(scaled, tmp_path, capsys):
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "y").exists()
+    # --top 0: no neuron pages (without --top: the 20 that changed most)
+    assert main(["export", str(scaled), "--format", "html", "--out", str(tmp_path / "z"), "--top", "0"]) == 0
+    assert not (tmp_path / "z" / "neurons").exists() or not list((tmp_path / "z" / "neurons").iterdir())
+    assert (tmp_path / "z" / "index.html").exists()
 
 
 def test_diff_store_served(scaled):
