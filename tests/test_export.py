@@ -217,3 +217,4 @@ def test_a_diff_store_is_refused_in_one_line(viewer_store, tmp_path, capsys):
     assert _export(store, tmp_path / "x.jsonl", "--top", "2") == 2
     assert "a diff store (models a and b) has no per-model neurons table" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+

@@ -242,3 +242,43 @@ def test_diff_viewer_pages(browser, diff_site, shots):
     _load(browser, neuron.as_uri())
     assert console_errors(browser) == [] and browser.find_elements("css selector", "#set-top_a tbody tr")
     _no_dialog(browser)
+
+
+def test_document_pages(browser, site, served, shots):
+    """An example's 'doc' link: statically, its document coloured by surprise at the peak token; served, coloured by
+    the neuron. No console errors, hostile text as text, the numbers on hover."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    _load(browser, (site / "neurons" / "mlp.hook_post-1-7.html").as_uri())
+    link = browser.find_element("css selector", "#set-top .ex a.in-doc")
+    anchor = link.get_attribute("href").split("#")[1]
+    link.click()
+    assert browser.current_url.endswith("#" + anchor) and "/docs/" in browser.current_url
+    assert console_errors(browser) == []
+    _no_dialog(browser)
+    body = browser.find_element("id", "doc").text
+    assert '<script>alert("x")</script>' in body and "<U+202E>" in body
+    assert browser.find_elements("tag name", "img") == [] and len(browser.find_elements("tag name", "script")) == 1
+    ActionChains(browser).move_to_element(browser.find_element("id", anchor)).perform()
+    tip = browser.find_element("id", "tip")
+    assert tip.is_displayed() and "−log p" in tip.text and "entropy" in tip.text
+    _screenshot(browser, shots, "document.png")
+    _load(browser, served + "/neuron/mlp.hook_post/1/7")
+    browser.find_element("css selector", "#set-top .ex a.in-doc").click()
+    assert "/doc/" in browser.current_url and "neuron=7" in browser.current_url
+    assert console_errors(browser) == []
+    peak = browser.find_element("css selector", "#doc .t.pk")
+    ActionChains(browser).move_to_element(peak).perform()
+    tip = browser.find_element("id", "tip")
+    assert tip.is_displayed() and "activation" in tip.text
+    _screenshot(browser, shots, "document-neuron.png")
+    # the form colours by another neuron
+    form = browser.find_element("id", "colour-by")
+    form.find_element("css selector", "input[name=neuron]").clear()
+    form.find_element("css selector", "input[name=neuron]").send_keys("3")
+    form.find_element("css selector", "button").click()
+    deadline = time.time() + 10
+    while "neuron=3" not in browser.current_url and time.time() < deadline:
+        time.sleep(0.1)
+    assert "layer 1 neuron 3" in browser.find_element("id", "colouring").text
+    assert console_errors(browser) == []

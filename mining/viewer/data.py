@@ -58,7 +58,7 @@ def index_rows(con: duckdb.DuckDBPyConnection, nids: Sequence[NeuronId] | None =
            "JOIN neurons AS n ON n.hook = p.hook AND n.layer = p.layer AND n.neuron = p.neuron "
            f"{' '.join(joins)} ORDER BY p.ord")
     try:
-        return con.execute(sql).to_arrow_table().to_pylist()
+        return con.sql(sql).to_arrow_table().to_pylist()
     finally:
         con.execute("DROP TABLE IF EXISTS _picked")
 
@@ -66,7 +66,7 @@ def index_rows(con: duckdb.DuckDBPyConnection, nids: Sequence[NeuronId] | None =
 def head_rows(con: duckdb.DuckDBPyConnection) -> list[dict]:
     if not has_tables(con, "heads"):
         return []
-    rows = con.execute("SELECT * FROM heads ORDER BY layer, head").to_arrow_table().to_pylist()
+    rows = con.sql("SELECT * FROM heads ORDER BY layer, head").to_arrow_table().to_pylist()
     if has_tables(con, "head_ablation"):
         deltas = {(r[0], r[1], r[2]): r[3] for r in con.execute(
             "SELECT layer, head, kind, loss_delta FROM head_ablation").fetchall()}
@@ -97,8 +97,8 @@ class NeuronPage:
 
 def neuron_page(con: duckdb.DuckDBPyConnection, nid: NeuronId, examples: list[Example]) -> NeuronPage:
     p = {"hook": nid.hook, "layer": str(nid.layer), "neuron": str(nid.neuron)}
-    row = con.execute("SELECT * FROM neurons WHERE hook = ? AND layer = ? AND neuron = ?",
-                      [nid.hook, nid.layer, nid.neuron]).to_arrow_table().to_pylist()
+    row = con.sql("SELECT * FROM neurons WHERE hook = ? AND layer = ? AND neuron = ?",
+                  params=[nid.hook, nid.layer, nid.neuron]).to_arrow_table().to_pylist()
     page = NeuronPage(nid, row[0] if row else {}, examples)
     if has_tables(con, "histograms"):
         page.histogram = run_named(con, "histogram", p).to_pylist()
@@ -122,7 +122,7 @@ def neuron_page(con: duckdb.DuckDBPyConnection, nid: NeuronId, examples: list[Ex
 
 
 def _one(con: duckdb.DuckDBPyConnection, sql: str, params: list) -> dict[str, Any]:
-    rows = con.execute(sql, params).to_arrow_table().to_pylist()
+    rows = con.sql(sql, params=params).to_arrow_table().to_pylist()
     return rows[0] if rows else {}
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..examples import Example, NeuronId
 from .data import METRICS, NeuronPage
+from .document import DocLink, documents_section, served_doc_link
 from .html import esc, fmt, page, script_json, table, token_html, tokens_html
 
 
@@ -22,26 +23,30 @@ class Links:
     index: str
     neuron: Callable[[NeuronId], str | None]
     head: Callable[[int, int], str | None]
+    doc: DocLink = lambda doc_id, tok=None, nid=None: None
 
 
-def static_links(depth: int, neurons: set[NeuronId], heads: set[tuple[int, int]]) -> Links:
+def static_links(depth: int, neurons: set[NeuronId], heads: set[tuple[int, int]],
+                 doc: Callable[[int], DocLink] | None = None) -> Links:
+    """doc: depth -> the static document links (see document.static_doc_link); none without it."""
     up = "../" * depth
     return Links(
         index=f"{up}index.html",
         neuron=lambda n: f"{up}neurons/{n.hook}-{n.layer}-{n.neuron}.html" if n in neurons else None,
         head=lambda layer, head: f"{up}heads/{layer}-{head}.html" if (layer, head) in heads else None,
+        **({"doc": doc(depth)} if doc else {}),
     )
 
 
 SERVED = Links(index="/", neuron=lambda n: f"/neuron/{quote(n.hook)}/{n.layer}/{n.neuron}",
-               head=lambda layer, head: f"/head/{layer}/{head}")
+               head=lambda layer, head: f"/head/{layer}/{head}", doc=served_doc_link)
 
 
 # ---------------------------------------------------------------- index
 
 
 def index_page(title: dict[str, Any], neurons: list[dict], heads: list[dict], links: Links,
-               controls: str = "") -> str:
+               controls: str = "", docs: Sequence[dict] = ()) -> str:
     cols = [("hook", "txt"), ("layer", "num"), ("neuron", "num")] + [(m, "num") for m in METRICS]
     optional = [c for c in ("top_token", "mean_dla", "coherence") if neurons and c in neurons[0]]
     cols += [(c, "txt" if c == "top_token" else "num") for c in optional]
@@ -63,6 +68,7 @@ def index_page(title: dict[str, Any], neurons: list[dict], heads: list[dict], li
                  'placeholder="filter: induction>0.3 layer=5" aria-label="filter heads"></p>',
                  table(hcols, ([r.get(k) for k in hkeys] for r in heads), table_id="heads",
                        links={1: [links.head(r["layer"], r["head"]) for r in heads]})]
+    body.append(documents_section(list(docs), links.doc))
     return page(f"{title['name']}: neurons", "\n".join(body), nav=[("index", links.index)])
 
 
@@ -100,7 +106,7 @@ def neuron_page(p: NeuronPage, links: Links) -> str:
             if set_name == "band" and e.band != last_band:
                 body.append(f"<h3>band {esc(e.band)} (values {fmt(e.band_lo)} to {fmt(e.band_hi)})</h3>")
                 last_band = e.band
-            body.append(example_html(e, scale))
+            body.append(example_html(e, scale, links.doc(e.context.doc_id, _anchor(e), n)))
         body.append("</div>")
     if p.logit_lens:
         body.append("<h2>Logit lens: tokens its output direction boosts and suppresses</h2>")
@@ -117,14 +123,22 @@ def neuron_page(p: NeuronPage, links: Links) -> str:
     return page(f"{n.hook} {n.layer}:{n.neuron}", "\n".join(body), nav=[("index", links.index)])
 
 
-def example_html(e: Example, scale: float) -> str:
+def _anchor(e: Example) -> int:
+    """The token an example links to in its document: its peak."""
+    assert e.context is not None
+    return e.context.tok[e.peak_index]
+
+
+def example_html(e: Example, scale: float, doc_link: str | None = None) -> str:
     c = e.context
     assert c is not None
     start, end = c.span
     value = f" · value {fmt(e.value)}" if e.value is not None else f" · max {fmt(max(e.activations))}"
-    meta = f"#{e.rank}{value} · doc {c.doc_id} chars {start}–{end} · id {c.doc_id}:{start}-{end}"
+    doc = f"doc {c.doc_id}"
+    doc = f'<a class="in-doc" href="{esc(doc_link)}">{doc}</a>' if doc_link else doc
+    meta = (f"{esc(f'#{e.rank}{value}')} · {doc} {esc(f'chars {start}–{end} · id {c.doc_id}:{start}-{end}')}")
     return (f'<div class="ex" data-set="{esc(e.set)}" data-rank="{e.rank}" data-id="{c.doc_id}:{start}-{end}">'
-            f'<div class="meta">{esc(meta)}</div>'
+            f'<div class="meta">{meta}</div>'
             f'<div class="toks">{tokens_html(c.token, e.activations, scale, e.peak_index)}</div></div>')
 
 

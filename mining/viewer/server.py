@@ -18,7 +18,7 @@ from ..examples import NeuronId, attach, pick_examples, random_contexts
 from ..export import check_exist, require_single_model
 from ..query import connect, has_tables, local_root
 from ..replay import Replayer
-from . import data, diffview
+from . import data, diffview, document
 from .html import esc, page
 from .pages import SERVED, head_page, index_page, neuron_page
 from .site import head_patterns, pattern_contexts
@@ -67,6 +67,8 @@ class Viewer(_Pages):
             return self.neuron(path[1], _int(path[2], "layer"), _int(path[3], "neuron"))
         if path[0] == "head" and len(path) == 3:
             return self.head(_int(path[1], "layer"), _int(path[2], "head"))
+        if path[0] == "doc" and len(path) == 2:
+            return self.document(_int(path[1], "document"), query)
         return None
 
     def index(self, q: dict[str, str]) -> str:
@@ -84,7 +86,8 @@ class Viewer(_Pages):
         limit = min(max(_int(q.get("limit", "500"), "limit"), 1), 5000)
         rows = data.index_rows(self.con, hook=hook, layer=layer, by=by, order=order, limit=limit)
         controls = _controls(self.hooks, hook, layer, by, order, limit)
-        return index_page(data.store_title(self.con, self.root), rows, data.head_rows(self.con), SERVED, controls)
+        return index_page(data.store_title(self.con, self.root), rows, data.head_rows(self.con), SERVED, controls,
+                          docs=document.index_documents(self.con))
 
     def neuron(self, hook: str, layer: int, neuron: int) -> str:
         nid = NeuronId(hook, layer, neuron)
@@ -92,6 +95,25 @@ class Viewer(_Pages):
         by_neuron = {nid: pick_examples(self.con, nid, self.k, self.per_band, self.random)}
         attach(self.root, self.replayer, by_neuron)
         return neuron_page(data.neuron_page(self.con, nid, by_neuron[nid]), SERVED)
+
+    def document(self, doc_id: int, q: dict[str, str]) -> str:
+        """/doc/ID: coloured by surprise; ?hook=&layer=&neuron= by that neuron (a window of contexts, replayed), around
+        token tok= (marked) or from token start=."""
+        title = data.store_title(self.con, self.root)
+        if not {"layer", "neuron"} & set(q):
+            d = document.surprise_document(self.con, doc_id)
+            return document.document_page(title, d, "/", controls=document.neuron_form(doc_id, self.hooks, None))
+        nid = NeuronId(q.get("hook", "mlp.hook_post"), _int(q.get("layer", ""), "layer"),
+                       _int(q.get("neuron", ""), "neuron"))
+        anchor = _int(q["tok"], "tok") if "tok" in q else None
+        start = _int(q["start"], "start") if "start" in q else None
+        d = document.neuron_document(self.root, self.con, self.replayer, doc_id, nid, anchor, start)
+
+        def window(tok: int) -> str:
+            return document.served_doc_link(doc_id, None, nid) + f"&start={tok}"
+
+        return document.document_page(title, d, "/", SERVED.neuron(nid), window,
+                                      document.neuron_form(doc_id, self.hooks, nid))
 
     def head(self, layer: int, head: int) -> str:
         scores = data.head_scores(self.con, layer, head)

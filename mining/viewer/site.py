@@ -1,4 +1,7 @@
-"""The static viewer: index.html, neurons/*.html, heads/*.html; opens from the file system, offline."""
+"""The static viewer: index.html, neurons/*.html, heads/*.html, docs/*.html; opens from the file system, offline.
+
+Document pages (coloured by the model's surprise) are written for the index's documents and for every document an
+example shown comes from; colouring a document by a neuron needs a replay of it, so only `mine serve` does that."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import duckdb
 from ..examples import Example, NeuronId
 from ..replay import Context, Replayer, load_contexts
 from . import data
+from .document import document_page, index_documents, static_doc_link, surprise_document
 from .pages import head_page, index_page, neuron_page, static_links
 
 PATTERN_TOKENS = 48  # tokens of each example context shown in a head's attention pattern
@@ -23,14 +27,26 @@ def write_site(root: Path, con: duckdb.DuckDBPyConnection, by_neuron: dict[Neuro
 
     heads = data.top_heads(con, n_heads)
     neurons = set(by_neuron)
+    listed = index_documents(con)
+    docs = {r["doc_id"] for r in listed} | {e.context.doc_id for exs in by_neuron.values() for e in exs if e.context}
+    first_tok = dict(con.execute("SELECT doc_id, min(tok) FROM tokens GROUP BY doc_id").fetchall()) if docs else {}
+
+    def doc_links(depth: int):
+        return static_doc_link(depth, docs, first_tok)
 
     def build(tmp: Path) -> None:
         title = data.store_title(con, root)
         rows = data.index_rows(con, list(by_neuron))
-        (tmp / "index.html").write_text(index_page(title, rows, data.head_rows(con), static_links(0, neurons, set(heads))),
+        (tmp / "index.html").write_text(index_page(title, rows, data.head_rows(con),
+                                                   static_links(0, neurons, set(heads), doc_links), docs=listed),
                                         encoding="utf-8")
         (tmp / "neurons").mkdir()
-        links = static_links(1, neurons, set(heads))
+        links = static_links(1, neurons, set(heads), doc_links)
+        if docs:
+            (tmp / "docs").mkdir()
+        for doc_id in sorted(docs):
+            html = document_page(title, surprise_document(con, doc_id), links.index)
+            (tmp / "docs" / f"{doc_id}.html").write_text(html, encoding="utf-8")
         for nid, exs in by_neuron.items():
             html = neuron_page(data.neuron_page(con, nid, exs), links)
             (tmp / "neurons" / f"{nid.hook}-{nid.layer}-{nid.neuron}.html").write_text(html, encoding="utf-8")

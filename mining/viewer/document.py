@@ -1,0 +1,202 @@
+"""A document's page in the single-model viewer: its tokens coloured by how surprised the model was by each
+(-log p, from the token table: no model needed), or by one neuron's activation over a window of its contexts
+(replayed: `mine serve`, where the page is built on demand).
+
+A neuron page's examples link here at their peak token, so a top context can be read in its whole document.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import quote, urlencode
+
+import duckdb
+import numpy as np
+
+from ..errors import UserError
+from ..examples import NeuronId
+from ..export import check_exist
+from ..query import has_tables, run_named
+from ..replay import Replayer, load_contexts
+from .html import colour, esc, fmt, page, table, token_html
+
+DOC_TOKENS = 20_000  # tokens of one document shown colour by surprise
+WINDOW_CONTEXTS = 8  # contexts replayed for a neuron's colours: the anchor's, 3 before it and 4 after it
+INDEX_DOCS = 100  # documents on the index (hardest first); the static site writes a page for each
+
+
+DocLink = Callable[[int, "int | None", "NeuronId | None"], "str | None"]
+"""(doc_id, anchor tok, neuron) -> the document page's address, or None where the site has no page for it."""
+
+
+def static_doc_link(depth: int, docs: set[int], first_shown: dict[int, int]) -> DocLink:
+    """Static pages are coloured by surprise only, and show a document's first DOC_TOKENS tokens."""
+    up = "../" * depth
+
+    def link(doc_id: int, tok: int | None = None, nid: NeuronId | None = None) -> str | None:
+        if doc_id not in docs or (tok is not None and tok >= first_shown.get(doc_id, 0) + DOC_TOKENS):
+            return None
+        return f"{up}docs/{doc_id}.html" + ("" if tok is None else f"#t{tok}")
+
+    return link
+
+
+def served_doc_link(doc_id: int, tok: int | None = None, nid: NeuronId | None = None) -> str:
+    query = {} if nid is None else {"hook": nid.hook, "layer": nid.layer, "neuron": nid.neuron}
+    if tok is not None and nid is not None:
+        query["tok"] = tok
+    return f"/doc/{doc_id}" + (f"?{urlencode(query, quote_via=quote)}" if query else "") + (
+        "" if tok is None else f"#t{tok}")
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class Document:
+    doc_id: int
+    path: str | None
+    total: int  # the document's mined tokens
+    rows: list[dict]  # `document` query rows shown, in token order
+    nid: NeuronId | None = None
+    activations: dict[int, float] | None = None  # tok -> the neuron's activation, over the replayed window
+    anchor: int | None = None  # the token the page was opened at
+    earlier: int | None = None  # the first token of the window before this one (neuron pages); None at the start
+    later: int | None = None  # the first token of the window after it; None at the end
+
+
+def document_rows(con: duckdb.DuckDBPyConnection, doc_id: int, first: int = 0, last: int = -1) -> list[dict]:
+    return run_named(con, "document", {"doc": str(doc_id), "first": str(first), "last": str(last)}).to_pylist()
+
+
+def _doc(con: duckdb.DuckDBPyConnection, doc_id: int) -> tuple[str | None, int]:
+    found = con.execute("SELECT path FROM docs WHERE doc_id = ?", [doc_id]).fetchall()
+    total = con.execute("SELECT count(*) FROM tokens WHERE doc_id = ?", [doc_id]).fetchall()[0][0]
+    if not found or not total:
+        raise UserError(f"document {doc_id} is not in this store (see `mine query STORE --named documents`)")
+    return found[0][0], total
+
+
+def surprise_document(con: duckdb.DuckDBPyConnection, doc_id: int) -> Document:
+    path, total = _doc(con, doc_id)
+    first = con.execute("SELECT min(tok) FROM tokens WHERE doc_id = ?", [doc_id]).fetchall()[0][0]
+    return Document(doc_id, path, total, document_rows(con, doc_id, first, first + DOC_TOKENS - 1))
+
+
+def neuron_document(root: Path, con: duckdb.DuckDBPyConnection, replayer: Replayer, doc_id: int, nid: NeuronId,
+                    anchor: int | None = None, start: int | None = None) -> Document:
+    """WINDOW_CONTEXTS contexts replayed for the neuron's activation at every token: those around the anchor token's
+    context (marked on the page), or from the context of token `start` on, or the document's first ones."""
+    path, total = _doc(con, doc_id)
+    check_exist(con, [nid])
+    ctxs, firsts = map(list, zip(*con.execute(
+        "SELECT ctx, min(tok) FROM tokens WHERE doc_id = ? GROUP BY ctx ORDER BY ctx", [doc_id]).fetchall()))
+
+    def ctx_index(tok: int) -> int:
+        found = con.execute("SELECT ctx FROM tokens WHERE tok = ? AND doc_id = ?", [tok, doc_id]).fetchall()
+        if not found:
+            raise UserError(f"token {tok} is not in document {doc_id}")
+        return ctxs.index(found[0][0])
+
+    if start is not None:  # windows reached by 'earlier'/'later' tile the document
+        lo = ctx_index(start)
+    else:  # a full window where the document has one, the anchor's context fourth
+        lo = max(0, min(ctx_index(anchor) - 3 if anchor is not None else 0, len(ctxs) - WINDOW_CONTEXTS))
+    window = ctxs[lo : lo + WINDOW_CONTEXTS]
+    contexts = load_contexts(root, window)
+    acts = replayer.activations(nid.hook, [nid.layer], contexts, {nid.layer: [nid.neuron]})
+    values = {t: float(v) for c in window for t, v in zip(contexts[c].tok, acts[(nid.layer, c)][:, 0])}
+    rows = document_rows(con, doc_id, min(contexts[window[0]].tok), max(contexts[window[-1]].tok))
+    earlier = firsts[max(0, lo - WINDOW_CONTEXTS)] if lo > 0 else None
+    later = firsts[lo + WINDOW_CONTEXTS] if lo + WINDOW_CONTEXTS < len(ctxs) else None
+    return Document(doc_id, path, total, rows, nid, values, anchor, earlier, later)
+
+
+def index_documents(con: duckdb.DuckDBPyConnection) -> list[dict]:
+    """The index's documents: the INDEX_DOCS with the highest mean loss."""
+    if not has_tables(con, "tokens", "docs"):
+        return []
+    return run_named(con, "documents", {"order": "loss", "limit": str(INDEX_DOCS)}).to_pylist()
+
+
+# ---------------------------------------------------------------- pages
+
+
+def documents_section(rows: list[dict], link: DocLink) -> str:
+    if not rows:
+        return ""
+    return ("<h2>Documents, hardest for the model first</h2>"
+            "<p class=note>mean loss: the mean of −log p over the document's predicted tokens, in nats; "
+            "a document's page colours every token by it</p>"
+            + table([("doc_id", "num"), ("path", "txt"), ("tokens", "num"), ("mean_loss", "num"),
+                     ("max_surprise", "num")],
+                    ([r["doc_id"], r["path"], r["tokens"], r["mean_loss"], r["max_surprise"]] for r in rows),
+                    table_id="documents", links={0: [link(r["doc_id"], None, None) for r in rows]}))
+
+
+def document_page(title: dict[str, Any], d: Document, index: str, neuron_link: str | None = None,
+                  window_link: Callable[[int], str] | None = None, controls: str = "") -> str:
+    """Colours: surprise (orange, 0 to its 98th percentile on the page) or, with a neuron, its activation (orange
+    positive, blue negative, to the window's largest |value|). Each token's tooltip gives all its numbers."""
+    surprises = [r["surprise"] for r in d.rows if r["surprise"] is not None]
+    by_neuron = d.activations is not None
+    if by_neuron:
+        scale = max((abs(v) for v in d.activations.values()), default=0.0) or 1.0
+    else:
+        scale = max(1.0, float(np.quantile(surprises, 0.98))) if surprises else 1.0
+    spans = []
+    for r in d.rows:
+        tip = []
+        value = None
+        if by_neuron:
+            value = d.activations.get(r["tok"])
+            if value is not None:
+                tip.append(f"activation {fmt(value)}")
+        if r["surprise"] is not None:
+            tip.append(f"−log p {r['surprise']:.3f} · entropy {fmt(r['entropy'])}")
+            if not by_neuron:
+                value = r["surprise"]
+        cls = "t pk" if r["tok"] == d.anchor else "t"
+        style = f' style="background:{colour(value, scale)}"' if value is not None else ""
+        data = f' data-v="{esc(" · ".join(tip))}"' if tip else ""
+        gap = token_html(r["gap"]) if r["gap"] else ""
+        spans.append(f'{gap}<span class="{cls}" id="t{r["tok"]}"{style}{data}>{token_html(r["token"])}</span>')
+    first, last = (d.rows[0]["tok"], d.rows[-1]["tok"]) if d.rows else (0, -1)
+    span = (f"all {d.total:,} of its mined tokens" if len(d.rows) == d.total
+            else f"tokens {first:,}–{last:,} ({len(d.rows):,} of its {d.total:,} mined tokens)")
+    loss = f"; mean −log p over them {fmt(float(np.mean(surprises)))} nats" if surprises else ""
+    if by_neuron:
+        n = d.nid
+        what = (f"coloured by {esc(n.hook)} layer {n.layer} neuron {n.neuron} (replayed; largest |activation| "
+                f"here {fmt(scale)}). Hover a token for its activation, −log p and entropy.")
+    else:
+        what = ("coloured by the model's surprise at each token (−log p, orange up to "
+                f"{fmt(scale)} nats). Hover a token for its −log p and the entropy of that prediction.")
+    body = [f"<h1>Document {d.doc_id}: {esc(d.path)}</h1>",
+            f"<p class=note>model {esc(title['model'])} · {span}{loss}</p>", f"<p class=note id=colouring>{what}</p>",
+            controls]
+    moves = []
+    if window_link and d.earlier is not None:
+        moves.append(f'<a id=earlier href="{esc(window_link(d.earlier))}">earlier tokens</a>')
+    if window_link and d.later is not None:
+        moves.append(f'<a id=later href="{esc(window_link(d.later))}">later tokens</a>')
+    if moves:
+        body.append("<p>" + " · ".join(moves) + "</p>")
+    body.append(f'<div class="toks doc" id="doc">{"".join(spans)}</div>')
+    nav = [("index", index)] + ([("neuron", neuron_link)] if neuron_link else [])
+    return page(f"document {d.doc_id}", "\n".join(body), nav=nav)
+
+
+def neuron_form(doc_id: int, hooks: list[str], nid: NeuronId | None) -> str:
+    """mine serve: colour the document by any neuron of the store."""
+    hook = nid.hook if nid else ("mlp.hook_post" if "mlp.hook_post" in hooks or not hooks else hooks[0])
+    opts = "".join(f'<option{" selected" if h == hook else ""}>{esc(h)}</option>' for h in hooks)
+    layer = "" if nid is None else nid.layer
+    neuron = "" if nid is None else nid.neuron
+    return (f'<form method="get" action="/doc/{doc_id}" id="colour-by">colour by a neuron: '
+            f'<label>hook <select name="hook">{opts}</select></label> '
+            f'<label>layer <input name="layer" value="{layer}" size="4"></label> '
+            f'<label>neuron <input name="neuron" value="{neuron}" size="6"></label> '
+            f'<button type="submit">colour</button> <a href="/doc/{doc_id}">by surprise</a></form>')
