@@ -21,6 +21,7 @@ depth (`matched_layer`) and only the cross-correlation is kept -> neuron_match (
 from __future__ import annotations
 
 import functools
+import os
 import re
 import time
 
@@ -163,6 +164,28 @@ def check_same_structure(points_a: list, n_a: int, model_b: torch.nn.Module, hoo
                         "compares models of any size token by token (token-gains, doc-diff), and with "
                         "`stats: {neuron_match: true}` alone it matches each A neuron to its best-correlated B "
                         "neuron at the same relative depth")
+
+
+CROSS_MEMORY_FRACTION = 0.25
+"""stats.neuron_match's state may take this much of the machine's memory: an actor holds one per shard it mines, and
+the driver two while it merges them (plus the correlations it finalizes, layer by layer)."""
+
+
+def machine_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_cross_memory(pairs: list) -> None:
+    """Refuse a neuron_match whose state would not fit: a float64 co-moment of every A neuron with every B neuron of
+    its matched layer, per hooked layer (SmolLM2 against itself, all 30 MLP layers: 0.53 GiB)."""
+    need = sum(8 * pa_.width * pb.width for pa_, pb in pairs)
+    memory = machine_memory()
+    if need > CROSS_MEMORY_FRACTION * memory:
+        pa_, pb = max(pairs, key=lambda p: p[0].width * p[1].width)
+        raise UserError(f"stats.neuron_match: its state is a float64 co-moment of every A neuron with every B neuron "
+                        f"of the matched layer ({pa_.width} x {pb.width} at {pa_.name}), {need / 2**30:.1f} GiB for "
+                        f"the {len(pairs)} hooked layers: more than a quarter of this machine's "
+                        f"{memory / 2**30:.0f} GiB; hook fewer layers (e.g. hooks: [\"{pa_.name}\"])")
 
 
 def matched_layer(layer: int, n_a: int, n_b: int) -> int:

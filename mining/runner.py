@@ -120,18 +120,19 @@ def validate_diff(spec: JobSpec, meta_a: Any) -> None:
             raise UserError(f"stats.{paired[0]}: compares the two models neuron by neuron, and this diff job has no "
                             "hooks (it compares them token by token); give hooks, or turn it off")
         return
-    from .diff import check_same_structure, paired_points, structure_difference
+    from .diff import check_cross_memory, check_same_structure, paired_points, structure_difference
     from .hooks import n_layers
 
     points_a, meta_b, n_a = resolve_hooks(meta_a, spec.hooks), meta_model(load_config(b)), n_layers(meta_a)
-    if structure_difference(points_a, n_a, meta_b, spec.hooks) is None:
-        return
-    if not spec.stats.neuron_match:
+    cross_size = structure_difference(points_a, n_a, meta_b, spec.hooks) is not None
+    if cross_size and not spec.stats.neuron_match:
         check_same_structure(points_a, n_a, meta_b, spec.hooks)
-    if spec.stats.dla:  # models of other sizes: only neuron_match pairs them, by correlation at the same depth
+    if cross_size and spec.stats.dla:  # models of other sizes: only neuron_match pairs them, by correlation
         raise UserError("stats.dla: compares the two models neuron by neuron, and models.a and models.b differ "
                         "in size (only neuron_match pairs their neurons, by correlation); turn it off")
-    paired_points(points_a, n_a, meta_b, cross_size=True)
+    pairs = paired_points(points_a, n_a, meta_b, cross_size)
+    if spec.stats.neuron_match:
+        check_cross_memory(pairs)
 
 
 def meta_model(config: Any) -> Any:

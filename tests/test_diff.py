@@ -450,3 +450,26 @@ def test_diff_store_served(scaled):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_neuron_match_too_large_for_the_machine_is_refused(pair, tmp_path, capsys, monkeypatch):
+    """Its state (Na x Nb float64 per hooked layer) is estimated before anything is mined."""
+    import mining.diff
+
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB.replace("{id: A}", f"{{id: '{pair['a']}'}}").replace("{id: B}", f"{{id: '{pair['b']}'}}"))
+    width = pair["models"][0].config.intermediate_size
+    need = 8 * width * width * pair["models"][0].config.num_hidden_layers
+    monkeypatch.setattr(mining.diff, "machine_memory", lambda: 4 * need - 8)
+    assert main(["run", str(job), "--store", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert f"({width} x {width} at blocks.0.mlp.hook_post)" in err and "hook fewer layers" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+    monkeypatch.setattr(mining.diff, "machine_memory", lambda: 4 * need)  # exactly a quarter: allowed
+    mining.diff.check_cross_memory([(p, p) for p in _points(pair["models"][0])])
+
+
+def _points(model):
+    from mining.hooks import resolve_hooks
+
+    return resolve_hooks(model, ["blocks.*.mlp.hook_post"])
