@@ -45,8 +45,9 @@ def run_demo(store: Path, job: str | None, fresh: bool, overrides: list[str]) ->
         tail(con, row)
         section(f"Quantiles of layer {layer} neuron {neuron}",
                 run_named(con, "quantiles", {"layer": str(layer), "neuron": str(neuron)}))
-    section("Top contexts of layer 5 neuron 100",
-            run_named(con, "top-activations", {"layer": "5", "neuron": "100", "k": "5"}))
+    if spec.stats.token_table:
+        section("Documents the model finds hardest (mean loss, nats a token; mine serve shows each token's)",
+                run_named(con, "documents", {"limit": "5"}))
     section("Dead and dense neurons", run_named(con, "dead-and-dense", {"limit": "5"}))
     if spec.stats.polysemanticity:
         poly = run_named(con, "polysemanticity", {"limit": "5"})

@@ -84,6 +84,12 @@ def test_demo_mines_prints_answers_the_store_backs_and_reuses_the_store(tmp_path
     contexts = next(body for t, body in got.items() if t.startswith(title))
     want = run_named(con, "top-contexts", {"layer": str(poly[0]["layer"]), "neuron": str(poly[0]["neuron"]), "k": "5"})
     assert printed_values(contexts) == pytest.approx(want.column("value").to_pylist(), rel=1e-5)
+    docs = got["Documents the model finds hardest (mean loss, nats a token; mine serve shows each token's)"]
+    want = run_named(con, "documents", {"limit": "5"}).to_pylist()
+    assert [int(line.split()[0]) for line in docs.splitlines()[2:2 + len(want)]] == [r["doc_id"] for r in want]
+    mean_loss = {r[0]: r[1] for r in con.execute("SELECT doc_id, -avg(logprob) FROM tokens WHERE NOT isnan(logprob) "
+                                                 "GROUP BY 1").fetchall()}
+    assert [r["mean_loss"] for r in want] == pytest.approx(sorted(mean_loss.values(), reverse=True)[:len(want)])
     helpful = got["Neurons that most raise the logit of the actual next token (mean direct logit attribution)"]
     best = run_named(con, "dla-neurons", {"limit": "1"}).to_pylist()[0]
     assert re.search(rf"^\s*{best['layer']}\s+{best['neuron']}\s", helpful.splitlines()[2]), helpful
