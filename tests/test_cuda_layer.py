@@ -1,5 +1,5 @@
-"""The GPU kernel (reducers/cuda_layer.cu) built for the CPU (MINING_CUDA_EMULATE=1: one std::thread per
-CUDA thread, a barrier for __syncthreads) against the reducers' own paths and brute force: the same keys
+"""The GPU kernel (reducers/cuda_layer.cu) built for the CPU (MINING_CUDA_EMULATE=1: a fiber per CUDA
+thread, switched at __syncthreads, in thread order and reversed on alternate phases) against the reducers' own paths and brute force: the same keys
 and counts bit for bit, moments to rounding; and the miner with it against the CPU miner."""
 
 import shutil

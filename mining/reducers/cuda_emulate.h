@@ -1,59 +1,92 @@
-// Just enough of CUDA to run cuda_layer.cu's kernel on the CPU: one std::thread per CUDA thread, a
-// std::barrier for __syncthreads, one block at a time. For tests on machines without a GPU; slow.
+// Just enough of CUDA to run cuda_layer.cu's kernel on the CPU, for tests on machines without a GPU: a block's
+// CUDA threads are fibers (ucontext) on the calling thread, each running until its next __syncthreads or its end;
+// when every live one has arrived, the next phase starts. Phases run the threads in turn, forwards and backwards
+// alternately, so a read of shared memory that a missing barrier leaves unordered sees the other thread's value
+// in one phase order or the other. Blocks run one at a time. (An OS thread per CUDA thread with a std::barrier, the first
+// version, spent most of its time creating and waking threads: tests/test_cuda_layer.py and test_cuda_build.py
+// took 168 s on 2 cores with it, 45 s with fibers. Removing any one of three __syncthreads of the layer kernel
+// fails test_cuda_layer.py with fibers.)
 #pragma once
-#include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <thread>
+#include <ucontext.h>
 #include <vector>
 
 struct emu_dim3 { unsigned x = 0, y = 0, z = 0; };
-inline thread_local emu_dim3 threadIdx, blockIdx;
-inline emu_dim3 blockDim, gridDim;
-inline std::barrier<>* emu_barrier = nullptr;
+inline emu_dim3 threadIdx, blockIdx, blockDim, gridDim;  // threadIdx: set as each fiber resumes
 inline unsigned char* emu_smem = nullptr;
+
+struct emu_fiber {
+    ucontext_t ctx;
+    bool done = false;
+};
+inline ucontext_t emu_main;
+inline emu_fiber* emu_running = nullptr;
+inline const std::function<void()>* emu_body = nullptr;
+
+inline void emu_sync() { swapcontext(&emu_running->ctx, &emu_main); }
 
 #define __global__
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static  // one instance for all threads; blocks run one at a time
-#define __syncthreads() emu_barrier->arrive_and_wait()
+#define __syncthreads() emu_sync()
 
 inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline uint32_t __float_as_uint(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 inline float __fmul_rn(float a, float b) { return a * b; }  // x86-64: SSE, rounded to nearest
 inline float __fdiv_rn(float a, float b) { return a / b; }
-inline int32_t atomicAdd(int32_t* p, int32_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline int32_t atomicAdd(int32_t* p, int32_t v) { int32_t old = *p; *p += v; return old; }  // one thread runs
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
-    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+    unsigned long long old = *p;
+    *p += v;
+    return old;
 }
 using std::isfinite;
 using std::isnan;
 
+inline void emu_entry() {
+    (*emu_body)();
+    emu_running->done = true;  // returning resumes emu_main (uc_link)
+}
+
 inline void emu_launch(unsigned gx, unsigned gy, unsigned threads, int64_t smem, const std::function<void()>& body) {
+    constexpr size_t STACK = 64 * 1024;
     std::vector<unsigned char> shared((size_t)smem + 16);
+    std::vector<unsigned char> stacks((size_t)threads * STACK);
+    std::vector<emu_fiber> fibers(threads);
     blockDim.x = threads;
     gridDim.x = gx;
     gridDim.y = gy;
+    emu_body = &body;
     for (unsigned by = 0; by < gy; ++by) {
         for (unsigned bx = 0; bx < gx; ++bx) {
             std::fill(shared.begin(), shared.end(), 0xAB);  // garbage, as on a GPU
             emu_smem = shared.data();
-            std::barrier<> bar((std::ptrdiff_t)threads);
-            emu_barrier = &bar;
-            std::vector<std::thread> pool;
+            blockIdx.x = bx;
+            blockIdx.y = by;
             for (unsigned t = 0; t < threads; ++t) {
-                pool.emplace_back([&, t] {
-                    threadIdx.x = t;
-                    blockIdx.x = bx;
-                    blockIdx.y = by;
-                    body();
-                });
+                emu_fiber& f = fibers[t];
+                f.done = false;
+                getcontext(&f.ctx);
+                f.ctx.uc_stack.ss_sp = stacks.data() + (size_t)t * STACK;
+                f.ctx.uc_stack.ss_size = STACK;
+                f.ctx.uc_link = &emu_main;
+                makecontext(&f.ctx, emu_entry, 0);
             }
-            for (auto& th : pool) th.join();
+            for (unsigned phase = 0, live = threads; live > 0; ++phase) {
+                live = 0;
+                for (unsigned i = 0; i < threads; ++i) {
+                    const unsigned t = phase % 2 ? threads - 1 - i : i;
+                    if (fibers[t].done) continue;
+                    threadIdx.x = t;
+                    emu_running = &fibers[t];
+                    swapcontext(&emu_main, &fibers[t].ctx);
+                    live += !fibers[t].done;
+                }
+            }
         }
     }
 }

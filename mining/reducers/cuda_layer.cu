@@ -18,8 +18,8 @@
 // keys_insert puts each column's own candidates, and its contexts' peaks, into its sorted keys. Keys are
 // unique (value, then token), so the states do not depend on the order threads run in.
 //
-// Built with nvcc by cuda_layer.py; with -DEMULATE it builds for the CPU (cuda_emulate.h: one std::thread
-// per CUDA thread), which is how the tests check it on a machine without a GPU.
+// Built with nvcc by cuda_layer.py; with -DEMULATE it builds for the CPU (cuda_emulate.h: a fiber per
+// CUDA thread, switched at __syncthreads), which is how the tests check it on a machine without a GPU.
 
 #ifdef EMULATE
 #include "cuda_emulate.h"

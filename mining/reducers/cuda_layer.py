@@ -12,7 +12,7 @@ the device against the CPU reducers (`proves_itself`), and called through ctypes
 nvcc is the one on PATH or in /usr/local/cuda, else the one the nvidia-cuda-nvcc wheel installs (`pip install
 activation-mining[cuda]`) when its CUDA major version is torch's. Without nvcc, after a failed build or check,
 or with MINING_CUDA_LAYER=0, the caller keeps the torch ops. MINING_CUDA_EMULATE=1 (with MINING_DEVICE_PATH=1)
-builds it for the CPU instead: one std::thread per CUDA thread, for the tests.
+builds it for the CPU instead: a fiber per CUDA thread, switched at __syncthreads, for the tests.
 """
 
 from __future__ import annotations
