@@ -473,3 +473,39 @@ def _points(model):
     from mining.hooks import resolve_hooks
 
     return resolve_hooks(model, ["blocks.*.mlp.hook_post"])
+
+
+def test_diff_document_served_coloured_by_a_neuron(scaled):
+    """A neuron page's example opens its document coloured by the neuron's B − A activation, replayed through both
+    models: at the marked token B − A is the mined value, and for the planted neuron B = 3A at every token."""
+    import html as htmllib
+    import re
+
+    from mining.viewer.server import DiffViewer
+
+    viewer = DiffViewer(scaled)
+    layer, neuron = SCALED_NEURON
+    status, page = viewer.handle(f"/neuron/mlp.hook_post/{layer}/{neuron}")
+    assert status == 200
+    stored = run_named(connect(scaled), "neuron-diff-examples",
+                       {"layer": str(layer), "neuron": str(neuron), "k": "3", "set": "b_above_a"}).to_pylist()
+    for want in stored:
+        link = (f"/doc/{want['doc_id']}?hook=mlp.hook_post&amp;layer={layer}&amp;neuron={neuron}&amp;tok={want['tok']}"
+                f"#t{want['tok']}")
+        assert f'href="{link}"' in page
+        status, doc = viewer.handle(htmllib.unescape(link).split("#")[0])
+        assert status == 200, doc[-500:]
+        tips = {int(t): htmllib.unescape(v) for t, v in re.findall(
+            r'<span class="t(?: pk)?" id="t(\d+)"(?: style="[^"]*")? data-v="([^"]*)"', doc)}
+        acts = {t: tuple(map(float, re.match(r"neuron B − A \S+ \(A (\S+), B (\S+)\)", tip).groups()))
+                for t, tip in tips.items() if tip.startswith("neuron")}
+        assert len(acts) >= 64 and want["tok"] in acts and f'class="t pk" id="t{want["tok"]}"' in doc
+        a, b = acts[want["tok"]]
+        assert b - a == pytest.approx(want["value"], rel=2e-3, abs=2e-3)
+        assert all(b == pytest.approx(3 * a, rel=3e-3, abs=3e-4) for a, b in acts.values())
+    status, plain = viewer.handle(f"/doc/{stored[0]['doc_id']}")
+    assert status == 200 and 'id="colour-by"' in plain and "by B − A log-prob" in plain
+    for url, says in ((f"/doc/{stored[0]['doc_id']}?layer={layer}&neuron=99999", "not in this diff store"),
+                      (f"/doc/{stored[0]['doc_id']}?layer={layer}&neuron={neuron}&tok=99999999", "is not in document")):
+        status, text = viewer.handle(url)
+        assert status == 400 and says in htmllib.unescape(text), text[-400:]

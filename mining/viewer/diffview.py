@@ -16,6 +16,7 @@ import yaml
 from ..errors import UserError
 from ..examples import NeuronId
 from ..query import has_tables, run_named
+from .document import DocLink, doc_window, served_doc_link, window_activations
 from .html import colour, esc, fmt, page, table, token_html
 
 DOC_TOKENS = 20_000  # tokens shown on one document's page
@@ -35,21 +36,21 @@ TRACE_BEFORE, TRACE_AFTER = 24, 8  # tokens shown around the marked one
 @dataclass(frozen=True)
 class DiffLinks:
     index: str
-    doc: Callable[[int, int | None], str | None]  # (doc_id, tok to scroll to) -> href
+    doc: DocLink  # (doc_id, tok to scroll to, neuron to colour by where the site can) -> href
     neuron: Callable[[NeuronId], str | None]
 
 
 def static_links(depth: int, docs: set[int], neurons: set[NeuronId]) -> DiffLinks:
+    """Static document pages are coloured by B − A log-prob only (a neuron's colours need a replay)."""
     up = "../" * depth
     return DiffLinks(
         index=f"{up}index.html",
-        doc=lambda d, tok=None: f"{up}docs/{d}.html{'' if tok is None else f'#t{tok}'}" if d in docs else None,
+        doc=lambda d, tok=None, nid=None: f"{up}docs/{d}.html{'' if tok is None else f'#t{tok}'}" if d in docs else None,
         neuron=lambda n: f"{up}neurons/{n.hook}-{n.layer}-{n.neuron}.html" if n in neurons else None,
     )
 
 
-SERVED = DiffLinks(index="/", doc=lambda d, tok=None: f"/doc/{d}{'' if tok is None else f'#t{tok}'}",
-                   neuron=lambda n: f"/neuron/{quote(n.hook)}/{n.layer}/{n.neuron}")
+SERVED = DiffLinks(index="/", doc=served_doc_link, neuron=lambda n: f"/neuron/{quote(n.hook)}/{n.layer}/{n.neuron}")
 
 
 def is_diff_store(con: duckdb.DuckDBPyConnection) -> bool:
@@ -132,15 +133,33 @@ class DocPage:
     path: str | None
     tokens: list[dict]  # doc-tokens rows
     total: int
+    nid: NeuronId | None = None
+    acts: dict[int, tuple[float, float]] | None = None  # tok -> the neuron's activation under A and B (a window)
+    anchor: int | None = None  # the token the page was opened at (marked)
+    earlier: int | None = None  # the first token of the window before (see document.doc_window)
+    later: int | None = None
 
 
-def doc_page_data(con: duckdb.DuckDBPyConnection, doc_id: int) -> DocPage:
+def doc_page_data(con: duckdb.DuckDBPyConnection, doc_id: int, limit: int = DOC_TOKENS) -> DocPage:
     found = con.execute("SELECT path, n_tokens FROM docs WHERE doc_id = ?", [doc_id]).fetchall()
     if not found:
         raise UserError(f"document {doc_id} is not in this store (see `mine query STORE --named doc-diff`)")
     total = con.execute("SELECT count(*) FROM tokens WHERE doc_id = ?", [doc_id]).fetchall()[0][0]
-    rows = run_named(con, "doc-tokens", {"doc": str(doc_id), "limit": str(DOC_TOKENS)}).to_pylist()
+    rows = run_named(con, "doc-tokens", {"doc": str(doc_id), "limit": str(limit)}).to_pylist() if limit else []
     return DocPage(doc_id, found[0][0], rows, total)
+
+
+def neuron_doc_page_data(con: duckdb.DuckDBPyConnection, replay: "DiffReplay", doc_id: int, nid: NeuronId,
+                         anchor: int | None = None, start: int | None = None) -> DocPage:
+    """A window of the document's contexts (document.doc_window) replayed through both models for the neuron."""
+    pick_neurons(con, nid.hook, [(nid.layer, nid.neuron)])  # refuses a neuron the store does not have
+    whole = doc_page_data(con, doc_id, limit=0)
+    w = doc_window(replay.root, con, doc_id, anchor, start)
+    rows = run_named(con, "doc-tokens", {"doc": str(doc_id), "first": str(w.first), "last": str(w.last),
+                                         "limit": str(DOC_TOKENS)}).to_pylist()
+    a, b = (window_activations(replay.sides[side], nid, w) for side in ("a", "b"))
+    return DocPage(doc_id, whole.path, rows, whole.total, nid, {t: (a[t], b[t]) for t in a}, anchor, w.earlier,
+                   w.later)
 
 
 def neuron_page_data(con: duckdb.DuckDBPyConnection, nid: NeuronId, replay: "DiffReplay | None" = None
@@ -221,7 +240,7 @@ def index_page(title: dict[str, Any], docs: list[dict], gains: list[dict], losse
                 ("mean_logprob_b", "num"), ("mean_gain", "num"), ("total_gain", "num")]
     body += [f"<h2>Documents ({len(docs)}), best for B first</h2>",
              table(doc_cols, ([r[c] for c, _ in doc_cols] for r in docs), table_id="docs",
-                   links={0: [links.doc(r["doc_id"], None) for r in docs]})]
+                   links={0: [links.doc(r["doc_id"]) for r in docs]})]
     tok_cols = [("tok", "num"), ("diff", "num"), ("logprob_a", "num"), ("logprob_b", "num"), ("doc_id", "num"),
                 ("next", "txt"), ("context", "txt")]
     for name, rows in (("gains", gains), ("losses", losses)):
@@ -249,29 +268,54 @@ def index_page(title: dict[str, Any], docs: list[dict], gains: list[dict], losse
     return page(f"{title['name']}: A vs B", "\n".join(body), nav=[("index", links.index)])
 
 
-def doc_page(title: dict[str, Any], d: DocPage, links: DiffLinks) -> str:
-    diffs = np.array([abs(r["diff"]) for r in d.tokens if r["diff"] is not None] or [0.0])
-    scale = max(0.5, float(np.quantile(diffs, 0.98)))
+def doc_page(title: dict[str, Any], d: DocPage, links: DiffLinks, controls: str = "",
+             window_link: Callable[[int], str] | None = None) -> str:
+    """Each token coloured by B − A: its log-prob, or with a neuron (d.acts) that neuron's activation."""
+    if d.acts is not None:
+        values = {t: b - a for t, (a, b) in d.acts.items()}
+        scale = max((abs(v) for v in values.values()), default=0.0) or 1.0
+    else:
+        values = {r["tok"]: r["diff"] for r in d.tokens if r["diff"] is not None}
+        scale = max(0.5, float(np.quantile([abs(v) for v in values.values()] or [0.0], 0.98)))
     spans = []
     for r in d.tokens:
         gap = token_html(r["gap"]) if r["gap"] else ""
-        if r["diff"] is None:
-            spans.append(f'{gap}<span class="t" id="t{r["tok"]}">{token_html(r["token"])}</span>')
-            continue
-        tip = f"B − A {r['diff']:+.3f} (A {r['logprob_a']:.3f}, B {r['logprob_b']:.3f})"
-        spans.append(f'{gap}<span class="t" id="t{r["tok"]}" style="background:{colour(r["diff"], scale)}" '
-                     f'data-v="{esc(tip)}">{token_html(r["token"])}</span>')
+        tip = []
+        if d.acts is not None and r["tok"] in d.acts:
+            a, b = d.acts[r["tok"]]
+            tip.append(f"neuron B − A {b - a:+.4g} (A {a:.4g}, B {b:.4g})")
+        if r["diff"] is not None:
+            tip.append(f"{'log-prob ' if d.acts is not None else ''}B − A {r['diff']:+.3f} "
+                       f"(A {r['logprob_a']:.3f}, B {r['logprob_b']:.3f})")
+        cls = "t pk" if r["tok"] == d.anchor else "t"
+        v = values.get(r["tok"])
+        style = f' style="background:{colour(v, scale)}"' if v is not None else ""
+        data = f' data-v="{esc(" · ".join(tip))}"' if tip else ""
+        spans.append(f'{gap}<span class="{cls}" id="t{r["tok"]}"{style}{data}>{token_html(r["token"])}</span>')
     gains = [r["diff"] for r in d.tokens if r["diff"] is not None]
-    shown = (f"the first {len(d.tokens):,} of its {d.total:,} mined tokens" if len(d.tokens) < d.total
-             else f"its {d.total:,} mined tokens")
+    shown = (f"its {d.total:,} mined tokens" if len(d.tokens) == d.total else
+             f"the first {len(d.tokens):,} of its {d.total:,} mined tokens" if d.acts is None else
+             f"tokens {d.tokens[0]['tok']:,}–{d.tokens[-1]['tok']:,} of its {d.total:,} mined tokens")
+    if d.acts is None:
+        what = (f"Each token is coloured by how much better B predicted it than A did (log-prob of this "
+                f"token given the text before it): orange where B is better, blue where worse, full colour at "
+                f"±{fmt(scale, 3)} nats. Hover a token for both log-probs.")
+    else:
+        n = d.nid
+        what = (f"Each token is coloured by {esc(n.hook)} layer {n.layer} neuron {n.neuron}'s activation under B "
+                f"minus under A (replayed through both): orange where B's is higher, blue where lower, full colour at "
+                f"±{fmt(scale, 3)}. Hover a token for both activations and both log-probs.")
     body = [f"<h1>Document {d.doc_id}: {esc(d.path)}</h1>",
-            f"<p class=note>A: {esc(title['a'])} · B: {esc(title['b'])} · {shown}; mean B − A over them "
+            f"<p class=note>A: {esc(title['a'])} · B: {esc(title['b'])} · {shown}; mean B − A log-prob over them "
             f"{fmt(float(np.mean(gains)) if gains else None)} nats</p>",
-            f"<p class=note>Each token is coloured by how much better B predicted it than A did (log-prob of this "
-            f"token given the text before it): orange where B is better, blue where worse, full colour at "
-            f"±{fmt(scale, 3)} nats. Hover a token for both log-probs.</p>",
-            f'<div class="toks doc" id="doc-text">{"".join(spans)}</div>']
-    return page(f"doc {d.doc_id}: A vs B", "\n".join(body), nav=[("index", links.index)])
+            f"<p class=note id=colouring>{what}</p>", controls]
+    moves = [f'<a id={name} href="{esc(window_link(tok))}">{name} tokens</a>'
+             for name, tok in (("earlier", d.earlier), ("later", d.later)) if window_link and tok is not None]
+    if moves:
+        body.append("<p>" + " · ".join(moves) + "</p>")
+    body.append(f'<div class="toks doc" id="doc-text">{"".join(spans)}</div>')
+    nav = [("index", links.index)] + ([("neuron", links.neuron(d.nid))] if d.nid is not None else [])
+    return page(f"doc {d.doc_id}: A vs B", "\n".join(body), nav=nav)
 
 
 def neuron_page(nid: NeuronId, p: dict[str, Any], links: DiffLinks) -> str:
@@ -291,7 +335,7 @@ def neuron_page(nid: NeuronId, p: dict[str, Any], links: DiffLinks) -> str:
                          "around each one coloured by the neuron's activation under A (upper row) and B (lower "
                          "row), on one scale; hover a token for its value. All of them:</p>"]
             body += [table(cols, ([r[c] for c, _ in cols] for r in rows), table_id=f"set-{s}",
-                           links={2: [links.doc(r["doc_id"], r["tok"]) for r in rows]})]
+                           links={2: [links.doc(r["doc_id"], r["tok"], nid) for r in rows]})]
     return page(f"{nid.hook} {nid.layer}:{nid.neuron}: A vs B", "\n".join(body), nav=[("index", links.index)])
 
 

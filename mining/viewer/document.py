@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..examples import NeuronId
 from ..export import check_exist
 from ..query import has_tables, run_named
-from ..replay import Replayer, load_contexts
+from ..replay import Context, Replayer, load_contexts
 from .html import colour, esc, fmt, page, table, token_html
 
 DOC_TOKENS = 20_000  # tokens of one document shown colour by surprise
@@ -49,6 +49,11 @@ def served_doc_link(doc_id: int, tok: int | None = None, nid: NeuronId | None = 
         query["tok"] = tok
     return f"/doc/{doc_id}" + (f"?{urlencode(query, quote_via=quote)}" if query else "") + (
         "" if tok is None else f"#t{tok}")
+
+
+def window_link(doc_id: int, nid: NeuronId) -> Callable[[int], str]:
+    """mine serve: the window of the document that starts at a token, coloured by the neuron."""
+    return lambda tok: served_doc_link(doc_id, None, nid) + f"&start={tok}"
 
 
 # ---------------------------------------------------------------- data
@@ -85,33 +90,59 @@ def surprise_document(con: duckdb.DuckDBPyConnection, doc_id: int) -> Document:
     return Document(doc_id, path, total, document_rows(con, doc_id, first, first + DOC_TOKENS - 1))
 
 
-def neuron_document(root: Path, con: duckdb.DuckDBPyConnection, replayer: Replayer, doc_id: int, nid: NeuronId,
-                    anchor: int | None = None, start: int | None = None) -> Document:
-    """WINDOW_CONTEXTS contexts replayed for the neuron's activation at every token: those around the anchor token's
-    context (marked on the page), or from the context of token `start` on, or the document's first ones."""
-    path, total = _doc(con, doc_id)
-    check_exist(con, [nid])
-    ctxs, firsts = map(list, zip(*con.execute(
-        "SELECT ctx, min(tok) FROM tokens WHERE doc_id = ? GROUP BY ctx ORDER BY ctx", [doc_id]).fetchall()))
+@dataclass
+class Window:
+    """WINDOW_CONTEXTS consecutive contexts of a document, to replay."""
+
+    contexts: dict[int, Context]
+    first: int  # its first and last token (tok)
+    last: int
+    earlier: int | None  # the first token of the window before it; None at the document's start
+    later: int | None  # the first token of the window after it; None at its end
+
+
+def doc_window(root: Path, con: duckdb.DuckDBPyConnection, doc_id: int, anchor: int | None = None,
+               start: int | None = None) -> Window:
+    """The contexts around the anchor token's (its context fourth, a full window where the document has one), or
+    from the context of token `start` on (the windows 'earlier' and 'later' reach tile the document), or the
+    document's first ones."""
+    found = con.execute("SELECT ctx, min(tok) FROM tokens WHERE doc_id = ? GROUP BY ctx ORDER BY ctx",
+                        [doc_id]).fetchall()
+    if not found:
+        raise UserError(f"document {doc_id} is not in this store (see `mine query STORE --named documents`)")
+    ctxs, firsts = [r[0] for r in found], [r[1] for r in found]
 
     def ctx_index(tok: int) -> int:
-        found = con.execute("SELECT ctx FROM tokens WHERE tok = ? AND doc_id = ?", [tok, doc_id]).fetchall()
-        if not found:
+        at = con.execute("SELECT ctx FROM tokens WHERE tok = ? AND doc_id = ?", [tok, doc_id]).fetchall()
+        if not at:
             raise UserError(f"token {tok} is not in document {doc_id}")
-        return ctxs.index(found[0][0])
+        return ctxs.index(at[0][0])
 
-    if start is not None:  # windows reached by 'earlier'/'later' tile the document
+    if start is not None:
         lo = ctx_index(start)
-    else:  # a full window where the document has one, the anchor's context fourth
+    else:
         lo = max(0, min(ctx_index(anchor) - 3 if anchor is not None else 0, len(ctxs) - WINDOW_CONTEXTS))
-    window = ctxs[lo : lo + WINDOW_CONTEXTS]
-    contexts = load_contexts(root, window)
-    acts = replayer.activations(nid.hook, [nid.layer], contexts, {nid.layer: [nid.neuron]})
-    values = {t: float(v) for c in window for t, v in zip(contexts[c].tok, acts[(nid.layer, c)][:, 0])}
-    rows = document_rows(con, doc_id, min(contexts[window[0]].tok), max(contexts[window[-1]].tok))
-    earlier = firsts[max(0, lo - WINDOW_CONTEXTS)] if lo > 0 else None
-    later = firsts[lo + WINDOW_CONTEXTS] if lo + WINDOW_CONTEXTS < len(ctxs) else None
-    return Document(doc_id, path, total, rows, nid, values, anchor, earlier, later)
+    chosen = ctxs[lo : lo + WINDOW_CONTEXTS]
+    contexts = load_contexts(root, chosen)
+    return Window(contexts, min(contexts[chosen[0]].tok), max(contexts[chosen[-1]].tok),
+                  firsts[max(0, lo - WINDOW_CONTEXTS)] if lo > 0 else None,
+                  firsts[lo + WINDOW_CONTEXTS] if lo + WINDOW_CONTEXTS < len(ctxs) else None)
+
+
+def window_activations(replayer: Replayer, nid: NeuronId, window: Window) -> dict[int, float]:
+    """tok -> the neuron's activation, at every token of the window (replayed)."""
+    acts = replayer.activations(nid.hook, [nid.layer], window.contexts, {nid.layer: [nid.neuron]})
+    return {t: float(v) for c in window.contexts.values() for t, v in zip(c.tok, acts[(nid.layer, c.ctx)][:, 0])}
+
+
+def neuron_document(root: Path, con: duckdb.DuckDBPyConnection, replayer: Replayer, doc_id: int, nid: NeuronId,
+                    anchor: int | None = None, start: int | None = None) -> Document:
+    """A window of the document (doc_window), coloured by the neuron's activation at every token."""
+    path, total = _doc(con, doc_id)
+    check_exist(con, [nid])
+    w = doc_window(root, con, doc_id, anchor, start)
+    rows = document_rows(con, doc_id, w.first, w.last)
+    return Document(doc_id, path, total, rows, nid, window_activations(replayer, nid, w), anchor, w.earlier, w.later)
 
 
 def index_documents(con: duckdb.DuckDBPyConnection) -> list[dict]:
@@ -189,8 +220,8 @@ def document_page(title: dict[str, Any], d: Document, index: str, neuron_link: s
     return page(f"document {d.doc_id}", "\n".join(body), nav=nav)
 
 
-def neuron_form(doc_id: int, hooks: list[str], nid: NeuronId | None) -> str:
-    """mine serve: colour the document by any neuron of the store."""
+def neuron_form(doc_id: int, hooks: list[str], nid: NeuronId | None, plain: str = "by surprise") -> str:
+    """mine serve: colour the document by any neuron of the store (`plain`: the link back to its own colouring)."""
     hook = nid.hook if nid else ("mlp.hook_post" if "mlp.hook_post" in hooks or not hooks else hooks[0])
     opts = "".join(f'<option{" selected" if h == hook else ""}>{esc(h)}</option>' for h in hooks)
     layer = "" if nid is None else nid.layer
@@ -199,4 +230,4 @@ def neuron_form(doc_id: int, hooks: list[str], nid: NeuronId | None) -> str:
             f'<label>hook <select name="hook">{opts}</select></label> '
             f'<label>layer <input name="layer" value="{layer}" size="4"></label> '
             f'<label>neuron <input name="neuron" value="{neuron}" size="6"></label> '
-            f'<button type="submit">colour</button> <a href="/doc/{doc_id}">by surprise</a></form>')
+            f'<button type="submit">colour</button> <a href="/doc/{doc_id}">{esc(plain)}</a></form>')

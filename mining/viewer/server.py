@@ -108,11 +108,7 @@ class Viewer(_Pages):
         anchor = _int(q["tok"], "tok") if "tok" in q else None
         start = _int(q["start"], "start") if "start" in q else None
         d = document.neuron_document(self.root, self.con, self.replayer, doc_id, nid, anchor, start)
-
-        def window(tok: int) -> str:
-            return document.served_doc_link(doc_id, None, nid) + f"&start={tok}"
-
-        return document.document_page(title, d, "/", SERVED.neuron(nid), window,
+        return document.document_page(title, d, "/", SERVED.neuron(nid), document.window_link(doc_id, nid),
                                       document.neuron_form(doc_id, self.hooks, nid))
 
     def head(self, layer: int, head: int) -> str:
@@ -139,12 +135,27 @@ class DiffViewer(_Pages):
         if not path:
             return self.index(query)
         if path[0] == "doc" and len(path) == 2:
-            return diffview.doc_page(self.title, diffview.doc_page_data(self.con, _int(path[1], "document")),
-                                     diffview.SERVED)
+            return self.document(_int(path[1], "document"), query)
         if path[0] == "neuron" and len(path) == 4:
             nid = NeuronId(path[1], _int(path[2], "layer"), _int(path[3], "neuron"))
             return diffview.neuron_page(nid, diffview.neuron_page_data(self.con, nid, self.replay), diffview.SERVED)
         return None
+
+    def document(self, doc_id: int, q: dict[str, str]) -> str:
+        """/doc/ID: coloured by B − A log-prob; ?hook=&layer=&neuron= by that neuron's B − A activation over a window
+        of contexts replayed through both models, around token tok= (marked) or from token start=."""
+        form = (lambda nid: document.neuron_form(doc_id, self.hooks, nid, "by B − A log-prob")) if self.hooks else (
+            lambda nid: "")
+        if not {"layer", "neuron"} & set(q):
+            return diffview.doc_page(self.title, diffview.doc_page_data(self.con, doc_id), diffview.SERVED, form(None))
+        if not self.hooks:
+            raise UserError("this diff store compared no neurons (hooks: []), so a document is coloured by log-prob only")
+        nid = NeuronId(q.get("hook", "mlp.hook_post"), _int(q.get("layer", ""), "layer"),
+                       _int(q.get("neuron", ""), "neuron"))
+        anchor = _int(q["tok"], "tok") if "tok" in q else None
+        start = _int(q["start"], "start") if "start" in q else None
+        d = diffview.neuron_doc_page_data(self.con, self.replay, doc_id, nid, anchor, start)
+        return diffview.doc_page(self.title, d, diffview.SERVED, form(nid), document.window_link(doc_id, nid))
 
     def index(self, q: dict[str, str]) -> str:
         hook = q.get("hook", "mlp.hook_post" if "mlp.hook_post" in self.hooks or not self.hooks else self.hooks[0])
