@@ -132,3 +132,33 @@ def test_served_document_pages_and_refusals(viewer):
                       ("/doc/0?hook=attn.hook_z&layer=1&neuron=2", "of attn.hook_z is not in the store")):
         status, text = viewer.handle(url)
         assert status == 400 and says in html.unescape(text), (url, text[-300:])
+
+
+def test_static_document_pages_are_bounded(viewer_store, tmp_path, monkeypatch):
+    """At most STATIC_DOC_PAGES pages (the hardest documents first), each the first STATIC_DOC_TOKENS tokens; a link
+    only where its page and token exist."""
+    from mining.viewer import document
+
+    monkeypatch.setattr(document, "STATIC_DOC_PAGES", 3)
+    monkeypatch.setattr(document, "STATIC_DOC_TOKENS", 100)
+    out = tmp_path / "site"
+    assert _export(viewer_store, out, "--top", "3", "--format", "html", "--heads", "0", "--k", "3") == 0
+    con = connect(viewer_store)
+    hardest = [r["doc_id"] for r in run_sql(con, "SELECT doc_id FROM tokens GROUP BY doc_id ORDER BY "
+                                                 "avg(logprob) FILTER (WHERE NOT isnan(logprob)), doc_id "
+                                                 "LIMIT 3").to_pylist()]
+    pages = {int(p.stem): p.read_text(encoding="utf-8") for p in (out / "docs").glob("*.html")}
+    assert sorted(pages) == sorted(hardest)
+    first = dict(con.execute("SELECT doc_id, min(tok) FROM tokens GROUP BY 1").fetchall())
+    for d, text in pages.items():
+        assert sorted(_doc_spans(text)) == list(range(first[d], first[d] + 100))
+        assert "of its 439 mined tokens" in text
+    links = 0
+    for page in [*(out / "neurons").glob("*.html"), out / "index.html"]:
+        text = page.read_text("utf-8")
+        for d, tok in re.findall(r'href="(?:\.\./)?docs/(\d+).html(?:#t(\d+))?"', text):
+            assert int(d) in pages and (not tok or f'id="t{tok}"' in pages[int(d)])
+            links += 1
+    assert links >= 3
+    index = (out / "index.html").read_text("utf-8")
+    assert index.count('href="docs/') == 3 and 'id="documents"' in index

@@ -22,9 +22,11 @@ from ..query import has_tables, run_named
 from ..replay import Context, Replayer, load_contexts
 from .html import colour, esc, fmt, page, table, token_html
 
-DOC_TOKENS = 20_000  # tokens of one document shown colour by surprise
+DOC_TOKENS = 20_000  # tokens of one document a served page shows coloured by surprise (about 2.6 MB of HTML)
 WINDOW_CONTEXTS = 8  # contexts replayed for a neuron's colours: the anchor's, 3 before it and 4 after it
-INDEX_DOCS = 100  # documents on the index (hardest first); the static site writes a page for each
+INDEX_DOCS = 100  # documents on the index (hardest first)
+STATIC_DOC_PAGES = 200  # the static site: pages for the index's documents, then those examples come from, to this many
+STATIC_DOC_TOKENS = 4096  # and each shows the document's first this many tokens: at most about 100 MB in all
 
 
 DocLink = Callable[[int, "int | None", "NeuronId | None"], "str | None"]
@@ -32,11 +34,12 @@ DocLink = Callable[[int, "int | None", "NeuronId | None"], "str | None"]
 
 
 def static_doc_link(depth: int, docs: set[int], first_shown: dict[int, int]) -> DocLink:
-    """Static pages are coloured by surprise only, and show a document's first DOC_TOKENS tokens."""
+    """Static pages are coloured by surprise only, and show a document's first STATIC_DOC_TOKENS tokens: a token
+    past them (or in a document without a page) gets no link."""
     up = "../" * depth
 
     def link(doc_id: int, tok: int | None = None, nid: NeuronId | None = None) -> str | None:
-        if doc_id not in docs or (tok is not None and tok >= first_shown.get(doc_id, 0) + DOC_TOKENS):
+        if doc_id not in docs or (tok is not None and tok >= first_shown.get(doc_id, 0) + STATIC_DOC_TOKENS):
             return None
         return f"{up}docs/{doc_id}.html" + ("" if tok is None else f"#t{tok}")
 
@@ -84,10 +87,11 @@ def _doc(con: duckdb.DuckDBPyConnection, doc_id: int) -> tuple[str | None, int]:
     return found[0][0], total
 
 
-def surprise_document(con: duckdb.DuckDBPyConnection, doc_id: int) -> Document:
+def surprise_document(con: duckdb.DuckDBPyConnection, doc_id: int, limit: int = DOC_TOKENS) -> Document:
+    """The document's first `limit` tokens."""
     path, total = _doc(con, doc_id)
     first = con.execute("SELECT min(tok) FROM tokens WHERE doc_id = ?", [doc_id]).fetchall()[0][0]
-    return Document(doc_id, path, total, document_rows(con, doc_id, first, first + DOC_TOKENS - 1))
+    return Document(doc_id, path, total, document_rows(con, doc_id, first, first + limit - 1))
 
 
 @dataclass

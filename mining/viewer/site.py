@@ -1,7 +1,8 @@
 """The static viewer: index.html, neurons/*.html, heads/*.html, docs/*.html; opens from the file system, offline.
 
-Document pages (coloured by the model's surprise) are written for the index's documents and for every document an
-example shown comes from; colouring a document by a neuron needs a replay of it, so only `mine serve` does that."""
+Document pages (coloured by the model's surprise) are written for the index's documents and the documents examples
+come from (bounded: document.STATIC_DOC_PAGES, STATIC_DOC_TOKENS); colouring a document by a neuron needs a replay of
+it, so only `mine serve` does that."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import duckdb
 from ..examples import Example, NeuronId
 from ..replay import Context, Replayer, load_contexts
 from . import data
+from . import document
 from .document import document_page, index_documents, static_doc_link, surprise_document
 from .pages import head_page, index_page, neuron_page, static_links
 
@@ -28,7 +30,8 @@ def write_site(root: Path, con: duckdb.DuckDBPyConnection, by_neuron: dict[Neuro
     heads = data.top_heads(con, n_heads)
     neurons = set(by_neuron)
     listed = index_documents(con)
-    docs = {r["doc_id"] for r in listed} | {e.context.doc_id for exs in by_neuron.values() for e in exs if e.context}
+    wanted = [r["doc_id"] for r in listed] + [e.context.doc_id for exs in by_neuron.values() for e in exs if e.context]
+    docs = set(list(dict.fromkeys(wanted))[:document.STATIC_DOC_PAGES])
     first_tok = dict(con.execute("SELECT doc_id, min(tok) FROM tokens GROUP BY doc_id").fetchall()) if docs else {}
 
     def doc_links(depth: int):
@@ -45,7 +48,7 @@ def write_site(root: Path, con: duckdb.DuckDBPyConnection, by_neuron: dict[Neuro
         if docs:
             (tmp / "docs").mkdir()
         for doc_id in sorted(docs):
-            html = document_page(title, surprise_document(con, doc_id), links.index)
+            html = document_page(title, surprise_document(con, doc_id, document.STATIC_DOC_TOKENS), links.index)
             (tmp / "docs" / f"{doc_id}.html").write_text(html, encoding="utf-8")
         for nid, exs in by_neuron.items():
             html = neuron_page(data.neuron_page(con, nid, exs), links)
