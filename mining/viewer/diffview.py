@@ -16,10 +16,11 @@ import yaml
 from ..errors import UserError
 from ..examples import NeuronId
 from ..query import has_tables, run_named
-from .document import DocLink, doc_window, served_doc_link, window_activations
+from . import document
+from .document import DocLink, doc_window, served_doc_link, static_doc_link, window_activations
 from .html import colour, esc, fmt, page, table, token_html
 
-DOC_TOKENS = 20_000  # tokens shown on one document's page
+DOC_TOKENS = 20_000  # tokens a served document page shows (a static one: document.STATIC_DOC_TOKENS)
 DOC_PAGES = 100  # static export: pages for this many best and as many worst documents (by mean gain)
 INDEX_DOCS = 1000
 TOKEN_ROWS = 20
@@ -40,12 +41,13 @@ class DiffLinks:
     neuron: Callable[[NeuronId], str | None]
 
 
-def static_links(depth: int, docs: set[int], neurons: set[NeuronId]) -> DiffLinks:
-    """Static document pages are coloured by B − A log-prob only (a neuron's colours need a replay)."""
+def static_links(depth: int, docs: set[int], neurons: set[NeuronId], first_tok: dict[int, int]) -> DiffLinks:
+    """Static document pages are coloured by B − A log-prob only (a neuron's colours need a replay), and show a
+    document's first document.STATIC_DOC_TOKENS tokens (first_tok: each document's first token)."""
     up = "../" * depth
     return DiffLinks(
         index=f"{up}index.html",
-        doc=lambda d, tok=None, nid=None: f"{up}docs/{d}.html{'' if tok is None else f'#t{tok}'}" if d in docs else None,
+        doc=static_doc_link(depth, docs, first_tok),
         neuron=lambda n: f"{up}neurons/{n.hook}-{n.layer}-{n.neuron}.html" if n in neurons else None,
     )
 
@@ -370,16 +372,18 @@ def write_diff_site(root: Path, con: duckdb.DuckDBPyConnection, nids: Sequence[N
 
     def build(tmp: Path) -> None:
         title = models_title(root, con)
-        links = static_links(0, docs, neurons)
+        first_tok = dict(con.execute("SELECT doc_id, min(tok) FROM tokens GROUP BY doc_id").fetchall())
+        links = static_links(0, docs, neurons, first_tok)
         weights = {w: weight_rows(con, w) for w in ("param", "neuron", "head")}
         matches = {order: match_rows(con, order) for order in ("best", "worst")}
         (tmp / "index.html").write_text(index_page(title, doc_rows(con), token_rows(con, "gains"),
                                                    token_rows(con, "losses"), neuron_rows(con, nids), weights, links,
                                                    matches=matches), encoding="utf-8")
-        deep = static_links(1, docs, neurons)
+        deep = static_links(1, docs, neurons, first_tok)
         (tmp / "docs").mkdir()
         for d in sorted(docs):
-            (tmp / "docs" / f"{d}.html").write_text(doc_page(title, doc_page_data(con, d), deep), encoding="utf-8")
+            html = doc_page(title, doc_page_data(con, d, document.STATIC_DOC_TOKENS), deep)
+            (tmp / "docs" / f"{d}.html").write_text(html, encoding="utf-8")
         (tmp / "neurons").mkdir()
         for n in nids:
             (tmp / "neurons" / f"{n.hook}-{n.layer}-{n.neuron}.html").write_text(

@@ -149,7 +149,8 @@ class DiffViewer(_Pages):
         if not {"layer", "neuron"} & set(q):
             return diffview.doc_page(self.title, diffview.doc_page_data(self.con, doc_id), diffview.SERVED, form(None))
         if not self.hooks:
-            raise UserError("this diff store compared no neurons (hooks: []), so a document is coloured by log-prob only")
+            raise UserError("this diff store compared no neurons (hooks: []): its documents are coloured by log-prob "
+                            "only")
         nid = NeuronId(q.get("hook", "mlp.hook_post"), _int(q.get("layer", ""), "layer"),
                        _int(q.get("neuron", ""), "neuron"))
         anchor = _int(q["tok"], "tok") if "tok" in q else None
