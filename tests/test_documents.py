@@ -162,3 +162,17 @@ def test_static_document_pages_are_bounded(viewer_store, tmp_path, monkeypatch):
     assert links >= 3
     index = (out / "index.html").read_text("utf-8")
     assert index.count('href="docs/') == 3 and 'id="documents"' in index
+
+
+def test_a_store_without_log_probs_says_so():
+    """An encoder (BERT) predicts no next token: no colours, and the pages say why."""
+    from mining.viewer.document import Document, document_page, documents_section
+
+    rows = [{"doc_id": 0, "path": "a.txt", "tokens": 3, "mean_loss": None, "max_surprise": None}]
+    section = documents_section(rows, lambda d, tok=None, nid=None: f"docs/{d}.html")
+    assert "no log-probs" in section and "hardest" not in section and 'href="docs/0.html"' in section
+    toks = [{"tok": i, "token": t, "surprise": None, "logprob": None, "entropy": None, "gap": ""}
+            for i, t in enumerate(["a", " b", " c"])]
+    page = document_page({"model": "minilm-l6"}, Document(0, "a.txt", 3, toks), "../index.html")
+    shown = page.split('id="doc"')[1].split("</div>")[0]
+    assert "not coloured: this store has no log-probs" in page and "style=" not in shown

@@ -162,9 +162,14 @@ def index_documents(con: duckdb.DuckDBPyConnection) -> list[dict]:
 def documents_section(rows: list[dict], link: DocLink) -> str:
     if not rows:
         return ""
-    return ("<h2>Documents, hardest for the model first</h2>"
-            "<p class=note>mean loss: the mean of −log p over the document's predicted tokens, in nats; "
-            "a document's page colours every token by it</p>"
+    if any(r["mean_loss"] is not None for r in rows):
+        head = ("<h2>Documents, hardest for the model first</h2>"
+                "<p class=note>mean loss: the mean of −log p over the document's predicted tokens, in nats; "
+                "a document's page colours every token by it</p>")
+    else:
+        head = ("<h2>Documents</h2><p class=note>this store has no log-probs (an encoder model predicts no next "
+                "token): a document's page shows its text, and `mine serve` colours it by any neuron</p>")
+    return (head
             + table([("doc_id", "num"), ("path", "txt"), ("tokens", "num"), ("mean_loss", "num"),
                      ("max_surprise", "num")],
                     ([r["doc_id"], r["path"], r["tokens"], r["mean_loss"], r["max_surprise"]] for r in rows),
@@ -206,9 +211,11 @@ def document_page(title: dict[str, Any], d: Document, index: str, neuron_link: s
         n = d.nid
         what = (f"coloured by {esc(n.hook)} layer {n.layer} neuron {n.neuron} (replayed; largest |activation| "
                 f"here {fmt(scale)}). Hover a token for its activation, −log p and entropy.")
-    else:
+    elif surprises:
         what = ("coloured by the model's surprise at each token (−log p, orange up to "
                 f"{fmt(scale)} nats). Hover a token for its −log p and the entropy of that prediction.")
+    else:
+        what = "not coloured: this store has no log-probs (an encoder model predicts no next token)."
     body = [f"<h1>Document {d.doc_id}: {esc(d.path)}</h1>",
             f"<p class=note>model {esc(title['model'])} · {span}{loss}</p>", f"<p class=note id=colouring>{what}</p>",
             controls]
