@@ -210,7 +210,8 @@ def document_page(title: dict[str, Any], d: Document, index: str, neuron_link: s
     if by_neuron:
         n = d.nid
         what = (f"coloured by {esc(n.hook)} layer {n.layer} neuron {n.neuron} (replayed; largest |activation| "
-                f"here {fmt(scale)}). Hover a token for its activation, −log p and entropy.")
+                f"here {fmt(scale)}). Hover a token for its activation"
+                f"{', −log p and entropy' if surprises else ''}.")
     elif surprises:
         what = ("coloured by the model's surprise at each token (−log p, orange up to "
                 f"{fmt(scale)} nats). Hover a token for its −log p and the entropy of that prediction.")
