@@ -258,6 +258,8 @@ def test_document_pages(browser, site, served, shots):
     _no_dialog(browser)
     body = browser.find_element("id", "doc").text
     assert '<script>alert("x")</script>' in body and "<U+202E>" in body
+    # the text between WordPiece spans keeps its newlines
+    assert browser.find_element("id", "doc").value_of_css_property("white-space") == "pre-wrap"
     assert browser.find_elements("tag name", "img") == [] and len(browser.find_elements("tag name", "script")) == 1
     ActionChains(browser).move_to_element(browser.find_element("id", anchor)).perform()
     tip = browser.find_element("id", "tip")
