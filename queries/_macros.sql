@@ -126,3 +126,39 @@ GROUP BY peaks.peak;
 CREATE OR REPLACE MACRO tok_context(t, w) AS (
     (SELECT context FROM tok_contexts([t], w))
 );
+
+-- Document d's tokens in order, each with the prediction of it: the row before it holds the log-prob and
+-- entropy of the document's next token, so each token takes that row's (predicted: the row before is its
+-- predecessor; else logprob and entropy are NULL, as for a document's first token, and so are NaN scores of a
+-- model without them). gap: the document's text between the previous token's span and this one's (WordPiece
+-- spans leave out spaces), so gap || token, row after row, reads as the document.
+CREATE OR REPLACE MACRO doc_token_rows(d) AS TABLE
+WITH t AS (
+    SELECT
+        tok,
+        ctx,
+        pos,
+        token,
+        char_start,
+        lag(tok) OVER w = tok - 1 AS predicted,
+        lag(logprob) OVER w AS lp,
+        lag(entropy) OVER w AS ent,
+        lag(char_end) OVER w AS prev_end
+    FROM tokens
+    WHERE doc_id = d
+    WINDOW w AS (ORDER BY tok)
+)
+
+SELECT
+    t.tok,
+    t.ctx,
+    t.pos,
+    t.token,
+    coalesce(t.predicted, false) AS predicted,
+    CASE WHEN t.predicted AND NOT isnan(t.lp) THEN t.lp END AS logprob,
+    CASE WHEN t.predicted AND NOT isnan(t.ent) THEN t.ent END AS entropy,
+    CASE WHEN t.char_start > coalesce(t.prev_end, 0) THEN
+        substr(x.text, coalesce(t.prev_end, 0) + 1, t.char_start - coalesce(t.prev_end, 0))
+    ELSE '' END AS gap
+FROM t
+INNER JOIN docs AS x ON x.doc_id = d;

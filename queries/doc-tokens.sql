@@ -9,34 +9,16 @@
 -- predicted it; NULL for a document's first token). gap is the document's text between the previous
 -- token's span and this one's (WordPiece spans leave out spaces); text = gap || token reads as the document.
 -- first/last: the global token indices (tok) to return, inclusive; last = -1: to the document's end.
-WITH t AS (
-    SELECT
-        tok,
-        pos,
-        token,
-        char_start,
-        char_end,
-        lag(tok) OVER w = tok - 1 AS predicted,
-        lag(logprob) OVER w AS la,
-        lag(logprob_b) OVER w AS lb,
-        lag(char_end) OVER w AS prev_end
-    FROM tokens
-    WHERE doc_id = $doc
-    WINDOW w AS (ORDER BY tok)
-)
-
 SELECT
     t.tok,
     t.pos,
     t.token,
-    CASE WHEN t.predicted THEN t.la END AS logprob_a,
-    CASE WHEN t.predicted THEN t.lb END AS logprob_b,
-    CASE WHEN t.predicted THEN t.lb - t.la END AS diff,
-    CASE WHEN t.char_start > coalesce(t.prev_end, 0) THEN
-        substr(d.text, coalesce(t.prev_end, 0) + 1, t.char_start - coalesce(t.prev_end, 0))
-    ELSE '' END AS gap
-FROM t
-INNER JOIN docs AS d ON d.doc_id = $doc
+    x.logprob_a,
+    x.logprob_b,
+    x.diff,
+    t.gap
+FROM doc_token_rows($doc) AS t
+LEFT JOIN token_diff AS x ON t.predicted AND x.tok = t.tok - 1
 WHERE t.tok >= $first AND ($last < 0 OR t.tok <= $last)
 ORDER BY t.tok
 LIMIT $limit;

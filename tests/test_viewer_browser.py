@@ -57,6 +57,17 @@ def _column(driver, table_id: str, index: int) -> list[float]:
     return [float(c.get_attribute("data-v")) for c in cells]
 
 
+def _submit(driver, form_id: str, field: str, value: str) -> None:
+    """Set one field of a form, submit it and wait for the page it asks for."""
+    box = driver.find_element("css selector", f"#{form_id} input[name={field}]")
+    box.clear()
+    box.send_keys(value)
+    driver.find_element("css selector", f"#{form_id} button").click()
+    deadline = time.time() + 10
+    while f"{field}={value}" not in driver.current_url and time.time() < deadline:
+        time.sleep(0.1)
+
+
 def _screenshot(driver, folder: Path, name: str) -> None:
     path = folder / name
     driver.save_screenshot(str(path))
@@ -170,12 +181,7 @@ def test_served_viewer(browser, served, viewer_store, shots):
     assert console_errors(browser) == []
     # the ranking form round-trips
     _load(browser, served + "/")
-    browser.find_element("css selector", "#rank input[name=limit]").clear()
-    browser.find_element("css selector", "#rank input[name=limit]").send_keys("3")
-    browser.find_element("css selector", "#rank button").click()
-    deadline = time.time() + 10
-    while "limit=3" not in browser.current_url and time.time() < deadline:
-        time.sleep(0.1)
+    _submit(browser, "rank", "limit", "3")
     assert len(browser.find_elements("css selector", "#neurons tbody tr")) == 3
 
 
@@ -275,12 +281,6 @@ def test_document_pages(browser, site, served, shots):
     assert tip.is_displayed() and "activation" in tip.text
     _screenshot(browser, shots, "document-neuron.png")
     # the form colours by another neuron
-    form = browser.find_element("id", "colour-by")
-    form.find_element("css selector", "input[name=neuron]").clear()
-    form.find_element("css selector", "input[name=neuron]").send_keys("3")
-    form.find_element("css selector", "button").click()
-    deadline = time.time() + 10
-    while "neuron=3" not in browser.current_url and time.time() < deadline:
-        time.sleep(0.1)
+    _submit(browser, "colour-by", "neuron", "3")
     assert "layer 1 neuron 3" in browser.find_element("id", "colouring").text
     assert console_errors(browser) == []
