@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..examples import NeuronId
 from ..query import has_tables, run_named
 from . import document
-from .document import DocLink, doc_window, served_doc_link, static_doc_link, window_activations
+from .document import DocLink, doc_window, served_doc_link, static_doc_link, window_activations, window_moves
 from .html import colour, esc, fmt, page, table, token_html
 
 DOC_TOKENS = 20_000  # tokens a served document page shows (a static one: document.STATIC_DOC_TOKENS)
@@ -311,11 +311,8 @@ def doc_page(title: dict[str, Any], d: DocPage, links: DiffLinks, controls: str 
             f"<p class=note>A: {esc(title['a'])} · B: {esc(title['b'])} · {shown}; mean B − A log-prob over them "
             f"{fmt(float(np.mean(gains)) if gains else None)} nats</p>",
             f"<p class=note id=colouring>{what}</p>", controls]
-    moves = [f'<a id={name} href="{esc(window_link(tok))}">{name} tokens</a>'
-             for name, tok in (("earlier", d.earlier), ("later", d.later)) if window_link and tok is not None]
-    if moves:
-        body.append("<p>" + " · ".join(moves) + "</p>")
-    body.append(f'<div class="toks doc" id="doc-text">{"".join(spans)}</div>')
+    body += [window_moves(window_link, d.earlier, d.later),
+             f'<div class="toks doc" id="doc-text">{"".join(spans)}</div>']
     nav = [("index", links.index)] + ([("neuron", links.neuron(d.nid))] if d.nid is not None else [])
     return page(f"doc {d.doc_id}: A vs B", "\n".join(body), nav=nav)
 

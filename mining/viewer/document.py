@@ -220,16 +220,16 @@ def document_page(title: dict[str, Any], d: Document, index: str, neuron_link: s
     body = [f"<h1>Document {d.doc_id}: {esc(d.path)}</h1>",
             f"<p class=note>model {esc(title['model'])} · {span}{loss}</p>", f"<p class=note id=colouring>{what}</p>",
             controls]
-    moves = []
-    if window_link and d.earlier is not None:
-        moves.append(f'<a id=earlier href="{esc(window_link(d.earlier))}">earlier tokens</a>')
-    if window_link and d.later is not None:
-        moves.append(f'<a id=later href="{esc(window_link(d.later))}">later tokens</a>')
-    if moves:
-        body.append("<p>" + " · ".join(moves) + "</p>")
-    body.append(f'<div class="toks doc" id="doc">{"".join(spans)}</div>')
+    body += [window_moves(window_link, d.earlier, d.later), f'<div class="toks doc" id="doc">{"".join(spans)}</div>']
     nav = [("index", index)] + ([("neuron", neuron_link)] if neuron_link else [])
     return page(f"document {d.doc_id}", "\n".join(body), nav=nav)
+
+
+def window_moves(window_link: Callable[[int], str] | None, earlier: int | None, later: int | None) -> str:
+    """Links to the windows before and after this one (served neuron pages)."""
+    moves = [f'<a id={name} href="{esc(window_link(tok))}">{name} tokens</a>'
+             for name, tok in (("earlier", earlier), ("later", later)) if window_link and tok is not None]
+    return "<p>" + " · ".join(moves) + "</p>" if moves else ""
 
 
 def neuron_form(doc_id: int, hooks: list[str], nid: NeuronId | None, plain: str = "by surprise") -> str:
