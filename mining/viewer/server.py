@@ -103,10 +103,7 @@ class Viewer(_Pages):
         if not {"layer", "neuron"} & set(q):
             d = document.surprise_document(self.con, doc_id)
             return document.document_page(title, d, "/", controls=document.neuron_form(doc_id, self.hooks, None))
-        nid = NeuronId(q.get("hook", "mlp.hook_post"), _int(q.get("layer", ""), "layer"),
-                       _int(q.get("neuron", ""), "neuron"))
-        anchor = _int(q["tok"], "tok") if "tok" in q else None
-        start = _int(q["start"], "start") if "start" in q else None
+        nid, anchor, start = _colour_by(q)
         d = document.neuron_document(self.root, self.con, self.replayer, doc_id, nid, anchor, start)
         return document.document_page(title, d, "/", SERVED.neuron(nid), document.window_link(doc_id, nid),
                                       document.neuron_form(doc_id, self.hooks, nid))
@@ -151,10 +148,7 @@ class DiffViewer(_Pages):
         if not self.hooks:
             raise UserError("this diff store compared no neurons (hooks: []): its documents are coloured by log-prob "
                             "only")
-        nid = NeuronId(q.get("hook", "mlp.hook_post"), _int(q.get("layer", ""), "layer"),
-                       _int(q.get("neuron", ""), "neuron"))
-        anchor = _int(q["tok"], "tok") if "tok" in q else None
-        start = _int(q["start"], "start") if "start" in q else None
+        nid, anchor, start = _colour_by(q)
         d = diffview.neuron_doc_page_data(self.con, self.replay, doc_id, nid, anchor, start)
         return diffview.doc_page(self.title, d, diffview.SERVED, form(nid), document.window_link(doc_id, nid))
 
@@ -180,6 +174,14 @@ def _diff_controls(hooks: list[str], hook: str, layer: int, by: str, limit: int)
             + f'<label>limit <input name="limit" value="{limit}" size="5"></label> '
             + '<button type="submit">rank</button> <span class="note">corr: least correlated first; overlap: '
             'fewest shared top tokens first</span></form>')
+
+
+def _colour_by(q: dict[str, str]) -> tuple[NeuronId, int | None, int | None]:
+    """A document page's ?hook=&layer=&neuron= (the neuron to colour by), tok= (the token marked) and start= (the
+    window's first token)."""
+    nid = NeuronId(q.get("hook", "mlp.hook_post"), _int(q.get("layer", ""), "layer"),
+                   _int(q.get("neuron", ""), "neuron"))
+    return nid, *(_int(q[k], k) if k in q else None for k in ("tok", "start"))
 
 
 def _int(text: str, name: str) -> int:
