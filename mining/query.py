@@ -139,8 +139,8 @@ def _create_macros(con: duckdb.DuckDBPyConnection) -> None:
     for statement in con.extract_statements(path.read_text()):
         try:
             con.execute(statement)
-        except duckdb.CatalogException:
-            pass  # the store lacks a table this macro reads (e.g. mined without histograms)
+        except (duckdb.CatalogException, duckdb.BinderException):
+            pass  # the store lacks a table or column this macro reads (e.g. mined without histograms)
 
 
 def _literal(text: str) -> str:

@@ -176,3 +176,24 @@ def test_a_store_without_log_probs_says_so():
     page = document_page({"model": "minilm-l6"}, Document(0, "a.txt", 3, toks), "../index.html")
     shown = page.split('id="doc"')[1].split("</div>")[0]
     assert "not coloured: this store has no log-probs" in page and "style=" not in shown
+
+
+def test_a_store_whose_token_table_has_no_scores_opens_without_document_pages(tmp_path):
+    """A store assembled by hand may lack logprob/entropy: it still opens (the macro reading them is skipped), the
+    index has no documents, and a document page is refused in one line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mining.errors import UserError
+    from mining.viewer.document import index_documents, surprise_document
+
+    store = tmp_path / "store"
+    (store / "tokens").mkdir(parents=True)
+    pq.write_table(pa.table({"tok": [0, 1], "ctx": [0, 0], "pos": [1, 2], "doc_id": [0, 0], "char_start": [0, 1],
+                             "char_end": [1, 2], "token": ["a", "b"]}), store / "tokens" / "shard-00000.parquet")
+    pq.write_table(pa.table({"doc_id": [0], "text": ["ab"]}), store / "docs.parquet")
+    pq.write_table(pa.table({"shard": [0], "status": ["complete"]}), store / "manifest.parquet")
+    con = connect(store)
+    assert index_documents(con) == []
+    with pytest.raises(UserError, match="no document pages"):
+        surprise_document(con, 0)

@@ -80,6 +80,9 @@ def document_rows(con: duckdb.DuckDBPyConnection, doc_id: int, first: int = 0, l
 
 
 def _doc(con: duckdb.DuckDBPyConnection, doc_id: int) -> tuple[str | None, int]:
+    if not has_documents(con):
+        raise UserError("this store has no document pages: its token table has no logprob, entropy or character "
+                        "spans, or it has no docs table")
     found = con.execute("SELECT path FROM docs WHERE doc_id = ?", [doc_id]).fetchall()
     total = con.execute("SELECT count(*) FROM tokens WHERE doc_id = ?", [doc_id]).fetchall()[0][0]
     if not found or not total:
@@ -149,9 +152,18 @@ def neuron_document(root: Path, con: duckdb.DuckDBPyConnection, replayer: Replay
     return Document(doc_id, path, total, rows, nid, window_activations(replayer, nid, w), anchor, w.earlier, w.later)
 
 
+def has_documents(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether document pages can be built: a token table with its log-prob columns (every mined store has them;
+    a store assembled by hand may not) and the documents' text."""
+    if not has_tables(con, "tokens", "docs"):
+        return False
+    columns = {r[0] for r in con.execute("DESCRIBE tokens").fetchall()}
+    return {"logprob", "entropy", "char_start", "char_end"} <= columns
+
+
 def index_documents(con: duckdb.DuckDBPyConnection) -> list[dict]:
     """The index's documents: the INDEX_DOCS with the highest mean loss."""
-    if not has_tables(con, "tokens", "docs"):
+    if not has_documents(con):
         return []
     return run_named(con, "documents", {"order": "loss", "limit": str(INDEX_DOCS)}).to_pylist()
 

@@ -31,7 +31,7 @@ def write_site(root: Path, con: duckdb.DuckDBPyConnection, by_neuron: dict[Neuro
     neurons = set(by_neuron)
     listed = index_documents(con)
     wanted = [r["doc_id"] for r in listed] + [e.context.doc_id for exs in by_neuron.values() for e in exs if e.context]
-    docs = set(list(dict.fromkeys(wanted))[:document.STATIC_DOC_PAGES])
+    docs = set(list(dict.fromkeys(wanted))[:document.STATIC_DOC_PAGES]) if document.has_documents(con) else set()
     first_tok = dict(con.execute("SELECT doc_id, min(tok) FROM tokens GROUP BY doc_id").fetchall()) if docs else {}
 
     def doc_links(depth: int):
