@@ -12,8 +12,7 @@ import duckdb
 
 from ..examples import Example, NeuronId
 from ..replay import Context, Replayer, load_contexts
-from . import data
-from . import document
+from . import data, document
 from .document import document_page, index_documents, static_doc_link, surprise_document
 from .pages import head_page, index_page, neuron_page, static_links
 
