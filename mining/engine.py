@@ -26,7 +26,7 @@ from .reducers.device import applies as device_path, download, upload
 from .reducers.fused import update_hook, update_ranked
 from .reducers.layer_kernel import Numerator
 from .reducers.gate_cases import GateCases
-from .reducers.group_variance import GroupVariance
+from .reducers.group_variance import GroupVariance, update_both
 from .reducers.pair import CrossMoments, PairMoments
 from .shards import Shard
 from .spec import JobSpec
@@ -124,8 +124,8 @@ class HookStats:
         if self.samples is not None:
             self.samples.update(flat, flat_toks)
         if self.by_token is not None:
-            self.by_token.update(flat, groups["by_token"], check=False)  # in range by construction
-            self.by_position.update(flat, groups["by_position"], check=False)
+            # groups in range by construction
+            update_both(flat, (self.by_token, groups["by_token"]), (self.by_position, groups["by_position"]))
 
     def update_gate(self, x: torch.Tensor, rows: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                     flat_toks: torch.Tensor) -> None:

@@ -65,3 +65,23 @@ def test_a_loaded_model_keeps_no_kv_cache(tmp_path, smol_tokenizer):
     with torch.inference_mode():
         out = loaded.model(input_ids=torch.zeros(1, 4, dtype=torch.int64))
     assert out.past_key_values is None
+
+
+def test_token_scores_a_few_rows_at_a_time_are_the_whole_contexts_bits():
+    """The token table's log-prob and entropy, taken a few rows at a time on the CPU (rows of 20 at this vocabulary,
+    a context of 45 in three pieces; the logits one position longer than the targets), equal log_softmax over whole
+    contexts bit for bit, NaN where there is no next token."""
+    from mining.batch import token_scores
+
+    g = torch.Generator().manual_seed(1)
+    C, T, V = 3, 45, 50_000
+    logits = torch.randn(C, T + 1, V, generator=g) * 4
+    target = torch.randint(0, V, (C, T), generator=g).numpy()
+    target[1, 30:] = -1
+    logprob, entropy = token_scores(logits, target)
+    lsm = torch.log_softmax(logits[:, :T], dim=-1)
+    want = lsm.gather(-1, torch.from_numpy(target).clamp(min=0)[..., None])[..., 0]
+    want = torch.where(torch.from_numpy(target) >= 0, want, torch.nan)
+    assert torch.equal(logprob.nan_to_num(7.0), want.nan_to_num(7.0))
+    assert torch.equal(entropy, -(lsm.exp() * lsm).sum(-1))
+    assert logprob[1, 30:].isnan().all() and not logprob[1, :30].isnan().any()

@@ -8,6 +8,7 @@ import torch
 
 from mining.reducers import ContextTopK, Histogram, HistogramBins, Moments, TopK, kernels
 from mining.reducers.moments import _batch_moments
+from mining.reducers.topk import decode
 
 from test_reducers import make_x, same_state
 
@@ -175,7 +176,8 @@ def feed_each(reducers, x, tok, mined):
 def test_fused_hook_update_equals_the_reducers_one_by_one(seed, floored, torch_ops):
     """update_hook (one pass for top, bottom, contexts, histogram, moments) leaves the states the
     reducers' own torch updates leave: bit for bit, moments to rounding. Batches with padding, NaN and
-    infinities (their columns take ContextTopK's exact path), ties, and floors from another shard."""
+    infinities (their columns take ContextTopK's exact path), ties, and floors from another shard. The first
+    batch too: without floors, its first rows' k-th best seeds them (fused.seed_floor)."""
     from mining.reducers.fused import update_hook
 
     rng = np.random.default_rng(seed)
@@ -192,8 +194,8 @@ def test_fused_hook_update_equals_the_reducers_one_by_one(seed, floored, torch_o
     took = []
     for i in range(4):
         x = hostile(seed * 7 + i, M=B * T, N=N).view(B, T, N).contiguous()
-        if i == 1:
-            x[:, :, :10] = torch.from_numpy(rng.integers(-2, 3, (B, T, 10)).astype(np.float32))  # ties
+        if i < 2:  # ties, in the batch that seeds the floors and against the kept keys
+            x[:, :, :10] = torch.from_numpy(rng.integers(-2, 3, (B, T, 10)).astype(np.float32))
         if i == 2:
             x = torch.from_numpy(rng.normal(size=(B, T, N)).astype(np.float32))  # all finite: no exact path
         tok = torch.arange(i * B * T, (i + 1) * B * T).view(B, T)
@@ -204,7 +206,7 @@ def test_fused_hook_update_equals_the_reducers_one_by_one(seed, floored, torch_o
         if not took[-1]:
             feed_each(fast, x, tok, mined)
         torch_ops(lambda: feed_each(ref, x, tok, mined))
-    assert took[1:] == [True] * 3 and took[0] == floored  # no floor: the first batch is ranked densely
+    assert took == [True] * 4
     for a, b in zip(fast[:3], ref[:3]):
         keys_a = a.top.keys if isinstance(a, ContextTopK) else a.keys
         keys_b = b.top.keys if isinstance(b, ContextTopK) else b.keys
@@ -238,7 +240,7 @@ def test_fused_ranked_update_equals_the_reducers_one_by_one(seed, torch_ops):
                 r.update(x, tok)
             ref[2].update(x)
         torch_ops(feed)
-    assert took == [False, True, True]
+    assert took == [True, True, True]
     for a, b in zip(fast[:2], ref[:2]):
         assert torch.equal(a.keys, b.keys)
     fa, fb = fast[2].finalize(), ref[2].finalize()
@@ -329,7 +331,7 @@ def test_fused_product_equals_the_values_it_stands_for(seed):
                 reducers[0].update(values, toks)
                 reducers[1].update(values, toks)
                 reducers[2].update(values)
-    assert took == [False, True, True]
+    assert took == [True, True, True]
     for a, b in zip(fast[:2], ref[:2]):
         assert torch.equal(a.keys, b.keys)
     for k in ("mean", "m2", "m3", "m4", "n_active", "min", "max"):
@@ -358,3 +360,32 @@ def test_a_half_precision_model_on_the_cpu_takes_the_single_pass(dtype, tiny_job
     monkeypatch.setattr(engine, "update_hook", lambda *a, **k: took.append(original(*a, **k)) or took[-1])
     same_results(mine_all(spec, loaded, shards), ref)
     assert any(took)  # once the top-k thresholds settle (after the first batches), each hook in one pass
+
+
+def test_a_floor_is_seeded_only_where_the_rows_rank_k_values(torch_ops):
+    """seed_floor settles an empty top-k from a batch's first rows, or leaves it as it was: a column whose rows
+    hold fewer than k ranked values (NaN ranks nowhere), or fewer rows than k. Such a batch takes the torch path
+    and leaves the same keys."""
+    from mining.reducers.fused import seed_floor, update_hook
+
+    rng = np.random.default_rng(5)
+    B, T, N = 3, 40, 20
+    x = torch.from_numpy(rng.normal(size=(B, T, N)).astype(np.float32))
+    tok = torch.arange(B * T).view(B, T)
+    few = TopK(4, True)
+    few._start(N, x.device)
+    seed_floor(few, x[0, :3], tok[0, :3])  # three rows: no k-th value
+    assert few.floor is None and not few.settled()
+    x[:, 1:, 7] = np.nan  # column 7 ranks one value in each context
+    fast, ref = standard_set(), standard_set()
+    assert not update_hook(*fast, x, tok, tok >= 0)
+    assert fast[0].floor is None and fast[1].floor is None
+    feed_each(fast, x, tok, tok >= 0)
+    torch_ops(lambda: feed_each(ref, x, tok, tok >= 0))
+    for a, b in zip(fast[:2], ref[:2]):
+        assert torch.equal(a.keys, b.keys)
+    seeded = TopK(4, False)
+    seeded._start(N, x.device)
+    seed_floor(seeded, x[1].nan_to_num(0.0), tok[1])
+    kth = torch.sort(x[1].nan_to_num(0.0), dim=0).values[3]  # the 4th lowest of each column
+    assert torch.equal(decode(seeded.floor, False)[0], kth) and seeded.settled()

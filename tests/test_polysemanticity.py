@@ -13,7 +13,7 @@ from mining.analyses.coherence import coherence, coherence_brute_force, unit_emb
 from mining.analyses.heads import head_ablation_table
 from mining.cli import main
 from mining.query import connect, run_named
-from mining.reducers.group_variance import GroupVariance, explained_brute_force
+from mining.reducers.group_variance import GroupVariance, explained_brute_force, update_both
 
 # ---------------------------------------------------------------- the reducer
 
@@ -42,6 +42,30 @@ def test_group_variance_matches_brute_force_under_any_split():
         for p in parts[1:]:
             merged = merged.merge(p)
         np.testing.assert_allclose(merged.finalize()["explained"], got, atol=1e-12, equal_nan=True)
+
+
+def test_both_groupings_in_one_pass_equal_each_update(monkeypatch):
+    """update_both (the miner's token and position groupings, one compiled pass over the batch) leaves each
+    grouping's state as its own update does: counts and sums bit for bit, sums of squares to rounding. Over
+    several batches and a float32 batch of 70 columns (a block of 64 and a part one), and with the kernels off."""
+    rng = np.random.default_rng(2)
+    M, N = 500, 70
+    pairs = {"kernel": (GroupVariance(9), GroupVariance(31)), "torch": (GroupVariance(9), GroupVariance(31))}
+    ref = (GroupVariance(9), GroupVariance(31))
+    for batch in range(3):
+        x = torch.from_numpy((rng.standard_t(3, size=(M, N)) * 10).astype(np.float32))
+        by_a, by_b = torch.from_numpy(rng.integers(0, 9, M)), torch.arange(M) % 31
+        update_both(x, (pairs["kernel"][0], by_a), (pairs["kernel"][1], by_b))
+        with monkeypatch.context() as m:
+            m.setenv("MINING_KERNELS", "torch")
+            update_both(x, (pairs["torch"][0], by_a), (pairs["torch"][1], by_b))
+        ref[0].update(x, by_a)
+        ref[1].update(x, by_b)
+    for got in pairs.values():
+        for a, b in zip(got, ref):
+            assert torch.equal(a.count, b.count) and torch.equal(a.sum, b.sum)
+            torch.testing.assert_close(a.sumsq, b.sumsq, rtol=1e-13, atol=0)
+            np.testing.assert_allclose(a.finalize()["explained"], b.finalize()["explained"], rtol=1e-9)
 
 
 def test_group_variance_refuses_bad_input():

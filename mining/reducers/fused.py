@@ -17,12 +17,38 @@ from . import kernels
 from .layer_kernel import Numerator, layer_update
 from .histogram import Histogram
 from .moments import Moments
-from .topk import ContextTopK, TopK
+from .topk import EMPTY, ContextTopK, TopK, encode
+
+SEED_ROWS = 128
+"""Rows of a batch whose k-th best value seeds an unsettled top-k's floor (seed_floor)."""
 
 
 def _settled(t: TopK) -> bool:
     """The kernels insert into the keys in place: they must be settled (few candidates) and contiguous."""
     return t.settled() and t.keys.is_contiguous()
+
+
+def seed_floor(t: TopK, x: torch.Tensor, tok: torch.Tensor) -> None:
+    """Settle an empty top-k (the first batch of an actor's first shard) with a floor taken from x (m, N), a few of
+    the batch's own rows as the kernel will read them, and tok (m,) their token indices. The k-th best of those rows
+    is at most the k-th best of the shard, so the floor drops nothing the shard's top-k keeps, and the kernel takes
+    the whole batch instead of the torch path ranking every value densely (a second and more an actor on SmolLM2).
+    The floor is never stored; a column whose rows hold fewer than k ranked values stays unsettled."""
+    if t.keys is None or x.shape[0] < t.k or not t.keys.is_contiguous():
+        return
+    kth = torch.topk(encode(x.float(), tok.to(torch.int64)[:, None], t.largest), t.k, dim=0).values[-1]
+    if t.floor is not None:
+        kth = torch.maximum(kth, t.floor.to(kth.device))
+    if bool((kth != EMPTY).all()):
+        t.set_floor(kth, t.floor_rows)
+
+
+def _seed_rows(x: torch.Tensor, tok: torch.Tensor, mined: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first contexts' mined rows of x (B, T, N), at least SEED_ROWS of them where the batch has that many."""
+    counts = mined.sum(1).cumsum(0)
+    b = min(int(torch.searchsorted(counts, SEED_ROWS)) + 1, x.shape[0])
+    keep = mined[:b].reshape(-1)
+    return x[:b].reshape(-1, x.shape[2])[keep], tok[:b].reshape(-1)[keep]
 
 
 def update_hook(top: TopK, bottom: TopK, contexts: ContextTopK, histogram: Histogram | None, moments: Moments | None,
@@ -37,6 +63,11 @@ def update_hook(top: TopK, bottom: TopK, contexts: ContextTopK, histogram: Histo
     for t in (top, bottom, contexts.top):
         t._start(N, x.device)
     M = int(mined.sum()) if n_mined is None else n_mined
+    if M and not (_settled(top) and _settled(bottom)):
+        rows, toks = _seed_rows(x, tok, mined)
+        for t in (top, bottom):
+            if not _settled(t):
+                seed_floor(t, rows, toks)
     if M == 0 or not (_settled(top) and _settled(bottom)) or not contexts.top.keys.is_contiguous():
         return False
     if histogram is not None and histogram.bins.n_bins > kernels.HIST_MAX_BINS:
@@ -82,6 +113,9 @@ def update_ranked(top: TopK, bottom: TopK, moments: Moments, x: torch.Tensor, to
         return False
     for t in (top, bottom):
         t._start(x.shape[1], x.device)
+        if not _settled(t):  # the values as the kernel reads them: divided by their row's scale
+            m = min(SEED_ROWS, x.shape[0])
+            seed_floor(t, x[:m] if scale is None else torch.div(x[:m], torch.from_numpy(scale[:m])[:, None]), tok[:m])
     if not (_settled(top) and _settled(bottom)):
         return False
     M = x.shape[0]

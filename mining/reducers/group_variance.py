@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import kernels
+
 
 class GroupVariance:
     """count (G,), sum (G, N) and sumsq (N,) in float64."""
@@ -30,10 +32,7 @@ class GroupVariance:
         syncs), for callers whose groups are in range by construction (the miner's)."""
         if x.ndim != 2 or groups.shape != x.shape[:1]:
             raise ValueError(f"expected x (M, N) and groups (M,), got {tuple(x.shape)} and {tuple(groups.shape)}")
-        if self.sum is None:
-            self.count = torch.zeros(self.n_groups, dtype=torch.int64, device=x.device)
-            self.sum = torch.zeros(self.n_groups, x.shape[1], dtype=torch.float64, device=x.device)
-            self.sumsq = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+        self._start(x)
         if x.shape[0] == 0:
             return
         if check and (int(groups.min()) < 0 or int(groups.max()) >= self.n_groups):
@@ -42,6 +41,12 @@ class GroupVariance:
         self.count += torch.bincount(groups, minlength=self.n_groups)
         self.sum.index_add_(0, groups, xd)
         self.sumsq += (xd * xd).sum(0)
+
+    def _start(self, x: torch.Tensor) -> None:
+        if self.sum is None:
+            self.count = torch.zeros(self.n_groups, dtype=torch.int64, device=x.device)
+            self.sum = torch.zeros(self.n_groups, x.shape[1], dtype=torch.float64, device=x.device)
+            self.sumsq = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
 
     def merge(self, other: "GroupVariance") -> "GroupVariance":
         if not isinstance(other, GroupVariance) or other.n_groups != self.n_groups:
@@ -104,3 +109,23 @@ def explained_brute_force(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
     msw = (sst - ssb) / max(n - k, 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.clip((ssb - (k - 1) * msw) / sst, 0.0, 1.0)
+
+
+def update_both(x: torch.Tensor, first: tuple[GroupVariance, torch.Tensor], second: tuple[GroupVariance, torch.Tensor]
+                ) -> None:
+    """Two groupings of the same rows x (M, N), each (state, groups (M,) in range): the miner's current token and
+    position. On the CPU one compiled pass reads x for both (ten times faster than two torch updates on a batch of
+    SmolLM2), its sums index_add_'s bits and its sums of squares equal to rounding; elsewhere each state's update."""
+    (a, groups_a), (b, groups_b) = first, second
+    for r in (a, b):
+        r._start(x)
+    states = (a.sum, b.sum, a.sumsq, b.sumsq)
+    on_cpu = all(t.device.type == "cpu" and t.is_contiguous() for t in states)
+    if x.shape[0] == 0 or not kernels.usable(x) or not on_cpu:
+        a.update(x, groups_a, check=False)
+        b.update(x, groups_b, check=False)
+        return
+    sumsq = kernels.group_sums(x, groups_a.to(torch.int64), groups_b.to(torch.int64), a.sum, b.sum)
+    for r, groups in ((a, groups_a), (b, groups_b)):
+        r.count += torch.bincount(groups, minlength=r.n_groups)
+        r.sumsq += sumsq

@@ -303,6 +303,32 @@ if numba is not None:
                         if key >= floor[c]:
                             _insert(state, c, key)
 
+    @njit(**_jit)
+    def _group_sums(x, groups_a, groups_b, sum_a, sum_b, sumsq):  # pragma: no cover - compiled
+        """Each row of x (M, N) added to its group's row of sum_a and of sum_b, its squares to sumsq: in row order,
+        as index_add_ does, each block of columns on one thread."""
+        M, N = x.shape
+        for bi in prange((N + BLOCK - 1) // BLOCK):
+            c0, c1 = bi * BLOCK, min(N, bi * BLOCK + BLOCK)
+            for i in range(M):
+                ra, rb = sum_a[groups_a[i]], sum_b[groups_b[i]]
+                for c in range(c0, c1):
+                    v = np.float64(x[i, c])
+                    ra[c] += v
+                    rb[c] += v
+                    sumsq[c] += v * v
+
+
+def group_sums(x: torch.Tensor, groups_a: torch.Tensor, groups_b: torch.Tensor, sum_a: torch.Tensor,
+               sum_b: torch.Tensor) -> torch.Tensor:
+    """Add x (M, N) float32 by row groups (M,) to sum_a and sum_b (G, N) float64 in place, reading x once; returns
+    the rows' sums of squares (N,) float64."""
+    _threads()
+    sumsq = np.zeros(x.shape[1])
+    _group_sums(x.numpy(), groups_a.contiguous().numpy(), groups_b.contiguous().numpy(), sum_a.numpy(), sum_b.numpy(),
+                sumsq)
+    return torch.from_numpy(sumsq)
+
 
 def topk_insert(state: torch.Tensor, floor: torch.Tensor | None, x: torch.Tensor, kth: torch.Tensor,
                 toks: torch.Tensor, largest: bool) -> None:
