@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -394,7 +395,7 @@ def encode_states(tensors: dict[str, torch.Tensor]) -> bytes:
         offset += raw.size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    out = np.empty(8 + len(head) + offset, np.uint8)
+    out = _scratch(8 + len(head) + offset)
     out[:8] = np.frombuffer(len(head).to_bytes(8, "little"), np.uint8)
     out[8:8 + len(head)] = np.frombuffer(head, np.uint8)
     base = 8 + len(head)
@@ -405,6 +406,20 @@ def encode_states(tensors: dict[str, torch.Tensor]) -> bytes:
         else:
             out[base + start:base + end] = raw
     return _compress(out)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(size: int) -> np.ndarray:
+    """A uint8 buffer of `size` bytes kept by this thread between calls. A shard's states are hundreds of MB (SmolLM2
+    with polysemanticity: 311 MB), each shard the same size: a fresh buffer's first touch of every page cost an actor
+    half a second a shard. A thread's own, since a GPU actor writes two shards at once (ray_pool.write_slots)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < size:
+        buf = _SCRATCH.buf = None  # the old one freed first
+        buf = _SCRATCH.buf = np.empty(size, np.uint8)
+    return buf[:size]
 
 
 def decode_states(blob: bytes) -> dict[str, torch.Tensor]:
