@@ -13,7 +13,7 @@ from mining.demo import tail
 from mining.query import connect, run_named
 from synthetic_store import make_synthetic_store
 
-SMALL = ["--set", "corpus.max_tokens=1024", "--set", "compute.actors=1"]
+SMALL = ["--set", "corpus.max_tokens=1024", "--set", "compute.actors=1", "--set", "compute.cpus_per_actor=2"]
 
 
 def demo(store, *extra: str) -> subprocess.CompletedProcess:
