@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .gc_pause import gc_paused
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +207,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other; pick one")
     spec = load_spec(args.job, args.set)  # before torch is imported: a bad spec fails in a fraction of a second
-    from .runner import run_job
+    with gc_paused():
+        from .runner import run_job
 
     summary = run_job(spec, store_path(spec, args.store), address=args.address, resume=args.resume,
                       overwrite=args.overwrite, progress=not args.no_progress,

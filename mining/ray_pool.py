@@ -18,6 +18,7 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from .errors import UserError
+from .gc_pause import gc_paused
 from .shards import Shard
 from .spec import JobSpec
 from .store import Store
@@ -31,6 +32,14 @@ class MinerActor:
         # its own share, or idle kernel threads spin on the cores other actors compute on (2 actors on 2
         # cores ran 2.2x slower). Nothing has imported numba in this process yet (engine does, below).
         os.environ["NUMBA_NUM_THREADS"] = str(threads)
+        with gc_paused():  # torch's, transformers' and the model's million objects: no collector passes over them
+            self._load(job, store, threads, token_groups)
+        # With two calls in flight (write_slots), one shard's files are written while the next one mines:
+        # the model runs one shard at a time, the writes (host copies, compression, disk) run beside it.
+        self._mining = threading.Lock()
+        self._floors = threading.Lock()
+
+    def _load(self, job: dict[str, Any], store: str, threads: int, token_groups: list[int] | None) -> None:
         import torch
 
         from .engine import ShardMiner
@@ -49,10 +58,6 @@ class MinerActor:
         else:
             self.miner = ShardMiner(self.spec, load_model(self.spec.model), token_groups)
         self.store = Store(store)
-        # With two calls in flight (write_slots), one shard's files are written while the next one mines:
-        # the model runs one shard at a time, the writes (host copies, compression, disk) run beside it.
-        self._mining = threading.Lock()
-        self._floors = threading.Lock()
 
     def mine(self, shard: Shard, attempt: int = 0) -> dict[str, Any]:
         """Mine one shard and write its files; any failure comes back as a marker, not an exception."""
@@ -232,10 +237,11 @@ def mine_on_ray(spec: JobSpec, store: Store, shards: list[Shard], *, total_token
     report = PoolReport()
     if not shards and not model_tables:
         return report
-    import ray
-    from ray.exceptions import RayActorError, RayError
+    with gc_paused():  # Ray's imports
+        import ray
+        from ray.exceptions import RayActorError, RayError
 
-    start_ray(address)
+        start_ray(address)
     n_actors, gpus = actor_count(spec, max(1, len(shards)))
     env = {k: v for k, v in os.environ.items() if k in ("MINING_INJECT_FAULT", "MINING_KERNELS")}
     slots = write_slots(gpus)

@@ -24,6 +24,7 @@ from . import __version__
 from .corpus import check_source, iter_documents
 from .engine import frequent_tokens
 from .errors import UserError
+from .gc_pause import gc_paused
 from .merge import RunningFold, merge_into_tables, write_manifest
 from .models import check_weight_files, load_config, load_tokenizer, resolve_source
 from .shards import Shard, build_shards, iter_contexts, special_tokens
@@ -214,13 +215,14 @@ def run_job(spec: JobSpec, store_dir: Path, *, address: str | None = None, resum
         from .ray_pool import check_address
 
         check_address(address)
-    validate(spec)
+    with gc_paused():  # transformers' imports, the model's module tree, the tokenizer
+        validate(spec)
+        tokenizer = load_tokenizer(spec.model)
     if spec.compute.fixed_shard_tokens is None:
         from .ray_pool import actors_on_gpus
 
         spec = spec.with_compute(shard_tokens=GPU_SHARD_TOKENS if actors_on_gpus(spec, address) else CPU_SHARD_TOKENS)
     job = spec.to_dict()
-    tokenizer = load_tokenizer(spec.model)
     shards, docs = plan(spec, tokenizer)
     store.begin(job, provenance(spec, tokenizer, shards), resume=resume)
     if not (store.root / "docs.parquet").exists() or not resume:
