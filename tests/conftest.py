@@ -93,6 +93,20 @@ def tiny_job(tmp_path_factory, smol_tokenizer):
     return spec, loaded, shards
 
 
+# The modules that take longest, longest first (measured serially on 2 cores, 2026-12-06: 370 s down to 40 s).
+# The README's `-n 3` gives each worker a module at a time in this order; left to the end, test_runner alone kept
+# one worker busy for 9 minutes after the others had finished.
+LONGEST_FIRST = ("test_runner.py", "test_bad_input.py", "test_faults.py", "test_submit.py", "test_bench.py",
+                 "test_demo.py", "test_compute_auto.py", "test_object_store.py", "test_diff.py",
+                 "test_viewer_browser.py", "test_quantize.py", "test_finetune_diff.py", "test_gpu_check.py",
+                 "test_cuda_build.py", "test_polysemanticity.py", "test_analyze.py", "test_end_to_end.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other modules keep their order
+
+
 @pytest.hookimpl(trylast=True)  # after pytest's own, which tears the session's fixtures down
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """End the run's native machinery while the interpreter is whole, then skip its teardown.
