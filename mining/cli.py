@@ -346,7 +346,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    with gc_paused():
+        from .demo import run_demo
 
     return run_demo(Path(args.store), args.job, args.fresh, args.set)
 
