@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="mine a job spec into a store")
     run.add_argument("job", help="job spec (YAML)")
     run.add_argument("--store", help="store directory (default: the spec's `store`, else runs/<name>)")
-    run.add_argument("--address", help="Ray cluster to join (auto | HOST:6379 | ray://HOST:10001); default: embedded")
+    run.add_argument("--address", help="Ray cluster to join (auto | HOST:6379 | ray://HOST:10001); default: an embedded "
+                     "one of its own (RAY_ADDRESS is read only with auto)")
     run.add_argument("--resume", action="store_true", help="finish an interrupted store, skipping completed shards")
     run.add_argument("--overwrite", action="store_true", help="replace an existing store")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key")

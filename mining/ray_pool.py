@@ -144,7 +144,10 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
                             "(a token-auth cluster also needs RAY_AUTH_MODE=token)") from None
     else:  # embedded local cluster: loopback only, no dashboard
         _loopback_only()
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+        # "local": a cluster of its own. With no address, ray.init joins whatever RAY_ADDRESS or the machine's last
+        # `ray start` (/tmp/ray/ray_current_cluster) names: another job's cluster, which may go away mid-run.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR,
+                 log_to_driver=False)
 
 
 def check_address(address: str) -> None:

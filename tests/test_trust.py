@@ -17,9 +17,12 @@ from mining.tiny import tiny_model
 
 @pytest.mark.ray
 def test_embedded_ray_listens_on_loopback_only_without_a_dashboard():
+    """...and is a cluster of its own: it joins neither RAY_ADDRESS (a closed port here) nor the machine's last
+    `ray start`, whose cluster may belong to another job and go away mid-run (seen with tests in parallel)."""
     code = """
-import json, psutil, ray
+import json, os, psutil, ray
 from mining.ray_pool import start_ray
+os.environ["RAY_ADDRESS"] = "127.0.0.1:9"
 start_ray(None, num_cpus=1)
 ctx = ray.get_runtime_context()
 info = ray._private.worker.global_worker.node.address_info
