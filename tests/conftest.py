@@ -93,9 +93,9 @@ def tiny_job(tmp_path_factory, smol_tokenizer):
     return spec, loaded, shards
 
 
-# The modules that take longest, longest first (measured serially on 2 cores, 2026-12-06: 370 s down to 40 s).
-# The README's `-n 3` gives each worker a module at a time in this order; left to the end, test_runner alone kept
-# one worker busy for 9 minutes after the others had finished.
+# The modules that take longest, longest first (measured serially on 2 cores, 2026-12-06: test_runner.py 370 s down
+# to test_end_to_end.py 40 s). The README's `-n 3` gives each worker a module at a time in this order; in file order
+# test_runner.py started last and ran with the cores partly idle for its last minutes.
 LONGEST_FIRST = ("test_runner.py", "test_bad_input.py", "test_faults.py", "test_submit.py", "test_bench.py",
                  "test_demo.py", "test_compute_auto.py", "test_object_store.py", "test_diff.py",
                  "test_viewer_browser.py", "test_quantize.py", "test_finetune_diff.py", "test_gpu_check.py",
