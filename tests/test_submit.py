@@ -141,7 +141,8 @@ def job_file(tmp_path_factory):
 def submitted(head, job_file, tmp_path_factory):
     """One job submitted with --wait; (job id, its output, store)."""
     store = tmp_path_factory.mktemp("stores") / "waited"
-    result = _cli(["submit", str(job_file), "--address", head["url"], "--store", str(store), "--wait"])
+    # the job loads SmolLM2 on the cluster: 100-120 s with the suite's 3 workers beside it, more on a loaded host
+    result = _cli(["submit", str(job_file), "--address", head["url"], "--store", str(store), "--wait"], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.splitlines()[0].strip(), result.stdout, store
 
