@@ -9,6 +9,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP workers (torch's libgomp and numba's) sleep when idle instead of spinning. Each process's runtime spins after
+# every parallel region as if it had the cores to itself; the suite runs 3 workers on 2 cores, each with its Ray
+# actors and `mine` processes, so those spins took the cores from the others' work. Read when each runtime loads:
+# set before any test module imports torch, inherited by the subprocesses and the Ray clusters the tests start. The
+# same 47 Ray tests with `-n 3`, the two settings alternately: 273 s spinning, 234 s passive; 198 s passive, 220 s
+# spinning (2026-12-06). A lone process is faster spinning (BENCHMARKS.md, session 22), so `mine` keeps the default.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 
 @pytest.fixture(scope="session")
