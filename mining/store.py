@@ -22,6 +22,7 @@ import hashlib
 import json
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -237,11 +238,12 @@ class Store:
         """A shard's reducer states; with `digest` (its marker's checksum) a changed file is refused, and
         its marker removed so that `mine run --resume` mines the shard again."""
         blob = self.files.read_bytes(self.states_name(shard))
-        if digest is not None and hashlib.sha256(blob).hexdigest() != digest:
+        tensors = decode_states(blob) if digest is None else decode_checked(blob, digest)
+        if tensors is None:
             self.files.remove(self.marker_name(shard))
             raise UserError(f"{self.root}: shard {shard}'s states file does not match its checksum (changed after "
                             "it was written); its marker is removed: `mine run --resume` mines it again")
-        return _by_hook(decode_states(blob))
+        return _by_hook(tensors)
 
     # ------------------------------------------------------------ merged states
     def merged_shards(self) -> set[int]:
@@ -254,14 +256,14 @@ class Store:
         """The merged states, checked against merged.json. A changed file is refused, and the markers of the
         shards it held are removed (their own states are gone), so that `mine run --resume` mines them again."""
         info = json.loads(self.files.read_bytes(MERGED_MARKER))
-        blob = self.files.read_bytes(MERGED_STATES)
-        if hashlib.sha256(blob).hexdigest() != info["sha256"]:
+        tensors = decode_checked(self.files.read_bytes(MERGED_STATES), info["sha256"])
+        if tensors is None:
             for shard in info["shards"]:
                 self.files.remove(self.marker_name(shard))
             self.files.remove(MERGED_MARKER)
             raise UserError(f"{self.root}: {MERGED_STATES} does not match its checksum (changed after it was "
                             "written); the markers of its shards are removed: `mine run --resume` mines them again")
-        return _by_hook(decode_states(blob))
+        return _by_hook(tensors)
 
     def compact_states(self, merged: dict[str, dict[str, torch.Tensor]], shards: list[int]) -> None:
         """Replace the per-shard states by their merge, once every shard is complete: a store's states then
@@ -375,7 +377,8 @@ def encode_states(tensors: dict[str, torch.Tensor]) -> bytes:
     writes (tests/test_states_format.py), but built in one buffer with each tensor shuffled into its place:
     `save` copies every shuffled plane twice more, a third of an actor's write of a shard."""
     import torch
-    from numcodecs import Shuffle
+
+    from .byteshuffle import each_large, shuffle_into
 
     layout, parts = {}, []  # parts: (name, safetensors dtype, stored shape, flat bytes, element size to shuffle)
     for name, t in tensors.items():
@@ -399,12 +402,16 @@ def encode_states(tensors: dict[str, torch.Tensor]) -> bytes:
     out[:8] = np.frombuffer(len(head).to_bytes(8, "little"), np.uint8)
     out[8:8 + len(head)] = np.frombuffer(head, np.uint8)
     base = 8 + len(head)
-    for name, _, _, raw, size in parts:
+
+    def place(i: int) -> None:
+        name, _, _, raw, size = parts[i]
         start, end = header[name]["data_offsets"]
         if size > 1 and raw.size:
-            Shuffle(size).encode(raw, out=out[base + start:base + end])
+            shuffle_into(raw, size, out[base + start:base + end])
         else:
             out[base + start:base + end] = raw
+
+    each_large(place, [part[3].size for part in parts], torch.get_num_threads())
     return _compress(out)
 
 
@@ -429,6 +436,8 @@ def decode_states(blob: bytes) -> dict[str, torch.Tensor]:
     import safetensors.torch
     import torch
 
+    from .byteshuffle import each_large, unshuffle
+
     data = _decompress_buffer(blob)
     view = memoryview(data)
     size = int.from_bytes(view[:8], "little")
@@ -443,22 +452,36 @@ def decode_states(blob: bytes) -> dict[str, torch.Tensor]:
         return np.frombuffer(view, np.uint8, end - start, base + start)
 
     layout = json.loads(raw(header.pop(LAYOUT)).tobytes())
+    names = list(header)
+    flat: list[np.ndarray | None] = [None] * len(names)
+
+    def take(i: int) -> None:
+        entry = header[names[i]]
+        flat[i] = unshuffle(raw(entry), entry["shape"][0]) if entry["shape"] else raw(entry).copy()
+
+    each_large(take, [header[name]["data_offsets"][1] - header[name]["data_offsets"][0] for name in names],
+               torch.get_num_threads())
     out = {}
-    for name, entry in header.items():
+    for name, planes in zip(names, flat):
         dtype, shape = layout[name]
-        flat = _unshuffle_bytes(raw(entry), entry["shape"][0]) if entry["shape"] else torch.from_numpy(raw(entry).copy())
-        out[name] = flat.view(getattr(torch, dtype)).reshape(shape)  # a scalar is stored as itself
+        flat_bytes = torch.from_numpy(planes) if planes.size else torch.empty(0, dtype=torch.uint8)  # numpy's stride 0
+        out[name] = flat_bytes.view(getattr(torch, dtype)).reshape(shape)  # a scalar is stored as itself
     return out
 
 
-def _unshuffle_bytes(planes: np.ndarray, size: int) -> torch.Tensor:
-    """The element bytes of `size` byte planes laid end to end (flat uint8), as a fresh flat uint8 tensor."""
-    import torch
-    from numcodecs import Shuffle
-
-    if planes.size == 0 or size == 1:
-        return torch.from_numpy(planes.reshape(size, -1).T.copy()).reshape(-1)
-    return torch.from_numpy(np.asarray(Shuffle(size).decode(planes), np.uint8))
+def decode_checked(blob: bytes, digest: str) -> dict[str, torch.Tensor] | None:
+    """decode_states(blob) where blob's sha256 is `digest`, else None. The checksum runs on a thread beside the
+    decode (both release the GIL): it was a sixth of the driver's fold of a shard. What a changed file decodes to,
+    or the error its decode raises, is never returned: only the checksum's verdict."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        sha = pool.submit(lambda: hashlib.sha256(blob).hexdigest())
+        try:
+            tensors = decode_states(blob)
+        except Exception:
+            if sha.result() != digest:
+                return None
+            raise
+    return tensors if sha.result() == digest else None
 
 
 def _by_hook(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
