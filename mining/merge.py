@@ -52,7 +52,7 @@ def _fold_shard(store: Store, merged: dict[str, HookStats], index: int) -> None:
 
 class RunningFold:
     """merge_shards while the job runs: each shard is folded on a driver thread as soon as every shard
-    before it is complete, so the driver's merge (0.3 s a shard of the demo's statistics, measured by
+    before it is complete, so the driver's merge (0.5 s a shard of the demo's statistics, measured by
     scripts/bench_states.py) overlaps the mining instead of following it. The order, and so every bit of
     the result, is merge_shards'. A failed shard stops the prefix; `finish` folds the rest in index
     order, skipping it, as merge_shards does."""
