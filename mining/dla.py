@@ -35,11 +35,12 @@ SmolLM2's 1,536 neurons: the shard's most frequent targets, since those come fir
 
 class GainCache:
     """The gains w_out · d_t of a shard's first distinct targets, per layer, kept for the rest of the shard (the CPU
-    deferred path, where the (U, d) x (d, N) gain matmul was about a quarter of what DLA adds to the forward pass): a batch multiplies out only
-    the targets it is the first to ask for. Slots go to targets in the order the shard first asks for them (within a
-    batch, by id) until GAIN_CACHE_BYTES is full, and restart with each shard, so no value depends on which shards an
-    actor mined before (actor count, shard order, restarts). A kept row is the bits a batch's own matmul gives it
-    (tests/test_dla_defer.py: the rows of one matmul do not depend on the other rows, two or more of them)."""
+    deferred path, where the (U, d) x (d, N) gain matmul was about a quarter of what DLA adds to the forward pass):
+    a batch multiplies out only the targets it is the first to ask for, into the table itself where each has a slot.
+    Slots go to targets in the order the shard first asks for them (within a batch, by id) until GAIN_CACHE_BYTES is
+    full, and restart with each shard, so no value depends on which shards an actor mined before (actor count, shard
+    order, restarts). A kept row is the bits a batch's own matmul gives it (tests/test_dla_defer.py: the rows of one
+    matmul do not depend on the other rows, two or more of them)."""
 
     def __init__(self, layers: int, width: int, budget: int = GAIN_CACHE_BYTES):
         self.capacity = budget // max(1, layers * width * 4)
@@ -73,7 +74,8 @@ class GainPlan:
     """One batch's use of the GainCache."""
 
     src: np.ndarray
-    """(U,) each distinct target's kept row, or -1 - its index among the misses (layer_kernel.gain_product's sources)."""
+    """(U,) each distinct target's kept row, or -1 - its index among the misses (layer_kernel.gain_product's
+    sources)."""
     miss: np.ndarray
     """Indices (into the batch's distinct targets) of those whose gains this batch multiplies out."""
     first: int
@@ -250,7 +252,10 @@ class DlaBatch:
         if plan is not None and N == cache.width and cache.filled.get(point.layer, 0) == plan.first:
             table = cache.table(point.layer)
             fresh = table[:1]  # not read where every target is kept
-            if len(plan.miss):
+            if len(plan.miss) > 1 and plan.n_new == len(plan.miss):  # every new row has a slot: straight in
+                fresh = self.dla.neuron_gain(point.layer, self.directions[plan.miss],
+                                             table[plan.first:plan.first + plan.n_new])
+            elif len(plan.miss):
                 rows = plan.miss if len(plan.miss) > 1 else plan.miss.repeat(2)  # one row would be a gemv: other bits
                 fresh = self.dla.neuron_gain(point.layer, self.directions[rows],
                                              self.dla.buffer("gain", 0, (len(rows), N), torch.float32))
