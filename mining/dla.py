@@ -27,6 +27,12 @@ from .reducers import cuda_layer, kernels, layer_kernel
 from .reducers.device import applies as device_path, upload
 
 
+GAIN_ROWS_MIN = 16
+"""The fewest rows a float32 gain matmul runs with on the CPU; fewer are padded with zeros. A GainCache row must be
+the bits the batch's own matmul gives it, so a row's bits may not depend on how many rows its matmul had. MKL gives
+other bits for one row (a gemv) everywhere, and on AVX-512 for the last M mod 4 rows of an M < 12 matmul; from 12
+rows on, every row came out the same bits at any count and offset (tests/test_dla_defer.py checks it on the host)."""
+
 GAIN_CACHE_BYTES = 128 * 2**20
 """What a GainCache may hold. Text repeats its tokens: the 8,192 tokens of `mine bench` (8 x 128 a batch) ask for
 2,784 gain rows batch by batch, 1,364 of them distinct, and 128 MiB keeps about 700 targets' rows of all 30 layers of
@@ -39,8 +45,8 @@ class GainCache:
     a batch multiplies out only the targets it is the first to ask for, into the table itself where each has a slot.
     Slots go to targets in the order the shard first asks for them (within a batch, by id) until GAIN_CACHE_BYTES is
     full, and restart with each shard, so no value depends on which shards an actor mined before (actor count, shard
-    order, restarts). A kept row is the bits a batch's own matmul gives it (tests/test_dla_defer.py: the rows of one
-    matmul do not depend on the other rows, two or more of them)."""
+    order, restarts). A kept row is the bits a batch's own matmul gives it: with GAIN_ROWS_MIN rows or more, a row's
+    bits do not depend on the other rows of its matmul (tests/test_dla_defer.py)."""
 
     def __init__(self, layers: int, width: int, budget: int = GAIN_CACHE_BYTES):
         self.capacity = budget // max(1, layers * width * 4)
@@ -146,6 +152,11 @@ class DirectLogitAttribution:
         if layer not in self._w_out:
             self._w_out[layer] = mlp_out_weight(self.model, layer).to(self.gain_dtype)  # (N, d)
         w = self._w_out[layer].T
+        if self.gain_dtype == torch.float32 and not directions.is_cuda and len(directions) < GAIN_ROWS_MIN:
+            padded = directions.new_zeros(GAIN_ROWS_MIN, directions.shape[1])
+            padded[:len(directions)] = directions
+            gain = torch.mm(padded, w)[:len(directions)]
+            return gain if out is None else out.copy_(gain)
         if out is not None and self.gain_dtype == torch.float32:
             return torch.mm(directions, w, out=out)
         return (directions.to(self.gain_dtype) @ w).float()
@@ -252,13 +263,12 @@ class DlaBatch:
         if plan is not None and N == cache.width and cache.filled.get(point.layer, 0) == plan.first:
             table = cache.table(point.layer)
             fresh = table[:1]  # not read where every target is kept
-            if len(plan.miss) > 1 and plan.n_new == len(plan.miss):  # every new row has a slot: straight in
+            if len(plan.miss) and plan.n_new == len(plan.miss):  # every new row has a slot: straight in
                 fresh = self.dla.neuron_gain(point.layer, self.directions[plan.miss],
                                              table[plan.first:plan.first + plan.n_new])
             elif len(plan.miss):
-                rows = plan.miss if len(plan.miss) > 1 else plan.miss.repeat(2)  # one row would be a gemv: other bits
-                fresh = self.dla.neuron_gain(point.layer, self.directions[rows],
-                                             self.dla.buffer("gain", 0, (len(rows), N), torch.float32))
+                fresh = self.dla.neuron_gain(point.layer, self.directions[plan.miss],
+                                             self.dla.buffer("gain", 0, (len(plan.miss), N), torch.float32))
                 table[plan.first:plan.first + plan.n_new] = fresh[:plan.n_new]
             cache.filled[point.layer] = plan.first + plan.n_new
             return layer_kernel.Numerator(self.urow, table, fresh, self.src_np, u)

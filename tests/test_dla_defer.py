@@ -79,6 +79,24 @@ def test_gain_cache_keeps_the_bits_and_multiplies_out_only_new_targets():
     assert dla.cache.filled[1] < dla.cache.filled[0]  # layer 1 stopped at batch 5
 
 
+@torch.inference_mode()
+def test_a_gain_row_is_the_same_bits_in_a_matmul_of_any_size():
+    """What GainCache rests on, on this host's BLAS: a target's gain row does not depend on how many other rows its
+    matmul had, nor where among them it sat (MKL on AVX-512 gave the last rows of a 1-11 row matmul other bits, and
+    a row alone is a gemv everywhere: dla.GAIN_ROWS_MIN pads them)."""
+    from mining.tiny import tiny_model
+
+    model = tiny_model("llama", vocab_size=300, hidden_size=96, intermediate_size=256)
+    dla = DirectLogitAttribution(model)
+    d = dla.directions(torch.arange(300))
+    every = dla.neuron_gain(0, d)
+    for rows in range(1, 41):
+        for at in (0, 1, 7, 250):
+            assert torch.equal(dla.neuron_gain(0, d[at:at + rows].clone()), every[at:at + rows]), (rows, at)
+            out = torch.full((rows, every.shape[1]), float("nan"))
+            assert torch.equal(dla.neuron_gain(0, d[at:at + rows].clone(), out), every[at:at + rows]), (rows, at)
+
+
 def test_statistics_kernel_writes_the_numerator_gain_product_would():
     """The statistics kernel writes DLA's numerator while it reads a layer (layer_kernel.Numerator): the bits
     gain_product gives, on exactly the mined rows that have a DLA row, from kept and fresh gain rows."""
