@@ -15,9 +15,11 @@ batches, dtype and device — each a `--parts` name:
     memory        peak RSS of mining N and 10N tokens, each in a fresh process (bench_store.py)
     duckdb        latency of named queries on a synthetic 10M-token store (bench_store.py)
 
-Each throughput variant gets a one-batch warm-up before every timed run; variants are interleaved
-(order reversed every round) and the best round of each counts, so slow drift on a shared machine
-hits them alike. Ratios are throughput over the bare forward's: 0.5 means mining takes twice as long.
+Each throughput variant gets a one-batch warm-up before every timed round, the order reversed every round. On
+the CPU the forward and the miners take turns batch by batch and a ratio is the forward's total time over the
+variant's, so drift on a shared machine hits both sides alike; on a GPU (or `--interleave run`) whole runs take
+turns and a ratio is best round over best round. Ratios are throughput over the bare forward's: 0.5 means mining
+takes twice as long.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -75,7 +77,12 @@ class BenchConfig:
     threads: int | None = None
     """torch threads; None keeps torch's default (one per core)."""
     repeats: int = 2
-    """Rounds of every throughput variant; the best counts."""
+    """Rounds of every throughput variant."""
+    interleave: str = "auto"
+    """batch: the forward and the miner variants run a batch each in turn, and a ratio is the total time of the
+    forward's batches over the variant's, over every round; run: whole runs one after another, a ratio is best tok/s
+    over the forward's best. auto: batch on the CPU, whose host drifts (rounds 10-18 points apart, session 26); run on
+    a GPU, where a host sync after every batch would cost the device its overlap."""
     top_k: int = 32
     corpus: str = "builtin:python-docs"
     parts: tuple[str, ...] = PARTS
@@ -110,6 +117,8 @@ class BenchConfig:
         if self.memory_variant not in MINER_VARIANTS:
             raise UserError(f"--memory-variant: unknown variant {self.memory_variant!r}; "
                             f"choose from {', '.join(MINER_VARIANTS)}")
+        if self.interleave not in ("auto", "batch", "run"):
+            raise UserError(f"--interleave: must be auto, batch or run, got {self.interleave!r}")
         if self.context_length < 4:
             raise UserError(f"--context-length: must be at least 4, got {self.context_length}")
 
@@ -167,6 +176,8 @@ class Workload:
         """The ShardMiner of each miner variant (their counters, e.g. shards mined twice, go in the report)."""
         self.skipped: dict[str, dict[str, str]] = {}
         """Alternatives that cannot run here (library missing or failing on this model), each with why."""
+        self.steppers: dict[str, Callable[[list], Generator]] = {}
+        """The forward and each miner variant a batch per step (runners fills it), for `interleave: batch`."""
         self.kept: list[Any] | None = None
         """ShardResults of the token_table variant (mining + DLA + token table): the bytes part writes them."""
 
@@ -221,21 +232,34 @@ def iter_batches(shards, batch_size: int, device):
 
 
 def bare_forward(loaded, shards, batch_size: int) -> None:
+    for _ in forward_steps(loaded, shards, batch_size):
+        pass
+
+
+def forward_steps(loaded, shards, batch_size: int) -> Iterator[None]:
+    """The bare forward a batch per step, as ShardMiner.steps mines."""
     import torch
 
-    with torch.inference_mode():
+    @torch.inference_mode()  # on a generator torch enters the mode around each step, not across the pauses
+    def steps() -> Iterator[None]:
         for ids, attention, _ in iter_batches(shards, batch_size, loaded.device):
             loaded.model(input_ids=ids, attention_mask=attention)
+            yield
+
+    return steps()
 
 
 # ---------------------------------------------------------------- throughput
 
 
 def runners(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str, Callable[[list], Any]]:
+    """Each throughput variant as a whole run over a list of shards; the forward's and the miners' also go to
+    work.steppers, a batch per step."""
     from .engine import ShardMiner
 
     B = work.cfg.batch_size
     out: dict[str, Callable[[list], Any]] = {"forward": lambda shards: bare_forward(work.loaded, shards, B)}
+    work.steppers = {"forward": lambda shards: forward_steps(work.loaded, shards, B)}
     for name, (part, _, _) in MINER_VARIANTS.items():
         if name == "dla" and part in parts and not work.loaded.causal:  # the engine would mine it without DLA
             work.skipped[name] = {"skipped": f"{work.cfg.model} is an encoder: no next token to attribute"}
@@ -251,6 +275,7 @@ def runners(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str, C
                     return [m.mine(s) for s in shards]
 
             out[name] = run
+            work.steppers[name] = lambda shards, m=miner: miner_steps(m, shards)
     if "alternatives" in parts:
         from .bench_alternatives import alternative_runners
         from .engine import histogram_bins
@@ -263,6 +288,13 @@ def runners(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str, C
         out.update(alternatives)
         work.skipped.update(skipped)
     return out
+
+
+def miner_steps(miner, shards: list) -> Generator[None, None, list]:
+    results = []
+    for shard in shards:
+        results.append((yield from miner.steps(shard)))
+    return results
 
 
 @contextmanager
@@ -281,20 +313,34 @@ def kernels_off(off: bool) -> Iterator[None]:
                 os.environ["MINING_KERNELS"] = before
 
 
-def measure(work: Workload, runs: dict[str, Callable[[list], Any]], repeats: int) -> tuple[dict, dict]:
-    """tok/s of every run per round (order reversed every other round), and the best round's details."""
+def measure(work: Workload, runs: dict[str, Callable[[list], Any]], repeats: int,
+            steppers: dict[str, Callable[[list], Generator]] | None = None) -> tuple[dict, dict]:
+    """tok/s of every run per round (order reversed every other round), and the best round's details.
+    steppers: variants timed batch by batch in turn (paired) instead of as whole runs one after another."""
     rates: dict[str, list[float]] = {name: [] for name in runs}
     details: dict[str, Any] = {}
     order = list(runs)
+    steppers = steppers or {}
     for r in range(repeats):
-        for name in order if r % 2 == 0 else order[::-1]:
-            runs[name]([work.warm])
+        turn = order if r % 2 == 0 else order[::-1]
+        paired = [name for name in turn if name in steppers]
+        timed: dict[str, tuple[float, Any]] = {}
+        if paired:
+            for name in paired:
+                runs[name]([work.warm])
             gc.collect()
-            _sync(work.loaded.device)
-            start = time.perf_counter()
-            out = runs[name](work.shards)
-            _sync(work.loaded.device)
-            rate = work.n_tokens / (time.perf_counter() - start)
+            timed = interleaved({name: steppers[name] for name in paired}, work)
+        for name in turn:
+            if name not in timed:
+                runs[name]([work.warm])
+                gc.collect()
+                _sync(work.loaded.device)
+                start = time.perf_counter()
+                out = runs[name](work.shards)
+                _sync(work.loaded.device)
+                timed[name] = time.perf_counter() - start, out
+            seconds, out = timed.pop(name)
+            rate = work.n_tokens / seconds
             if name == "token_table":
                 work.kept = out
             if isinstance(out, dict) and (not rates[name] or rate > max(rates[name])):
@@ -303,6 +349,29 @@ def measure(work: Workload, runs: dict[str, Callable[[list], Any]], repeats: int
             del out
             log(f"round {r + 1}/{repeats} {name}: {rate:,.0f} tok/s")
     return rates, details
+
+
+def interleaved(steppers: dict[str, Callable[[list], Generator]], work: Workload) -> dict[str, tuple[float, Any]]:
+    """Each variant over work.shards, a batch of one, then the same batch of the next, and so on (the order reversed
+    every other batch): a host whose speed drifts slows every variant's batch alike. -> name: (seconds, result)."""
+    runs = {name: make(work.shards) for name, make in steppers.items()}
+    seconds = dict.fromkeys(runs, 0.0)
+    done: dict[str, Any] = {}
+    step = 0
+    while len(done) < len(runs):
+        names = [name for name in runs if name not in done]
+        for name in names if step % 2 == 0 else names[::-1]:
+            _sync(work.loaded.device)
+            start = time.perf_counter()
+            with kernels_off(name in TORCH_OPS):
+                try:
+                    next(runs[name])
+                except StopIteration as end:
+                    done[name] = end.value
+            _sync(work.loaded.device)
+            seconds[name] += time.perf_counter() - start
+        step += 1
+    return {name: (seconds[name], done[name]) for name in runs}
 
 
 def _sync(device) -> None:
@@ -315,19 +384,24 @@ def _sync(device) -> None:
 def throughput(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str, Any]:
     from .bench_alternatives import ALTERNATIVES
 
-    rates, details = measure(work, runners(work, parts, scratch), work.cfg.repeats)
+    runs = runners(work, parts, scratch)
+    paired = work.cfg.interleave == "batch" or (work.cfg.interleave == "auto" and work.loaded.device.type != "cuda")
+    rates, details = measure(work, runs, work.cfg.repeats, work.steppers if paired else None)
     best = {name: max(r) for name, r in rates.items()}
     bare = best["forward"]
-    out: dict[str, Any] = {"bare_tokens_per_s": bare}
+    out: dict[str, Any] = {"bare_tokens_per_s": bare, "interleave": "batch" if paired else "run"}
     for name in MINER_VARIANTS:
         if name in best:
             out[f"{name}_tokens_per_s"] = best[name]
-            out[f"{name}_ratio"] = best[name] / bare
+            # batch by batch, every round's batches ran beside the forward's: the ratio of their total times over all
+            # rounds. Whole runs: the best round of each, since the rounds ran apart
+            out[f"{name}_ratio"] = (sum(1 / f for f in rates["forward"]) / sum(1 / v for v in rates[name]) if paired
+                                    else best[name] / bare)
     if "dla" in work.skipped:
         out["dla_ratio"] = None
         out["skipped_variants"] = {"dla": work.skipped["dla"]["skipped"]}
     if "mining" in best and "mining_torch_ops" in best:
-        out["kernels_speedup"] = best["mining"] / best["mining_torch_ops"]
+        out["kernels_speedup"] = out["mining_ratio"] / out["mining_torch_ops_ratio"]
     out["rounds_tokens_per_s"] = rates
     # Each round's ratio to the same round's forward (run next to it): how far the machine's drift moves the ratio.
     out["round_ratios"] = {name: [v / f for v, f in zip(r, rates["forward"])] for name, r in rates.items() if name != "forward"}
@@ -493,7 +567,9 @@ def format_report(r: dict[str, Any]) -> str:
         auto = " (auto)" if c.get("batch_fit") else ""
         out.append(f"workload: {c['model']}, {c['tokens']:,} tokens of {c['corpus']}, batch {c['batch_size']}{auto} x "
                    f"{c['context_length']}, top_k {c['top_k']}, {c['neurons']:,} neurons ({c['layers']} layers, "
-                   f"{c['hooks']}), best of {c['repeats']} interleaved rounds")
+                   f"{c['hooks']}), {c['repeats']} rounds, " + ("each batch of each variant beside the forward's"
+                                                                 if r.get("interleave") == "batch" else
+                                                                 "whole runs interleaved"))
     if "bare_tokens_per_s" in r:
         out += ["", f"{'throughput':<58}{'tok/s':>9}{'ratio':>8}{'time':>8}{'per round (median)':>22}"]
         bare = r["bare_tokens_per_s"]
@@ -506,7 +582,8 @@ def format_report(r: dict[str, Any]) -> str:
                 label = "bare forward (model; an encoder: no LM head)"
             spread = r.get("round_ratios", {}).get(name)
             spread = f"{min(spread):.2f}-{max(spread):.2f} ({statistics.median(spread):.2f})" if spread else ""
-            out.append(f"  {label:<56}{rate:>9,.0f}{rate / bare:>8.2f}{bare / rate:>7.2f}x{spread:>22}")
+            ratio = r.get(f"{name}_ratio", rate / bare)
+            out.append(f"  {label:<56}{rate:>9,.0f}{ratio:>8.2f}{1 / ratio:>7.2f}x{spread:>22}")
             if name == "mining":
                 out += [f"  {LABELS[n]}: skipped: {why}" for n, why in r.get("skipped_variants", {}).items()]
         for name, a in sorted(alt.items(), key=lambda item: "skipped" in item[1]):
@@ -516,7 +593,10 @@ def format_report(r: dict[str, Any]) -> str:
                 out.append(f"    ({name}: cache {a['cache_bytes'] / 1e6:,.1f} MB; capture {a['capture_s']:.1f} s, "
                            f"reduce {a['reduce_s']:.1f} s" + (f"; mining is {a['mining_speedup']:.2f}x its speed"
                                                               if "mining_speedup" in a else "") + ")")
-        out.append("  ratio = best tok/s over the bare forward's best; time = wall time over the bare forward's; "
+        out.append(("  ratio = the forward's time over the variant's, batch beside batch, all rounds (alternatives: "
+                    "best tok/s over the forward's best)" if r.get("interleave") == "batch" else
+                    "  ratio = best tok/s over the bare forward's best")
+                   + "; time = wall time over the bare forward's; tok/s = the best round's; "
                    "per round = the range of each round's ratio to that round's forward, and its median")
         g = r.get("gpu_utilisation")
         if g:

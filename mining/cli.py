@@ -130,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's own, one per core)")
     bench.add_argument("--corpus", default="builtin:python-docs",
                        help="corpus source of the slice (default builtin:python-docs; builtin:python-stdlib is larger)")
-    bench.add_argument("--repeats", type=int, default=2, help="interleaved rounds per variant, best counts (default 2)")
+    bench.add_argument("--repeats", type=int, default=2, help="rounds of every variant (default 2)")
+    bench.add_argument("--interleave", default="auto", choices=["auto", "batch", "run"],
+                       help="batch: each batch of each variant beside the forward's; run: whole runs; auto (default): "
+                            "batch on the CPU, run on a GPU")
     bench.add_argument("--parts", default="all", help=f"comma-separated subset of {','.join(PARTS)} (default all)")
     bench.add_argument("--memory-repeats", type=int, default=2,
                        help="fresh processes per size in the memory part (default 2); a size's peak is the largest")
@@ -370,7 +373,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(model=args.model, tokens=args.tokens, batch_size=args.batch_size,
                       context_length=args.context_length, dtype=args.dtype, device=args.device, threads=args.threads,
                       corpus=args.corpus,
-                      repeats=args.repeats, parts=parse_parts(args.parts), memory_tokens=args.memory_tokens,
+                      repeats=args.repeats, interleave=args.interleave, parts=parse_parts(args.parts),
+                      memory_tokens=args.memory_tokens,
                       memory_repeats=args.memory_repeats,
                       memory_variant=args.memory_variant,
                       synthetic_store=args.synthetic_store, synthetic_tokens=args.synthetic_tokens,

@@ -8,6 +8,7 @@ straight to that hook's reducers, which keep O(K·N + bins·N) state. Only the t
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -264,17 +265,27 @@ class ShardMiner:
             self.token_group = token_group_map(token_groups, spec.stats.token_groups, len(loaded.tokenizer),
                                                loaded.device)
 
-    @torch.inference_mode()
     def mine(self, shard: Shard) -> ShardResult:
-        result = self._mine(shard, sparse=True)
+        steps = self.steps(shard)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    @torch.inference_mode()  # on a generator torch enters the mode around each step, not across the pauses
+    def steps(self, shard: Shard) -> Generator[None, None, ShardResult]:
+        """mine(shard) a batch per step, its ShardResult returned at the end: `mine bench` interleaves its variants
+        batch by batch. Between steps no hook is registered on the model."""
+        result = yield from self._mine(shard, sparse=True)
         flags = [t._overflow for st in result.stats.values() for t in st.topks() if t._overflow is not None]
         if flags and bool(torch.stack(flags).any()):  # one host sync per shard, none per batch
             # a batch had more top-k candidates than the device path's buffer held: mine it again, densely
             self.remined += 1
-            result = self._mine(shard, sparse=False)
+            result = yield from self._mine(shard, sparse=False)
         return result
 
-    def _mine(self, shard: Shard, sparse: bool) -> ShardResult:
+    def _mine(self, shard: Shard, sparse: bool) -> Generator[None, None, ShardResult]:
         start = time.perf_counter()
         dev = self.loaded.device
         if self.dla is not None and self.dla.cache is not None:
@@ -336,6 +347,7 @@ class ShardMiner:
             if self.spec.stats.token_table:
                 token_parts.append(self._token_rows(shard, batch.sl, T, out, toks_np, targets_np))
             del out  # the logits (batch x T x vocab) must not live on through the next forward
+            yield
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)  # the asynchronous copies to the host (token table, dense) are done
         result = ShardResult(shard.index, stats, _concat(token_parts, shard.index), n_tokens=shard.n_tokens)

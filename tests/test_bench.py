@@ -40,6 +40,71 @@ def test_throughput_json(capsys, tiny_llama):
     assert min(rounds) <= r["round_ratio_medians"]["mining"] <= max(rounds)
     assert {"cpu_count", "torch", "device", "dtype", "threads"} <= set(r["machine"])
     assert "token_table_tokens_per_s" not in r and "store" not in r
+    assert r["interleave"] == "batch"  # the CPU default: every batch of a miner beside the forward's same batch
+    rates = r["rounds_tokens_per_s"]
+    pooled = sum(1 / f for f in rates["forward"]) / sum(1 / v for v in rates["mining"])
+    assert r["mining_ratio"] == pytest.approx(pooled)
+    assert r["kernels_speedup"] == pytest.approx(r["mining_ratio"] / r["mining_torch_ops_ratio"])
+
+
+def test_whole_runs_interleaved(capsys, tiny_llama):
+    r = bench(capsys, tiny_llama, "--parts", "forward,mining", "--interleave", "run", "--repeats", "2")
+    assert r["interleave"] == "run"
+    assert r["mining_ratio"] == pytest.approx(r["mining_tokens_per_s"] / r["bare_tokens_per_s"])
+    assert len(r["round_ratios"]["mining"]) == 2
+
+
+def test_interleaved_takes_turns_batch_by_batch(monkeypatch):
+    """Each variant's next batch only after the others' same batch, the order reversed every other batch; each
+    variant's time is the sum of its own steps only, and its result is what its run returned."""
+    from types import SimpleNamespace
+
+    from mining import bench
+
+    events, clock = [], [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def stepper(name, cost, steps):
+        def run(shards):
+            for i in range(steps):
+                events.append((name, i))
+                clock[0] += cost
+                yield
+            return f"{name} over {shards}"
+        return run
+
+    work = SimpleNamespace(shards="the slice", loaded=SimpleNamespace(device=SimpleNamespace(type="cpu")))
+    out = bench.interleaved({"forward": stepper("forward", 1.0, 3), "mining": stepper("mining", 1.5, 3)}, work)
+    assert events == [("forward", 0), ("mining", 0), ("mining", 1), ("forward", 1), ("forward", 2), ("mining", 2)]
+    assert out == {"forward": (3.0, "forward over the slice"), "mining": (4.5, "mining over the slice")}
+
+
+def test_a_miner_in_steps_leaves_the_model_bare_between_them(tiny_job):
+    """ShardMiner.steps: the bench runs other variants on the same model between a miner's batches, so no hook
+    may stay registered across a pause, nor inference mode stay on; the steps give mine()'s result."""
+    import torch
+
+    from mining.engine import ShardMiner
+
+    spec, loaded, shards = tiny_job
+    reference = ShardMiner(spec, loaded).mine(shards[0])
+    steps = ShardMiner(spec, loaded).steps(shards[0])
+    paused = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            result = end.value
+            break
+        paused += 1
+        assert not torch.is_inference_mode_enabled()
+        for module in loaded.model.modules():
+            assert not module._forward_hooks and not module._forward_pre_hooks, module
+    assert paused == -(-len(shards[0].ids) // spec.compute.fixed_batch_size)  # one pause a batch
+    for name, st in result.stats.items():
+        a, b = st.state_dict(), reference.stats[name].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert result.tokens.equals(reference.tokens)
 
 
 def test_an_encoder_has_no_dla_to_measure(capsys, tmp_path, minilm_tokenizer):
