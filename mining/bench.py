@@ -404,7 +404,8 @@ def throughput(work: Workload, parts: tuple[str, ...], scratch: str) -> dict[str
         out["kernels_speedup"] = out["mining_ratio"] / out["mining_torch_ops_ratio"]
     out["rounds_tokens_per_s"] = rates
     # Each round's ratio to the same round's forward (run next to it): how far the machine's drift moves the ratio.
-    out["round_ratios"] = {name: [v / f for v, f in zip(r, rates["forward"])] for name, r in rates.items() if name != "forward"}
+    out["round_ratios"] = {name: [v / f for v, f in zip(r, rates["forward"])]
+                           for name, r in rates.items() if name != "forward"}
     # On a host whose speed drifts between rounds, the best-of ratio moves with whichever variant got the fastest
     # round; the median of the rounds' own ratios does not.
     out["round_ratio_medians"] = {name: statistics.median(r) for name, r in out["round_ratios"].items()}
@@ -457,6 +458,53 @@ def gpu_utilisation(work: Workload, best: dict[str, float]) -> dict[str, Any]:
                            "memory_gib": torch.cuda.max_memory_allocated(work.loaded.device) / 2**30}
     if peak and work.loaded.dtype in (torch.bfloat16, torch.float16):
         out["mfu"] = {k: v * fpt / (peak * 1e12) for k, v in best.items()}
+    return out
+
+
+# ---------------------------------------------------------------- the targets (issue 7)
+
+
+def verdicts(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each target of the parts this run measured: its figure, the target, met or not, and by how much it is missed
+    (figure minus target: negative for a ratio below its floor, positive for a size or latency over its ceiling)."""
+    store, memory, duck = r.get("store", {}), r.get("memory", {}), r.get("duckdb", {})
+    figures: list[tuple[str, str, float | None, float, bool]] = [  # key, what, figure, target, at least (else under)
+        ("mining_ratio", "mining >= 0.90 of the bare forward's tok/s", r.get("mining_ratio"), 0.90, True),
+        ("dla_ratio", "mining + DLA >= 0.80", r.get("dla_ratio"), 0.80, True),
+        ("memory_growth_pct", "peak memory growth from N to 10N tokens < 10%", memory.get("peak_growth_pct"), 10.0,
+         False),
+        ("store_pct_of_dense_1m", "store < 1% of a dense float16 cache at 1M tokens",
+         100 / store["ratio_dense_to_store_1m"] if store else None, 1.0, False),
+        ("query_ms", "each named query < 100 ms at 10M token rows (the slowest median)",
+         max(q["median_ms"] for q in duck["queries"].values()) if duck else None, 100.0, False),
+    ]
+    if r.get("machine", {}).get("gpu"):
+        figures.append(("mined_tokens_per_s", "stretch: >= 1M mined tok/s (one H100)", r.get("mining_tokens_per_s"),
+                        1e6, True))
+    out = {}
+    for key, what, figure, target, at_least in figures:
+        if figure is None:
+            continue
+        met: bool | None = figure >= target if at_least else figure < target
+        out[key] = {"what": what, "value": figure, "target": target}
+        if key == "query_ms" and duck["token_rows"] < 10_000_000:  # a smaller store says nothing of this target
+            met, out[key]["note"] = None, f"measured at {duck['token_rows']:,} token rows, not 10M (--synthetic-tokens)"
+        out[key].update(met=met, missed_by=None if met in (True, None) else figure - target)
+    return out
+
+
+def verdict_lines(targets: dict[str, dict[str, Any]]) -> list[str]:
+    def shown(key: str, v: float) -> str:
+        if key.endswith("_pct") or key.endswith("_pct_of_dense_1m"):
+            return f"{v:.1f}%" if key == "memory_growth_pct" else f"{v:.2f}%"
+        return f"{v:,.0f} ms" if key == "query_ms" else f"{v:,.0f}" if abs(v) > 100 else f"{v:.2f}"
+
+    out = ["targets (issue 7)"]
+    for key, t in targets.items():
+        how = ("not judged" if t["met"] is None else "met" if t["met"]
+               else f"missed by {shown(key, abs(t['missed_by']))}")
+        note = f" ({t['note']})" if t.get("note") else ""
+        out.append(f"  {t['what']:<72}{shown(key, t['value']):>10}  {how}{note}")
     return out
 
 
@@ -525,6 +573,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         if "duckdb" in parts:
             result["duckdb"] = bench_store.duckdb_latency(cfg.synthetic_store or os.path.join(scratch, "synthetic"),
                                                           cfg.synthetic_tokens, cfg.query_repeats)
+    result["targets"] = verdicts(result)
     return result
 
 
@@ -615,4 +664,6 @@ def format_report(r: dict[str, Any]) -> str:
         from .bench_store import duckdb_lines
 
         out += [""] + duckdb_lines(r["duckdb"])
+    if r.get("targets"):
+        out += [""] + verdict_lines(r["targets"])
     return "\n".join(out)

@@ -45,6 +45,35 @@ def test_throughput_json(capsys, tiny_llama):
     pooled = sum(1 / f for f in rates["forward"]) / sum(1 / v for v in rates["mining"])
     assert r["mining_ratio"] == pytest.approx(pooled)
     assert r["kernels_speedup"] == pytest.approx(r["mining_ratio"] / r["mining_torch_ops_ratio"])
+    assert set(r["targets"]) == {"mining_ratio", "dla_ratio"}  # the parts run: the throughput targets only
+    assert r["targets"]["mining_ratio"]["met"] == (r["mining_ratio"] >= 0.90)
+
+
+def test_targets_judged_from_the_figures():
+    """`targets` in the JSON and the report: each target of the parts measured, met or missed by how much; a query
+    latency from a store smaller than 10M token rows is not judged; the GPU stretch goal only on a GPU."""
+    from mining.bench import verdict_lines, verdicts
+
+    r = {"mining_ratio": 0.93, "dla_ratio": 0.75, "machine": {},
+         "memory": {"peak_growth_pct": 12.5}, "store": {"ratio_dense_to_store_1m": 605.0},
+         "duckdb": {"token_rows": 10_000_000, "queries": {"a": {"median_ms": 68.0}, "b": {"median_ms": 120.0}}}}
+    t = verdicts(r)
+    assert t["mining_ratio"]["met"] is True and t["mining_ratio"]["missed_by"] is None
+    assert t["dla_ratio"]["met"] is False and t["dla_ratio"]["missed_by"] == pytest.approx(-0.05)
+    assert t["memory_growth_pct"]["met"] is False and t["memory_growth_pct"]["missed_by"] == pytest.approx(2.5)
+    assert t["store_pct_of_dense_1m"]["met"] is True and t["store_pct_of_dense_1m"]["value"] == pytest.approx(100 / 605)
+    assert t["query_ms"]["value"] == 120.0 and t["query_ms"]["met"] is False  # the slowest query counts
+    assert "mined_tokens_per_s" not in t
+    lines = verdict_lines(t)
+    assert any("mining + DLA >= 0.80" in line and "0.75  missed by 0.05" in line for line in lines)
+    assert any("memory growth" in line and "missed by 2.5%" in line for line in lines)
+    r["duckdb"]["token_rows"] = 100_000
+    r["machine"]["gpu"] = "NVIDIA H100"
+    r["mining_tokens_per_s"] = 266_718.0
+    t = verdicts(r)
+    assert t["query_ms"]["met"] is None and "100,000 token rows" in t["query_ms"]["note"]
+    assert t["mined_tokens_per_s"]["met"] is False and t["mined_tokens_per_s"]["missed_by"] == pytest.approx(-733_282)
+    assert verdicts({"machine": {}}) == {}  # nothing measured, nothing judged
 
 
 def test_whole_runs_interleaved(capsys, tiny_llama):
