@@ -24,7 +24,12 @@ def test_serve_answers_and_stops_cleanly_on_ctrl_c(viewer_store):
             with urllib.request.urlopen(url.group(0) + path, timeout=120) as page:
                 assert page.status == 200 and b"</html>" in page.read()
         proc.send_signal(signal.SIGINT)
-        status = proc.wait(timeout=60)
+        try:
+            status = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # where it hangs: faulthandler prints every thread's stack on SIGABRT
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(timeout=30)
+            raise AssertionError("mine serve did not stop within 60 s of Ctrl-C:\n" + proc.stderr.read()[-6000:])
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -46,6 +46,16 @@ class _Pages:
     def route(self, path: list[str], query: dict[str, str]) -> str | None:
         raise NotImplementedError
 
+    def close(self, wait_s: float = 30.0) -> None:
+        """Close the DuckDB connection from the main thread, after the page in flight (if any) is done: left to the
+        interpreter's shutdown, a connection used from handler threads is destroyed while the runtime tears down,
+        where DuckDB is known to hang or abort (duckdb/duckdb#13904)."""
+        if self.lock.acquire(timeout=wait_s):
+            try:
+                self.con.close()
+            finally:
+                self.lock.release()
+
 
 class Viewer(_Pages):
     """Builds pages for one store."""
@@ -250,4 +260,5 @@ def serve(store: str | Path, port: int) -> int:
         pass
     finally:
         server.server_close()
+        viewer.close()
     return 0
