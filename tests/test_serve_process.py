@@ -12,9 +12,13 @@ import pyarrow.parquet as pq
 
 
 def test_serve_answers_and_stops_cleanly_on_ctrl_c(viewer_store):
+    # as from a terminal: a suite started in the background by a shell without job control (`pytest ... &`) ignores
+    # SIGINT, and a child that inherits that never sees the Ctrl-C (Python installs KeyboardInterrupt only over the
+    # default disposition); so did the CI runs that hung here
     proc = subprocess.Popen([sys.executable, "-m", "mining.cli", "serve", str(viewer_store), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = proc.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+/", first)
