@@ -305,7 +305,7 @@ def layer_update(x: torch.Tensor, mined: torch.Tensor, tok: torch.Tensor, top: t
     bad = np.empty(N, np.bool_)
     if hist is None:
         hist = (0, 0, 0, 0, 1, np.zeros((1, 1, HIST_SB), np.uint16))
-        rows = _bin_rows(1, 1, 0)
+        rows = _bin_rows(parts, 1, 0)  # empty, but one per part: _layer takes its part's view
         on = False
     else:
         rows = _bin_rows(parts, step // HIST_SB, n_mined)
