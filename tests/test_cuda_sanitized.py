@@ -6,7 +6,10 @@ returns garbage that no result uses; on a GPU it can be an illegal address, whic
 actor with it. Built with -fsanitize=address,undefined (MINING_CUDA_EMULATE_FLAGS), every access the emulated kernel
 makes to the tensors (torch allocates them with malloc, which ASan intercepts once preloaded), to its shared memory
 and to its stacks is checked, and so is undefined arithmetic (signed overflow, shifts out of range, misaligned
-loads). Verified to fail on an injected one-row overread in the layer kernel's loads."""
+loads). The run also flips the emulation's order (MINING_CUDA_EMULATE_FLIP=1: blocks in reverse, and the phases
+that ran forwards run backwards), so that with test_cuda_layer.py's own run every phase is seen in both thread
+orders. Verified to fail on an injected one-row overread in the layer kernel's loads, and without the barrier after
+cand_scan's first write to shared memory, which the unflipped order cannot see."""
 
 import os
 import shutil
@@ -33,13 +36,14 @@ def runtime(name: str) -> str:
     return path
 
 
-def test_the_emulated_kernel_under_address_and_undefined_behaviour_sanitizers(tmp_path):
+def test_the_emulated_kernel_under_sanitizers_in_the_other_thread_order(tmp_path):
     env = {**os.environ,
            "LD_PRELOAD": f"{runtime('libasan.so')} {runtime('libubsan.so')}",
            "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1:abort_on_error=0",
            "UBSAN_OPTIONS": "print_stacktrace=1",
            "MINING_CUDA_EMULATE_FLAGS": "-g -fsanitize=address,undefined -fno-sanitize-recover=undefined "
                                         "-fno-omit-frame-pointer",
+           "MINING_CUDA_EMULATE_FLIP": "1",
            "MINING_CACHE_DIR": str(tmp_path / "cache")}  # the sanitized build apart from the usual one
     # -s: a sanitizer report goes to the process's stderr, which pytest's capture would drop when the process exits
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",

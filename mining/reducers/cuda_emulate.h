@@ -2,12 +2,15 @@
 // CUDA threads are fibers (ucontext) on the calling thread, each running until its next __syncthreads or its end;
 // when every live one has arrived, the next phase starts. Phases run the threads in turn, forwards and backwards
 // alternately, so a read of shared memory that a missing barrier leaves unordered sees the other thread's value
-// in one phase order or the other. Blocks run one at a time. (An OS thread per CUDA thread with a std::barrier, the first
+// in one phase order or the other. Blocks run one at a time, in grid order. MINING_CUDA_EMULATE_FLIP=1 reverses
+// both (the blocks, and which phases run backwards), so that a test run once each way sees every phase in both
+// orders (tests/test_cuda_sanitized.py). (An OS thread per CUDA thread with a std::barrier, the first
 // version, spent most of its time creating and waking threads: tests/test_cuda_layer.py and test_cuda_build.py
 // took 168 s on 2 cores with it, 45 s with fibers. Removing any one of three __syncthreads of the layer kernel
 // fails test_cuda_layer.py with fibers.)
 #pragma once
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -61,8 +64,11 @@ inline void emu_launch(unsigned gx, unsigned gy, unsigned threads, int64_t smem,
     gridDim.x = gx;
     gridDim.y = gy;
     emu_body = &body;
-    for (unsigned by = 0; by < gy; ++by) {
-        for (unsigned bx = 0; bx < gx; ++bx) {
+    const char* flip_env = std::getenv("MINING_CUDA_EMULATE_FLIP");
+    const bool flip = flip_env && flip_env[0] == '1';
+    for (unsigned by_ = 0; by_ < gy; ++by_) {
+        for (unsigned bx_ = 0; bx_ < gx; ++bx_) {
+            const unsigned by = flip ? gy - 1 - by_ : by_, bx = flip ? gx - 1 - bx_ : bx_;
             std::fill(shared.begin(), shared.end(), 0xAB);  // garbage, as on a GPU
             emu_smem = shared.data();
             blockIdx.x = bx;
@@ -79,7 +85,7 @@ inline void emu_launch(unsigned gx, unsigned gy, unsigned threads, int64_t smem,
             for (unsigned phase = 0, live = threads; live > 0; ++phase) {
                 live = 0;
                 for (unsigned i = 0; i < threads; ++i) {
-                    const unsigned t = phase % 2 ? threads - 1 - i : i;
+                    const unsigned t = (phase % 2 == 1) != flip ? threads - 1 - i : i;
                     if (fibers[t].done) continue;
                     threadIdx.x = t;
                     emu_running = &fibers[t];
