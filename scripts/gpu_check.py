@@ -29,6 +29,11 @@ Stages (--stages, comma-separated), each reported even if another fails:
                 left while it mines (torch.cuda.set_sync_debug_mode)
   profile       torch.profiler over the bench's mining variant: device and host time by op (profile.txt), the
                 device's busy fraction and longest idle gaps, the trace (trace.json.gz)
+  sanitize      kernel_exact at toy sizes under NVIDIA's compute-sanitizer, once per tool: memcheck (out-of-bounds
+                and misaligned accesses), racecheck (shared-memory hazards: a missing __syncthreads), synccheck
+                (barriers misused) and initcheck (reads of device memory never written); each tool's error count
+                and the first lines of its report. The CPU emulation cannot see races within a phase (one fiber runs
+                at a time); these tools see them on the hardware. Skipped where compute-sanitizer is not installed
 """
 
 from __future__ import annotations
@@ -56,13 +61,17 @@ from mining.reducers import ContextTopK, Histogram, HistogramBins, TopK  # noqa:
 from mining.reducers.moments import _batch_moments  # noqa: E402
 
 REPORT: dict = {}
+REPORT_PATH: Path | None = None
+"""OUT/report.json, rewritten after every stage: a run the device session's time limit kills keeps what it did."""
+SMALL = False
+"""--small: toy sizes on the device (the sanitize stage's runs, which compute-sanitizer slows 10-100 times)."""
 DRY = False
 """--dry-run: every stage at a toy size on the CPU, the kernel emulated (MINING_CUDA_EMULATE=1), timed with the
 host's clock: the script itself checked (tests/test_gpu_check.py) before a device session spends minutes on it."""
 
 
 def size(real, toy):
-    return toy if DRY else real
+    return toy if DRY or SMALL else real
 
 
 def stage(name):
@@ -74,6 +83,8 @@ def stage(name):
             except Exception as e:  # noqa: BLE001 - every stage reports
                 REPORT[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
             REPORT[name]["seconds"] = round(time.perf_counter() - t0, 1)
+            if REPORT_PATH is not None:
+                REPORT_PATH.write_text(json.dumps(REPORT, indent=1, default=str))
             print(f"== {name}: {'ok' if REPORT[name]['ok'] else 'FAILED ' + REPORT[name]['error']} "
                   f"({REPORT[name]['seconds']} s)", flush=True)
         return run
@@ -501,6 +512,45 @@ def timeline(events, on_device: bool, top: int = 12) -> dict:
             "longest_gaps": [{"us": round(g, 1), "after": a[:80], "before": b[:80]} for g, a, b in gaps[:top]]}
 
 
+SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
+
+
+def compute_sanitizer() -> str | None:
+    return shutil.which("compute-sanitizer") or shutil.which("compute-sanitizer", path="/usr/local/cuda/bin")
+
+
+@stage("sanitize")
+def sanitize(config: str, out: Path, scratch: Path) -> dict:
+    """This script's kernel_exact stage at toy sizes in a process of its own under each compute-sanitizer tool (at
+    most 3 minutes each: run this stage last). A dry run runs the first of those processes without the sanitizer,
+    to check the plumbing on the CPU."""
+    tool_path = None if DRY else compute_sanitizer()
+    if tool_path is None and not DRY:
+        return {"skipped": "no compute-sanitizer on PATH or in /usr/local/cuda/bin"}
+    res = {}
+    for tool in SANITIZER_TOOLS[:1] if DRY else SANITIZER_TOOLS:  # a dry run checks the plumbing once
+        wrap = [] if DRY else [tool_path, "--tool", tool, "--error-exitcode", "7", "--print-limit", "20"]
+        inner = [sys.executable, str(Path(__file__).resolve()), "--config", config,
+                 "--out", str(out / f"sanitize-{tool}"), "--scratch", str(scratch), "--stages", "kernel_exact",
+                 "--small"] + (["--dry-run"] if DRY else [])
+        t0 = time.perf_counter()
+        try:
+            done = subprocess.run(wrap + inner, capture_output=True, text=True, timeout=180)
+            text = done.stdout + done.stderr
+            lines = text.splitlines()
+            summary = [line for line in lines if "ERROR SUMMARY" in line]
+            errors = [line for line in lines if line.startswith("========= ") and "ERROR SUMMARY" not in line]
+            res[tool] = {"rc": done.returncode, "summary": summary[-1] if summary else None, "report": errors[:40],
+                         "tail": text[-1500:] if done.returncode else "", "seconds": round(time.perf_counter() - t0, 1)}
+        except subprocess.TimeoutExpired:
+            res[tool] = {"rc": None, "summary": "timed out", "seconds": round(time.perf_counter() - t0, 1)}
+    bad = [t for t, r in res.items() if r["rc"] != 0]
+    if bad:  # every tool reported above; the stage fails with the names
+        REPORT["sanitize_tools"] = res
+        raise RuntimeError(f"compute-sanitizer found errors or failed: {', '.join(bad)} (report.json: sanitize_tools)")
+    return res
+
+
 @stage("model")
 def make_model(config_dir: str, target: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -547,7 +597,11 @@ def main() -> None:
     ap.add_argument("--stages", default="kernel_exact,kernel_ops,bench,miner")
     ap.add_argument("--scratch", default="/tmp/gpu_check", help="where the random model and tiny model are kept")
     ap.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU, the kernel emulated")
+    ap.add_argument("--small", action="store_true", help="toy sizes on the device (the sanitize stage's runs)")
     a = ap.parse_args()
+    if a.small:
+        global SMALL
+        SMALL = True
     if a.dry_run:
         global DRY
         DRY = True
@@ -555,6 +609,8 @@ def main() -> None:
         os.environ["MINING_CUDA_EMULATE"] = "1"
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    global REPORT_PATH
+    REPORT_PATH = out / "report.json"
     dev = torch.device(a.device)
     REPORT["env"] = {"torch": torch.__version__, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     if dev.type == "cuda":  # built with nvcc and passed its first-use check (cuda_layer.proves_itself), or the torch ops
@@ -597,8 +653,10 @@ def main() -> None:
                 if not model.exists():
                     make_model(a.config, model)
                 profile(dev, model, out)
+            elif s == "sanitize":
+                sanitize(a.config, out, scratch)
     finally:
-        (out / "report.json").write_text(json.dumps(REPORT, indent=1, default=str))
+        REPORT_PATH.write_text(json.dumps(REPORT, indent=1, default=str))
         print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "trace"} for k, v in REPORT.items()},
                          indent=1, default=str), flush=True)
     failed = [name for name, r in REPORT.items() if isinstance(r.get("ok"), bool) and not r["ok"]]

@@ -20,7 +20,7 @@ def test_the_device_sessions_stages_run(tmp_path, smol_tokenizer):
     config = tmp_path / "config"
     tiny_model("llama", vocab_size=len(smol_tokenizer)).save_pretrained(config)
     smol_tokenizer.save_pretrained(config)
-    stages = ["kernel_exact", "kernel_ops", "bench", "profile"]
+    stages = ["kernel_exact", "kernel_ops", "bench", "profile", "sanitize"]
     done = subprocess.run([sys.executable, str(SCRIPT), "--config", str(config), "--out", str(tmp_path / "out"),
                            "--scratch", str(tmp_path / "scratch"), "--dry-run", "--stages", ",".join(stages)],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -30,6 +30,9 @@ def test_the_device_sessions_stages_run(tmp_path, smol_tokenizer):
     assert report["kernel_exact"]["bfloat16"]["top"] and report["kernel_exact"]["dla_fused_bfloat16"]
     assert report["bench"]["mining_tokens_per_s"] > 0 and report["bench"]["dla_ratio"] > 0
     assert (tmp_path / "out" / "profile.txt").stat().st_size > 0
+    assert report["sanitize"]["memcheck"]["rc"] == 0  # the stage's own process ran kernel_exact (unsanitized here)
+    inner = json.loads((tmp_path / "out" / "sanitize-memcheck" / "report.json").read_text())
+    assert inner["kernel_exact"]["ok"] and inner["kernel_exact"]["bfloat16"]["top"]
 
 
 def test_a_failed_stage_fails_the_script(tmp_path):
