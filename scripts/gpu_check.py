@@ -11,7 +11,15 @@ anything has loaded smollm2-135m once (which converts the GGUF into the cache):
     echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/smollm2
     cp ~/.cache/activation-mining/gguf-*/{config.json,tokenizer.json,tokenizer_config.json} .gpu/smollm2/
 
-and name `.gpu` in the device call's carry.
+and name `.gpu` in the device call's carry. The sanitize stage needs NVIDIA's compute-sanitizer. If the device
+machine's CUDA toolkit may lack it, carry one (about 40 MB, within the carry limit with the model's files):
+
+    pip download --no-deps -d /tmp/cs nvidia-cuda-sanitizer-api==13.0.85   # CUDA 13.0, as the device's torch
+    python3 -m zipfile -e /tmp/cs/*.whl /tmp/cs/x && mkdir -p .gpu/compute-sanitizer
+    cp -r /tmp/cs/x/nvidia/cu13/bin /tmp/cs/x/nvidia/cu13/lib .gpu/compute-sanitizer/
+    chmod +x .gpu/compute-sanitizer/bin/compute-sanitizer
+
+and run with MINING_COMPUTE_SANITIZER=.gpu/compute-sanitizer/bin/compute-sanitizer.
 
 Stages (--stages, comma-separated), each reported even if another fails:
   kernel_exact  cuda_layer.cu against the CPU reducers, batch by batch, on bf16 and fp16 data with ties, NaN
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
 import json
 import os
 import shutil
@@ -516,7 +525,18 @@ SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 
 
 def compute_sanitizer() -> str | None:
-    return shutil.which("compute-sanitizer") or shutil.which("compute-sanitizer", path="/usr/local/cuda/bin")
+    """MINING_COMPUTE_SANITIZER (a carried copy, see the module's docstring), else the CUDA toolkit's, else the
+    nvidia-cuda-sanitizer-api wheel's (nvidia/cu13/bin), if either is installed."""
+    carried = os.environ.get("MINING_COMPUTE_SANITIZER")
+    if carried:
+        return carried if os.access(carried, os.X_OK) else None
+    found = shutil.which("compute-sanitizer") or shutil.which("compute-sanitizer", path="/usr/local/cuda/bin")
+    spec = None if found else importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for wheel in sorted(Path(root).glob("cu*/bin/compute-sanitizer"), reverse=True):
+            if os.access(wheel, os.X_OK):
+                return str(wheel)
+    return found
 
 
 @stage("sanitize")
@@ -526,7 +546,7 @@ def sanitize(config: str, out: Path, scratch: Path) -> dict:
     to check the plumbing on the CPU."""
     tool_path = None if DRY else compute_sanitizer()
     if tool_path is None and not DRY:
-        return {"skipped": "no compute-sanitizer on PATH or in /usr/local/cuda/bin"}
+        return {"skipped": "no compute-sanitizer (CUDA toolkit, or pip install nvidia-cuda-sanitizer-api)"}
     res = {}
     for tool in SANITIZER_TOOLS[:1] if DRY else SANITIZER_TOOLS:  # a dry run checks the plumbing once
         wrap = [] if DRY else [tool_path, "--tool", tool, "--error-exitcode", "7", "--print-limit", "20"]
