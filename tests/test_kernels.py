@@ -389,3 +389,33 @@ def test_a_floor_is_seeded_only_where_the_rows_rank_k_values(torch_ops):
     seed_floor(seeded, x[1].nan_to_num(0.0), tok[1])
     kth = torch.sort(x[1].nan_to_num(0.0), dim=0).values[3]  # the 4th lowest of each column
     assert torch.equal(decode(seeded.floor, False)[0], kth) and seeded.settled()
+
+
+def test_the_layer_kernels_states_do_not_depend_on_its_thread_count(monkeypatch):
+    """An actor runs the kernels on one thread, `mine bench` and an in-process run on two: each thread takes a range
+    of columns, so the states must be the same bits whatever the split (the column count is not a multiple of the
+    parts' width, so the last part is short). DLA's ranked pass too."""
+    from mining.reducers.fused import update_hook, update_ranked
+
+    def run(threads: int) -> list[dict[str, torch.Tensor]]:
+        monkeypatch.setenv("MINING_KERNEL_THREADS", str(threads))
+        hook, ranked = standard_set(), (TopK(4, True), TopK(4, False), Moments())
+        for i in range(3):
+            x = hostile(40 + i, M=4 * 50, N=150).view(4, 50, 150).contiguous()
+            tok = torch.arange(i * 200, (i + 1) * 200).view(4, 50)
+            tok[:, 45:] = -1
+            assert update_hook(*hook, x, tok, tok >= 0)
+            flat = hostile(50 + i, M=120, N=150)
+            if not update_ranked(*ranked, flat, torch.arange(i * 120, (i + 1) * 120)):
+                for r in ranked[:2]:
+                    r.update(flat, torch.arange(i * 120, (i + 1) * 120))
+                ranked[2].update(flat)
+        return [r.state_dict() for r in (*hook, *ranked)]
+
+    if kernels.numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here")
+    one, two = run(1), run(2)
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key].reshape(-1).view(torch.uint8), b[key].reshape(-1).view(torch.uint8)), key
