@@ -15,12 +15,18 @@ input (forward pre-hook) or output (forward hook). "" is the block itself.
 | mlp.hook_post       | mlp.c_proj in           | mlp.dense_4h_to_h in      | mlp.fc_out in | mlp.down_proj in        | output.dense in             |
 | hook_resid_post     | block out               | block out                 | block out     | block out               | layer out                   |
 
-llama-like = llama, mistral, qwen2, qwen3, smollm3 (same module names, pre-norm, gated MLP).
+llama-like = llama, mistral, qwen2, qwen3, smollm3 (same module names, pre-norm, gated MLP); gemma too, whose
+RMSNorms scale by (1 + weight). gemma2 and gemma3_text are llama-like with "sandwich" norms: the attention and
+MLP outputs each pass a norm before they join the residual stream, so hook_resid_mid is the input of
+pre_feedforward_layernorm. olmo2 has only those output norms (the MLP reads the residual stream itself:
+hook_resid_mid is the mlp's input). Where an MLP output norm exists, a neuron's effect on the residual stream
+is its write a * w_out through that norm (scale held fixed per token): direct logit attribution and the logit
+lens read it so.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 from torch import nn
@@ -59,6 +65,11 @@ class Arch:
     """Path of the norm applied before the unembedding, inside the base model."""
     parallel: Callable[[object], bool] = field(default=lambda config: False)
     """True when attention and MLP both read the block input (no residual stream between them)."""
+    mlp_out_norm: str | None = None
+    """Path inside the block of a norm the MLP's output passes before it joins the residual stream (Gemma 2/3's
+    post_feedforward_layernorm); None where the MLP writes to the stream directly."""
+    norm_offset: float = 0.0
+    """RMSNorm multiplies by (norm_offset + weight): 1.0 for Gemma's, whose weights are stored around zero."""
 
     @property
     def gated(self) -> bool:
@@ -100,6 +111,14 @@ LLAMA = Arch(
     _sites("self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj"),
     "norm",
 )
+GEMMA = replace(LLAMA, family="gemma", norm_offset=1.0)
+_GEMMA2_SITES = _sites("self_attn.o_proj", "pre_feedforward_layernorm", "mlp.gate_proj", "mlp.down_proj",
+                       "mlp.up_proj")
+GEMMA2 = Arch("gemma2", "model", "layers", _GEMMA2_SITES, "norm", mlp_out_norm="post_feedforward_layernorm",
+              norm_offset=1.0)
+OLMO2 = Arch("olmo2", "model", "layers",
+             _sites("self_attn.o_proj", "mlp", "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj"), "norm",
+             mlp_out_norm="post_feedforward_layernorm")
 # BERT is post-norm: the residual stream between attention and MLP is the attention LayerNorm's output.
 BERT = Arch(
     "bert",
@@ -120,6 +139,10 @@ MODEL_TYPES: dict[str, Arch] = {
     "qwen2": LLAMA,
     "qwen3": LLAMA,
     "smollm3": LLAMA,
+    "gemma": GEMMA,
+    "gemma2": GEMMA2,
+    "gemma3_text": replace(GEMMA2, family="gemma3"),
+    "olmo2": OLMO2,
     "bert": BERT,
 }
 

@@ -9,6 +9,11 @@ a · w_out into the stream moves the logit of token t by
 and the contributions of every component (embeddings, heads, neurons, biases) sum to the logit
 (tests/test_dla.py checks this). The scale s is only known after the forward pass, so each layer
 keeps a · (w_out · d_t) for the mined positions until the final norm's input has been seen.
+
+Where the MLP's output passes a norm of its own before the residual stream (Gemma 2/3, OLMo 2), a neuron
+writes a · (γ_out ⊙ w_out) / s_out, s_out that norm's per-token scale, held fixed the same way: the gain
+takes γ_out and the divisor is s · s_out. Gemma 2's final soft-cap (tanh) is not linear: the attribution is
+to the logit before it.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 from torch import nn
 
 from .batch import Batch, mined_rows
-from .hooks import HookPoint, final_norm, mlp_out_weight, unembedding
+from .hooks import HookPoint, final_norm, mlp_out_norm, mlp_out_weight, n_layers, norm_gain, unembedding
 from .reducers import cuda_layer, kernels, layer_kernel
 from .reducers.device import applies as device_path, upload
 
@@ -100,6 +105,14 @@ def _eps(norm: nn.Module) -> float:
     return 1e-6
 
 
+def norm_scale(norm: nn.Module, resid: torch.Tensor) -> torch.Tensor:
+    """A norm's per-token divisor s from its input (…, d), in float32."""
+    x, eps = resid.float(), _eps(norm)
+    if _norm_kind(norm) == "layer":
+        return torch.sqrt(x.var(dim=-1, unbiased=False) + eps)
+    return torch.sqrt(x.pow(2).mean(dim=-1) + eps)
+
+
 class DirectLogitAttribution:
     """Per-model constants for DLA: the target directions and the final norm's scale."""
 
@@ -108,16 +121,19 @@ class DirectLogitAttribution:
         if self.norm is None or not hasattr(self.norm, "weight"):
             raise ValueError("direct logit attribution needs a pre-norm causal LM with a final norm")
         self.kind = _norm_kind(self.norm)
-        self.eps = _eps(self.norm)
         self.model = model
         self.w_u = unembedding(model)  # (d, V) view
-        self.gamma = self.norm.weight
+        self.gamma = norm_gain(model, self.norm)  # float32
+        self.out_norms = {layer: norm for layer in range(n_layers(model))
+                          if (norm := mlp_out_norm(model, layer)) is not None}
+        """layer -> the norm its MLP output passes before the residual stream (Gemma 2/3, OLMo 2); empty elsewhere."""
         self._w_out: dict[int, torch.Tensor] = {}
-        dtype = self.gamma.dtype
+        weight = self.norm.weight
         # On a GPU a half-precision model's gains are one matmul in its own dtype (the precision its down
         # projection ran in): in float32 the (M, d) x (d, N) gain of every layer would cost as much as the
         # forward pass itself. Elsewhere float32.
-        self.gain_dtype = dtype if self.gamma.is_cuda and dtype in (torch.float16, torch.bfloat16) else torch.float32
+        self.gain_dtype = (weight.dtype if weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
+                           else torch.float32)
         self._pool: dict[tuple[str, int], torch.Tensor] = {}
         self.cache: GainCache | None = None
         """Set by the miner (CPU): DlaBatch(defer=True) then takes its gains through it."""
@@ -135,22 +151,22 @@ class DirectLogitAttribution:
 
     def directions(self, targets: torch.Tensor) -> torch.Tensor:
         """d_t for each target id (U,) -> (U, d), in float32."""
-        d = self.w_u[:, targets].T.float() * self.gamma.float()
+        d = self.w_u[:, targets].T.float() * self.gamma
         if self.kind == "layer":
             d = d - d.mean(dim=-1, keepdim=True)
         return d
 
     def scale(self, resid: torch.Tensor) -> torch.Tensor:
         """The final norm's per-token divisor s from its input (…, d)."""
-        x = resid.float()
-        if self.kind == "layer":
-            return torch.sqrt(x.var(dim=-1, unbiased=False) + self.eps)
-        return torch.sqrt(x.pow(2).mean(dim=-1) + self.eps)
+        return norm_scale(self.norm, resid)
 
     def neuron_gain(self, layer: int, directions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """w_out · d_t for every neuron: (U, d) @ (d, N) -> (U, N); out: a (U, N) float32 tensor to write it to."""
         if layer not in self._w_out:
-            self._w_out[layer] = mlp_out_weight(self.model, layer).to(self.gain_dtype)  # (N, d)
+            w_out = mlp_out_weight(self.model, layer)  # (N, d)
+            if layer in self.out_norms:  # its gain, as the final norm's is in d_t
+                w_out = w_out.float() * norm_gain(self.model, self.out_norms[layer])
+            self._w_out[layer] = w_out.to(self.gain_dtype)
         w = self._w_out[layer].T
         if self.gain_dtype == torch.float32 and not directions.is_cuda and len(directions) < GAIN_ROWS_MIN:
             padded = directions.new_zeros(GAIN_ROWS_MIN, directions.shape[1])
@@ -171,13 +187,14 @@ class GainProduct:
     u: torch.Tensor
     """(M, N) float32 gain[inverse] * x[sel], in DirectLogitAttribution.buffer's memory: valid until the next batch."""
     batch: "DlaBatch"
+    layer: int
 
     def kernel_args(self) -> tuple:
-        return self.u, self.batch.toks, self.batch.scale.numpy()
+        return self.u, self.batch.toks, self.batch.scale_of(self.layer).numpy()
 
     def values(self) -> torch.Tensor:
         """The (M, N) values, as DlaBatch computes them where the kernel does not apply: the same bits."""
-        return torch.div(self.u, self.batch.scale[:, None])
+        return torch.div(self.u, self.batch.scale_of(self.layer)[:, None])
 
 
 @dataclass
@@ -222,10 +239,12 @@ class DlaBatch:
             self.urow = np.full(len(mined), -1, np.int64)
             self.urow[np.searchsorted(mined, sel)] = np.arange(len(sel))
         self.raw: dict[str, torch.Tensor] = {}
+        self.raw_layer: dict[str, int] = {}  # a raw MLP layer's name -> its layer (the heads' keep the final scale)
         self.deferred: dict[str, GainProduct] = {}
         self.fused: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (activations, layer)
         self.scale: torch.Tensor | None = None  # (M,) at the mined positions with a next token
         self.row_scale: torch.Tensor | None = None  # (B * T,) at every position
+        self.out_row_scale: dict[int, torch.Tensor] = {}  # layer -> (B * T,) its MLP output norm's scale
         self._layout: cuda_layer.Layout | None = None
         self._fused: tuple[cuda_layer.Layout, torch.Tensor] | None = None
 
@@ -282,7 +301,7 @@ class DlaBatch:
         if numerator is not None:
             if not numerator.done:
                 layer_kernel.gain_product(x, self.sel_np, numerator.kept, numerator.src, numerator.u, numerator.fresh)
-            self.deferred[point.name] = GainProduct(numerator.u, self)
+            self.deferred[point.name] = GainProduct(numerator.u, self, point.layer)
             return
         if self.defer and x.ndim == 3 and len(self.sel_np) and cuda_layer.usable(x):
             # reduced at the end as it is, no copy: the model only reads an MLP's activations after its hook (the
@@ -291,6 +310,7 @@ class DlaBatch:
             return
         gain = self.dla.neuron_gain(point.layer, self.directions)  # (U, N)
         self.raw[point.name] = self.per_position(gain).mul_(mined_rows(x, self.sel))  # a fresh (M, N): in place
+        self.raw_layer[point.name] = point.layer
 
     @contextmanager
     def watch_norm(self) -> Iterator[None]:
@@ -298,18 +318,36 @@ class DlaBatch:
             self.row_scale = self.dla.scale(args[0]).reshape(-1)
             self.scale = self.row_scale[self.sel]
 
-        handle = self.dla.norm.register_forward_pre_hook(keep)
+        def keep_out(layer: int):
+            def hook(module, args):
+                self.out_row_scale[layer] = norm_scale(module, args[0]).reshape(-1)
+            return hook
+
+        handles = [self.dla.norm.register_forward_pre_hook(keep)]
+        handles += [norm.register_forward_pre_hook(keep_out(layer)) for layer, norm in self.dla.out_norms.items()]
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+
+    def row_scale_of(self, layer: int) -> torch.Tensor:
+        """(B * T,) the divisor of layer's MLP neurons at every position: the final norm's scale, times the scale of
+        the norm on the layer's MLP output where there is one."""
+        out = self.out_row_scale.get(layer)
+        return self.row_scale if out is None else self.row_scale * out
+
+    def scale_of(self, layer: int) -> torch.Tensor:
+        """(M,) row_scale_of(layer) at the mined positions with a next token."""
+        return self.scale if layer not in self.out_row_scale else self.row_scale_of(layer)[self.sel]
 
     def finish(self) -> Iterator[tuple[str, torch.Tensor | GainProduct | FusedGain]]:
         for name, raw in self.raw.items():
-            yield name, raw.div_(self.scale[:, None])  # raw is this batch's own tensor: no copy
+            scale = self.scale_of(self.raw_layer[name]) if name in self.raw_layer else self.scale
+            yield name, raw.div_(scale[:, None])  # raw is this batch's own tensor: no copy
         yield from self.deferred.items()
         for name, (x, layer) in self.fused.items():
             layout, target = self.fused_layout()
             table = self.dla.neuron_gain(layer, self.directions).contiguous()  # (U, N) float32, as the torch path's
             yield name, FusedGain(x.reshape(-1, x.shape[-1]), layout,
-                                  cuda_layer.Gain(table, target, self.row_scale.contiguous()))
+                                  cuda_layer.Gain(table, target, self.row_scale_of(layer).contiguous()))

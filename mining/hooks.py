@@ -45,7 +45,8 @@ class HookPoint:
 
 
 def architecture(model: nn.Module) -> str:
-    """Normalized family name: gpt2, gpt_neo, gpt_neox, gptj, llama (also mistral, qwen2, qwen3, smollm3), bert."""
+    """Normalized family name: gpt2, gpt_neo, gpt_neox, gptj, llama (also mistral, qwen2, qwen3, smollm3), gemma,
+    gemma2, gemma3, olmo2, bert."""
     return arch_of(model).family
 
 
@@ -180,6 +181,24 @@ def final_norm(model: nn.Module) -> nn.Module | None:
         return None
     prefix, _ = locate(model, arch)
     return model.get_submodule(prefix + arch.final_norm)
+
+
+def mlp_out_norm(model: nn.Module, layer: int) -> nn.Module | None:
+    """The norm layer `layer`'s MLP output passes before the residual stream (Gemma 2/3, OLMo 2), or None."""
+    arch = arch_of(model)
+    if arch.mlp_out_norm is None:
+        return None
+    _, blocks = locate(model, arch)
+    return blocks[layer].get_submodule(arch.mlp_out_norm)
+
+
+def norm_gain(model: nn.Module, norm: nn.Module) -> torch.Tensor | None:
+    """A norm's elementwise gain gamma as float32 (None without a weight): its weight, plus one for Gemma's RMSNorm."""
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        return None
+    offset = arch_of(model).norm_offset
+    return weight.detach().float() + offset if offset else weight.detach().float()
 
 
 def unembedding(model: nn.Module) -> torch.Tensor:

@@ -53,12 +53,25 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "Qwen3Model", _llama_like(head_dim=16, use_sliding_window=False)),
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", "SmolLM3Model",
                 _llama_like(use_sliding_window=False, pad_token_id=None, bos_token_id=1, eos_token_id=2)),
+    # Gemma: GELU-gated, RMSNorm scaling by (1 + weight); 2 and 3 add norms on the attention and MLP outputs and a
+    # final logit soft-cap (Gemma 2). OLMo 2: only the output norms.
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", "GemmaModel", _llama_like(head_dim=8)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "Gemma2Model",
+               _llama_like(head_dim=8, sliding_window=4, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                           query_pre_attn_scalar=8)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", "Gemma3TextModel",
+                    _llama_like(head_dim=8, sliding_window=4, query_pre_attn_scalar=8)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", "Olmo2Model",
+              _llama_like(pad_token_id=None, bos_token_id=1, eos_token_id=2)),
     "bert": ("BertConfig", "BertForMaskedLM", "BertModel",
              dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, intermediate_size=_MLP,
                   max_position_embeddings=_POS, initializer_range=0.1)),
 }
 
 ARCHS = tuple(_SPECS)
+_NORM_CENTRE = {"gemma": 0.0, "gemma2": 0.0, "gemma3_text": 0.0, "olmo2": 1.0}
+"""Families whose tiny models get random norm weights around their stored centre (Gemma's RMSNorm scales by 1 + w):
+with the default init every gain is 1 (or a Gemma norm's w is 0), and no test could tell a gain left out."""
 _GPT_IDS = {"gpt2", "gpt_neo", "gptj"}
 
 
@@ -81,4 +94,9 @@ def tiny_model(arch: str, vocab_size: int = 512, seed: int = 0, *, head: bool = 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = getattr(transformers, head_cls if head else base_cls)(config)
+        if arch in _NORM_CENTRE:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "norm" in name:
+                        param.normal_(_NORM_CENTRE[arch], 0.3)
     return model.to(torch.float32).eval()

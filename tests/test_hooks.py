@@ -21,7 +21,8 @@ from mining.hooks import (
 from mining.tiny import ARCHS, tiny_model
 
 B, T = 2, 7
-LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3"}
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo2"}
+OUT_NORMS = {"gemma2", "gemma3", "olmo2"}  # the attention output passes post_attention_layernorm before the stream
 PARALLEL = {"gpt_neox", "gptj"}  # tiny gpt_neox uses Pythia's parallel residual
 # family -> (block list inside the base model, MLP module, input projection, up projection, activation,
 #            attention module whose output[0] is z @ W_O + b)
@@ -176,6 +177,8 @@ def test_hook_z_and_resid_mid(arch):
     resid_pre, resid_mid = got[f"blocks.{layer}.hook_resid_pre"], got[f"blocks.{layer}.hook_resid_mid"]
     if family == "bert":  # post-norm: LayerNorm(attn_out + resid_pre)
         close(blk.attention.output.LayerNorm(attn_out + resid_pre), resid_mid)
+    elif family in OUT_NORMS:  # the attention output's own norm, then the residual stream
+        close(resid_pre + blk.post_attention_layernorm(attn_out), resid_mid)
     else:  # pre-norm: the residual stream after attention
         close(resid_pre + attn_out, resid_mid)
 
@@ -220,7 +223,9 @@ def test_unembedding_and_final_norm(arch):
     with record(model, [f"blocks.{n - 1}.hook_resid_post"]) as got:
         logits = model(ids()).logits
     bias = model.get_output_embeddings().bias
-    close(final_norm(model)(got[f"blocks.{n - 1}.hook_resid_post"]) @ w_u + (0 if bias is None else bias), logits)
+    pre_cap = final_norm(model)(got[f"blocks.{n - 1}.hook_resid_post"]) @ w_u + (0 if bias is None else bias)
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2: cap * tanh(logits / cap)
+    close(pre_cap if cap is None else cap * torch.tanh(pre_cap / cap), logits)
 
 
 def test_glob_sort_dedup_and_paths():

@@ -26,8 +26,12 @@ def raw_weights(model, arch: str, layer: int) -> tuple[torch.Tensor, torch.Tenso
     if arch == "gpt_neox":
         t = model.gpt_neox
         return t.layers[layer].mlp.dense_4h_to_h.weight.T, t.final_layer_norm.weight, model.lm_head.weight
-    t = model.model
-    return t.layers[layer].mlp.down_proj.weight.T, t.norm.weight, model.lm_head.weight
+    t, blk = model.model, model.model.layers[layer]
+    one = 1.0 if arch.startswith("gemma") else 0.0  # Gemma's RMSNorm scales by 1 + weight
+    w_out = blk.mlp.down_proj.weight.T
+    if hasattr(blk, "post_feedforward_layernorm"):  # Gemma 2/3, OLMo 2: the MLP's output norm's gain too
+        w_out = w_out * (blk.post_feedforward_layernorm.weight + one)
+    return w_out, t.norm.weight + one, model.lm_head.weight
 
 
 def brute_force(w_out, gain, w_u, neuron: int, k: int, largest: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -55,10 +59,10 @@ def check_neuron(table: dict, layer: int, neuron: int, raw, k: int) -> None:
         assert ((ids == order[:k]) | near).all(), (layer, neuron, sign, ids, order[:k])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen3", "gemma", "gemma2", "olmo2"])
 def test_tiny_models_match_brute_force(arch):
     model = tiny_model(arch, seed=3)
-    family = {"qwen3": "llama"}.get(arch, arch)
+    family = {"qwen3": "llama", "olmo2": "llama"}.get(arch, arch)
     table = logit_lens_table(model, None, k=K)
     assert table.schema == SCHEMA
     n_layers, width = model.config.num_hidden_layers, 64

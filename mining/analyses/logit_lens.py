@@ -13,6 +13,9 @@ rescales every neuron alike and so does not change any ranking. What is left out
   the all-ones direction; the weight `gamma` is used as an elementwise gain;
 - additive biases (the MLP output bias, LayerNorm's beta, an LM-head bias): they are the same vector
   for every neuron, not part of any neuron's effect;
+- Gemma 2/3 and OLMo 2 pass the MLP's output through a norm before the residual stream: its gain
+  multiplies w_out[n] too (gamma_out * w_out[n]), and its per-token scale is left out like the final one's;
+  Gemma's final logit soft-cap (tanh) is monotone, so the ranking is the one before it;
 - BERT's MLM head transform (dense + GELU + LayerNorm, not a norm): BERT has no final norm, so gamma = 1
   and its table is only a rough lens.
 
@@ -32,7 +35,7 @@ from torch import nn
 
 from ..architectures import arch_of, locate
 from ..errors import UserError
-from ..hooks import final_norm, mlp_out_weight, unembedding
+from ..hooks import final_norm, mlp_out_norm, mlp_out_weight, norm_gain, unembedding
 
 SCHEMA = pa.schema([
     ("layer", pa.int32()), ("neuron", pa.int32()), ("sign", pa.string()), ("rank", pa.int32()),
@@ -42,12 +45,10 @@ CHUNK = 512  # neurons per matmul: a (512, vocab) float32 block is 100 MB for a 
 
 
 def _gain(model: nn.Module, d_model: int, device: torch.device) -> torch.Tensor:
-    """The final norm's elementwise weight (ones when there is no norm or it has no weight)."""
+    """The final norm's elementwise gain (ones when there is no norm or it has no weight)."""
     norm = final_norm(model)
-    weight = getattr(norm, "weight", None) if norm is not None else None
-    if weight is None:
-        return torch.ones(d_model, device=device)
-    return weight.detach().float()
+    gain = norm_gain(model, norm) if norm is not None else None
+    return torch.ones(d_model, device=device) if gain is None else gain
 
 
 def neuron_logits(model: nn.Module, layer: int, neurons: slice | Sequence[int] | None = None) -> torch.Tensor:
@@ -56,7 +57,13 @@ def neuron_logits(model: nn.Module, layer: int, neurons: slice | Sequence[int] |
     if neurons is not None:
         w_out = w_out[neurons]
     w_u, gain = _readout(model)
-    return (w_out.float() * gain) @ w_u
+    return (w_out.float() * _layer_gain(model, layer, gain)) @ w_u
+
+
+def _layer_gain(model: nn.Module, layer: int, gain: torch.Tensor) -> torch.Tensor:
+    """The final norm's gain, times the gain of the norm on this layer's MLP output where there is one."""
+    out_norm = mlp_out_norm(model, layer)
+    return gain if out_norm is None else gain * norm_gain(model, out_norm)
 
 
 def _readout(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,10 +127,10 @@ def logit_lens_table(model: nn.Module, tokenizer: Any, layers: list[int] | None 
     parts: dict[str, list[np.ndarray]] = {c: [] for c in ("layer", "neuron", "sign", "rank", "token_id", "weight")}
     w_u, gain = _readout(model)
     for layer in layers:
-        w_out = mlp_out_weight(model, layer)
+        w_out, layer_gain = mlp_out_weight(model, layer), _layer_gain(model, layer, gain)
         for start in range(0, w_out.shape[0], chunk):
             neurons = np.arange(start, min(start + chunk, w_out.shape[0]))
-            logits = (w_out[start:start + len(neurons)].float() * gain) @ w_u  # (chunk, vocab)
+            logits = (w_out[start:start + len(neurons)].float() * layer_gain) @ w_u  # (chunk, vocab)
             for sign, largest in (("boost", True), ("suppress", False)):
                 vals, ids = topk_ids(logits, k, largest)
                 n, kk = ids.shape

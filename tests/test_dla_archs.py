@@ -1,0 +1,226 @@
+"""Direct logit attribution on each decoder family's own norms: Gemma's RMSNorm scales by (1 + weight), and Gemma 2/3
+and OLMo 2 pass the MLP's output through a norm of its own before the residual stream. On tiny random models (norm
+weights drawn at random, so a gain left out shows), each layer's neurons add up to what its MLP adds to the residual
+stream, read through the final norm, and with the embeddings and attention outputs they add up to the logit."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from mining.dla import DirectLogitAttribution, DlaBatch, GainProduct
+from mining.hooks import capture, final_norm, resolve_hooks, unembedding
+from mining.tiny import tiny_model
+
+ARCHS = ["llama", "gemma", "gemma2", "gemma3_text", "olmo2"]
+B, T, VOCAB = 3, 12, 300
+
+
+def _batch(ids: torch.Tensor) -> SimpleNamespace:
+    """Every position mined; all but the last have a next token."""
+    toks = np.arange(ids.numel()).reshape(ids.shape)
+    targets = np.full(ids.shape, -1)
+    targets[:, :-1] = ids[:, 1:].numpy()
+    return SimpleNamespace(toks_np=toks, targets_np=targets, toks=torch.from_numpy(toks))
+
+
+def _residuals(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each block's input, the stream after attention and its output, by plain PyTorch hooks (not mining.hooks)."""
+    blocks, out = model.model.layers, {}
+    handles = []
+    for layer, blk in enumerate(blocks):
+        handles.append(blk.register_forward_pre_hook(
+            lambda m, a, kw, layer=layer: out.__setitem__(f"pre{layer}", (a[0] if a else kw["hidden_states"]).clone()),
+            with_kwargs=True))
+        handles.append(blk.register_forward_hook(lambda m, a, o, layer=layer: out.__setitem__(
+            f"post{layer}", (o[0] if isinstance(o, tuple) else o).clone())))
+        # the stream after attention: what the MLP's pre-norm reads, or the MLP itself where it has none (OLMo 2)
+        reads_stream = (blk.mlp if not hasattr(blk, "input_layernorm") else
+                        getattr(blk, "pre_feedforward_layernorm", None) or blk.post_attention_layernorm)
+        handles.append(reads_stream.register_forward_pre_hook(
+            lambda m, a, layer=layer: out.__setitem__(f"mid{layer}", a[0].clone())))
+    handles.append(final_norm(model).register_forward_pre_hook(lambda m, a: out.__setitem__("final", a[0].clone())))
+    try:
+        out["logits"] = model(input_ids=ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+@pytest.mark.parametrize("defer", [True, False], ids=["deferred", "torch"])
+@pytest.mark.parametrize("arch", ARCHS)
+@torch.inference_mode()
+def test_neurons_add_up_to_their_mlps_write_and_everything_to_the_logit(arch, defer):
+    model = tiny_model(arch, vocab_size=VOCAB, seed=4)
+    ids = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
+    ref = _residuals(model, ids)
+    dla = DirectLogitAttribution(model)
+    batch = DlaBatch(dla, _batch(ids), defer=defer)
+    points = resolve_hooks(model, "blocks.*.mlp.hook_post")
+    with capture(model, points, batch.gain), batch.watch_norm():
+        model(input_ids=ids)
+    got = dict(batch.finish())
+    assert len(got) == len(points)
+
+    sel = torch.from_numpy(batch.sel_np)
+    assert len(sel) == B * (T - 1)
+    targets = torch.from_numpy(_batch(ids).targets_np.reshape(-1)[batch.sel_np])
+    # d_t and s straight from the modules: the final norm's gain (1 + w for Gemma) and its RMS divisor
+    norm = final_norm(model)
+    gamma = norm.weight.float() + (1.0 if arch.startswith("gemma") else 0.0)
+    d = unembedding(model)[:, targets].T.float() * gamma
+    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    flat = lambda t: t.reshape(-1, t.shape[-1])[sel]  # noqa: E731
+    s = torch.sqrt(flat(ref["final"]).pow(2).mean(-1) + eps)
+    read = lambda v: (flat(v) * d).sum(-1) / s  # noqa: E731 - a residual-stream write's logit, scale held fixed
+    total = read(ref["pre0"])
+    for layer, point in enumerate(points):
+        values = got[point.name]
+        values = values.values() if isinstance(values, GainProduct) else values
+        assert isinstance(got[point.name], GainProduct) == defer
+        mlp_write = read(ref[f"post{layer}"] - ref[f"mid{layer}"])
+        assert mlp_write.abs().max() > 1e-2
+        torch.testing.assert_close(values.sum(1), mlp_write, rtol=1e-4, atol=1e-4)
+        total = total + read(ref[f"mid{layer}"] - ref[f"pre{layer}"]) + values.sum(1)
+    logits = (norm(flat(ref["final"])) @ unembedding(model)).gather(1, targets[:, None])[:, 0]
+    torch.testing.assert_close(total, logits, rtol=1e-4, atol=1e-4)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    model_logits = ref["logits"].reshape(-1, VOCAB)[sel].gather(1, targets[:, None])[:, 0]
+    torch.testing.assert_close(model_logits, logits if cap is None else cap * torch.tanh(logits / cap))
+
+
+@torch.inference_mode()
+def test_gemmas_gain_is_one_plus_its_weight():
+    """Gemma's stored norm weights sit around zero: read as the gain itself, its DLA would be about zero."""
+    model = tiny_model("gemma", vocab_size=VOCAB, seed=4)
+    dla = DirectLogitAttribution(model)
+    torch.testing.assert_close(dla.gamma, final_norm(model).weight.float() + 1)
+    assert set(dla.out_norms) == set()
+    assert set(DirectLogitAttribution(tiny_model("gemma2", vocab_size=VOCAB)).out_norms) == {0, 1}
+
+
+JOB = """
+name: gemma2-dla
+model: {{id: "{model}"}}
+corpus: {{source: "builtin:python-docs", max_tokens: 500, context_length: 48}}
+hooks: ["blocks.*.mlp.hook_post"]
+stats: {{top_k: 5, dla: true, logit_lens: true, heads: true}}
+compute: {{actors: 1, batch_size: 4, shard_tokens: 250}}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@torch.inference_mode()
+def test_a_mined_gemma2_store_matches_brute_force(tmp_path, smol_tokenizer):
+    """`mine run` on a tiny Gemma 2 (saved with SmolLM2's tokenizer): every neuron's mined DLA (count, mean, top and
+    bottom 5) against a brute force from the modules' raw weights, (1 + w) gains and the MLP output norm's scale."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from mining.cli import main
+
+    model = tiny_model("gemma2", vocab_size=len(smol_tokenizer), seed=2, max_position_embeddings=256)
+    model.save_pretrained(tmp_path / "model")
+    smol_tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "job.yaml").write_text(JOB.format(model=tmp_path / "model"))
+    store = tmp_path / "store"
+    assert main(["run", str(tmp_path / "job.yaml"), "--store", str(store), "--no-progress"]) == 0
+    for table in ("logit_lens", "heads", "dla_examples"):
+        assert pq.read_metadata(store / f"{table}.parquet").num_rows > 0
+
+    tokens = ds.dataset(store / "tokens").to_table().sort_by("tok").to_pandas()
+    layers = model.model.layers
+    w_u = (model.lm_head.weight * (model.model.norm.weight + 1)).double()  # (V, d): d_t rows
+    per_layer: dict[int, list[np.ndarray]] = {0: [], 1: []}
+    # each position's target: the document's next token, mined or not (the corpus' cut can fall inside a document)
+    texts = pq.read_table(store / "docs.parquet").to_pandas().set_index("doc_id").text
+    tokens["next"] = -1
+    for doc, rows in tokens.groupby("doc_id"):
+        ids = smol_tokenizer(texts[doc], add_special_tokens=False)["input_ids"]
+        assert ids[:len(rows)] == rows.token_id.tolist()
+        tokens.loc[rows.index, "next"] = (ids[1:] + [-1])[:len(rows)]
+    for _, group in tokens.groupby("ctx", sort=True):
+        ids = [smol_tokenizer.bos_token_id or 0] + group.token_id.tolist()
+        got: dict = {}
+        hooks = [layers[L].mlp.down_proj.register_forward_pre_hook(lambda m, a, L=L: got.__setitem__(("a", L), a[0][0]))
+                 for L in per_layer]
+        hooks += [layers[L].mlp.down_proj.register_forward_hook(lambda m, a, o, L=L: got.__setitem__(("out", L), o[0]))
+                  for L in per_layer]
+        hooks.append(model.model.norm.register_forward_pre_hook(lambda m, a: got.__setitem__("final", a[0][0])))
+        model(input_ids=torch.tensor([ids]))
+        for h in hooks:
+            h.remove()
+        nxt = group.next.to_numpy()
+        keep = torch.from_numpy(np.flatnonzero(nxt >= 0) + 1)  # positions after the BOS
+        rms = lambda x, eps: torch.sqrt(x.double().pow(2).mean(-1) + eps)  # noqa: E731
+        s = rms(got["final"][keep], model.model.norm.eps)
+        for L in per_layer:
+            post = layers[L].post_feedforward_layernorm
+            w_out = layers[L].mlp.down_proj.weight.T.double() * (post.weight.double() + 1)  # (N, d)
+            s_out = rms(got[("out", L)][keep], post.eps)
+            gain = w_u[torch.from_numpy(nxt[nxt >= 0])] @ w_out.T  # (P, N)
+            per_layer[L].append((got[("a", L)][keep].double() * gain / (s * s_out)[:, None]).numpy())
+    examples = pq.read_table(store / "dla_examples.parquet").to_pandas()
+    neurons = pq.read_table(store / "dla_neurons.parquet").to_pandas()
+    for L, parts in per_layer.items():
+        values = np.concatenate(parts)
+        for n in range(values.shape[1]):
+            col = values[:, n]
+            row = neurons[(neurons.layer == L) & (neurons.neuron == n)].iloc[0]
+            assert row["count"] == len(col)
+            np.testing.assert_allclose(row["mean_dla"], col.mean(), rtol=1e-4, atol=1e-6)
+            mine = examples[(examples.layer == L) & (examples.neuron == n)]
+            for sign, want in (("positive", np.sort(col)[::-1][:5]), ("negative", np.sort(col)[:5])):
+                got_values = mine[mine.sign == sign].sort_values("rank").dla
+                np.testing.assert_allclose(got_values, want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_gpu_kernels_emulated_miner_reads_the_mlp_output_norm_too(tmp_path, smol_tokenizer, monkeypatch):
+    """The device path (the CUDA kernel, emulated on the CPU) divides each layer's DLA by its own scale as it reads
+    the activations (FusedGain): on a tiny Gemma 2 it mines what the CPU miner mines."""
+    from mining.models import load_model
+    from mining.reducers import cuda_layer
+    from mining.runner import plan
+    from mining.spec import spec_from_dict
+    from test_device import mine_all, same_results
+
+    tiny_model("gemma2", vocab_size=len(smol_tokenizer), seed=2).save_pretrained(tmp_path)
+    smol_tokenizer.save_pretrained(tmp_path)
+    spec = spec_from_dict({
+        "name": "gemma2-device", "model": {"id": str(tmp_path)},
+        "corpus": {"source": "builtin:python-docs", "max_tokens": 600, "context_length": 64},
+        "hooks": ["blocks.*.mlp.hook_post"], "stats": {"top_k": 6, "dla": True},
+        "compute": {"batch_size": 4, "shard_tokens": 300},
+    })
+    loaded = load_model(spec.model)
+    shards, _ = plan(spec, loaded.tokenizer)
+    ref = mine_all(spec, loaded, shards[:2])
+    monkeypatch.setenv("MINING_DEVICE_PATH", "1")
+    monkeypatch.setenv("MINING_CUDA_EMULATE", "1")
+    calls = []  # whether each call reduced DLA fused into the read
+    original = cuda_layer.layer_pass
+    monkeypatch.setattr(cuda_layer, "layer_pass", lambda *a, **kw: calls.append("gain" in kw) or original(*a, **kw))
+    same_results(mine_all(spec, loaded, shards[:2]), ref)
+    assert True in calls
+
+
+def test_a_diff_jobs_dla_is_refused_where_attention_has_an_output_norm(tmp_path, smol_tokenizer):
+    """A diff job attributes each head too, through W_O alone: on Gemma 2 that would leave out the norm on the
+    attention output, so it is refused in one line before anything loads."""
+    from mining.errors import UserError
+    from mining.runner import validate
+    from mining.spec import spec_from_dict
+
+    for name in ("a", "b"):
+        tiny_model("gemma2", vocab_size=len(smol_tokenizer), seed=len(name)).save_pretrained(tmp_path / name)
+        smol_tokenizer.save_pretrained(tmp_path / name)
+    job = {"name": "diff", "models": {"a": {"id": str(tmp_path / "a")}, "b": {"id": str(tmp_path / "b")}},
+           "corpus": {"source": "builtin:python-docs", "max_tokens": 300, "context_length": 64},
+           "hooks": ["blocks.*.mlp.hook_post"], "stats": {"dla": True}}
+    with pytest.raises(UserError, match="stats.dla: .*gemma2's attention output passes a norm"):
+        validate(spec_from_dict(job))
+    job["stats"] = {"dla": False}
+    validate(spec_from_dict(job))
