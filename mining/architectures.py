@@ -20,8 +20,8 @@ RMSNorms scale by (1 + weight). gemma2 and gemma3_text are llama-like with "sand
 MLP outputs each pass a norm before they join the residual stream, so hook_resid_mid is the input of
 pre_feedforward_layernorm. olmo2 has only those output norms (the MLP reads the residual stream itself:
 hook_resid_mid is the mlp's input). Where an MLP output norm exists, a neuron's effect on the residual stream
-is its write a * w_out through that norm (scale held fixed per token): direct logit attribution and the logit
-lens read it so.
+is its write a * w_out through that norm (scale held fixed per token), and a head's likewise through the
+attention's: direct logit attribution and the logit lens read them so.
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ class Arch:
     """Path of the norm applied before the unembedding, inside the base model."""
     parallel: Callable[[object], bool] = field(default=lambda config: False)
     """True when attention and MLP both read the block input (no residual stream between them)."""
-    mlp_out_norm: str | None = None
-    """Path inside the block of a norm the MLP's output passes before it joins the residual stream (Gemma 2/3's
-    post_feedforward_layernorm); None where the MLP writes to the stream directly."""
+    out_norms: Mapping[str, str] = field(default_factory=dict)
+    """"attn" / "mlp" -> path inside the block of a norm that part's output passes before it joins the residual
+    stream (Gemma 2/3, OLMo 2); empty where both write to the stream directly."""
     norm_offset: float = 0.0
     """RMSNorm multiplies by (norm_offset + weight): 1.0 for Gemma's, whose weights are stored around zero."""
 
@@ -114,11 +114,11 @@ LLAMA = Arch(
 GEMMA = replace(LLAMA, family="gemma", norm_offset=1.0)
 _GEMMA2_SITES = _sites("self_attn.o_proj", "pre_feedforward_layernorm", "mlp.gate_proj", "mlp.down_proj",
                        "mlp.up_proj")
-GEMMA2 = Arch("gemma2", "model", "layers", _GEMMA2_SITES, "norm", mlp_out_norm="post_feedforward_layernorm",
-              norm_offset=1.0)
+_SANDWICH = {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}
+GEMMA2 = Arch("gemma2", "model", "layers", _GEMMA2_SITES, "norm", out_norms=_SANDWICH, norm_offset=1.0)
 OLMO2 = Arch("olmo2", "model", "layers",
              _sites("self_attn.o_proj", "mlp", "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj"), "norm",
-             mlp_out_norm="post_feedforward_layernorm")
+             out_norms=_SANDWICH)
 # BERT is post-norm: the residual stream between attention and MLP is the attention LayerNorm's output.
 BERT = Arch(
     "bert",

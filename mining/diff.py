@@ -210,7 +210,8 @@ def _head_dla(dla: DlaBatch, point, z: torch.Tensor, w_o: torch.Tensor) -> torch
     """(M, heads): each head's output z_h through its W_O slice, dotted with the target's direction
     (divided by the final norm's scale later, in DlaBatch.finish)."""
     zs = mined_rows(z, dla.sel, torch.float32)  # (M, H * dh)
-    g = dla.per_position(dla.directions @ w_o.T)  # (M, H * dh): W_O^T d_t
+    g = dla.per_position(dla.dla.head_directions(point.layer, dla.directions) @ w_o.T)  # (M, H * dh): W_O^T d_t
+    dla.raw_part[point.name] = ("attn", point.layer)  # divided by the attention output norm's scale too, if any
     return (zs * g).unflatten(-1, (point.n_heads, point.d_head)).sum(-1)
 
 

@@ -12,8 +12,8 @@ keeps a · (w_out · d_t) for the mined positions until the final norm's input h
 
 Where the MLP's output passes a norm of its own before the residual stream (Gemma 2/3, OLMo 2), a neuron
 writes a · (γ_out ⊙ w_out) / s_out, s_out that norm's per-token scale, held fixed the same way: the gain
-takes γ_out and the divisor is s · s_out. Gemma 2's final soft-cap (tanh) is not linear: the attribution is
-to the logit before it.
+takes γ_out and the divisor is s · s_out; a head (diff jobs) likewise through the attention output's norm.
+Gemma 2's final soft-cap (tanh) is not linear: the attribution is to the logit before it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .batch import Batch, mined_rows
-from .hooks import HookPoint, final_norm, mlp_out_norm, mlp_out_weight, n_layers, norm_gain, unembedding
+from .hooks import HookPoint, final_norm, mlp_out_weight, n_layers, norm_gain, out_norm, unembedding
 from .reducers import cuda_layer, kernels, layer_kernel
 from .reducers.device import applies as device_path, upload
 
@@ -124,9 +124,10 @@ class DirectLogitAttribution:
         self.model = model
         self.w_u = unembedding(model)  # (d, V) view
         self.gamma = norm_gain(model, self.norm)  # float32
-        self.out_norms = {layer: norm for layer in range(n_layers(model))
-                          if (norm := mlp_out_norm(model, layer)) is not None}
-        """layer -> the norm its MLP output passes before the residual stream (Gemma 2/3, OLMo 2); empty elsewhere."""
+        self.out_norms = {(part, layer): norm for layer in range(n_layers(model)) for part in ("attn", "mlp")
+                          if (norm := out_norm(model, layer, part)) is not None}
+        """(part, layer) -> the norm the output of layer's "attn" or "mlp" passes before the residual stream (Gemma
+        2/3, OLMo 2); empty elsewhere."""
         self._w_out: dict[int, torch.Tensor] = {}
         weight = self.norm.weight
         # On a GPU a half-precision model's gains are one matmul in its own dtype (the precision its down
@@ -160,12 +161,17 @@ class DirectLogitAttribution:
         """The final norm's per-token divisor s from its input (…, d)."""
         return norm_scale(self.norm, resid)
 
+    def head_directions(self, layer: int, directions: torch.Tensor) -> torch.Tensor:
+        """d_t as the heads of `layer` see it: times the gain of the norm on the attention's output, if any."""
+        norm = self.out_norms.get(("attn", layer))
+        return directions if norm is None else directions * norm_gain(self.model, norm)
+
     def neuron_gain(self, layer: int, directions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """w_out · d_t for every neuron: (U, d) @ (d, N) -> (U, N); out: a (U, N) float32 tensor to write it to."""
         if layer not in self._w_out:
             w_out = mlp_out_weight(self.model, layer)  # (N, d)
-            if layer in self.out_norms:  # its gain, as the final norm's is in d_t
-                w_out = w_out.float() * norm_gain(self.model, self.out_norms[layer])
+            if ("mlp", layer) in self.out_norms:  # its gain, as the final norm's is in d_t
+                w_out = w_out.float() * norm_gain(self.model, self.out_norms["mlp", layer])
             self._w_out[layer] = w_out.to(self.gain_dtype)
         w = self._w_out[layer].T
         if self.gain_dtype == torch.float32 and not directions.is_cuda and len(directions) < GAIN_ROWS_MIN:
@@ -190,11 +196,11 @@ class GainProduct:
     layer: int
 
     def kernel_args(self) -> tuple:
-        return self.u, self.batch.toks, self.batch.scale_of(self.layer).numpy()
+        return self.u, self.batch.toks, self.batch.scale_of("mlp", self.layer).numpy()
 
     def values(self) -> torch.Tensor:
         """The (M, N) values, as DlaBatch computes them where the kernel does not apply: the same bits."""
-        return torch.div(self.u, self.batch.scale_of(self.layer)[:, None])
+        return torch.div(self.u, self.batch.scale_of("mlp", self.layer)[:, None])
 
 
 @dataclass
@@ -239,12 +245,12 @@ class DlaBatch:
             self.urow = np.full(len(mined), -1, np.int64)
             self.urow[np.searchsorted(mined, sel)] = np.arange(len(sel))
         self.raw: dict[str, torch.Tensor] = {}
-        self.raw_layer: dict[str, int] = {}  # a raw MLP layer's name -> its layer (the heads' keep the final scale)
+        self.raw_part: dict[str, tuple[str, int]] = {}  # a raw value's name -> ("mlp" or "attn", its layer)
         self.deferred: dict[str, GainProduct] = {}
         self.fused: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (activations, layer)
         self.scale: torch.Tensor | None = None  # (M,) at the mined positions with a next token
         self.row_scale: torch.Tensor | None = None  # (B * T,) at every position
-        self.out_row_scale: dict[int, torch.Tensor] = {}  # layer -> (B * T,) its MLP output norm's scale
+        self.out_row_scale: dict[tuple[str, int], torch.Tensor] = {}  # (part, layer) -> (B * T,) its out norm's scale
         self._layout: cuda_layer.Layout | None = None
         self._fused: tuple[cuda_layer.Layout, torch.Tensor] | None = None
 
@@ -310,7 +316,7 @@ class DlaBatch:
             return
         gain = self.dla.neuron_gain(point.layer, self.directions)  # (U, N)
         self.raw[point.name] = self.per_position(gain).mul_(mined_rows(x, self.sel))  # a fresh (M, N): in place
-        self.raw_layer[point.name] = point.layer
+        self.raw_part[point.name] = ("mlp", point.layer)
 
     @contextmanager
     def watch_norm(self) -> Iterator[None]:
@@ -318,36 +324,36 @@ class DlaBatch:
             self.row_scale = self.dla.scale(args[0]).reshape(-1)
             self.scale = self.row_scale[self.sel]
 
-        def keep_out(layer: int):
+        def keep_out(key: tuple[str, int]):
             def hook(module, args):
-                self.out_row_scale[layer] = norm_scale(module, args[0]).reshape(-1)
+                self.out_row_scale[key] = norm_scale(module, args[0]).reshape(-1)
             return hook
 
         handles = [self.dla.norm.register_forward_pre_hook(keep)]
-        handles += [norm.register_forward_pre_hook(keep_out(layer)) for layer, norm in self.dla.out_norms.items()]
+        handles += [norm.register_forward_pre_hook(keep_out(key)) for key, norm in self.dla.out_norms.items()]
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
 
-    def row_scale_of(self, layer: int) -> torch.Tensor:
-        """(B * T,) the divisor of layer's MLP neurons at every position: the final norm's scale, times the scale of
-        the norm on the layer's MLP output where there is one."""
-        out = self.out_row_scale.get(layer)
+    def row_scale_of(self, part: str, layer: int) -> torch.Tensor:
+        """(B * T,) the divisor of layer's MLP neurons (part "mlp") or heads ("attn") at every position: the final
+        norm's scale, times the scale of the norm on that part's output where there is one."""
+        out = self.out_row_scale.get((part, layer))
         return self.row_scale if out is None else self.row_scale * out
 
-    def scale_of(self, layer: int) -> torch.Tensor:
-        """(M,) row_scale_of(layer) at the mined positions with a next token."""
-        return self.scale if layer not in self.out_row_scale else self.row_scale_of(layer)[self.sel]
+    def scale_of(self, part: str, layer: int) -> torch.Tensor:
+        """(M,) row_scale_of(part, layer) at the mined positions with a next token."""
+        return self.scale if (part, layer) not in self.out_row_scale else self.row_scale_of(part, layer)[self.sel]
 
     def finish(self) -> Iterator[tuple[str, torch.Tensor | GainProduct | FusedGain]]:
         for name, raw in self.raw.items():
-            scale = self.scale_of(self.raw_layer[name]) if name in self.raw_layer else self.scale
+            scale = self.scale_of(*self.raw_part[name]) if name in self.raw_part else self.scale
             yield name, raw.div_(scale[:, None])  # raw is this batch's own tensor: no copy
         yield from self.deferred.items()
         for name, (x, layer) in self.fused.items():
             layout, target = self.fused_layout()
             table = self.dla.neuron_gain(layer, self.directions).contiguous()  # (U, N) float32, as the torch path's
             yield name, FusedGain(x.reshape(-1, x.shape[-1]), layout,
-                                  cuda_layer.Gain(table, target, self.row_scale_of(layer).contiguous()))
+                                  cuda_layer.Gain(table, target, self.row_scale_of("mlp", layer).contiguous()))

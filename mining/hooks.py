@@ -183,13 +183,14 @@ def final_norm(model: nn.Module) -> nn.Module | None:
     return model.get_submodule(prefix + arch.final_norm)
 
 
-def mlp_out_norm(model: nn.Module, layer: int) -> nn.Module | None:
-    """The norm layer `layer`'s MLP output passes before the residual stream (Gemma 2/3, OLMo 2), or None."""
+def out_norm(model: nn.Module, layer: int, part: str = "mlp") -> nn.Module | None:
+    """The norm the output of layer `layer`'s `part` ("mlp" or "attn") passes before the residual stream (Gemma 2/3,
+    OLMo 2), or None."""
     arch = arch_of(model)
-    if arch.mlp_out_norm is None:
+    if part not in arch.out_norms:
         return None
     _, blocks = locate(model, arch)
-    return blocks[layer].get_submodule(arch.mlp_out_norm)
+    return blocks[layer].get_submodule(arch.out_norms[part])
 
 
 def norm_gain(model: nn.Module, norm: nn.Module) -> torch.Tensor | None:

@@ -121,7 +121,6 @@ def validate_diff(spec: JobSpec, meta_a: Any) -> None:
             raise UserError(f"stats.{paired[0]}: compares the two models neuron by neuron, and this diff job has no "
                             "hooks (it compares them token by token); give hooks, or turn it off")
         return
-    from .architectures import arch_of
     from .diff import check_cross_memory, check_same_structure, paired_points, structure_difference
     from .hooks import n_layers
 
@@ -129,10 +128,6 @@ def validate_diff(spec: JobSpec, meta_a: Any) -> None:
     cross_size = structure_difference(points_a, n_a, meta_b, spec.hooks) is not None
     if cross_size and not spec.stats.neuron_match:
         check_same_structure(points_a, n_a, meta_b, spec.hooks)
-    if spec.stats.dla and arch_of(meta_a).mlp_out_norm is not None:
-        raise UserError(f"stats.dla: a diff job attributes each head too, and {arch_of(meta_a).family}'s attention "
-                        "output passes a norm of its own before the residual stream (not read yet); mine each model "
-                        "on its own for its neurons' DLA, or turn it off")
     if cross_size and spec.stats.dla:  # models of other sizes: only neuron_match pairs them, by correlation
         raise UserError("stats.dla: compares the two models neuron by neuron, and models.a and models.b differ "
                         "in size (only neuron_match pairs their neurons, by correlation); turn it off")

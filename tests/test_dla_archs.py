@@ -1,7 +1,8 @@
 """Direct logit attribution on each decoder family's own norms: Gemma's RMSNorm scales by (1 + weight), and Gemma 2/3
-and OLMo 2 pass the MLP's output through a norm of its own before the residual stream. On tiny random models (norm
-weights drawn at random, so a gain left out shows), each layer's neurons add up to what its MLP adds to the residual
-stream, read through the final norm, and with the embeddings and attention outputs they add up to the logit."""
+and OLMo 2 pass the attention's and the MLP's outputs through norms of their own before the residual stream. On tiny
+random models (norm weights drawn at random, so a gain left out shows), each layer's neurons add up to what its MLP
+adds to the residual stream, read through the final norm, its heads (as a diff job attributes them) to what its
+attention adds, and with the embeddings they add up to the logit."""
 
 from types import SimpleNamespace
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mining.diff import _feature_rows, _head_dla
 from mining.dla import DirectLogitAttribution, DlaBatch, GainProduct
 from mining.hooks import capture, final_norm, resolve_hooks, unembedding
 from mining.tiny import tiny_model
@@ -59,10 +61,18 @@ def test_neurons_add_up_to_their_mlps_write_and_everything_to_the_logit(arch, de
     dla = DirectLogitAttribution(model)
     batch = DlaBatch(dla, _batch(ids), defer=defer)
     points = resolve_hooks(model, "blocks.*.mlp.hook_post")
-    with capture(model, points, batch.gain), batch.watch_norm():
+    heads = resolve_hooks(model, "blocks.*.attn.hook_z")
+
+    def take(point, x):
+        if point.site == "attn.hook_z":
+            batch.raw[point.name] = _head_dla(batch, point, x, _feature_rows(model, point).float())
+        else:
+            batch.gain(point, x)
+
+    with capture(model, points + heads, take), batch.watch_norm():
         model(input_ids=ids)
     got = dict(batch.finish())
-    assert len(got) == len(points)
+    assert len(got) == len(points) + len(heads)
 
     sel = torch.from_numpy(batch.sel_np)
     assert len(sel) == B * (T - 1)
@@ -83,7 +93,10 @@ def test_neurons_add_up_to_their_mlps_write_and_everything_to_the_logit(arch, de
         mlp_write = read(ref[f"post{layer}"] - ref[f"mid{layer}"])
         assert mlp_write.abs().max() > 1e-2
         torch.testing.assert_close(values.sum(1), mlp_write, rtol=1e-4, atol=1e-4)
-        total = total + read(ref[f"mid{layer}"] - ref[f"pre{layer}"]) + values.sum(1)
+        attn_write = read(ref[f"mid{layer}"] - ref[f"pre{layer}"])
+        assert got[heads[layer].name].shape == (len(sel), model.config.num_attention_heads)
+        torch.testing.assert_close(got[heads[layer].name].sum(1), attn_write, rtol=1e-4, atol=1e-4)
+        total = total + got[heads[layer].name].sum(1) + values.sum(1)
     logits = (norm(flat(ref["final"])) @ unembedding(model)).gather(1, targets[:, None])[:, 0]
     torch.testing.assert_close(total, logits, rtol=1e-4, atol=1e-4)
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -98,7 +111,8 @@ def test_gemmas_gain_is_one_plus_its_weight():
     dla = DirectLogitAttribution(model)
     torch.testing.assert_close(dla.gamma, final_norm(model).weight.float() + 1)
     assert set(dla.out_norms) == set()
-    assert set(DirectLogitAttribution(tiny_model("gemma2", vocab_size=VOCAB)).out_norms) == {0, 1}
+    assert set(DirectLogitAttribution(tiny_model("gemma2", vocab_size=VOCAB)).out_norms) == {
+        (part, layer) for part in ("attn", "mlp") for layer in (0, 1)}
 
 
 JOB = """
@@ -177,6 +191,22 @@ def test_a_mined_gemma2_store_matches_brute_force(tmp_path, smol_tokenizer):
                 got_values = mine[mine.sign == sign].sort_values("rank").dla
                 np.testing.assert_allclose(got_values, want, rtol=1e-4, atol=1e-6)
 
+    # a diff job against a copy with one neuron scaled: its DLA of A is the store's above, heads attributed too
+    b = tiny_model("gemma2", vocab_size=len(smol_tokenizer), seed=2, max_position_embeddings=256)
+    b.model.layers[0].mlp.up_proj.weight[7] *= 3
+    b.save_pretrained(tmp_path / "b")
+    smol_tokenizer.save_pretrained(tmp_path / "b")
+    a_id, b_id = tmp_path / "model", tmp_path / "b"
+    models = f'models: {{a: {{id: "{a_id}"}}, b: {{id: "{b_id}"}}}}'
+    diff_job = JOB.format(model=a_id).replace(f'model: {{id: "{a_id}"}}', models)
+    diff_job = diff_job.replace(", logit_lens: true, heads: true", "")
+    (tmp_path / "diff.yaml").write_text(diff_job)
+    assert main(["run", str(tmp_path / "diff.yaml"), "--store", str(tmp_path / "diff"), "--no-progress"]) == 0
+    diff = pq.read_table(tmp_path / "diff" / "dla_diff.parquet").to_pandas().sort_values(["layer", "neuron"])
+    np.testing.assert_allclose(diff.mean_dla_a, neurons.sort_values(["layer", "neuron"]).mean_dla, rtol=1e-6, atol=1e-9)
+    heads = pq.read_table(tmp_path / "diff" / "head_dla_diff.parquet").to_pandas()
+    assert len(heads) == 2 * model.config.num_attention_heads and heads.mean_dla_a.notna().all()
+
 
 def test_the_gpu_kernels_emulated_miner_reads_the_mlp_output_norm_too(tmp_path, smol_tokenizer, monkeypatch):
     """The device path (the CUDA kernel, emulated on the CPU) divides each layer's DLA by its own scale as it reads
@@ -206,21 +236,3 @@ def test_the_gpu_kernels_emulated_miner_reads_the_mlp_output_norm_too(tmp_path, 
     same_results(mine_all(spec, loaded, shards[:2]), ref)
     assert True in calls
 
-
-def test_a_diff_jobs_dla_is_refused_where_attention_has_an_output_norm(tmp_path, smol_tokenizer):
-    """A diff job attributes each head too, through W_O alone: on Gemma 2 that would leave out the norm on the
-    attention output, so it is refused in one line before anything loads."""
-    from mining.errors import UserError
-    from mining.runner import validate
-    from mining.spec import spec_from_dict
-
-    for name in ("a", "b"):
-        tiny_model("gemma2", vocab_size=len(smol_tokenizer), seed=len(name)).save_pretrained(tmp_path / name)
-        smol_tokenizer.save_pretrained(tmp_path / name)
-    job = {"name": "diff", "models": {"a": {"id": str(tmp_path / "a")}, "b": {"id": str(tmp_path / "b")}},
-           "corpus": {"source": "builtin:python-docs", "max_tokens": 300, "context_length": 64},
-           "hooks": ["blocks.*.mlp.hook_post"], "stats": {"dla": True}}
-    with pytest.raises(UserError, match="stats.dla: .*gemma2's attention output passes a norm"):
-        validate(spec_from_dict(job))
-    job["stats"] = {"dla": False}
-    validate(spec_from_dict(job))

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..architectures import arch_of, locate
 from ..errors import UserError
-from ..hooks import final_norm, mlp_out_norm, mlp_out_weight, norm_gain, unembedding
+from ..hooks import final_norm, mlp_out_weight, norm_gain, out_norm, unembedding
 
 SCHEMA = pa.schema([
     ("layer", pa.int32()), ("neuron", pa.int32()), ("sign", pa.string()), ("rank", pa.int32()),
@@ -62,8 +62,8 @@ def neuron_logits(model: nn.Module, layer: int, neurons: slice | Sequence[int] |
 
 def _layer_gain(model: nn.Module, layer: int, gain: torch.Tensor) -> torch.Tensor:
     """The final norm's gain, times the gain of the norm on this layer's MLP output where there is one."""
-    out_norm = mlp_out_norm(model, layer)
-    return gain if out_norm is None else gain * norm_gain(model, out_norm)
+    norm = out_norm(model, layer, "mlp")
+    return gain if norm is None else gain * norm_gain(model, norm)
 
 
 def _readout(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
