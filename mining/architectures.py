@@ -21,7 +21,9 @@ MLP outputs each pass a norm before they join the residual stream, so hook_resid
 pre_feedforward_layernorm. olmo2 has only those output norms (the MLP reads the residual stream itself:
 hook_resid_mid is the mlp's input). Where an MLP output norm exists, a neuron's effect on the residual stream
 is its write a * w_out through that norm (scale held fixed per token), and a head's likewise through the
-attention's: direct logit attribution and the logit lens read them so.
+attention's: direct logit attribution and the logit lens read them so. phi (Phi-1/1.5/2) runs attention and
+MLP in parallel (fc1/fc2, self_attn.dense); phi3 is llama-like but fuses gate and up into one matmul
+(mlp.gate_up_proj), so it has no hook_pre or hook_pre_linear.
 """
 
 from __future__ import annotations
@@ -70,17 +72,20 @@ class Arch:
     stream (Gemma 2/3, OLMo 2); empty where both write to the stream directly."""
     norm_offset: float = 0.0
     """RMSNorm multiplies by (norm_offset + weight): 1.0 for Gemma's, whose weights are stored around zero."""
+    missing: Mapping[str, str] = field(default_factory=dict)
+    """Sites this family lacks that others have -> why (Phi-3's fused gate and up projection)."""
 
     @property
     def gated(self) -> bool:
         return "mlp.hook_pre_linear" in self.sites
 
 
-def _sites(z: str, mid: str | None, pre: str, post: str, pre_linear: str | None = None, mid_dir: str = IN):
+def _sites(z: str, mid: str | None, pre: str | None, post: str, pre_linear: str | None = None, mid_dir: str = IN):
     s = {"hook_resid_pre": ("", IN), "attn.hook_z": (z, IN)}
     if mid is not None:
         s["hook_resid_mid"] = (mid, mid_dir)
-    s["mlp.hook_pre"] = (pre, OUT)
+    if pre is not None:
+        s["mlp.hook_pre"] = (pre, OUT)
     if pre_linear is not None:
         s["mlp.hook_pre_linear"] = (pre_linear, OUT)
     s["mlp.hook_post"] = (post, IN)
@@ -119,6 +124,14 @@ GEMMA2 = Arch("gemma2", "model", "layers", _GEMMA2_SITES, "norm", out_norms=_SAN
 OLMO2 = Arch("olmo2", "model", "layers",
              _sites("self_attn.o_proj", "mlp", "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj"), "norm",
              out_norms=_SANDWICH)
+# Phi-1/1.5/2: attention and MLP in parallel on one LayerNorm's output, a final LayerNorm, an LM head with a bias.
+PHI = Arch("phi", "model", "layers", _sites("self_attn.dense", None, "mlp.fc1", "mlp.fc2"), "final_layernorm",
+           parallel=lambda config: True)
+_FUSED = ("phi3 computes the gate and up projections in one matmul (mlp.gate_up_proj), so neither has a module "
+          "of its own to hook; the neurons, act(gate) * up, are mlp.hook_post")
+PHI3 = Arch("phi3", "model", "layers",
+            _sites("self_attn.o_proj", "post_attention_layernorm", None, "mlp.down_proj"), "norm",
+            missing={"mlp.hook_pre": _FUSED, "mlp.hook_pre_linear": _FUSED})
 # BERT is post-norm: the residual stream between attention and MLP is the attention LayerNorm's output.
 BERT = Arch(
     "bert",
@@ -143,6 +156,8 @@ MODEL_TYPES: dict[str, Arch] = {
     "gemma2": GEMMA2,
     "gemma3_text": replace(GEMMA2, family="gemma3"),
     "olmo2": OLMO2,
+    "phi": PHI,
+    "phi3": PHI3,
     "bert": BERT,
 }
 
@@ -200,6 +215,8 @@ def why_missing(arch: Arch, config: object, site: str) -> str | None:
     """Why a known TransformerLens site does not exist for this model; None for an unknown site."""
     if site in NOT_YET:
         return NOT_YET[site]
+    if site in arch.missing:
+        return arch.missing[site]
     if site == "hook_resid_mid" and arch.parallel(config):
         return (f"hook_resid_mid does not exist for {arch.family} with parallel residual: attention and MLP "
                 "both read the block input, so there is no residual stream between them")

@@ -15,7 +15,7 @@ from mining.dla import DirectLogitAttribution, DlaBatch, GainProduct
 from mining.hooks import capture, final_norm, resolve_hooks, unembedding
 from mining.tiny import tiny_model
 
-ARCHS = ["llama", "gemma", "gemma2", "gemma3_text", "olmo2"]
+ARCHS = ["llama", "gemma", "gemma2", "gemma3_text", "olmo2", "phi3"]
 B, T, VOCAB = 3, 12, 300
 
 
@@ -236,3 +236,40 @@ def test_the_gpu_kernels_emulated_miner_reads_the_mlp_output_norm_too(tmp_path, 
     same_results(mine_all(spec, loaded, shards[:2]), ref)
     assert True in calls
 
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "gpt_neox", "gptj", "phi"])
+@torch.inference_mode()
+def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
+    """The LayerNorm path (d_t centred over d_model, s the standard deviation): each layer's neurons plus its output
+    projection's bias, read through the final norm, add up to what the MLP module outputs."""
+    model = tiny_model(arch, vocab_size=VOCAB, seed=4)
+    ids = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
+    dla = DirectLogitAttribution(model)
+    batch = DlaBatch(dla, _batch(ids), defer=False)
+    points = resolve_hooks(model, "blocks.*.mlp.hook_post")
+    outs, handles = {}, []
+    for point in points:
+        mlp = model.get_submodule(point.module_path.rsplit(".", 1)[0])
+        handles.append(mlp.register_forward_hook(lambda m, a, o, L=point.layer: outs.__setitem__(L, o.clone())))
+    handles.append(dla.norm.register_forward_pre_hook(lambda m, a: outs.__setitem__("final", a[0].clone())))
+    try:
+        with capture(model, points, batch.gain), batch.watch_norm():
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    got = dict(batch.finish())
+    sel = torch.from_numpy(batch.sel_np)
+    targets = torch.from_numpy(_batch(ids).targets_np.reshape(-1)[batch.sel_np])
+    d = unembedding(model)[:, targets].T * dla.norm.weight  # (M, d_model)
+    flat = lambda t: t.reshape(-1, t.shape[-1])[sel]  # noqa: E731
+    x = flat(outs["final"])
+    s = torch.sqrt(x.var(-1, unbiased=False) + dla.norm.eps)
+    read = lambda v: ((v - v.mean(-1, keepdim=True)) * d).sum(-1) / s  # noqa: E731 - LayerNorm: v centred
+    for point in points:
+        bias = model.get_submodule(point.module_path).bias
+        mlp_out = read(flat(outs[point.layer]))
+        assert mlp_out.abs().max() > 1e-2
+        torch.testing.assert_close(got[point.name].sum(1) + read(bias.expand(len(sel), -1)), mlp_out,
+                                   rtol=1e-4, atol=1e-4)

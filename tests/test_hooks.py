@@ -23,7 +23,7 @@ from mining.tiny import ARCHS, tiny_model
 B, T = 2, 7
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo2"}
 OUT_NORMS = {"gemma2", "gemma3", "olmo2"}  # the attention output passes post_attention_layernorm before the stream
-PARALLEL = {"gpt_neox", "gptj"}  # tiny gpt_neox uses Pythia's parallel residual
+PARALLEL = {"gpt_neox", "gptj", "phi"}  # tiny gpt_neox uses Pythia's parallel residual
 # family -> (block list inside the base model, MLP module, input projection, up projection, activation,
 #            attention module whose output[0] is z @ W_O + b)
 LAYOUT = {
@@ -32,6 +32,8 @@ LAYOUT = {
     "gptj": ("h", "mlp", "mlp.fc_in", None, "mlp.act", "attn"),
     "gpt_neox": ("layers", "mlp", "mlp.dense_h_to_4h", None, "mlp.act", "attention"),
     "llama": ("layers", "mlp", "mlp.gate_proj", "mlp.up_proj", "mlp.act_fn", "self_attn"),
+    "phi": ("layers", "mlp", "mlp.fc1", None, "mlp.activation_fn", "self_attn"),
+    "phi3": ("layers", "mlp", "mlp.gate_up_proj", None, "mlp.activation_fn", "self_attn"),  # gate and up: one matmul
     "bert": ("encoder.layer", "intermediate", "intermediate.dense", None, "intermediate.intermediate_act_fn",
              "attention.output.dense"),
 }
@@ -97,6 +99,8 @@ def test_mlp_hooks_match_recomputation(arch, head):
     handles = [plain_capture(blk.get_submodule(mlp_path), ref, "x", "input"),
                plain_capture(blk.get_submodule(mlp_path if family != "bert" else "output.dense"), ref, "out", "output")]
     names = [f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post"]
+    if family == "phi3":  # the fused projection has no gate or up module to hook: only the neurons
+        names = names[1:]
     if up_path:
         names.append(f"blocks.{layer}.mlp.hook_pre_linear")
     try:
@@ -109,13 +113,17 @@ def test_mlp_hooks_match_recomputation(arch, head):
     x = ref["x"]
     act = blk.get_submodule(act_path)
     pre = linear(blk.get_submodule(in_path), x)
-    close(got[f"blocks.{layer}.mlp.hook_pre"], pre)
-    if up_path:
+    if family == "phi3":
+        gate, up = pre.chunk(2, dim=-1)
+        close(got[f"blocks.{layer}.mlp.hook_post"], act(gate) * up)
+    elif up_path:
         up = linear(blk.get_submodule(up_path), x)
         close(got[f"blocks.{layer}.mlp.hook_pre_linear"], up)
         close(got[f"blocks.{layer}.mlp.hook_post"], act(pre) * up)
     else:
         close(got[f"blocks.{layer}.mlp.hook_post"], act(pre))
+    if family != "phi3":
+        close(got[f"blocks.{layer}.mlp.hook_pre"], pre)
 
     # DLA helper: hook_post @ W_out + b is the MLP's output projection.
     point = resolve_hooks(model, f"blocks.{layer}.mlp.hook_post")[0]

@@ -23,6 +23,9 @@ def raw_weights(model, arch: str, layer: int) -> tuple[torch.Tensor, torch.Tenso
     if arch == "gpt2":  # Conv1D stores (in, out)
         t = model.transformer
         return t.h[layer].mlp.c_proj.weight, t.ln_f.weight, model.lm_head.weight
+    if arch == "phi":
+        t = model.model
+        return t.layers[layer].mlp.fc2.weight.T, t.final_layernorm.weight, model.lm_head.weight
     if arch == "gpt_neox":
         t = model.gpt_neox
         return t.layers[layer].mlp.dense_4h_to_h.weight.T, t.final_layer_norm.weight, model.lm_head.weight
@@ -59,10 +62,10 @@ def check_neuron(table: dict, layer: int, neuron: int, raw, k: int) -> None:
         assert ((ids == order[:k]) | near).all(), (layer, neuron, sign, ids, order[:k])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen3", "gemma", "gemma2", "olmo2"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen3", "gemma", "gemma2", "olmo2", "phi", "phi3"])
 def test_tiny_models_match_brute_force(arch):
     model = tiny_model(arch, seed=3)
-    family = {"qwen3": "llama", "olmo2": "llama"}.get(arch, arch)
+    family = {"qwen3": "llama", "olmo2": "llama", "phi3": "llama"}.get(arch, arch)
     table = logit_lens_table(model, None, k=K)
     assert table.schema == SCHEMA
     n_layers, width = model.config.num_hidden_layers, 64
