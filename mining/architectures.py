@@ -23,7 +23,8 @@ hook_resid_mid is the mlp's input). Where an MLP output norm exists, a neuron's 
 is its write a * w_out through that norm (scale held fixed per token), and a head's likewise through the
 attention's: direct logit attribution and the logit lens read them so. phi (Phi-1/1.5/2) runs attention and
 MLP in parallel (fc1/fc2, self_attn.dense); phi3 is llama-like but fuses gate and up into one matmul
-(mlp.gate_up_proj), so it has no hook_pre or hook_pre_linear.
+(mlp.gate_up_proj), so it has no hook_pre or hook_pre_linear. gemma3 (4B and up) wraps gemma3_text's decoder in a
+multimodal model, under model.language_model: its text is mined.
 """
 
 from __future__ import annotations
@@ -155,6 +156,9 @@ MODEL_TYPES: dict[str, Arch] = {
     "gemma": GEMMA,
     "gemma2": GEMMA2,
     "gemma3_text": replace(GEMMA2, family="gemma3"),
+    # Gemma 3 4B and up: the multimodal wrapper (Gemma3ForConditionalGeneration); text only is mined, its decoder
+    # under model.language_model
+    "gemma3": replace(GEMMA2, family="gemma3", base="model.language_model"),
     "olmo2": OLMO2,
     "phi": PHI,
     "phi3": PHI3,
@@ -191,7 +195,8 @@ def arch_of(model: nn.Module) -> Arch:
 
 def locate(model: nn.Module, arch: Arch) -> tuple[str, nn.ModuleList]:
     """(prefix of the base model, e.g. "model." or "" for a bare base model; its block list)."""
-    for prefix in (arch.base + ".", ""):
+    parts = arch.base.split(".")  # a wrapper's bare model holds the rest of the path (Gemma3Model: language_model)
+    for prefix in [".".join(parts[i:]) + "." for i in range(len(parts))] + [""]:
         try:
             blocks = model.get_submodule(prefix + arch.layers)
         except AttributeError:
@@ -225,8 +230,14 @@ def why_missing(arch: Arch, config: object, site: str) -> str | None:
     return None
 
 
+def text_config(config: object) -> object:
+    """The language model's config: itself, or a multimodal model's text_config (Gemma 3 4B and up)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def dims(config: object) -> dict[str, int]:
     """d_model, d_mlp, n_heads, d_head from a Hugging Face config (attribute maps cover gpt2's n_embd etc.)."""
+    config = text_config(config)
     d_model = int(config.hidden_size)
     n_heads = int(config.num_attention_heads)
     d_head = getattr(config, "head_dim", None) or d_model // n_heads

@@ -435,7 +435,9 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A10G
 def flops_per_token(model, context_length: int) -> float:
     """Forward FLOPs per token: 2 per weight of every matmul (the LM head's too, tied or not; embeddings are
     lookups) plus causal attention's scores and mix, 2 x 2 x d x T/2 per layer at an average T/2 keys."""
-    cfg = model.config
+    from .architectures import text_config
+
+    cfg = text_config(model.config)
     embed = model.get_input_embeddings().weight
     matmul = sum(p.numel() for p in model.parameters() if p.ndim == 2 and p is not embed)
     head = model.get_output_embeddings()

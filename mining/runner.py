@@ -64,7 +64,10 @@ def validate(spec: JobSpec) -> Any:
     resolve_source(spec.model)
     check_weight_files(spec.model)
     config = load_config(spec.model)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    from .architectures import text_config
+
+    text = text_config(config)
+    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
     if limit and spec.corpus.context_length > limit:
         raise UserError(f"corpus.context_length: {spec.corpus.context_length} exceeds the model's maximum of {limit}")
     meta = meta_model(config)

@@ -61,6 +61,8 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
                            query_pre_attn_scalar=8)),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", "Gemma3TextModel",
                     _llama_like(head_dim=8, sliding_window=4, query_pre_attn_scalar=8)),
+    "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", "Gemma3Model",
+               _llama_like(head_dim=8, sliding_window=4, query_pre_attn_scalar=8)),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", "Olmo2Model",
               _llama_like(pad_token_id=None, bos_token_id=1, eos_token_id=2)),
     "phi": ("PhiConfig", "PhiForCausalLM", "PhiModel",
@@ -95,7 +97,13 @@ def tiny_model(arch: str, vocab_size: int = 512, seed: int = 0, *, head: bool = 
     config_cls, head_cls, base_cls, kwargs = _SPECS[arch]
     # GPT-style configs default to token id 50256 for bos/eos, outside a small vocabulary.
     special = {"bos_token_id": vocab_size - 1, "eos_token_id": vocab_size - 1} if arch in _GPT_IDS else {}
-    config = getattr(transformers, config_cls)(**{**kwargs, **special, "vocab_size": vocab_size, **overrides})
+    if arch == "gemma3":  # multimodal: the text model's config inside, a one-layer vision tower beside it
+        config = transformers.Gemma3Config(text_config={**kwargs, "vocab_size": vocab_size, **overrides},
+                                           vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                              num_attention_heads=2, image_size=28, patch_size=14),
+                                           mm_tokens_per_image=4, image_token_index=vocab_size - 1)
+    else:
+        config = getattr(transformers, config_cls)(**{**kwargs, **special, "vocab_size": vocab_size, **overrides})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = getattr(transformers, head_cls if head else base_cls)(config)

@@ -15,7 +15,7 @@ from mining.dla import DirectLogitAttribution, DlaBatch, GainProduct
 from mining.hooks import capture, final_norm, resolve_hooks, unembedding
 from mining.tiny import tiny_model
 
-ARCHS = ["llama", "gemma", "gemma2", "gemma3_text", "olmo2", "phi3"]
+ARCHS = ["llama", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "phi3"]
 B, T, VOCAB = 3, 12, 300
 
 
@@ -29,7 +29,8 @@ def _batch(ids: torch.Tensor) -> SimpleNamespace:
 
 def _residuals(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each block's input, the stream after attention and its output, by plain PyTorch hooks (not mining.hooks)."""
-    blocks, out = model.model.layers, {}
+    decoder = getattr(model.model, "language_model", model.model)  # Gemma 3's multimodal wrapper: its text decoder
+    blocks, out = decoder.layers, {}
     handles = []
     for layer, blk in enumerate(blocks):
         handles.append(blk.register_forward_pre_hook(
@@ -94,7 +95,7 @@ def test_neurons_add_up_to_their_mlps_write_and_everything_to_the_logit(arch, de
         assert mlp_write.abs().max() > 1e-2
         torch.testing.assert_close(values.sum(1), mlp_write, rtol=1e-4, atol=1e-4)
         attn_write = read(ref[f"mid{layer}"] - ref[f"pre{layer}"])
-        assert got[heads[layer].name].shape == (len(sel), model.config.num_attention_heads)
+        assert got[heads[layer].name].shape == (len(sel), heads[layer].n_heads)
         torch.testing.assert_close(got[heads[layer].name].sum(1), attn_write, rtol=1e-4, atol=1e-4)
         total = total + got[heads[layer].name].sum(1) + values.sum(1)
     logits = (norm(flat(ref["final"])) @ unembedding(model)).gather(1, targets[:, None])[:, 0]

@@ -80,7 +80,7 @@ def test_detector_indexing_on_ideal_patterns():
     assert s["induction"][0].tolist() == pytest.approx([0.0, 0.0, 1.0])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "olmo2"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "gemma3", "olmo2"])
 def test_tiny_scores_match_brute_force(arch):
     model = tiny_model(arch, seed=1)
     before = model.config._attn_implementation

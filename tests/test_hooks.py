@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from mining.architectures import text_config
 from mining.errors import UserError
 from mining.hooks import (
     HookPoint,
@@ -56,6 +57,7 @@ def layout(arch: str):
 def block(model, layer: int) -> nn.Module:
     blocks, *_ = layout(architecture(model))
     base = getattr(model, model.base_model_prefix, model)
+    base = getattr(base, "language_model", base)  # Gemma 3's multimodal wrapper: the text decoder inside
     return base.get_submodule(blocks)[layer]
 
 
@@ -129,7 +131,7 @@ def test_mlp_hooks_match_recomputation(arch, head):
     point = resolve_hooks(model, f"blocks.{layer}.mlp.hook_post")[0]
     out_proj = model.get_submodule(point.module_path)
     w = mlp_out_weight(model, layer)
-    assert w.shape == (point.width, model.config.hidden_size)
+    assert w.shape == (point.width, text_config(model.config).hidden_size)
     bias = out_proj.bias if out_proj.bias is not None else 0
     close(got[point.name] @ w + bias, ref["out"])
 
@@ -137,7 +139,7 @@ def test_mlp_hooks_match_recomputation(arch, head):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_residual_stream_matches_hidden_states(arch):
     model = tiny_model(arch)
-    n = model.config.num_hidden_layers
+    n = text_config(model.config).num_hidden_layers
     with record(model, ["blocks.*.hook_resid_pre", "blocks.*.hook_resid_post"]) as got:
         hs = model(ids(), output_hidden_states=True).hidden_states
     assert len(hs) == n + 1
@@ -172,7 +174,7 @@ def test_hook_z_and_resid_mid(arch):
         h.remove()
 
     z_point = next(p for p in points if p.site == "attn.hook_z")
-    cfg = model.config
+    cfg = text_config(model.config)
     assert z_point.n_heads == cfg.num_attention_heads
     assert z_point.width == z_point.n_heads * z_point.d_head
     z = got[z_point.name]
@@ -222,12 +224,12 @@ def test_all_sites_shapes_under_inference_mode(arch):
 def test_unembedding_and_final_norm(arch):
     model = tiny_model(arch)
     w_u = unembedding(model)
-    assert w_u.shape == (model.config.hidden_size, model.config.vocab_size)
+    assert w_u.shape == (text_config(model.config).hidden_size, text_config(model.config).vocab_size)
     if architecture(model) == "bert":
         assert final_norm(model) is None
         assert unembedding(tiny_model(arch, head=False)).shape == w_u.shape  # tied embeddings
         return
-    n = model.config.num_hidden_layers
+    n = text_config(model.config).num_hidden_layers
     with record(model, [f"blocks.{n - 1}.hook_resid_post"]) as got:
         logits = model(ids()).logits
     bias = model.get_output_embeddings().bias
@@ -258,7 +260,8 @@ def test_glob_sort_dedup_and_paths():
     )
     for arch in ARCHS:
         m = tiny_model(arch)
-        assert [p.layer for p in resolve_hooks(m, "blocks.*.mlp.hook_post")] == list(range(m.config.num_hidden_layers))
+        layers = text_config(m.config).num_hidden_layers
+        assert [p.layer for p in resolve_hooks(m, "blocks.*.mlp.hook_post")] == list(range(layers))
 
 
 def test_capture_gives_views_not_copies():

@@ -36,7 +36,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from ..architectures import arch_of, dims, locate
+from ..architectures import arch_of, dims, locate, text_config
 from ..errors import UserError
 from ..hooks import capture, resolve_hooks
 
@@ -72,14 +72,14 @@ def repeated_random_tokens(model: nn.Module, tokenizer: Any, seq_len: int = 64, 
                            bos_id: int | None = None) -> torch.Tensor:
     """(n_seqs, 2 * seq_len + 1) int64: [BOS, r_1..r_n, r_1..r_n] with n = seq_len distinct ordinary tokens
     per sequence (special and added tokens excluded), drawn with a seeded generator."""
-    vocab = int(model.config.vocab_size)
+    vocab = int(text_config(model.config).vocab_size)
     if tokenizer is not None:
         vocab = min(vocab, len(tokenizer))  # ids past the tokenizer are padding rows of the embedding
     special = _special_ids(model, tokenizer)
     pool = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
     if seq_len < 2 or seq_len > len(pool):
         raise UserError(f"heads: seq_len must be between 2 and {len(pool)} (ordinary tokens), got {seq_len}")
-    max_pos = getattr(model.config, "max_position_embeddings", None)
+    max_pos = getattr(text_config(model.config), "max_position_embeddings", None)
     if isinstance(max_pos, int) and 2 * seq_len + 1 > max_pos:
         raise UserError(f"heads: seq_len {seq_len} gives {2 * seq_len + 1} positions, this model has {max_pos}; "
                         f"use seq_len <= {(max_pos - 1) // 2}")
@@ -168,7 +168,7 @@ def head_scores_table(model: nn.Module, tokenizer: Any, *, seq_len: int = 64, n_
         scores |= _mean_scores(model, corpus_ids, _sink_entropy_sums, batch_size)
 
     n_layers, n_heads = scores["induction"].shape
-    n_kv = int(getattr(model.config, "num_key_value_heads", None) or n_heads)
+    n_kv = int(getattr(text_config(model.config), "num_key_value_heads", None) or n_heads)
     layer, head = np.divmod(np.arange(n_layers * n_heads), n_heads)
     cols = {"layer": layer, "head": head, "kv_head": head // (n_heads // n_kv)}
     cols |= {name: scores[name].numpy().ravel() for name in HEAD_SCORES}
