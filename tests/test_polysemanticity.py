@@ -3,6 +3,8 @@ embedding coherence of the peak tokens (our own metric) and how well it separate
 from known-polysemantic neurons, and head ablation mined on the actors - all on SmolLM2's real weights."""
 
 
+from types import SimpleNamespace
+
 import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -85,6 +87,27 @@ def test_coherence_matches_brute_force():
     got = coherence(units, peaks)
     assert got[0] == pytest.approx(coherence_brute_force(units, [1, 2, 3, 3]), abs=1e-6)
     assert got[1] == pytest.approx(1.0) and np.isnan(got[2])
+
+
+def test_unit_embeddings_chunk_by_chunk_equal_the_whole_matrix():
+    """unit_embeddings works a chunk of rows at a time (a 256k vocabulary in float64 would not fit twice): the
+    same vectors as centring, projecting out the top principal direction and normalising the whole matrix."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(1000, 24)
+    with torch.no_grad():
+        emb.weight += 3 * torch.randn(24)  # a common offset and a dominant direction, as real embeddings have
+        emb.weight += torch.randn(1000, 1) * torch.randn(24)
+    model = SimpleNamespace(get_input_embeddings=lambda: emb)
+    w = emb.weight.detach().double()[:900]
+    w = w - w.mean(0)
+    top = torch.linalg.eigh(w.T @ w)[1][:, -1:]
+    w = w - (w @ top) @ top.T
+    want = (w / w.norm(dim=1, keepdim=True)).float()
+    for chunk in (7, 128, 900, 5000):
+        got = unit_embeddings(model, 900, chunk=chunk)
+        assert got.shape == (900, 24) and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert torch.allclose(got.norm(dim=1), torch.ones(900))
 
 
 CLASSES = {

@@ -20,18 +20,35 @@ import numpy as np
 import torch
 
 
-def unit_embeddings(model: torch.nn.Module, vocab: int | None = None, drop: int = 1) -> torch.Tensor:
+def unit_embeddings(model: torch.nn.Module, vocab: int | None = None, drop: int = 1,
+                    chunk: int = 16384) -> torch.Tensor:
     """(V, d) float32: the input embeddings, centered, without their top `drop` principal directions,
-    each of norm 1."""
-    w = model.get_input_embeddings().weight.detach().double().cpu()
+    each of norm 1. Computed in float64 a `chunk` of rows at a time: a whole float64 copy of a 256k-token
+    vocabulary (Gemma) would be 4.7 GB for d = 2,304, several of them at once."""
+    w = model.get_input_embeddings().weight.detach()
     if vocab is not None:
         w = w[:vocab]  # rows past the tokenizer are padding
-    w = w - w.mean(0, keepdim=True)
+    starts = range(0, len(w), chunk)
+
+    def rows(lo: int) -> torch.Tensor:
+        return w[lo:lo + chunk].double().cpu()
+
+    mean = sum(rows(lo).sum(0) for lo in starts) / len(w)
+    top = None
     if drop:
-        _, vecs = torch.linalg.eigh(w.T @ w)  # ascending eigenvalues: the last columns lead
+        gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64)
+        for lo in starts:
+            centred = rows(lo) - mean
+            gram += centred.T @ centred
+        _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues: the last columns lead
         top = vecs[:, -drop:]
-        w = w - (w @ top) @ top.T
-    return (w / w.norm(dim=1, keepdim=True).clamp(min=1e-12)).float()
+    out = torch.empty(w.shape, dtype=torch.float32)
+    for lo in starts:
+        centred = rows(lo) - mean
+        if top is not None:
+            centred -= (centred @ top) @ top.T
+        out[lo:lo + chunk] = centred / centred.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return out
 
 
 def coherence(units: torch.Tensor, peaks: np.ndarray) -> np.ndarray:
