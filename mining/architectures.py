@@ -23,7 +23,9 @@ hook_resid_mid is the mlp's input). Where an MLP output norm exists, a neuron's 
 is its write a * w_out through that norm (scale held fixed per token), and a head's likewise through the
 attention's: direct logit attribution and the logit lens read them so. phi (Phi-1/1.5/2) runs attention and
 MLP in parallel (fc1/fc2, self_attn.dense); phi3 is llama-like but fuses gate and up into one matmul
-(mlp.gate_up_proj), so it has no hook_pre or hook_pre_linear. gemma3 (4B and up) wraps gemma3_text's decoder in a
+(mlp.gate_up_proj), so it has no hook_pre or hook_pre_linear. gpt_bigcode (StarCoder) has GPT-2's names;
+starcoder2 llama's attention around GPT-2's MLP (mlp.c_fc, mlp.c_proj); stablelm llama's names, parallel where its
+config says so. gemma3 (4B and up) wraps gemma3_text's decoder in a
 multimodal model, under model.language_model: its text is mined.
 """
 
@@ -125,6 +127,12 @@ GEMMA2 = Arch("gemma2", "model", "layers", _GEMMA2_SITES, "norm", out_norms=_SAN
 OLMO2 = Arch("olmo2", "model", "layers",
              _sites("self_attn.o_proj", "mlp", "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj"), "norm",
              out_norms=_SANDWICH)
+# StarCoder2: llama's attention names around GPT-2's MLP names, LayerNorms. StableLM: llama's names, LayerNorms,
+# attention and MLP in parallel where the config says so (then there is no post-attention norm).
+STARCODER2 = Arch("starcoder2", "model", "layers",
+                  _sites("self_attn.o_proj", "post_attention_layernorm", "mlp.c_fc", "mlp.c_proj"), "norm")
+STABLELM = replace(LLAMA, family="stablelm",
+                   parallel=lambda config: bool(getattr(config, "use_parallel_residual", False)))
 # Phi-1/1.5/2: attention and MLP in parallel on one LayerNorm's output, a final LayerNorm, an LM head with a bias.
 PHI = Arch("phi", "model", "layers", _sites("self_attn.dense", None, "mlp.fc1", "mlp.fc2"), "final_layernorm",
            parallel=lambda config: True)
@@ -161,6 +169,9 @@ MODEL_TYPES: dict[str, Arch] = {
     "gemma3": replace(GEMMA2, family="gemma3", base="model.language_model"),
     "olmo2": OLMO2,
     "phi": PHI,
+    "gpt_bigcode": replace(GPT2, family="gpt_bigcode"),  # SantaCoder, StarCoder: GPT-2's names, nn.Linear weights
+    "starcoder2": STARCODER2,
+    "stablelm": STABLELM,
     "phi3": PHI3,
     "bert": BERT,
 }

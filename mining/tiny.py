@@ -70,6 +70,11 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
                  partial_rotary_factor=0.5, max_position_embeddings=_POS, initializer_range=0.1)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", "Phi3Model",
              _llama_like(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", "GPTBigCodeModel",
+                    dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_MLP, n_positions=_POS, initializer_range=0.1)),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", "Starcoder2Model",
+                   _llama_like(bos_token_id=1, eos_token_id=2)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", "StableLmModel", _llama_like(bos_token_id=1, eos_token_id=2)),
     "bert": ("BertConfig", "BertForMaskedLM", "BertModel",
              dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, intermediate_size=_MLP,
                   max_position_embeddings=_POS, initializer_range=0.1)),
@@ -79,7 +84,7 @@ ARCHS = tuple(_SPECS)
 _NORM_CENTRE = {"gemma": 0.0, "gemma2": 0.0, "gemma3_text": 0.0, "olmo2": 1.0}
 """Families whose tiny models get random norm weights around their stored centre (Gemma's RMSNorm scales by 1 + w):
 with the default init every gain is 1 (or a Gemma norm's w is 0), and no test could tell a gain left out."""
-_GPT_IDS = {"gpt2", "gpt_neo", "gptj"}
+_GPT_IDS = {"gpt2", "gpt_neo", "gptj", "gpt_bigcode"}
 
 
 def tiny_model(arch: str, vocab_size: int = 512, seed: int = 0, *, head: bool = True, **overrides: Any):

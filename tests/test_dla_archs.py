@@ -239,7 +239,8 @@ def test_the_gpu_kernels_emulated_miner_reads_the_mlp_output_norm_too(tmp_path, 
 
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "gpt_neox", "gptj", "phi"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "gpt_neox", "gptj", "phi", "gpt_bigcode", "starcoder2",
+                                  "stablelm"])
 @torch.inference_mode()
 def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
     """The LayerNorm path (d_t centred over d_model, s the standard deviation): each layer's neurons plus its output
@@ -270,6 +271,7 @@ def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
     read = lambda v: ((v - v.mean(-1, keepdim=True)) * d).sum(-1) / s  # noqa: E731 - LayerNorm: v centred
     for point in points:
         bias = model.get_submodule(point.module_path).bias
+        bias = torch.zeros(x.shape[-1]) if bias is None else bias  # StableLM's down_proj has none
         mlp_out = read(flat(outs[point.layer]))
         assert mlp_out.abs().max() > 1e-2
         torch.testing.assert_close(got[point.name].sum(1) + read(bias.expand(len(sel), -1)), mlp_out,

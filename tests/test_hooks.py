@@ -22,7 +22,7 @@ from mining.hooks import (
 from mining.tiny import ARCHS, tiny_model
 
 B, T = 2, 7
-LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo2"}
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo2", "stablelm"}
 OUT_NORMS = {"gemma2", "gemma3", "olmo2"}  # the attention output passes post_attention_layernorm before the stream
 PARALLEL = {"gpt_neox", "gptj", "phi"}  # tiny gpt_neox uses Pythia's parallel residual
 # family -> (block list inside the base model, MLP module, input projection, up projection, activation,
@@ -34,6 +34,8 @@ LAYOUT = {
     "gpt_neox": ("layers", "mlp", "mlp.dense_h_to_4h", None, "mlp.act", "attention"),
     "llama": ("layers", "mlp", "mlp.gate_proj", "mlp.up_proj", "mlp.act_fn", "self_attn"),
     "phi": ("layers", "mlp", "mlp.fc1", None, "mlp.activation_fn", "self_attn"),
+    "gpt_bigcode": ("h", "mlp", "mlp.c_fc", None, "mlp.act", "attn"),
+    "starcoder2": ("layers", "mlp", "mlp.c_fc", None, "mlp.act", "self_attn"),
     "phi3": ("layers", "mlp", "mlp.gate_up_proj", None, "mlp.activation_fn", "self_attn"),  # gate and up: one matmul
     "bert": ("encoder.layer", "intermediate", "intermediate.dense", None, "intermediate.intermediate_act_fn",
              "attention.output.dense"),
