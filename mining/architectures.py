@@ -25,8 +25,8 @@ attention's: direct logit attribution and the logit lens read them so. phi (Phi-
 MLP in parallel (fc1/fc2, self_attn.dense); phi3 is llama-like but fuses gate and up into one matmul
 (mlp.gate_up_proj), so it has no hook_pre or hook_pre_linear. gpt_bigcode (StarCoder) has GPT-2's names;
 starcoder2 llama's attention around GPT-2's MLP (mlp.c_fc, mlp.c_proj); stablelm llama's names, parallel where its
-config says so. gemma3 (4B and up) wraps gemma3_text's decoder in a
-multimodal model, under model.language_model: its text is mined.
+config says so. gemma3 (4B and up) wraps gemma3_text's decoder in a multimodal model, under
+model.language_model: its text is mined.
 """
 
 from __future__ import annotations
