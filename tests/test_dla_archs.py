@@ -276,3 +276,22 @@ def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
         assert mlp_out.abs().max() > 1e-2
         torch.testing.assert_close(got[point.name].sum(1) + read(bias.expand(len(sel), -1)), mlp_out,
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch, says", [("phi3", "phi3 computes the gate and up projections in one matmul"),
+                                        ("gpt2", "no hooked blocks.*.mlp.hook_post of a gated MLP")])
+def test_gate_cases_are_refused_in_one_line_where_there_is_no_gate_to_hook(arch, says, tmp_path, smol_tokenizer):
+    from mining.errors import UserError
+    from mining.runner import validate
+    from mining.spec import spec_from_dict
+
+    tiny_model(arch, vocab_size=len(smol_tokenizer)).save_pretrained(tmp_path)
+    smol_tokenizer.save_pretrained(tmp_path)
+    job = {"name": "gates", "model": {"id": str(tmp_path)}, "hooks": ["blocks.*.mlp.hook_post"],
+           "corpus": {"source": "builtin:python-docs", "max_tokens": 300, "context_length": 64},
+           "stats": {"gate_cases": True}}
+    with pytest.raises(UserError, match=says) as caught:
+        validate(spec_from_dict(job))
+    assert str(caught.value).startswith("stats.gate_cases: ") and "\n" not in str(caught.value)
+    job["stats"] = {}
+    validate(spec_from_dict(job))
