@@ -103,7 +103,8 @@ class DiffMiner(ShardMiner):
 
             def keep_a(point, x: torch.Tensor) -> None:
                 if point.site == "attn.hook_z":
-                    dla_a.raw[point.name] = _head_dla(dla_a, point, x, self.w_o["a", point.name])
+                    values = _head_dla(dla_a, point, x, self.w_o["a", point.name])
+                    dla_a.keep_raw(point.name, "attn", point.layer, values)
                     return
                 acts[point.name] = mined_rows(x, rows).float()
                 if dla_a is not None and point.name in self.dla_points:
@@ -111,7 +112,8 @@ class DiffMiner(ShardMiner):
 
             def pair_b(point, x: torch.Tensor) -> None:
                 if point.site == "attn.hook_z":
-                    dla_b.raw[point.name] = _head_dla(dla_b, point, x, self.w_o["b", point.name])
+                    values = _head_dla(dla_b, point, x, self.w_o["b", point.name])
+                    dla_b.keep_raw(point.name, "attn", point.layer, values)
                     return
                 partners = [a for a in self.partners.get(point.name, ()) if a in acts]
                 if partners:
@@ -208,10 +210,9 @@ def paired_points(points_a: list, n_a: int, model_b: torch.nn.Module, cross_size
 
 def _head_dla(dla: DlaBatch, point, z: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
     """(M, heads): each head's output z_h through its W_O slice, dotted with the target's direction
-    (divided by the final norm's scale later, in DlaBatch.finish)."""
+    (divided by the final norm's scale, and the attention output norm's where there is one, in DlaBatch.finish)."""
     zs = mined_rows(z, dla.sel, torch.float32)  # (M, H * dh)
     g = dla.per_position(dla.dla.head_directions(point.layer, dla.directions) @ w_o.T)  # (M, H * dh): W_O^T d_t
-    dla.raw_part[point.name] = ("attn", point.layer)  # divided by the attention output norm's scale too, if any
     return (zs * g).unflatten(-1, (point.n_heads, point.d_head)).sum(-1)
 
 

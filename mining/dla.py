@@ -128,6 +128,7 @@ class DirectLogitAttribution:
                           if (norm := out_norm(model, layer, part)) is not None}
         """(part, layer) -> the norm the output of layer's "attn" or "mlp" passes before the residual stream (Gemma
         2/3, OLMo 2); empty elsewhere."""
+        self.out_gains = {key: norm_gain(model, norm) for key, norm in self.out_norms.items()}  # their gamma_out
         self._w_out: dict[int, torch.Tensor] = {}
         weight = self.norm.weight
         # On a GPU a half-precision model's gains are one matmul in its own dtype (the precision its down
@@ -163,15 +164,15 @@ class DirectLogitAttribution:
 
     def head_directions(self, layer: int, directions: torch.Tensor) -> torch.Tensor:
         """d_t as the heads of `layer` see it: times the gain of the norm on the attention's output, if any."""
-        norm = self.out_norms.get(("attn", layer))
-        return directions if norm is None else directions * norm_gain(self.model, norm)
+        gain = self.out_gains.get(("attn", layer))
+        return directions if gain is None else directions * gain
 
     def neuron_gain(self, layer: int, directions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """w_out · d_t for every neuron: (U, d) @ (d, N) -> (U, N); out: a (U, N) float32 tensor to write it to."""
         if layer not in self._w_out:
             w_out = mlp_out_weight(self.model, layer)  # (N, d)
-            if ("mlp", layer) in self.out_norms:  # its gain, as the final norm's is in d_t
-                w_out = w_out.float() * norm_gain(self.model, self.out_norms["mlp", layer])
+            if ("mlp", layer) in self.out_gains:  # its gain, as the final norm's is in d_t
+                w_out = w_out.float() * self.out_gains["mlp", layer]
             self._w_out[layer] = w_out.to(self.gain_dtype)
         w = self._w_out[layer].T
         if self.gain_dtype == torch.float32 and not directions.is_cuda and len(directions) < GAIN_ROWS_MIN:
@@ -315,8 +316,12 @@ class DlaBatch:
             self.fused[point.name] = (x, point.layer)
             return
         gain = self.dla.neuron_gain(point.layer, self.directions)  # (U, N)
-        self.raw[point.name] = self.per_position(gain).mul_(mined_rows(x, self.sel))  # a fresh (M, N): in place
-        self.raw_part[point.name] = ("mlp", point.layer)
+        self.keep_raw(point.name, "mlp", point.layer, self.per_position(gain).mul_(mined_rows(x, self.sel)))
+
+    def keep_raw(self, name: str, part: str, layer: int, values: torch.Tensor) -> None:
+        """A fresh (M, ...) of undivided values of layer's "mlp" neurons or "attn" heads, divided in finish()."""
+        self.raw[name] = values
+        self.raw_part[name] = (part, layer)
 
     @contextmanager
     def watch_norm(self) -> Iterator[None]:
@@ -349,8 +354,7 @@ class DlaBatch:
 
     def finish(self) -> Iterator[tuple[str, torch.Tensor | GainProduct | FusedGain]]:
         for name, raw in self.raw.items():
-            scale = self.scale_of(*self.raw_part[name]) if name in self.raw_part else self.scale
-            yield name, raw.div_(scale[:, None])  # raw is this batch's own tensor: no copy
+            yield name, raw.div_(self.scale_of(*self.raw_part[name])[:, None])  # this batch's own tensor: no copy
         yield from self.deferred.items()
         for name, (x, layer) in self.fused.items():
             layout, target = self.fused_layout()

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .architectures import text_config
 from .errors import UserError
 from .spec import ModelSpec
 
@@ -183,8 +184,6 @@ def load_model(spec: ModelSpec, device: str | None = None) -> LoadedModel:
     model.requires_grad_(False)
     # One forward pass a batch and no generation: a KV cache would only keep every layer's keys and values alive
     # until the pass ends (3-6% slower a forward on the CPU, bare or mined, and GPU memory the batch could use).
-    from .architectures import text_config
-
     # (a multimodal model's text decoder reads its own config's)
     model.config.use_cache = text_config(model.config).use_cache = False
     return LoadedModel(model, tokenizer, source, dev, dtype, causal)

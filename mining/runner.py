@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from . import __version__
+from .architectures import arch_of, text_config
 from .corpus import check_source, iter_documents
 from .engine import frequent_tokens
 from .errors import UserError
@@ -64,8 +65,6 @@ def validate(spec: JobSpec) -> Any:
     resolve_source(spec.model)
     check_weight_files(spec.model)
     config = load_config(spec.model)
-    from .architectures import text_config
-
     text = text_config(config)
     limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
     if limit and spec.corpus.context_length > limit:
@@ -90,8 +89,6 @@ def validate(spec: JobSpec) -> Any:
         from .engine import gate_points
 
         if not gate_points(meta, resolve_hooks(meta, spec.hooks)):
-            from .architectures import arch_of
-
             fused = arch_of(meta).missing.get("mlp.hook_pre")  # gated, but gate and up are one matmul (Phi-3)
             why = (f"{fused} (the cases need the gate and up apart)" if fused else
                    "no hooked blocks.*.mlp.hook_post of a gated MLP (SwiGLU/GeGLU) in this job")

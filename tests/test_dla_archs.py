@@ -66,7 +66,8 @@ def test_neurons_add_up_to_their_mlps_write_and_everything_to_the_logit(arch, de
 
     def take(point, x):
         if point.site == "attn.hook_z":
-            batch.raw[point.name] = _head_dla(batch, point, x, _feature_rows(model, point).float())
+            values = _head_dla(batch, point, x, _feature_rows(model, point).float())
+            batch.keep_raw(point.name, "attn", point.layer, values)
         else:
             batch.gain(point, x)
 
