@@ -23,10 +23,10 @@ hook_resid_mid is the mlp's input). Where an MLP output norm exists, a neuron's 
 is its write a * w_out through that norm (scale held fixed per token), and a head's likewise through the
 attention's: direct logit attribution and the logit lens read them so. phi (Phi-1/1.5/2) runs attention and
 MLP in parallel (fc1/fc2, self_attn.dense); phi3 is llama-like but fuses gate and up into one matmul
-(mlp.gate_up_proj), so it has no hook_pre or hook_pre_linear. gpt_bigcode (StarCoder) has GPT-2's names;
-starcoder2 llama's attention around GPT-2's MLP (mlp.c_fc, mlp.c_proj); stablelm llama's names, parallel where its
-config says so. gemma3 (4B and up) wraps gemma3_text's decoder in a multimodal model, under
-model.language_model: its text is mined.
+(mlp.gate_up_proj): hook_pre is the first half of its output, hook_pre_linear the second. gpt_bigcode
+(StarCoder) has GPT-2's names; starcoder2 llama's attention around GPT-2's MLP (mlp.c_fc, mlp.c_proj); stablelm
+llama's names, parallel where its config says so. gemma3 (4B and up) wraps gemma3_text's decoder in a
+multimodal model, under model.language_model: its text is mined.
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ class Arch:
     stream (Gemma 2/3, OLMo 2); empty where both write to the stream directly."""
     norm_offset: float = 0.0
     """RMSNorm multiplies by (norm_offset + weight): 1.0 for Gemma's, whose weights are stored around zero."""
-    missing: Mapping[str, str] = field(default_factory=dict)
-    """Sites this family lacks that others have -> why (Phi-3's fused gate and up projection)."""
+    chunks: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    """site -> (i, n): the activation is the i-th of n equal slices of its module's last dimension (Phi-3's
+    gate_up_proj output holds the gate, then up)."""
 
     @property
     def gated(self) -> bool:
@@ -136,11 +137,11 @@ STABLELM = replace(LLAMA, family="stablelm",
 # Phi-1/1.5/2: attention and MLP in parallel on one LayerNorm's output, a final LayerNorm, an LM head with a bias.
 PHI = Arch("phi", "model", "layers", _sites("self_attn.dense", None, "mlp.fc1", "mlp.fc2"), "final_layernorm",
            parallel=lambda config: True)
-_FUSED = ("phi3 computes the gate and up projections in one matmul (mlp.gate_up_proj), so neither has a module "
-          "of its own to hook; the neurons, act(gate) * up, are mlp.hook_post")
+# Phi-3 (and Phi-4): llama-like, but gate and up are one matmul whose output is chunk(2): gate, then up.
 PHI3 = Arch("phi3", "model", "layers",
-            _sites("self_attn.o_proj", "post_attention_layernorm", None, "mlp.down_proj"), "norm",
-            missing={"mlp.hook_pre": _FUSED, "mlp.hook_pre_linear": _FUSED})
+            _sites("self_attn.o_proj", "post_attention_layernorm", "mlp.gate_up_proj", "mlp.down_proj",
+                   "mlp.gate_up_proj"), "norm",
+            chunks={"mlp.hook_pre": (0, 2), "mlp.hook_pre_linear": (1, 2)})
 # BERT is post-norm: the residual stream between attention and MLP is the attention LayerNorm's output.
 BERT = Arch(
     "bert",
@@ -231,8 +232,6 @@ def why_missing(arch: Arch, config: object, site: str) -> str | None:
     """Why a known TransformerLens site does not exist for this model; None for an unknown site."""
     if site in NOT_YET:
         return NOT_YET[site]
-    if site in arch.missing:
-        return arch.missing[site]
     if site == "hook_resid_mid" and arch.parallel(config):
         return (f"hook_resid_mid does not exist for {arch.family} with parallel residual: attention and MLP "
                 "both read the block input, so there is no residual stream between them")

@@ -109,14 +109,15 @@ def nnsight_capture(loaded, points: list[HookPoint]) -> Capture:
             node = node[int(part)] if part.isdigit() else getattr(node, part)
         return node
 
-    envoys = [(p.name, envoy(p.module_path), p.direction == IN) for p in points]
+    envoys = [(p, envoy(p.module_path), p.direction == IN) for p in points]
 
     def capture(ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         saved: dict[str, torch.Tensor] = {}
         with wrapped.trace(input_ids=ids, attention_mask=attention):  # nnsight runs this body itself: no comprehensions
-            for name, e, pre in envoys:
-                saved[name] = (e.input if pre else e.output).save()
-        return {name: x[mask].to(torch.float16).cpu() for name, x in saved.items()}
+            for p, e, pre in envoys:
+                saved[p.name] = (e.input if pre else e.output).save()
+        by_name = {p.name: p for p, _, _ in envoys}
+        return {name: hooks.take(by_name[name], x)[mask].to(torch.float16).cpu() for name, x in saved.items()}
 
     return capture
 

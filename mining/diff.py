@@ -341,7 +341,11 @@ def _feature_rows(model: torch.nn.Module, point) -> torch.Tensor:
     module = model.get_submodule(point.module_path)
     w = module.weight.detach().double()
     linear = isinstance(module, torch.nn.Linear)
-    return (w.T if linear else w) if point.direction == "input" else (w if linear else w.T)
+    rows = (w.T if linear else w) if point.direction == "input" else (w if linear else w.T)
+    if point.chunk is None:
+        return rows
+    i = point.chunk[0]  # a fused projection's slice (Phi-3's gate, up): its own rows
+    return rows[i * point.width:(i + 1) * point.width]
 
 
 NEURON_WEIGHTS = pa.schema([("layer", pa.int32()), ("neuron", pa.int32()), ("in_norm", pa.float64()),
@@ -354,7 +358,7 @@ def _neuron_weights(a: torch.nn.Module, b: torch.nn.Module) -> pa.Table:
     parts = [NEURON_WEIGHTS.empty_table()]
     for post in _shared_layers(a, b, "mlp.hook_post"):
         layer = post.layer
-        wo_a, wo_b = mlp_out_weight(a, layer).double(), mlp_out_weight(b, layer).double()  # (N, d)
+        wo_a, wo_b = (mlp_out_weight(m, layer).detach().double() for m in (a, b))  # (N, d)
         if wo_a.shape != wo_b.shape:
             continue
         out_norm = (wo_b - wo_a).norm(dim=1)

@@ -1,7 +1,7 @@
 """TransformerLens-style hook names on Hugging Face models, captured with plain PyTorch hooks.
 
     points = resolve_hooks(model, ["blocks.*.mlp.hook_post", "blocks.3.hook_resid_post"])
-    with capture(model, points, lambda point, x: ...):   # x: (B, T, point.width), a view
+    with capture(model, points, lambda point, x: ...):   # x: (B, T, point.width), a view (a chunk: a copy)
         model(input_ids)
 
 Sites (per block L): hook_resid_pre, attn.hook_z, hook_resid_mid, mlp.hook_pre,
@@ -42,6 +42,9 @@ class HookPoint:
     n_heads: int | None = None
     """attn.hook_z only: width == n_heads * d_head, head-major."""
     d_head: int | None = None
+    chunk: tuple[int, int] | None = None
+    """(i, n): the activation is the i-th of n equal slices of the module's last dimension (Phi-3's gate_up_proj
+    holds gate, then up); None: all of it."""
 
 
 def architecture(model: nn.Module) -> str:
@@ -100,19 +103,27 @@ def resolve_hooks(model: nn.Module, patterns: Sequence[str] | str) -> list[HookP
                 extra = {"width": d["n_heads"] * d["d_head"], "n_heads": d["n_heads"], "d_head": d["d_head"]}
             else:
                 extra = {"width": d["d_mlp"] if site.startswith("mlp.") else d["d_model"]}
-            points[name] = HookPoint(name, site, layer, path, direction, **extra)
+            points[name] = HookPoint(name, site, layer, path, direction, chunk=arch.chunks.get(site), **extra)
     return sorted(points.values(), key=lambda p: (p.layer, SITE_ORDER.index(p.site)))
 
 
-def _as_btw(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
-    if x.dim() > 3:
-        x = x.flatten(2)
-    if x.shape[-1] != point.width:
+def take(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
+    """The point's activation from its module's tensor (..., features): all of it, or its chunk as a contiguous
+    copy (the kernels read contiguous rows; the fused projection's output is dropped after the MLP anyway)."""
+    width = point.width * (point.chunk[1] if point.chunk else 1)
+    if x.shape[-1] != width:
         raise UserError(
             f"{point.name} ({point.module_path} {point.direction}) has {x.shape[-1]} features but the model "
-            f"config implies {point.width}; config and weights disagree"
+            f"config implies {width}; config and weights disagree"
         )
-    return x
+    if point.chunk is None:
+        return x
+    i = point.chunk[0]
+    return x[..., i * point.width:(i + 1) * point.width].contiguous()
+
+
+def _as_btw(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
+    return take(point, x.flatten(2) if x.dim() > 3 else x)
 
 
 def _first_tensor(value):
@@ -121,8 +132,8 @@ def _first_tensor(value):
 
 @contextmanager
 def capture(model: nn.Module, points: Sequence[HookPoint], fn: Callable[[HookPoint, torch.Tensor], None]):
-    """Registers hooks; fn receives each activation as (B, T, width) (a view, no copy) during the forward;
-    hooks removed in finally."""
+    """Registers hooks; fn receives each activation as (B, T, width) (a view, no copy; a chunk of a fused
+    projection is copied) during the forward; hooks removed in finally."""
     handles = []
 
     def pre_hook(point: HookPoint):

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from . import __version__
-from .architectures import arch_of, text_config
+from .architectures import text_config
 from .corpus import check_source, iter_documents
 from .engine import frequent_tokens
 from .errors import UserError
@@ -89,10 +89,8 @@ def validate(spec: JobSpec) -> Any:
         from .engine import gate_points
 
         if not gate_points(meta, resolve_hooks(meta, spec.hooks)):
-            fused = arch_of(meta).missing.get("mlp.hook_pre")  # gated, but gate and up are one matmul (Phi-3)
-            why = (f"{fused} (the cases need the gate and up apart)" if fused else
-                   "no hooked blocks.*.mlp.hook_post of a gated MLP (SwiGLU/GeGLU) in this job")
-            raise UserError(f"stats.gate_cases: {why}; turn it off for this model")
+            raise UserError("stats.gate_cases: no hooked blocks.*.mlp.hook_post of a gated MLP (SwiGLU/GeGLU) in "
+                            "this job; turn it off for this model")
     return config
 
 

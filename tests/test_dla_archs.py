@@ -279,8 +279,7 @@ def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
                                    rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch, says", [("phi3", "phi3 computes the gate and up projections in one matmul"),
-                                        ("gpt2", "no hooked blocks.*.mlp.hook_post of a gated MLP")])
+@pytest.mark.parametrize("arch, says", [("gpt2", "no hooked blocks.*.mlp.hook_post of a gated MLP")])
 def test_gate_cases_are_refused_in_one_line_where_there_is_no_gate_to_hook(arch, says, tmp_path, smol_tokenizer):
     from mining.errors import UserError
     from mining.runner import validate
@@ -296,3 +295,91 @@ def test_gate_cases_are_refused_in_one_line_where_there_is_no_gate_to_hook(arch,
     assert str(caught.value).startswith("stats.gate_cases: ") and "\n" not in str(caught.value)
     job["stats"] = {}
     validate(spec_from_dict(job))
+
+
+def test_phi3_gate_and_up_are_the_halves_of_its_fused_projection_and_mine(tmp_path, smol_tokenizer):
+    """Phi-3 computes gate and up in one matmul (gate_up_proj, then chunk(2)). Its hook_pre and hook_pre_linear are
+    the two halves: a job mines the gate itself and the gate-sign cases of its neurons, each context recomputed here
+    alone with plain hooks on the model's modules. A sign within 1e-4 of zero may differ between the batched and
+    the single forward: each neuron's count may move by at most its number of such values."""
+    from mining.engine import ShardMiner
+    from mining.models import load_model
+    from mining.runner import plan, validate
+    from mining.spec import spec_from_dict
+
+    tiny_model("phi3", vocab_size=len(smol_tokenizer)).save_pretrained(tmp_path)
+    smol_tokenizer.save_pretrained(tmp_path)
+    spec = spec_from_dict({
+        "name": "phi3-gates", "model": {"id": str(tmp_path)},
+        "hooks": ["blocks.*.mlp.hook_post", "blocks.1.mlp.hook_pre"],
+        "corpus": {"source": "builtin:python-docs", "max_tokens": 600, "context_length": 64},
+        "stats": {"top_k": 4, "gate_cases": True}, "compute": {"batch_size": 4, "shard_tokens": 256}})
+    validate(spec)
+    loaded = load_model(spec.model)
+    shards, _ = plan(spec, loaded.tokenizer)
+    miner = ShardMiner(spec, loaded)
+    results = [miner.mine(shard) for shard in shards]
+    stats = results[0].stats
+    for r in results[1:]:
+        stats = {name: st.merge(r.stats[name]) for name, st in stats.items()}
+
+    model, grabbed = loaded.model, {}
+    handles = []
+    for layer, blk in enumerate(model.model.layers):
+        handles.append(blk.mlp.gate_up_proj.register_forward_hook(
+            lambda m, a, o, layer=layer: grabbed.__setitem__(("fused", layer), o[0])))
+        handles.append(blk.mlp.down_proj.register_forward_pre_hook(
+            lambda m, a, layer=layer: grabbed.__setitem__(("post", layer), a[0][0])))
+    acts: dict = {}
+    try:
+        with torch.inference_mode():
+            for shard in shards:
+                for c in range(len(shard.ids)):
+                    model(torch.from_numpy(shard.ids[c, :shard.length[c]])[None])
+                    keep = slice(shard.first[c], shard.first[c] + shard.mined[c])
+                    for (kind, layer), x in grabbed.items():
+                        acts.setdefault((kind, layer), []).append(x[keep].float())
+    finally:
+        for h in handles:
+            h.remove()
+    acts = {key: torch.cat(parts) for key, parts in acts.items()}
+
+    n = sum(s.n_tokens for s in shards)
+    gate1 = acts[("fused", 1)].chunk(2, dim=-1)[0]
+    values, _ = stats["blocks.1.mlp.hook_pre"].top.finalize()
+    torch.testing.assert_close(values, gate1.topk(4, dim=0).values, rtol=1e-4, atol=1e-4)
+    for layer in range(len(model.model.layers)):
+        gate, up = acts[("fused", layer)].chunk(2, dim=-1)
+        post = acts[("post", layer)]
+        torch.testing.assert_close(post, torch.nn.functional.silu(gate) * up)  # the model's own split
+        got = stats[f"blocks.{layer}.mlp.hook_post"].gate_cases.finalize()
+        assert (got["count"].sum(0) == n).all()
+        case = (gate > 0).long() * 2 + (up > 0).long()
+        near = ((gate.abs() < 1e-4) | (up.abs() < 1e-4)).sum(0).numpy()
+        for c in range(4):
+            want = (case == c).sum(0).numpy()
+            assert (np.abs(got["count"][c] - want) <= near).all(), (layer, c)
+        both = (case == 3) & ~((gate.abs() < 1e-4) | (up.abs() < 1e-4))
+        best = torch.where(both, post, torch.tensor(float("-inf"))).max(0).values
+        has = torch.isfinite(best) & (near == 0)
+        assert has.any()
+        torch.testing.assert_close(got["top"][3][0][0][has], best[has], rtol=1e-4, atol=1e-4)
+
+
+def test_phi3_weight_diff_finds_a_neuron_changed_in_its_fused_projection():
+    """neuron_weight_diff reads a neuron's gate and up rows out of gate_up_proj: changing one neuron's up row there
+    shows as that neuron's in_norm, and nowhere else."""
+    from mining.diff import _neuron_weights
+
+    a, b = tiny_model("phi3"), tiny_model("phi3")
+    n = a.config.intermediate_size
+    with torch.no_grad():
+        b.model.layers[1].mlp.gate_up_proj.weight[n + 5] *= 3  # the up row of neuron 5 (the gate rows come first)
+    for site, rows in (("mlp.hook_pre", slice(0, n)), ("mlp.hook_pre_linear", slice(n, 2 * n))):
+        point = resolve_hooks(a, [f"blocks.1.{site}"])[0]
+        torch.testing.assert_close(_feature_rows(a, point), a.model.layers[1].mlp.gate_up_proj.weight[rows].double())
+    table = _neuron_weights(a, b).to_pandas()
+    changed = table[table.in_norm > 0]
+    assert list(zip(changed.layer, changed.neuron)) == [(1, 5)]
+    up = a.model.layers[1].mlp.gate_up_proj.weight[n + 5].double()
+    assert changed.in_norm.iloc[0] == pytest.approx(float(2 * up.norm()), rel=1e-6)  # 3w rounded to float32

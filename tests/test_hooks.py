@@ -103,9 +103,7 @@ def test_mlp_hooks_match_recomputation(arch, head):
     handles = [plain_capture(blk.get_submodule(mlp_path), ref, "x", "input"),
                plain_capture(blk.get_submodule(mlp_path if family != "bert" else "output.dense"), ref, "out", "output")]
     names = [f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post"]
-    if family == "phi3":  # the fused projection has no gate or up module to hook: only the neurons
-        names = names[1:]
-    if up_path:
+    if up_path or family == "phi3":
         names.append(f"blocks.{layer}.mlp.hook_pre_linear")
     try:
         with record(model, names) as got:
@@ -117,17 +115,17 @@ def test_mlp_hooks_match_recomputation(arch, head):
     x = ref["x"]
     act = blk.get_submodule(act_path)
     pre = linear(blk.get_submodule(in_path), x)
-    if family == "phi3":
-        gate, up = pre.chunk(2, dim=-1)
-        close(got[f"blocks.{layer}.mlp.hook_post"], act(gate) * up)
+    if family == "phi3":  # one matmul: gate, then up (the model's own chunk(2))
+        pre, up = pre.chunk(2, dim=-1)
+        close(got[f"blocks.{layer}.mlp.hook_pre_linear"], up)
+        close(got[f"blocks.{layer}.mlp.hook_post"], act(pre) * up)
     elif up_path:
         up = linear(blk.get_submodule(up_path), x)
         close(got[f"blocks.{layer}.mlp.hook_pre_linear"], up)
         close(got[f"blocks.{layer}.mlp.hook_post"], act(pre) * up)
     else:
         close(got[f"blocks.{layer}.mlp.hook_post"], act(pre))
-    if family != "phi3":
-        close(got[f"blocks.{layer}.mlp.hook_pre"], pre)
+    close(got[f"blocks.{layer}.mlp.hook_pre"], pre)
 
     # DLA helper: hook_post @ W_out + b is the MLP's output projection.
     point = resolve_hooks(model, f"blocks.{layer}.mlp.hook_post")[0]
