@@ -16,17 +16,17 @@ input (forward pre-hook) or output (forward hook). "" is the block itself.
 | hook_resid_post     | block out               | block out                 | block out     | block out               | layer out                   |
 
 llama-like = llama, mistral, qwen2, qwen3, smollm3 (same module names, pre-norm, gated MLP); gemma too, whose
-RMSNorms scale by (1 + weight). gemma2 and gemma3_text are llama-like with "sandwich" norms: the attention and
-MLP outputs each pass a norm before they join the residual stream, so hook_resid_mid is the input of
-pre_feedforward_layernorm. olmo2 has only those output norms (the MLP reads the residual stream itself:
-hook_resid_mid is the mlp's input). Where an MLP output norm exists, a neuron's effect on the residual stream
-is its write a * w_out through that norm (scale held fixed per token), and a head's likewise through the
-attention's: direct logit attribution and the logit lens read them so. phi (Phi-1/1.5/2) runs attention and
-MLP in parallel (fc1/fc2, self_attn.dense); phi3 is llama-like but fuses gate and up into one matmul
-(mlp.gate_up_proj): hook_pre is the first half of its output, hook_pre_linear the second. gpt_bigcode
-(StarCoder) has GPT-2's names; starcoder2 llama's attention around GPT-2's MLP (mlp.c_fc, mlp.c_proj); stablelm
-llama's names, parallel where its config says so. gemma3 (4B and up) wraps gemma3_text's decoder in a
-multimodal model, under model.language_model: its text is mined.
+RMSNorms scale by (1 + weight). gemma2 and gemma3_text are llama-like with "sandwich" norms: the attention and MLP
+outputs each pass a norm before they join the residual stream, so hook_resid_mid is the input of
+pre_feedforward_layernorm. olmo (OLMo 1) is llama-like with LayerNorms that have no weight or bias; olmo2 has only
+the output norms (the MLP reads the residual stream itself: hook_resid_mid is the mlp's input). Where an MLP output
+norm exists, a neuron's effect on the residual stream is its write a * w_out through that norm (scale held fixed
+per token), and a head's likewise through the attention's: direct logit attribution and the logit lens read them
+so. phi (Phi-1/1.5/2) runs attention and MLP in parallel (fc1/fc2, self_attn.dense); phi3 is llama-like but fuses
+gate and up into one matmul (mlp.gate_up_proj): hook_pre is the first half of its output, hook_pre_linear the
+second. gpt_bigcode (StarCoder) has GPT-2's names; starcoder2 llama's attention around GPT-2's MLP (mlp.c_fc,
+mlp.c_proj); stablelm llama's names, parallel where its config says so. gemma3 (4B and up) wraps gemma3_text's
+decoder in a multimodal model, under model.language_model: its text is mined.
 """
 
 from __future__ import annotations
@@ -168,6 +168,7 @@ MODEL_TYPES: dict[str, Arch] = {
     # Gemma 3 4B and up: the multimodal wrapper (Gemma3ForConditionalGeneration); text only is mined, its decoder
     # under model.language_model
     "gemma3": replace(GEMMA2, family="gemma3", base="model.language_model"),
+    "olmo": replace(LLAMA, family="olmo"),  # OLMo 1: llama's names; its norms are LayerNorms without weights
     "olmo2": OLMO2,
     "phi": PHI,
     "gpt_bigcode": replace(GPT2, family="gpt_bigcode"),  # SantaCoder, StarCoder: GPT-2's names, nn.Linear weights

@@ -94,11 +94,18 @@ class GainPlan:
     n_new: int
 
 
+WEIGHTLESS_LAYER_NORMS = {"OlmoLayerNorm": 1e-5}
+"""LayerNorms that are not nn.LayerNorm and have no weight, bias or eps attribute -> the eps their forward uses
+(OLMo 1's)."""
+
+
 def _norm_kind(norm: nn.Module) -> str:
-    return "layer" if isinstance(norm, nn.LayerNorm) else "rms"
+    return "layer" if isinstance(norm, nn.LayerNorm) or type(norm).__name__ in WEIGHTLESS_LAYER_NORMS else "rms"
 
 
 def _eps(norm: nn.Module) -> float:
+    if type(norm).__name__ in WEIGHTLESS_LAYER_NORMS:
+        return WEIGHTLESS_LAYER_NORMS[type(norm).__name__]
     for name in ("variance_epsilon", "eps", "epsilon"):
         if hasattr(norm, name):
             return float(getattr(norm, name))
@@ -118,19 +125,20 @@ class DirectLogitAttribution:
 
     def __init__(self, model: nn.Module):
         self.norm = final_norm(model)
-        if self.norm is None or not hasattr(self.norm, "weight"):
+        if self.norm is None:
             raise ValueError("direct logit attribution needs a pre-norm causal LM with a final norm")
         self.kind = _norm_kind(self.norm)
         self.model = model
         self.w_u = unembedding(model)  # (d, V) view
-        self.gamma = norm_gain(model, self.norm)  # float32
+        gamma = norm_gain(model, self.norm)  # float32; None for a norm without a weight (OLMo 1): a gain of 1
+        self.gamma = torch.ones(self.w_u.shape[0], device=self.w_u.device) if gamma is None else gamma
         self.out_norms = {(part, layer): norm for layer in range(n_layers(model)) for part in ("attn", "mlp")
                           if (norm := out_norm(model, layer, part)) is not None}
         """(part, layer) -> the norm the output of layer's "attn" or "mlp" passes before the residual stream (Gemma
         2/3, OLMo 2); empty elsewhere."""
         self.out_gains = {key: norm_gain(model, norm) for key, norm in self.out_norms.items()}  # their gamma_out
         self._w_out: dict[int, torch.Tensor] = {}
-        weight = self.norm.weight
+        weight = self.w_u
         # On a GPU a half-precision model's gains are one matmul in its own dtype (the precision its down
         # projection ran in): in float32 the (M, d) x (d, N) gain of every layer would cost as much as the
         # forward pass itself. Elsewhere float32.

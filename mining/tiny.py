@@ -54,7 +54,7 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", "SmolLM3Model",
                 _llama_like(use_sliding_window=False, pad_token_id=None, bos_token_id=1, eos_token_id=2)),
     # Gemma: GELU-gated, RMSNorm scaling by (1 + weight); 2 and 3 add norms on the attention and MLP outputs and a
-    # final logit soft-cap (Gemma 2). OLMo 2: only the output norms.
+    # final logit soft-cap (Gemma 2). OLMo 1: LayerNorms without weights. OLMo 2: only the output norms.
     "gemma": ("GemmaConfig", "GemmaForCausalLM", "GemmaModel", _llama_like(head_dim=8)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "Gemma2Model",
                _llama_like(head_dim=8, sliding_window=4, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
@@ -63,6 +63,8 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
                     _llama_like(head_dim=8, sliding_window=4, query_pre_attn_scalar=8)),
     "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", "Gemma3Model",
                _llama_like(head_dim=8, sliding_window=4, query_pre_attn_scalar=8)),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", "OlmoModel",
+             _llama_like(pad_token_id=None, bos_token_id=1, eos_token_id=2)),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", "Olmo2Model",
               _llama_like(pad_token_id=None, bos_token_id=1, eos_token_id=2)),
     "phi": ("PhiConfig", "PhiForCausalLM", "PhiModel",

@@ -13,7 +13,7 @@ import torch
 from mining.diff import _feature_rows, _head_dla
 from mining.dla import DirectLogitAttribution, DlaBatch, GainProduct
 from mining.hooks import capture, final_norm, resolve_hooks, unembedding
-from mining.tiny import tiny_model
+from mining.tiny import ARCHS as TINY_ARCHS, tiny_model
 
 ARCHS = ["llama", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "phi3"]
 B, T, VOCAB = 3, 12, 300
@@ -104,6 +104,20 @@ def test_neurons_add_up_to_their_mlps_write_and_everything_to_the_logit(arch, de
     cap = getattr(model.config, "final_logit_softcapping", None)
     model_logits = ref["logits"].reshape(-1, VOCAB)[sel].gather(1, targets[:, None])[:, 0]
     torch.testing.assert_close(model_logits, logits if cap is None else cap * torch.tanh(logits / cap))
+
+
+@pytest.mark.parametrize("arch", [a for a in TINY_ARCHS if a != "bert"])
+@torch.inference_mode()
+def test_dla_reads_each_familys_final_norm_as_the_norm_computes_it(arch):
+    """The norm as DLA reads it (its gain, centring and per-token scale) is the norm: on a stream of small variance,
+    where eps matters (OLMo 1's is fixed at 1e-5 inside its forward), and for Gemma's (1 + w) gain."""
+    model = tiny_model(arch, vocab_size=VOCAB, seed=4)
+    dla = DirectLogitAttribution(model)
+    x = torch.randn(5, dla.w_u.shape[0], generator=torch.Generator().manual_seed(2)) * 3e-3 + 1e-3
+    centred = x - x.mean(-1, keepdim=True) if dla.kind == "layer" else x
+    bias = getattr(dla.norm, "bias", None)
+    want = dla.gamma * centred / dla.scale(x)[:, None] + (0 if bias is None else bias)
+    torch.testing.assert_close(want, dla.norm(x).float(), rtol=1e-5, atol=1e-6)
 
 
 @torch.inference_mode()
@@ -241,11 +255,13 @@ def test_the_gpu_kernels_emulated_miner_reads_the_mlp_output_norm_too(tmp_path, 
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "gpt_neox", "gptj", "phi", "gpt_bigcode", "starcoder2",
-                                  "stablelm"])
+                                  "stablelm", "olmo"])
 @torch.inference_mode()
 def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
     """The LayerNorm path (d_t centred over d_model, s the standard deviation): each layer's neurons plus its output
-    projection's bias, read through the final norm, add up to what the MLP module outputs."""
+    projection's bias, read through the final norm, add up to what the MLP module outputs; the final stream so read,
+    plus the norm's and the LM head's biases, is the model's logit. OLMo 1's LayerNorms have no weight (a gain of
+    1), no bias and no eps attribute (its forward uses 1e-5)."""
     model = tiny_model(arch, vocab_size=VOCAB, seed=4)
     ids = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
     dla = DirectLogitAttribution(model)
@@ -258,18 +274,27 @@ def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
     handles.append(dla.norm.register_forward_pre_hook(lambda m, a: outs.__setitem__("final", a[0].clone())))
     try:
         with capture(model, points, batch.gain), batch.watch_norm():
-            model(input_ids=ids)
+            logits = model(input_ids=ids).logits
     finally:
         for h in handles:
             h.remove()
     got = dict(batch.finish())
     sel = torch.from_numpy(batch.sel_np)
     targets = torch.from_numpy(_batch(ids).targets_np.reshape(-1)[batch.sel_np])
-    d = unembedding(model)[:, targets].T * dla.norm.weight  # (M, d_model)
+    norm, w_u = dla.norm, unembedding(model)
+    gamma = norm.weight if arch != "olmo" else torch.ones(w_u.shape[0])
+    d = w_u[:, targets].T * gamma  # (M, d_model)
     flat = lambda t: t.reshape(-1, t.shape[-1])[sel]  # noqa: E731
     x = flat(outs["final"])
-    s = torch.sqrt(x.var(-1, unbiased=False) + dla.norm.eps)
+    s = torch.sqrt(x.var(-1, unbiased=False) + (norm.eps if arch != "olmo" else 1e-5))
     read = lambda v: ((v - v.mean(-1, keepdim=True)) * d).sum(-1) / s  # noqa: E731 - LayerNorm: v centred
+    biases = torch.zeros(len(sel))
+    if getattr(norm, "bias", None) is not None:
+        biases += (norm.bias @ w_u)[targets]
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:  # Phi's LM head
+        biases += model.get_output_embeddings().bias[targets]
+    logit = logits.reshape(-1, logits.shape[-1])[sel].gather(1, targets[:, None])[:, 0]
+    torch.testing.assert_close(read(x) + biases, logit, rtol=1e-4, atol=1e-4)
     for point in points:
         bias = model.get_submodule(point.module_path).bias
         bias = torch.zeros(x.shape[-1]) if bias is None else bias  # StableLM's down_proj has none

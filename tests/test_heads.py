@@ -21,6 +21,7 @@ from mining.analyses import (
     next_token_loss,
     repeated_random_tokens,
 )
+from mining.analyses import heads as heads_module
 from mining.analyses.heads import SCHEMA, _repeat_sums, head_means
 from mining.errors import UserError
 from mining.hooks import record
@@ -61,6 +62,20 @@ def test_repeated_random_tokens():
         repeated_random_tokens(tiny_model("gpt2", vocab_size=512), None, seq_len=64)  # 129 > 128 positions
 
 
+def test_the_heads_table_fits_its_sequences_to_a_model_with_few_positions():
+    """A job's heads table takes the default length where it fits (2 x 64 + 1 positions) and the longest that fits
+    otherwise (2 x 63 + 1 = 127 of a tiny model's 128): it never fails after the mining for want of positions."""
+    model = tiny_model("gpt2", vocab_size=512)
+    assert model.config.n_positions == 128
+    seen = []
+    original = heads_module.repeated_random_tokens
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(heads_module, "repeated_random_tokens", lambda *a, **kw: seen.append(a[2]) or original(*a, **kw))
+        table = head_scores_table(model, None, n_seqs=2)
+        head_scores_table(tiny_model("gpt2", vocab_size=512, n_positions=512), None, n_seqs=2)
+    assert seen == [63, 64] and table.num_rows == 2 * 4
+
+
 def test_detector_indexing_on_ideal_patterns():
     n, T = 5, 11
     eye = torch.eye(T)
@@ -80,7 +95,7 @@ def test_detector_indexing_on_ideal_patterns():
     assert s["induction"][0].tolist() == pytest.approx([0.0, 0.0, 1.0])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "gemma3", "olmo2"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "gemma3", "olmo", "olmo2"])
 def test_tiny_scores_match_brute_force(arch):
     model = tiny_model(arch, seed=1)
     before = model.config._attn_implementation

@@ -22,7 +22,8 @@ from mining.hooks import (
 from mining.tiny import ARCHS, tiny_model
 
 B, T = 2, 7
-LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo2", "stablelm"}
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo", "olmo2",
+              "stablelm"}
 OUT_NORMS = {"gemma2", "gemma3", "olmo2"}  # the attention output passes post_attention_layernorm before the stream
 PARALLEL = {"gpt_neox", "gptj", "phi"}  # tiny gpt_neox uses Pythia's parallel residual
 # family -> (block list inside the base model, MLP module, input projection, up projection, activation,

@@ -34,7 +34,8 @@ def raw_weights(model, arch: str, layer: int) -> tuple[torch.Tensor, torch.Tenso
     w_out = blk.mlp.down_proj.weight.T
     if hasattr(blk, "post_feedforward_layernorm"):  # Gemma 2/3, OLMo 2: the MLP's output norm's gain too
         w_out = w_out * (blk.post_feedforward_layernorm.weight + one)
-    return w_out, t.norm.weight + one, model.lm_head.weight
+    gain = t.norm.weight + one if arch != "olmo" else torch.ones(w_out.shape[1])  # OLMo 1's norms: no weight
+    return w_out, gain, model.lm_head.weight
 
 
 def brute_force(w_out, gain, w_u, neuron: int, k: int, largest: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +63,8 @@ def check_neuron(table: dict, layer: int, neuron: int, raw, k: int) -> None:
         assert ((ids == order[:k]) | near).all(), (layer, neuron, sign, ids, order[:k])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen3", "gemma", "gemma2", "olmo2", "phi", "phi3"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi",
+                                  "phi3"])
 def test_tiny_models_match_brute_force(arch):
     model = tiny_model(arch, seed=3)
     family = {"qwen3": "llama", "olmo2": "llama", "phi3": "llama"}.get(arch, arch)

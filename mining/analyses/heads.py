@@ -68,7 +68,11 @@ def _default_bos(model: nn.Module, tokenizer: Any) -> int:
     return 0
 
 
-def repeated_random_tokens(model: nn.Module, tokenizer: Any, seq_len: int = 64, n_seqs: int = 16, seed: int = 0,
+SEQ_LEN = 64
+"""Each random half's length n for the heads table: sequences of 2n + 1 tokens."""
+
+
+def repeated_random_tokens(model: nn.Module, tokenizer: Any, seq_len: int = SEQ_LEN, n_seqs: int = 16, seed: int = 0,
                            bos_id: int | None = None) -> torch.Tensor:
     """(n_seqs, 2 * seq_len + 1) int64: [BOS, r_1..r_n, r_1..r_n] with n = seq_len distinct ordinary tokens
     per sequence (special and added tokens excluded), drawn with a seeded generator."""
@@ -148,14 +152,18 @@ def _mean_scores(model: nn.Module, ids: torch.Tensor, reduce, batch_size: int) -
 
 
 @torch.inference_mode()
-def head_scores_table(model: nn.Module, tokenizer: Any, *, seq_len: int = 64, n_seqs: int = 16, seed: int = 0,
-                      corpus_ids: torch.Tensor | None = None, bos_id: int | None = None,
+def head_scores_table(model: nn.Module, tokenizer: Any, *, seq_len: int | None = None, n_seqs: int = 16,
+                      seed: int = 0, corpus_ids: torch.Tensor | None = None, bos_id: int | None = None,
                       batch_size: int = BATCH) -> pa.Table:
     """The `heads` table: one row per (layer, query head) with the scores of the module docstring.
 
-    seq_len is the length n of each random half (sequences are 2n + 1 tokens); bos_id is the first token
+    seq_len is the length n of each random half (sequences are 2n + 1 tokens; default SEQ_LEN, or what fits a
+    model with fewer positions); bos_id is the first token
     (default: the tokenizer's BOS, else EOS). corpus_ids (B, T), if given, are real contexts for bos and
     entropy; they should start the way mined contexts do (with the BOS/separator token)."""
+    if seq_len is None:
+        max_pos = getattr(text_config(model.config), "max_position_embeddings", None)
+        seq_len = min(SEQ_LEN, (max_pos - 1) // 2) if isinstance(max_pos, int) else SEQ_LEN
     ids = repeated_random_tokens(model, tokenizer, seq_len, n_seqs, seed, bos_id)
     if corpus_ids is None:  # one pass over the random sequences gives every score
         scores = _mean_scores(model, ids, lambda a: _repeat_sums(a, seq_len) | _sink_entropy_sums(a), batch_size)
