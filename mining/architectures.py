@@ -25,8 +25,9 @@ per token), and a head's likewise through the attention's: direct logit attribut
 so. phi (Phi-1/1.5/2) runs attention and MLP in parallel (fc1/fc2, self_attn.dense); phi3 is llama-like but fuses
 gate and up into one matmul (mlp.gate_up_proj): hook_pre is the first half of its output, hook_pre_linear the
 second. gpt_bigcode (StarCoder) has GPT-2's names; starcoder2 llama's attention around GPT-2's MLP (mlp.c_fc,
-mlp.c_proj); stablelm llama's names, parallel where its config says so. gemma3 (4B and up) wraps gemma3_text's
-decoder in a multimodal model, under model.language_model: its text is mined.
+mlp.c_proj); stablelm llama's names, parallel where its config says so. opt (OPT, but OPT-350m) is pre-norm like
+gpt2: self_attn.out_proj, final_layer_norm (the MLP's pre-norm), fc1 and fc2, whose inputs are (B*T, d). gemma3 (4B
+and up) wraps gemma3_text's decoder in a multimodal model, under model.language_model: its text is mined.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ class Arch:
     stream (Gemma 2/3, OLMo 2); empty where both write to the stream directly."""
     norm_offset: float = 0.0
     """RMSNorm multiplies by (norm_offset + weight): 1.0 for Gemma's, whose weights are stored around zero."""
+    flat_mlp: bool = False
+    """The MLP sees the stream flattened to (B*T, d) (OPT): its sites' activations come back as (B, T, ...)."""
+    unsupported: Callable[[object], str | None] = field(default=lambda config: None)
+    """Why a model of this family cannot be mined (a variant the table does not describe), or None."""
     chunks: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     """site -> (i, n): the activation is the i-th of n equal slices of its module's last dimension (Phi-3's
     gate_up_proj output holds the gate, then up)."""
@@ -142,6 +147,14 @@ PHI3 = Arch("phi3", "model", "layers",
             _sites("self_attn.o_proj", "post_attention_layernorm", "mlp.gate_up_proj", "mlp.down_proj",
                    "mlp.gate_up_proj"), "norm",
             chunks={"mlp.hook_pre": (0, 2), "mlp.hook_pre_linear": (1, 2)})
+# OPT: pre-norm like GPT-2 (self_attn_layer_norm, then final_layer_norm before fc1 in each block). OPT-350m alone
+# normalizes after each sublayer and projects the stream in and out of a smaller embedding.
+_OPT_350M = ("OPT-350m normalizes after attention and MLP (post-norm) and projects the residual stream in and out "
+             "of a smaller embedding (word_embed_proj_dim); the other OPT sizes are pre-norm and supported")
+OPT = Arch("opt", "model.decoder", "layers", _sites("self_attn.out_proj", "final_layer_norm", "fc1", "fc2"),
+           "final_layer_norm", flat_mlp=True,
+           unsupported=lambda c: None if c.do_layer_norm_before and c.word_embed_proj_dim == c.hidden_size
+           else _OPT_350M)
 # BERT is post-norm: the residual stream between attention and MLP is the attention LayerNorm's output.
 BERT = Arch(
     "bert",
@@ -175,6 +188,7 @@ MODEL_TYPES: dict[str, Arch] = {
     "starcoder2": STARCODER2,
     "stablelm": STABLELM,
     "phi3": PHI3,
+    "opt": OPT,
     "bert": BERT,
 }
 
@@ -198,6 +212,9 @@ def model_type(model: nn.Module) -> str | None:
 def arch_of(model: nn.Module) -> Arch:
     mt = model_type(model)
     if mt in MODEL_TYPES:
+        why = MODEL_TYPES[mt].unsupported(text_config(model.config))
+        if why:
+            raise UserError(f"unsupported {mt} model: {why}")
         return MODEL_TYPES[mt]
     what = f"model_type {mt!r}" if mt else f"a model without a Hugging Face config ({type(model).__name__})"
     raise UserError(
@@ -252,5 +269,6 @@ def dims(config: object) -> dict[str, int]:
     d_model = int(config.hidden_size)
     n_heads = int(config.num_attention_heads)
     d_head = getattr(config, "head_dim", None) or d_model // n_heads
-    d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model
+    d_mlp = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+             or getattr(config, "ffn_dim", None) or 4 * d_model)  # ffn_dim: OPT
     return {"d_model": d_model, "d_mlp": int(d_mlp), "n_heads": n_heads, "d_head": int(d_head)}

@@ -117,7 +117,8 @@ def nnsight_capture(loaded, points: list[HookPoint]) -> Capture:
             for p, e, pre in envoys:
                 saved[p.name] = (e.input if pre else e.output).save()
         by_name = {p.name: p for p, _, _ in envoys}
-        return {name: hooks.take(by_name[name], x)[mask].to(torch.float16).cpu() for name, x in saved.items()}
+        flat = lambda x: x.unflatten(0, mask.shape) if x.dim() == 2 else x  # noqa: E731 - OPT's MLP sees (B*T, d)
+        return {name: hooks.take(by_name[name], flat(x))[mask].to(torch.float16).cpu() for name, x in saved.items()}
 
     return capture
 

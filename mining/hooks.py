@@ -50,7 +50,7 @@ class HookPoint:
 def architecture(model: nn.Module) -> str:
     """Normalized family name (architectures.MODEL_TYPES): gpt2, gpt_neo, gpt_neox, gptj, llama (also mistral,
     qwen2, qwen3, smollm3), gemma, gemma2, gemma3 (also gemma3_text), olmo, olmo2, phi, phi3, gpt_bigcode, starcoder2,
-    stablelm, bert."""
+    stablelm, opt, bert."""
     return arch_of(model).family
 
 
@@ -135,21 +135,32 @@ def capture(model: nn.Module, points: Sequence[HookPoint], fn: Callable[[HookPoi
     """Registers hooks; fn receives each activation as (B, T, width) (a view, no copy; a chunk of a fused
     projection is copied) during the forward; hooks removed in finally."""
     handles = []
+    batch_shape: list[int] = []  # (B, T) of the forward under way, where a module sees the stream as (B*T, ...)
+
+    def as_btw(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
+        return _as_btw(point, x.unflatten(0, batch_shape) if x.dim() == 2 and batch_shape else x)
 
     def pre_hook(point: HookPoint):
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            fn(point, _as_btw(point, x))
+            fn(point, as_btw(point, x))
 
         return hook
 
     def post_hook(point: HookPoint):
         def hook(module, args, output):
-            fn(point, _as_btw(point, _first_tensor(output)))
+            fn(point, as_btw(point, _first_tensor(output)))
 
         return hook
 
+    def keep_batch_shape(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = kwargs.get("inputs_embeds") if ids is None else ids
+        batch_shape[:] = ids.shape[:2]
+
     try:
+        if points and arch_of(model).flat_mlp:  # OPT's MLP: the model's input gives (B, T)
+            handles.append(model.register_forward_pre_hook(keep_batch_shape, with_kwargs=True))
         for point in points:
             try:
                 module = model.get_submodule(point.module_path)

@@ -116,3 +116,26 @@ def test_a_missing_library_is_reported_not_fatal(work, tmp_path, monkeypatch):
     assert list(runs) == ["cache_to_disk"]
     for name in ("nnsight_to_disk", "transformer_lens"):
         assert "not installed" in skipped[name]["skipped"] and ".[alternatives]" in skipped[name]["skipped"]
+
+
+@pytest.mark.parametrize("arch", ["opt", "phi3"])
+def test_nnsight_takes_the_same_activations_where_a_module_is_flat_or_fused(arch):
+    """OPT's MLP sees the stream as (B*T, d), Phi-3's gate and up are halves of one matmul: nnsight saves the modules'
+    raw tensors, and the bench shapes them as the miner's hooks do."""
+    pytest.importorskip("nnsight")
+    from types import SimpleNamespace
+
+    from mining.hooks import available_sites
+    from mining.tiny import tiny_model
+
+    model = tiny_model(arch)
+    points = resolve_hooks(model, [f"blocks.*.{s}" for s in available_sites(model) if s.startswith("mlp.")])
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    attention, mask = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :3] = False
+    with torch.inference_mode():
+        want = hook_capture(model, points)(ids, attention, mask)
+        got = nnsight_capture(SimpleNamespace(model=model), points)(ids, attention, mask)
+    assert set(got) == set(want) == {p.name for p in points}
+    for name, x in want.items():
+        assert x.shape == (15, 64) and torch.equal(got[name], x), name

@@ -255,7 +255,7 @@ def test_the_gpu_kernels_emulated_miner_reads_the_mlp_output_norm_too(tmp_path, 
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "gpt_neox", "gptj", "phi", "gpt_bigcode", "starcoder2",
-                                  "stablelm", "olmo"])
+                                  "stablelm", "olmo", "opt"])
 @torch.inference_mode()
 def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
     """The LayerNorm path (d_t centred over d_model, s the standard deviation): each layer's neurons plus its output
@@ -269,7 +269,7 @@ def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
     points = resolve_hooks(model, "blocks.*.mlp.hook_post")
     outs, handles = {}, []
     for point in points:
-        mlp = model.get_submodule(point.module_path.rsplit(".", 1)[0])
+        mlp = model.get_submodule(point.module_path.rsplit(".", 1)[0] if arch != "opt" else point.module_path)  # fc2
         handles.append(mlp.register_forward_hook(lambda m, a, o, L=point.layer: outs.__setitem__(L, o.clone())))
     handles.append(dla.norm.register_forward_pre_hook(lambda m, a: outs.__setitem__("final", a[0].clone())))
     try:
@@ -408,3 +408,66 @@ def test_phi3_weight_diff_finds_a_neuron_changed_in_its_fused_projection():
     assert list(zip(changed.layer, changed.neuron)) == [(1, 5)]
     up = a.model.layers[1].mlp.gate_up_proj.weight[n + 5].double()
     assert changed.in_norm.iloc[0] == pytest.approx(float(2 * up.norm()), rel=1e-6)  # 3w rounded to float32
+
+
+@torch.inference_mode()
+def test_a_mined_opt_matches_brute_force(tmp_path, smol_tokenizer):
+    """OPT's MLP sees the stream as (B*T, d): a job's miner still takes each neuron's activations and DLA by token.
+    Against each context recomputed alone with plain hooks: top activations, and DLA's count, mean and top values
+    from the raw weights (d_t = gamma * W_U[:, t] centred, s the final stream's standard deviation)."""
+    from mining.engine import ShardMiner
+    from mining.models import load_model
+    from mining.runner import plan
+    from mining.spec import spec_from_dict
+
+    tiny_model("opt", vocab_size=len(smol_tokenizer), max_position_embeddings=256).save_pretrained(tmp_path)
+    smol_tokenizer.save_pretrained(tmp_path)
+    spec = spec_from_dict({
+        "name": "opt", "model": {"id": str(tmp_path)}, "hooks": ["blocks.*.mlp.hook_post"],
+        "corpus": {"source": "builtin:python-docs", "max_tokens": 600, "context_length": 64},
+        "stats": {"top_k": 4, "dla": True}, "compute": {"batch_size": 4, "shard_tokens": 256}})
+    loaded = load_model(spec.model)
+    shards, _ = plan(spec, loaded.tokenizer)
+    miner = ShardMiner(spec, loaded)
+    results = [miner.mine(shard) for shard in shards]
+    stats = results[0].stats
+    for r in results[1:]:
+        stats = {name: st.merge(r.stats[name]) for name, st in stats.items()}
+
+    model, grabbed = loaded.model, {}
+    decoder = model.model.decoder
+    handles = [blk.fc2.register_forward_pre_hook(lambda m, a, layer=layer: grabbed.__setitem__(layer, a[0]))
+               for layer, blk in enumerate(decoder.layers)]
+    handles.append(decoder.final_layer_norm.register_forward_pre_hook(lambda m, a: grabbed.__setitem__("final", a[0])))
+    acts, dla = {0: [], 1: []}, {0: [], 1: []}
+    norm = decoder.final_layer_norm
+    try:
+        for shard in shards:
+            for c in range(len(shard.ids)):
+                n = int(shard.length[c])
+                ids = torch.from_numpy(shard.ids[c, :n])
+                model(ids[None])
+                p = torch.arange(int(shard.first[c]), int(shard.first[c] + shard.mined[c]))
+                target = torch.cat([ids[1:], torch.tensor([int(shard.next_id[c])])])[p]
+                final = grabbed["final"][0, p].double()
+                s = torch.sqrt(final.var(-1, unbiased=False) + norm.eps)
+                d = model.lm_head.weight[target.clamp(min=0)].double() * norm.weight.double()
+                d = d - d.mean(-1, keepdim=True)
+                for layer in acts:
+                    a = grabbed[layer].reshape(1, n, -1)[0, p].double()  # (B*T, N) as the module saw it
+                    acts[layer].append(a)
+                    w_out = decoder.layers[layer].fc2.weight.double()  # (d, N)
+                    dla[layer].append((a * (d @ w_out) / s[:, None])[target >= 0])
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in acts:
+        a, values = torch.cat(acts[layer]), torch.cat(dla[layer])
+        st = stats[f"blocks.{layer}.mlp.hook_post"]
+        top, _ = st.top.finalize()
+        torch.testing.assert_close(top.double(), a.topk(4, dim=0).values, rtol=1e-4, atol=1e-5)
+        m = st.dla_moments.finalize()
+        assert (m["count"] == len(values)).all() and len(values) > 500
+        np.testing.assert_allclose(m["mean"], values.mean(0).numpy(), rtol=1e-3, atol=1e-6)
+        best, _ = st.dla_top.finalize()
+        torch.testing.assert_close(best.double(), values.topk(4, dim=0).values, rtol=1e-4, atol=1e-5)

@@ -38,6 +38,7 @@ LAYOUT = {
     "gpt_bigcode": ("h", "mlp", "mlp.c_fc", None, "mlp.act", "attn"),
     "starcoder2": ("layers", "mlp", "mlp.c_fc", None, "mlp.act", "self_attn"),
     "phi3": ("layers", "mlp", "mlp.gate_up_proj", None, "mlp.activation_fn", "self_attn"),  # gate and up: one matmul
+    "opt": ("decoder.layers", None, "fc1", None, "activation_fn", "self_attn"),  # no MLP module: fc1 in, fc2 out
     "bert": ("encoder.layer", "intermediate", "intermediate.dense", None, "intermediate.intermediate_act_fn",
              "attention.output.dense"),
 }
@@ -101,8 +102,9 @@ def test_mlp_hooks_match_recomputation(arch, head):
     layer = 1
     blk = block(model, layer)
     ref: dict = {}
-    handles = [plain_capture(blk.get_submodule(mlp_path), ref, "x", "input"),
-               plain_capture(blk.get_submodule(mlp_path if family != "bert" else "output.dense"), ref, "out", "output")]
+    mlp_in = blk.get_submodule(mlp_path or in_path)
+    mlp_out = blk.get_submodule({"bert": "output.dense", "opt": "fc2"}.get(family, mlp_path))
+    handles = [plain_capture(mlp_in, ref, "x", "input"), plain_capture(mlp_out, ref, "out", "output")]
     names = [f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post"]
     if up_path or family == "phi3":
         names.append(f"blocks.{layer}.mlp.hook_pre_linear")
@@ -113,6 +115,8 @@ def test_mlp_hooks_match_recomputation(arch, head):
         for h in handles:
             h.remove()
 
+    if family == "opt":  # its MLP sees the stream as (B*T, d)
+        ref = {key: x.unflatten(0, (B, T)) for key, x in ref.items()}
     x = ref["x"]
     act = blk.get_submodule(act_path)
     pre = linear(blk.get_submodule(in_path), x)
@@ -348,3 +352,13 @@ def test_hooks_removed_even_on_exception():
     with record(model, points) as got:
         model(ids())
     assert len(got) == len(points) and hook_counts(model) == before
+
+
+@pytest.mark.parametrize("overrides", [{"do_layer_norm_before": False}, {"word_embed_proj_dim": 16}])
+def test_opt_350m_is_refused_in_one_line(overrides):
+    """OPT-350m alone is post-norm and projects the stream in and out of a smaller embedding: no hook, DLA or logit
+    lens of the table's would read it right, so it is refused by name."""
+    model = tiny_model("opt", **overrides)
+    with pytest.raises(UserError, match="unsupported opt model: OPT-350m normalizes after") as caught:
+        resolve_hooks(model, "blocks.*.mlp.hook_post")
+    assert "\n" not in str(caught.value)

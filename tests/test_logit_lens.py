@@ -26,6 +26,9 @@ def raw_weights(model, arch: str, layer: int) -> tuple[torch.Tensor, torch.Tenso
     if arch == "phi":
         t = model.model
         return t.layers[layer].mlp.fc2.weight.T, t.final_layernorm.weight, model.lm_head.weight
+    if arch == "opt":
+        t = model.model.decoder
+        return t.layers[layer].fc2.weight.T, t.final_layer_norm.weight, model.lm_head.weight
     if arch == "gpt_neox":
         t = model.gpt_neox
         return t.layers[layer].mlp.dense_4h_to_h.weight.T, t.final_layer_norm.weight, model.lm_head.weight
@@ -64,7 +67,7 @@ def check_neuron(table: dict, layer: int, neuron: int, raw, k: int) -> None:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi",
-                                  "phi3"])
+                                  "phi3", "opt"])
 def test_tiny_models_match_brute_force(arch):
     model = tiny_model(arch, seed=3)
     family = {"qwen3": "llama", "olmo2": "llama", "phi3": "llama"}.get(arch, arch)
