@@ -26,7 +26,8 @@ so. phi (Phi-1/1.5/2) runs attention and MLP in parallel (fc1/fc2, self_attn.den
 gate and up into one matmul (mlp.gate_up_proj): hook_pre is the first half of its output, hook_pre_linear the
 second. gpt_bigcode (StarCoder) has GPT-2's names; starcoder2 llama's attention around GPT-2's MLP (mlp.c_fc,
 mlp.c_proj); stablelm llama's names, parallel where its config says so. opt (OPT, but OPT-350m) is pre-norm like
-gpt2: self_attn.out_proj, final_layer_norm (the MLP's pre-norm), fc1 and fc2, whose inputs are (B*T, d). gemma3 (4B
+gpt2: self_attn.out_proj, final_layer_norm (the MLP's pre-norm), fc1 and fc2, whose inputs are (B*T, d). bloom is
+pre-norm with gpt_neox's MLP names (self_attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h). gemma3 (4B
 and up) wraps gemma3_text's decoder in a multimodal model, under model.language_model: its text is mined.
 """
 
@@ -155,6 +156,16 @@ OPT = Arch("opt", "model.decoder", "layers", _sites("self_attn.out_proj", "final
            "final_layer_norm", flat_mlp=True,
            unsupported=lambda c: None if c.do_layer_norm_before and c.word_embed_proj_dim == c.hidden_size
            else _OPT_350M)
+# BLOOM: pre-norm, GPT-NeoX's MLP names; its attention and MLP modules add the residual themselves (so the sites are
+# the projections inside them). Tensor-parallel "slow but exact" checkpoints skip those projections' modules.
+_BLOOM_TP = ("this BLOOM config sets slow_but_exact with pretraining_tp > 1: its projections run as slices of their "
+             "weights, not through the modules the hooks sit on; load it with slow_but_exact=False")
+_BLOOM_POST = "this BLOOM config sets apply_residual_connection_post_layernorm: its residual stream is normalized"
+BLOOM = Arch("bloom", "transformer", "h",
+             _sites("self_attention.dense", "post_attention_layernorm", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+             "ln_f",
+             unsupported=lambda c: (_BLOOM_TP if c.slow_but_exact and c.pretraining_tp > 1 else
+                                    _BLOOM_POST if c.apply_residual_connection_post_layernorm else None))
 # BERT is post-norm: the residual stream between attention and MLP is the attention LayerNorm's output.
 BERT = Arch(
     "bert",
@@ -189,6 +200,7 @@ MODEL_TYPES: dict[str, Arch] = {
     "stablelm": STABLELM,
     "phi3": PHI3,
     "opt": OPT,
+    "bloom": BLOOM,
     "bert": BERT,
 }
 

@@ -81,13 +81,16 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "opt": ("OPTConfig", "OPTForCausalLM", "OPTModel",
             dict(hidden_size=_D, ffn_dim=_MLP, num_hidden_layers=_L, num_attention_heads=_H, word_embed_proj_dim=_D,
                  max_position_embeddings=_POS, init_std=0.1, pad_token_id=1, bos_token_id=2, eos_token_id=2)),
+    # BLOOM: ALiBi (no position table), an MLP 4 x d wide
+    "bloom": ("BloomConfig", "BloomForCausalLM", "BloomModel",
+              dict(hidden_size=_D, n_layer=_L, n_head=_H, initializer_range=0.1, bos_token_id=1, eos_token_id=2)),
     "bert": ("BertConfig", "BertForMaskedLM", "BertModel",
              dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, intermediate_size=_MLP,
                   max_position_embeddings=_POS, initializer_range=0.1)),
 }
 
 ARCHS = tuple(_SPECS)
-_NORM_CENTRE = {"gemma": 0.0, "gemma2": 0.0, "gemma3_text": 0.0, "olmo2": 1.0, "opt": 1.0}
+_NORM_CENTRE = {"gemma": 0.0, "gemma2": 0.0, "gemma3_text": 0.0, "olmo2": 1.0, "opt": 1.0, "bloom": 1.0}
 """Families whose tiny models get random norm weights around their stored centre (Gemma's RMSNorm scales by 1 + w):
 with the default init every gain is 1 (or a Gemma norm's w is 0), and no test could tell a gain left out."""
 _GPT_IDS = {"gpt2", "gpt_neo", "gptj", "gpt_bigcode"}

@@ -255,7 +255,7 @@ def test_the_gpu_kernels_emulated_miner_reads_the_mlp_output_norm_too(tmp_path, 
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "gpt_neox", "gptj", "phi", "gpt_bigcode", "starcoder2",
-                                  "stablelm", "olmo", "opt"])
+                                  "stablelm", "olmo", "opt", "bloom"])
 @torch.inference_mode()
 def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
     """The LayerNorm path (d_t centred over d_model, s the standard deviation): each layer's neurons plus its output
@@ -269,7 +269,10 @@ def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
     points = resolve_hooks(model, "blocks.*.mlp.hook_post")
     outs, handles = {}, []
     for point in points:
-        mlp = model.get_submodule(point.module_path.rsplit(".", 1)[0] if arch != "opt" else point.module_path)  # fc2
+        # the MLP module's output, or its output projection's where the module adds more (OPT has none, BLOOM's
+        # adds the residual)
+        path = point.module_path if arch in ("opt", "bloom") else point.module_path.rsplit(".", 1)[0]
+        mlp = model.get_submodule(path)
         handles.append(mlp.register_forward_hook(lambda m, a, o, L=point.layer: outs.__setitem__(L, o.clone())))
     handles.append(dla.norm.register_forward_pre_hook(lambda m, a: outs.__setitem__("final", a[0].clone())))
     try:

@@ -95,7 +95,8 @@ def test_detector_indexing_on_ideal_patterns():
     assert s["induction"][0].tolist() == pytest.approx([0.0, 0.0, 1.0])
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "gemma3", "olmo", "olmo2", "opt"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "gemma3", "olmo", "olmo2", "opt",
+                                  "bloom"])
 def test_tiny_scores_match_brute_force(arch):
     model = tiny_model(arch, seed=1)
     before = model.config._attn_implementation
@@ -111,7 +112,8 @@ def test_tiny_scores_match_brute_force(arch):
     for name in HEAD_SCORES:
         np.testing.assert_allclose(np.array(cols[name]).reshape(2, 4), want[name], rtol=1e-5, atol=1e-6)
     assert cols["layer"] == [0, 0, 0, 0, 1, 1, 1, 1] and cols["head"] == [0, 1, 2, 3] * 2
-    expect_kv = [0, 1, 2, 3] * 2 if arch in ("gpt2", "gpt_neox", "opt") else [0, 0, 1, 1] * 2  # GQA: 2 KV heads
+    mha = ("gpt2", "gpt_neox", "opt", "bloom")
+    expect_kv = [0, 1, 2, 3] * 2 if arch in mha else [0, 0, 1, 1] * 2  # GQA: 2 KV heads
     assert cols["kv_head"] == expect_kv
     again = head_scores_table(model, None, seq_len=N, n_seqs=3, seed=0, batch_size=3)  # batching-independent
     for name in HEAD_SCORES:

@@ -39,6 +39,7 @@ LAYOUT = {
     "starcoder2": ("layers", "mlp", "mlp.c_fc", None, "mlp.act", "self_attn"),
     "phi3": ("layers", "mlp", "mlp.gate_up_proj", None, "mlp.activation_fn", "self_attn"),  # gate and up: one matmul
     "opt": ("decoder.layers", None, "fc1", None, "activation_fn", "self_attn"),  # no MLP module: fc1 in, fc2 out
+    "bloom": ("h", "mlp", "mlp.dense_h_to_4h", None, "mlp.gelu_impl", "self_attention.dense"),  # modules add residuals
     "bert": ("encoder.layer", "intermediate", "intermediate.dense", None, "intermediate.intermediate_act_fn",
              "attention.output.dense"),
 }
@@ -103,7 +104,8 @@ def test_mlp_hooks_match_recomputation(arch, head):
     blk = block(model, layer)
     ref: dict = {}
     mlp_in = blk.get_submodule(mlp_path or in_path)
-    mlp_out = blk.get_submodule({"bert": "output.dense", "opt": "fc2"}.get(family, mlp_path))
+    mlp_out = blk.get_submodule({"bert": "output.dense", "opt": "fc2", "bloom": "mlp.dense_4h_to_h"}.get(family,
+                                                                                                       mlp_path))
     handles = [plain_capture(mlp_in, ref, "x", "input"), plain_capture(mlp_out, ref, "out", "output")]
     names = [f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post"]
     if up_path or family == "phi3":
@@ -354,11 +356,16 @@ def test_hooks_removed_even_on_exception():
     assert len(got) == len(points) and hook_counts(model) == before
 
 
-@pytest.mark.parametrize("overrides", [{"do_layer_norm_before": False}, {"word_embed_proj_dim": 16}])
-def test_opt_350m_is_refused_in_one_line(overrides):
-    """OPT-350m alone is post-norm and projects the stream in and out of a smaller embedding: no hook, DLA or logit
-    lens of the table's would read it right, so it is refused by name."""
-    model = tiny_model("opt", **overrides)
-    with pytest.raises(UserError, match="unsupported opt model: OPT-350m normalizes after") as caught:
+@pytest.mark.parametrize("arch, overrides, says", [
+    ("opt", {"do_layer_norm_before": False}, "unsupported opt model: OPT-350m normalizes after"),
+    ("opt", {"word_embed_proj_dim": 16}, "unsupported opt model: OPT-350m normalizes after"),
+    ("bloom", {"pretraining_tp": 2, "slow_but_exact": True}, "unsupported bloom model: .* slow_but_exact"),
+    ("bloom", {"apply_residual_connection_post_layernorm": True}, "unsupported bloom model: .* is normalized"),
+])
+def test_variants_the_table_does_not_describe_are_refused_in_one_line(arch, overrides, says):
+    """OPT-350m alone is post-norm and projects the stream in and out of a smaller embedding; a BLOOM run as slices of
+    its weights never calls the modules hooked: no hook, DLA or logit lens of the table's would read them right."""
+    model = tiny_model(arch, **overrides)
+    with pytest.raises(UserError, match=says) as caught:
         resolve_hooks(model, "blocks.*.mlp.hook_post")
     assert "\n" not in str(caught.value)

@@ -10,6 +10,7 @@ from synthetic_store import make_synthetic_store
 
 from mining.analyses import logit_lens_table, topk_ids
 from mining.analyses.logit_lens import SCHEMA
+from mining.architectures import dims
 from mining.errors import UserError
 from mining.query import connect, run_named
 from mining.tiny import tiny_model
@@ -29,6 +30,9 @@ def raw_weights(model, arch: str, layer: int) -> tuple[torch.Tensor, torch.Tenso
     if arch == "opt":
         t = model.model.decoder
         return t.layers[layer].fc2.weight.T, t.final_layer_norm.weight, model.lm_head.weight
+    if arch == "bloom":
+        t = model.transformer
+        return t.h[layer].mlp.dense_4h_to_h.weight.T, t.ln_f.weight, model.lm_head.weight
     if arch == "gpt_neox":
         t = model.gpt_neox
         return t.layers[layer].mlp.dense_4h_to_h.weight.T, t.final_layer_norm.weight, model.lm_head.weight
@@ -67,13 +71,13 @@ def check_neuron(table: dict, layer: int, neuron: int, raw, k: int) -> None:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi",
-                                  "phi3", "opt"])
+                                  "phi3", "opt", "bloom"])
 def test_tiny_models_match_brute_force(arch):
     model = tiny_model(arch, seed=3)
     family = {"qwen3": "llama", "olmo2": "llama", "phi3": "llama"}.get(arch, arch)
     table = logit_lens_table(model, None, k=K)
     assert table.schema == SCHEMA
-    n_layers, width = model.config.num_hidden_layers, 64
+    n_layers, width = model.config.num_hidden_layers, dims(model.config)["d_mlp"]  # BLOOM's: 4 x d
     assert table.num_rows == n_layers * width * 2 * K
     assert table.column("token").null_count == table.num_rows  # no tokenizer: no text
     cols = table.to_pydict()
