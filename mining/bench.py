@@ -433,16 +433,17 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A10G
 
 
 def flops_per_token(model, context_length: int) -> float:
-    """Forward FLOPs per token: 2 per weight of every matmul (the LM head's too, tied or not; embeddings are
-    lookups) plus causal attention's scores and mix, 2 x 2 x d x T/2 per layer at an average T/2 keys."""
-    from .architectures import text_config
+    """Forward FLOPs per token: 2 per weight of every matmul in the blocks and the LM head (tied or not; embeddings,
+    token and position, are lookups; a multimodal model's vision tower does not run on text) plus causal attention's
+    scores and mix, 2 x 2 x d x T/2 per layer at an average T/2 keys."""
+    from .architectures import arch_of, locate, text_config
 
     cfg = text_config(model.config)
-    embed = model.get_input_embeddings().weight
-    matmul = sum(p.numel() for p in model.parameters() if p.ndim == 2 and p is not embed)
+    _, blocks = locate(model, arch_of(model))
+    matmul = sum(p.numel() for p in blocks.parameters() if p.ndim >= 2)
     head = model.get_output_embeddings()
-    if head is not None and head.weight is embed:
-        matmul += embed.numel()
+    if head is not None:
+        matmul += head.weight.numel()
     heads_dim = getattr(cfg, "num_attention_heads", 0) * getattr(cfg, "head_dim", None) \
         if getattr(cfg, "head_dim", None) else cfg.hidden_size
     return 2.0 * matmul + 2.0 * cfg.num_hidden_layers * heads_dim * context_length

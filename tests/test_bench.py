@@ -301,3 +301,23 @@ def test_the_kernel_variants_script_runs(tmp_path):
     variant = module.load_variant("copy", str(copy))
     assert variant._layer.py_func.__code__.co_filename == str(copy.resolve())
     assert callable(variant.layer_update)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
+def test_flops_per_token_counts_the_matmuls_text_runs_through(arch):
+    """2 FLOPs a weight of each block's matrices and of the LM head, by name from the modules; not the token or
+    position embeddings (lookups) nor Gemma 3's vision tower (idle on text); plus causal attention's 2 x 2 x d x T/2
+    per layer."""
+    from mining.bench import flops_per_token
+    from mining.tiny import tiny_model
+
+    model = tiny_model(arch)
+    decoder = {"gpt2": "transformer.h", "llama": "model.layers", "gemma3": "model.language_model.layers"}[arch]
+    blocks = [p for name, p in model.named_parameters() if name.startswith(decoder + ".") and p.ndim == 2]
+    cfg = model.config.get_text_config()
+    d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    matmuls = sum(p.numel() for p in blocks) + cfg.vocab_size * cfg.hidden_size  # the blocks' and the LM head's
+    want = 2 * matmuls + 2 * cfg.num_hidden_layers * d_attn * 64
+    assert flops_per_token(model, 64) == want
+    if arch == "gemma3":
+        assert sum(p.numel() for n, p in model.named_parameters() if "vision" in n) > 0
