@@ -46,6 +46,7 @@ SITE_ORDER = (
     "hook_resid_pre",
     "attn.hook_z",
     "hook_resid_mid",
+    "mlp.hook_expert_weights",
     "mlp.hook_pre",
     "mlp.hook_pre_linear",
     "mlp.hook_post",
@@ -78,7 +79,13 @@ class Arch:
     norm_offset: float = 0.0
     """RMSNorm multiplies by (norm_offset + weight): 1.0 for Gemma's, whose weights are stored around zero."""
     flat_mlp: bool = False
-    """The MLP sees the stream flattened to (B*T, d) (OPT): its sites' activations come back as (B, T, ...)."""
+    """The MLP (OPT's) or the router (MoE) sees the stream flattened to (B*T, d): activations come back as
+    (B, T, ...)."""
+    softmax: tuple[str, ...] = ()
+    """Sites whose activation is the softmax of their module's output over its last dimension (a MoE router's logits:
+    each expert's routing probability, as TransformerLens' hook_expert_weights)."""
+    missing: Mapping[str, str] = field(default_factory=dict)
+    """Sites this family lacks that others have -> why."""
     unsupported: Callable[[object], str | None] = field(default=lambda config: None)
     """Why a model of this family cannot be mined (a variant the table does not describe), or None."""
     chunks: Mapping[str, tuple[int, int]] = field(default_factory=dict)
@@ -166,6 +173,26 @@ BLOOM = Arch("bloom", "transformer", "h",
              "ln_f",
              unsupported=lambda c: (_BLOOM_TP if c.slow_but_exact and c.pretraining_tp > 1 else
                                     _BLOOM_POST if c.apply_residual_connection_post_layernorm else None))
+# Mixture-of-experts decoders: llama's attention and norms; the experts are one batched module (no module per expert
+# whose input or output a hook could take), the router mlp.gate returns its logits over (B*T, d).
+_EXPERTS = ("{family}'s experts run as one batched module, so their neurons have no module of their own to hook; "
+            "mine blocks.{{L}}.mlp.hook_expert_weights (each expert's routing probability) and the residual stream")
+_DENSE_LAYERS = ("this {family} config mixes dense and expert MLPs across layers (mlp_only_layers, "
+                 "decoder_sparse_step); only models whose every layer routes to experts are supported")
+
+
+def _moe(family: str) -> Arch:
+    why = _EXPERTS.format(family=family)
+    sites = {"hook_resid_pre": ("", IN), "attn.hook_z": ("self_attn.o_proj", IN),
+             "hook_resid_mid": ("post_attention_layernorm", IN), "mlp.hook_expert_weights": ("mlp.gate", OUT),
+             "hook_resid_post": ("", OUT)}
+    mixed = _DENSE_LAYERS.format(family=family)
+    return Arch(family, "model", "layers", sites, "norm", flat_mlp=True, softmax=("mlp.hook_expert_weights",),
+                missing={s: why for s in ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post")},
+                unsupported=lambda c: mixed if (getattr(c, "mlp_only_layers", None) or
+                                                getattr(c, "decoder_sparse_step", 1) not in (None, 1)) else None)
+
+
 # BERT is post-norm: the residual stream between attention and MLP is the attention LayerNorm's output.
 BERT = Arch(
     "bert",
@@ -201,6 +228,10 @@ MODEL_TYPES: dict[str, Arch] = {
     "phi3": PHI3,
     "opt": OPT,
     "bloom": BLOOM,
+    "olmoe": _moe("olmoe"),
+    "mixtral": _moe("mixtral"),
+    "qwen2_moe": _moe("qwen2_moe"),
+    "qwen3_moe": _moe("qwen3_moe"),
     "bert": BERT,
 }
 
@@ -262,6 +293,10 @@ def why_missing(arch: Arch, config: object, site: str) -> str | None:
     """Why a known TransformerLens site does not exist for this model; None for an unknown site."""
     if site in NOT_YET:
         return NOT_YET[site]
+    if site in arch.missing:
+        return arch.missing[site]
+    if site == "mlp.hook_expert_weights":
+        return f"mlp.hook_expert_weights only exists for mixture-of-experts models; {arch.family} has one MLP a layer"
     if site == "hook_resid_mid" and arch.parallel(config):
         return (f"hook_resid_mid does not exist for {arch.family} with parallel residual: attention and MLP "
                 "both read the block input, so there is no residual stream between them")
@@ -283,4 +318,6 @@ def dims(config: object) -> dict[str, int]:
     d_head = getattr(config, "head_dim", None) or d_model // n_heads
     d_mlp = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
              or getattr(config, "ffn_dim", None) or 4 * d_model)  # ffn_dim: OPT
-    return {"d_model": d_model, "d_mlp": int(d_mlp), "n_heads": n_heads, "d_head": int(d_head)}
+    n_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
+    return {"d_model": d_model, "d_mlp": int(d_mlp), "n_heads": n_heads, "d_head": int(d_head),
+            "n_experts": int(n_experts)}

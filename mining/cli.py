@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "kurtosis); for a diff store mean_abs_diff, corr or overlap (default mean_abs_diff)")
     pick.add_argument("--order", default="desc", choices=["desc", "asc"], help="--top order (default desc)")
     pick.add_argument("--layer", type=int, default=-1, help="--top within one layer (default: all)")
-    ex.add_argument("--hook", default="mlp.hook_post", help="hook site without the layer (default mlp.hook_post)")
+    ex.add_argument("--hook", help="hook site without the layer (default mlp.hook_post, or the store's first hook "
+                    "where it has none)")
     ex.add_argument("--format", default="jsonl", choices=["jsonl", "parquet", "openai", "neuronpedia", "html"],
                     help="jsonl/parquet: a file; openai, neuronpedia, html: a directory (default jsonl)")
     ex.add_argument("--out", required=True, help="output file (jsonl, parquet) or directory")

@@ -35,7 +35,7 @@ from .dla import DirectLogitAttribution, DlaBatch
 from .batch import OnHost, make_batch, mined_rows, token_scores
 from .engine import HookStats, ShardMiner, ShardResult, _concat, unresolved
 from .errors import UserError
-from .hooks import capture, mlp_out_weight, n_layers, resolve_hooks
+from .hooks import available_sites, capture, mlp_out_weight, n_layers, resolve_hooks
 from .models import LoadedModel
 from .reducers import Moments, TopK
 from .reducers.pair import CrossMoments, PairMoments
@@ -330,6 +330,8 @@ def _shared_layers(a: torch.nn.Module, b: torch.nn.Module, site: str) -> list:
     """The hook points of `site` at the layers where A and B have the same width (a deeper B: A's layers)."""
     from .architectures import arch_of, locate
 
+    if any(site not in available_sites(m) for m in (a, b)):
+        return []  # a mixture of experts has no mlp.hook_post
     n = min(len(locate(m, arch_of(m))[1]) for m in (a, b))
     on_a, on_b = (resolve_hooks(m, [f"blocks.{layer}.{site}" for layer in range(n)]) for m in (a, b))
     return [p for p, q in zip(on_a, on_b) if (p.width, p.n_heads, p.d_head) == (q.width, q.n_heads, q.d_head)]

@@ -56,10 +56,14 @@ def require_single_model(con: duckdb.DuckDBPyConnection, store: str | Path) -> N
     raise UserError(f"{store}: this store has no neurons table; mine with `stats: {{moments: true}}`")
 
 
-def select_neurons(con: duckdb.DuckDBPyConnection, hook: str, explicit: Sequence[tuple[int, int]] = (),
+def select_neurons(con: duckdb.DuckDBPyConnection, hook: str | None, explicit: Sequence[tuple[int, int]] = (),
                    query: str | None = None, params: dict[str, str] | None = None, top: int | None = 0,
                    by: str = "kurtosis", order: str = "desc", layer: int = -1) -> list[NeuronId]:
-    """Explicit neurons first, then a named query's rows, then the top N by `by`; duplicates dropped."""
+    """Explicit neurons first, then a named query's rows, then the top N by `by`; duplicates dropped. hook None:
+    mlp.hook_post, or the store's first hook where it has none (a mixture of experts' routing)."""
+    if hook is None:
+        hooks = [r[0] for r in con.execute("SELECT DISTINCT hook FROM neurons ORDER BY hook").fetchall()]
+        hook = "mlp.hook_post" if "mlp.hook_post" in hooks or not hooks else hooks[0]
     chosen: list[NeuronId] = [NeuronId(hook, layer_, neuron) for layer_, neuron in explicit]
     if query:
         table = run_named(con, query, dict(params or {}))
@@ -367,7 +371,7 @@ def _export_diff(root: Path, con: duckdb.DuckDBPyConnection, store: str | Path, 
     top = selection.get("top")
     if top is None:  # --top not given: the 20 whose activations changed most, unless neurons were named
         top = 0 if explicit else 20
-    chosen = pick_neurons(con, selection.get("hook", "mlp.hook_post"), explicit, top,
+    chosen = pick_neurons(con, selection.get("hook") or "mlp.hook_post", explicit, top,
                           "mean_abs_diff" if by == "kurtosis" else by, selection.get("layer", -1))
     return write_diff_site(root, con, chosen, out)
 

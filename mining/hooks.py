@@ -45,12 +45,14 @@ class HookPoint:
     chunk: tuple[int, int] | None = None
     """(i, n): the activation is the i-th of n equal slices of the module's last dimension (Phi-3's gate_up_proj
     holds gate, then up); None: all of it."""
+    softmax: bool = False
+    """The activation is the softmax of the module's output (a MoE router's logits -> routing probabilities)."""
 
 
 def architecture(model: nn.Module) -> str:
     """Normalized family name (architectures.MODEL_TYPES): gpt2, gpt_neo, gpt_neox, gptj, llama (also mistral,
     qwen2, qwen3, smollm3), gemma, gemma2, gemma3 (also gemma3_text), olmo, olmo2, phi, phi3, gpt_bigcode, starcoder2,
-    stablelm, opt, bloom, bert."""
+    stablelm, opt, bloom, bert; mixture-of-experts olmoe, mixtral, qwen2_moe, qwen3_moe."""
     return arch_of(model).family
 
 
@@ -101,21 +103,27 @@ def resolve_hooks(model: nn.Module, patterns: Sequence[str] | str) -> list[HookP
             name = f"blocks.{layer}.{site}"
             if site == "attn.hook_z":
                 extra = {"width": d["n_heads"] * d["d_head"], "n_heads": d["n_heads"], "d_head": d["d_head"]}
+            elif site == "mlp.hook_expert_weights":
+                extra = {"width": d["n_experts"]}
             else:
                 extra = {"width": d["d_mlp"] if site.startswith("mlp.") else d["d_model"]}
-            points[name] = HookPoint(name, site, layer, path, direction, chunk=arch.chunks.get(site), **extra)
+            points[name] = HookPoint(name, site, layer, path, direction, chunk=arch.chunks.get(site),
+                                     softmax=site in arch.softmax, **extra)
     return sorted(points.values(), key=lambda p: (p.layer, SITE_ORDER.index(p.site)))
 
 
 def take(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
-    """The point's activation from its module's tensor (..., features): all of it, or its chunk as a contiguous
-    copy (the kernels read contiguous rows; the fused projection's output is dropped after the MLP anyway)."""
+    """The point's activation from its module's tensor (..., features): all of it, its chunk as a contiguous copy
+    (the kernels read contiguous rows; the fused projection's output is dropped after the MLP anyway), or its
+    softmax (a router's logits)."""
     width = point.width * (point.chunk[1] if point.chunk else 1)
     if x.shape[-1] != width:
         raise UserError(
             f"{point.name} ({point.module_path} {point.direction}) has {x.shape[-1]} features but the model "
             f"config implies {width}; config and weights disagree"
         )
+    if point.softmax:  # float32 at least, as the routers take it
+        return torch.softmax(x, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
     if point.chunk is None:
         return x
     i = point.chunk[0]

@@ -91,6 +91,11 @@ def validate(spec: JobSpec) -> Any:
         if not gate_points(meta, resolve_hooks(meta, spec.hooks)):
             raise UserError("stats.gate_cases: no hooked blocks.*.mlp.hook_post of a gated MLP (SwiGLU/GeGLU) in "
                             "this job; turn it off for this model")
+    if spec.hooks and not spec.is_diff and not any(p.site == "mlp.hook_post" for p in resolve_hooks(meta, spec.hooks)):
+        for key in ("dla", "logit_lens"):  # they read neurons' output weights (a diff job's DLA also reads heads)
+            if getattr(spec.stats, key):
+                raise UserError(f"stats.{key}: it reads blocks.*.mlp.hook_post neurons and this job hooks none; "
+                                "hook them or turn it off")
     return config
 
 

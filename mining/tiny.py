@@ -84,6 +84,17 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     # BLOOM: ALiBi (no position table), an MLP 4 x d wide
     "bloom": ("BloomConfig", "BloomForCausalLM", "BloomModel",
               dict(hidden_size=_D, n_layer=_L, n_head=_H, initializer_range=0.1, bos_token_id=1, eos_token_id=2)),
+    # mixture of experts: 8 experts a layer (the router's width), llama's attention
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", "OlmoeModel",
+              _llama_like(num_experts=8, num_experts_per_tok=2, pad_token_id=None, bos_token_id=1, eos_token_id=2)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "MixtralModel",
+                _llama_like(num_local_experts=8, num_experts_per_tok=2, sliding_window=None)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", "Qwen2MoeModel",
+                  _llama_like(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                              shared_expert_intermediate_size=32, use_sliding_window=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "Qwen3MoeModel",
+                  _llama_like(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8,
+                              use_sliding_window=False)),
     "bert": ("BertConfig", "BertForMaskedLM", "BertModel",
              dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, intermediate_size=_MLP,
                   max_position_embeddings=_POS, initializer_range=0.1)),

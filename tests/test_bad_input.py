@@ -99,6 +99,8 @@ def _spec_cases(w):
                               "stats.dla: needs a causal LM"),
         "head-ablation-on-an-encoder": (base.replace(str(model), "minilm-l6") + "stats: {head_ablation: true}\n",
                                         "stats.head_ablation: needs a causal LM"),
+        "dla-without-neurons": (base.replace("blocks.*.mlp.hook_post", "blocks.*.hook_resid_post")
+                                + "stats: {dla: true}\n", "stats.dla: it reads blocks.*.mlp.hook_post neurons"),
         "missing-gguf": (base.replace(str(model), "/tmp/none.gguf"), "GGUF file"),
         "corrupt-gguf": (base.replace(str(model), str(bad_gguf)), "model.id"),
         "truncated-weights": (base.replace(str(model), str(truncated)), "model.id"),
@@ -115,7 +117,8 @@ def _spec_cases(w):
 
 SPEC_CASES = ["malformed-yaml", "not-a-mapping", "unknown-key", "mistyped-nested-key", "wrong-type", "zero-top-k",
               "zero-batch", "token-fraction-over-one", "context-longer-than-model", "unknown-model",
-              "package-name-for-an-alias", "dla-on-an-encoder", "head-ablation-on-an-encoder", "missing-gguf",
+              "package-name-for-an-alias", "dla-on-an-encoder", "head-ablation-on-an-encoder", "dla-without-neurons",
+              "missing-gguf",
               "corrupt-gguf", "truncated-weights", "pickled-weights", "non-utf8-corpus", "empty-corpus",
               "corpus-glob-matches-nothing", "unknown-corpus-scheme", "hook-matches-nothing", "layer-out-of-range",
               "no-hooks"]

@@ -22,8 +22,9 @@ from mining.hooks import (
 from mining.tiny import ARCHS, tiny_model
 
 B, T = 2, 7
+MOE = {"olmoe", "mixtral", "qwen2_moe", "qwen3_moe"}  # llama's attention; the experts one batched module, a router
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo", "olmo2",
-              "stablelm"}
+              "stablelm"} | MOE
 OUT_NORMS = {"gemma2", "gemma3", "olmo2"}  # the attention output passes post_attention_layernorm before the stream
 PARALLEL = {"gpt_neox", "gptj", "phi"}  # tiny gpt_neox uses Pythia's parallel residual
 # family -> (block list inside the base model, MLP module, input projection, up projection, activation,
@@ -95,7 +96,7 @@ def hook_counts(model: nn.Module) -> int:
 
 
 @pytest.mark.parametrize("head", [True, False], ids=["wrapper", "base"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in MOE])
 def test_mlp_hooks_match_recomputation(arch, head):
     model = tiny_model(arch, head=head)
     family = architecture(model)
@@ -141,6 +142,36 @@ def test_mlp_hooks_match_recomputation(arch, head):
     assert w.shape == (point.width, text_config(model.config).hidden_size)
     bias = out_proj.bias if out_proj.bias is not None else 0
     close(got[point.name] @ w + bias, ref["out"])
+
+
+@pytest.mark.parametrize("head", [True, False], ids=["wrapper", "base"])
+@pytest.mark.parametrize("arch", sorted(MOE))
+def test_expert_weights_are_the_routers_softmax_and_expert_neurons_are_refused(arch, head):
+    """A mixture-of-experts MLP's router sees the stream as (B*T, d): mlp.hook_expert_weights is softmax(x W_gate^T)
+    by token, recomputed from the MLP's input and the router's raw weight, and each token's top experts are the ones
+    the model sends it to. Its experts' neurons have no module to hook: one line says so and what to mine instead."""
+    model = tiny_model(arch, head=head)
+    layer, blk = 1, block(model, 1)
+    ref: dict = {}
+    handles = [plain_capture(blk.mlp, ref, "x", "input"),
+               blk.mlp.gate.register_forward_hook(lambda m, a, o: ref.__setitem__("top", o[2].clone()))]
+    try:
+        with record(model, [f"blocks.{layer}.mlp.hook_expert_weights"]) as got:
+            model(ids())
+    finally:
+        for h in handles:
+            h.remove()
+    probs = got[f"blocks.{layer}.mlp.hook_expert_weights"]
+    want = torch.softmax(ref["x"] @ blk.mlp.gate.weight.T, dim=-1)
+    assert probs.shape == (B, T, 8) and probs.dtype == torch.float32
+    close(probs, want)
+    k = text_config(model.config).num_experts_per_tok
+    chosen = ref["top"].reshape(B, T, k).sort(-1).values
+    assert torch.equal(probs.topk(k, dim=-1).indices.sort(-1).values, chosen)
+    for site in ("mlp.hook_post", "mlp.hook_pre"):
+        with pytest.raises(UserError, match=f"{arch}'s experts run as one batched module.*hook_expert_weights") as e:
+            resolve_hooks(model, f"blocks.*.{site}")
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -268,7 +299,8 @@ def test_glob_sort_dedup_and_paths():
     for arch in ARCHS:
         m = tiny_model(arch)
         layers = text_config(m.config).num_hidden_layers
-        assert [p.layer for p in resolve_hooks(m, "blocks.*.mlp.hook_post")] == list(range(layers))
+        site = "mlp.hook_expert_weights" if arch in MOE else "mlp.hook_post"
+        assert [p.layer for p in resolve_hooks(m, f"blocks.*.{site}")] == list(range(layers))
 
 
 def test_capture_gives_views_not_copies():
