@@ -305,7 +305,8 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 
     pc = kinds.add_parser("pca", help="principal components -> pca_components, pca_examples, pca_loadings")
     pc.add_argument("--hook", help=hook_help)
-    pc.add_argument("--components", type=int, default=10, help="components to keep (default 10)")
+    pc.add_argument("--components", type=int, help="components to keep (default 10, or fewer where a hook has fewer "
+                    "neurons or sampled tokens)")
     pc.add_argument("--examples", type=int, default=20, help="top tokens per component and sign (default 20)")
     pc.add_argument("--loadings", type=int, default=20, help="top neurons per component by |loading| (default 20)")
 

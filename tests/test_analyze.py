@@ -363,3 +363,18 @@ def test_smollm2_digit_neurons(tmp_path, capsys):
     assert len(run_named(con, "pca-examples", {"k": "5"}).to_pylist()) == 5
     pairs = run_named(con, "cofiring", {"limit": "5"}).to_pylist()
     assert len(pairs) == 5 and all(0 < p["jaccard"] <= 1 and p["both"] >= 5 for p in pairs)
+
+
+def test_pca_keeps_as_many_components_as_a_narrow_hook_has(tmp_path, capsys):
+    """Without --components, a hook of 6 neurons (a mixture of experts' routing, say) keeps 6, not the default 10,
+    which stays the limit where there are more; an explicit number too many is still refused."""
+    store, _, _ = build_store(tmp_path)
+    n = pq.read_metadata(store / "tokens" / "shard-00000.parquet").num_rows
+    toks = np.arange(n)
+    write_dense_shard(store / "activations.zarr" / "blocks.2.mlp.hook_expert_weights" / "shard-00000", toks,
+                      np.random.default_rng(0).random((n, 6)).astype(np.float16))
+    assert mine(store, "pca", "--hook", "blocks.2.mlp.hook_expert_weights") == 0
+    assert "6 components explain" in capsys.readouterr().out
+    assert mine(store, "pca", "--hook", "blocks.1.mlp.hook_post") == 0
+    assert "10 components explain" in capsys.readouterr().out
+    assert mine(store, "pca", "--hook", "blocks.2.mlp.hook_expert_weights", "--components", "7") == 2
