@@ -35,6 +35,7 @@ Stages (--stages, comma-separated), each reported even if another fails:
   bench_auto    the same at `--batch-size auto` (compute.batch_size: auto: the batch that fills the device)
   miner         ShardMiner on a tiny random Llama on the device against the CPU, and the host syncs
                 left while it mines (torch.cuda.set_sync_debug_mode)
+  families      ShardMiner on a tiny random model of every supported family, on the device against the CPU
   profile       torch.profiler over the bench's mining variant: device and host time by op (profile.txt), the
                 device's busy fraction and longest idle gaps, the trace (trace.json.gz)
   sanitize      kernel_exact at toy sizes under NVIDIA's compute-sanitizer, once per tool: memcheck (out-of-bounds
@@ -204,6 +205,17 @@ def miner(dev: torch.device, config_dir: str, scratch: Path) -> dict:
         for w in caught:
             where = [f"{f.filename.split('/')[-1]}:{f.lineno}" for f in traceback.extract_stack()[-1:]]
             syncs.append(str(w.message)[:160] + f" @ {w.filename.split('/')[-1]}:{w.lineno}" + str(where))
+    bad = mismatches(ref, got)
+    counts: dict[str, int] = {}
+    for line in syncs:
+        counts[line] = counts.get(line, 0) + 1
+    return {"shards": len(ref), "mismatches": len(bad), "first": bad[:10], "syncs": len(syncs), "sync_sites": counts}
+
+
+def mismatches(ref: list, got: list) -> list[str]:
+    """Where the device's shard results differ from the CPU's. Float32 on both: the forward differs in rounding
+    (cuBLAS vs CPU), so values may differ in the last bits and ranks of near-ties may swap: the stages report, and
+    do not fail on, the first mismatches."""
     bad = []
     for ra, rb in zip(ref, got, strict=True):
         for name, st in ra.stats.items():
@@ -214,18 +226,65 @@ def miner(dev: torch.device, config_dir: str, scratch: Path) -> dict:
                     if key.split(".")[0] in ("moments", "dla_moments", "dla_top", "dla_bottom") else torch.equal(a, b)
                 if not ok:
                     bad.append(f"shard {ra.index} {name} {key}")
+        if ra.tokens is None:
+            continue
         for col in ("tok", "token_id"):
             if not ra.tokens[col].equals(rb.tokens[col]):
                 bad.append(f"tokens.{col}")
         lp_a, lp_b = ra.tokens["logprob"].to_numpy(zero_copy_only=False), rb.tokens["logprob"].to_numpy(zero_copy_only=False)
         if not np.allclose(lp_a, lp_b, rtol=1e-3, atol=1e-4, equal_nan=True):
             bad.append("tokens.logprob")
-    # float32 on both: the forward differs in rounding (cuBLAS vs CPU), so values may differ in the last
-    # bits and ranks of near-ties may swap: report, do not fail on, the first mismatches
-    counts: dict[str, int] = {}
-    for line in syncs:
-        counts[line] = counts.get(line, 0) + 1
-    return {"shards": len(ref), "mismatches": len(bad), "first": bad[:10], "syncs": len(syncs), "sync_sites": counts}
+    return bad
+
+
+@stage("families")
+def families(dev: torch.device, config_dir: str, scratch: Path) -> dict:
+    """ShardMiner on a tiny random model of every family (mining.tiny.ARCHS; three in a dry run), on the device
+    against the CPU: its neurons (a mixture of experts' routing probabilities) with DLA where it is a causal LM
+    with MLP neurons, and the token table. Each family's mismatches are reported, as the miner stage's."""
+    from transformers import AutoTokenizer
+
+    from mining.architectures import MODEL_TYPES
+    from mining.engine import ShardMiner
+    from mining.models import ENCODER_TYPES, load_model
+    from mining.runner import plan
+    from mining.spec import spec_from_dict
+    from mining.tiny import ARCHS, tiny_model
+
+    tok = AutoTokenizer.from_pretrained(config_dir)
+    out = {}
+    for arch in (("opt", "gemma2", "olmoe") if DRY else ARCHS):
+        folder = scratch / f"tiny-{arch}"
+        if not folder.exists():
+            tiny_model(arch, vocab_size=len(tok)).save_pretrained(folder)
+            tok.save_pretrained(folder)
+        moe = "mlp.hook_expert_weights" in MODEL_TYPES[arch].sites
+        causal = arch not in ENCODER_TYPES
+
+        def mine(device: str, arch=arch, folder=folder, moe=moe, causal=causal):
+            spec = spec_from_dict({
+                "name": arch, "model": {"id": str(folder), "device": device},
+                "corpus": {"source": "builtin:python-docs", "max_tokens": size(1200, 300), "context_length": 48},
+                "hooks": ["blocks.*.mlp.hook_expert_weights" if moe else "blocks.*.mlp.hook_post"],
+                "stats": {"top_k": 6, "dla": causal and not moe, "token_table": True},
+                "compute": {"batch_size": 8, "shard_tokens": size(400, 150)}})
+            loaded = load_model(spec.model)
+            shards, _ = plan(spec, loaded.tokenizer)
+            m = ShardMiner(spec, loaded)
+            return [m.mine(s) for s in shards]
+
+        t0 = time.perf_counter()
+        try:
+            bad = mismatches(cpu_path(lambda: mine("cpu")), mine(str(dev)))
+            out[arch] = {"mismatches": len(bad), "first": bad[:5]}
+        except Exception as e:  # noqa: BLE001 - each family reports; the stage fails after all have run
+            out[arch] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        out[arch]["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"   {arch}: {out[arch]}", flush=True)
+    errors = [arch for arch, r in out.items() if "error" in r]
+    if errors:
+        raise RuntimeError(f"families that failed to mine on {dev}: {', '.join(errors)}; {out}")
+    return {"families": out, "with_mismatches": sorted(a for a, r in out.items() if r["mismatches"])}
 
 
 def timed(fn, n: int = 20) -> float:
@@ -669,6 +728,8 @@ def main() -> None:
                 kernel_ops(dev)
             elif s == "miner":
                 miner(dev, a.config, scratch)
+            elif s == "families":
+                families(dev, a.config, scratch)
             elif s == "profile":
                 if not model.exists():
                     make_model(a.config, model)

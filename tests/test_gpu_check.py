@@ -20,7 +20,7 @@ def test_the_device_sessions_stages_run(tmp_path, smol_tokenizer):
     config = tmp_path / "config"
     tiny_model("llama", vocab_size=len(smol_tokenizer)).save_pretrained(config)
     smol_tokenizer.save_pretrained(config)
-    stages = ["kernel_exact", "kernel_ops", "bench", "profile", "sanitize"]
+    stages = ["kernel_exact", "kernel_ops", "bench", "profile", "sanitize", "families"]
     done = subprocess.run([sys.executable, str(SCRIPT), "--config", str(config), "--out", str(tmp_path / "out"),
                            "--scratch", str(tmp_path / "scratch"), "--dry-run", "--stages", ",".join(stages)],
                           capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -33,6 +33,9 @@ def test_the_device_sessions_stages_run(tmp_path, smol_tokenizer):
     assert report["sanitize"]["memcheck"]["rc"] == 0  # the stage's own process ran kernel_exact (unsanitized here)
     inner = json.loads((tmp_path / "out" / "sanitize-memcheck" / "report.json").read_text())
     assert inner["kernel_exact"]["ok"] and inner["kernel_exact"]["bfloat16"]["top"]
+    # the emulated kernel against the CPU path: the same arithmetic, so no family may differ at all
+    mismatched = {a: r["mismatches"] for a, r in report["families"]["families"].items()}
+    assert mismatched == {"opt": 0, "gemma2": 0, "olmoe": 0}
 
 
 def test_a_failed_stage_fails_the_script(tmp_path):
