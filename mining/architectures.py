@@ -181,10 +181,10 @@ _DENSE_LAYERS = ("this {family} config mixes dense and expert MLPs across layers
                  "decoder_sparse_step); only models whose every layer routes to experts are supported")
 
 
-def _moe(family: str) -> Arch:
+def _moe(family: str, router: str = "mlp.gate") -> Arch:
     why = _EXPERTS.format(family=family)
     sites = {"hook_resid_pre": ("", IN), "attn.hook_z": ("self_attn.o_proj", IN),
-             "hook_resid_mid": ("post_attention_layernorm", IN), "mlp.hook_expert_weights": ("mlp.gate", OUT),
+             "hook_resid_mid": ("post_attention_layernorm", IN), "mlp.hook_expert_weights": (router, OUT),
              "hook_resid_post": ("", OUT)}
     mixed = _DENSE_LAYERS.format(family=family)
     return Arch(family, "model", "layers", sites, "norm", flat_mlp=True, softmax=("mlp.hook_expert_weights",),
@@ -232,6 +232,7 @@ MODEL_TYPES: dict[str, Arch] = {
     "mixtral": _moe("mixtral"),
     "qwen2_moe": _moe("qwen2_moe"),
     "qwen3_moe": _moe("qwen3_moe"),
+    "gpt_oss": _moe("gpt_oss", router="mlp.router"),  # its own mixing weights: a softmax over the top k only
     "bert": BERT,
 }
 

@@ -52,7 +52,7 @@ class HookPoint:
 def architecture(model: nn.Module) -> str:
     """Normalized family name (architectures.MODEL_TYPES): gpt2, gpt_neo, gpt_neox, gptj, llama (also mistral,
     qwen2, qwen3, smollm3), gemma, gemma2, gemma3 (also gemma3_text), olmo, olmo2, phi, phi3, gpt_bigcode, starcoder2,
-    stablelm, opt, bloom, bert; mixture-of-experts olmoe, mixtral, qwen2_moe, qwen3_moe."""
+    stablelm, opt, bloom, bert; mixture-of-experts olmoe, mixtral, qwen2_moe, qwen3_moe, gpt_oss."""
     return arch_of(model).family
 
 

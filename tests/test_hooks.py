@@ -22,7 +22,7 @@ from mining.hooks import (
 from mining.tiny import ARCHS, tiny_model
 
 B, T = 2, 7
-MOE = {"olmoe", "mixtral", "qwen2_moe", "qwen3_moe"}  # llama's attention; the experts one batched module, a router
+MOE = {"olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"}  # llama's attention; the experts one batched module, a router
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo", "olmo2",
               "stablelm"} | MOE
 OUT_NORMS = {"gemma2", "gemma3", "olmo2"}  # the attention output passes post_attention_layernorm before the stream
@@ -152,9 +152,10 @@ def test_expert_weights_are_the_routers_softmax_and_expert_neurons_are_refused(a
     the model sends it to. Its experts' neurons have no module to hook: one line says so and what to mine instead."""
     model = tiny_model(arch, head=head)
     layer, blk = 1, block(model, 1)
+    router = blk.mlp.router if arch == "gpt_oss" else blk.mlp.gate
     ref: dict = {}
     handles = [plain_capture(blk.mlp, ref, "x", "input"),
-               blk.mlp.gate.register_forward_hook(lambda m, a, o: ref.__setitem__("top", o[2].clone()))]
+               router.register_forward_hook(lambda m, a, o: ref.__setitem__("top", o[2].clone()))]
     try:
         with record(model, [f"blocks.{layer}.mlp.hook_expert_weights"]) as got:
             model(ids())
@@ -162,7 +163,8 @@ def test_expert_weights_are_the_routers_softmax_and_expert_neurons_are_refused(a
         for h in handles:
             h.remove()
     probs = got[f"blocks.{layer}.mlp.hook_expert_weights"]
-    want = torch.softmax(ref["x"] @ blk.mlp.gate.weight.T, dim=-1)
+    bias = getattr(router, "bias", None)  # gpt-oss's router has one
+    want = torch.softmax(ref["x"] @ router.weight.T + (0 if bias is None else bias), dim=-1)
     assert probs.shape == (B, T, 8) and probs.dtype == torch.float32
     close(probs, want)
     k = text_config(model.config).num_experts_per_tok
