@@ -22,7 +22,7 @@ from mining.hooks import (
 from mining.tiny import ARCHS, tiny_model
 
 B, T = 2, 7
-MOE = {"olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"}  # llama's attention; the experts one batched module, a router
+MOE = {"olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"}  # llama attention; experts in one module; a router
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo", "olmo2",
               "stablelm"} | MOE
 OUT_NORMS = {"gemma2", "gemma3", "olmo2"}  # the attention output passes post_attention_layernorm before the stream
