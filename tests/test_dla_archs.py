@@ -52,6 +52,22 @@ def _residuals(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
+def mine_merged(spec) -> tuple:
+    """A job mined without Ray, its shards in order by one miner as an actor mines them, their states merged:
+    (the loaded model, the shards, hook name -> merged HookStats)."""
+    from mining.models import load_model
+    from mining.runner import plan
+    from test_device import mine_all
+
+    loaded = load_model(spec.model)
+    shards, _ = plan(spec, loaded.tokenizer)
+    results = mine_all(spec, loaded, shards)
+    stats = results[0].stats
+    for r in results[1:]:
+        stats = {name: st.merge(r.stats[name]) for name, st in stats.items()}
+    return loaded, shards, stats
+
+
 @pytest.mark.parametrize("defer", [True, False], ids=["deferred", "torch"])
 @pytest.mark.parametrize("arch", ARCHS)
 @torch.inference_mode()
@@ -336,9 +352,7 @@ def test_phi3_gate_and_up_are_the_halves_of_its_fused_projection_and_mine(tmp_pa
     the two halves: a job mines the gate itself and the gate-sign cases of its neurons, each context recomputed here
     alone with plain hooks on the model's modules. A sign within 1e-4 of zero may differ between the batched and
     the single forward: each neuron's count may move by at most its number of such values."""
-    from mining.engine import ShardMiner
-    from mining.models import load_model
-    from mining.runner import plan, validate
+    from mining.runner import validate
     from mining.spec import spec_from_dict
 
     tiny_model("phi3", vocab_size=len(smol_tokenizer)).save_pretrained(tmp_path)
@@ -349,13 +363,7 @@ def test_phi3_gate_and_up_are_the_halves_of_its_fused_projection_and_mine(tmp_pa
         "corpus": {"source": "builtin:python-docs", "max_tokens": 600, "context_length": 64},
         "stats": {"top_k": 4, "gate_cases": True}, "compute": {"batch_size": 4, "shard_tokens": 256}})
     validate(spec)
-    loaded = load_model(spec.model)
-    shards, _ = plan(spec, loaded.tokenizer)
-    miner = ShardMiner(spec, loaded)
-    results = [miner.mine(shard) for shard in shards]
-    stats = results[0].stats
-    for r in results[1:]:
-        stats = {name: st.merge(r.stats[name]) for name, st in stats.items()}
+    loaded, shards, stats = mine_merged(spec)
 
     model, grabbed = loaded.model, {}
     handles = []
@@ -424,9 +432,6 @@ def test_a_mined_opt_matches_brute_force(tmp_path, smol_tokenizer):
     """OPT's MLP sees the stream as (B*T, d): a job's miner still takes each neuron's activations and DLA by token.
     Against each context recomputed alone with plain hooks: top activations, and DLA's count, mean and top values
     from the raw weights (d_t = gamma * W_U[:, t] centred, s the final stream's standard deviation)."""
-    from mining.engine import ShardMiner
-    from mining.models import load_model
-    from mining.runner import plan
     from mining.spec import spec_from_dict
 
     tiny_model("opt", vocab_size=len(smol_tokenizer), max_position_embeddings=256).save_pretrained(tmp_path)
@@ -435,13 +440,7 @@ def test_a_mined_opt_matches_brute_force(tmp_path, smol_tokenizer):
         "name": "opt", "model": {"id": str(tmp_path)}, "hooks": ["blocks.*.mlp.hook_post"],
         "corpus": {"source": "builtin:python-docs", "max_tokens": 600, "context_length": 64},
         "stats": {"top_k": 4, "dla": True}, "compute": {"batch_size": 4, "shard_tokens": 256}})
-    loaded = load_model(spec.model)
-    shards, _ = plan(spec, loaded.tokenizer)
-    miner = ShardMiner(spec, loaded)
-    results = [miner.mine(shard) for shard in shards]
-    stats = results[0].stats
-    for r in results[1:]:
-        stats = {name: st.merge(r.stats[name]) for name, st in stats.items()}
+    loaded, shards, stats = mine_merged(spec)
 
     model, grabbed = loaded.model, {}
     decoder = model.model.decoder

@@ -29,19 +29,13 @@ def olmoe(tmp_path_factory, smol_tokenizer):
 def test_mined_routing_probabilities_match_each_context_alone(olmoe):
     """Top contexts' values and moments of each expert's routing probability, against softmax(router logits)
     recomputed context by context with a plain hook on the router; a token's probabilities sum to 1."""
-    from mining.engine import ShardMiner
-    from mining.models import load_model
-    from mining.runner import plan, validate
+    from mining.runner import validate
     from mining.spec import spec_from_dict
+    from test_dla_archs import mine_merged
 
     spec = spec_from_dict(_job(olmoe))
     validate(spec)
-    loaded = load_model(spec.model)
-    shards, _ = plan(spec, loaded.tokenizer)
-    results = [ShardMiner(spec, loaded).mine(shard) for shard in shards]
-    stats = results[0].stats
-    for r in results[1:]:
-        stats = {name: st.merge(r.stats[name]) for name, st in stats.items()}
+    loaded, shards, stats = mine_merged(spec)
 
     layers = loaded.model.model.layers
     logits: dict = {}
