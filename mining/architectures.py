@@ -27,7 +27,9 @@ gate and up into one matmul (mlp.gate_up_proj): hook_pre is the first half of it
 second. gpt_bigcode (StarCoder) has GPT-2's names; starcoder2 llama's attention around GPT-2's MLP (mlp.c_fc,
 mlp.c_proj); stablelm llama's names, parallel where its config says so. opt (OPT, but OPT-350m) is pre-norm like
 gpt2: self_attn.out_proj, final_layer_norm (the MLP's pre-norm), fc1 and fc2, whose inputs are (B*T, d). bloom is
-pre-norm with gpt_neox's MLP names (self_attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h). gemma3 (4B
+pre-norm with gpt_neox's MLP names (self_attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h). cohere and cohere2
+are llama-like with attention and MLP in parallel and logits scaled; granite is llama with its blocks' outputs and
+its logits scaled (DLA and the logit lens take both factors). gemma3 (4B
 and up) wraps gemma3_text's decoder in a multimodal model, under model.language_model: its text is mined.
 """
 
@@ -88,6 +90,11 @@ class Arch:
     """Sites this family lacks that others have -> why."""
     unsupported: Callable[[object], str | None] = field(default=lambda config: None)
     """Why a model of this family cannot be mined (a variant the table does not describe), or None."""
+    logit_scale: Callable[[object], float] = field(default=lambda config: 1.0)
+    """The model multiplies its logits by this (Cohere's logit_scale, Granite's 1 / logits_scaling)."""
+    residual_scale: Callable[[object], float] = field(default=lambda config: 1.0)
+    """Each block multiplies the attention's and the MLP's outputs by this before the residual stream (Granite's
+    residual_multiplier)."""
     chunks: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     """site -> (i, n): the activation is the i-th of n equal slices of its module's last dimension (Phi-3's
     gate_up_proj output holds the gate, then up)."""
@@ -173,6 +180,12 @@ BLOOM = Arch("bloom", "transformer", "h",
              "ln_f",
              unsupported=lambda c: (_BLOOM_TP if c.slow_but_exact and c.pretraining_tp > 1 else
                                     _BLOOM_POST if c.apply_residual_connection_post_layernorm else None))
+# Cohere (Command R, Aya): llama's names, attention and MLP in parallel on one mean-centred norm (CohereLayerNorm, no
+# bias), logits times logit_scale. Granite: llama with multipliers on the blocks' outputs and on the logits.
+COHERE = replace(LLAMA, family="cohere", parallel=lambda config: True,
+                 logit_scale=lambda config: float(config.logit_scale))
+GRANITE = replace(LLAMA, family="granite", logit_scale=lambda config: 1.0 / float(config.logits_scaling),
+                  residual_scale=lambda config: float(config.residual_multiplier))
 # Mixture-of-experts decoders: llama's attention and norms; the experts are one batched module (no module per expert
 # whose input or output a hook could take), the router mlp.gate returns its logits over (B*T, d).
 _EXPERTS = ("{family}'s experts run as one batched module, so their neurons have no module of their own to hook; "
@@ -228,6 +241,9 @@ MODEL_TYPES: dict[str, Arch] = {
     "phi3": PHI3,
     "opt": OPT,
     "bloom": BLOOM,
+    "cohere": COHERE,
+    "cohere2": replace(COHERE, family="cohere2"),  # Command R7B, Aya Expanse: sliding-window layers besides
+    "granite": GRANITE,
     "olmoe": _moe("olmoe"),
     "mixtral": _moe("mixtral"),
     "qwen2_moe": _moe("qwen2_moe"),

@@ -13,7 +13,9 @@ keeps a · (w_out · d_t) for the mined positions until the final norm's input h
 Where the MLP's output passes a norm of its own before the residual stream (Gemma 2/3, OLMo 2), a neuron
 writes a · (γ_out ⊙ w_out) / s_out, s_out that norm's per-token scale, held fixed the same way: the gain
 takes γ_out and the divisor is s · s_out; a head (diff jobs) likewise through the attention output's norm.
-Gemma 2's final soft-cap (tanh) is not linear: the attribution is to the logit before it.
+Gemma 2's final soft-cap (tanh) is not linear: the attribution is to the logit before it. Linear factors are
+taken: the logits' (Cohere's logit_scale, Granite's 1 / logits_scaling) in d_t, and the blocks' outputs' (Granite's
+residual_multiplier) in every neuron's and head's gain.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .architectures import arch_of, text_config
 from .batch import Batch, mined_rows
 from .hooks import HookPoint, final_norm, mlp_out_weight, n_layers, norm_gain, out_norm, unembedding
 from .reducers import cuda_layer, kernels, layer_kernel
@@ -94,18 +97,19 @@ class GainPlan:
     n_new: int
 
 
-WEIGHTLESS_LAYER_NORMS = {"OlmoLayerNorm": 1e-5}
-"""LayerNorms that are not nn.LayerNorm and have no weight, bias or eps attribute -> the eps their forward uses
-(OLMo 1's)."""
+LAYER_NORMS = {"OlmoLayerNorm", "CohereLayerNorm", "Cohere2LayerNorm"}
+"""Norms that centre their input, as nn.LayerNorm does, without being one (OLMo 1's has no weight; Cohere's no bias)."""
+FIXED_EPS = {"OlmoLayerNorm": 1e-5}
+"""Norms with no eps attribute -> the eps their forward uses."""
 
 
 def _norm_kind(norm: nn.Module) -> str:
-    return "layer" if isinstance(norm, nn.LayerNorm) or type(norm).__name__ in WEIGHTLESS_LAYER_NORMS else "rms"
+    return "layer" if isinstance(norm, nn.LayerNorm) or type(norm).__name__ in LAYER_NORMS else "rms"
 
 
 def _eps(norm: nn.Module) -> float:
-    if type(norm).__name__ in WEIGHTLESS_LAYER_NORMS:
-        return WEIGHTLESS_LAYER_NORMS[type(norm).__name__]
+    if type(norm).__name__ in FIXED_EPS:
+        return FIXED_EPS[type(norm).__name__]
     for name in ("variance_epsilon", "eps", "epsilon"):
         if hasattr(norm, name):
             return float(getattr(norm, name))
@@ -132,6 +136,11 @@ class DirectLogitAttribution:
         self.w_u = unembedding(model)  # (d, V) view
         gamma = norm_gain(model, self.norm)  # float32; None for a norm without a weight (OLMo 1): a gain of 1
         self.gamma = torch.ones(self.w_u.shape[0], device=self.w_u.device) if gamma is None else gamma
+        arch, config = arch_of(model), text_config(model.config)
+        self.logit_scale = arch.logit_scale(config)
+        """What the model multiplies its logits by (Cohere, Granite): in every direction d_t."""
+        self.residual_scale = arch.residual_scale(config)
+        """What each block multiplies its attention's and MLP's outputs by (Granite): in every gain."""
         self.out_norms = {(part, layer): norm for layer in range(n_layers(model)) for part in ("attn", "mlp")
                           if (norm := out_norm(model, layer, part)) is not None}
         """(part, layer) -> the norm the output of layer's "attn" or "mlp" passes before the residual stream (Gemma
@@ -162,6 +171,8 @@ class DirectLogitAttribution:
     def directions(self, targets: torch.Tensor) -> torch.Tensor:
         """d_t for each target id (U,) -> (U, d), in float32."""
         d = self.w_u[:, targets].T.float() * self.gamma
+        if self.logit_scale != 1.0:
+            d = d * self.logit_scale
         if self.kind == "layer":
             d = d - d.mean(dim=-1, keepdim=True)
         return d
@@ -173,7 +184,8 @@ class DirectLogitAttribution:
     def head_directions(self, layer: int, directions: torch.Tensor) -> torch.Tensor:
         """d_t as the heads of `layer` see it: times the gain of the norm on the attention's output, if any."""
         gain = self.out_gains.get(("attn", layer))
-        return directions if gain is None else directions * gain
+        directions = directions if gain is None else directions * gain
+        return directions if self.residual_scale == 1.0 else directions * self.residual_scale
 
     def neuron_gain(self, layer: int, directions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """w_out · d_t for every neuron: (U, d) @ (d, N) -> (U, N); out: a (U, N) float32 tensor to write it to."""
@@ -181,6 +193,8 @@ class DirectLogitAttribution:
             w_out = mlp_out_weight(self.model, layer)  # (N, d)
             if ("mlp", layer) in self.out_gains:  # its gain, as the final norm's is in d_t
                 w_out = w_out.float() * self.out_gains["mlp", layer]
+            if self.residual_scale != 1.0:
+                w_out = w_out.float() * self.residual_scale
             self._w_out[layer] = w_out.to(self.gain_dtype)
         w = self._w_out[layer].T
         if self.gain_dtype == torch.float32 and not directions.is_cuda and len(directions) < GAIN_ROWS_MIN:

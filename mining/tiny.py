@@ -84,6 +84,15 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     # BLOOM: ALiBi (no position table), an MLP 4 x d wide
     "bloom": ("BloomConfig", "BloomForCausalLM", "BloomModel",
               dict(hidden_size=_D, n_layer=_L, n_head=_H, initializer_range=0.1, bos_token_id=1, eos_token_id=2)),
+    # Cohere: parallel attention and MLP on one mean-centred norm, logits scaled; Granite: its blocks' outputs and
+    # its logits scaled (factors away from 1, so that a factor left out shows)
+    "cohere": ("CohereConfig", "CohereForCausalLM", "CohereModel",
+               _llama_like(logit_scale=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", "Cohere2Model",
+                _llama_like(logit_scale=0.5, sliding_window=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", "GraniteModel",
+                _llama_like(residual_multiplier=0.4, logits_scaling=3.0, embedding_multiplier=2.0,
+                            attention_multiplier=0.3)),
     # mixture of experts: 8 experts a layer (the router's width), llama's attention
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", "OlmoeModel",
               _llama_like(num_experts=8, num_experts_per_tok=2, pad_token_id=None, bos_token_id=1, eos_token_id=2)),
@@ -105,7 +114,8 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
 }
 
 ARCHS = tuple(_SPECS)
-_NORM_CENTRE = {"gemma": 0.0, "gemma2": 0.0, "gemma3_text": 0.0, "olmo2": 1.0, "opt": 1.0, "bloom": 1.0}
+_NORM_CENTRE = {"gemma": 0.0, "gemma2": 0.0, "gemma3_text": 0.0, "olmo2": 1.0, "opt": 1.0, "bloom": 1.0,
+                "cohere": 1.0, "cohere2": 1.0, "granite": 1.0}
 """Families whose tiny models get random norm weights around their stored centre (Gemma's RMSNorm scales by 1 + w):
 with the default init every gain is 1 (or a Gemma norm's w is 0), and no test could tell a gain left out."""
 _GPT_IDS = {"gpt2", "gpt_neo", "gptj", "gpt_bigcode"}

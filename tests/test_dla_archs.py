@@ -15,8 +15,15 @@ from mining.dla import DirectLogitAttribution, DlaBatch, GainProduct
 from mining.hooks import capture, final_norm, resolve_hooks, unembedding
 from mining.tiny import ARCHS as TINY_ARCHS, tiny_model
 
-ARCHS = ["llama", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "phi3"]
+ARCHS = ["llama", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "phi3", "granite"]
 B, T, VOCAB = 3, 12, 300
+
+
+def logit_factor(model) -> float:
+    """What the model multiplies its logits by, from its config alone: Cohere's logit_scale, Granite's
+    1 / logits_scaling (1 elsewhere)."""
+    config = model.config
+    return getattr(config, "logit_scale", None) or 1.0 / getattr(config, "logits_scaling", 1.0)
 
 
 def _batch(ids: torch.Tensor) -> SimpleNamespace:
@@ -98,7 +105,7 @@ def test_neurons_add_up_to_their_mlps_write_and_everything_to_the_logit(arch, de
     # d_t and s straight from the modules: the final norm's gain (1 + w for Gemma) and its RMS divisor
     norm = final_norm(model)
     gamma = norm.weight.float() + (1.0 if arch.startswith("gemma") else 0.0)
-    d = unembedding(model)[:, targets].T.float() * gamma
+    d = unembedding(model)[:, targets].T.float() * gamma * logit_factor(model)  # Granite's logits are scaled
     eps = getattr(norm, "variance_epsilon", None) or norm.eps
     flat = lambda t: t.reshape(-1, t.shape[-1])[sel]  # noqa: E731
     s = torch.sqrt(flat(ref["final"]).pow(2).mean(-1) + eps)
@@ -115,7 +122,7 @@ def test_neurons_add_up_to_their_mlps_write_and_everything_to_the_logit(arch, de
         assert got[heads[layer].name].shape == (len(sel), heads[layer].n_heads)
         torch.testing.assert_close(got[heads[layer].name].sum(1), attn_write, rtol=1e-4, atol=1e-4)
         total = total + got[heads[layer].name].sum(1) + values.sum(1)
-    logits = (norm(flat(ref["final"])) @ unembedding(model)).gather(1, targets[:, None])[:, 0]
+    logits = (norm(flat(ref["final"])) @ unembedding(model)).gather(1, targets[:, None])[:, 0] * logit_factor(model)
     torch.testing.assert_close(total, logits, rtol=1e-4, atol=1e-4)
     cap = getattr(model.config, "final_logit_softcapping", None)
     model_logits = ref["logits"].reshape(-1, VOCAB)[sel].gather(1, targets[:, None])[:, 0]
@@ -277,13 +284,14 @@ def test_the_gpu_kernels_emulated_miner_mines_what_the_cpu_miner_mines(arch, hoo
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "gpt_neox", "gptj", "phi", "gpt_bigcode", "starcoder2",
-                                  "stablelm", "olmo", "opt", "bloom"])
+                                  "stablelm", "olmo", "opt", "bloom", "cohere", "cohere2"])
 @torch.inference_mode()
 def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
     """The LayerNorm path (d_t centred over d_model, s the standard deviation): each layer's neurons plus its output
     projection's bias, read through the final norm, add up to what the MLP module outputs; the final stream so read,
     plus the norm's and the LM head's biases, is the model's logit. OLMo 1's LayerNorms have no weight (a gain of
-    1), no bias and no eps attribute (its forward uses 1e-5)."""
+    1), no bias and no eps attribute (its forward uses 1e-5); Cohere's centre without a bias, and its logits are
+    scaled."""
     model = tiny_model(arch, vocab_size=VOCAB, seed=4)
     ids = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
     dla = DirectLogitAttribution(model)
@@ -308,10 +316,11 @@ def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
     targets = torch.from_numpy(_batch(ids).targets_np.reshape(-1)[batch.sel_np])
     norm, w_u = dla.norm, unembedding(model)
     gamma = norm.weight if arch != "olmo" else torch.ones(w_u.shape[0])
-    d = w_u[:, targets].T * gamma  # (M, d_model)
+    d = w_u[:, targets].T * gamma * logit_factor(model)  # (M, d_model); Cohere's logits are scaled
     flat = lambda t: t.reshape(-1, t.shape[-1])[sel]  # noqa: E731
     x = flat(outs["final"])
-    s = torch.sqrt(x.var(-1, unbiased=False) + (norm.eps if arch != "olmo" else 1e-5))
+    eps = 1e-5 if arch == "olmo" else getattr(norm, "variance_epsilon", None) or norm.eps  # Cohere's: an attribute
+    s = torch.sqrt(x.var(-1, unbiased=False) + eps)
     read = lambda v: ((v - v.mean(-1, keepdim=True)) * d).sum(-1) / s  # noqa: E731 - LayerNorm: v centred
     biases = torch.zeros(len(sel))
     if getattr(norm, "bias", None) is not None:

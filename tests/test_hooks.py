@@ -24,9 +24,9 @@ from mining.tiny import ARCHS, tiny_model
 B, T = 2, 7
 MOE = {"olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"}  # llama attention; experts in one module; a router
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo", "olmo2",
-              "stablelm"} | MOE
+              "stablelm", "cohere", "cohere2", "granite"} | MOE
 OUT_NORMS = {"gemma2", "gemma3", "olmo2"}  # the attention output passes post_attention_layernorm before the stream
-PARALLEL = {"gpt_neox", "gptj", "phi"}  # tiny gpt_neox uses Pythia's parallel residual
+PARALLEL = {"gpt_neox", "gptj", "phi", "cohere", "cohere2"}  # tiny gpt_neox uses Pythia's parallel residual
 # family -> (block list inside the base model, MLP module, input projection, up projection, activation,
 #            attention module whose output[0] is z @ W_O + b)
 LAYOUT = {
@@ -229,8 +229,8 @@ def test_hook_z_and_resid_mid(arch):
         close(blk.attention.output.LayerNorm(attn_out + resid_pre), resid_mid)
     elif family in OUT_NORMS:  # the attention output's own norm, then the residual stream
         close(resid_pre + blk.post_attention_layernorm(attn_out), resid_mid)
-    else:  # pre-norm: the residual stream after attention
-        close(resid_pre + attn_out, resid_mid)
+    else:  # pre-norm: the residual stream after attention (Granite scales what a block adds)
+        close(resid_pre + attn_out * getattr(cfg, "residual_multiplier", 1.0), resid_mid)
 
 
 def test_gpt_neox_sequential_residual_has_resid_mid():
@@ -275,7 +275,13 @@ def test_unembedding_and_final_norm(arch):
     bias = model.get_output_embeddings().bias
     pre_cap = final_norm(model)(got[f"blocks.{n - 1}.hook_resid_post"]) @ w_u + (0 if bias is None else bias)
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2: cap * tanh(logits / cap)
+    pre_cap = pre_cap * logit_factor(model.config)
     close(pre_cap if cap is None else cap * torch.tanh(pre_cap / cap), logits)
+
+
+def logit_factor(config) -> float:
+    """What a model multiplies its logits by, from its config: Cohere's logit_scale, Granite's 1 / logits_scaling."""
+    return getattr(config, "logit_scale", None) or 1.0 / getattr(config, "logits_scaling", 1.0)
 
 
 def test_glob_sort_dedup_and_paths():

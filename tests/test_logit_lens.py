@@ -42,6 +42,9 @@ def raw_weights(model, arch: str, layer: int) -> tuple[torch.Tensor, torch.Tenso
     if hasattr(blk, "post_feedforward_layernorm"):  # Gemma 2/3, OLMo 2: the MLP's output norm's gain too
         w_out = w_out * (blk.post_feedforward_layernorm.weight + one)
     gain = t.norm.weight + one if arch != "olmo" else torch.ones(w_out.shape[1])  # OLMo 1's norms: no weight
+    cfg = model.config  # Granite scales what a block adds and its logits, Cohere its logits
+    gain = gain * getattr(cfg, "residual_multiplier", 1.0) * (getattr(cfg, "logit_scale", None)
+                                                               or 1.0 / getattr(cfg, "logits_scaling", 1.0))
     return w_out, gain, model.lm_head.weight
 
 
@@ -71,7 +74,7 @@ def check_neuron(table: dict, layer: int, neuron: int, raw, k: int) -> None:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi",
-                                  "phi3", "opt", "bloom"])
+                                  "phi3", "opt", "bloom", "cohere", "granite"])
 def test_tiny_models_match_brute_force(arch):
     model = tiny_model(arch, seed=3)
     family = {"qwen3": "llama", "olmo2": "llama", "phi3": "llama"}.get(arch, arch)

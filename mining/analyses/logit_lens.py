@@ -15,7 +15,8 @@ rescales every neuron alike and so does not change any ranking. What is left out
   for every neuron, not part of any neuron's effect;
 - Gemma 2/3 and OLMo 2 pass the MLP's output through a norm before the residual stream: its gain
   multiplies w_out[n] too (gamma_out * w_out[n]), and its per-token scale is left out like the final one's;
-  Gemma's final logit soft-cap (tanh) is monotone, so the ranking is the one before it;
+  Gemma's final logit soft-cap (tanh) is monotone, so the ranking is the one before it; Granite's multiplier
+  on the blocks' outputs and Cohere's and Granite's on the logits are taken, so the weights are the logits';
 - BERT's MLM head transform (dense + GELU + LayerNorm, not a norm): BERT has no final norm, so gamma = 1
   and its table is only a rough lens.
 
@@ -33,7 +34,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from ..architectures import arch_of, locate
+from ..architectures import arch_of, locate, text_config
 from ..errors import UserError
 from ..hooks import final_norm, mlp_out_weight, norm_gain, out_norm, unembedding
 
@@ -61,9 +62,13 @@ def neuron_logits(model: nn.Module, layer: int, neurons: slice | Sequence[int] |
 
 
 def _layer_gain(model: nn.Module, layer: int, gain: torch.Tensor) -> torch.Tensor:
-    """The final norm's gain, times the gain of the norm on this layer's MLP output where there is one."""
+    """The final norm's gain, times the gain of the norm on this layer's MLP output where there is one, times the
+    factors a family puts on its blocks' outputs and its logits (Granite's, Cohere's)."""
     norm = out_norm(model, layer, "mlp")
-    return gain if norm is None else gain * norm_gain(model, norm)
+    gain = gain if norm is None else gain * norm_gain(model, norm)
+    arch, config = arch_of(model), text_config(model.config)
+    factor = arch.residual_scale(config) * arch.logit_scale(config)
+    return gain if factor == 1.0 else gain * factor
 
 
 def _readout(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
