@@ -314,18 +314,17 @@ PCA_COMPONENTS = 10
 """Components `mine analyze pca` keeps unless --components says otherwise."""
 
 
-def analyze_pca(store: str | Path, hook: str | None = None, k: int | None = None, examples: int = 20,
+def analyze_pca(store: str | Path, hook: str | None = None, components: int | None = None, examples: int = 20,
                 loadings: int = 20) -> list[str]:
-    """PCA of each chosen dense hook -> pca_components, pca_examples, pca_loadings. k None: PCA_COMPONENTS, or as
-    many as a hook's sample allows where that is fewer (a mixture of experts' 8 routing probabilities)."""
+    """PCA of each chosen dense hook -> pca_components, pca_examples, pca_loadings. components None: PCA_COMPONENTS,
+    or as many as a hook's sample allows where that is fewer (a mixture of experts' 8 routing probabilities)."""
     if examples < 1 or loadings < 1:
         raise UserError("--examples and --loadings must be at least 1")
     s = _open(store)
-    asked = k
     comps, exs, loads, lines = [], [], [], []
     for h in pick_hooks(s, hook):
         tok, values = load_sample(s, h)
-        k = min(PCA_COMPONENTS, len(values) - 1, values.shape[1]) if asked is None else asked
+        k = components if components is not None else min(PCA_COMPONENTS, len(values) - 1, values.shape[1])
         try:
             p = pca(values, k)
         except UserError as e:

@@ -80,12 +80,9 @@ class Arch:
     stream (Gemma 2/3, OLMo 2); empty where both write to the stream directly."""
     norm_offset: float = 0.0
     """RMSNorm multiplies by (norm_offset + weight): 1.0 for Gemma's, whose weights are stored around zero."""
-    flat_mlp: bool = False
-    """The MLP (OPT's) or the router (MoE) sees the stream flattened to (B*T, d): activations come back as
-    (B, T, ...)."""
-    softmax: tuple[str, ...] = ()
-    """Sites whose activation is the softmax of their module's output over its last dimension (a MoE router's logits:
-    each expert's routing probability, as TransformerLens' hook_expert_weights)."""
+    flat_tokens: bool = False
+    """Some hooked modules see the stream flattened to (B*T, d) (OPT's MLP, a MoE router): hooks.capture gives their
+    activations back as (B, T, ...)."""
     missing: Mapping[str, str] = field(default_factory=dict)
     """Sites this family lacks that others have -> why."""
     unsupported: Callable[[object], str | None] = field(default=lambda config: None)
@@ -167,7 +164,7 @@ PHI3 = Arch("phi3", "model", "layers",
 _OPT_350M = ("OPT-350m normalizes after attention and MLP (post-norm) and projects the residual stream in and out "
              "of a smaller embedding (word_embed_proj_dim); the other OPT sizes are pre-norm and supported")
 OPT = Arch("opt", "model.decoder", "layers", _sites("self_attn.out_proj", "final_layer_norm", "fc1", "fc2"),
-           "final_layer_norm", flat_mlp=True,
+           "final_layer_norm", flat_tokens=True,
            unsupported=lambda c: None if c.do_layer_norm_before and c.word_embed_proj_dim == c.hidden_size
            else _OPT_350M)
 # BLOOM: pre-norm, GPT-NeoX's MLP names; its attention and MLP modules add the residual themselves (so the sites are
@@ -200,7 +197,7 @@ def _moe(family: str, router: str = "mlp.gate") -> Arch:
              "hook_resid_mid": ("post_attention_layernorm", IN), "mlp.hook_expert_weights": (router, OUT),
              "hook_resid_post": ("", OUT)}
     mixed = _DENSE_LAYERS.format(family=family)
-    return Arch(family, "model", "layers", sites, "norm", flat_mlp=True, softmax=("mlp.hook_expert_weights",),
+    return Arch(family, "model", "layers", sites, "norm", flat_tokens=True,
                 missing={s: why for s in ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post")},
                 unsupported=lambda c: mixed if (getattr(c, "mlp_only_layers", None) or
                                                 getattr(c, "decoder_sparse_step", 1) not in (None, 1)) else None)

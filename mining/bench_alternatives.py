@@ -116,9 +116,9 @@ def nnsight_capture(loaded, points: list[HookPoint]) -> Capture:
         with wrapped.trace(input_ids=ids, attention_mask=attention):  # nnsight runs this body itself: no comprehensions
             for p, e, pre in envoys:
                 saved[p.name] = (e.input if pre else e.output).save()
-        by_name = {p.name: p for p, _, _ in envoys}
-        flat = lambda x: x.unflatten(0, mask.shape) if x.dim() == 2 else x  # noqa: E731 - OPT's MLP sees (B*T, d)
-        return {name: hooks.take(by_name[name], flat(x))[mask].to(torch.float16).cpu() for name, x in saved.items()}
+        by_name = {p.name: p for p, _, _ in envoys}  # saved as the modules gave them: shaped as the hooks shape them
+        return {name: hooks.as_btw(by_name[name], x, mask.shape)[mask].to(torch.float16).cpu()
+                for name, x in saved.items()}
 
     return capture
 

@@ -134,11 +134,11 @@ class DirectLogitAttribution:
         self.kind = _norm_kind(self.norm)
         self.model = model
         self.w_u = unembedding(model)  # (d, V) view
-        gamma = norm_gain(model, self.norm)  # float32; None for a norm without a weight (OLMo 1): a gain of 1
-        self.gamma = torch.ones(self.w_u.shape[0], device=self.w_u.device) if gamma is None else gamma
+        self.gamma = norm_gain(model, self.norm)  # float32
         arch, config = arch_of(model), text_config(model.config)
-        self.logit_scale = arch.logit_scale(config)
-        """What the model multiplies its logits by (Cohere, Granite): in every direction d_t."""
+        self.readout = self.gamma * arch.logit_scale(config)
+        """d_t's elementwise factor: the final norm's gain times what the model multiplies its logits by (Cohere,
+        Granite)."""
         self.residual_scale = arch.residual_scale(config)
         """What each block multiplies its attention's and MLP's outputs by (Granite): in every gain."""
         self.out_norms = {(part, layer): norm for layer in range(n_layers(model)) for part in ("attn", "mlp")
@@ -147,11 +147,10 @@ class DirectLogitAttribution:
         2/3, OLMo 2); empty elsewhere."""
         self.out_gains = {key: norm_gain(model, norm) for key, norm in self.out_norms.items()}  # their gamma_out
         self._w_out: dict[int, torch.Tensor] = {}
-        weight = self.w_u
         # On a GPU a half-precision model's gains are one matmul in its own dtype (the precision its down
         # projection ran in): in float32 the (M, d) x (d, N) gain of every layer would cost as much as the
         # forward pass itself. Elsewhere float32.
-        self.gain_dtype = (weight.dtype if weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
+        self.gain_dtype = (self.w_u.dtype if self.w_u.is_cuda and self.w_u.dtype in (torch.float16, torch.bfloat16)
                            else torch.float32)
         self._pool: dict[tuple[str, int], torch.Tensor] = {}
         self.cache: GainCache | None = None
@@ -170,9 +169,7 @@ class DirectLogitAttribution:
 
     def directions(self, targets: torch.Tensor) -> torch.Tensor:
         """d_t for each target id (U,) -> (U, d), in float32."""
-        d = self.w_u[:, targets].T.float() * self.gamma
-        if self.logit_scale != 1.0:
-            d = d * self.logit_scale
+        d = self.w_u[:, targets].T.float() * self.readout
         if self.kind == "layer":
             d = d - d.mean(dim=-1, keepdim=True)
         return d

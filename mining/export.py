@@ -56,14 +56,19 @@ def require_single_model(con: duckdb.DuckDBPyConnection, store: str | Path) -> N
     raise UserError(f"{store}: this store has no neurons table; mine with `stats: {{moments: true}}`")
 
 
+def default_hook(hooks: Sequence[str]) -> str:
+    """The hook a command shows when none is named: mlp.hook_post, or a store's first where it has none (a mixture
+    of experts' routing)."""
+    return "mlp.hook_post" if "mlp.hook_post" in hooks or not hooks else hooks[0]
+
+
 def select_neurons(con: duckdb.DuckDBPyConnection, hook: str | None, explicit: Sequence[tuple[int, int]] = (),
                    query: str | None = None, params: dict[str, str] | None = None, top: int | None = 0,
                    by: str = "kurtosis", order: str = "desc", layer: int = -1) -> list[NeuronId]:
     """Explicit neurons first, then a named query's rows, then the top N by `by`; duplicates dropped. hook None:
     mlp.hook_post, or the store's first hook where it has none (a mixture of experts' routing)."""
     if hook is None:
-        hooks = [r[0] for r in con.execute("SELECT DISTINCT hook FROM neurons ORDER BY hook").fetchall()]
-        hook = "mlp.hook_post" if "mlp.hook_post" in hooks or not hooks else hooks[0]
+        hook = default_hook([r[0] for r in con.execute("SELECT DISTINCT hook FROM neurons ORDER BY hook").fetchall()])
     chosen: list[NeuronId] = [NeuronId(hook, layer_, neuron) for layer_, neuron in explicit]
     if query:
         table = run_named(con, query, dict(params or {}))

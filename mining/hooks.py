@@ -103,12 +103,11 @@ def resolve_hooks(model: nn.Module, patterns: Sequence[str] | str) -> list[HookP
             name = f"blocks.{layer}.{site}"
             if site == "attn.hook_z":
                 extra = {"width": d["n_heads"] * d["d_head"], "n_heads": d["n_heads"], "d_head": d["d_head"]}
-            elif site == "mlp.hook_expert_weights":
-                extra = {"width": d["n_experts"]}
+            elif site == "mlp.hook_expert_weights":  # TransformerLens': the softmax of the router's logits
+                extra = {"width": d["n_experts"], "softmax": True}
             else:
                 extra = {"width": d["d_mlp"] if site.startswith("mlp.") else d["d_model"]}
-            points[name] = HookPoint(name, site, layer, path, direction, chunk=arch.chunks.get(site),
-                                     softmax=site in arch.softmax, **extra)
+            points[name] = HookPoint(name, site, layer, path, direction, chunk=arch.chunks.get(site), **extra)
     return sorted(points.values(), key=lambda p: (p.layer, SITE_ORDER.index(p.site)))
 
 
@@ -130,7 +129,11 @@ def take(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
     return x[..., i * point.width:(i + 1) * point.width].contiguous()
 
 
-def _as_btw(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
+def as_btw(point: HookPoint, x: torch.Tensor, batch_shape: Sequence[int] = ()) -> torch.Tensor:
+    """A hooked module's tensor as the point's (B, T, width) activation: heads flattened, a (B*T, ...) tensor given
+    back its batch_shape (B, T), then take()."""
+    if x.dim() == 2 and batch_shape:
+        x = x.unflatten(0, tuple(batch_shape))
     return take(point, x.flatten(2) if x.dim() > 3 else x)
 
 
@@ -145,19 +148,16 @@ def capture(model: nn.Module, points: Sequence[HookPoint], fn: Callable[[HookPoi
     handles = []
     batch_shape: list[int] = []  # (B, T) of the forward under way, where a module sees the stream as (B*T, ...)
 
-    def as_btw(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
-        return _as_btw(point, x.unflatten(0, batch_shape) if x.dim() == 2 and batch_shape else x)
-
     def pre_hook(point: HookPoint):
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            fn(point, as_btw(point, x))
+            fn(point, as_btw(point, x, batch_shape))
 
         return hook
 
     def post_hook(point: HookPoint):
         def hook(module, args, output):
-            fn(point, as_btw(point, _first_tensor(output)))
+            fn(point, as_btw(point, _first_tensor(output), batch_shape))
 
         return hook
 
@@ -167,7 +167,7 @@ def capture(model: nn.Module, points: Sequence[HookPoint], fn: Callable[[HookPoi
         batch_shape[:] = ids.shape[:2]
 
     try:
-        if points and arch_of(model).flat_mlp:  # OPT's MLP: the model's input gives (B, T)
+        if points and arch_of(model).flat_tokens:  # OPT's MLP, a MoE router: the model's input gives (B, T)
             handles.append(model.register_forward_pre_hook(keep_batch_shape, with_kwargs=True))
         for point in points:
             try:
@@ -224,11 +224,12 @@ def out_norm(model: nn.Module, layer: int, part: str = "mlp") -> nn.Module | Non
     return blocks[layer].get_submodule(arch.out_norms[part])
 
 
-def norm_gain(model: nn.Module, norm: nn.Module) -> torch.Tensor | None:
-    """A norm's elementwise gain gamma as float32 (None without a weight): its weight, plus one for Gemma's RMSNorm."""
+def norm_gain(model: nn.Module, norm: nn.Module) -> torch.Tensor:
+    """A norm's elementwise gain gamma as float32: its weight, plus one for Gemma's RMSNorm; ones for a norm without
+    a weight (OLMo 1's)."""
     weight = getattr(norm, "weight", None)
     if weight is None:
-        return None
+        return torch.ones(dims(model.config)["d_model"], device=unembedding(model).device)
     offset = arch_of(model).norm_offset
     return weight.detach().float() + offset if offset else weight.detach().float()
 

@@ -72,8 +72,7 @@ def validate(spec: JobSpec) -> Any:
     meta = meta_model(config)
     from .hooks import resolve_hooks
 
-    if spec.hooks:  # a diff job may have none (token by token)
-        resolve_hooks(meta, spec.hooks)
+    points = resolve_hooks(meta, spec.hooks) if spec.hooks else []  # a diff job may have none (token by token)
     if spec.dense.hooks:
         resolve_hooks(meta, spec.dense.hooks)
     if spec.is_diff:
@@ -88,10 +87,10 @@ def validate(spec: JobSpec) -> Any:
     if spec.stats.gate_cases:
         from .engine import gate_points
 
-        if not gate_points(meta, resolve_hooks(meta, spec.hooks)):
+        if not gate_points(meta, points):
             raise UserError("stats.gate_cases: no hooked blocks.*.mlp.hook_post of a gated MLP (SwiGLU/GeGLU) in "
                             "this job; turn it off for this model")
-    if spec.hooks and not spec.is_diff and not any(p.site == "mlp.hook_post" for p in resolve_hooks(meta, spec.hooks)):
+    if points and not spec.is_diff and not any(p.site == "mlp.hook_post" for p in points):
         for key in ("dla", "logit_lens"):  # they read neurons' output weights (a diff job's DLA also reads heads)
             if getattr(spec.stats, key):
                 raise UserError(f"stats.{key}: it reads blocks.*.mlp.hook_post neurons and this job hooks none; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from config_factors import logit_factor, residual_factor
 from torch import nn
 
 from mining.architectures import text_config
@@ -230,7 +231,7 @@ def test_hook_z_and_resid_mid(arch):
     elif family in OUT_NORMS:  # the attention output's own norm, then the residual stream
         close(resid_pre + blk.post_attention_layernorm(attn_out), resid_mid)
     else:  # pre-norm: the residual stream after attention (Granite scales what a block adds)
-        close(resid_pre + attn_out * getattr(cfg, "residual_multiplier", 1.0), resid_mid)
+        close(resid_pre + attn_out * residual_factor(cfg), resid_mid)
 
 
 def test_gpt_neox_sequential_residual_has_resid_mid():
@@ -277,11 +278,6 @@ def test_unembedding_and_final_norm(arch):
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2: cap * tanh(logits / cap)
     pre_cap = pre_cap * logit_factor(model.config)
     close(pre_cap if cap is None else cap * torch.tanh(pre_cap / cap), logits)
-
-
-def logit_factor(config) -> float:
-    """What a model multiplies its logits by, from its config: Cohere's logit_scale, Granite's 1 / logits_scaling."""
-    return getattr(config, "logit_scale", None) or 1.0 / getattr(config, "logits_scaling", 1.0)
 
 
 def test_glob_sort_dedup_and_paths():

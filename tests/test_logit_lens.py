@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from config_factors import logit_factor, residual_factor
 from synthetic_store import make_synthetic_store
 
 from mining.analyses import logit_lens_table, topk_ids
@@ -42,9 +43,7 @@ def raw_weights(model, arch: str, layer: int) -> tuple[torch.Tensor, torch.Tenso
     if hasattr(blk, "post_feedforward_layernorm"):  # Gemma 2/3, OLMo 2: the MLP's output norm's gain too
         w_out = w_out * (blk.post_feedforward_layernorm.weight + one)
     gain = t.norm.weight + one if arch != "olmo" else torch.ones(w_out.shape[1])  # OLMo 1's norms: no weight
-    cfg = model.config  # Granite scales what a block adds and its logits, Cohere its logits
-    gain = gain * getattr(cfg, "residual_multiplier", 1.0) * (getattr(cfg, "logit_scale", None)
-                                                               or 1.0 / getattr(cfg, "logits_scaling", 1.0))
+    gain = gain * residual_factor(model.config) * logit_factor(model.config)  # Granite's, Cohere's factors
     return w_out, gain, model.lm_head.weight
 
 

@@ -31,7 +31,7 @@ def test_mined_routing_probabilities_match_each_context_alone(olmoe):
     recomputed context by context with a plain hook on the router; a token's probabilities sum to 1."""
     from mining.runner import validate
     from mining.spec import spec_from_dict
-    from test_dla_archs import mine_merged
+    from test_families import mine_merged
 
     spec = spec_from_dict(_job(olmoe))
     validate(spec)

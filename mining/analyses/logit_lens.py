@@ -46,10 +46,9 @@ CHUNK = 512  # neurons per matmul: a (512, vocab) float32 block is 100 MB for a 
 
 
 def _gain(model: nn.Module, d_model: int, device: torch.device) -> torch.Tensor:
-    """The final norm's elementwise gain (ones when there is no norm or it has no weight)."""
+    """The final norm's elementwise gain (ones where there is no final norm: BERT)."""
     norm = final_norm(model)
-    gain = norm_gain(model, norm) if norm is not None else None
-    return torch.ones(d_model, device=device) if gain is None else gain
+    return norm_gain(model, norm) if norm is not None else torch.ones(d_model, device=device)
 
 
 def neuron_logits(model: nn.Module, layer: int, neurons: slice | Sequence[int] | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..examples import NeuronId
-from ..export import check_exist
+from ..export import check_exist, default_hook
 from ..query import has_tables, run_named
 from ..replay import Context, Replayer, load_contexts
 from .html import colour, esc, fmt, page, table, token_html
@@ -246,7 +246,7 @@ def window_moves(window_link: Callable[[int], str] | None, earlier: int | None, 
 
 def neuron_form(doc_id: int, hooks: list[str], nid: NeuronId | None, plain: str = "by surprise") -> str:
     """mine serve: colour the document by any neuron of the store (`plain`: the link back to its own colouring)."""
-    hook = nid.hook if nid else ("mlp.hook_post" if "mlp.hook_post" in hooks or not hooks else hooks[0])
+    hook = nid.hook if nid else default_hook(hooks)
     opts = "".join(f'<option{" selected" if h == hook else ""}>{esc(h)}</option>' for h in hooks)
     layer = "" if nid is None else nid.layer
     neuron = "" if nid is None else nid.neuron

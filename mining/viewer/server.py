@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import UserError
 from ..examples import NeuronId, attach, pick_examples, random_contexts
-from ..export import check_exist, require_single_model
+from ..export import check_exist, default_hook, require_single_model
 from ..query import connect, has_tables, local_root
 from ..replay import Replayer
 from . import data, diffview, document
@@ -82,8 +82,7 @@ class Viewer(_Pages):
         return None
 
     def index(self, q: dict[str, str]) -> str:
-        default = "mlp.hook_post" if "mlp.hook_post" in self.hooks or not self.hooks else self.hooks[0]
-        hook = q.get("hook", default)
+        hook = q.get("hook", default_hook(self.hooks))
         if hook not in self.hooks:
             raise UserError(f"hook {hook!r} is not in this store; it has {', '.join(self.hooks)}")
         by = q.get("by", "kurtosis")
@@ -163,7 +162,7 @@ class DiffViewer(_Pages):
         return diffview.doc_page(self.title, d, diffview.SERVED, form(nid), document.window_link(doc_id, nid))
 
     def index(self, q: dict[str, str]) -> str:
-        hook = q.get("hook", "mlp.hook_post" if "mlp.hook_post" in self.hooks or not self.hooks else self.hooks[0])
+        hook = q.get("hook", default_hook(self.hooks))
         if self.hooks and hook not in self.hooks:
             raise UserError(f"hook {hook!r} is not in this store; it has {', '.join(self.hooks)}")
         by, layer = q.get("by", "mean_abs_diff"), _int(q.get("layer", "-1"), "layer")
