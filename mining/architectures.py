@@ -6,6 +6,8 @@ input (forward pre-hook) or output (forward hook). "" is the block itself.
 | site                | gpt2 / gpt_neo          | gpt_neox (Pythia)         | gptj          | llama-like              | bert                        |
 |---------------------|-------------------------|---------------------------|---------------|-------------------------|-----------------------------|
 | hook_resid_pre      | block in                | block in                  | block in      | block in                | layer in                    |
+| attn.hook_pattern   | attn out[1]             | attention out[1]          | attn out[1]   | self_attn out[1]        | attention.self out[1]       |
+|                     | (neo: attn.attention)   |                           |               |                         |                             |
 | attn.hook_z         | attn.c_proj in          | attention.dense in        | attn.out_proj | self_attn.o_proj in     | attention.output.dense in   |
 |                     | (neo: attn.attention.out_proj)                      | in            |                         |                             |
 | hook_resid_mid      | ln_2 in                 | post_attention_layernorm  | -             | post_attention_layernorm| attention.output.LayerNorm  |
@@ -14,6 +16,10 @@ input (forward pre-hook) or output (forward hook). "" is the block itself.
 | mlp.hook_pre_linear | -                       | -                         | -             | mlp.up_proj out         | -                           |
 | mlp.hook_post       | mlp.c_proj in           | mlp.dense_4h_to_h in      | mlp.fc_out in | mlp.down_proj in        | output.dense in             |
 | hook_resid_post     | block out               | block out                 | block out     | block out               | layer out                   |
+
+attn.hook_pattern is the attention weights (B, heads, query, key) the attention module returns beside its output.
+They exist only with eager attention, so hooks.capture switches the model to eager while a pattern is hooked. The
+module is attn.hook_z's module's parent in every family but BERT.
 
 llama-like = llama, mistral, qwen2, qwen3, smollm3 (same module names, pre-norm, gated MLP); gemma too, whose
 RMSNorms scale by (1 + weight). gemma2 and gemma3_text are llama-like with "sandwich" norms: the attention and MLP
@@ -46,6 +52,7 @@ IN, OUT = "input", "output"
 
 SITE_ORDER = (
     "hook_resid_pre",
+    "attn.hook_pattern",
     "attn.hook_z",
     "hook_resid_mid",
     "mlp.hook_expert_weights",
@@ -55,12 +62,6 @@ SITE_ORDER = (
     "hook_resid_post",
 )
 """Every site any architecture can have, in the order they happen inside a block."""
-
-NOT_YET = {
-    "attn.hook_pattern": "attention patterns are not supported yet (they only exist with eager attention "
-    "and are (heads, T, T) per token, not a fixed-width activation)",
-}
-
 
 @dataclass(frozen=True)
 class Arch:
@@ -101,8 +102,11 @@ class Arch:
         return "mlp.hook_pre_linear" in self.sites
 
 
-def _sites(z: str, mid: str | None, pre: str | None, post: str, pre_linear: str | None = None, mid_dir: str = IN):
-    s = {"hook_resid_pre": ("", IN), "attn.hook_z": (z, IN)}
+def _sites(z: str, mid: str | None, pre: str | None, post: str, pre_linear: str | None = None, mid_dir: str = IN,
+           attention: str | None = None):
+    """attention: the module whose output is (attn_output, pattern), z's parent unless given."""
+    s = {"hook_resid_pre": ("", IN), "attn.hook_pattern": (attention or z.rsplit(".", 1)[0], OUT),
+         "attn.hook_z": (z, IN)}
     if mid is not None:
         s["hook_resid_mid"] = (mid, mid_dir)
     if pre is not None:
@@ -193,7 +197,8 @@ _DENSE_LAYERS = ("this {family} config mixes dense and expert MLPs across layers
 
 def _moe(family: str, router: str = "mlp.gate") -> Arch:
     why = _EXPERTS.format(family=family)
-    sites = {"hook_resid_pre": ("", IN), "attn.hook_z": ("self_attn.o_proj", IN),
+    sites = {"hook_resid_pre": ("", IN), "attn.hook_pattern": ("self_attn", OUT),
+             "attn.hook_z": ("self_attn.o_proj", IN),
              "hook_resid_mid": ("post_attention_layernorm", IN), "mlp.hook_expert_weights": (router, OUT),
              "hook_resid_post": ("", OUT)}
     mixed = _DENSE_LAYERS.format(family=family)
@@ -209,7 +214,7 @@ BERT = Arch(
     "bert",
     "encoder.layer",
     _sites("attention.output.dense", "attention.output.LayerNorm", "intermediate.dense", "output.dense",
-           mid_dir=OUT),
+           mid_dir=OUT, attention="attention.self"),
     None,
 )
 
@@ -305,8 +310,6 @@ def sites_for(arch: Arch, config: object) -> dict[str, tuple[str, str]]:
 
 def why_missing(arch: Arch, config: object, site: str) -> str | None:
     """Why a known TransformerLens site does not exist for this model; None for an unknown site."""
-    if site in NOT_YET:
-        return NOT_YET[site]
     if site in arch.missing:
         return arch.missing[site]
     if site == "mlp.hook_expert_weights":

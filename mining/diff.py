@@ -143,6 +143,11 @@ class DiffMiner(ShardMiner):
         return result
 
 
+def pattern_keys(points: list) -> int | None:
+    """The context length A's attention patterns were resolved with: B's take the same."""
+    return next((p.n_ctx for p in points if p.n_ctx), None)
+
+
 def structure_difference(points_a: list, n_a: int, model_b: torch.nn.Module, hooks) -> str | None:
     """How B differs from A (n_a layers) where the hooks are, or None when B has A's depth and every hooked point
     of A at the same width (model_b may be on the meta device). Otherwise they are models of other sizes, which
@@ -150,7 +155,7 @@ def structure_difference(points_a: list, n_a: int, model_b: torch.nn.Module, hoo
     n_b = n_layers(model_b)
     if n_b != n_a:
         return f"models.a has {n_a} layers and models.b {n_b}"
-    widths_b = {q.name: q.width for q in resolve_hooks(model_b, hooks)}
+    widths_b = {q.name: q.width for q in resolve_hooks(model_b, hooks, pattern_keys(points_a))}
     for p in points_a:
         if widths_b.get(p.name) != p.width:
             return (f"{p.name} differs between models.a and models.b "
@@ -204,7 +209,7 @@ def paired_points(points_a: list, n_a: int, model_b: torch.nn.Module, cross_size
     n_b = n_layers(model_b)
     names = {p.name: f"blocks.{matched_layer(p.layer, n_a, n_b) if cross_size else p.layer}.{p.site}"
              for p in points_a}
-    by_name = {q.name: q for q in resolve_hooks(model_b, sorted(set(names.values())))}
+    by_name = {q.name: q for q in resolve_hooks(model_b, sorted(set(names.values())), pattern_keys(points_a))}
     return [(p, by_name[names[p.name]]) for p in points_a]
 
 

@@ -244,8 +244,10 @@ class ShardMiner:
         self.loaded = loaded
         self.batch_size: int | None = spec.compute.fixed_batch_size
         """Contexts per forward pass: compute.batch_size, or what batch_fit chose for `auto`."""
-        self.points: list[HookPoint] = resolve_hooks(loaded.model, spec.hooks) if spec.hooks else []  # diff: may be none
-        self.dense_points = resolve_hooks(loaded.model, spec.dense.hooks) if spec.dense.hooks else []
+        n_ctx = spec.corpus.context_length  # an attention pattern's key positions
+        # a diff job may have no hooks
+        self.points: list[HookPoint] = resolve_hooks(loaded.model, spec.hooks, n_ctx) if spec.hooks else []
+        self.dense_points = resolve_hooks(loaded.model, spec.dense.hooks, n_ctx) if spec.dense.hooks else []
         self.dla = DirectLogitAttribution(loaded.model) if spec.stats.dla and loaded.causal else None
         self.dla_points = {p.name for p in self.points if p.site == "mlp.hook_post"} if self.dla else set()
         if self.dla_points and loaded.device.type == "cpu":

@@ -4,16 +4,21 @@
     with capture(model, points, lambda point, x: ...):   # x: (B, T, point.width), a view (a chunk: a copy)
         model(input_ids)
 
-Sites (per block L): hook_resid_pre, attn.hook_z, hook_resid_mid, mlp.hook_pre,
-mlp.hook_pre_linear (gated MLPs), mlp.hook_post, hook_resid_post. The module each one maps to,
-per architecture, is in mining/architectures.py. Hooks read tensors only, so they work under
-torch.inference_mode and with any attention implementation.
+Sites (per block L): hook_resid_pre, attn.hook_pattern, attn.hook_z, hook_resid_mid, mlp.hook_pre,
+mlp.hook_pre_linear (gated MLPs), mlp.hook_post, hook_resid_post, and mlp.hook_expert_weights (mixture-of-experts
+routers). The module each one maps to, per architecture, is in mining/architectures.py. Hooks read tensors only, so
+they work under torch.inference_mode and with any attention implementation; a pattern needs eager attention, which
+capture() switches on while one is hooked.
+
+attn.hook_pattern is one query token's attention over the context's key positions, per head: TransformerLens'
+pattern[b, h, q, k] at token (b, q) is feature h * context_length + k, keys past the query (or past the context)
+are 0. Its width is fixed by the job's context length, so resolve_hooks takes it.
 """
 
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -47,6 +52,13 @@ class HookPoint:
     holds gate, then up); None: all of it."""
     softmax: bool = False
     """The activation is the softmax of the module's output (a MoE router's logits -> routing probabilities)."""
+    n_ctx: int | None = None
+    """attn.hook_pattern only: key positions per head (the job's context length); width == n_heads * n_ctx."""
+
+    @property
+    def output_index(self) -> int:
+        """Which of the hooked module's outputs: an attention module returns (output, pattern)."""
+        return 1 if self.n_ctx else 0
 
 
 def architecture(model: nn.Module) -> str:
@@ -70,8 +82,10 @@ def n_layers(model: nn.Module) -> int:
     return len(locate(model, arch_of(model))[1])
 
 
-def resolve_hooks(model: nn.Module, patterns: Sequence[str] | str) -> list[HookPoint]:
-    """Hook names (a `*` layer means every layer) -> points sorted by (layer, site order), deduplicated."""
+def resolve_hooks(model: nn.Module, patterns: Sequence[str] | str,
+                  context_length: int | None = None) -> list[HookPoint]:
+    """Hook names (a `*` layer means every layer) -> points sorted by (layer, site order), deduplicated.
+    context_length: the longest context the model will see, which attn.hook_pattern needs (its keys)."""
     arch = arch_of(model)
     prefix, blocks = locate(model, arch)
     n_layers = len(blocks)
@@ -103,6 +117,11 @@ def resolve_hooks(model: nn.Module, patterns: Sequence[str] | str) -> list[HookP
             name = f"blocks.{layer}.{site}"
             if site == "attn.hook_z":
                 extra = {"width": d["n_heads"] * d["d_head"], "n_heads": d["n_heads"], "d_head": d["d_head"]}
+            elif site == "attn.hook_pattern":
+                if not context_length:
+                    raise UserError(f"{pattern!r}: an attention pattern's width is heads x key positions; "
+                                    "give the context length (corpus.context_length)")
+                extra = {"width": d["n_heads"] * context_length, "n_heads": d["n_heads"], "n_ctx": context_length}
             elif site == "mlp.hook_expert_weights":  # TransformerLens': the softmax of the router's logits
                 extra = {"width": d["n_experts"], "softmax": True}
             else:
@@ -129,22 +148,57 @@ def take(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
     return x[..., i * point.width:(i + 1) * point.width].contiguous()
 
 
+def pattern_rows(point: HookPoint, x: torch.Tensor | None) -> torch.Tensor:
+    """Attention weights (B, heads, T, K) -> (B, T, heads * n_ctx): each query token's row over the keys, per head,
+    the keys zero-padded to n_ctx (a copy)."""
+    if x is None:
+        raise UserError(f"{point.name}: the model returned no attention pattern; it runs an attention "
+                        "implementation that never materializes one and cannot switch to eager: load it with "
+                        "attn_implementation='eager'")
+    B, H, T, K = x.shape
+    if H != point.n_heads or K > point.n_ctx:
+        raise UserError(f"{point.name}: the attention pattern has {H} heads and {K} key positions, the hook expects "
+                        f"{point.n_heads} heads and at most {point.n_ctx} (the context length)")
+    rows = x.new_zeros(B, T, H, point.n_ctx)
+    rows[..., :K] = x.transpose(1, 2)
+    return rows.flatten(2)
+
+
 def as_btw(point: HookPoint, x: torch.Tensor, batch_shape: Sequence[int] = ()) -> torch.Tensor:
     """A hooked module's tensor as the point's (B, T, width) activation: heads flattened, a (B*T, ...) tensor given
-    back its batch_shape (B, T), then take()."""
+    back its batch_shape (B, T), then take(); an attention pattern laid out by pattern_rows."""
+    if point.n_ctx:
+        return pattern_rows(point, x)
     if x.dim() == 2 and batch_shape:
         x = x.unflatten(0, tuple(batch_shape))
     return take(point, x.flatten(2) if x.dim() > 3 else x)
 
 
-def _first_tensor(value):
-    return value[0] if isinstance(value, (tuple, list)) else value
+def _output(point: HookPoint, value):
+    return value[point.output_index] if isinstance(value, (tuple, list)) else value
+
+
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Run the model with eager attention inside the block (patterns exist only there), then switch back
+    (`set_attn_implementation`, transformers 5.x; a model that cannot switch must be loaded with
+    attn_implementation="eager")."""
+    before = getattr(model.config, "_attn_implementation", None)
+    switch = before not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(before)
 
 
 @contextmanager
 def capture(model: nn.Module, points: Sequence[HookPoint], fn: Callable[[HookPoint, torch.Tensor], None]):
     """Registers hooks; fn receives each activation as (B, T, width) (a view, no copy; a chunk of a fused
-    projection is copied) during the forward; hooks removed in finally."""
+    projection and a pattern are copied) during the forward; hooks removed in finally. With a pattern among the
+    points the model runs eager attention inside the block."""
     handles = []
     batch_shape: list[int] = []  # (B, T) of the forward under way, where a module sees the stream as (B*T, ...)
 
@@ -157,7 +211,7 @@ def capture(model: nn.Module, points: Sequence[HookPoint], fn: Callable[[HookPoi
 
     def post_hook(point: HookPoint):
         def hook(module, args, output):
-            fn(point, as_btw(point, _first_tensor(output), batch_shape))
+            fn(point, as_btw(point, _output(point, output), batch_shape))
 
         return hook
 
@@ -166,6 +220,7 @@ def capture(model: nn.Module, points: Sequence[HookPoint], fn: Callable[[HookPoi
         ids = kwargs.get("inputs_embeds") if ids is None else ids
         batch_shape[:] = ids.shape[:2]
 
+    patterns = eager_attention(model) if any(p.n_ctx for p in points) else nullcontext()
     try:
         if points and arch_of(model).flat_tokens:  # OPT's MLP, a MoE router: the model's input gives (B, T)
             handles.append(model.register_forward_pre_hook(keep_batch_shape, with_kwargs=True))
@@ -178,20 +233,24 @@ def capture(model: nn.Module, points: Sequence[HookPoint], fn: Callable[[HookPoi
                 handles.append(module.register_forward_pre_hook(pre_hook(point), with_kwargs=True))
             else:
                 handles.append(module.register_forward_hook(post_hook(point)))
-        yield
+        with patterns:
+            yield
     finally:
         for h in handles:
             h.remove()
 
 
 @contextmanager
-def record(model: nn.Module, points: Sequence[HookPoint | str]) -> Iterator[dict[str, torch.Tensor]]:
+def record(model: nn.Module, points: Sequence[HookPoint | str],
+           context_length: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Yields a dict name -> detached clone of the activation (B, T, width) from the last forward.
 
-    `points` may be HookPoints or hook names/patterns. For tests and small jobs only: it copies.
+    `points` may be HookPoints or hook names/patterns (context_length as resolve_hooks takes it). For tests and
+    small jobs only: it copies.
     """
     names = [p for p in points if isinstance(p, str)]
-    resolved = [p for p in points if not isinstance(p, str)] + (resolve_hooks(model, names) if names else [])
+    resolved = [p for p in points if not isinstance(p, str)]
+    resolved += resolve_hooks(model, names, context_length) if names else []
     out: dict[str, torch.Tensor] = {}
 
     def keep(point: HookPoint, x: torch.Tensor) -> None:

@@ -162,7 +162,8 @@ class Replayer:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
             attention[i, : len(r)] = 1
-        points = resolve_hooks(loaded.model, [f"blocks.{layer}.{site}" for layer in layers])
+        names = [f"blocks.{layer}.{site}" for layer in layers]
+        points = resolve_hooks(loaded.model, names, self.spec.corpus.context_length)
         deepest = max(layers)
         seen: dict[int, torch.Tensor] = {}
 

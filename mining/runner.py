@@ -72,9 +72,10 @@ def validate(spec: JobSpec) -> Any:
     meta = meta_model(config)
     from .hooks import resolve_hooks
 
-    points = resolve_hooks(meta, spec.hooks) if spec.hooks else []  # a diff job may have none (token by token)
+    n_ctx = spec.corpus.context_length
+    points = resolve_hooks(meta, spec.hooks, n_ctx) if spec.hooks else []  # a diff job may have none (token by token)
     if spec.dense.hooks:
-        resolve_hooks(meta, spec.dense.hooks)
+        resolve_hooks(meta, spec.dense.hooks, n_ctx)
     if spec.is_diff:
         validate_diff(spec, meta)
     from .models import ENCODER_TYPES
@@ -130,7 +131,8 @@ def validate_diff(spec: JobSpec, meta_a: Any) -> None:
     from .diff import check_cross_memory, check_same_structure, paired_points, structure_difference
     from .hooks import n_layers
 
-    points_a, meta_b, n_a = resolve_hooks(meta_a, spec.hooks), meta_model(load_config(b)), n_layers(meta_a)
+    points_a = resolve_hooks(meta_a, spec.hooks, spec.corpus.context_length)
+    meta_b, n_a = meta_model(load_config(b)), n_layers(meta_a)
     cross_size = structure_difference(points_a, n_a, meta_b, spec.hooks) is not None
     if cross_size and not spec.stats.neuron_match:
         check_same_structure(points_a, n_a, meta_b, spec.hooks)

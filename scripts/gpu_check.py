@@ -241,7 +241,7 @@ def mismatches(ref: list, got: list) -> list[str]:
 def families(dev: torch.device, config_dir: str, scratch: Path) -> dict:
     """ShardMiner on a tiny random model of every family (mining.tiny.ARCHS; three in a dry run), on the device
     against the CPU: its neurons (a mixture of experts' routing probabilities) with DLA where it is a causal LM
-    with MLP neurons, and the token table. Each family's mismatches are reported, as the miner stage's."""
+    with MLP neurons, its first layer's attention pattern (eager attention on the device), and the token table. Each family's mismatches are reported, as the miner stage's."""
     from transformers import AutoTokenizer
 
     from mining.architectures import MODEL_TYPES
@@ -265,7 +265,8 @@ def families(dev: torch.device, config_dir: str, scratch: Path) -> dict:
             spec = spec_from_dict({
                 "name": arch, "model": {"id": str(folder), "device": device},
                 "corpus": {"source": "builtin:python-docs", "max_tokens": size(1200, 300), "context_length": 48},
-                "hooks": ["blocks.*.mlp.hook_expert_weights" if moe else "blocks.*.mlp.hook_post"],
+                "hooks": ["blocks.*.mlp.hook_expert_weights" if moe else "blocks.*.mlp.hook_post",
+                          "blocks.0.attn.hook_pattern"],
                 "stats": {"top_k": 6, "dla": causal and not moe, "token_table": True},
                 "compute": {"batch_size": 8, "shard_tokens": size(400, 150)}})
             loaded = load_model(spec.model)

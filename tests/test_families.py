@@ -28,12 +28,14 @@ def mine_merged(spec) -> tuple:
 
 @pytest.mark.parametrize("arch, hooks, dla", [("gemma2", ["blocks.*.mlp.hook_post"], True),
                                              ("opt", ["blocks.*.mlp.hook_post"], False),
-                                             ("olmoe", ["blocks.*.mlp.hook_expert_weights"], False)])
+                                             ("olmoe", ["blocks.*.mlp.hook_expert_weights"], False),
+                                             ("llama", ["blocks.*.attn.hook_pattern"], False)])
 def test_the_gpu_kernels_emulated_miner_mines_what_the_cpu_miner_mines(arch, hooks, dla, tmp_path, smol_tokenizer,
                                                                        monkeypatch):
     """The device path (the CUDA kernel, emulated on the CPU) on a tiny Gemma 2, whose DLA it divides by each layer's
     own scale as it reads the activations (FusedGain); on OPT, whose MLP activations come back from (B*T, N); on
-    OLMoE's routing probabilities (a softmax the hook computes): it mines what the CPU miner mines, bit for bit.
+    OLMoE's routing probabilities (a softmax the hook computes); on a Llama's attention patterns (heads x keys, most
+    of them exactly 0): it mines what the CPU miner mines, bit for bit.
     (OPT's DLA is left out: for the LayerNorm families, GPT-2's too, the two paths' gains differ in the last bit.)"""
     from mining.models import load_model
     from mining.reducers import cuda_layer

@@ -250,7 +250,7 @@ def test_gpt_neox_sequential_residual_has_resid_mid():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_all_sites_shapes_under_inference_mode(arch):
     model = tiny_model(arch)
-    points = resolve_hooks(model, [f"blocks.*.{s}" for s in available_sites(model)])
+    points = resolve_hooks(model, [f"blocks.*.{s}" for s in available_sites(model)], context_length=T + 3)
     seen: dict[str, tuple] = {}
 
     def fn(point: HookPoint, x: torch.Tensor) -> None:
@@ -278,6 +278,38 @@ def test_unembedding_and_final_norm(arch):
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2: cap * tanh(logits / cap)
     pre_cap = pre_cap * logit_factor(model.config)
     close(pre_cap if cap is None else cap * torch.tanh(pre_cap / cap), logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pattern_is_the_models_own_attention(arch):
+    """attn.hook_pattern at token (b, q) is TransformerLens' pattern[b, :, q, :], heads flattened, each head's keys
+    zero-padded to the context length: here against the attentions the model itself returns (eager attention,
+    output_attentions=True). A model on SDPA runs it before and after: capture switched it to eager only inside."""
+    model = tiny_model(arch)
+    before = model.config._attn_implementation
+    n_ctx = T + 3
+    points = resolve_hooks(model, "blocks.*.attn.hook_pattern", context_length=n_ctx)
+    assert [(p.width, p.n_heads, p.n_ctx) for p in points] == [(4 * n_ctx, 4, n_ctx)] * len(points)
+    with record(model, points) as got:
+        model(ids())
+    assert model.config._attn_implementation == before
+    model.set_attn_implementation("eager")
+    want = model(ids(), output_attentions=True).attentions
+    model.set_attn_implementation(before)
+    assert len(want) == len(points)
+    for p, a in zip(points, want):
+        rows = got[p.name].view(B, T, 4, n_ctx)
+        assert torch.equal(rows[..., :T], a.transpose(1, 2)) and not rows[..., T:].any()
+    if arch != "bert":  # causal: a query sees no later key
+        assert not torch.triu(got[points[0].name].view(B, T, 4, n_ctx)[..., :T].transpose(1, 2), 1).any()
+
+
+def test_a_pattern_longer_than_the_context_length_is_refused_in_one_line():
+    model = tiny_model("llama")
+    with pytest.raises(UserError, match="7 key positions.*at most 5") as caught:
+        with record(model, ["blocks.0.attn.hook_pattern"], context_length=5):
+            model(ids())
+    assert "\n" not in str(caught.value)
 
 
 def test_glob_sort_dedup_and_paths():
@@ -331,7 +363,7 @@ def test_capture_gives_views_not_copies():
         ("gpt2", "blocks.0.mlp.hook_pre_linear", "gated"),
         ("gpt_neox", "blocks.0.hook_resid_mid", "parallel residual"),
         ("gptj", "blocks.*.hook_resid_mid", "parallel residual"),
-        ("bert", "blocks.0.attn.hook_pattern", "not supported yet"),
+        ("bert", "blocks.0.attn.hook_pattern", "give the context length"),
     ],
 )
 def test_bad_names(arch, name, expect):
@@ -372,13 +404,13 @@ def test_unknown_architecture_lists_modules():
 def test_hooks_removed_even_on_exception():
     model = tiny_model("qwen2")
     before = hook_counts(model)
-    points = resolve_hooks(model, [f"blocks.*.{s}" for s in available_sites(model)])
+    points = resolve_hooks(model, [f"blocks.*.{s}" for s in available_sites(model)], context_length=T)
     with pytest.raises(RuntimeError, match="boom"):
         with capture(model, points, lambda p, x: None):
-            assert hook_counts(model) == before + len(points)
+            assert hook_counts(model) == before + len(points) and model.config._attn_implementation == "eager"
             model(ids())
             raise RuntimeError("boom")
-    assert hook_counts(model) == before
+    assert hook_counts(model) == before and model.config._attn_implementation == "sdpa"  # a pattern's eager undone
 
     def explode(point, x):
         raise ValueError("from fn")

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..architectures import arch_of, dims, locate, text_config
 from ..errors import UserError
-from ..hooks import capture, resolve_hooks
+from ..hooks import capture, eager_attention, resolve_hooks
 
 HEAD_SCORES = ("prev_token", "induction", "duplicate", "bos", "entropy")
 SCHEMA = pa.schema([("layer", pa.int32()), ("head", pa.int32()), ("kv_head", pa.int32())]
@@ -94,20 +94,6 @@ def repeated_random_tokens(model: nn.Module, tokenizer: Any, seq_len: int = SEQ_
 
 
 # ---------------------------------------------------------------- attention patterns
-
-
-@contextmanager
-def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Run the model with eager attention inside the block (patterns exist only there), then switch back."""
-    before = getattr(model.config, "_attn_implementation", None)
-    switch = before not in (None, "eager") and hasattr(model, "set_attn_implementation")
-    if switch:
-        model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if switch:
-            model.set_attn_implementation(before)
 
 
 def _device(model: nn.Module) -> torch.device:

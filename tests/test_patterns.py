@@ -1,0 +1,132 @@
+"""attn.hook_pattern mined end to end: `mine run` on a local Ray cluster over SmolLM2-135M's real weights, the store
+checked against the attention patterns the model itself returns (eager attention, output_attentions=True), context
+by context. Feature h * context_length + k of a token is head h's attention from it to key position k."""
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mining.cli import main
+from mining.query import connect, run_named
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+N_CTX, HEADS, LAYERS, TOKENS = 32, 9, (0, 5), 600
+JOB = f"""
+name: patterns
+model: {{id: smollm2-135m}}
+corpus: {{source: "builtin:python-docs", max_tokens: {TOKENS}, context_length: {N_CTX}}}
+hooks: ["blocks.0.attn.hook_pattern", "blocks.5.attn.hook_pattern", "blocks.5.mlp.hook_post"]
+stats: {{top_k: 4, quantile_samples: 2, dla: true}}
+dense: {{hooks: ["blocks.5.attn.hook_pattern"], token_fraction: 0.2}}
+compute: {{actors: 1, cpus_per_actor: 1, batch_size: 4, shard_tokens: 300}}
+"""
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("patterns")
+    job = root / "job.yaml"
+    job.write_text(JOB)
+    assert main(["run", str(job), "--store", str(root / "store"), "--no-progress"]) == 0
+    return root / "store"
+
+
+@pytest.fixture(scope="module")
+def brute(store, smollm2):
+    """Every mined token's pattern rows (tokens, heads * N_CTX) per layer, each context alone, keys zero-padded."""
+    from mining.hooks import eager_attention
+
+    tokens = ds.dataset(store / "tokens").to_table().sort_by("tok").to_pandas()
+    rows = {layer: [] for layer in LAYERS}
+    with torch.inference_mode(), eager_attention(smollm2.model):
+        for _, group in tokens.groupby("ctx", sort=True):
+            assert group.pos.tolist() == list(range(1, len(group) + 1))  # BOS at 0, every other token mined
+            ids = torch.tensor([[0] + group.token_id.tolist()])  # <|endoftext|> BOS, as the alias prepends
+            attentions = smollm2.model(ids, output_attentions=True).attentions
+            for layer in LAYERS:
+                a = attentions[layer][0, :, 1:].transpose(0, 1)  # (queries, heads, keys)
+                padded = torch.zeros(a.shape[0], HEADS, N_CTX)
+                padded[..., :a.shape[-1]] = a
+                rows[layer].append(padded.flatten(1).numpy())
+    return tokens, {layer: np.concatenate(r) for layer, r in rows.items()}
+
+
+def test_top_examples_and_moments_are_the_models_attention(store, brute):
+    tokens, rows = brute
+    assert len(tokens) == TOKENS
+    top = pq.read_table(store / "top_examples.parquet").to_pandas()
+    neurons = pq.read_table(store / "neurons.parquet").to_pandas()
+    top, neurons = (t[t.hook == "attn.hook_pattern"] for t in (top, neurons))
+    assert len(neurons) == len(LAYERS) * HEADS * N_CTX
+    for layer in LAYERS:
+        a = rows[layer]
+        np.testing.assert_allclose(a.reshape(-1, HEADS, N_CTX).sum(-1), 1.0, rtol=1e-5)  # each head's row sums to 1
+        for head, key in ((0, 0), (3, 1), (8, 5), (4, N_CTX - 1)):
+            neuron = head * N_CTX + key
+            col = a[:, neuron]
+            mine = top[(top.layer == layer) & (top.neuron == neuron)].sort_values("rank")
+            np.testing.assert_allclose(mine.value, np.sort(col)[::-1][:4], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(col[mine.tok.to_numpy()], mine.value, rtol=1e-4, atol=1e-5)
+            row = neurons[(neurons.layer == layer) & (neurons.neuron == neuron)].iloc[0]
+            assert row["count"] == TOKENS and row["max"] == pytest.approx(col.max(), rel=1e-4, abs=1e-6)
+            assert row["mean"] == pytest.approx(col.mean(), rel=1e-3, abs=1e-6)
+            # a key after the query is masked: attention exactly 0, never "active"
+            assert row["frac_active"] == pytest.approx((col > 0).mean(), abs=2 / TOKENS)
+
+
+def test_dense_sample_is_the_pattern(store, brute):
+    from mining.dense import read_dense
+
+    _, rows = brute
+    toks, values = read_dense(store, "blocks.5.attn.hook_pattern")
+    assert 50 < len(toks) < 250 and values.shape[1] == HEADS * N_CTX
+    np.testing.assert_allclose(values.astype(np.float32), rows[5][toks], rtol=2e-3, atol=1e-3)
+
+
+def test_named_queries_over_patterns(store, brute):
+    """The named queries take the pattern as any other hook; attention to the BOS key (position 0) of each head
+    averaged over the tokens, as a researcher would rank attention sinks."""
+    _, rows = brute
+    con = connect(store)
+    best = run_named(con, "top-activations", {"hook": "attn.hook_pattern", "layer": "5",
+                                              "neuron": str(2 * N_CTX)}).to_pylist()
+    assert best and best[0]["value"] == pytest.approx(rows[5][:, 2 * N_CTX].max(), rel=1e-4)
+    sinks = con.execute("SELECT neuron // $n AS head, mean FROM neurons WHERE hook = 'attn.hook_pattern' "
+                        "AND layer = 5 AND neuron % $n = 0 ORDER BY head", {"n": N_CTX}).fetchall()
+    con.close()
+    want = rows[5].reshape(-1, HEADS, N_CTX)[..., 0].mean(0)
+    np.testing.assert_allclose([m for _, m in sinks], want, rtol=1e-3, atol=1e-6)
+
+
+def test_a_diff_job_finds_the_head_whose_attention_changed(tmp_path, smol_tokenizer):
+    """Two tiny Llamas, B's head 0 of layer 1 with its queries scaled (a sharper pattern): neuron-diff over
+    attn.hook_pattern ranks that head's features first, and no other head's changes at all."""
+    from mining.tiny import tiny_model
+
+    a, b = tiny_model("llama", vocab_size=len(smol_tokenizer)), tiny_model("llama", vocab_size=len(smol_tokenizer))
+    d_head = a.config.hidden_size // a.config.num_attention_heads
+    with torch.no_grad():
+        b.model.layers[1].self_attn.q_proj.weight[:d_head] *= 4
+    for name, model in (("A", a), ("B", b)):
+        model.save_pretrained(tmp_path / name)
+        smol_tokenizer.save_pretrained(tmp_path / name)
+    job = tmp_path / "job.yaml"
+    job.write_text(f"""
+name: pattern-diff
+models: {{a: {{id: "{tmp_path / 'A'}"}}, b: {{id: "{tmp_path / 'B'}"}}}}
+corpus: {{source: "builtin:python-docs", max_tokens: 500, context_length: 32}}
+hooks: ["blocks.*.attn.hook_pattern"]
+stats: {{top_k: 4}}
+compute: {{actors: 1, batch_size: 4, shard_tokens: 250}}
+""")
+    assert main(["run", str(job), "--store", str(tmp_path / "store"), "--no-progress"]) == 0
+    con = connect(tmp_path / "store")
+    ranked = run_named(con, "neuron-diff", {"hook": "attn.hook_pattern", "limit": "5"}).to_pylist()
+    moved = con.execute("SELECT DISTINCT layer, neuron // 32 AS head FROM neuron_diff "
+                        "WHERE mean_abs_diff > 0 ORDER BY ALL").fetchall()
+    con.close()
+    assert [(r["layer"], r["neuron"] // 32) for r in ranked] == [(1, 0)] * 5
+    assert moved == [(1, 0)]
