@@ -241,7 +241,8 @@ def mismatches(ref: list, got: list) -> list[str]:
 def families(dev: torch.device, config_dir: str, scratch: Path) -> dict:
     """ShardMiner on a tiny random model of every family (mining.tiny.ARCHS; three in a dry run), on the device
     against the CPU: its neurons (a mixture of experts' routing probabilities) with DLA where it is a causal LM
-    with MLP neurons, its first layer's attention pattern (eager attention on the device), and the token table. Each family's mismatches are reported, as the miner stage's."""
+    with MLP neurons, its first layer's attention pattern (eager attention on the device), and the token table.
+    Each family's mismatches are reported, as the miner stage's."""
     from transformers import AutoTokenizer
 
     from mining.architectures import MODEL_TYPES
