@@ -87,18 +87,22 @@ def test_dense_sample_is_the_pattern(store, brute):
 
 
 def test_named_queries_over_patterns(store, brute):
-    """The named queries take the pattern as any other hook; attention to the BOS key (position 0) of each head
-    averaged over the tokens, as a researcher would rank attention sinks."""
+    """The named queries take the pattern as any other hook; pattern-heads ranks heads by their mean attention to
+    one key position (0: the BOS sink) over the mined tokens."""
     _, rows = brute
     con = connect(store)
     best = run_named(con, "top-activations", {"hook": "attn.hook_pattern", "layer": "5",
                                               "neuron": str(2 * N_CTX)}).to_pylist()
     assert best and best[0]["value"] == pytest.approx(rows[5][:, 2 * N_CTX].max(), rel=1e-4)
-    sinks = con.execute("SELECT neuron // $n AS head, mean FROM neurons WHERE hook = 'attn.hook_pattern' "
-                        "AND layer = 5 AND neuron % $n = 0 ORDER BY head", {"n": N_CTX}).fetchall()
+    sinks = run_named(con, "pattern-heads", {"context_length": str(N_CTX), "layer": "5"}).to_pylist()
+    second = run_named(con, "pattern-heads", {"context_length": str(N_CTX), "key": "1", "limit": "50"}).to_pylist()
     con.close()
     want = rows[5].reshape(-1, HEADS, N_CTX)[..., 0].mean(0)
-    np.testing.assert_allclose([m for _, m in sinks], want, rtol=1e-3, atol=1e-6)
+    assert [r["head"] for r in sinks] == list(np.argsort(-want, kind="stable"))
+    np.testing.assert_allclose([r["mean"] for r in sinks], np.sort(want)[::-1], rtol=1e-3, atol=1e-6)
+    assert len(second) == len(LAYERS) * HEADS and {r["layer"] for r in second} == set(LAYERS)
+    top = second[0]
+    assert top["max_token_attention"] == pytest.approx(rows[top["layer"]][:, top["head"] * N_CTX + 1].max(), rel=1e-4)
 
 
 def test_a_diff_job_finds_the_head_whose_attention_changed(tmp_path, smol_tokenizer):
