@@ -134,3 +134,15 @@ compute: {{actors: 1, batch_size: 4, shard_tokens: 250}}
     con.close()
     assert [(r["layer"], r["neuron"] // 32) for r in ranked] == [(1, 0)] * 5
     assert moved == [(1, 0)]
+
+
+def test_the_viewer_names_a_pattern_feature_by_its_head_and_key(store, tmp_path):
+    import re
+
+    assert main(["export", str(store), "--format", "html", "--hook", "attn.hook_pattern", "--neuron",
+                 f"5:{2 * N_CTX + 3}", "--out", str(tmp_path / "view")]) == 0
+    page = (tmp_path / "view" / "neurons" / f"attn.hook_pattern-5-{2 * N_CTX + 3}.html").read_text()
+    stats = re.search(r'<table[^>]*id="stats".*?</table>', page, re.S).group(0)
+    names = re.findall(r'data-key="(\w+)"', stats)
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", stats)
+    assert dict(zip(names, cells))["head"] == "2" and dict(zip(names, cells))["key"] == "3"

@@ -26,6 +26,12 @@ def store_title(con: duckdb.DuckDBPyConnection, root) -> dict[str, Any]:
             "corpus": (spec.get("corpus") or {}).get("source"), "tokens": tokens}
 
 
+def context_length(root) -> int | None:
+    """The job's corpus.context_length: an attention pattern's keys per head (feature head * it + key)."""
+    spec = yaml.safe_load((root / "job.yaml").read_text())
+    return (spec.get("corpus") or {}).get("context_length")
+
+
 def index_rows(con: duckdb.DuckDBPyConnection, nids: Sequence[NeuronId] | None = None, *, hook: str = "mlp.hook_post",
                layer: int = -1, by: str = "kurtosis", order: str = "desc", limit: int = 500) -> list[dict]:
     """Neuron rows for the index: the given neurons, or the top `limit` of `hook` by `by`. Each row has the
@@ -95,11 +101,15 @@ class NeuronPage:
     dla_examples: dict[str, list[dict]] = field(default_factory=dict)
 
 
-def neuron_page(con: duckdb.DuckDBPyConnection, nid: NeuronId, examples: list[Example]) -> NeuronPage:
+def neuron_page(con: duckdb.DuckDBPyConnection, nid: NeuronId, examples: list[Example],
+                n_ctx: int | None = None) -> NeuronPage:
+    """n_ctx: the job's context length, which names an attention pattern's feature by its head and key."""
     p = {"hook": nid.hook, "layer": str(nid.layer), "neuron": str(nid.neuron)}
     row = con.sql("SELECT * FROM neurons WHERE hook = ? AND layer = ? AND neuron = ?",
                   params=[nid.hook, nid.layer, nid.neuron]).to_arrow_table().to_pylist()
     page = NeuronPage(nid, row[0] if row else {}, examples)
+    if nid.hook == "attn.hook_pattern" and n_ctx:
+        page.extra.update({"head": nid.neuron // n_ctx, "key": nid.neuron % n_ctx})
     if has_tables(con, "histograms"):
         page.histogram = run_named(con, "histogram", p).to_pylist()
         page.quantiles = run_named(con, "quantiles", p).to_pylist()

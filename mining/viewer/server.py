@@ -103,7 +103,7 @@ class Viewer(_Pages):
         check_exist(self.con, [nid])
         by_neuron = {nid: pick_examples(self.con, nid, self.k, self.per_band, self.random)}
         attach(self.root, self.replayer, by_neuron)
-        return neuron_page(data.neuron_page(self.con, nid, by_neuron[nid]), SERVED)
+        return neuron_page(data.neuron_page(self.con, nid, by_neuron[nid], data.context_length(self.root)), SERVED)
 
     def document(self, doc_id: int, q: dict[str, str]) -> str:
         """/doc/ID: coloured by surprise; ?hook=&layer=&neuron= by that neuron (a window of contexts, replayed), around

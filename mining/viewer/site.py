@@ -50,7 +50,7 @@ def write_site(root: Path, con: duckdb.DuckDBPyConnection, by_neuron: dict[Neuro
             html = document_page(title, surprise_document(con, doc_id, document.STATIC_DOC_TOKENS), links.index)
             (tmp / "docs" / f"{doc_id}.html").write_text(html, encoding="utf-8")
         for nid, exs in by_neuron.items():
-            html = neuron_page(data.neuron_page(con, nid, exs), links)
+            html = neuron_page(data.neuron_page(con, nid, exs, data.context_length(root)), links)
             (tmp / "neurons" / f"{nid.hook}-{nid.layer}-{nid.neuron}.html").write_text(html, encoding="utf-8")
         if heads:
             (tmp / "heads").mkdir()
