@@ -21,22 +21,24 @@ attn.hook_pattern is the attention weights (B, heads, query, key) the attention 
 They exist only with eager attention, so hooks.capture switches the model to eager while a pattern is hooked. The
 module is attn.hook_z's module's parent in every family but BERT.
 
-llama-like = llama, mistral, qwen2, qwen3, smollm3 (same module names, pre-norm, gated MLP); gemma too, whose
-RMSNorms scale by (1 + weight). gemma2 and gemma3_text are llama-like with "sandwich" norms: the attention and MLP
-outputs each pass a norm before they join the residual stream, so hook_resid_mid is the input of
-pre_feedforward_layernorm. olmo (OLMo 1) is llama-like with LayerNorms that have no weight or bias; olmo2 has only
-the output norms (the MLP reads the residual stream itself: hook_resid_mid is the mlp's input). Where an MLP output
-norm exists, a neuron's effect on the residual stream is its write a * w_out through that norm (scale held fixed
-per token), and a head's likewise through the attention's: direct logit attribution and the logit lens read them
-so. phi (Phi-1/1.5/2) runs attention and MLP in parallel (fc1/fc2, self_attn.dense); phi3 is llama-like but fuses
-gate and up into one matmul (mlp.gate_up_proj): hook_pre is the first half of its output, hook_pre_linear the
-second. gpt_bigcode (StarCoder) has GPT-2's names; starcoder2 llama's attention around GPT-2's MLP (mlp.c_fc,
-mlp.c_proj); stablelm llama's names, parallel where its config says so. opt (OPT, but OPT-350m) is pre-norm like
-gpt2: self_attn.out_proj, final_layer_norm (the MLP's pre-norm), fc1 and fc2, whose inputs are (B*T, d). bloom is
-pre-norm with gpt_neox's MLP names (self_attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h). cohere and cohere2
-are llama-like with attention and MLP in parallel and logits scaled; granite is llama with its blocks' outputs and
-its logits scaled (DLA and the logit lens take both factors). gemma3 (4B
-and up) wraps gemma3_text's decoder in a multimodal model, under model.language_model: its text is mined.
+llama-like = llama, mistral, ministral, qwen2, qwen3, smollm3, seed_oss, ernie4_5, helium, hunyuan_v1_dense (same
+module names, pre-norm, gated MLP); gemma too, whose RMSNorms scale by (1 + weight). vaultgemma is gemma's block
+with gemma2's names. gemma2 and gemma3_text are llama-like with "sandwich" norms: the attention and MLP outputs each
+pass a norm before they join the residual stream, so hook_resid_mid is the input of pre_feedforward_layernorm. olmo
+(OLMo 1) is llama-like with LayerNorms that have no weight or bias; olmo2 (and olmo3, exaone4) has only the output
+norms (the MLP reads the residual stream itself: hook_resid_mid is the mlp's input). Where an MLP output norm
+exists, a neuron's effect on the residual stream is its write a * w_out through that norm (scale held fixed per
+token), and a head's likewise through the attention's: direct logit attribution and the logit lens read them so. phi
+(Phi-1/1.5/2) runs attention and MLP in parallel (fc1/fc2, self_attn.dense); phi3 is llama-like but fuses gate and
+up into one matmul (mlp.gate_up_proj): hook_pre is the first half of its output, hook_pre_linear the second; glm
+likewise, and glm4 with norms on the attention's and the MLP's outputs. gpt_bigcode (StarCoder) has GPT-2's names;
+starcoder2 llama's attention around GPT-2's MLP (mlp.c_fc, mlp.c_proj); stablelm llama's names, parallel where its
+config says so. opt (OPT, but OPT-350m) is pre-norm like gpt2: self_attn.out_proj, final_layer_norm (the MLP's
+pre-norm), fc1 and fc2, whose inputs are (B*T, d). bloom is pre-norm with gpt_neox's MLP names
+(self_attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h). cohere and cohere2 are llama-like with attention and
+MLP in parallel and logits scaled; granite is llama with its blocks' outputs and its logits scaled (DLA and the
+logit lens take both factors). gemma3 (4B and up) wraps gemma3_text's decoder in a multimodal model, under
+model.language_model: its text is mined.
 """
 
 from __future__ import annotations
@@ -163,6 +165,10 @@ PHI3 = Arch("phi3", "model", "layers",
             _sites("self_attn.o_proj", "post_attention_layernorm", "mlp.gate_up_proj", "mlp.down_proj",
                    "mlp.gate_up_proj"), "norm",
             chunks={"mlp.hook_pre": (0, 2), "mlp.hook_pre_linear": (1, 2)})
+# GLM (glm-4-9b-chat-hf): Phi-3's fused gate and up in llama's block. GLM-4 (glm4) adds norms on the attention's and
+# the MLP's outputs; its post_attention_layernorm is the MLP's pre-norm (hook_resid_mid), as in llama.
+GLM = replace(PHI3, family="glm")
+GLM4 = replace(PHI3, family="glm4", out_norms={"attn": "post_self_attn_layernorm", "mlp": "post_mlp_layernorm"})
 # OPT: pre-norm like GPT-2 (self_attn_layer_norm, then final_layer_norm before fc1 in each block). OPT-350m alone
 # normalizes after each sublayer and projects the stream in and out of a smaller embedding.
 _OPT_350M = ("OPT-350m normalizes after attention and MLP (post-norm) and projects the residual stream in and out "
@@ -228,19 +234,30 @@ MODEL_TYPES: dict[str, Arch] = {
     "qwen2": LLAMA,
     "qwen3": LLAMA,
     "smollm3": LLAMA,
+    "ministral": LLAMA,
+    "seed_oss": LLAMA,
+    "ernie4_5": LLAMA,
+    "helium": LLAMA,
+    "hunyuan_v1_dense": LLAMA,
     "gemma": GEMMA,
     "gemma2": GEMMA2,
     "gemma3_text": replace(GEMMA2, family="gemma3"),
     # Gemma 3 4B and up: the multimodal wrapper (Gemma3ForConditionalGeneration); text only is mined, its decoder
     # under model.language_model
     "gemma3": replace(GEMMA2, family="gemma3", base="model.language_model"),
+    # VaultGemma: Gemma 2's block without the output norms (input_layernorm, then pre_feedforward_layernorm)
+    "vaultgemma": replace(GEMMA2, family="vaultgemma", out_norms={}),
     "olmo": replace(LLAMA, family="olmo"),  # OLMo 1: llama's names; its norms are LayerNorms without weights
     "olmo2": OLMO2,
+    "olmo3": replace(OLMO2, family="olmo3"),  # OLMo 3: OLMo 2's block, sliding-window layers besides
+    "exaone4": replace(OLMO2, family="exaone4"),  # EXAONE 4.0: OLMo 2's output norms
     "phi": PHI,
     "gpt_bigcode": replace(GPT2, family="gpt_bigcode"),  # SantaCoder, StarCoder: GPT-2's names, nn.Linear weights
     "starcoder2": STARCODER2,
     "stablelm": STABLELM,
     "phi3": PHI3,
+    "glm": GLM,
+    "glm4": GLM4,
     "opt": OPT,
     "bloom": BLOOM,
     "cohere": COHERE,

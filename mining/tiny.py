@@ -67,11 +67,36 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
              _llama_like(pad_token_id=None, bos_token_id=1, eos_token_id=2)),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", "Olmo2Model",
               _llama_like(pad_token_id=None, bos_token_id=1, eos_token_id=2)),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", "Olmo3Model",
+              _llama_like(sliding_window=4, pad_token_id=None, bos_token_id=1, eos_token_id=2)),
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", "Exaone4Model",
+                _llama_like(sliding_window=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "vaultgemma": ("VaultGemmaConfig", "VaultGemmaForCausalLM", "VaultGemmaModel",
+                   _llama_like(head_dim=8, sliding_window=4, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                               query_pre_attn_scalar=8)),
+    # llama's block under other names' configs: Ministral (sliding windows), Seed-OSS, ERNIE 4.5, Helium, Hunyuan
+    "ministral": ("MinistralConfig", "MinistralForCausalLM", "MinistralModel",
+                  _llama_like(head_dim=8, sliding_window=4,
+                              rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+    "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM", "SeedOssModel",
+                 _llama_like(head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", "Ernie4_5Model",
+                 _llama_like(head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "helium": ("HeliumConfig", "HeliumForCausalLM", "HeliumModel",
+               _llama_like(head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Model",
+                         _llama_like(head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "phi": ("PhiConfig", "PhiForCausalLM", "PhiModel",
             dict(hidden_size=_D, intermediate_size=_MLP, num_hidden_layers=_L, num_attention_heads=_H,
                  partial_rotary_factor=0.5, max_position_embeddings=_POS, initializer_range=0.1)),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", "Phi3Model",
              _llama_like(pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # GLM: Phi-3's fused gate and up; GLM-4 with norms on the attention's and the MLP's outputs
+    "glm": ("GlmConfig", "GlmForCausalLM", "GlmModel", _llama_like(head_dim=8, pad_token_id=0, bos_token_id=1,
+                                                                   eos_token_id=2)),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", "Glm4Model", _llama_like(head_dim=8, pad_token_id=0, bos_token_id=1,
+                                                                       eos_token_id=2)),
     "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", "GPTBigCodeModel",
                     dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_MLP, n_positions=_POS, initializer_range=0.1)),
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", "Starcoder2Model",
@@ -115,7 +140,8 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
 
 ARCHS = tuple(_SPECS)
 _NORM_CENTRE = {"gemma": 0.0, "gemma2": 0.0, "gemma3_text": 0.0, "olmo2": 1.0, "opt": 1.0, "bloom": 1.0,
-                "cohere": 1.0, "cohere2": 1.0, "granite": 1.0}
+                "cohere": 1.0, "cohere2": 1.0, "granite": 1.0, "olmo3": 1.0, "exaone4": 1.0, "vaultgemma": 0.0,
+                "glm4": 1.0, "helium": 1.0}
 """Families whose tiny models get random norm weights around their stored centre (Gemma's RMSNorm scales by 1 + w):
 with the default init every gain is 1 (or a Gemma norm's w is 0), and no test could tell a gain left out."""
 _GPT_IDS = {"gpt2", "gpt_neo", "gptj", "gpt_bigcode"}

@@ -19,7 +19,8 @@ from mining.hooks import capture, final_norm, resolve_hooks, unembedding
 from mining.tiny import ARCHS as TINY_ARCHS
 from mining.tiny import tiny_model
 
-ARCHS = ["llama", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "phi3", "granite"]
+ARCHS = ["llama", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "phi3", "granite", "olmo3", "exaone4", "vaultgemma",
+         "glm", "glm4", "ministral", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense"]
 B, T, VOCAB = 3, 12, 300
 
 
@@ -85,7 +86,7 @@ def test_neurons_add_up_to_their_mlps_write_and_everything_to_the_logit(arch, de
     targets = torch.from_numpy(_batch(ids).targets_np.reshape(-1)[batch.sel_np])
     # d_t and s straight from the modules: the final norm's gain (1 + w for Gemma) and its RMS divisor
     norm = final_norm(model)
-    gamma = norm.weight.float() + (1.0 if arch.startswith("gemma") else 0.0)
+    gamma = norm.weight.float() + (1.0 if "gemma" in arch else 0.0)
     d = unembedding(model)[:, targets].T.float() * gamma * logit_factor(model.config)  # Granite's logits are scaled
     eps = getattr(norm, "variance_epsilon", None) or norm.eps
     flat = lambda t: t.reshape(-1, t.shape[-1])[sel]  # noqa: E731

@@ -25,8 +25,12 @@ from mining.tiny import ARCHS, tiny_model
 B, T = 2, 7
 MOE = {"olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"}  # llama attention; experts in one module; a router
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo", "olmo2",
-              "stablelm", "cohere", "cohere2", "granite"} | MOE
-OUT_NORMS = {"gemma2", "gemma3", "olmo2"}  # the attention output passes post_attention_layernorm before the stream
+              "stablelm", "cohere", "cohere2", "granite", "olmo3", "exaone4", "vaultgemma"} | MOE
+# the attention output passes this norm before the stream
+OUT_NORMS = {"gemma2": "post_attention_layernorm", "gemma3": "post_attention_layernorm",
+             "olmo2": "post_attention_layernorm", "olmo3": "post_attention_layernorm",
+             "exaone4": "post_attention_layernorm", "glm4": "post_self_attn_layernorm"}
+FUSED = {"phi3", "glm", "glm4"}  # gate and up in one matmul, its output chunk(2)
 PARALLEL = {"gpt_neox", "gptj", "phi", "cohere", "cohere2"}  # tiny gpt_neox uses Pythia's parallel residual
 # family -> (block list inside the base model, MLP module, input projection, up projection, activation,
 #            attention module whose output[0] is z @ W_O + b)
@@ -40,6 +44,8 @@ LAYOUT = {
     "gpt_bigcode": ("h", "mlp", "mlp.c_fc", None, "mlp.act", "attn"),
     "starcoder2": ("layers", "mlp", "mlp.c_fc", None, "mlp.act", "self_attn"),
     "phi3": ("layers", "mlp", "mlp.gate_up_proj", None, "mlp.activation_fn", "self_attn"),  # gate and up: one matmul
+    "glm": ("layers", "mlp", "mlp.gate_up_proj", None, "mlp.activation_fn", "self_attn"),
+    "glm4": ("layers", "mlp", "mlp.gate_up_proj", None, "mlp.activation_fn", "self_attn"),
     "opt": ("decoder.layers", None, "fc1", None, "activation_fn", "self_attn"),  # no MLP module: fc1 in, fc2 out
     "bloom": ("h", "mlp", "mlp.dense_h_to_4h", None, "mlp.gelu_impl", "self_attention.dense"),  # modules add residuals
     "bert": ("encoder.layer", "intermediate", "intermediate.dense", None, "intermediate.intermediate_act_fn",
@@ -110,7 +116,7 @@ def test_mlp_hooks_match_recomputation(arch, head):
                                                                                                        mlp_path))
     handles = [plain_capture(mlp_in, ref, "x", "input"), plain_capture(mlp_out, ref, "out", "output")]
     names = [f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post"]
-    if up_path or family == "phi3":
+    if up_path or family in FUSED:
         names.append(f"blocks.{layer}.mlp.hook_pre_linear")
     try:
         with record(model, names) as got:
@@ -124,7 +130,7 @@ def test_mlp_hooks_match_recomputation(arch, head):
     x = ref["x"]
     act = blk.get_submodule(act_path)
     pre = linear(blk.get_submodule(in_path), x)
-    if family == "phi3":  # one matmul: gate, then up (the model's own chunk(2))
+    if family in FUSED:  # one matmul: gate, then up (the model's own chunk(2))
         pre, up = pre.chunk(2, dim=-1)
         close(got[f"blocks.{layer}.mlp.hook_pre_linear"], up)
         close(got[f"blocks.{layer}.mlp.hook_post"], act(pre) * up)
@@ -229,7 +235,7 @@ def test_hook_z_and_resid_mid(arch):
     if family == "bert":  # post-norm: LayerNorm(attn_out + resid_pre)
         close(blk.attention.output.LayerNorm(attn_out + resid_pre), resid_mid)
     elif family in OUT_NORMS:  # the attention output's own norm, then the residual stream
-        close(resid_pre + blk.post_attention_layernorm(attn_out), resid_mid)
+        close(resid_pre + blk.get_submodule(OUT_NORMS[family])(attn_out), resid_mid)
     else:  # pre-norm: the residual stream after attention (Granite scales what a block adds)
         close(resid_pre + attn_out * residual_factor(cfg), resid_mid)
 

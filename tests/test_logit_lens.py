@@ -38,10 +38,11 @@ def raw_weights(model, arch: str, layer: int) -> tuple[torch.Tensor, torch.Tenso
         t = model.gpt_neox
         return t.layers[layer].mlp.dense_4h_to_h.weight.T, t.final_layer_norm.weight, model.lm_head.weight
     t, blk = model.model, model.model.layers[layer]
-    one = 1.0 if arch.startswith("gemma") else 0.0  # Gemma's RMSNorm scales by 1 + weight
+    one = 1.0 if "gemma" in arch else 0.0  # Gemma's RMSNorm scales by 1 + weight
     w_out = blk.mlp.down_proj.weight.T
-    if hasattr(blk, "post_feedforward_layernorm"):  # Gemma 2/3, OLMo 2: the MLP's output norm's gain too
-        w_out = w_out * (blk.post_feedforward_layernorm.weight + one)
+    out_norm = getattr(blk, "post_feedforward_layernorm", None) or getattr(blk, "post_mlp_layernorm", None)
+    if out_norm is not None:  # Gemma 2/3, OLMo 2/3, GLM-4: the MLP's output norm's gain too
+        w_out = w_out * (out_norm.weight + one)
     gain = t.norm.weight + one if arch != "olmo" else torch.ones(w_out.shape[1])  # OLMo 1's norms: no weight
     gain = gain * residual_factor(model.config) * logit_factor(model.config)  # Granite's, Cohere's factors
     return w_out, gain, model.lm_head.weight
@@ -73,10 +74,11 @@ def check_neuron(table: dict, layer: int, neuron: int, raw, k: int) -> None:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi",
-                                  "phi3", "opt", "bloom", "cohere", "granite"])
+                                  "phi3", "opt", "bloom", "cohere", "granite", "olmo3", "exaone4", "vaultgemma", "glm4",
+                                  "helium"])
 def test_tiny_models_match_brute_force(arch):
     model = tiny_model(arch, seed=3)
-    family = {"qwen3": "llama", "olmo2": "llama", "phi3": "llama"}.get(arch, arch)
+    family = "llama" if arch in {"qwen3", "olmo2", "phi3", "olmo3", "exaone4", "glm4", "helium"} else arch
     table = logit_lens_table(model, None, k=K)
     assert table.schema == SCHEMA
     n_layers, width = model.config.num_hidden_layers, dims(model.config)["d_mlp"]  # BLOOM's: 4 x d
