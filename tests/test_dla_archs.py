@@ -19,8 +19,8 @@ from mining.hooks import capture, final_norm, resolve_hooks, unembedding
 from mining.tiny import ARCHS as TINY_ARCHS
 from mining.tiny import tiny_model
 
-ARCHS = ["llama", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "phi3", "granite", "olmo3", "exaone4", "vaultgemma",
-         "glm", "glm4", "ministral", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense"]
+ARCHS = ["llama", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "phi3", "granite", "olmo3", "exaone4",
+         "vaultgemma", "glm", "glm4", "ministral", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense"]
 B, T, VOCAB = 3, 12, 300
 
 
