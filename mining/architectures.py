@@ -33,12 +33,13 @@ token), and a head's likewise through the attention's: direct logit attribution 
 up into one matmul (mlp.gate_up_proj): hook_pre is the first half of its output, hook_pre_linear the second; glm
 likewise, and glm4 with norms on the attention's and the MLP's outputs. gpt_bigcode (StarCoder) has GPT-2's names;
 starcoder2 llama's attention around GPT-2's MLP (mlp.c_fc, mlp.c_proj); stablelm llama's names, parallel where its
-config says so. opt (OPT, but OPT-350m) is pre-norm like gpt2: self_attn.out_proj, final_layer_norm (the MLP's
-pre-norm), fc1 and fc2, whose inputs are (B*T, d). bloom is pre-norm with gpt_neox's MLP names
-(self_attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h). cohere and cohere2 are llama-like with attention and
-MLP in parallel and logits scaled; granite is llama with its blocks' outputs and its logits scaled (DLA and the
-logit lens take both factors). gemma3 (4B and up) wraps gemma3_text's decoder in a multimodal model, under
-model.language_model: its text is mined.
+config says so. arcee, nemotron and apertus are llama's block with a plain MLP (up_proj, then down_proj), apertus's
+norms named attention_layernorm and feedforward_layernorm, nemotron's LayerNorms scaling by (1 + weight). opt (OPT,
+but OPT-350m) is pre-norm like gpt2: self_attn.out_proj, final_layer_norm (the MLP's pre-norm), fc1 and fc2, whose
+inputs are (B*T, d). bloom is pre-norm with gpt_neox's MLP names (self_attention.dense, mlp.dense_h_to_4h,
+mlp.dense_4h_to_h). cohere and cohere2 are llama-like with attention and MLP in parallel and logits scaled; granite
+is llama with its blocks' outputs and its logits scaled (DLA and the logit lens take both factors). gemma3 (4B and
+up) wraps gemma3_text's decoder in a multimodal model, under model.language_model: its text is mined.
 """
 
 from __future__ import annotations
@@ -169,6 +170,13 @@ PHI3 = Arch("phi3", "model", "layers",
 # the MLP's outputs; its post_attention_layernorm is the MLP's pre-norm (hook_resid_mid), as in llama.
 GLM = replace(PHI3, family="glm")
 GLM4 = replace(PHI3, family="glm4", out_norms={"attn": "post_self_attn_layernorm", "mlp": "post_mlp_layernorm"})
+# Non-gated MLPs on llama's block (up_proj, its activation, down_proj): Arcee (AFM) and Nemotron with relu^2, Apertus
+# with xIELU (its norms named attention_layernorm and feedforward_layernorm). Nemotron's LayerNorms scale by 1 + weight.
+_UP_DOWN = _sites("self_attn.o_proj", "post_attention_layernorm", "mlp.up_proj", "mlp.down_proj")
+ARCEE = Arch("arcee", "model", "layers", _UP_DOWN, "norm")
+NEMOTRON = Arch("nemotron", "model", "layers", _UP_DOWN, "norm", norm_offset=1.0)
+APERTUS = Arch("apertus", "model", "layers",
+               _sites("self_attn.o_proj", "feedforward_layernorm", "mlp.up_proj", "mlp.down_proj"), "norm")
 # OPT: pre-norm like GPT-2 (self_attn_layer_norm, then final_layer_norm before fc1 in each block). OPT-350m alone
 # normalizes after each sublayer and projects the stream in and out of a smaller embedding.
 _OPT_350M = ("OPT-350m normalizes after attention and MLP (post-norm) and projects the residual stream in and out "
@@ -258,6 +266,9 @@ MODEL_TYPES: dict[str, Arch] = {
     "phi3": PHI3,
     "glm": GLM,
     "glm4": GLM4,
+    "arcee": ARCEE,
+    "nemotron": NEMOTRON,
+    "apertus": APERTUS,
     "opt": OPT,
     "bloom": BLOOM,
     "cohere": COHERE,

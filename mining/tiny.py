@@ -97,6 +97,14 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
                                                                    eos_token_id=2)),
     "glm4": ("Glm4Config", "Glm4ForCausalLM", "Glm4Model", _llama_like(head_dim=8, pad_token_id=0, bos_token_id=1,
                                                                        eos_token_id=2)),
+    # plain MLPs (up, then down) on llama's block: relu^2 (Arcee, Nemotron, whose LayerNorms scale by 1 + w), xIELU
+    "arcee": ("ArceeConfig", "ArceeForCausalLM", "ArceeModel",
+              _llama_like(head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM", "NemotronModel",
+                 _llama_like(head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "apertus": ("ApertusConfig", "ApertusForCausalLM", "ApertusModel",
+                _llama_like(head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", "GPTBigCodeModel",
                     dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_MLP, n_positions=_POS, initializer_range=0.1)),
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", "Starcoder2Model",
@@ -141,7 +149,7 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
 ARCHS = tuple(_SPECS)
 _NORM_CENTRE = {"gemma": 0.0, "gemma2": 0.0, "gemma3_text": 0.0, "olmo2": 1.0, "opt": 1.0, "bloom": 1.0,
                 "cohere": 1.0, "cohere2": 1.0, "granite": 1.0, "olmo3": 1.0, "exaone4": 1.0, "vaultgemma": 0.0,
-                "glm4": 1.0, "helium": 1.0}
+                "glm4": 1.0, "helium": 1.0, "nemotron": 0.0, "apertus": 1.0}
 """Families whose tiny models get random norm weights around their stored centre (Gemma's RMSNorm scales by 1 + w):
 with the default init every gain is 1 (or a Gemma norm's w is 0), and no test could tell a gain left out."""
 _GPT_IDS = {"gpt2", "gpt_neo", "gptj", "gpt_bigcode"}

@@ -20,7 +20,8 @@ from mining.tiny import ARCHS as TINY_ARCHS
 from mining.tiny import tiny_model
 
 ARCHS = ["llama", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2", "phi3", "granite", "olmo3", "exaone4",
-         "vaultgemma", "glm", "glm4", "ministral", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense"]
+         "vaultgemma", "glm", "glm4", "ministral", "seed_oss", "ernie4_5", "helium", "hunyuan_v1_dense", "arcee",
+         "apertus"]
 B, T, VOCAB = 3, 12, 300
 
 
@@ -44,8 +45,9 @@ def _residuals(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         handles.append(blk.register_forward_hook(lambda m, a, o, layer=layer: out.__setitem__(
             f"post{layer}", (o[0] if isinstance(o, tuple) else o).clone())))
         # the stream after attention: what the MLP's pre-norm reads, or the MLP itself where it has none (OLMo 2)
-        reads_stream = (blk.mlp if not hasattr(blk, "input_layernorm") else
-                        getattr(blk, "pre_feedforward_layernorm", None) or blk.post_attention_layernorm)
+        reads_stream = (getattr(blk, "feedforward_layernorm", None) or  # Apertus' names
+                        (blk.mlp if not hasattr(blk, "input_layernorm") else
+                         getattr(blk, "pre_feedforward_layernorm", None) or blk.post_attention_layernorm))
         handles.append(reads_stream.register_forward_pre_hook(
             lambda m, a, layer=layer: out.__setitem__(f"mid{layer}", a[0].clone())))
     handles.append(final_norm(model).register_forward_pre_hook(lambda m, a: out.__setitem__("final", a[0].clone())))
@@ -231,7 +233,7 @@ def test_a_mined_gemma2_store_matches_brute_force(tmp_path, smol_tokenizer):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "gpt_neox", "gptj", "phi", "gpt_bigcode", "starcoder2",
-                                  "stablelm", "olmo", "opt", "bloom", "cohere", "cohere2"])
+                                  "stablelm", "olmo", "opt", "bloom", "cohere", "cohere2", "nemotron"])
 @torch.inference_mode()
 def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
     """The LayerNorm path (d_t centred over d_model, s the standard deviation): each layer's neurons plus its output
@@ -263,6 +265,7 @@ def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
     targets = torch.from_numpy(_batch(ids).targets_np.reshape(-1)[batch.sel_np])
     norm, w_u = dla.norm, unembedding(model)
     gamma = norm.weight if arch != "olmo" else torch.ones(w_u.shape[0])
+    gamma = gamma + 1 if arch == "nemotron" else gamma  # its LayerNorm1P scales by 1 + weight
     d = w_u[:, targets].T * gamma * logit_factor(model.config)  # (M, d_model); Cohere's logits are scaled
     flat = lambda t: t.reshape(-1, t.shape[-1])[sel]  # noqa: E731
     x = flat(outs["final"])

@@ -45,6 +45,9 @@ LAYOUT = {
     "starcoder2": ("layers", "mlp", "mlp.c_fc", None, "mlp.act", "self_attn"),
     "phi3": ("layers", "mlp", "mlp.gate_up_proj", None, "mlp.activation_fn", "self_attn"),  # gate and up: one matmul
     "glm": ("layers", "mlp", "mlp.gate_up_proj", None, "mlp.activation_fn", "self_attn"),
+    "arcee": ("layers", "mlp", "mlp.up_proj", None, "mlp.act_fn", "self_attn"),  # plain MLPs: up, then down
+    "nemotron": ("layers", "mlp", "mlp.up_proj", None, "mlp.act_fn", "self_attn"),
+    "apertus": ("layers", "mlp", "mlp.up_proj", None, "mlp.act_fn", "self_attn"),
     "glm4": ("layers", "mlp", "mlp.gate_up_proj", None, "mlp.activation_fn", "self_attn"),
     "opt": ("decoder.layers", None, "fc1", None, "activation_fn", "self_attn"),  # no MLP module: fc1 in, fc2 out
     "bloom": ("h", "mlp", "mlp.dense_h_to_4h", None, "mlp.gelu_impl", "self_attention.dense"),  # modules add residuals

@@ -38,7 +38,7 @@ def raw_weights(model, arch: str, layer: int) -> tuple[torch.Tensor, torch.Tenso
         t = model.gpt_neox
         return t.layers[layer].mlp.dense_4h_to_h.weight.T, t.final_layer_norm.weight, model.lm_head.weight
     t, blk = model.model, model.model.layers[layer]
-    one = 1.0 if "gemma" in arch else 0.0  # Gemma's RMSNorm scales by 1 + weight
+    one = 1.0 if "gemma" in arch or arch == "nemotron" else 0.0  # Gemma's RMSNorm, Nemotron's LayerNorm: 1 + weight
     w_out = blk.mlp.down_proj.weight.T
     out_norm = getattr(blk, "post_feedforward_layernorm", None) or getattr(blk, "post_mlp_layernorm", None)
     if out_norm is not None:  # Gemma 2/3, OLMo 2/3, GLM-4: the MLP's output norm's gain too
@@ -75,10 +75,11 @@ def check_neuron(table: dict, layer: int, neuron: int, raw, k: int) -> None:
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi",
                                   "phi3", "opt", "bloom", "cohere", "granite", "olmo3", "exaone4", "vaultgemma", "glm4",
-                                  "helium"])
+                                  "helium", "arcee", "nemotron", "apertus"])
 def test_tiny_models_match_brute_force(arch):
     model = tiny_model(arch, seed=3)
-    family = "llama" if arch in {"qwen3", "olmo2", "phi3", "olmo3", "exaone4", "glm4", "helium"} else arch
+    family = "llama" if arch in {"qwen3", "olmo2", "phi3", "olmo3", "exaone4", "glm4", "helium", "arcee",
+                                 "apertus"} else arch
     table = logit_lens_table(model, None, k=K)
     assert table.schema == SCHEMA
     n_layers, width = model.config.num_hidden_layers, dims(model.config)["d_mlp"]  # BLOOM's: 4 x d
