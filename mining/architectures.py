@@ -37,9 +37,10 @@ config says so. arcee, nemotron and apertus are llama's block with a plain MLP (
 norms named attention_layernorm and feedforward_layernorm, nemotron's LayerNorms scaling by (1 + weight). opt (OPT,
 but OPT-350m) is pre-norm like gpt2: self_attn.out_proj, final_layer_norm (the MLP's pre-norm), fc1 and fc2, whose
 inputs are (B*T, d). bloom is pre-norm with gpt_neox's MLP names (self_attention.dense, mlp.dense_h_to_4h,
-mlp.dense_4h_to_h). cohere and cohere2 are llama-like with attention and MLP in parallel and logits scaled; granite
-is llama with its blocks' outputs and its logits scaled (DLA and the logit lens take both factors). gemma3 (4B and
-up) wraps gemma3_text's decoder in a multimodal model, under model.language_model: its text is mined.
+mlp.dense_4h_to_h); falcon too, parallel where its config says so. cohere and cohere2 are llama-like with attention
+and MLP in parallel and logits scaled; granite is llama with its blocks' outputs and its logits scaled (DLA and the
+logit lens take both factors). gemma3 (4B and up) wraps gemma3_text's decoder in a multimodal model, under
+model.language_model: its text is mined.
 """
 
 from __future__ import annotations
@@ -195,6 +196,14 @@ BLOOM = Arch("bloom", "transformer", "h",
              "ln_f",
              unsupported=lambda c: (_BLOOM_TP if c.slow_but_exact and c.pretraining_tp > 1 else
                                     _BLOOM_POST if c.apply_residual_connection_post_layernorm else None))
+# Falcon: GPT-NeoX's MLP names, attention and MLP in parallel (Falcon-7B: one input norm; 40B/180B, the "new decoder
+# architecture": one norm each, ln_attn and ln_mlp), or in sequence where parallel_attn is off (falcon-rw).
+_FALCON_BOTH = ("this Falcon config sets new_decoder_architecture without parallel_attn: its MLP output adds the "
+                "attention output a second time, a block the table does not describe")
+FALCON = Arch("falcon", "transformer", "h",
+              _sites("self_attention.dense", "post_attention_layernorm", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+              "ln_f", parallel=lambda config: bool(config.parallel_attn),
+              unsupported=lambda c: _FALCON_BOTH if c.new_decoder_architecture and not c.parallel_attn else None)
 # Cohere (Command R, Aya): llama's names, attention and MLP in parallel on one mean-centred norm (CohereLayerNorm, no
 # bias), logits times logit_scale. Granite: llama with multipliers on the blocks' outputs and on the logits.
 COHERE = replace(LLAMA, family="cohere", parallel=lambda config: True,
@@ -271,6 +280,7 @@ MODEL_TYPES: dict[str, Arch] = {
     "apertus": APERTUS,
     "opt": OPT,
     "bloom": BLOOM,
+    "falcon": FALCON,
     "cohere": COHERE,
     "cohere2": replace(COHERE, family="cohere2"),  # Command R7B, Aya Expanse: sliding-window layers besides
     "granite": GRANITE,
@@ -362,7 +372,8 @@ def dims(config: object) -> dict[str, int]:
     n_heads = int(config.num_attention_heads)
     d_head = getattr(config, "head_dim", None) or d_model // n_heads
     d_mlp = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
-             or getattr(config, "ffn_dim", None) or 4 * d_model)  # ffn_dim: OPT
+             or getattr(config, "ffn_dim", None) or getattr(config, "ffn_hidden_size", None)
+             or 4 * d_model)  # ffn_dim: OPT; ffn_hidden_size: Falcon
     n_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
     return {"d_model": d_model, "d_mlp": int(d_mlp), "n_heads": n_heads, "d_head": int(d_head),
             "n_experts": int(n_experts)}

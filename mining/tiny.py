@@ -117,6 +117,10 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     # BLOOM: ALiBi (no position table), an MLP 4 x d wide
     "bloom": ("BloomConfig", "BloomForCausalLM", "BloomModel",
               dict(hidden_size=_D, n_layer=_L, n_head=_H, initializer_range=0.1, bos_token_id=1, eos_token_id=2)),
+    # Falcon-7B's block: attention and MLP in parallel on one norm, one key/value head (multi-query)
+    "falcon": ("FalconConfig", "FalconForCausalLM", "FalconModel",
+               dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, ffn_hidden_size=_MLP,
+                    max_position_embeddings=_POS, initializer_range=0.1, bos_token_id=1, eos_token_id=2)),
     # Cohere: parallel attention and MLP on one mean-centred norm, logits scaled; Granite: its blocks' outputs and
     # its logits scaled (factors away from 1, so that a factor left out shows)
     "cohere": ("CohereConfig", "CohereForCausalLM", "CohereModel",
@@ -149,7 +153,7 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
 ARCHS = tuple(_SPECS)
 _NORM_CENTRE = {"gemma": 0.0, "gemma2": 0.0, "gemma3_text": 0.0, "olmo2": 1.0, "opt": 1.0, "bloom": 1.0,
                 "cohere": 1.0, "cohere2": 1.0, "granite": 1.0, "olmo3": 1.0, "exaone4": 1.0, "vaultgemma": 0.0,
-                "glm4": 1.0, "helium": 1.0, "nemotron": 0.0, "apertus": 1.0}
+                "glm4": 1.0, "helium": 1.0, "nemotron": 0.0, "apertus": 1.0, "falcon": 1.0}
 """Families whose tiny models get random norm weights around their stored centre (Gemma's RMSNorm scales by 1 + w):
 with the default init every gain is 1 (or a Gemma norm's w is 0), and no test could tell a gain left out."""
 _GPT_IDS = {"gpt2", "gpt_neo", "gptj", "gpt_bigcode"}

@@ -233,15 +233,20 @@ def test_a_mined_gemma2_store_matches_brute_force(tmp_path, smol_tokenizer):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "gpt_neox", "gptj", "phi", "gpt_bigcode", "starcoder2",
-                                  "stablelm", "olmo", "opt", "bloom", "cohere", "cohere2", "nemotron"])
+                                  "stablelm", "olmo", "opt", "bloom", "cohere", "cohere2", "nemotron", "falcon",
+                                  "falcon-40b"])
 @torch.inference_mode()
 def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
     """The LayerNorm path (d_t centred over d_model, s the standard deviation): each layer's neurons plus its output
     projection's bias, read through the final norm, add up to what the MLP module outputs; the final stream so read,
     plus the norm's and the LM head's biases, is the model's logit. OLMo 1's LayerNorms have no weight (a gain of
     1), no bias and no eps attribute (its forward uses 1e-5); Cohere's centre without a bias, and its logits are
-    scaled."""
-    model = tiny_model(arch, vocab_size=VOCAB, seed=4)
+    scaled. Falcon-40B's block normalizes the stream twice, once for attention and once for the MLP."""
+    if arch == "falcon-40b":
+        model = tiny_model("falcon", vocab_size=VOCAB, seed=4, new_decoder_architecture=True, num_kv_heads=2)
+        assert hasattr(model.transformer.h[0], "ln_mlp")
+    else:
+        model = tiny_model(arch, vocab_size=VOCAB, seed=4)
     ids = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
     dla = DirectLogitAttribution(model)
     batch = DlaBatch(dla, _batch(ids), defer=False)

@@ -96,7 +96,7 @@ def test_detector_indexing_on_ideal_patterns():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "gemma3", "olmo", "olmo2", "opt",
-                                  "bloom", "cohere", "granite", "olmo3", "vaultgemma", "glm4"])
+                                  "bloom", "cohere", "granite", "olmo3", "vaultgemma", "glm4", "falcon"])
 def test_tiny_scores_match_brute_force(arch):
     model = tiny_model(arch, seed=1)
     before = model.config._attn_implementation
@@ -114,6 +114,7 @@ def test_tiny_scores_match_brute_force(arch):
     assert cols["layer"] == [0, 0, 0, 0, 1, 1, 1, 1] and cols["head"] == [0, 1, 2, 3] * 2
     mha = ("gpt2", "gpt_neox", "opt", "bloom")
     expect_kv = [0, 1, 2, 3] * 2 if arch in mha else [0, 0, 1, 1] * 2  # GQA: 2 KV heads
+    expect_kv = [0] * 8 if arch == "falcon" else expect_kv  # multi-query: one KV head
     assert cols["kv_head"] == expect_kv
     again = head_scores_table(model, None, seq_len=N, n_seqs=3, seed=0, batch_size=3)  # batching-independent
     for name in HEAD_SCORES:

@@ -31,7 +31,7 @@ OUT_NORMS = {"gemma2": "post_attention_layernorm", "gemma3": "post_attention_lay
              "olmo2": "post_attention_layernorm", "olmo3": "post_attention_layernorm",
              "exaone4": "post_attention_layernorm", "glm4": "post_self_attn_layernorm"}
 FUSED = {"phi3", "glm", "glm4"}  # gate and up in one matmul, its output chunk(2)
-PARALLEL = {"gpt_neox", "gptj", "phi", "cohere", "cohere2"}  # tiny gpt_neox uses Pythia's parallel residual
+PARALLEL = {"gpt_neox", "gptj", "phi", "cohere", "cohere2", "falcon"}  # tiny gpt_neox uses Pythia's parallel residual
 # family -> (block list inside the base model, MLP module, input projection, up projection, activation,
 #            attention module whose output[0] is z @ W_O + b)
 LAYOUT = {
@@ -50,6 +50,7 @@ LAYOUT = {
     "apertus": ("layers", "mlp", "mlp.up_proj", None, "mlp.act_fn", "self_attn"),
     "glm4": ("layers", "mlp", "mlp.gate_up_proj", None, "mlp.activation_fn", "self_attn"),
     "opt": ("decoder.layers", None, "fc1", None, "activation_fn", "self_attn"),  # no MLP module: fc1 in, fc2 out
+    "falcon": ("h", "mlp", "mlp.dense_h_to_4h", None, "mlp.act", "self_attention"),
     "bloom": ("h", "mlp", "mlp.dense_h_to_4h", None, "mlp.gelu_impl", "self_attention.dense"),  # modules add residuals
     "bert": ("encoder.layer", "intermediate", "intermediate.dense", None, "intermediate.intermediate_act_fn",
              "attention.output.dense"),
@@ -243,12 +244,14 @@ def test_hook_z_and_resid_mid(arch):
         close(resid_pre + attn_out * residual_factor(cfg), resid_mid)
 
 
-def test_gpt_neox_sequential_residual_has_resid_mid():
-    model = tiny_model("gpt_neox", use_parallel_residual=False)
+@pytest.mark.parametrize("arch, sequential", [("gpt_neox", {"use_parallel_residual": False}),
+                                            ("falcon", {"parallel_attn": False})])  # falcon-rw
+def test_sequential_variants_of_parallel_families_have_resid_mid(arch, sequential):
+    model = tiny_model(arch, **sequential)
     assert "hook_resid_mid" in available_sites(model)
     with record(model, ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid"]) as got:
         model(ids())
-    attn = block(model, 0).attention
+    attn = block(model, 0).get_submodule(layout(arch)[-1])
     ref: dict = {}
     h = plain_capture(attn, ref, "attn", "output")
     model(ids())
@@ -438,6 +441,8 @@ def test_hooks_removed_even_on_exception():
     ("opt", {"word_embed_proj_dim": 16}, "unsupported opt model: OPT-350m normalizes after"),
     ("bloom", {"pretraining_tp": 2, "slow_but_exact": True}, "unsupported bloom model: .* slow_but_exact"),
     ("bloom", {"apply_residual_connection_post_layernorm": True}, "unsupported bloom model: .* is normalized"),
+    ("falcon", {"new_decoder_architecture": True, "parallel_attn": False, "num_kv_heads": 2},
+     "unsupported falcon model: .* a second time"),
 ])
 def test_variants_the_table_does_not_describe_are_refused_in_one_line(arch, overrides, says):
     """OPT-350m alone is post-norm and projects the stream in and out of a smaller embedding; a BLOOM run as slices of

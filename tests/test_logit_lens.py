@@ -31,7 +31,7 @@ def raw_weights(model, arch: str, layer: int) -> tuple[torch.Tensor, torch.Tenso
     if arch == "opt":
         t = model.model.decoder
         return t.layers[layer].fc2.weight.T, t.final_layer_norm.weight, model.lm_head.weight
-    if arch == "bloom":
+    if arch in ("bloom", "falcon"):
         t = model.transformer
         return t.h[layer].mlp.dense_4h_to_h.weight.T, t.ln_f.weight, model.lm_head.weight
     if arch == "gpt_neox":
@@ -75,7 +75,7 @@ def check_neuron(table: dict, layer: int, neuron: int, raw, k: int) -> None:
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi",
                                   "phi3", "opt", "bloom", "cohere", "granite", "olmo3", "exaone4", "vaultgemma", "glm4",
-                                  "helium", "arcee", "nemotron", "apertus"])
+                                  "helium", "arcee", "nemotron", "apertus", "falcon"])
 def test_tiny_models_match_brute_force(arch):
     model = tiny_model(arch, seed=3)
     family = "llama" if arch in {"qwen3", "olmo2", "phi3", "olmo3", "exaone4", "glm4", "helium", "arcee",
