@@ -218,17 +218,20 @@ _DENSE_LAYERS = ("this {family} config mixes dense and expert MLPs across layers
                  "decoder_sparse_step); only models whose every layer routes to experts are supported")
 
 
-def _moe(family: str, router: str = "mlp.gate") -> Arch:
+def _moe(family: str, router: str = "mlp.gate", mid: str = "post_attention_layernorm", **extra) -> Arch:
+    """mid: the module whose input is the stream after attention (the MLP's pre-norm, or the MLP itself where it has
+    none); extra: the Arch's other fields (FlexOlmo's output norms, GraniteMoE's factors)."""
     why = _EXPERTS.format(family=family)
     sites = {"hook_resid_pre": ("", IN), "attn.hook_pattern": ("self_attn", OUT),
              "attn.hook_z": ("self_attn.o_proj", IN),
-             "hook_resid_mid": ("post_attention_layernorm", IN), "mlp.hook_expert_weights": (router, OUT),
+             "hook_resid_mid": (mid, IN), "mlp.hook_expert_weights": (router, OUT),
              "hook_resid_post": ("", OUT)}
     mixed = _DENSE_LAYERS.format(family=family)
     return Arch(family, "model", "layers", sites, "norm", flat_tokens=True,
                 missing={s: why for s in ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post")},
                 unsupported=lambda c: mixed if (getattr(c, "mlp_only_layers", None) or
-                                                getattr(c, "decoder_sparse_step", 1) not in (None, 1)) else None)
+                                                getattr(c, "decoder_sparse_step", 1) not in (None, 1)) else None,
+                **extra)
 
 
 # BERT is post-norm: the residual stream between attention and MLP is the attention LayerNorm's output.
@@ -289,6 +292,9 @@ MODEL_TYPES: dict[str, Arch] = {
     "qwen2_moe": _moe("qwen2_moe"),
     "qwen3_moe": _moe("qwen3_moe"),
     "gpt_oss": _moe("gpt_oss", router="mlp.router"),  # its own mixing weights: a softmax over the top k only
+    "flex_olmo": _moe("flex_olmo", mid="mlp", out_norms=_SANDWICH),  # FlexOlmo: OLMoE's router, OLMo 2's norms
+    "granitemoe": _moe("granitemoe", router="block_sparse_moe.router", logit_scale=GRANITE.logit_scale,
+                       residual_scale=GRANITE.residual_scale),  # Granite 3 MoE: Granite's factors
     "bert": BERT,
 }
 

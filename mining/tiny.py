@@ -145,6 +145,11 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
                 _llama_like(num_local_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=8,
                             rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
                             pad_token_id=None, bos_token_id=1, eos_token_id=2)),
+    "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", "FlexOlmoModel",
+                  _llama_like(num_experts=8, num_experts_per_tok=2, pad_token_id=None, bos_token_id=1, eos_token_id=2)),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", "GraniteMoeModel",
+                   _llama_like(num_local_experts=8, num_experts_per_tok=2, residual_multiplier=0.4, logits_scaling=3.0,
+                               embedding_multiplier=2.0, attention_multiplier=0.3)),
     "bert": ("BertConfig", "BertForMaskedLM", "BertModel",
              dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, intermediate_size=_MLP,
                   max_position_embeddings=_POS, initializer_range=0.1)),
@@ -153,7 +158,8 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
 ARCHS = tuple(_SPECS)
 _NORM_CENTRE = {"gemma": 0.0, "gemma2": 0.0, "gemma3_text": 0.0, "olmo2": 1.0, "opt": 1.0, "bloom": 1.0,
                 "cohere": 1.0, "cohere2": 1.0, "granite": 1.0, "olmo3": 1.0, "exaone4": 1.0, "vaultgemma": 0.0,
-                "glm4": 1.0, "helium": 1.0, "nemotron": 0.0, "apertus": 1.0, "falcon": 1.0}
+                "glm4": 1.0, "helium": 1.0, "nemotron": 0.0, "apertus": 1.0, "falcon": 1.0, "flex_olmo": 1.0,
+                "granitemoe": 1.0}
 """Families whose tiny models get random norm weights around their stored centre (Gemma's RMSNorm scales by 1 + w):
 with the default init every gain is 1 (or a Gemma norm's w is 0), and no test could tell a gain left out."""
 _GPT_IDS = {"gpt2", "gpt_neo", "gptj", "gpt_bigcode"}

@@ -96,7 +96,8 @@ def test_detector_indexing_on_ideal_patterns():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "gemma3", "olmo", "olmo2", "opt",
-                                  "bloom", "cohere", "granite", "olmo3", "vaultgemma", "glm4", "falcon"])
+                                  "bloom", "cohere", "granite", "olmo3", "vaultgemma", "glm4", "falcon", "flex_olmo",
+                                  "granitemoe"])
 def test_tiny_scores_match_brute_force(arch):
     model = tiny_model(arch, seed=1)
     before = model.config._attn_implementation

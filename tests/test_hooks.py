@@ -23,13 +23,15 @@ from mining.hooks import (
 from mining.tiny import ARCHS, tiny_model
 
 B, T = 2, 7
-MOE = {"olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"}  # llama attention; experts in one module; a router
+# llama attention; experts in one module; a router
+MOE = {"olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "flex_olmo", "granitemoe"}
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3", "olmo", "olmo2",
               "stablelm", "cohere", "cohere2", "granite", "olmo3", "exaone4", "vaultgemma"} | MOE
 # the attention output passes this norm before the stream
 OUT_NORMS = {"gemma2": "post_attention_layernorm", "gemma3": "post_attention_layernorm",
              "olmo2": "post_attention_layernorm", "olmo3": "post_attention_layernorm",
-             "exaone4": "post_attention_layernorm", "glm4": "post_self_attn_layernorm"}
+             "exaone4": "post_attention_layernorm", "glm4": "post_self_attn_layernorm",
+             "flex_olmo": "post_attention_layernorm"}
 FUSED = {"phi3", "glm", "glm4"}  # gate and up in one matmul, its output chunk(2)
 PARALLEL = {"gpt_neox", "gptj", "phi", "cohere", "cohere2", "falcon"}  # tiny gpt_neox uses Pythia's parallel residual
 # family -> (block list inside the base model, MLP module, input projection, up projection, activation,
@@ -163,9 +165,10 @@ def test_expert_weights_are_the_routers_softmax_and_expert_neurons_are_refused(a
     the model sends it to. Its experts' neurons have no module to hook: one line says so and what to mine instead."""
     model = tiny_model(arch, head=head)
     layer, blk = 1, block(model, 1)
-    router = blk.mlp.router if arch == "gpt_oss" else blk.mlp.gate
+    moe = blk.block_sparse_moe if arch == "granitemoe" else blk.mlp
+    router = moe.router if arch in ("gpt_oss", "granitemoe") else moe.gate
     ref: dict = {}
-    handles = [plain_capture(blk.mlp, ref, "x", "input"),
+    handles = [plain_capture(moe, ref, "x", "input"),
                router.register_forward_hook(lambda m, a, o: ref.__setitem__("top", o[2].clone()))]
     try:
         with record(model, [f"blocks.{layer}.mlp.hook_expert_weights"]) as got:

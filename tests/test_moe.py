@@ -64,7 +64,7 @@ def test_mined_routing_probabilities_match_each_context_alone(olmoe):
         np.testing.assert_allclose(m["mean"], p.mean(0).numpy(), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "flex_olmo", "granitemoe"])
 def test_a_job_on_a_moe_model_is_checked_before_the_weights_load(arch, tmp_path, smol_tokenizer):
     """The default hooks (blocks.*.mlp.hook_post) get one line saying why and what to mine instead; DLA and the
     logit lens without neurons to read get theirs; the routing and residual sites validate."""
