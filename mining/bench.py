@@ -10,6 +10,7 @@ batches, dtype and device — each a `--parts` name:
     kernels       mining again with the reducers' numba kernels off (MINING_KERNELS=torch): what they buy
     tokens        the same + the token table (log-prob, entropy)
     dense         the same + a dense float16 copy of the middle layer for every token
+    patterns      mining + every layer's attn.hook_pattern (heads x context keys a token; eager attention)
     alternatives  what a user would do instead (bench_alternatives.py)
     bytes         store size per mined token next to a dense float16 cache (bench_store.py)
     memory        peak RSS of mining N and 10N tokens, each in a fresh process (bench_store.py)
@@ -39,8 +40,9 @@ from typing import Any
 from .errors import UserError
 from .spec import CPU_SHARD_TOKENS, GPU_SHARD_TOKENS
 
-PARTS = ("forward", "mining", "dla", "kernels", "tokens", "dense", "alternatives", "bytes", "memory", "duckdb")
-THROUGHPUT = ("forward", "mining", "dla", "kernels", "tokens", "dense", "alternatives")
+PARTS = ("forward", "mining", "dla", "kernels", "tokens", "dense", "patterns", "alternatives", "bytes", "memory",
+         "duckdb")
+THROUGHPUT = ("forward", "mining", "dla", "kernels", "tokens", "dense", "patterns", "alternatives")
 # miner variant -> (part, stats keys on top of top-k/histogram/moments, dense copy of the middle layer)
 MINER_VARIANTS = {
     "mining": ("mining", {}, False),
@@ -48,6 +50,7 @@ MINER_VARIANTS = {
     "mining_torch_ops": ("kernels", {}, False),
     "token_table": ("tokens", {"dla": True, "token_table": True}, False),
     "dense": ("dense", {"dla": True, "token_table": True}, True),
+    "patterns": ("patterns", {}, False),  # mining, its hooks plus every layer's attn.hook_pattern (eager attention)
 }
 TORCH_OPS = {"mining_torch_ops"}
 """Variants run with MINING_KERNELS=torch: the reducers' torch code instead of their numba kernels."""
@@ -58,6 +61,7 @@ LABELS = {
     "mining_torch_ops": "mining, numba kernels off (torch ops)",
     "token_table": "  + token table",
     "dense": "  + dense {dense_hook} (every token)",
+    "patterns": "mining + every layer's attention pattern (eager)",
     "cache_to_disk": "alternative: hooks -> float16 cache on disk -> reduce",
     "nnsight_to_disk": "alternative: nnsight -> float16 cache on disk -> reduce",
     "transformer_lens": "alternative: TransformerLens run_with_cache -> reduce",
@@ -197,7 +201,7 @@ def bench_job(cfg: BenchConfig, variant: str, dense_hook: str | None = None) -> 
         "name": "bench",
         "model": {"id": cfg.model, "dtype": cfg.dtype, "device": cfg.device},
         "corpus": {"source": cfg.corpus, "max_tokens": cfg.tokens, "context_length": cfg.context_length},
-        "hooks": ["blocks.*.mlp.hook_post"],
+        "hooks": ["blocks.*.mlp.hook_post"] + (["blocks.*.attn.hook_pattern"] if variant == "patterns" else []),
         "stats": {"top_k": cfg.top_k, "histogram": True, "moments": True, "dla": False, "token_table": False, **extra},
         # shards as `shard_tokens: auto` cuts them for actors on this device (and the most `--batch-size auto` may pick)
         "compute": {"actors": 1, "batch_size": cfg.batch_size,

@@ -151,9 +151,9 @@ def test_an_encoder_has_no_dla_to_measure(capsys, tmp_path, minilm_tokenizer):
 
 
 def test_other_parts(capsys, tiny_llama):
-    r = bench(capsys, tiny_llama, "--parts", "tokens,dense,alternatives,bytes")
+    r = bench(capsys, tiny_llama, "--parts", "tokens,dense,patterns,alternatives,bytes")
     assert r["bare_tokens_per_s"] > 0  # the baseline runs whenever a throughput variant does
-    assert r["token_table_ratio"] > 0 and r["dense_ratio"] > 0
+    assert r["token_table_ratio"] > 0 and r["dense_ratio"] > 0 and r["patterns_ratio"] > 0
     alt = r["alternatives"]
     cache = alt["cache_to_disk"]
     assert cache["tokens_per_s"] > 0 and cache["cache_bytes"] >= 300 * 128 * 2  # float16 per neuron and token
