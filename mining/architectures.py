@@ -40,7 +40,9 @@ inputs are (B*T, d). bloom is pre-norm with gpt_neox's MLP names (self_attention
 mlp.dense_4h_to_h); falcon too, parallel where its config says so. cohere and cohere2 are llama-like with attention
 and MLP in parallel and logits scaled; granite is llama with its blocks' outputs and its logits scaled (DLA and the
 logit lens take both factors). gemma3 (4B and up) wraps gemma3_text's decoder in a multimodal model, under
-model.language_model: its text is mined.
+model.language_model: its text is mined. mpt has its own names (blocks.*.attn.out_proj, norm_2, ffn.up_proj,
+ffn.down_proj); codegen is gptj's block; persimmon has gpt_neox's MLP names in a llama-style block; xglm opt's
+names, its MLP on (B, T, d).
 """
 
 from __future__ import annotations
@@ -196,6 +198,13 @@ BLOOM = Arch("bloom", "transformer", "h",
              "ln_f",
              unsupported=lambda c: (_BLOOM_TP if c.slow_but_exact and c.pretraining_tp > 1 else
                                     _BLOOM_POST if c.apply_residual_connection_post_layernorm else None))
+# MPT: its own names (blocks, norm_1/norm_2, attn.out_proj, ffn.up_proj/down_proj), LayerNorms without biases, ALiBi;
+# its MLP module adds the residual itself (the sites are the projections inside it).
+MPT = Arch("mpt", "transformer", "blocks", _sites("attn.out_proj", "norm_2", "ffn.up_proj", "ffn.down_proj"), "norm_f")
+# Persimmon: GPT-NeoX's MLP names (relu^2) in a llama-style block of LayerNorms. XGLM: OPT's names, unflattened.
+PERSIMMON = Arch("persimmon", "model", "layers", _sites("self_attn.dense", "post_attention_layernorm",
+                                                        "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), "final_layernorm")
+XGLM = Arch("xglm", "model", "layers", _sites("self_attn.out_proj", "final_layer_norm", "fc1", "fc2"), "layer_norm")
 # Falcon: GPT-NeoX's MLP names, attention and MLP in parallel (Falcon-7B: one input norm; 40B/180B, the "new decoder
 # architecture": one norm each, ln_attn and ln_mlp), or in sequence where parallel_attn is off (falcon-rw).
 _FALCON_BOTH = ("this Falcon config sets new_decoder_architecture without parallel_attn: its MLP output adds the "
@@ -284,6 +293,10 @@ MODEL_TYPES: dict[str, Arch] = {
     "opt": OPT,
     "bloom": BLOOM,
     "falcon": FALCON,
+    "mpt": MPT,
+    "codegen": replace(GPTJ, family="codegen"),  # CodeGen: GPT-J's block and names
+    "persimmon": PERSIMMON,
+    "xglm": XGLM,
     "cohere": COHERE,
     "cohere2": replace(COHERE, family="cohere2"),  # Command R7B, Aya Expanse: sliding-window layers besides
     "granite": GRANITE,
@@ -379,7 +392,7 @@ def dims(config: object) -> dict[str, int]:
     d_head = getattr(config, "head_dim", None) or d_model // n_heads
     d_mlp = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
              or getattr(config, "ffn_dim", None) or getattr(config, "ffn_hidden_size", None)
-             or 4 * d_model)  # ffn_dim: OPT; ffn_hidden_size: Falcon
+             or 4 * d_model)  # ffn_dim: OPT, XGLM; ffn_hidden_size: Falcon; MPT's is 4 x d whatever its config says
     n_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
     return {"d_model": d_model, "d_mlp": int(d_mlp), "n_heads": n_heads, "d_head": int(d_head),
             "n_experts": int(n_experts)}

@@ -121,6 +121,18 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "falcon": ("FalconConfig", "FalconForCausalLM", "FalconModel",
                dict(hidden_size=_D, num_hidden_layers=_L, num_attention_heads=_H, ffn_hidden_size=_MLP,
                     max_position_embeddings=_POS, initializer_range=0.1, bos_token_id=1, eos_token_id=2)),
+    # MPT (ALiBi, LayerNorms without biases), CodeGen (GPT-J's block), Persimmon (relu^2), XGLM (OPT's names)
+    "mpt": ("MptConfig", "MptForCausalLM", "MptModel",
+            dict(d_model=_D, n_heads=_H, n_layers=_L, max_seq_len=_POS, initializer_range=0.1)),  # MLP: 4 x d
+    "codegen": ("CodeGenConfig", "CodeGenForCausalLM", "CodeGenModel",
+                dict(n_embd=_D, n_layer=_L, n_head=_H, n_inner=_MLP, rotary_dim=4, n_positions=_POS, n_ctx=_POS,
+                     initializer_range=0.1, bos_token_id=1, eos_token_id=2)),
+    "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", "PersimmonModel",
+                  dict(hidden_size=_D, intermediate_size=_MLP, num_hidden_layers=_L, num_attention_heads=_H,
+                       max_position_embeddings=_POS, initializer_range=0.1, bos_token_id=1, eos_token_id=2)),
+    "xglm": ("XGLMConfig", "XGLMForCausalLM", "XGLMModel",
+             dict(d_model=_D, ffn_dim=_MLP, num_layers=_L, attention_heads=_H, max_position_embeddings=_POS,
+                  init_std=0.1, pad_token_id=1, bos_token_id=0, eos_token_id=2)),
     # Cohere: parallel attention and MLP on one mean-centred norm, logits scaled; Granite: its blocks' outputs and
     # its logits scaled (factors away from 1, so that a factor left out shows)
     "cohere": ("CohereConfig", "CohereForCausalLM", "CohereModel",
@@ -159,7 +171,7 @@ ARCHS = tuple(_SPECS)
 _NORM_CENTRE = {"gemma": 0.0, "gemma2": 0.0, "gemma3_text": 0.0, "olmo2": 1.0, "opt": 1.0, "bloom": 1.0,
                 "cohere": 1.0, "cohere2": 1.0, "granite": 1.0, "olmo3": 1.0, "exaone4": 1.0, "vaultgemma": 0.0,
                 "glm4": 1.0, "helium": 1.0, "nemotron": 0.0, "apertus": 1.0, "falcon": 1.0, "flex_olmo": 1.0,
-                "granitemoe": 1.0}
+                "mpt": 1.0, "codegen": 1.0, "persimmon": 1.0, "xglm": 1.0, "granitemoe": 1.0}
 """Families whose tiny models get random norm weights around their stored centre (Gemma's RMSNorm scales by 1 + w):
 with the default init every gain is 1 (or a Gemma norm's w is 0), and no test could tell a gain left out."""
 _GPT_IDS = {"gpt2", "gpt_neo", "gptj", "gpt_bigcode"}

@@ -234,7 +234,7 @@ def test_a_mined_gemma2_store_matches_brute_force(tmp_path, smol_tokenizer):
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "gpt_neox", "gptj", "phi", "gpt_bigcode", "starcoder2",
                                   "stablelm", "olmo", "opt", "bloom", "cohere", "cohere2", "nemotron", "falcon",
-                                  "falcon-40b"])
+                                  "falcon-40b", "mpt", "codegen", "persimmon", "xglm"])
 @torch.inference_mode()
 def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
     """The LayerNorm path (d_t centred over d_model, s the standard deviation): each layer's neurons plus its output
@@ -253,9 +253,9 @@ def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
     points = resolve_hooks(model, "blocks.*.mlp.hook_post")
     outs, handles = {}, []
     for point in points:
-        # the MLP module's output, or its output projection's where the module adds more (OPT has none, BLOOM's
-        # adds the residual)
-        path = point.module_path if arch in ("opt", "bloom") else point.module_path.rsplit(".", 1)[0]
+        # the MLP module's output, or its output projection's where the module adds more (OPT and XGLM have none,
+        # BLOOM's and MPT's add the residual)
+        path = point.module_path if arch in ("opt", "bloom", "mpt", "xglm") else point.module_path.rsplit(".", 1)[0]
         mlp = model.get_submodule(path)
         handles.append(mlp.register_forward_hook(lambda m, a, o, L=point.layer: outs.__setitem__(L, o.clone())))
     handles.append(dla.norm.register_forward_pre_hook(lambda m, a: outs.__setitem__("final", a[0].clone())))

@@ -97,7 +97,7 @@ def test_detector_indexing_on_ideal_patterns():
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen2", "gemma2", "gemma3", "olmo", "olmo2", "opt",
                                   "bloom", "cohere", "granite", "olmo3", "vaultgemma", "glm4", "falcon", "flex_olmo",
-                                  "granitemoe"])
+                                  "granitemoe", "mpt", "codegen", "persimmon", "xglm"])
 def test_tiny_scores_match_brute_force(arch):
     model = tiny_model(arch, seed=1)
     before = model.config._attn_implementation
@@ -113,7 +113,7 @@ def test_tiny_scores_match_brute_force(arch):
     for name in HEAD_SCORES:
         np.testing.assert_allclose(np.array(cols[name]).reshape(2, 4), want[name], rtol=1e-5, atol=1e-6)
     assert cols["layer"] == [0, 0, 0, 0, 1, 1, 1, 1] and cols["head"] == [0, 1, 2, 3] * 2
-    mha = ("gpt2", "gpt_neox", "opt", "bloom")
+    mha = ("gpt2", "gpt_neox", "opt", "bloom", "mpt", "codegen", "persimmon", "xglm")
     expect_kv = [0, 1, 2, 3] * 2 if arch in mha else [0, 0, 1, 1] * 2  # GQA: 2 KV heads
     expect_kv = [0] * 8 if arch == "falcon" else expect_kv  # multi-query: one KV head
     assert cols["kv_head"] == expect_kv

@@ -33,7 +33,8 @@ OUT_NORMS = {"gemma2": "post_attention_layernorm", "gemma3": "post_attention_lay
              "exaone4": "post_attention_layernorm", "glm4": "post_self_attn_layernorm",
              "flex_olmo": "post_attention_layernorm"}
 FUSED = {"phi3", "glm", "glm4"}  # gate and up in one matmul, its output chunk(2)
-PARALLEL = {"gpt_neox", "gptj", "phi", "cohere", "cohere2", "falcon"}  # tiny gpt_neox uses Pythia's parallel residual
+# tiny gpt_neox uses Pythia's parallel residual
+PARALLEL = {"gpt_neox", "gptj", "phi", "cohere", "cohere2", "falcon", "codegen"}
 # family -> (block list inside the base model, MLP module, input projection, up projection, activation,
 #            attention module whose output[0] is z @ W_O + b)
 LAYOUT = {
@@ -53,6 +54,10 @@ LAYOUT = {
     "glm4": ("layers", "mlp", "mlp.gate_up_proj", None, "mlp.activation_fn", "self_attn"),
     "opt": ("decoder.layers", None, "fc1", None, "activation_fn", "self_attn"),  # no MLP module: fc1 in, fc2 out
     "falcon": ("h", "mlp", "mlp.dense_h_to_4h", None, "mlp.act", "self_attention"),
+    "mpt": ("blocks", "ffn", "ffn.up_proj", None, "ffn.act", "attn"),
+    "codegen": ("h", "mlp", "mlp.fc_in", None, "mlp.act", "attn"),
+    "persimmon": ("layers", "mlp", "mlp.dense_h_to_4h", None, "mlp.act", "self_attn"),
+    "xglm": ("layers", None, "fc1", None, "activation_fn", "self_attn"),
     "bloom": ("h", "mlp", "mlp.dense_h_to_4h", None, "mlp.gelu_impl", "self_attention.dense"),  # modules add residuals
     "bert": ("encoder.layer", "intermediate", "intermediate.dense", None, "intermediate.intermediate_act_fn",
              "attention.output.dense"),
@@ -118,8 +123,8 @@ def test_mlp_hooks_match_recomputation(arch, head):
     blk = block(model, layer)
     ref: dict = {}
     mlp_in = blk.get_submodule(mlp_path or in_path)
-    mlp_out = blk.get_submodule({"bert": "output.dense", "opt": "fc2", "bloom": "mlp.dense_4h_to_h"}.get(family,
-                                                                                                       mlp_path))
+    mlp_out = blk.get_submodule({"bert": "output.dense", "opt": "fc2", "bloom": "mlp.dense_4h_to_h", "xglm": "fc2",
+                                 "mpt": "ffn.down_proj"}.get(family, mlp_path))
     handles = [plain_capture(mlp_in, ref, "x", "input"), plain_capture(mlp_out, ref, "out", "output")]
     names = [f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_post"]
     if up_path or family in FUSED:

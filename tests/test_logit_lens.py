@@ -31,6 +31,18 @@ def raw_weights(model, arch: str, layer: int) -> tuple[torch.Tensor, torch.Tenso
     if arch == "opt":
         t = model.model.decoder
         return t.layers[layer].fc2.weight.T, t.final_layer_norm.weight, model.lm_head.weight
+    if arch == "xglm":
+        t = model.model
+        return t.layers[layer].fc2.weight.T, t.layer_norm.weight, model.lm_head.weight
+    if arch == "mpt":
+        t = model.transformer
+        return t.blocks[layer].ffn.down_proj.weight.T, t.norm_f.weight, model.lm_head.weight
+    if arch == "codegen":
+        t = model.transformer
+        return t.h[layer].mlp.fc_out.weight.T, t.ln_f.weight, model.lm_head.weight
+    if arch == "persimmon":
+        t = model.model
+        return t.layers[layer].mlp.dense_4h_to_h.weight.T, t.final_layernorm.weight, model.lm_head.weight
     if arch in ("bloom", "falcon"):
         t = model.transformer
         return t.h[layer].mlp.dense_4h_to_h.weight.T, t.ln_f.weight, model.lm_head.weight
@@ -75,7 +87,8 @@ def check_neuron(table: dict, layer: int, neuron: int, raw, k: int) -> None:
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi",
                                   "phi3", "opt", "bloom", "cohere", "granite", "olmo3", "exaone4", "vaultgemma", "glm4",
-                                  "helium", "arcee", "nemotron", "apertus", "falcon"])
+                                  "helium", "arcee", "nemotron", "apertus", "falcon", "mpt", "codegen", "persimmon",
+                                  "xglm"])
 def test_tiny_models_match_brute_force(arch):
     model = tiny_model(arch, seed=3)
     family = "llama" if arch in {"qwen3", "olmo2", "phi3", "olmo3", "exaone4", "glm4", "helium", "arcee",
