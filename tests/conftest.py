@@ -106,7 +106,8 @@ def tiny_job(tmp_path_factory, smol_tokenizer):
 LONGEST_FIRST = ("test_runner.py", "test_bad_input.py", "test_faults.py", "test_submit.py", "test_bench.py",
                  "test_demo.py", "test_compute_auto.py", "test_object_store.py", "test_diff.py",
                  "test_viewer_browser.py", "test_quantize.py", "test_finetune_diff.py", "test_gpu_check.py",
-                 "test_cuda_build.py", "test_polysemanticity.py", "test_analyze.py", "test_end_to_end.py")
+                 "test_cuda_build.py", "test_patterns.py", "test_polysemanticity.py", "test_analyze.py",
+                 "test_end_to_end.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
