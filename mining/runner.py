@@ -59,6 +59,29 @@ class RunSummary:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+STATE_MEMORY_FRACTION = 0.25
+"""A job's merged statistics may take this much of the driver machine's memory: the driver holds two while it folds a
+shard into the merge, and an actor on the same machine one of its own."""
+
+
+def check_state_memory(spec: JobSpec, points: list) -> None:
+    """Refuse, in one line, a job whose statistics would not fit the driver's memory (an attention pattern is heads x
+    context_length wide a layer; a large model's MLPs tens of thousands)."""
+    from .diff import machine_memory
+    from .engine import state_bytes_per_feature
+
+    features = sum(p.width for p in points)
+    need = features * state_bytes_per_feature(spec)
+    memory = machine_memory()
+    if need > STATE_MEMORY_FRACTION * memory:
+        wide = max(points, key=lambda p: p.width)
+        raise UserError(f"hooks: the job's statistics take about {need / 2**30:.1f} GiB ({features:,} features, "
+                        f"{wide.name} alone {wide.width:,} wide), held twice while the driver merges: more than a "
+                        f"quarter of this machine's {memory / 2**30:.0f} GiB; hook fewer layers or sites"
+                        + (", or shorten corpus.context_length" if wide.n_ctx else "")
+                        + (", or turn stats.histogram off" if spec.stats.histogram else ""))
+
+
 def validate(spec: JobSpec) -> Any:
     """Everything that can be checked without weights: corpus, model files, hook names, lengths."""
     check_source(spec.corpus)
@@ -78,6 +101,8 @@ def validate(spec: JobSpec) -> Any:
         resolve_hooks(meta, spec.dense.hooks, n_ctx)
     if spec.is_diff:
         validate_diff(spec, meta)
+    elif points:
+        check_state_memory(spec, points)
     from .models import ENCODER_TYPES
 
     if config.model_type in ENCODER_TYPES:

@@ -11,8 +11,6 @@ import torch
 from mining.cli import main
 from mining.query import connect, run_named
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
 N_CTX, HEADS, LAYERS, TOKENS = 32, 9, (0, 5), 600
 JOB = f"""
 name: patterns
@@ -54,6 +52,8 @@ def brute(store, smollm2):
     return tokens, {layer: np.concatenate(r) for layer, r in rows.items()}
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_top_examples_and_moments_are_the_models_attention(store, brute):
     tokens, rows = brute
     assert len(tokens) == TOKENS
@@ -77,6 +77,8 @@ def test_top_examples_and_moments_are_the_models_attention(store, brute):
             assert row["frac_active"] == pytest.approx((col > 0).mean(), abs=2 / TOKENS)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_dense_sample_is_the_pattern(store, brute):
     from mining.dense import read_dense
 
@@ -86,6 +88,8 @@ def test_dense_sample_is_the_pattern(store, brute):
     np.testing.assert_allclose(values.astype(np.float32), rows[5][toks], rtol=2e-3, atol=1e-3)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_named_queries_over_patterns(store, brute):
     """The named queries take the pattern as any other hook; pattern-heads ranks heads by their mean attention to
     one key position (0: the BOS sink) over the mined tokens."""
@@ -105,6 +109,8 @@ def test_named_queries_over_patterns(store, brute):
     assert top["max_token_attention"] == pytest.approx(rows[top["layer"]][:, top["head"] * N_CTX + 1].max(), rel=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_diff_job_finds_the_head_whose_attention_changed(tmp_path, smol_tokenizer):
     """Two tiny Llamas, B's head 0 of layer 1 with its queries scaled (a sharper pattern): neuron-diff over
     attn.hook_pattern ranks that head's features first, and no other head's changes at all."""
@@ -136,6 +142,8 @@ compute: {{actors: 1, batch_size: 4, shard_tokens: 250}}
     assert moved == [(1, 0)]
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_the_viewer_names_a_pattern_feature_by_its_head_and_key(store, tmp_path):
     import re
 
@@ -146,3 +154,26 @@ def test_the_viewer_names_a_pattern_feature_by_its_head_and_key(store, tmp_path)
     names = re.findall(r'data-key="(\w+)"', stats)
     cells = re.findall(r"<td[^>]*>([^<]*)</td>", stats)
     assert dict(zip(names, cells))["head"] == "2" and dict(zip(names, cells))["key"] == "3"
+
+
+def test_a_job_whose_statistics_would_not_fit_is_refused_in_one_line(tmp_path, smol_tokenizer, monkeypatch):
+    """An attention pattern is heads x context_length wide a layer: the job's statistics (3.8 KB a feature with the
+    default stats, measured) must fit a quarter of the driver's memory, else one line says what to cut."""
+    import mining.diff
+    from mining.errors import UserError
+    from mining.runner import validate
+    from mining.spec import spec_from_dict
+    from mining.tiny import tiny_model
+
+    tiny_model("llama", vocab_size=len(smol_tokenizer)).save_pretrained(tmp_path)
+    smol_tokenizer.save_pretrained(tmp_path)
+    spec = spec_from_dict({"name": "wide", "model": {"id": str(tmp_path)},
+                           "corpus": {"source": "builtin:python-docs", "context_length": 128},
+                           "hooks": ["blocks.*.mlp.hook_post", "blocks.*.attn.hook_pattern"]})
+    features = 2 * 64 + 2 * 4 * 128  # two layers of 64 neurons and of 4 heads x 128 keys
+    monkeypatch.setattr(mining.diff, "machine_memory", lambda: 4 * features * 3000)  # a quarter: 3 KB a feature
+    with pytest.raises(UserError, match=r"^hooks: the job's statistics take about .*1,152 features, "
+                                        r"blocks.0.attn.hook_pattern alone 512 wide.*shorten corpus.context_length"):
+        validate(spec)
+    monkeypatch.setattr(mining.diff, "machine_memory", lambda: 4 * features * 5000)
+    validate(spec)
