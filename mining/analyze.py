@@ -7,6 +7,8 @@
             pca_loadings
     cofire  neuron pairs whose firing sets overlap most (Jaccard) and groups of neurons joined
             by pairs at or above a Jaccard threshold -> cofiring, cofire_groups
+    offsets an attention pattern's sample (attn.hook_pattern) by distance instead of key position:
+            each head's mean attention from a token to the token d positions back -> pattern_offsets
 
 Each analysis is a pure function over one hook's sample, values (n, N) float32, that tests check
 against brute force; the `analyze_*` functions read the store, run it for every chosen hook and
@@ -204,6 +206,24 @@ def components(edges: np.ndarray, n: int) -> list[list[int]]:
     return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
 
 
+# ---------------------------------------------------------------- offsets (pure)
+
+
+def attention_by_offset(values: np.ndarray, pos: np.ndarray, n_ctx: int, max_offset: int) -> tuple[np.ndarray,
+                                                                                                    np.ndarray]:
+    """Sampled attention patterns by distance. values (n, heads * n_ctx): each token's row over key positions, per
+    head (attn.hook_pattern's layout); pos (n,): its own position, the query. Returns (sums (heads, D), counts (D,))
+    over offsets d = 0..D-1, D = max_offset + 1: the attention to key pos - d, summed over the tokens that have one
+    (d <= pos)."""
+    n = len(pos)
+    rows = values.reshape(n, -1, n_ctx)
+    keys = pos[:, None] - np.arange(max_offset + 1)[None, :]  # (n, D)
+    seen = keys >= 0
+    picked = np.take_along_axis(rows, np.clip(keys, 0, None)[:, None, :], axis=2)  # (n, heads, D)
+    sums = np.where(seen[:, None, :], picked, 0.0).sum(0, dtype=np.float64)
+    return sums, seen.sum(0)
+
+
 # ---------------------------------------------------------------- the store side
 
 
@@ -383,6 +403,53 @@ def analyze_cofire(store: str | Path, hook: str | None = None, threshold: float 
     _put(s, "cofiring", pa.concat_tables(pair_tables), ["hook", "layer"], ["rank"])
     _put(s, "cofire_groups", pa.concat_tables(group_tables), ["hook", "layer"], ["group", "neuron"])
     return lines + [f"cofiring, cofire_groups written; see `mine query {store} --named cofiring`"]
+
+
+def _positions(s: Store, toks: np.ndarray) -> np.ndarray:
+    """pos (the position in its context) of each of the given sorted toks, from the token table."""
+    names = sorted(n for n, is_dir in s.files.listdir("tokens") if not is_dir and n.endswith(".parquet"))
+    if not names:
+        raise UserError(f"{s.root}: offsets needs the token table (each token's position); mine with "
+                        "`stats: {token_table: true}`")
+    table = pa.concat_tables(pq.read_table(pa.BufferReader(s.files.read_bytes(f"tokens/{n}")), columns=["tok", "pos"])
+                             for n in names)
+    table = table.filter(pc.is_in(table["tok"], value_set=pa.array(toks, pa.int64()))).sort_by("tok")
+    if table.num_rows != len(toks):
+        raise UserError(f"{s.root}: {len(toks) - table.num_rows} sampled tokens are missing from tokens/; "
+                        "the store is damaged (check it with `mine verify`)")
+    return table["pos"].to_numpy().astype(np.int64)
+
+
+def analyze_offsets(store: str | Path, hook: str | None = None, max_offset: int = 64) -> list[str]:
+    """Each chosen attn.hook_pattern sample by distance -> pattern_offsets(hook, layer, head, distance, mean, n): a
+    previous-token head has a high mean at distance 1 on the corpus itself, not only on probe sequences."""
+    if max_offset < 0:
+        raise UserError(f"--max-offset {max_offset}: must be at least 0")
+    s = _open(store)
+    hooks = [h for h in pick_hooks(s, hook) if split_hook(h)[0] == "attn.hook_pattern"]
+    if not hooks:
+        raise UserError(f"{s.root}: offsets reads attention patterns and this store has no dense attn.hook_pattern; "
+                        "mine with `dense: {hooks: [\"blocks.5.attn.hook_pattern\"], token_fraction: 0.05}`")
+    n_ctx = int(((s.recorded_job() or {}).get("corpus") or {}).get("context_length", 0))
+    tables, lines = [], []
+    for h in hooks:
+        tok, values = load_sample(s, h)
+        if not n_ctx or values.shape[1] % n_ctx:
+            raise UserError(f"{h}: {values.shape[1]} features are not heads x the job's context length ({n_ctx})")
+        d = min(max_offset, n_ctx - 1)
+        sums, counts = attention_by_offset(values, _positions(s, tok), n_ctx, d)
+        heads, offsets = sums.shape
+        mean = sums / np.maximum(counts, 1)[None, :]
+        keep = np.broadcast_to(counts > 0, mean.shape).reshape(-1)
+        head = np.repeat(np.arange(heads, dtype=np.int32), offsets)[keep]
+        offset = np.tile(np.arange(offsets, dtype=np.int32), heads)[keep]
+        tables.append(pa.table({**_site_layer(h, int(keep.sum())), "head": head, "distance": offset,
+                                "mean": mean.reshape(-1)[keep], "n": np.tile(counts, heads)[keep].astype(np.int64)}))
+        best = int(mean[:, 1].argmax()) if offsets > 1 else 0
+        lines.append(f"{h}: {heads} heads, offsets 0..{offsets - 1} over {len(tok)} sampled tokens; "
+                     + (f"head {best} attends most to the previous token ({mean[best, 1]:.3f})" if offsets > 1 else ""))
+    _put(s, "pattern_offsets", pa.concat_tables(tables), ["hook", "layer"], ["head", "distance"])
+    return lines + [f"pattern_offsets written; see `mine query {store} --named pattern-offsets`"]
 
 
 def _shell(text: str) -> str:

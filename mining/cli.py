@@ -310,7 +310,8 @@ def _layer_neuron(item: str) -> tuple[int, int]:
 
 
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
-    an = sub.add_parser("analyze", help="analyses over the dense activations: regex, pca, cofire (tables in the store)")
+    an = sub.add_parser("analyze", help="analyses over the dense activations: regex, pca, cofire, offsets (tables in "
+                        "the store)")
     an.add_argument("store")
     kinds = an.add_subparsers(dest="kind", metavar="KIND", required=True)
     hook_help = "dense hook: full name, glob or site (default: every dense hook)"
@@ -334,6 +335,10 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     cf.add_argument("--quantile", type=float, default=0.9,
                     help="a neuron fires above 0 and above this quantile of its own sample (default 0.9)")
     cf.add_argument("--min-both", type=int, default=5, help="least tokens a pair must fire on together (default 5)")
+
+    off = kinds.add_parser("offsets", help="attention patterns by distance (attn.hook_pattern) -> pattern_offsets")
+    off.add_argument("--hook", help=hook_help)
+    off.add_argument("--max-offset", type=int, default=64, help="farthest distance back kept (default 64)")
     an.set_defaults(func=cmd_analyze)
 
 
@@ -344,6 +349,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         lines = analyze.analyze_regex(args.store, args.pattern, args.hook, args.name)
     elif args.kind == "pca":
         lines = analyze.analyze_pca(args.store, args.hook, args.components, args.examples, args.loadings)
+    elif args.kind == "offsets":
+        lines = analyze.analyze_offsets(args.store, args.hook, args.max_offset)
     else:
         lines = analyze.analyze_cofire(args.store, args.hook, args.threshold, args.pairs, args.quantile,
                                        args.min_both)

@@ -320,6 +320,7 @@ _HOW_TO_GET = {
     "pca_loadings": "run `mine analyze STORE pca` (needs dense activations)",
     "cofiring": "run `mine analyze STORE cofire` (needs dense activations)",
     "cofire_groups": "run `mine analyze STORE cofire` (needs dense activations)",
+    "pattern_offsets": "run `mine analyze STORE offsets` (needs a dense attn.hook_pattern sample)",
 }
 
 

@@ -152,6 +152,26 @@ def test_cofiring_matches_brute_force(monkeypatch):
     np.testing.assert_allclose(corr, [np.corrcoef(x[:, a], x[:, b])[0, 1] for a, b in zip(cf.a, cf.b)], atol=1e-9)
 
 
+def test_attention_by_offset_matches_brute_force():
+    """Each sampled token's pattern row (heads x n_ctx key positions) read back by distance: the attention to key
+    pos - d, summed over the tokens with such a key, for d up to max_offset."""
+    rng = np.random.default_rng(3)
+    n, heads, n_ctx, max_offset = 50, 3, 12, 7
+    pos = rng.integers(0, n_ctx, n)
+    values = rng.random((n, heads * n_ctx)).astype(np.float32)
+    sums, counts = analyze.attention_by_offset(values, pos, n_ctx, max_offset)
+    want_sums, want_counts = np.zeros((heads, max_offset + 1)), np.zeros(max_offset + 1, np.int64)
+    for i in range(n):
+        for d in range(max_offset + 1):
+            if pos[i] - d >= 0:
+                want_counts[d] += 1
+                for h in range(heads):
+                    want_sums[h, d] += values[i, h * n_ctx + pos[i] - d]
+    np.testing.assert_array_equal(counts, want_counts)
+    np.testing.assert_allclose(sums, want_sums, rtol=1e-6)
+    assert counts[0] == n and counts[-1] < n  # every token has itself; not every token has one 7 back
+
+
 def test_components_by_brute_force():
     rng = np.random.default_rng(5)
     edges = rng.integers(0, 30, (25, 2))

@@ -90,6 +90,33 @@ def test_dense_sample_is_the_pattern(store, brute):
 
 @pytest.mark.slow
 @pytest.mark.ray
+def test_offsets_rank_the_previous_token_heads_of_the_corpus(store, brute):
+    """`mine analyze STORE offsets` reads the dense pattern sample by distance: head h's mean attention to the token
+    d back over the sampled tokens, here against the model's own patterns of those tokens."""
+    from mining.dense import read_dense
+
+    tokens, rows = brute
+    assert main(["analyze", str(store), "offsets", "--max-offset", "4"]) == 0
+    toks, _ = read_dense(store, "blocks.5.attn.hook_pattern")
+    pos = tokens.set_index("tok").loc[toks, "pos"].to_numpy()
+    a = rows[5][toks].reshape(len(toks), HEADS, N_CTX)
+    con = connect(store)
+    got = run_named(con, "pattern-offsets", {"limit": "50"}).to_pylist()
+    table = con.execute("SELECT head, distance, mean, n FROM pattern_offsets ORDER BY head, distance").fetchall()
+    con.close()
+    assert len(table) == HEADS * 5
+    for head, d, mean, n in table:
+        seen = pos >= d
+        assert n == seen.sum()
+        assert mean == pytest.approx(a[seen, head, pos[seen] - d].mean(), rel=2e-3, abs=1e-4)
+    previous = np.array([a[np.arange(len(toks)), h, pos - 1].mean() for h in range(HEADS)])  # distance 1
+    assert sorted(r["head"] for r in got) == list(range(HEADS))
+    assert [r["mean"] for r in got] == sorted((r["mean"] for r in got), reverse=True)  # ranked, highest first
+    np.testing.assert_allclose([r["mean"] for r in got], previous[[r["head"] for r in got]], rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
 def test_named_queries_over_patterns(store, brute):
     """The named queries take the pattern as any other hook; pattern-heads ranks heads by their mean attention to
     one key position (0: the BOS sink) over the mined tokens."""
