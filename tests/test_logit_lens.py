@@ -19,36 +19,31 @@ from mining.tiny import tiny_model
 K = 5
 
 
+# family -> (base model, block list, MLP output projection, final norm) where they are not llama's
+LAYER_NORM_PATHS = {
+    "phi": ("model", "layers", "mlp.fc2", "final_layernorm"),
+    "opt": ("model.decoder", "layers", "fc2", "final_layer_norm"),
+    "xglm": ("model", "layers", "fc2", "layer_norm"),
+    "mpt": ("transformer", "blocks", "ffn.down_proj", "norm_f"),
+    "codegen": ("transformer", "h", "mlp.fc_out", "ln_f"),
+    "persimmon": ("model", "layers", "mlp.dense_4h_to_h", "final_layernorm"),
+    "bloom": ("transformer", "h", "mlp.dense_4h_to_h", "ln_f"),
+    "falcon": ("transformer", "h", "mlp.dense_4h_to_h", "ln_f"),
+    "gpt_neox": ("gpt_neox", "layers", "mlp.dense_4h_to_h", "final_layer_norm"),
+}
+
+
 def raw_weights(model, arch: str, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W_out as (neurons, d_model), final norm gain (d_model,), W_U as (vocab, d_model)) straight from the
     modules, independently of mining.hooks."""
     if arch == "gpt2":  # Conv1D stores (in, out)
         t = model.transformer
         return t.h[layer].mlp.c_proj.weight, t.ln_f.weight, model.lm_head.weight
-    if arch == "phi":
-        t = model.model
-        return t.layers[layer].mlp.fc2.weight.T, t.final_layernorm.weight, model.lm_head.weight
-    if arch == "opt":
-        t = model.model.decoder
-        return t.layers[layer].fc2.weight.T, t.final_layer_norm.weight, model.lm_head.weight
-    if arch == "xglm":
-        t = model.model
-        return t.layers[layer].fc2.weight.T, t.layer_norm.weight, model.lm_head.weight
-    if arch == "mpt":
-        t = model.transformer
-        return t.blocks[layer].ffn.down_proj.weight.T, t.norm_f.weight, model.lm_head.weight
-    if arch == "codegen":
-        t = model.transformer
-        return t.h[layer].mlp.fc_out.weight.T, t.ln_f.weight, model.lm_head.weight
-    if arch == "persimmon":
-        t = model.model
-        return t.layers[layer].mlp.dense_4h_to_h.weight.T, t.final_layernorm.weight, model.lm_head.weight
-    if arch in ("bloom", "falcon"):
-        t = model.transformer
-        return t.h[layer].mlp.dense_4h_to_h.weight.T, t.ln_f.weight, model.lm_head.weight
-    if arch == "gpt_neox":
-        t = model.gpt_neox
-        return t.layers[layer].mlp.dense_4h_to_h.weight.T, t.final_layer_norm.weight, model.lm_head.weight
+    if arch in LAYER_NORM_PATHS:  # nn.Linear stores (out, in)
+        base, blocks, out_proj, norm = LAYER_NORM_PATHS[arch]
+        t = model.get_submodule(base)
+        w_out = t.get_submodule(blocks)[layer].get_submodule(out_proj).weight.T
+        return w_out, t.get_submodule(norm).weight, model.lm_head.weight
     t, blk = model.model, model.model.layers[layer]
     one = 1.0 if "gemma" in arch or arch == "nemotron" else 0.0  # Gemma's RMSNorm, Nemotron's LayerNorm: 1 + weight
     w_out = blk.mlp.down_proj.weight.T
