@@ -233,8 +233,10 @@ def state_bytes_per_feature(spec: JobSpec) -> float:
     n, m = 8, 16
     probe = HookStats.empty(spec)
     toks = torch.arange(m).reshape(1, m)
+    groups = {"by_token": torch.zeros(m, dtype=torch.long),  # polysemanticity's groups: any in range
+              "by_position": torch.arange(m) % spec.corpus.context_length}
     probe.update(torch.randn(1, m, n, generator=torch.Generator().manual_seed(0)), toks, toks >= 0, torch.arange(m),
-                 toks.reshape(-1))
+                 toks.reshape(-1), groups)
     return sum(t.numel() * t.element_size() for t in probe.state_dict().values()) / n
 
 

@@ -204,3 +204,20 @@ def test_a_job_whose_statistics_would_not_fit_is_refused_in_one_line(tmp_path, s
         validate(spec)
     monkeypatch.setattr(mining.diff, "machine_memory", lambda: 4 * features * 5000)
     validate(spec)
+
+
+def test_the_bytes_a_feature_takes_are_measured_with_every_statistic_on():
+    """The probe runs each reducer a job's stats turn on (polysemanticity's groups too) and counts its state."""
+    from mining.engine import state_bytes_per_feature
+    from mining.spec import spec_from_dict
+
+    def per_feature(stats: dict) -> float:
+        return state_bytes_per_feature(spec_from_dict({
+            "name": "probe", "model": {"id": "smollm2-135m"}, "hooks": ["blocks.*.mlp.hook_post"],
+            "corpus": {"source": "builtin:python-docs", "context_length": 8}, "stats": stats}))
+
+    plain = per_feature({})
+    every = per_feature({"quantile_samples": 8, "polysemanticity": True, "token_groups": 16, "dla": True,
+                         "histogram": True, "moments": True})
+    assert 3000 < plain < every
+    assert per_feature({"histogram": False}) < plain / 2  # most of it is the histogram's counts
