@@ -277,18 +277,27 @@ def _site_layer(hook: str, n: int) -> dict[str, pa.Array]:
     return {"hook": pa.array([site] * n, pa.string()), "layer": pa.array(np.full(n, layer, np.int32))}
 
 
-def _spans(s: Store, toks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
-    """doc_id, char_start, char_end of the given (sorted) toks, and the text of their documents."""
+def _token_rows(s: Store, toks: np.ndarray, cols: list[str], needs: str) -> pa.Table:
+    """The token table's `cols` (and tok) of the given sorted toks, in their order; `needs` says who asks."""
     names = [n for n, is_dir in s.files.listdir("tokens") if not is_dir and n.endswith(".parquet")]
-    if not names or not s.files.exists("docs.parquet"):
-        raise UserError(f"{s.root}: regex needs the token table and docs.parquet; mine with `stats: {{token_table: true}}`")
-    cols = ["tok", "doc_id", "char_start", "char_end"]
-    parts = [pq.read_table(pa.BufferReader(s.files.read_bytes(f"tokens/{n}")), columns=cols) for n in sorted(names)]
+    if not names:
+        raise UserError(f"{s.root}: {needs} the token table; mine with `stats: {{token_table: true}}`")
+    parts = [pq.read_table(pa.BufferReader(s.files.read_bytes(f"tokens/{n}")), columns=["tok", *cols])
+             for n in sorted(names)]
     table = pa.concat_tables(parts)
     table = table.filter(pc.is_in(table["tok"], value_set=pa.array(toks, pa.int64()))).sort_by("tok")
     if table.num_rows != len(toks):
         raise UserError(f"{s.root}: {len(toks) - table.num_rows} sampled tokens are missing from tokens/; "
                         "the store is damaged (check it with `mine verify`)")
+    return table
+
+
+def _spans(s: Store, toks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+    """doc_id, char_start, char_end of the given (sorted) toks, and the text of their documents."""
+    if not s.files.exists("docs.parquet"):
+        raise UserError(f"{s.root}: regex needs the token table and docs.parquet; "
+                        "mine with `stats: {token_table: true}`")
+    table = _token_rows(s, toks, ["doc_id", "char_start", "char_end"], "regex needs")
     doc_id = table["doc_id"].to_numpy()
     docs = pq.read_table(pa.BufferReader(s.files.read_bytes("docs.parquet")), columns=["doc_id", "text"])
     docs = docs.filter(pc.is_in(docs["doc_id"], value_set=pa.array(np.unique(doc_id))))
@@ -405,21 +414,6 @@ def analyze_cofire(store: str | Path, hook: str | None = None, threshold: float 
     return lines + [f"cofiring, cofire_groups written; see `mine query {store} --named cofiring`"]
 
 
-def _positions(s: Store, toks: np.ndarray) -> np.ndarray:
-    """pos (the position in its context) of each of the given sorted toks, from the token table."""
-    names = sorted(n for n, is_dir in s.files.listdir("tokens") if not is_dir and n.endswith(".parquet"))
-    if not names:
-        raise UserError(f"{s.root}: offsets needs the token table (each token's position); mine with "
-                        "`stats: {token_table: true}`")
-    table = pa.concat_tables(pq.read_table(pa.BufferReader(s.files.read_bytes(f"tokens/{n}")), columns=["tok", "pos"])
-                             for n in names)
-    table = table.filter(pc.is_in(table["tok"], value_set=pa.array(toks, pa.int64()))).sort_by("tok")
-    if table.num_rows != len(toks):
-        raise UserError(f"{s.root}: {len(toks) - table.num_rows} sampled tokens are missing from tokens/; "
-                        "the store is damaged (check it with `mine verify`)")
-    return table["pos"].to_numpy().astype(np.int64)
-
-
 def analyze_offsets(store: str | Path, hook: str | None = None, max_offset: int = 64) -> list[str]:
     """Each chosen attn.hook_pattern sample by distance -> pattern_offsets(hook, layer, head, distance, mean, n): a
     previous-token head has a high mean at distance 1 on the corpus itself, not only on probe sequences."""
@@ -437,7 +431,8 @@ def analyze_offsets(store: str | Path, hook: str | None = None, max_offset: int 
         if not n_ctx or values.shape[1] % n_ctx:
             raise UserError(f"{h}: {values.shape[1]} features are not heads x the job's context length ({n_ctx})")
         d = min(max_offset, n_ctx - 1)
-        sums, counts = attention_by_offset(values, _positions(s, tok), n_ctx, d)
+        pos = _token_rows(s, tok, ["pos"], "offsets needs each token's position from")["pos"].to_numpy()
+        sums, counts = attention_by_offset(values, pos.astype(np.int64), n_ctx, d)
         heads, offsets = sums.shape
         mean = sums / np.maximum(counts, 1)[None, :]
         keep = np.broadcast_to(counts > 0, mean.shape).reshape(-1)
