@@ -154,6 +154,11 @@ def test_other_parts(capsys, tiny_llama):
     r = bench(capsys, tiny_llama, "--parts", "tokens,dense,patterns,alternatives,bytes")
     assert r["bare_tokens_per_s"] > 0  # the baseline runs whenever a throughput variant does
     assert r["token_table_ratio"] > 0 and r["dense_ratio"] > 0 and r["patterns_ratio"] > 0
+    from mining.bench import BenchConfig, bench_job
+
+    hooks = {v: bench_job(BenchConfig(), v)["hooks"] for v in ("mining", "patterns")}  # the variant's extra work
+    assert hooks == {"mining": ["blocks.*.mlp.hook_post"],
+                     "patterns": ["blocks.*.mlp.hook_post", "blocks.*.attn.hook_pattern"]}
     alt = r["alternatives"]
     cache = alt["cache_to_disk"]
     assert cache["tokens_per_s"] > 0 and cache["cache_bytes"] >= 300 * 128 * 2  # float16 per neuron and token

@@ -49,8 +49,9 @@ def write_site(root: Path, con: duckdb.DuckDBPyConnection, by_neuron: dict[Neuro
         for doc_id in sorted(docs):
             html = document_page(title, surprise_document(con, doc_id, document.STATIC_DOC_TOKENS), links.index)
             (tmp / "docs" / f"{doc_id}.html").write_text(html, encoding="utf-8")
+        n_ctx = data.context_length(root)  # names an attention pattern's features (job.yaml, read once)
         for nid, exs in by_neuron.items():
-            html = neuron_page(data.neuron_page(con, nid, exs, data.context_length(root)), links)
+            html = neuron_page(data.neuron_page(con, nid, exs, n_ctx), links)
             (tmp / "neurons" / f"{nid.hook}-{nid.layer}-{nid.neuron}.html").write_text(html, encoding="utf-8")
         if heads:
             (tmp / "heads").mkdir()
