@@ -3,7 +3,9 @@
 import atexit
 import gc
 import os
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,24 +49,46 @@ HOSTILE = ('<script>alert("x")</script> "><img src=x onerror=alert(1)> '
            "\u202eevil\u202c zero\u200bwidth caf\u00e9 \U0001f600 &amp; </textarea>")
 
 
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:
+    """A folder built once for the whole run, by whichever xdist worker asks first; the others wait for it.
+
+    Each worker is a process with its own session fixtures, so a session fixture is built once a worker: the
+    viewer's store (a Ray job) three times under `-n 3`. `build(folder)` fills a fresh folder; a marker written
+    after it says the folder is complete, and a build that failed is started over by the next worker asking."""
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    runs = tmp_path_factory.getbasetemp().parent  # shared by the run's workers (pytest-of-USER/pytest-N)
+    folder, done = runs / f"shared-{name}", runs / f"shared-{name}.done"
+    with FileLock(str(runs / f"shared-{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
-def viewer_store(tmp_path_factory, smol_tokenizer):
-    """A tiny Llama (SmolLM2's tokenizer) mined over hostile text with every table the viewer shows."""
-    from mining.cli import main
+def hostile_job(tmp_path_factory, smol_tokenizer) -> Path:
+    """A tiny Llama (SmolLM2's tokenizer) and a job over hostile text with every table the viewer shows; the
+    job file is `job.yaml` beside `model/` and `docs/`."""
     from mining.tiny import tiny_model
 
-    root = tmp_path_factory.mktemp("viewer")
-    model = root / "model"
-    tiny_model("llama", vocab_size=len(smol_tokenizer), max_position_embeddings=256).save_pretrained(model)
-    smol_tokenizer.save_pretrained(model)
-    docs = root / "docs"
-    docs.mkdir()
-    prose = ("The parser reads a token, then the next one, and the value bound to a name is looked up "
-             "in the enclosing scope before the call returns. ")
-    for i in range(6):
-        (docs / f"doc{i}.txt").write_text((HOSTILE + " " + prose) * 6, encoding="utf-8")
-    job = root / "job.yaml"
-    job.write_text(f"""
+    def build(root: Path) -> None:
+        model = root / "model"
+        tiny_model("llama", vocab_size=len(smol_tokenizer), max_position_embeddings=256).save_pretrained(model)
+        smol_tokenizer.save_pretrained(model)
+        docs = root / "docs"
+        docs.mkdir()
+        prose = ("The parser reads a token, then the next one, and the value bound to a name is looked up "
+                 "in the enclosing scope before the call returns. ")
+        for i in range(6):
+            (docs / f"doc{i}.txt").write_text((HOSTILE + " " + prose) * 6, encoding="utf-8")
+        (root / "job.yaml").write_text(f"""
 name: hostile
 model: {{id: "{model}"}}
 corpus: {{source: "files:{docs}/*.txt", context_length: 64}}
@@ -72,8 +96,19 @@ hooks: ["blocks.*.mlp.hook_post"]
 stats: {{top_k: 8, quantile_samples: 2, dla: true, logit_lens: true, heads: true}}
 compute: {{actors: 1, batch_size: 8, shard_tokens: 2048}}
 """)
-    assert main(["run", str(job), "--store", str(root / "store"), "--no-progress"]) == 0
-    return root / "store"
+
+    return shared_dir(tmp_path_factory, "hostile-job", build) / "job.yaml"
+
+
+@pytest.fixture(scope="session")
+def viewer_store(tmp_path_factory, hostile_job) -> Path:
+    """hostile_job mined: a store every worker reads and none writes (the `store/` beside its job.yaml)."""
+    from mining.cli import main
+
+    def build(folder: Path) -> None:
+        assert main(["run", str(hostile_job), "--store", str(folder / "store"), "--no-progress"]) == 0
+
+    return shared_dir(tmp_path_factory, "viewer-store", build) / "store"
 
 
 @pytest.fixture(scope="session")
@@ -100,14 +135,15 @@ def tiny_job(tmp_path_factory, smol_tokenizer):
     return spec, loaded, shards
 
 
-# The modules that take longest, longest first (measured serially on 2 cores, 2026-12-06: test_runner.py 370 s down
-# to test_end_to_end.py 40 s). The README's `-n 3` gives each worker a module at a time in this order; in file order
-# test_runner.py started last and ran with the cores partly idle for its last minutes.
-LONGEST_FIRST = ("test_runner.py", "test_bad_input.py", "test_faults.py", "test_submit.py", "test_bench.py",
-                 "test_demo.py", "test_compute_auto.py", "test_object_store.py", "test_diff.py",
-                 "test_viewer_browser.py", "test_quantize.py", "test_finetune_diff.py", "test_gpu_check.py",
-                 "test_cuda_build.py", "test_patterns.py", "test_polysemanticity.py", "test_analyze.py",
-                 "test_end_to_end.py")
+# The modules that take longest, longest first (their tests' durations summed under `-n 3`, 2026-12-07: test_runner.py
+# 436 s down to test_encoder.py 14 s). The README's `-n 3` gives each worker a module at a time in this order; in
+# file order test_runner.py started last and ran with the cores partly idle for its last minutes.
+LONGEST_FIRST = ("test_runner.py", "test_faults.py", "test_bad_input.py", "test_compute_auto.py", "test_diff.py",
+                 "test_submit.py", "test_demo.py", "test_polysemanticity.py", "test_end_to_end.py",
+                 "test_object_store.py", "test_bench.py", "test_quantize.py", "test_kernels_boundscheck.py",
+                 "test_finetune_diff.py", "test_dla_archs.py", "test_patterns.py", "test_viewer_browser.py",
+                 "test_cuda_sanitized.py", "test_gpu_check.py", "test_cuda_build.py", "test_export.py",
+                 "test_analyze.py", "test_dla.py", "test_encoder.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -39,11 +39,11 @@ def tree_checksums(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def world(viewer_store, tmp_path_factory):
+def world(viewer_store, hostile_job, tmp_path_factory):
     """A complete store, its job spec, the tiny model's directory and a scratch folder of bad inputs."""
     root = tmp_path_factory.mktemp("bad")
-    job = viewer_store.parent / "job.yaml"
-    model = viewer_store.parent / "model"
+    job = hostile_job
+    model = hostile_job.parent / "model"
     good = job.read_text()
     docs = root / "docs"
     docs.mkdir()

@@ -115,10 +115,10 @@ def test_auto_matches_the_number_it_chose_when_resuming():
 
 
 @pytest.fixture(scope="module")
-def job(viewer_store, tmp_path_factory):
+def job(hostile_job, tmp_path_factory):
     """The tiny model over the hostile corpus, batch size auto, in shards of about 16 contexts."""
     tmp = tmp_path_factory.mktemp("batch-auto")
-    text = (viewer_store.parent / "job.yaml").read_text()
+    text = hostile_job.read_text()
     text = text.replace("compute: {actors: 1, batch_size: 8, shard_tokens: 2048}",
                         "compute: {actors: 1, batch_size: auto, shard_tokens: 1008}")
     assert "batch_size: auto" in text

@@ -35,10 +35,10 @@ def content(store: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def job(viewer_store, tmp_path_factory):
+def job(hostile_job, tmp_path_factory):
     """The tiny model over the hostile corpus in 4 shards, 2 actors."""
     tmp = tmp_path_factory.mktemp("faults")
-    text = (viewer_store.parent / "job.yaml").read_text()
+    text = hostile_job.read_text()
     text = text.replace("compute: {actors: 1, batch_size: 8, shard_tokens: 2048}",
                         "compute: {actors: 2, batch_size: 4, shard_tokens: 700}")
     path = tmp / "job.yaml"

@@ -204,9 +204,9 @@ def test_served_errors_are_pages_not_tracebacks(served):
 
 
 @pytest.fixture(scope="module")
-def diff_site(viewer_store, tmp_path_factory):
+def diff_site(hostile_job, tmp_path_factory):
     """The hostile corpus diffed between the viewer store's tiny model and its q4_0-rounded self, exported."""
-    root = viewer_store.parent
+    root = hostile_job.parent
     tmp = tmp_path_factory.mktemp("diff-site")
     job = tmp / "job.yaml"
     job.write_text(f"""
