@@ -29,6 +29,7 @@ from .reducers.layer_kernel import Numerator
 from .reducers.gate_cases import GateCases
 from .reducers.group_variance import GroupVariance, update_both
 from .reducers.pair import CrossMoments, PairMoments
+from .sae import load_saes
 from .shards import Shard
 from .spec import JobSpec
 
@@ -259,9 +260,10 @@ class ShardMiner:
         self.batch_size: int | None = spec.compute.fixed_batch_size
         """Contexts per forward pass: compute.batch_size, or what batch_fit chose for `auto`."""
         n_ctx = spec.corpus.context_length  # an attention pattern's key positions
+        saes = load_saes(spec.saes)
         # a diff job may have no hooks
-        self.points: list[HookPoint] = resolve_hooks(loaded.model, spec.hooks, n_ctx) if spec.hooks else []
-        self.dense_points = resolve_hooks(loaded.model, spec.dense.hooks, n_ctx) if spec.dense.hooks else []
+        self.points: list[HookPoint] = resolve_hooks(loaded.model, spec.hooks, n_ctx, saes) if spec.hooks else []
+        self.dense_points = resolve_hooks(loaded.model, spec.dense.hooks, n_ctx, saes) if spec.dense.hooks else []
         self.dla = DirectLogitAttribution(loaded.model) if spec.stats.dla and loaded.causal else None
         self.dla_points = {p.name for p in self.points if p.site == "mlp.hook_post"} if self.dla else set()
         if self.dla_points and loaded.device.type == "cpu":

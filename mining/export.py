@@ -260,9 +260,9 @@ def _np_feature(con: duckdb.DuckDBPyConnection, nid: NeuronId, model_id: str, so
     hist = run_named(con, "histogram", {"hook": nid.hook, "layer": str(nid.layer),
                                         "neuron": str(nid.neuron)}).to_pylist() if has_tables(con, "histograms") else []
     pos, neg = [], []
-    if nid.hook == "mlp.hook_post" and has_tables(con, "logit_lens"):
-        rows = run_named(con, "logit-lens", {"layer": str(nid.layer), "neuron": str(nid.neuron), "sign": "both",
-                                             "k": "10"}).to_pylist()
+    if has_tables(con, "logit_lens"):
+        rows = run_named(con, "logit-lens", {"hook": nid.hook, "layer": str(nid.layer), "neuron": str(nid.neuron),
+                                             "sign": "both", "k": "10"}).to_pylist()
         pos = [r for r in rows if r["sign"] == "boost"]
         neg = [r for r in rows if r["sign"] == "suppress"]
     return {

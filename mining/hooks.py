@@ -13,20 +13,24 @@ capture() switches on while one is hooked.
 attn.hook_pattern is one query token's attention over the context's key positions, per head: TransformerLens'
 pattern[b, h, q, k] at token (b, q) is feature h * context_length + k, keys past the query (or past the context)
 are 0. Its width is fixed by the job's context length, so resolve_hooks takes it.
+
+SITE.hook_sae_acts_post is an SAE's latents of SITE's activation (SAELens' name): resolve_hooks takes the job's
+SAEs by the hook they read (mining/sae.py), and the point encodes what its base site captures.
 """
 
 from __future__ import annotations
 
 import re
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .architectures import IN, SITE_ORDER, arch_of, dims, locate, model_type, sites_for, why_missing
 from .errors import UserError
+from .sae import SAE, SUFFIX, split_sae
 
 _NAME = re.compile(r"blocks\.(\*|-?\d+)\.([A-Za-z_.]+)")
 
@@ -54,6 +58,8 @@ class HookPoint:
     """The activation is the softmax of the module's output (a MoE router's logits -> routing probabilities)."""
     n_ctx: int | None = None
     """attn.hook_pattern only: key positions per head (the job's context length); width == n_heads * n_ctx."""
+    sae: SAE | None = field(default=None, compare=False, repr=False)
+    """SITE.hook_sae_acts_post only: the SAE encoding the base site's activation; width == sae.d_sae latents."""
 
     @property
     def output_index(self) -> int:
@@ -82,10 +88,12 @@ def n_layers(model: nn.Module) -> int:
     return len(locate(model, arch_of(model))[1])
 
 
-def resolve_hooks(model: nn.Module, patterns: Sequence[str] | str,
-                  context_length: int | None = None) -> list[HookPoint]:
+def resolve_hooks(model: nn.Module, patterns: Sequence[str] | str, context_length: int | None = None,
+                  saes: Mapping[str, SAE] | None = None) -> list[HookPoint]:
     """Hook names (a `*` layer means every layer) -> points sorted by (layer, site order), deduplicated.
-    context_length: the longest context the model will see, which attn.hook_pattern needs (its keys)."""
+    context_length: the longest context the model will see, which attn.hook_pattern needs (its keys).
+    saes: base hook name -> SAE, for SITE.hook_sae_acts_post names (a `*` layer: the layers that have one)."""
+    saes = saes or {}
     arch = arch_of(model)
     prefix, blocks = locate(model, arch)
     n_layers = len(blocks)
@@ -102,19 +110,29 @@ def resolve_hooks(model: nn.Module, patterns: Sequence[str] | str,
         if m is None:
             raise UserError(f"bad hook name {pattern!r}; {_valid_names(model, n_layers)}")
         layer_s, site = m.groups()
-        if site not in sites:
-            reason = why_missing(arch, model.config, site) or f"unknown site {site!r}"
+        base, latents = split_sae(site)
+        if base not in sites:
+            reason = why_missing(arch, model.config, base) or f"unknown site {base!r}"
             raise UserError(f"{pattern!r}: {reason}; {_valid_names(model, n_layers)}")
+        if latents and base in ("attn.hook_pattern", "mlp.hook_expert_weights"):
+            raise UserError(f"{pattern!r}: an SAE reads a residual stream, attn.hook_z or an MLP site, not {base}")
         if layer_s == "*":
-            layers = range(n_layers)
+            layers = [L for L in range(n_layers) if f"blocks.{L}.{base}" in saes] if latents else range(n_layers)
+            if latents and not layers:
+                raise UserError(f"{pattern!r}: no SAE reads blocks.*.{base}; give them under saes:, e.g. "
+                                f"saes: {{blocks.0.{base}: DIR}}")
         else:
             layers = [int(layer_s)]
             if not 0 <= layers[0] < n_layers:
                 raise UserError(f"{pattern!r}: layer {layer_s} out of range, this model has layers 0..{n_layers - 1}")
-        rel, direction = sites[site]
+        rel, direction = sites[base]
         for layer in layers:
             path = f"{prefix}{arch.layers}.{layer}" + (f".{rel}" if rel else "")
             name = f"blocks.{layer}.{site}"
+            if latents:
+                points[name] = _sae_point(name, site, layer, path, direction, saes.get(f"blocks.{layer}.{base}"),
+                                          _base_width(base, d), arch.chunks.get(base))
+                continue
             if site == "attn.hook_z":
                 extra = {"width": d["n_heads"] * d["d_head"], "n_heads": d["n_heads"], "d_head": d["d_head"]}
             elif site == "attn.hook_pattern":
@@ -127,14 +145,30 @@ def resolve_hooks(model: nn.Module, patterns: Sequence[str] | str,
             else:
                 extra = {"width": d["d_mlp"] if site.startswith("mlp.") else d["d_model"]}
             points[name] = HookPoint(name, site, layer, path, direction, chunk=arch.chunks.get(site), **extra)
-    return sorted(points.values(), key=lambda p: (p.layer, SITE_ORDER.index(p.site)))
+    return sorted(points.values(), key=lambda p: (p.layer, SITE_ORDER.index(split_sae(p.site)[0]), p.site))
+
+
+def _base_width(site: str, d: Mapping[str, int]) -> int:
+    return d["n_heads"] * d["d_head"] if site == "attn.hook_z" else d["d_mlp"] if site.startswith("mlp.") \
+        else d["d_model"]
+
+
+def _sae_point(name: str, site: str, layer: int, path: str, direction: str, sae: SAE | None, width: int,
+               chunk: tuple[int, int] | None) -> HookPoint:
+    base = name.removesuffix(SUFFIX)
+    if sae is None:
+        raise UserError(f"{name!r}: no SAE reads {base}; give one under saes:, e.g. saes: {{{base}: DIR}}")
+    if sae.d_in != width:
+        raise UserError(f"saes.{base}: the SAE reads {sae.d_in} features, {base} has {width}; is it this model's "
+                        "SAE, for this hook?")
+    return HookPoint(name, site, layer, path, direction, sae.d_sae, chunk=chunk, sae=sae)
 
 
 def take(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
     """The point's activation from its module's tensor (..., features): all of it, its chunk as a contiguous copy
     (the kernels read contiguous rows; the fused projection's output is dropped after the MLP anyway), or its
-    softmax (a router's logits)."""
-    width = point.width * (point.chunk[1] if point.chunk else 1)
+    softmax (a router's logits); an SAE's latents of that (a new tensor)."""
+    width = (point.sae.d_in if point.sae else point.width) * (point.chunk[1] if point.chunk else 1)
     if x.shape[-1] != width:
         raise UserError(
             f"{point.name} ({point.module_path} {point.direction}) has {x.shape[-1]} features but the model "
@@ -142,10 +176,10 @@ def take(point: HookPoint, x: torch.Tensor) -> torch.Tensor:
         )
     if point.softmax:  # float32 at least, as the routers take it
         return torch.softmax(x, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
-    if point.chunk is None:
-        return x
-    i = point.chunk[0]
-    return x[..., i * point.width:(i + 1) * point.width].contiguous()
+    if point.chunk is not None:
+        i, w = point.chunk[0], width // point.chunk[1]
+        x = x[..., i * w:(i + 1) * w].contiguous()
+    return point.sae.encode(x) if point.sae else x
 
 
 def pattern_rows(point: HookPoint, x: torch.Tensor | None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Tables about the model rather than per-token statistics, built on an actor that holds the model.
 
-    logit_lens        from the weights (hooked mlp.hook_post layers)
+    logit_lens        from the weights (hooked mlp.hook_post layers, and SAE latents that write the stream)
     heads             head scores on repeated random tokens plus a few corpus contexts
     neuron_coherence  embedding coherence of each neuron's merged top-context peak tokens
     weight_diff       diff jobs: per parameter, neuron and head, how much B's weights differ from A's
@@ -30,10 +30,12 @@ COHERENCE_SCHEMA = pa.schema([("hook", pa.string()), ("layer", pa.int32()), ("ne
 def write_model_tables(miner: ShardMiner, store: Store, names: list[str], inputs: dict[str, Any]) -> None:
     model, tokenizer = miner.loaded.model, miner.loaded.tokenizer
     if "logit_lens" in names:
-        from .analyses.logit_lens import logit_lens_table
+        from .analyses.logit_lens import has_lens, logit_lens_table
 
         layers = sorted({p.layer for p in miner.points if p.site == "mlp.hook_post"})
-        store.write_table("logit_lens", logit_lens_table(model, tokenizer, layers, k=miner.spec.stats.logit_lens_k))
+        latents = [p for p in miner.points if p.sae and has_lens(p)]
+        store.write_table("logit_lens", logit_lens_table(model, tokenizer, layers, k=miner.spec.stats.logit_lens_k,
+                                                         latents=latents))
     if "heads" in names:
         from .analyses.heads import head_scores_table
 

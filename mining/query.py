@@ -86,10 +86,14 @@ def connect(store: str | Path) -> duckdb.DuckDBPyConnection:
         "parquet_metadata_cache": True,  # a store's token files are many; read their footers once
     })
     try:
-        for name, source in store_tables(root).items():
+        tables = store_tables(root)
+        for name, source in tables.items():
             con.execute(f"CREATE VIEW {_ident(name)} AS SELECT * FROM {source}")
-        if "logprob_b" in {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
-                                                      "WHERE table_name = 'tokens'").fetchall()}:
+        if "logit_lens" in tables and "hook" not in _columns(con, "logit_lens"):
+            # a store mined before SAE latents had lens rows: every row is an MLP neuron's
+            con.execute(f"CREATE OR REPLACE VIEW logit_lens AS SELECT 'mlp.hook_post' AS hook, * FROM "
+                        f"{tables['logit_lens']}")
+        if "logprob_b" in _columns(con, "tokens"):
             # a diff store: both models' log-prob of the actual next token on each token row
             con.execute("CREATE VIEW token_diff AS SELECT tok, logprob AS logprob_a, logprob_b, "
                         "logprob_b - logprob AS diff FROM tokens")
@@ -103,6 +107,11 @@ def connect(store: str | Path) -> duckdb.DuckDBPyConnection:
         con.close()
         raise UserError(f"{store}: cannot open the store's tables: {_one_line(e)}") from None
     return con
+
+
+def _columns(con: duckdb.DuckDBPyConnection, view: str) -> set[str]:
+    return {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+                                      [view]).fetchall()}
 
 
 def store_tables(root: Path) -> dict[str, str]:

@@ -24,6 +24,7 @@ import yaml
 from .errors import UserError
 from .hooks import capture, resolve_hooks
 from .models import LoadedModel, load_model, resolve_source
+from .sae import load_saes
 from .shards import special_tokens
 from .spec import spec_from_dict
 
@@ -163,7 +164,7 @@ class Replayer:
             ids[i, : len(r)] = torch.tensor(r)
             attention[i, : len(r)] = 1
         names = [f"blocks.{layer}.{site}" for layer in layers]
-        points = resolve_hooks(loaded.model, names, self.spec.corpus.context_length)
+        points = resolve_hooks(loaded.model, names, self.spec.corpus.context_length, load_saes(self.spec.saes))
         deepest = max(layers)
         seen: dict[int, torch.Tensor] = {}
 

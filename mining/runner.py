@@ -27,6 +27,7 @@ from .engine import frequent_tokens
 from .errors import UserError
 from .gc_pause import gc_paused
 from .merge import RunningFold, merge_into_tables, write_manifest
+from .sae import SUFFIX, load_saes, sae_provenance
 from .models import check_weight_files, load_config, load_tokenizer, resolve_source
 from .shards import Shard, build_shards, iter_contexts, special_tokens
 from .spec import CPU_SHARD_TOKENS, GPU_SHARD_TOKENS, JobSpec
@@ -96,9 +97,14 @@ def validate(spec: JobSpec) -> Any:
     from .hooks import resolve_hooks
 
     n_ctx = spec.corpus.context_length
-    points = resolve_hooks(meta, spec.hooks, n_ctx) if spec.hooks else []  # a diff job may have none (token by token)
-    if spec.dense.hooks:
-        resolve_hooks(meta, spec.dense.hooks, n_ctx)
+    saes = load_saes(spec.saes)  # their configs and weight files' headers
+    # a diff job may have no hooks (token by token)
+    points = resolve_hooks(meta, spec.hooks, n_ctx, saes) if spec.hooks else []
+    dense = resolve_hooks(meta, spec.dense.hooks, n_ctx, saes) if spec.dense.hooks else []
+    read = {p.name.removesuffix(SUFFIX) for p in points + dense if p.sae}
+    unread = sorted(set(saes) - read)
+    if unread:
+        raise UserError(f"saes.{unread[0]}: no hook reads this SAE; add {unread[0]}{SUFFIX} to hooks, or remove it")
     if spec.is_diff:
         validate_diff(spec, meta)
     elif points:
@@ -117,10 +123,13 @@ def validate(spec: JobSpec) -> Any:
             raise UserError("stats.gate_cases: no hooked blocks.*.mlp.hook_post of a gated MLP (SwiGLU/GeGLU) in "
                             "this job; turn it off for this model")
     if points and not spec.is_diff and not any(p.site == "mlp.hook_post" for p in points):
+        from .analyses.logit_lens import has_lens
+
         for key in ("dla", "logit_lens"):  # they read neurons' output weights (a diff job's DLA also reads heads)
-            if getattr(spec.stats, key):
-                raise UserError(f"stats.{key}: it reads blocks.*.mlp.hook_post neurons and this job hooks none; "
-                                "hook them or turn it off")
+            if getattr(spec.stats, key) and not (key == "logit_lens" and any(map(has_lens, points))):
+                also = " (or an SAE's latents on a residual stream or mlp.hook_post)" if key == "logit_lens" else ""
+                raise UserError(f"stats.{key}: it reads blocks.*.mlp.hook_post neurons{also} and this job hooks "
+                                "none; hook them or turn it off")
     return config
 
 
@@ -231,6 +240,7 @@ def provenance(spec: JobSpec, tokenizer: Any, shards: list[Shard]) -> dict[str, 
                   "revision": source.revision, "weights_sha256": weights_hash(source)},
         "tokenizer": {"class": type(tokenizer).__name__, "name": getattr(tokenizer, "name_or_path", None),
                       "vocab_size": len(tokenizer)},
+        "saes": sae_provenance(spec.saes),
         "corpus": {"source": spec.corpus.source, "context_length": spec.corpus.context_length,
                    "max_tokens": spec.corpus.max_tokens, "bos": spec.corpus.bos},
         "shards": [{"shard": s.index, "first_tok": s.first_tok, "tokens": s.n_tokens, "contexts": len(s.ids),

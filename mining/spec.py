@@ -8,6 +8,7 @@ raw YAML mapping before validation, so they are checked exactly like the file.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -191,6 +192,16 @@ class ComputeSpec:
 
 
 @dataclass(frozen=True)
+class SAESpec:
+    source: str
+    """A local directory, or a Hugging Face repo id (fetched once, like a model's)."""
+    subfolder: str | None = None
+    """The SAE's folder inside the source (sparsify and SAELens releases hold one a hook, e.g. layers.3)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of a repo id."""
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     corpus: CorpusSpec
@@ -198,6 +209,9 @@ class JobSpec:
     models: dict[str, ModelSpec] | None = None
     """Two models {a: ..., b: ...} for a diff job (instead of `model`)."""
     hooks: tuple[str, ...] = ("blocks.*.mlp.hook_post",)
+    saes: dict[str, SAESpec] = field(default_factory=dict)
+    """Sparse autoencoders by the hook they read (blocks.L.SITE): hook blocks.L.SITE.hook_sae_acts_post to mine
+    their latents (mining/sae.py)."""
     stats: StatsSpec = field(default_factory=StatsSpec)
     dense: DenseSpec = field(default_factory=DenseSpec)
     compute: ComputeSpec = field(default_factory=ComputeSpec)
@@ -217,6 +231,11 @@ class JobSpec:
             raise UserError("model: missing; give a model id, e.g. `model: {id: smollm2-135m}`")
         if not self.hooks and self.models is None:  # a diff job without hooks compares the models token by token
             raise UserError("hooks: give at least one hook, e.g. blocks.*.mlp.hook_post")
+        for hook in self.saes:
+            if not re.fullmatch(r"blocks\.\d+\.[A-Za-z_.]+", hook) or hook.endswith(".hook_sae_acts_post"):
+                raise UserError(f"saes.{hook}: expected the hook an SAE reads, e.g. blocks.3.hook_resid_post")
+        if self.saes and self.models is not None:
+            raise UserError("saes: not supported in a diff job yet; mine each model's latents in a job of its own")
 
     @property
     def is_diff(self) -> bool:
@@ -344,8 +363,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 errors.append(str(e))
         raise UserError(errors[0] if len(errors) == 1 else f"{key}: unexpected value {_show(value)}")
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, str) and tp is ModelSpec:
-            value = {"id": value}
+        if isinstance(value, str) and tp in (ModelSpec, SAESpec):  # `model: gpt2`, `saes: {HOOK: DIR}`
+            value = {dataclasses.fields(tp)[0].name: value}
         return _build(tp, value, key + ".")
     if origin is tuple:
         if isinstance(value, str):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from sae_files import write_saelens
 
 pytestmark = [pytest.mark.ray]
 
@@ -72,6 +73,9 @@ def _spec_cases(w):
     latin1 = root / "latin1"
     latin1.mkdir(exist_ok=True)
     (latin1 / "a.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    narrow_sae = root / "narrow-sae"  # an SAE of another model: it reads 16 features, the tiny Llama's stream has 32
+    if not narrow_sae.exists():
+        write_saelens(narrow_sae, 16, 64)
     empty = root / "empty"
     empty.mkdir(exist_ok=True)
     (empty / "a.txt").write_text("")
@@ -112,6 +116,9 @@ def _spec_cases(w):
         "hook-matches-nothing": (base.replace("blocks.*.mlp.hook_post", "blocks.*.mlp.hook_nothing"), "hook"),
         "layer-out-of-range": (base.replace("blocks.*.mlp.hook_post", "blocks.99.mlp.hook_post"), "layer"),
         "no-hooks": (base.replace('hooks: ["blocks.*.mlp.hook_post"]', "hooks: []"), "hooks"),
+        "sae-of-another-width": (base.replace('hooks: ["blocks.*.mlp.hook_post"]',
+                                              'hooks: ["blocks.1.hook_resid_post.hook_sae_acts_post"]')
+                                 + f"saes: {{blocks.1.hook_resid_post: {narrow_sae}}}\n", "the SAE reads 16 features"),
     }
 
 
@@ -121,7 +128,7 @@ SPEC_CASES = ["malformed-yaml", "not-a-mapping", "unknown-key", "mistyped-nested
               "missing-gguf",
               "corrupt-gguf", "truncated-weights", "pickled-weights", "non-utf8-corpus", "empty-corpus",
               "corpus-glob-matches-nothing", "unknown-corpus-scheme", "hook-matches-nothing", "layer-out-of-range",
-              "no-hooks"]
+              "no-hooks", "sae-of-another-width"]
 
 
 @pytest.mark.parametrize("case", SPEC_CASES)

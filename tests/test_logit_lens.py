@@ -145,6 +145,14 @@ def test_logit_lens_sql(tmp_path):
     assert both["token_id"][2:] == [r[0] for r in direct]
     with pytest.raises(UserError, match="sign must be"):
         run_named(con, "logit-lens", {"layer": "1", "neuron": "7", "sign": "up"})
+    con.close()
+    older = pq.read_table(store / "logit_lens.parquet").drop_columns(["hook"])  # a store mined before SAE latents
+    pq.write_table(older, store / "logit_lens.parquet")
+    con = connect(store)
+    assert run_named(con, "logit-lens", {"layer": "1", "neuron": "7"}).to_pydict() == boost
+    assert run_named(con, "logit-lens", {"layer": "1", "neuron": "7", "hook": "hook_resid_post.hook_sae_acts_post"}
+                     ).num_rows == 0
+    con.close()
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Logit lens on MLP neurons: which tokens each neuron's output direction promotes and suppresses.
+"""Logit lens on MLP neurons (and SAE latents): which tokens each one's output direction promotes and suppresses.
 
 A neuron n of layer L writes a_n * w_out[n] into the residual stream (w_out = row n of the MLP output
 projection, as (width, d_model)). Read straight through the final norm and the unembedding, its direct
@@ -20,6 +20,10 @@ rescales every neuron alike and so does not change any ranking. What is left out
 - BERT's MLM head transform (dense + GELU + LayerNorm, not a norm): BERT has no final norm, so gamma = 1
   and its table is only a rough lens.
 
+An SAE latent's output direction is its decoder row where that is a residual-stream vector (an SAE on a residual
+stream, a transcoder), or the decoder row through the MLP's output projection (an SAE on mlp.hook_post); then the
+same gains apply (`latent_directions`). SAEs on attn.hook_z or before the MLP's nonlinearity get no lens rows.
+
 Cost: (vocab x d_model x width) multiply-adds per layer - 43 GFLOP for SmolLM2-135M - done as a few
 matmuls over chunks of neurons, each followed by a top-k along the vocabulary.
 """
@@ -36,10 +40,11 @@ from torch import nn
 
 from ..architectures import arch_of, locate, text_config
 from ..errors import UserError
-from ..hooks import final_norm, mlp_out_weight, norm_gain, out_norm, unembedding
+from ..hooks import HookPoint, final_norm, mlp_out_weight, norm_gain, out_norm, unembedding
+from ..sae import split_sae
 
 SCHEMA = pa.schema([
-    ("layer", pa.int32()), ("neuron", pa.int32()), ("sign", pa.string()), ("rank", pa.int32()),
+    ("hook", pa.string()), ("layer", pa.int32()), ("neuron", pa.int32()), ("sign", pa.string()), ("rank", pa.int32()),
     ("token_id", pa.int32()), ("token", pa.string()), ("weight", pa.float32()),
 ])
 CHUNK = 512  # neurons per matmul: a (512, vocab) float32 block is 100 MB for a 49k vocabulary
@@ -113,13 +118,40 @@ def decode_tokens(tokenizer: Any, ids: np.ndarray) -> np.ndarray:
     return texts[inverse].reshape(np.shape(ids))
 
 
+def has_lens(point: HookPoint) -> bool:
+    """Whether the logit lens reads this point's features: MLP neurons, and SAE latents whose decoder writes the
+    residual stream (an SAE on a residual stream or on mlp.hook_post, or a transcoder)."""
+    base, latents = split_sae(point.site)
+    if not latents:
+        return point.site == "mlp.hook_post"
+    return point.sae.transcoder or base == "mlp.hook_post" or base.startswith("hook_resid")
+
+
+def latent_directions(model: nn.Module, point: HookPoint, gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An SAE's latents' writes into the residual stream (d_sae, d_model) float32, and the gain they are read
+    with: a residual-stream SAE's decoder rows as they are; an mlp.hook_post SAE's through the MLP's output
+    projection; a transcoder's (the MLP's output) as they are. Those reaching the stream through an MLP output
+    take its output norm's gain and the family's block factor, as neurons do."""
+    sae, base = point.sae, split_sae(point.site)[0]
+    w_dec = sae.decoder().to(gain.device)
+    if base == "mlp.hook_post" and not sae.transcoder:
+        w_dec = w_dec @ mlp_out_weight(model, point.layer).float()
+    if w_dec.shape[1] != gain.shape[0]:
+        raise UserError(f"saes.{sae.hook}: its decoder writes {w_dec.shape[1]} features, the residual stream has "
+                        f"{gain.shape[0]}; the logit lens cannot read it")
+    if base.startswith("hook_resid") and not sae.transcoder:  # the stream itself: only the logits' factor
+        arch, config = arch_of(model), text_config(model.config)
+        return w_dec, gain * arch.logit_scale(config)
+    return w_dec, _layer_gain(model, point.layer, gain)
+
+
 @torch.inference_mode()
 def logit_lens_table(model: nn.Module, tokenizer: Any, layers: list[int] | None = None, k: int = 10,
-                     chunk: int = CHUNK) -> pa.Table:
-    """The `logit_lens` table: for every MLP neuron of `layers` (default all), the k tokens its output
-    direction boosts most (sign 'boost', weight descending) and suppresses most (sign 'suppress', weight
-    ascending), rank 1-based, ties to the lower token id. `weight` is the direct logit effect per unit
-    activation, before the norm's per-token scale (see the module docstring)."""
+                     chunk: int = CHUNK, latents: Sequence[HookPoint] = ()) -> pa.Table:
+    """The `logit_lens` table: for every MLP neuron of `layers` (default all) and every latent of the SAE
+    points `latents`, the k tokens its output direction boosts most (sign 'boost', weight descending) and
+    suppresses most (sign 'suppress', weight ascending), rank 1-based, ties to the lower token id. `weight` is
+    the direct logit effect per unit activation, before the norm's per-token scale (see the module docstring)."""
     _, blocks = locate(model, arch_of(model))
     layers = list(range(len(blocks))) if layers is None else [int(layer) for layer in layers]
     for layer in layers:
@@ -128,26 +160,32 @@ def logit_lens_table(model: nn.Module, tokenizer: Any, layers: list[int] | None 
     if k < 1:
         raise UserError(f"logit lens: k must be at least 1, got {k}")
 
-    parts: dict[str, list[np.ndarray]] = {c: [] for c in ("layer", "neuron", "sign", "rank", "token_id", "weight")}
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in ("hook", "layer", "neuron", "sign", "rank", "token_id",
+                                                          "weight")}
     w_u, gain = _readout(model)
-    for layer in layers:
-        w_out, layer_gain = mlp_out_weight(model, layer), _layer_gain(model, layer, gain)
+    sources = [("mlp.hook_post", layer, lambda layer=layer: (mlp_out_weight(model, layer),
+                                                             _layer_gain(model, layer, gain))) for layer in layers]
+    sources += [(p.site, p.layer, lambda p=p: latent_directions(model, p, gain)) for p in latents]
+    for hook, layer, directions in sources:
+        w_out, layer_gain = directions()
         for start in range(0, w_out.shape[0], chunk):
             neurons = np.arange(start, min(start + chunk, w_out.shape[0]))
             logits = (w_out[start:start + len(neurons)].float() * layer_gain) @ w_u  # (chunk, vocab)
             for sign, largest in (("boost", True), ("suppress", False)):
                 vals, ids = topk_ids(logits, k, largest)
                 n, kk = ids.shape
+                parts["hook"].append(np.full(n * kk, hook, dtype=object))
                 parts["layer"].append(np.full(n * kk, layer, np.int32))
                 parts["neuron"].append(np.repeat(neurons, kk).astype(np.int32))
                 parts["sign"].append(np.full(n * kk, sign, dtype=object))
                 parts["rank"].append(np.tile(np.arange(1, kk + 1, dtype=np.int32), n))
                 parts["token_id"].append(ids.ravel().astype(np.int32))
                 parts["weight"].append(vals.ravel().astype(np.float32))
-    cols = {c: np.concatenate(v) if v else np.array([], dtype=object if c == "sign" else np.int32)
+    cols = {c: np.concatenate(v) if v else np.array([], dtype=object if c in ("hook", "sign") else np.int32)
             for c, v in parts.items()}
-    # rows ordered (layer, neuron, sign, rank): boost before suppress per neuron
-    order = np.lexsort((cols["rank"], cols["sign"] == "suppress", cols["neuron"], cols["layer"]))
+    # rows ordered (hook, layer, neuron, sign, rank): boost before suppress per neuron
+    order = np.lexsort((cols["rank"], cols["sign"] == "suppress", cols["neuron"], cols["layer"],
+                        cols["hook"].astype(str)))
     cols = {c: v[order] for c, v in cols.items()}
     cols["token"] = decode_tokens(tokenizer, cols["token_id"])
     return pa.table({name: pa.array(cols[name], type=SCHEMA.field(name).type) for name in SCHEMA.names},

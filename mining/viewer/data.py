@@ -121,9 +121,8 @@ def neuron_page(con: duckdb.DuckDBPyConnection, nid: NeuronId, examples: list[Ex
         if has_tables(con, table_name):
             page.extra.update(_one(con, f"SELECT {cols} FROM {table_name} WHERE hook = ? AND layer = ? AND neuron = ?",
                                    [nid.hook, *key]))
-    if nid.hook == "mlp.hook_post" and has_tables(con, "logit_lens"):
-        page.logit_lens = run_named(con, "logit-lens", {"layer": p["layer"], "neuron": p["neuron"], "sign": "both",
-                                                        "k": "10"}).to_pylist()
+    if has_tables(con, "logit_lens"):  # MLP neurons' rows, and SAE latents' where their decoder writes the stream
+        page.logit_lens = run_named(con, "logit-lens", {**p, "sign": "both", "k": "10"}).to_pylist()
     if nid.hook == "mlp.hook_post" and has_tables(con, "dla_examples"):
         for sign in ("positive", "negative"):
             page.dla_examples[sign] = run_named(con, "dla-examples", {"layer": p["layer"], "neuron": p["neuron"],

@@ -1,0 +1,235 @@
+"""Sparse autoencoders over a hook: their latents mined like neurons.
+
+    saes: {blocks.3.hook_resid_post: {source: EleutherAI/sae-SmolLM2-135M-64x, subfolder: layers.3}}
+    hooks: ["blocks.3.hook_resid_post.hook_sae_acts_post"]      # SAELens' name for the latents
+
+An SAE reads its hook's activation x (B, T, d_in) and gives d_sae latents a token: feature i of
+`blocks.L.SITE.hook_sae_acts_post` is latent i. Every statistic, export and the viewer then treat latents as they
+treat neurons. Two on-disk formats are read, told apart by their weight file:
+
+- SAELens (`cfg.json`, `sae_weights.safetensors`: W_enc (d_in, d_sae), b_enc, W_dec, b_dec, and `threshold` for
+  JumpReLU): pre = (x - b_dec if apply_b_dec_to_input) @ W_enc + b_enc; latents relu(pre) (standard), relu(pre)
+  where pre > threshold (jumprelu), or the k largest of relu(pre) (topk); gated SAEs gate on pre + b_gate and scale
+  (x @ W_enc * exp(r_mag) + b_mag).
+- EleutherAI sparsify (`cfg.json` with d_in and k, `sae.safetensors`: encoder.weight (d_sae, d_in), encoder.bias,
+  W_dec, b_dec): pre = relu(encoder(x - b_dec)) (a transcoder's input is not centred), the k largest kept.
+
+The encoder makes the latents; the decoder W_dec gives each latent's direction for the logit lens
+(analyses/logit_lens.py). The latents get no per-token direct logit attribution yet.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .errors import UserError
+
+SUFFIX = ".hook_sae_acts_post"
+"""A hook name ending in this is its base hook's SAE latents (SAELens' HookedSAETransformer names them so)."""
+
+_SAELENS, _SPARSIFY = "sae_weights.safetensors", "sae.safetensors"
+_KINDS = ("standard", "relu", "jumprelu", "topk", "gated")
+
+
+def split_sae(site: str) -> tuple[str, bool]:
+    """"hook_resid_post.hook_sae_acts_post" -> ("hook_resid_post", True); any other site -> (site, False)."""
+    return (site[: -len(SUFFIX)], True) if site.endswith(SUFFIX) else (site, False)
+
+
+@dataclass(eq=False)
+class SAE:
+    """One SAE's shape and kind from its config and its weight file's header; the encoder's tensors are read on
+    first use (validation on the driver needs the widths only)."""
+
+    hook: str
+    """Base hook name it reads, e.g. blocks.3.hook_resid_post."""
+    folder: Path
+    kind: str
+    """standard | jumprelu | topk | gated (SAELens' architectures; sparsify's SAEs are topk)."""
+    d_in: int
+    d_sae: int
+    k: int | None
+    centre_input: bool
+    """Subtract b_dec from the input before encoding."""
+    layout: str
+    """saelens | sparsify."""
+    transcoder: bool = False
+    """It reconstructs the MLP's output from its input (sparsify's transcode), not its own hook's activation."""
+
+    def __post_init__(self) -> None:
+        self._weights: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()  # an actor with two calls in flight encodes from two threads
+
+    def _tensors(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        key = (device, dtype)
+        with self._lock:
+            if key not in self._weights:
+                from safetensors.torch import load_file
+
+                raw = load_file(str(self.folder / (_SAELENS if self.layout == "saelens" else _SPARSIFY)))
+                if self.layout == "sparsify":  # encoder is an nn.Linear: weight (d_sae, d_in)
+                    raw = {"W_enc": raw["encoder.weight"].T, "b_enc": raw["encoder.bias"], "b_dec": raw["b_dec"]}
+                self._weights[key] = {name: t.to(device=device, dtype=dtype).contiguous() for name, t in raw.items()
+                                      if name in ("W_enc", "b_enc", "b_dec", "threshold", "b_gate", "r_mag", "b_mag")}
+            return self._weights[key]
+
+    def decoder(self) -> torch.Tensor:
+        """W_dec as float32 (d_sae, d_out): each latent's direction in what the SAE reconstructs (its hook's
+        activation; a transcoder's, the MLP's output)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / (_SAELENS if self.layout == "saelens" else _SPARSIFY)), framework="pt") as f:
+            if "W_dec" not in f.keys():
+                raise UserError(f"saes.{self.hook}: {self.folder} has no W_dec (the decoder the logit lens reads)")
+            w = f.get_tensor("W_dec").float()
+        if w.dim() != 2 or w.shape[0] != self.d_sae:
+            raise UserError(f"saes.{self.hook}: W_dec is {tuple(w.shape)}, expected ({self.d_sae}, d_out)")
+        return w
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d_in) activations -> (..., d_sae) latents, in x's dtype and device."""
+        w = self._tensors(x.device, x.dtype)
+        sae_in = x - w["b_dec"] if self.centre_input else x
+        pre = sae_in @ w["W_enc"]
+        if self.kind == "gated":
+            gate = (pre + w["b_gate"]) > 0
+            magnitude = torch.relu(sae_in @ (w["W_enc"] * torch.exp(w["r_mag"])) + w["b_mag"])
+            return magnitude * gate
+        pre = pre + w["b_enc"]
+        acts = torch.relu(pre)
+        if self.kind == "jumprelu":
+            return acts * (pre > w["threshold"])
+        if self.kind == "topk":
+            top = torch.topk(acts, self.k, dim=-1, sorted=False)
+            acts = torch.zeros_like(acts).scatter_(-1, top.indices, top.values)
+        return acts
+
+
+def sae_folder(hook: str, spec: Any) -> Path:
+    """The local folder of an SAESpec: a directory as given, or a Hugging Face repo's snapshot (downloaded once)."""
+    where = f"saes.{hook}"
+    local = Path(spec.source).expanduser()
+    if local.is_dir():
+        folder = local / spec.subfolder if spec.subfolder else local
+    elif spec.source.startswith((".", "/", "~")) or spec.source.count("/") != 1:
+        raise UserError(f"{where}.source: {spec.source!r} is neither a local directory nor a Hugging Face repo id")
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            pattern = [f"{spec.subfolder}/*"] if spec.subfolder else None
+            root = snapshot_download(spec.source, revision=spec.revision, allow_patterns=pattern)
+        except Exception as e:  # offline, not found, gated: huggingface_hub raises many kinds
+            raise UserError(f"{where}.source: cannot fetch {spec.source!r} from the Hugging Face hub "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        folder = Path(root) / spec.subfolder if spec.subfolder else Path(root)
+    if not folder.is_dir():
+        raise UserError(f"{where}: no folder {folder}")
+    return folder
+
+
+def load_sae(hook: str, spec: Any) -> SAE:
+    """Read an SAE's config and its weight file's header (no tensors); every problem is one UserError line."""
+    folder = sae_folder(hook, spec)
+    where = f"saes.{hook}"
+    layout = "saelens" if (folder / _SAELENS).is_file() else "sparsify" if (folder / _SPARSIFY).is_file() else None
+    if layout is None or not (folder / "cfg.json").is_file():
+        raise UserError(f"{where}: {folder} holds no SAE: expected cfg.json beside {_SAELENS} (SAELens) or "
+                        f"{_SPARSIFY} (sparsify)")
+    try:
+        cfg = json.loads((folder / "cfg.json").read_text())
+        shapes = _shapes(folder / (_SAELENS if layout == "saelens" else _SPARSIFY))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: cannot read the SAE in {folder} ({str(e).splitlines()[0][:200]})") from None
+    if layout == "saelens":
+        return _saelens(hook, folder, cfg, shapes, where)
+    return _sparsify(hook, folder, cfg, shapes, where)
+
+
+def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def _need(shapes: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]], where: str, path: str) -> None:
+    for name, shape in want.items():
+        if name not in shapes:
+            raise UserError(f"{where}: {path} has no tensor {name!r} (it has {', '.join(sorted(shapes))})")
+        if shapes[name] != shape:
+            raise UserError(f"{where}: {path}'s {name} is {shapes[name]}, its cfg.json implies {shape}")
+
+
+def _saelens(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int, ...]], where: str) -> SAE:
+    kind = str(cfg.get("architecture") or cfg.get("activation_fn_str") or cfg.get("activation_fn") or "standard")
+    if kind not in _KINDS:
+        raise UserError(f"{where}: SAELens architecture {kind!r} is not supported ({', '.join(_KINDS)} are)")
+    kind = "standard" if kind == "relu" else kind
+    if str(cfg.get("normalize_activations") or "none") != "none":
+        raise UserError(f"{where}: normalize_activations={cfg['normalize_activations']!r} is not supported: the SAE "
+                        "reads rescaled activations; only 'none' is")
+    if "W_enc" not in shapes or len(shapes["W_enc"]) != 2:
+        raise UserError(f"{where}: {_SAELENS} has no 2-d W_enc")
+    d_in, d_sae = (int(cfg.get("d_in", shapes["W_enc"][0])), int(cfg.get("d_sae", shapes["W_enc"][1])))
+    want = {"W_enc": (d_in, d_sae), "b_dec": (d_in,)}
+    want.update({"b_gate": (d_sae,), "r_mag": (d_sae,), "b_mag": (d_sae,)} if kind == "gated" else {"b_enc": (d_sae,)})
+    if kind == "jumprelu":
+        want["threshold"] = (d_sae,)
+    _need(shapes, want, where, _SAELENS)
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if kind == "topk" and not (isinstance(k, int) and 0 < k <= d_sae):
+        raise UserError(f"{where}: a topk SAE needs k in 1..{d_sae} in its cfg.json (k or activation_fn_kwargs.k)")
+    return SAE(hook, folder, kind, d_in, d_sae, k if kind == "topk" else None,
+               bool(cfg.get("apply_b_dec_to_input", True)), "saelens")
+
+
+def _sparsify(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int, ...]], where: str) -> SAE:
+    if "encoder.weight" not in shapes or len(shapes["encoder.weight"]) != 2:
+        raise UserError(f"{where}: {_SPARSIFY} has no 2-d encoder.weight")
+    d_sae, d_in = shapes["encoder.weight"]
+    if "d_in" in cfg and int(cfg["d_in"]) != d_in:
+        raise UserError(f"{where}: cfg.json says d_in {cfg['d_in']}, {_SPARSIFY}'s encoder reads {d_in}")
+    _need(shapes, {"encoder.bias": (d_sae,), "b_dec": (d_in,)}, where, _SPARSIFY)
+    k = cfg.get("k")
+    if not (isinstance(k, int) and 0 < k <= d_sae):
+        raise UserError(f"{where}: sparsify's cfg.json needs k in 1..{d_sae}, got {k!r}")
+    transcode = bool(cfg.get("transcode", False))
+    return SAE(hook, folder, "topk", int(d_in), int(d_sae), k, not transcode, "sparsify", transcode)
+
+
+_LOADED: dict[tuple, SAE] = {}
+
+
+def load_saes(saes: Mapping[str, Any]) -> dict[str, SAE]:
+    """A job's `saes:` (base hook name -> SAESpec) as SAE objects, each read once a process."""
+    out = {}
+    for hook, spec in saes.items():
+        key = (hook, spec.source, spec.subfolder, spec.revision)
+        if key not in _LOADED:
+            _LOADED[key] = load_sae(hook, spec)
+        out[hook] = _LOADED[key]
+    return out
+
+
+def sae_provenance(saes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """What the store records of each SAE: where it came from, its kind and shape, its weights' sha256."""
+    import hashlib
+
+    out = {}
+    for hook, sae in load_saes(saes).items():
+        digest = hashlib.sha256()
+        with open(sae.folder / (_SAELENS if sae.layout == "saelens" else _SPARSIFY), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        spec = saes[hook]
+        out[hook] = {"source": spec.source, "subfolder": spec.subfolder, "revision": spec.revision,
+                     "folder": str(sae.folder), "format": sae.layout, "kind": sae.kind, "d_in": sae.d_in,
+                     "d_sae": sae.d_sae, "k": sae.k, "weights_sha256": digest.hexdigest()}
+    return out

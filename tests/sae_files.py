@@ -1,0 +1,64 @@
+"""Random SAEs written in SAELens' and sparsify's on-disk layouts, and their encoders' formulas in NumPy (for
+test_sae.py and the bad-input matrix)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+
+def write_saelens(folder: Path, d_in: int, d_sae: int, kind: str = "standard", k: int | None = None, seed: int = 0,
+                  **cfg) -> dict[str, np.ndarray]:
+    """A random SAE in SAELens' layout (cfg.json, sae_weights.safetensors); its tensors as NumPy."""
+    g = torch.Generator().manual_seed(seed)
+    t = {"W_enc": torch.randn(d_in, d_sae, generator=g) / d_in ** 0.5, "W_dec": torch.randn(d_sae, d_in, generator=g),
+         "b_dec": torch.randn(d_in, generator=g) * 0.1}
+    if kind == "gated":
+        t.update(b_gate=torch.randn(d_sae, generator=g) * 0.1, r_mag=torch.randn(d_sae, generator=g) * 0.1,
+                 b_mag=torch.randn(d_sae, generator=g) * 0.1)
+    else:
+        t["b_enc"] = torch.randn(d_sae, generator=g) * 0.1
+    if kind == "jumprelu":
+        t["threshold"] = torch.rand(d_sae, generator=g) * 0.3
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"d_in": d_in, "d_sae": d_sae, "architecture": kind,
+                                                 "apply_b_dec_to_input": True, "normalize_activations": "none",
+                                                 **({"k": k} if k else {}), **cfg}))
+    return {name: v.numpy().astype(np.float64) for name, v in t.items()}
+
+
+def write_sparsify(folder: Path, d_in: int, d_sae: int, k: int, transcode: bool = False,
+                   seed: int = 1) -> dict[str, np.ndarray]:
+    """A random SAE in EleutherAI sparsify's layout (cfg.json, sae.safetensors with an nn.Linear encoder)."""
+    g = torch.Generator().manual_seed(seed)
+    t = {"encoder.weight": torch.randn(d_sae, d_in, generator=g) / d_in ** 0.5,
+         "encoder.bias": torch.randn(d_sae, generator=g) * 0.1, "W_dec": torch.randn(d_sae, d_in, generator=g),
+         "b_dec": torch.randn(d_in, generator=g) * 0.1}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"d_in": d_in, "num_latents": d_sae, "k": k, "expansion_factor": 1,
+                                                 "normalize_decoder": True, "transcode": transcode}))
+    return {"W_enc": t["encoder.weight"].numpy().T.astype(np.float64), "b_enc": t["encoder.bias"].numpy(),
+            "b_dec": t["b_dec"].numpy()}
+
+
+def reference(kind: str, w: dict[str, np.ndarray], x: np.ndarray, k: int | None = None,
+              centre: bool = True) -> np.ndarray:
+    """The latents, written out from SAELens' and sparsify's encode() in float64."""
+    x = x.astype(np.float64) - (w["b_dec"] if centre else 0)
+    if kind == "gated":
+        gate = x @ w["W_enc"] + w["b_gate"] > 0
+        return gate * np.maximum(x @ (w["W_enc"] * np.exp(w["r_mag"])) + w["b_mag"], 0)
+    pre = x @ w["W_enc"] + w["b_enc"]
+    out = np.maximum(pre, 0)
+    if kind == "jumprelu":
+        out = out * (pre > w["threshold"])
+    if kind == "topk":
+        keep = np.argsort(-out, axis=-1, kind="stable")[..., :k]
+        mask = np.zeros_like(out, dtype=bool)
+        np.put_along_axis(mask, keep, True, axis=-1)
+        out = out * mask
+    return out

@@ -1,0 +1,335 @@
+"""Sparse autoencoders' latents (mining/sae.py): each format's encoder against its formula written out in NumPy,
+`SITE.hook_sae_acts_post` against the SAE applied to SITE's own capture on several families, a Ray job's tables
+against brute force, and a bad SAE refused in one line before anything is mined."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mining.errors import UserError
+from mining.hooks import record, resolve_hooks
+from mining.sae import load_sae, load_saes
+from mining.spec import SAESpec, spec_from_dict
+from mining.tiny import tiny_model
+from sae_files import reference, write_saelens, write_sparsify
+
+
+# ---------------------------------------------------------------- the encoders
+
+
+@pytest.mark.parametrize("kind", ["standard", "jumprelu", "topk", "gated"])
+def test_saelens_encoders_follow_their_formulas(tmp_path, kind):
+    k = 7 if kind == "topk" else None
+    w = write_saelens(tmp_path / kind, 24, 96, kind, k=k)
+    sae = load_sae("blocks.0.hook_resid_post", SAESpec(str(tmp_path / kind)))
+    assert (sae.kind, sae.d_in, sae.d_sae, sae.k, sae.layout) == (kind, 24, 96, k, "saelens")
+    x = torch.randn(3, 11, 24, generator=torch.Generator().manual_seed(5))
+    got = sae.encode(x)
+    assert got.shape == (3, 11, 96) and got.dtype == torch.float32
+    want = reference(kind, w, x.numpy(), k)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    active = (got > 0).sum(-1)
+    assert 0 < active.float().mean() < 96  # neither all off nor all on: the formula was exercised
+    if kind == "topk":
+        assert int(active.max()) <= 7
+    assert sae.encode(x.to(torch.bfloat16)).dtype == torch.bfloat16  # the weights follow the activation's dtype
+
+
+@pytest.mark.parametrize("transcode", [False, True])
+def test_sparsify_encoder_keeps_the_k_largest(tmp_path, transcode):
+    w = write_sparsify(tmp_path, 20, 80, k=5, transcode=transcode)
+    sae = load_sae("blocks.0.mlp.hook_post", SAESpec(str(tmp_path)))
+    assert (sae.kind, sae.d_in, sae.d_sae, sae.k, sae.layout, sae.centre_input) == \
+        ("topk", 20, 80, 5, "sparsify", not transcode)
+    x = torch.randn(4, 9, 20, generator=torch.Generator().manual_seed(6))
+    got = sae.encode(x).numpy()
+    np.testing.assert_allclose(got, reference("topk", w, x.numpy(), 5, centre=not transcode), rtol=1e-5, atol=1e-5)
+    assert ((got > 0).sum(-1) == 5).all()
+
+
+# ---------------------------------------------------------------- the hook
+
+
+@pytest.mark.parametrize("family, site", [("llama", "hook_resid_post"), ("llama", "attn.hook_z"),
+                                          ("gpt2", "mlp.hook_post"), ("phi3", "mlp.hook_pre"),
+                                          ("bert", "hook_resid_mid"), ("mixtral", "hook_resid_pre")])
+def test_latents_are_the_sae_of_their_base_hooks_capture(tmp_path, family, site):
+    model = tiny_model(family).eval()
+    base = resolve_hooks(model, [f"blocks.1.{site}"])[0]
+    w = write_saelens(tmp_path, base.width, 3 * base.width, "jumprelu")
+    saes = load_saes({base.name: SAESpec(str(tmp_path))})
+    points = resolve_hooks(model, [f"blocks.*.{site}.hook_sae_acts_post", base.name], saes=saes)
+    assert [(p.name, p.width, p.module_path) for p in points] == \
+        [(base.name, base.width, base.module_path),
+         (f"{base.name}.hook_sae_acts_post", 3 * base.width, base.module_path)]  # `*`: the layers with an SAE
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), record(model, points) as out:
+        model(ids)
+    latents = out[f"{base.name}.hook_sae_acts_post"]
+    assert latents.shape == (2, 9, 3 * base.width)
+    np.testing.assert_allclose(latents.numpy(), reference("jumprelu", w, out[base.name].numpy()), rtol=1e-4,
+                               atol=1e-5)
+    assert (latents > 0).any()
+
+
+# ---------------------------------------------------------------- the logit lens of latents
+
+
+def _sae_with_decoder(folder: Path, d_in: int, w_dec: torch.Tensor, transcode: bool = False) -> None:
+    """A sparsify SAE whose decoder rows are given (its encoder is random: the lens reads the decoder alone)."""
+    write_sparsify(folder, d_in, w_dec.shape[0], k=1, transcode=transcode)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "sae.safetensors"))
+    save_file({**tensors, "W_dec": w_dec.contiguous()}, str(folder / "sae.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "granite"])
+def test_a_latent_whose_decoder_is_a_neurons_direction_has_that_neurons_lens(tmp_path, family):
+    """An mlp.hook_post SAE whose decoder is the identity, a residual-stream SAE whose decoder rows are layer 1's
+    MLP output rows, and a transcoder writing those rows: each latent's lens is the neuron's (tests/test_logit_lens.py
+    checks the neurons' against brute force). Gemma 2 passes the MLP's output through a norm and Granite scales the
+    blocks' outputs: the residual-stream SAE's latent reads the stream after them, so there it differs."""
+    from mining.analyses.logit_lens import logit_lens_table
+    from mining.hooks import mlp_out_weight
+
+    model = tiny_model(family).eval()
+    d_mlp = resolve_hooks(model, ["blocks.1.mlp.hook_post"])[0].width
+    w_out = mlp_out_weight(model, 1).detach().float()
+    d_model = w_out.shape[1]
+    _sae_with_decoder(tmp_path / "identity", d_mlp, torch.eye(d_mlp))
+    _sae_with_decoder(tmp_path / "stream", d_model, w_out)
+    _sae_with_decoder(tmp_path / "transcoder", d_model, w_out, transcode=True)
+    saes = {"blocks.1.mlp.hook_post": load_sae("blocks.1.mlp.hook_post", SAESpec(str(tmp_path / "identity"))),
+            "blocks.1.hook_resid_post": load_sae("blocks.1.hook_resid_post", SAESpec(str(tmp_path / "stream"))),
+            "blocks.1.hook_resid_mid": load_sae("blocks.1.hook_resid_mid", SAESpec(str(tmp_path / "transcoder")))}
+    names = [f"{hook}.hook_sae_acts_post" for hook in saes]
+    points = resolve_hooks(model, names, saes=saes)
+    lens = logit_lens_table(model, None, [1], k=5, latents=points).to_pandas()
+    key = ["layer", "neuron", "sign", "rank"]
+    neurons = lens[lens.hook == "mlp.hook_post"].set_index(key)
+    assert len(neurons) == d_mlp * 2 * 5
+    for name in names:
+        latents = lens[lens.hook == name.split(".", 2)[2]].set_index(key)
+        assert len(latents) == len(neurons)
+        same = (latents.token_id == neurons.token_id).all() and np.allclose(latents.weight, neurons.weight,
+                                                                           rtol=1e-4, atol=1e-6)
+        assert same == (family == "llama" or "resid_post" not in name), name
+
+
+@pytest.mark.parametrize("site", ["attn.hook_z", "mlp.hook_pre"])
+def test_latents_before_a_nonlinearity_or_of_heads_get_no_lens_rows(tmp_path, site):
+    from mining.analyses.logit_lens import has_lens, logit_lens_table
+
+    model = tiny_model("llama").eval()
+    base = resolve_hooks(model, [f"blocks.0.{site}"])[0]
+    write_saelens(tmp_path, base.width, 8)
+    point = resolve_hooks(model, [f"{base.name}.hook_sae_acts_post"],
+                          saes={base.name: load_sae(base.name, SAESpec(str(tmp_path)))})[0]
+    assert not has_lens(point)
+    assert logit_lens_table(model, None, [], latents=[]).num_rows == 0
+
+
+# ---------------------------------------------------------------- refusals, each one line before any mining
+
+
+def _validate(job: dict):
+    from mining.runner import validate
+
+    validate(spec_from_dict(job))
+
+
+@pytest.fixture(scope="module")
+def saes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saes")
+    write_saelens(root / "good", 32, 64, "jumprelu")
+    write_saelens(root / "narrow", 16, 64)
+    write_saelens(root / "matryoshka", 32, 64, "matryoshka_batchtopk")
+    write_saelens(root / "normalized", 32, 64, normalize_activations="expected_average_only_in")
+    write_saelens(root / "topk-without-k", 32, 64, "topk")
+    write_saelens(root / "lying", 32, 64)
+    cfg = json.loads((root / "lying" / "cfg.json").read_text())
+    (root / "lying" / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 128}))  # it disagrees with its weights
+    (root / "empty").mkdir()
+    return root
+
+
+REFUSALS = {
+    "latents-without-an-sae": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"]},
+                               "no SAE reads blocks.1.hook_resid_post"),
+    "every-layer-none-has-one": ({"hooks": ["blocks.*.hook_resid_pre.hook_sae_acts_post"],
+                                  "saes": {"blocks.1.hook_resid_post": "good"}},
+                                 "no SAE reads blocks.*.hook_resid_pre"),
+    "another-width": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
+                       "saes": {"blocks.1.hook_resid_post": "narrow"}}, "the SAE reads 16 features"),
+    "on-a-pattern": ({"hooks": ["blocks.1.attn.hook_pattern.hook_sae_acts_post"],
+                      "saes": {"blocks.1.attn.hook_pattern": "good"}}, "not attn.hook_pattern"),
+    "not-an-sae": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
+                    "saes": {"blocks.1.hook_resid_post": "empty"}}, "holds no SAE"),
+    "no-folder": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
+                   "saes": {"blocks.1.hook_resid_post": {"source": "good", "subfolder": "layers.1"}}}, "no folder"),
+    "unknown-architecture": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
+                              "saes": {"blocks.1.hook_resid_post": "matryoshka"}}, "'matryoshka_batchtopk' is not"),
+    "normalized-input": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
+                          "saes": {"blocks.1.hook_resid_post": "normalized"}}, "normalize_activations"),
+    "topk-without-k": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
+                        "saes": {"blocks.1.hook_resid_post": "topk-without-k"}}, "needs k"),
+    "config-disagrees": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
+                          "saes": {"blocks.1.hook_resid_post": "lying"}}, "its cfg.json implies (32, 128)"),
+    "unread-sae": ({"hooks": ["blocks.1.hook_resid_post"], "saes": {"blocks.1.hook_resid_post": "good"}},
+                   "no hook reads this SAE"),
+    "hub-repo-offline": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
+                          "saes": {"blocks.1.hook_resid_post": "nobody/no-such-sae"}},
+                         "cannot fetch 'nobody/no-such-sae'"),
+    "wildcard-key": ({"saes": {"blocks.*.hook_resid_post": "good"}}, "expected the hook an SAE reads"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_a_bad_sae_is_refused_in_one_line(case, saes, hostile_job, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    extra, needle = REFUSALS[case]
+
+    def local(value):  # a folder name of the fixture's as its path; a hub id stays as it is
+        if isinstance(value, dict):
+            return {**value, "source": local(value["source"])}
+        return str(saes / value) if (saes / value).is_dir() else value
+
+    extra = {**extra, "saes": {hook: local(v) for hook, v in extra.get("saes", {}).items()}}
+    job = {"name": "bad", "model": str(hostile_job.parent / "model"), "corpus": {"source": "builtin:python-docs"},
+           **extra}
+    with pytest.raises(UserError) as e:
+        _validate(job)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_diff_job_with_saes_is_refused(saes):
+    with pytest.raises(UserError, match="saes: not supported in a diff job"):
+        spec_from_dict({"name": "d", "models": {"a": "gpt2", "b": "gpt2"}, "corpus": {"source": "builtin:python-docs"},
+                        "saes": {"blocks.1.hook_resid_post": str(saes / "good")}})
+
+
+# ---------------------------------------------------------------- a job on Ray, against brute force
+
+
+@pytest.fixture(scope="module")
+def mined(hostile_job, tmp_path_factory):
+    """The tiny Llama over the hostile corpus: a SAELens JumpReLU SAE on layer 1's residual stream (also kept
+    densely) and a sparsify top-k SAE on layer 0's MLP neurons, beside those neurons."""
+    from mining.cli import main
+
+    root = tmp_path_factory.mktemp("sae-job")
+    weights = {"resid": write_saelens(root / "resid", 32, 96, "jumprelu"),
+               "mlp": write_sparsify(root / "sparsify" / "layers.0.mlp", 64, 128, k=6)}
+    job = root / "job.yaml"
+    job.write_text(f"""
+name: sae
+model: {{id: "{hostile_job.parent / 'model'}"}}
+corpus: {{source: "files:{hostile_job.parent / 'docs'}/*.txt", context_length: 64, max_tokens: 900}}
+hooks: ["blocks.*.hook_resid_post.hook_sae_acts_post", "blocks.0.mlp.hook_post.hook_sae_acts_post",
+        "blocks.0.mlp.hook_post"]
+saes:
+  blocks.1.hook_resid_post: {root / 'resid'}
+  blocks.0.mlp.hook_post: {{source: {root / 'sparsify'}, subfolder: layers.0.mlp}}
+stats: {{top_k: 6, quantile_samples: 2, dla: true, logit_lens: true, logit_lens_k: 4}}
+dense: {{hooks: ["blocks.1.hook_resid_post.hook_sae_acts_post"], token_fraction: 0.25}}
+compute: {{actors: 2, cpus_per_actor: 1, batch_size: 4, shard_tokens: 400}}
+""")
+    assert main(["run", str(job), "--store", str(root / "store"), "--no-progress"]) == 0
+    return root / "store", weights
+
+
+@pytest.fixture(scope="module")
+def brute(mined, hostile_job):
+    """Every mined token's latents, from each context's own forward pass and the formulas above."""
+    from mining.models import load_model
+    from mining.shards import special_tokens
+    from mining.spec import ModelSpec
+
+    store, weights = mined
+    loaded = load_model(ModelSpec(id=str(hostile_job.parent / "model")))
+    prefix = list(special_tokens(loaded.tokenizer, "auto", None).prefix)
+    tokens = ds.dataset(store / "tokens").to_table().sort_by("tok").to_pandas()
+    resid, mlp = [], []
+    with torch.inference_mode(), record(loaded.model, ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post"]) as out:
+        for _, group in tokens.groupby("ctx", sort=True):
+            loaded.model(torch.tensor([prefix + group.token_id.tolist()]))
+            resid.append(out["blocks.1.hook_resid_post"][0, len(prefix):].numpy())
+            mlp.append(out["blocks.0.mlp.hook_post"][0, len(prefix):].numpy())
+    return {("hook_resid_post.hook_sae_acts_post", 1): reference("jumprelu", weights["resid"], np.concatenate(resid)),
+            ("mlp.hook_post.hook_sae_acts_post", 0): reference("topk", weights["mlp"], np.concatenate(mlp), 6)}
+
+
+def test_latents_tables_match_brute_force(mined, brute):
+    store, _ = mined
+    neurons = pq.read_table(store / "neurons.parquet").to_pandas()
+    top = pq.read_table(store / "top_examples.parquet").to_pandas()
+    assert sorted(set(zip(neurons.hook, neurons.layer))) == [
+        ("hook_resid_post.hook_sae_acts_post", 1), ("mlp.hook_post", 0), ("mlp.hook_post.hook_sae_acts_post", 0)]
+    for (hook, layer), acts in brute.items():
+        assert acts.shape[0] == 900
+        rows = neurons[(neurons.hook == hook) & (neurons.layer == layer)].sort_values("neuron")
+        assert len(rows) == acts.shape[1]
+        np.testing.assert_allclose(rows["max"], acts.max(0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(rows["mean"], acts.mean(0), rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(rows["frac_active"], (acts > 0).mean(0), atol=1.5 / 900)
+        for latent in (0, int(acts.max(0).argmax()), acts.shape[1] - 1):
+            col = acts[:, latent]
+            got = top[(top.hook == hook) & (top.layer == layer) & (top.neuron == latent)].sort_values("rank")
+            np.testing.assert_allclose(got.value, np.sort(col)[::-1][:len(got)], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(col[got.tok.to_numpy()], got.value, rtol=1e-4, atol=1e-5)
+    topk = neurons[neurons.hook == "mlp.hook_post.hook_sae_acts_post"]
+    assert topk.frac_active.sum() == pytest.approx(6, abs=0.01)  # top-k: 6 latents of 128 on every token
+
+
+def test_dense_latents_and_provenance(mined, brute):
+    from mining.dense import read_dense
+
+    store, _ = mined
+    toks, values = read_dense(store, "blocks.1.hook_resid_post.hook_sae_acts_post")
+    assert 100 < len(toks) < 400 and values.shape[1] == 96
+    np.testing.assert_allclose(values.astype(np.float32), brute[("hook_resid_post.hook_sae_acts_post", 1)][toks],
+                               rtol=2e-3, atol=2e-3)
+    recorded = json.loads((store / "provenance.json").read_text())["saes"]
+    assert {h: (r["format"], r["kind"], r["d_sae"], r["k"]) for h, r in recorded.items()} == {
+        "blocks.1.hook_resid_post": ("saelens", "jumprelu", 96, None),
+        "blocks.0.mlp.hook_post": ("sparsify", "topk", 128, 6)}
+    assert all(len(r["weights_sha256"]) == 64 for r in recorded.values())
+
+
+def test_latents_logit_lens_rows_and_query(mined):
+    from mining.query import connect, run_named
+
+    store, _ = mined
+    lens = pq.read_table(store / "logit_lens.parquet").to_pandas()
+    counts = lens.groupby(["hook", "layer"]).size().to_dict()
+    assert counts == {("hook_resid_post.hook_sae_acts_post", 1): 96 * 2 * 4,
+                      ("mlp.hook_post", 0): 64 * 2 * 4, ("mlp.hook_post.hook_sae_acts_post", 0): 128 * 2 * 4}
+    con = connect(store)
+    rows = run_named(con, "logit-lens", {"hook": "hook_resid_post.hook_sae_acts_post", "layer": "1", "neuron": "7",
+                                         "sign": "both"}).to_pylist()
+    assert [(r["sign"], r["rank"]) for r in rows] == [("boost", i) for i in (1, 2, 3, 4)] + \
+        [("suppress", i) for i in (1, 2, 3, 4)]
+    assert run_named(con, "logit-lens", {"layer": "0", "neuron": "7"}).num_rows == 4  # hook defaults to neurons
+    con.close()
+
+
+def test_export_replays_a_latents_activations(mined, brute, tmp_path):
+    from mining.cli import main
+
+    store, _ = mined
+    acts = brute[("hook_resid_post.hook_sae_acts_post", 1)]
+    latent = int(acts.max(0).argmax())
+    out = tmp_path / "examples.jsonl"
+    assert main(["export", str(store), "--hook", "hook_resid_post.hook_sae_acts_post", "--neuron", f"1:{latent}",
+                 "--k", "3", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    top = [r for r in records if r["set"] == "top"]
+    assert len(top) == 3 and top[0]["value"] == pytest.approx(acts[:, latent].max(), rel=1e-4)
+    for r in records:  # the replayed context's activation at its peak is the mined value
+        assert r["activations"][r["peak_index"]] == pytest.approx(r["value"], rel=1e-3, abs=1e-4)
