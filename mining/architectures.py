@@ -15,7 +15,13 @@ input (forward pre-hook) or output (forward hook). "" is the block itself.
 | mlp.hook_pre        | mlp.c_fc out            | mlp.dense_h_to_4h out     | mlp.fc_in out | mlp.gate_proj out       | intermediate.dense out      |
 | mlp.hook_pre_linear | -                       | -                         | -             | mlp.up_proj out         | -                           |
 | mlp.hook_post       | mlp.c_proj in           | mlp.dense_4h_to_h in      | mlp.fc_out in | mlp.down_proj in        | output.dense in             |
+| hook_mlp_out        | mlp out                 | mlp out                   | mlp out       | mlp out                 | output.dense out            |
 | hook_resid_post     | block out               | block out                 | block out     | block out               | layer out                   |
+
+hook_attn_out is the attention module's output[0] (bert: attention.output.dense out) - attn.hook_pattern's module -
+and hook_mlp_out the MLP module's output, mlp.hook_post's module's parent (opt, xglm: fc2; bloom, mpt, whose modules
+add the residual themselves: their output projections). Where a family has output norms (out_norms), both are those
+norms' outputs: what joins the residual stream (Granite's multiplier aside).
 
 attn.hook_pattern is the attention weights (B, heads, query, key) the attention module returns beside its output.
 They exist only with eager attention, so hooks.capture switches the model to eager while a pattern is hooked. The
@@ -60,11 +66,13 @@ SITE_ORDER = (
     "hook_resid_pre",
     "attn.hook_pattern",
     "attn.hook_z",
+    "hook_attn_out",
     "hook_resid_mid",
     "mlp.hook_expert_weights",
     "mlp.hook_pre",
     "mlp.hook_pre_linear",
     "mlp.hook_post",
+    "hook_mlp_out",
     "hook_resid_post",
 )
 """Every site any architecture can have, in the order they happen inside a block."""
@@ -109,10 +117,14 @@ class Arch:
 
 
 def _sites(z: str, mid: str | None, pre: str | None, post: str, pre_linear: str | None = None, mid_dir: str = IN,
-           attention: str | None = None):
-    """attention: the module whose output is (attn_output, pattern), z's parent unless given."""
-    s = {"hook_resid_pre": ("", IN), "attn.hook_pattern": (attention or z.rsplit(".", 1)[0], OUT),
-         "attn.hook_z": (z, IN)}
+           attention: str | None = None, attn_out: str | None = None, mlp_out: str | None = None):
+    """attention: the module whose output is (attn_output, pattern), z's parent unless given. attn_out, mlp_out: the
+    modules whose outputs are what attention and the MLP add to the residual stream: the attention module and
+    post's parent (or post itself where it has none) unless given (where those modules add the residual themselves,
+    or normalize it)."""
+    attention = attention or z.rsplit(".", 1)[0]
+    s = {"hook_resid_pre": ("", IN), "attn.hook_pattern": (attention, OUT), "attn.hook_z": (z, IN),
+         "hook_attn_out": (attn_out or attention, OUT)}
     if mid is not None:
         s["hook_resid_mid"] = (mid, mid_dir)
     if pre is not None:
@@ -120,6 +132,7 @@ def _sites(z: str, mid: str | None, pre: str | None, post: str, pre_linear: str 
     if pre_linear is not None:
         s["mlp.hook_pre_linear"] = (pre_linear, OUT)
     s["mlp.hook_post"] = (post, IN)
+    s["hook_mlp_out"] = (mlp_out or post.rpartition(".")[0] or post, OUT)
     s["hook_resid_post"] = ("", OUT)
     return s
 
@@ -194,13 +207,15 @@ _BLOOM_TP = ("this BLOOM config sets slow_but_exact with pretraining_tp > 1: its
              "weights, not through the modules the hooks sit on; load it with slow_but_exact=False")
 _BLOOM_POST = "this BLOOM config sets apply_residual_connection_post_layernorm: its residual stream is normalized"
 BLOOM = Arch("bloom", "transformer", "h",
-             _sites("self_attention.dense", "post_attention_layernorm", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+             _sites("self_attention.dense", "post_attention_layernorm", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h",
+                    attn_out="self_attention.dense", mlp_out="mlp.dense_4h_to_h"),
              "ln_f",
              unsupported=lambda c: (_BLOOM_TP if c.slow_but_exact and c.pretraining_tp > 1 else
                                     _BLOOM_POST if c.apply_residual_connection_post_layernorm else None))
 # MPT: its own names (blocks, norm_1/norm_2, attn.out_proj, ffn.up_proj/down_proj), LayerNorms without biases, ALiBi;
 # its MLP module adds the residual itself (the sites are the projections inside it).
-MPT = Arch("mpt", "transformer", "blocks", _sites("attn.out_proj", "norm_2", "ffn.up_proj", "ffn.down_proj"), "norm_f")
+MPT = Arch("mpt", "transformer", "blocks",
+           _sites("attn.out_proj", "norm_2", "ffn.up_proj", "ffn.down_proj", mlp_out="ffn.down_proj"), "norm_f")
 # Persimmon: GPT-NeoX's MLP names (relu^2) in a llama-style block of LayerNorms. XGLM: OPT's names, unflattened.
 PERSIMMON = Arch("persimmon", "model", "layers", _sites("self_attn.dense", "post_attention_layernorm",
                                                         "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), "final_layernorm")
@@ -232,9 +247,9 @@ def _moe(family: str, router: str = "mlp.gate", mid: str = "post_attention_layer
     none); extra: the Arch's other fields (FlexOlmo's output norms, GraniteMoE's factors)."""
     why = _EXPERTS.format(family=family)
     sites = {"hook_resid_pre": ("", IN), "attn.hook_pattern": ("self_attn", OUT),
-             "attn.hook_z": ("self_attn.o_proj", IN),
+             "attn.hook_z": ("self_attn.o_proj", IN), "hook_attn_out": ("self_attn", OUT),
              "hook_resid_mid": (mid, IN), "mlp.hook_expert_weights": (router, OUT),
-             "hook_resid_post": ("", OUT)}
+             "hook_mlp_out": (router.rpartition(".")[0], OUT), "hook_resid_post": ("", OUT)}
     mixed = _DENSE_LAYERS.format(family=family)
     return Arch(family, "model", "layers", sites, "norm", flat_tokens=True,
                 missing={s: why for s in ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post")},
@@ -249,7 +264,7 @@ BERT = Arch(
     "bert",
     "encoder.layer",
     _sites("attention.output.dense", "attention.output.LayerNorm", "intermediate.dense", "output.dense",
-           mid_dir=OUT, attention="attention.self"),
+           mid_dir=OUT, attention="attention.self", attn_out="attention.output.dense", mlp_out="output.dense"),
     None,
 )
 
@@ -362,6 +377,8 @@ def sites_for(arch: Arch, config: object) -> dict[str, tuple[str, str]]:
     sites = dict(arch.sites)
     if arch.parallel(config):
         sites.pop("hook_resid_mid", None)
+    for part in arch.out_norms:  # attention's and the MLP's outputs as they join the stream: after their norms
+        sites[f"hook_{part}_out"] = (arch.out_norms[part], OUT)
     return sites
 
 

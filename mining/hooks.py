@@ -4,11 +4,11 @@
     with capture(model, points, lambda point, x: ...):   # x: (B, T, point.width), a view (a chunk: a copy)
         model(input_ids)
 
-Sites (per block L): hook_resid_pre, attn.hook_pattern, attn.hook_z, hook_resid_mid, mlp.hook_pre,
-mlp.hook_pre_linear (gated MLPs), mlp.hook_post, hook_resid_post, and mlp.hook_expert_weights (mixture-of-experts
-routers). The module each one maps to, per architecture, is in mining/architectures.py. Hooks read tensors only, so
-they work under torch.inference_mode and with any attention implementation; a pattern needs eager attention, which
-capture() switches on while one is hooked.
+Sites (per block L): hook_resid_pre, attn.hook_pattern, attn.hook_z, hook_attn_out, hook_resid_mid, mlp.hook_pre,
+mlp.hook_pre_linear (gated MLPs), mlp.hook_post, hook_mlp_out, hook_resid_post, and mlp.hook_expert_weights
+(mixture-of-experts routers). The module each one maps to, per architecture, is in mining/architectures.py. Hooks
+read tensors only, so they work under torch.inference_mode and with any attention implementation; a pattern needs
+eager attention, which capture() switches on while one is hooked.
 
 attn.hook_pattern is one query token's attention over the context's key positions, per head: TransformerLens'
 pattern[b, h, q, k] at token (b, q) is feature h * context_length + k, keys past the query (or past the context)

@@ -1,7 +1,7 @@
 """Sparse autoencoders over a hook: their latents mined like neurons.
 
-    saes: {blocks.3.hook_resid_post: {source: EleutherAI/sae-SmolLM2-135M-64x, subfolder: layers.3}}
-    hooks: ["blocks.3.hook_resid_post.hook_sae_acts_post"]      # SAELens' name for the latents
+    saes: {blocks.17.hook_resid_post: EleutherAI/sae-SmolLM2-1.7B-layer17-32x}   # or {source: DIR, subfolder: ...}
+    hooks: ["blocks.17.hook_resid_post.hook_sae_acts_post"]      # SAELens' name for the latents
 
 An SAE reads its hook's activation x (B, T, d_in) and gives d_sae latents a token: feature i of
 `blocks.L.SITE.hook_sae_acts_post` is latent i. Every statistic, export and the viewer then treat latents as they
@@ -13,6 +13,8 @@ treat neurons. Two on-disk formats are read, told apart by their weight file:
   (x @ W_enc * exp(r_mag) + b_mag).
 - EleutherAI sparsify (`cfg.json` with d_in and k, `sae.safetensors`: encoder.weight (d_sae, d_in), encoder.bias,
   W_dec, b_dec): pre = relu(encoder(x - b_dec)) (a transcoder's input is not centred), the k largest kept.
+  Its hookpoints are module outputs: `layers.N` is blocks.N.hook_resid_post, `layers.N.mlp` blocks.N.hook_mlp_out
+  (a transcoder there reads the MLP's normalized input, which has no hook here yet).
 
 The encoder makes the latents; the decoder W_dec gives each latent's direction for the logit lens
 (analyses/logit_lens.py). The latents get no per-token direct logit attribution yet.
@@ -34,7 +36,7 @@ SUFFIX = ".hook_sae_acts_post"
 """A hook name ending in this is its base hook's SAE latents (SAELens' HookedSAETransformer names them so)."""
 
 _SAELENS, _SPARSIFY = "sae_weights.safetensors", "sae.safetensors"
-_KINDS = ("standard", "relu", "jumprelu", "topk", "gated")
+_KINDS = ("standard", "jumprelu", "topk", "gated")
 
 
 def split_sae(site: str) -> tuple[str, bool]:
@@ -168,10 +170,12 @@ def _need(shapes: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, .
 
 
 def _saelens(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int, ...]], where: str) -> SAE:
-    kind = str(cfg.get("architecture") or cfg.get("activation_fn_str") or cfg.get("activation_fn") or "standard")
+    kind = str(cfg.get("architecture") or "standard")
+    activation = str(cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu")
+    if kind == "standard" and activation != "relu":  # SAELens before 6: top-k SAEs were "standard" with a top-k
+        kind = activation
     if kind not in _KINDS:
         raise UserError(f"{where}: SAELens architecture {kind!r} is not supported ({', '.join(_KINDS)} are)")
-    kind = "standard" if kind == "relu" else kind
     if str(cfg.get("normalize_activations") or "none") != "none":
         raise UserError(f"{where}: normalize_activations={cfg['normalize_activations']!r} is not supported: the SAE "
                         "reads rescaled activations; only 'none' is")

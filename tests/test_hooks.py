@@ -252,6 +252,37 @@ def test_hook_z_and_resid_mid(arch):
         close(resid_pre + attn_out * residual_factor(cfg), resid_mid)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attn_out_and_mlp_out_are_what_each_adds_to_the_stream(arch):
+    """hook_attn_out and hook_mlp_out (TransformerLens' names): the stream after attention is the stream before it
+    plus attn_out, the block's output that plus mlp_out (both, on a parallel block; times Granite's multiplier);
+    BERT normalizes each sum. attn_out is also the attention's projection of z, through its output norm where
+    the family has one."""
+    model = tiny_model(arch)
+    layer, cfg = 1, text_config(model.config)
+    names = [f"blocks.{layer}.{s}" for s in ("hook_resid_pre", "attn.hook_z", "hook_attn_out", "hook_mlp_out",
+                                             "hook_resid_post")]
+    names += [f"blocks.{layer}.hook_resid_mid"] if arch not in PARALLEL else []
+    points = {p.site: p for p in resolve_hooks(model, names)}
+    assert points["hook_attn_out"].width == points["hook_mlp_out"].width == points["hook_resid_pre"].width
+    with torch.inference_mode(), record(model, list(points.values())) as got:
+        model(ids())
+    got = {site: got[p.name] for site, p in points.items()}
+    blk, scale = block(model, layer), residual_factor(cfg)
+    projected = linear(model.get_submodule(points["attn.hook_z"].module_path), got["attn.hook_z"])
+    family = architecture(model)
+    close(blk.get_submodule(OUT_NORMS[family])(projected) if family in OUT_NORMS else projected,
+          got["hook_attn_out"])
+    if family == "bert":  # post-norm
+        close(blk.attention.output.LayerNorm(got["hook_resid_pre"] + got["hook_attn_out"]), got["hook_resid_mid"])
+        close(blk.output.LayerNorm(got["hook_resid_mid"] + got["hook_mlp_out"]), got["hook_resid_post"])
+    elif arch in PARALLEL:
+        close(got["hook_resid_pre"] + (got["hook_attn_out"] + got["hook_mlp_out"]) * scale, got["hook_resid_post"])
+    else:
+        close(got["hook_resid_pre"] + got["hook_attn_out"] * scale, got["hook_resid_mid"])
+        close(got["hook_resid_mid"] + got["hook_mlp_out"] * scale, got["hook_resid_post"])
+
+
 @pytest.mark.parametrize("arch, sequential", [("gpt_neox", {"use_parallel_residual": False}),
                                             ("falcon", {"parallel_attn": False})])  # falcon-rw
 def test_sequential_variants_of_parallel_families_have_resid_mid(arch, sequential):

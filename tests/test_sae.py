@@ -40,6 +40,15 @@ def test_saelens_encoders_follow_their_formulas(tmp_path, kind):
     assert sae.encode(x.to(torch.bfloat16)).dtype == torch.bfloat16  # the weights follow the activation's dtype
 
 
+def test_an_older_saelens_top_k_sae_is_read_as_top_k(tmp_path):
+    """SAELens before 6 saved top-k SAEs as architecture "standard" with activation_fn_str "topk"."""
+    w = write_saelens(tmp_path, 24, 96, activation_fn_str="topk", activation_fn_kwargs={"k": 4})
+    sae = load_sae("blocks.0.hook_resid_post", SAESpec(str(tmp_path)))
+    assert (sae.kind, sae.k) == ("topk", 4)
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(2))
+    np.testing.assert_allclose(sae.encode(x).numpy(), reference("topk", w, x.numpy(), 4), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("transcode", [False, True])
 def test_sparsify_encoder_keeps_the_k_largest(tmp_path, transcode):
     w = write_sparsify(tmp_path, 20, 80, k=5, transcode=transcode)
@@ -91,10 +100,10 @@ def _sae_with_decoder(folder: Path, d_in: int, w_dec: torch.Tensor, transcode: b
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "granite"])
 def test_a_latent_whose_decoder_is_a_neurons_direction_has_that_neurons_lens(tmp_path, family):
-    """An mlp.hook_post SAE whose decoder is the identity, a residual-stream SAE whose decoder rows are layer 1's
-    MLP output rows, and a transcoder writing those rows: each latent's lens is the neuron's (tests/test_logit_lens.py
-    checks the neurons' against brute force). Gemma 2 passes the MLP's output through a norm and Granite scales the
-    blocks' outputs: the residual-stream SAE's latent reads the stream after them, so there it differs."""
+    """An mlp.hook_post SAE whose decoder is the identity, residual-stream and hook_mlp_out SAEs whose decoder rows
+    are layer 1's MLP output rows, and a transcoder writing those rows: each latent's lens is the neuron's
+    (tests/test_logit_lens.py checks the neurons' against brute force), but where a row is read after something the
+    neuron's write passes: Gemma 2's MLP output norm (both stream SAEs), Granite's multiplier (resid_post)."""
     from mining.analyses.logit_lens import logit_lens_table
     from mining.hooks import mlp_out_weight
 
@@ -107,6 +116,7 @@ def test_a_latent_whose_decoder_is_a_neurons_direction_has_that_neurons_lens(tmp
     _sae_with_decoder(tmp_path / "transcoder", d_model, w_out, transcode=True)
     saes = {"blocks.1.mlp.hook_post": load_sae("blocks.1.mlp.hook_post", SAESpec(str(tmp_path / "identity"))),
             "blocks.1.hook_resid_post": load_sae("blocks.1.hook_resid_post", SAESpec(str(tmp_path / "stream"))),
+            "blocks.1.hook_mlp_out": load_sae("blocks.1.hook_mlp_out", SAESpec(str(tmp_path / "stream"))),
             "blocks.1.hook_resid_mid": load_sae("blocks.1.hook_resid_mid", SAESpec(str(tmp_path / "transcoder")))}
     names = [f"{hook}.hook_sae_acts_post" for hook in saes]
     points = resolve_hooks(model, names, saes=saes)
@@ -119,7 +129,9 @@ def test_a_latent_whose_decoder_is_a_neurons_direction_has_that_neurons_lens(tmp
         assert len(latents) == len(neurons)
         same = (latents.token_id == neurons.token_id).all() and np.allclose(latents.weight, neurons.weight,
                                                                            rtol=1e-4, atol=1e-6)
-        assert same == (family == "llama" or "resid_post" not in name), name
+        # the stream SAEs' latents read after Gemma 2's MLP output norm; after Granite's multiplier (resid_post)
+        expected = {"hook_resid_post": family == "llama", "hook_mlp_out": family != "gemma2"}
+        assert same == expected.get(name.split(".")[2], True), name
 
 
 @pytest.mark.parametrize("site", ["attn.hook_z", "mlp.hook_pre"])
@@ -220,21 +232,24 @@ def test_a_diff_job_with_saes_is_refused(saes):
 @pytest.fixture(scope="module")
 def mined(hostile_job, tmp_path_factory):
     """The tiny Llama over the hostile corpus: a SAELens JumpReLU SAE on layer 1's residual stream (also kept
-    densely) and a sparsify top-k SAE on layer 0's MLP neurons, beside those neurons."""
+    densely), a sparsify top-k SAE on layer 0's MLP neurons beside those neurons, and a standard SAE on layer 0's
+    MLP output."""
     from mining.cli import main
 
     root = tmp_path_factory.mktemp("sae-job")
     weights = {"resid": write_saelens(root / "resid", 32, 96, "jumprelu"),
-               "mlp": write_sparsify(root / "sparsify" / "layers.0.mlp", 64, 128, k=6)}
+               "mlp": write_sparsify(root / "sparsify" / "layers.0.mlp", 64, 128, k=6),
+               "mlp_out": write_saelens(root / "mlp-out", 32, 64, seed=3)}
     job = root / "job.yaml"
     job.write_text(f"""
 name: sae
 model: {{id: "{hostile_job.parent / 'model'}"}}
 corpus: {{source: "files:{hostile_job.parent / 'docs'}/*.txt", context_length: 64, max_tokens: 900}}
 hooks: ["blocks.*.hook_resid_post.hook_sae_acts_post", "blocks.0.mlp.hook_post.hook_sae_acts_post",
-        "blocks.0.mlp.hook_post"]
+        "blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out.hook_sae_acts_post"]
 saes:
   blocks.1.hook_resid_post: {root / 'resid'}
+  blocks.0.hook_mlp_out: {root / 'mlp-out'}
   blocks.0.mlp.hook_post: {{source: {root / 'sparsify'}, subfolder: layers.0.mlp}}
 stats: {{top_k: 6, quantile_samples: 2, dla: true, logit_lens: true, logit_lens_k: 4}}
 dense: {{hooks: ["blocks.1.hook_resid_post.hook_sae_acts_post"], token_fraction: 0.25}}
@@ -255,14 +270,17 @@ def brute(mined, hostile_job):
     loaded = load_model(ModelSpec(id=str(hostile_job.parent / "model")))
     prefix = list(special_tokens(loaded.tokenizer, "auto", None).prefix)
     tokens = ds.dataset(store / "tokens").to_table().sort_by("tok").to_pandas()
-    resid, mlp = [], []
-    with torch.inference_mode(), record(loaded.model, ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post"]) as out:
+    hooks = ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out"]
+    acts: dict[str, list] = {hook: [] for hook in hooks}
+    with torch.inference_mode(), record(loaded.model, hooks) as out:
         for _, group in tokens.groupby("ctx", sort=True):
             loaded.model(torch.tensor([prefix + group.token_id.tolist()]))
-            resid.append(out["blocks.1.hook_resid_post"][0, len(prefix):].numpy())
-            mlp.append(out["blocks.0.mlp.hook_post"][0, len(prefix):].numpy())
-    return {("hook_resid_post.hook_sae_acts_post", 1): reference("jumprelu", weights["resid"], np.concatenate(resid)),
-            ("mlp.hook_post.hook_sae_acts_post", 0): reference("topk", weights["mlp"], np.concatenate(mlp), 6)}
+            for hook in hooks:
+                acts[hook].append(out[hook][0, len(prefix):].numpy())
+    resid, mlp, mlp_out = (np.concatenate(acts[hook]) for hook in hooks)
+    return {("hook_resid_post.hook_sae_acts_post", 1): reference("jumprelu", weights["resid"], resid),
+            ("mlp.hook_post.hook_sae_acts_post", 0): reference("topk", weights["mlp"], mlp, 6),
+            ("hook_mlp_out.hook_sae_acts_post", 0): reference("standard", weights["mlp_out"], mlp_out)}
 
 
 def test_latents_tables_match_brute_force(mined, brute):
@@ -270,7 +288,8 @@ def test_latents_tables_match_brute_force(mined, brute):
     neurons = pq.read_table(store / "neurons.parquet").to_pandas()
     top = pq.read_table(store / "top_examples.parquet").to_pandas()
     assert sorted(set(zip(neurons.hook, neurons.layer))) == [
-        ("hook_resid_post.hook_sae_acts_post", 1), ("mlp.hook_post", 0), ("mlp.hook_post.hook_sae_acts_post", 0)]
+        ("hook_mlp_out.hook_sae_acts_post", 0), ("hook_resid_post.hook_sae_acts_post", 1), ("mlp.hook_post", 0),
+        ("mlp.hook_post.hook_sae_acts_post", 0)]
     for (hook, layer), acts in brute.items():
         assert acts.shape[0] == 900
         rows = neurons[(neurons.hook == hook) & (neurons.layer == layer)].sort_values("neuron")
@@ -298,7 +317,7 @@ def test_dense_latents_and_provenance(mined, brute):
     recorded = json.loads((store / "provenance.json").read_text())["saes"]
     assert {h: (r["format"], r["kind"], r["d_sae"], r["k"]) for h, r in recorded.items()} == {
         "blocks.1.hook_resid_post": ("saelens", "jumprelu", 96, None),
-        "blocks.0.mlp.hook_post": ("sparsify", "topk", 128, 6)}
+        "blocks.0.mlp.hook_post": ("sparsify", "topk", 128, 6), "blocks.0.hook_mlp_out": ("saelens", "standard", 64, None)}
     assert all(len(r["weights_sha256"]) == 64 for r in recorded.values())
 
 
@@ -309,6 +328,7 @@ def test_latents_logit_lens_rows_and_query(mined):
     lens = pq.read_table(store / "logit_lens.parquet").to_pandas()
     counts = lens.groupby(["hook", "layer"]).size().to_dict()
     assert counts == {("hook_resid_post.hook_sae_acts_post", 1): 96 * 2 * 4,
+                      ("hook_mlp_out.hook_sae_acts_post", 0): 64 * 2 * 4,
                       ("mlp.hook_post", 0): 64 * 2 * 4, ("mlp.hook_post.hook_sae_acts_post", 0): 128 * 2 * 4}
     con = connect(store)
     rows = run_named(con, "logit-lens", {"hook": "hook_resid_post.hook_sae_acts_post", "layer": "1", "neuron": "7",

@@ -21,8 +21,9 @@ rescales every neuron alike and so does not change any ranking. What is left out
   and its table is only a rough lens.
 
 An SAE latent's output direction is its decoder row where that is a residual-stream vector (an SAE on a residual
-stream, a transcoder), or the decoder row through the MLP's output projection (an SAE on mlp.hook_post); then the
-same gains apply (`latent_directions`). SAEs on attn.hook_z or before the MLP's nonlinearity get no lens rows.
+stream or on hook_attn_out/hook_mlp_out, a transcoder), or the decoder row through the MLP's output projection (an
+SAE on mlp.hook_post); then the same gains apply (`latent_directions`). SAEs on attn.hook_z or before the MLP's
+nonlinearity get no lens rows.
 
 Cost: (vocab x d_model x width) multiply-adds per layer - 43 GFLOP for SmolLM2-135M - done as a few
 matmuls over chunks of neurons, each followed by a top-k along the vocabulary.
@@ -120,18 +121,25 @@ def decode_tokens(tokenizer: Any, ids: np.ndarray) -> np.ndarray:
 
 def has_lens(point: HookPoint) -> bool:
     """Whether the logit lens reads this point's features: MLP neurons, and SAE latents whose decoder writes the
-    residual stream (an SAE on a residual stream or on mlp.hook_post, or a transcoder)."""
+    residual stream (an SAE on a residual stream, on attention's or the MLP's output or on mlp.hook_post, or a
+    transcoder)."""
     base, latents = split_sae(point.site)
     if not latents:
         return point.site == "mlp.hook_post"
-    return point.sae.transcoder or base == "mlp.hook_post" or base.startswith("hook_resid")
+    return point.sae.transcoder or base in _WRITES or base == "mlp.hook_post"
+
+
+_WRITES = {"hook_resid_pre": False, "hook_resid_mid": False, "hook_resid_post": False, "hook_attn_out": True,
+           "hook_mlp_out": True}
+"""Sites that are residual-stream vectors -> whether a block's multiplier (Granite's) still applies to them (what
+attention and the MLP add; their output norms, where a family has them, are already applied)."""
 
 
 def latent_directions(model: nn.Module, point: HookPoint, gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An SAE's latents' writes into the residual stream (d_sae, d_model) float32, and the gain they are read
-    with: a residual-stream SAE's decoder rows as they are; an mlp.hook_post SAE's through the MLP's output
-    projection; a transcoder's (the MLP's output) as they are. Those reaching the stream through an MLP output
-    take its output norm's gain and the family's block factor, as neurons do."""
+    with: a residual-stream (or attention or MLP output) SAE's decoder rows as they are; an mlp.hook_post SAE's
+    through the MLP's output projection; a transcoder's (the MLP module's output) as they are. Those reaching the
+    stream through the MLP module take its output norm's gain and the family's block factor, as neurons do."""
     sae, base = point.sae, split_sae(point.site)[0]
     w_dec = sae.decoder().to(gain.device)
     if base == "mlp.hook_post" and not sae.transcoder:
@@ -139,9 +147,10 @@ def latent_directions(model: nn.Module, point: HookPoint, gain: torch.Tensor) ->
     if w_dec.shape[1] != gain.shape[0]:
         raise UserError(f"saes.{sae.hook}: its decoder writes {w_dec.shape[1]} features, the residual stream has "
                         f"{gain.shape[0]}; the logit lens cannot read it")
-    if base.startswith("hook_resid") and not sae.transcoder:  # the stream itself: only the logits' factor
+    if base in _WRITES and not sae.transcoder:  # already in the stream's terms: the logits' factor, the block's
         arch, config = arch_of(model), text_config(model.config)
-        return w_dec, gain * arch.logit_scale(config)
+        factor = arch.logit_scale(config) * (arch.residual_scale(config) if _WRITES[base] else 1.0)
+        return w_dec, gain * factor
     return w_dec, _layer_gain(model, point.layer, gain)
 
 
