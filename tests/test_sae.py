@@ -317,7 +317,8 @@ def test_dense_latents_and_provenance(mined, brute):
     recorded = json.loads((store / "provenance.json").read_text())["saes"]
     assert {h: (r["format"], r["kind"], r["d_sae"], r["k"]) for h, r in recorded.items()} == {
         "blocks.1.hook_resid_post": ("saelens", "jumprelu", 96, None),
-        "blocks.0.mlp.hook_post": ("sparsify", "topk", 128, 6), "blocks.0.hook_mlp_out": ("saelens", "standard", 64, None)}
+        "blocks.0.mlp.hook_post": ("sparsify", "topk", 128, 6),
+        "blocks.0.hook_mlp_out": ("saelens", "standard", 64, None)}
     assert all(len(r["weights_sha256"]) == 64 for r in recorded.values())
 
 
