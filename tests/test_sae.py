@@ -354,3 +354,18 @@ def test_export_replays_a_latents_activations(mined, brute, tmp_path):
     assert len(top) == 3 and top[0]["value"] == pytest.approx(acts[:, latent].max(), rel=1e-4)
     for r in records:  # the replayed context's activation at its peak is the mined value
         assert r["activations"][r["peak_index"]] == pytest.approx(r["value"], rel=1e-3, abs=1e-4)
+
+
+def test_the_viewer_names_a_latent_and_shows_its_lens(mined, tmp_path):
+    from mining.cli import main
+
+    store, _ = mined
+    site = tmp_path / "site"
+    assert main(["export", str(store), "--hook", "hook_resid_post.hook_sae_acts_post", "--top", "2", "--by", "max",
+                 "--format", "html", "--out", str(site)]) == 0
+    pages = sorted((site / "neurons").glob("hook_resid_post.hook_sae_acts_post-1-*.html"))
+    assert len(pages) == 2
+    html = pages[0].read_text()
+    latent = pages[0].stem.rsplit("-", 1)[1]
+    assert f"hook_resid_post.hook_sae_acts_post · layer 1 · latent {latent}</h1>" in html
+    assert 'id="logit-lens"' in html  # the latent's decoder direction through the unembedding

@@ -83,7 +83,8 @@ def neuron_page(p: NeuronPage, links: Links) -> str:
     n = p.nid
     s = p.stats
     scale = max(abs(s.get("min") or 0.0), abs(s.get("max") or 0.0)) or 1.0
-    body = [f"<h1>{esc(n.hook)} · layer {n.layer} · neuron {n.neuron}</h1>"]
+    kind = "latent" if n.hook.endswith(".hook_sae_acts_post") else "neuron"  # an SAE's latents (mining/sae.py)
+    body = [f"<h1>{esc(n.hook)} · layer {n.layer} · {kind} {n.neuron}</h1>"]
     stats = {k: s.get(k) for k in ("count", *METRICS)} | p.extra
     body.append(table([(k, "num") for k in stats], [list(stats.values())], table_id="stats", sortable=False))
     side = []
