@@ -176,6 +176,10 @@ def _saelens(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int,
         kind = activation
     if kind not in _KINDS:
         raise UserError(f"{where}: SAELens architecture {kind!r} is not supported ({', '.join(_KINDS)} are)")
+    for key, why in (("hook_head_index", "it reads one head's part of attn.hook_z"),
+                     ("rescale_acts_by_decoder_norm", "its latents are scaled by its decoder rows' norms")):
+        if cfg.get(key) not in (None, False):
+            raise UserError(f"{where}: {key}={cfg[key]!r} is not supported: {why}")
     if str(cfg.get("normalize_activations") or "none") != "none":
         raise UserError(f"{where}: normalize_activations={cfg['normalize_activations']!r} is not supported: the SAE "
                         "reads rescaled activations; only 'none' is")
@@ -201,6 +205,8 @@ def _sparsify(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int
     if "d_in" in cfg and int(cfg["d_in"]) != d_in:
         raise UserError(f"{where}: cfg.json says d_in {cfg['d_in']}, {_SPARSIFY}'s encoder reads {d_in}")
     _need(shapes, {"encoder.bias": (d_sae,), "b_dec": (d_in,)}, where, _SPARSIFY)
+    if cfg.get("activation", "topk") != "topk":
+        raise UserError(f"{where}: sparsify activation {cfg['activation']!r} is not supported (topk is)")
     k = cfg.get("k")
     if not (isinstance(k, int) and 0 < k <= d_sae):
         raise UserError(f"{where}: sparsify's cfg.json needs k in 1..{d_sae}, got {k!r}")

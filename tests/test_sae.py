@@ -164,6 +164,10 @@ def saes(tmp_path_factory):
     write_saelens(root / "matryoshka", 32, 64, "matryoshka_batchtopk")
     write_saelens(root / "normalized", 32, 64, normalize_activations="expected_average_only_in")
     write_saelens(root / "topk-without-k", 32, 64, "topk")
+    write_saelens(root / "one-head", 32, 64, hook_head_index=2)
+    write_sparsify(root / "groupmax", 32, 64, k=4)
+    cfg = json.loads((root / "groupmax" / "cfg.json").read_text())
+    (root / "groupmax" / "cfg.json").write_text(json.dumps({**cfg, "activation": "groupmax"}))
     write_saelens(root / "lying", 32, 64)
     cfg = json.loads((root / "lying" / "cfg.json").read_text())
     (root / "lying" / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 128}))  # it disagrees with its weights
@@ -189,6 +193,10 @@ REFUSALS = {
                               "saes": {"blocks.1.hook_resid_post": "matryoshka"}}, "'matryoshka_batchtopk' is not"),
     "normalized-input": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
                           "saes": {"blocks.1.hook_resid_post": "normalized"}}, "normalize_activations"),
+    "sparsify-groupmax": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
+                           "saes": {"blocks.1.hook_resid_post": "groupmax"}}, "activation 'groupmax' is not supported"),
+    "one-head": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
+                  "saes": {"blocks.1.hook_resid_post": "one-head"}}, "hook_head_index=2 is not supported"),
     "topk-without-k": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
                         "saes": {"blocks.1.hook_resid_post": "topk-without-k"}}, "needs k"),
     "config-disagrees": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
