@@ -11,6 +11,7 @@ batches, dtype and device — each a `--parts` name:
     tokens        the same + the token table (log-prob, entropy)
     dense         the same + a dense float16 copy of the middle layer for every token
     patterns      mining + every layer's attn.hook_pattern (heads x context keys a token; eager attention)
+    sae           mining + the latents of an 8x top-k SAE on every layer's residual stream (random weights)
     alternatives  what a user would do instead (bench_alternatives.py)
     bytes         store size per mined token next to a dense float16 cache (bench_store.py)
     memory        peak RSS of mining N and 10N tokens, each in a fresh process (bench_store.py)
@@ -25,7 +26,9 @@ takes twice as long.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
 import gc
 import os
 import platform
@@ -35,14 +38,15 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import UserError
 from .spec import CPU_SHARD_TOKENS, GPU_SHARD_TOKENS
 
-PARTS = ("forward", "mining", "dla", "kernels", "tokens", "dense", "patterns", "alternatives", "bytes", "memory",
-         "duckdb")
-THROUGHPUT = ("forward", "mining", "dla", "kernels", "tokens", "dense", "patterns", "alternatives")
+PARTS = ("forward", "mining", "dla", "kernels", "tokens", "dense", "patterns", "sae", "alternatives", "bytes",
+         "memory", "duckdb")
+THROUGHPUT = ("forward", "mining", "dla", "kernels", "tokens", "dense", "patterns", "sae", "alternatives")
 # miner variant -> (part, stats keys on top of top-k/histogram/moments, dense copy of the middle layer)
 MINER_VARIANTS = {
     "mining": ("mining", {}, False),
@@ -51,7 +55,10 @@ MINER_VARIANTS = {
     "token_table": ("tokens", {"dla": True, "token_table": True}, False),
     "dense": ("dense", {"dla": True, "token_table": True}, True),
     "patterns": ("patterns", {}, False),  # mining, its hooks plus every layer's attn.hook_pattern (eager attention)
+    "sae": ("sae", {}, False),  # mining, its hooks plus an SAE's latents on every layer's residual stream
 }
+SAE_EXPANSION, SAE_K = 8, 32
+"""The sae variant's SAEs: d_sae = 8 x d_model latents, the 32 largest kept (a common release's shape)."""
 TORCH_OPS = {"mining_torch_ops"}
 """Variants run with MINING_KERNELS=torch: the reducers' torch code instead of their numba kernels."""
 LABELS = {
@@ -62,6 +69,7 @@ LABELS = {
     "token_table": "  + token table",
     "dense": "  + dense {dense_hook} (every token)",
     "patterns": "mining + every layer's attention pattern (eager)",
+    "sae": f"mining + every layer's {SAE_EXPANSION}x top-{SAE_K} SAE latents",
     "cache_to_disk": "alternative: hooks -> float16 cache on disk -> reduce",
     "nnsight_to_disk": "alternative: nnsight -> float16 cache on disk -> reduce",
     "transformer_lens": "alternative: TransformerLens run_with_cache -> reduce",
@@ -201,7 +209,8 @@ def bench_job(cfg: BenchConfig, variant: str, dense_hook: str | None = None) -> 
         "name": "bench",
         "model": {"id": cfg.model, "dtype": cfg.dtype, "device": cfg.device},
         "corpus": {"source": cfg.corpus, "max_tokens": cfg.tokens, "context_length": cfg.context_length},
-        "hooks": ["blocks.*.mlp.hook_post"] + (["blocks.*.attn.hook_pattern"] if variant == "patterns" else []),
+        "hooks": ["blocks.*.mlp.hook_post"] + {"patterns": ["blocks.*.attn.hook_pattern"],
+                                               "sae": ["blocks.*.hook_resid_post.hook_sae_acts_post"]}.get(variant, []),
         "stats": {"top_k": cfg.top_k, "histogram": True, "moments": True, "dla": False, "token_table": False, **extra},
         # shards as `shard_tokens: auto` cuts them for actors on this device (and the most `--batch-size auto` may pick)
         "compute": {"actors": 1, "batch_size": cfg.batch_size,
@@ -209,7 +218,43 @@ def bench_job(cfg: BenchConfig, variant: str, dense_hook: str | None = None) -> 
     }
     if dense:
         job["dense"] = {"hooks": [dense_hook], "token_fraction": 1.0}
+    if variant == "sae":
+        job["saes"] = {f"blocks.{layer}.hook_resid_post": folder for layer, folder in bench_saes(cfg.model).items()}
     return job
+
+
+@functools.lru_cache(maxsize=None)
+def bench_saes(model: str) -> dict[int, str]:
+    """An SAE of random weights for every layer's residual stream, in SAELens' layout (float16, encoder only: the
+    mining cost does not depend on the weights), in a temporary folder removed at exit: layer -> folder."""
+    import json
+    import shutil
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    from .architectures import dims, text_config
+    from .models import load_config
+    from .spec import ModelSpec
+
+    config = load_config(ModelSpec(id=model))
+    d_in, n_layers = dims(config)["d_model"], int(text_config(config).num_hidden_layers)
+    d_sae = SAE_EXPANSION * d_in
+    root = Path(tempfile.mkdtemp(prefix="mining-bench-saes-"))
+    atexit.register(shutil.rmtree, root, True)
+    folders = {}
+    for layer in range(n_layers):
+        g = torch.Generator().manual_seed(layer)
+        folder = root / f"blocks.{layer}.hook_resid_post"
+        folder.mkdir()
+        save_file({"W_enc": (torch.randn(d_in, d_sae, generator=g) / d_in ** 0.5).half(),
+                   "b_enc": torch.zeros(d_sae, dtype=torch.float16), "b_dec": torch.zeros(d_in, dtype=torch.float16)},
+                  str(folder / "sae_weights.safetensors"))
+        (folder / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": d_in, "d_sae": d_sae,
+                                                     "k": SAE_K, "normalize_activations": "none"}))
+        folders[layer] = str(folder)
+    return folders
 
 
 def _on_gpu(device: str) -> bool:

@@ -151,14 +151,20 @@ def test_an_encoder_has_no_dla_to_measure(capsys, tmp_path, minilm_tokenizer):
 
 
 def test_other_parts(capsys, tiny_llama):
-    r = bench(capsys, tiny_llama, "--parts", "tokens,dense,patterns,alternatives,bytes")
+    r = bench(capsys, tiny_llama, "--parts", "tokens,dense,patterns,sae,alternatives,bytes")
     assert r["bare_tokens_per_s"] > 0  # the baseline runs whenever a throughput variant does
-    assert r["token_table_ratio"] > 0 and r["dense_ratio"] > 0 and r["patterns_ratio"] > 0
-    from mining.bench import BenchConfig, bench_job
+    assert r["token_table_ratio"] > 0 and r["dense_ratio"] > 0 and r["patterns_ratio"] > 0 and r["sae_ratio"] > 0
+    from mining.bench import SAE_EXPANSION, BenchConfig, bench_job, bench_saes
+    from mining.sae import load_saes
+    from mining.spec import spec_from_dict
 
-    hooks = {v: bench_job(BenchConfig(), v)["hooks"] for v in ("mining", "patterns")}  # the variant's extra work
+    hooks = {v: bench_job(BenchConfig(), v)["hooks"] for v in ("mining", "patterns", "sae")}  # the variant's extra work
     assert hooks == {"mining": ["blocks.*.mlp.hook_post"],
-                     "patterns": ["blocks.*.mlp.hook_post", "blocks.*.attn.hook_pattern"]}
+                     "patterns": ["blocks.*.mlp.hook_post", "blocks.*.attn.hook_pattern"],
+                     "sae": ["blocks.*.mlp.hook_post", "blocks.*.hook_resid_post.hook_sae_acts_post"]}
+    saes = load_saes(spec_from_dict(bench_job(BenchConfig(model=str(tiny_llama)), "sae")).saes)
+    assert sorted(saes) == [f"blocks.{layer}.hook_resid_post" for layer in range(len(bench_saes(str(tiny_llama))))]
+    assert {(s.kind, s.d_in, s.d_sae) for s in saes.values()} == {("topk", 32, SAE_EXPANSION * 32)}
     alt = r["alternatives"]
     cache = alt["cache_to_disk"]
     assert cache["tokens_per_s"] > 0 and cache["cache_bytes"] >= 300 * 128 * 2  # float16 per neuron and token
