@@ -29,13 +29,16 @@ def mine_merged(spec) -> tuple:
 @pytest.mark.parametrize("arch, hooks, dla", [("gemma2", ["blocks.*.mlp.hook_post"], True),
                                              ("opt", ["blocks.*.mlp.hook_post"], False),
                                              ("olmoe", ["blocks.*.mlp.hook_expert_weights"], False),
-                                             ("llama", ["blocks.*.attn.hook_pattern"], False)])
+                                             ("llama", ["blocks.*.attn.hook_pattern"], False),
+                                             ("llama", ["blocks.*.hook_resid_post.hook_sae_acts_post",
+                                                        "blocks.*.hook_mlp_out"], False)])
 def test_the_gpu_kernels_emulated_miner_mines_what_the_cpu_miner_mines(arch, hooks, dla, tmp_path, smol_tokenizer,
                                                                        monkeypatch):
     """The device path (the CUDA kernel, emulated on the CPU) on a tiny Gemma 2, whose DLA it divides by each layer's
     own scale as it reads the activations (FusedGain); on OPT, whose MLP activations come back from (B*T, N); on
     OLMoE's routing probabilities (a softmax the hook computes); on a Llama's attention patterns (heads x keys, most
-    of them exactly 0): it mines what the CPU miner mines, bit for bit.
+    of them exactly 0); on an SAE's top-k latents (most of them 0) and the MLP's output: it mines what the CPU miner
+    mines, bit for bit.
     (OPT's DLA is left out: for the LayerNorm families, GPT-2's too, the two paths' gains differ in the last bit.)"""
     from mining.models import load_model
     from mining.reducers import cuda_layer
@@ -43,9 +46,15 @@ def test_the_gpu_kernels_emulated_miner_mines_what_the_cpu_miner_mines(arch, hoo
     from mining.spec import spec_from_dict
     from test_device import mine_all, same_results
 
+    from sae_files import write_saelens
+
     tiny_model(arch, vocab_size=len(smol_tokenizer), seed=2).save_pretrained(tmp_path)
     smol_tokenizer.save_pretrained(tmp_path)
-    spec = spec_from_dict({
+    saes = {}
+    if any(h.endswith(".hook_sae_acts_post") for h in hooks):
+        write_saelens(tmp_path / "sae", 32, 128, "topk", k=8)
+        saes = {"blocks.1.hook_resid_post": str(tmp_path / "sae")}
+    spec = spec_from_dict({"saes": saes,
         "name": f"{arch}-device", "model": {"id": str(tmp_path)},
         "corpus": {"source": "builtin:python-docs", "max_tokens": 600, "context_length": 64},
         "hooks": hooks, "stats": {"top_k": 6, "dla": dla},
