@@ -267,7 +267,7 @@ def families(dev: torch.device, config_dir: str, scratch: Path) -> dict:
                 "name": arch, "model": {"id": str(folder), "device": device},
                 "corpus": {"source": "builtin:python-docs", "max_tokens": size(1200, 300), "context_length": 48},
                 "hooks": ["blocks.*.mlp.hook_expert_weights" if moe else "blocks.*.mlp.hook_post",
-                          "blocks.0.attn.hook_pattern"],
+                          "blocks.0.attn.hook_pattern", "blocks.1.hook_attn_out", "blocks.1.hook_mlp_out"],
                 "stats": {"top_k": 6, "dla": causal and not moe, "token_table": True},
                 "compute": {"batch_size": 8, "shard_tokens": size(400, 150)}})
             loaded = load_model(spec.model)
