@@ -141,9 +141,9 @@ def tiny_job(tmp_path_factory, smol_tokenizer):
 LONGEST_FIRST = ("test_runner.py", "test_faults.py", "test_bad_input.py", "test_compute_auto.py", "test_diff.py",
                  "test_submit.py", "test_demo.py", "test_polysemanticity.py", "test_end_to_end.py",
                  "test_object_store.py", "test_bench.py", "test_quantize.py", "test_kernels_boundscheck.py",
-                 "test_finetune_diff.py", "test_dla_archs.py", "test_patterns.py", "test_viewer_browser.py",
-                 "test_cuda_sanitized.py", "test_gpu_check.py", "test_cuda_build.py", "test_export.py",
-                 "test_analyze.py", "test_dla.py", "test_encoder.py")
+                 "test_finetune_diff.py", "test_dla_archs.py", "test_patterns.py", "test_sae.py",
+                 "test_viewer_browser.py", "test_cuda_sanitized.py", "test_gpu_check.py", "test_cuda_build.py",
+                 "test_export.py", "test_analyze.py", "test_dla.py", "test_encoder.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
