@@ -134,7 +134,7 @@ def resolve_hooks(model: nn.Module, patterns: Sequence[str] | str, context_lengt
                                           _base_width(base, d), arch.chunks.get(base))
                 continue
             if site == "attn.hook_z":
-                extra = {"width": d["n_heads"] * d["d_head"], "n_heads": d["n_heads"], "d_head": d["d_head"]}
+                extra = {"width": _base_width(site, d), "n_heads": d["n_heads"], "d_head": d["d_head"]}
             elif site == "attn.hook_pattern":
                 if not context_length:
                     raise UserError(f"{pattern!r}: an attention pattern's width is heads x key positions; "
@@ -143,12 +143,13 @@ def resolve_hooks(model: nn.Module, patterns: Sequence[str] | str, context_lengt
             elif site == "mlp.hook_expert_weights":  # TransformerLens': the softmax of the router's logits
                 extra = {"width": d["n_experts"], "softmax": True}
             else:
-                extra = {"width": d["d_mlp"] if site.startswith("mlp.") else d["d_model"]}
+                extra = {"width": _base_width(site, d)}
             points[name] = HookPoint(name, site, layer, path, direction, chunk=arch.chunks.get(site), **extra)
     return sorted(points.values(), key=lambda p: (p.layer, SITE_ORDER.index(split_sae(p.site)[0]), p.site))
 
 
 def _base_width(site: str, d: Mapping[str, int]) -> int:
+    """Features a token of a site that is one tensor per block (heads flattened)."""
     return d["n_heads"] * d["d_head"] if site == "attn.hook_z" else d["d_mlp"] if site.startswith("mlp.") \
         else d["d_model"]
 
