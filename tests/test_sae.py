@@ -291,6 +291,7 @@ def brute(mined, hostile_job):
             ("hook_mlp_out.hook_sae_acts_post", 0): reference("standard", weights["mlp_out"], mlp_out)}
 
 
+@pytest.mark.ray
 def test_latents_tables_match_brute_force(mined, brute):
     store, _ = mined
     neurons = pq.read_table(store / "neurons.parquet").to_pandas()
@@ -314,6 +315,7 @@ def test_latents_tables_match_brute_force(mined, brute):
     assert topk.frac_active.sum() == pytest.approx(6, abs=0.01)  # top-k: 6 latents of 128 on every token
 
 
+@pytest.mark.ray
 def test_dense_latents_and_provenance(mined, brute):
     from mining.dense import read_dense
 
@@ -330,6 +332,7 @@ def test_dense_latents_and_provenance(mined, brute):
     assert all(len(r["weights_sha256"]) == 64 for r in recorded.values())
 
 
+@pytest.mark.ray
 def test_latents_logit_lens_rows_and_query(mined):
     from mining.query import connect, run_named
 
@@ -348,6 +351,7 @@ def test_latents_logit_lens_rows_and_query(mined):
     con.close()
 
 
+@pytest.mark.ray
 def test_export_replays_a_latents_activations(mined, brute, tmp_path):
     from mining.cli import main
 
@@ -364,6 +368,7 @@ def test_export_replays_a_latents_activations(mined, brute, tmp_path):
         assert r["activations"][r["peak_index"]] == pytest.approx(r["value"], rel=1e-3, abs=1e-4)
 
 
+@pytest.mark.ray
 def test_the_viewer_names_a_latent_and_shows_its_lens(mined, tmp_path):
     from mining.cli import main
 
