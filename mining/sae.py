@@ -36,6 +36,9 @@ SUFFIX = ".hook_sae_acts_post"
 """A hook name ending in this is its base hook's SAE latents (SAELens' HookedSAETransformer names them so)."""
 
 _SAELENS, _SPARSIFY = "sae_weights.safetensors", "sae.safetensors"
+_ENCODER = {"saelens": {n: n for n in ("W_enc", "b_enc", "b_dec", "threshold", "b_gate", "r_mag", "b_mag")},
+            "sparsify": {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "b_dec": "b_dec"}}
+"""Each layout's encoder tensors: our name -> the file's."""
 _KINDS = ("standard", "jumprelu", "topk", "gated")
 
 
@@ -72,13 +75,15 @@ class SAE:
         key = (device, dtype)
         with self._lock:
             if key not in self._weights:
-                from safetensors.torch import load_file
+                from safetensors import safe_open
 
-                raw = load_file(str(self.folder / (_SAELENS if self.layout == "saelens" else _SPARSIFY)))
+                names = _ENCODER[self.layout]  # the encoder's tensors only: a decoder is as large and not needed
+                with safe_open(str(self.folder / (_SAELENS if self.layout == "saelens" else _SPARSIFY)),
+                               framework="pt") as f:
+                    raw = {mine: f.get_tensor(theirs) for mine, theirs in names.items() if theirs in f.keys()}
                 if self.layout == "sparsify":  # encoder is an nn.Linear: weight (d_sae, d_in)
-                    raw = {"W_enc": raw["encoder.weight"].T, "b_enc": raw["encoder.bias"], "b_dec": raw["b_dec"]}
-                self._weights[key] = {name: t.to(device=device, dtype=dtype).contiguous() for name, t in raw.items()
-                                      if name in ("W_enc", "b_enc", "b_dec", "threshold", "b_gate", "r_mag", "b_mag")}
+                    raw["W_enc"] = raw["W_enc"].T
+                self._weights[key] = {name: t.to(device=device, dtype=dtype).contiguous() for name, t in raw.items()}
             return self._weights[key]
 
     def decoder(self) -> torch.Tensor:
