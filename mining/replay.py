@@ -110,6 +110,7 @@ class Replayer:
     def loaded(self) -> LoadedModel:
         if self._loaded is None:
             self._loaded = load_model(self.spec.model)
+            self._saes = load_saes(self.spec.saes)  # once: each keeps its encoder's tensors after the first batch
             self._specials = special_tokens(self._loaded.tokenizer, self.spec.corpus.bos,
                                             resolve_source(self.spec.model).bos)
         return self._loaded
@@ -164,7 +165,7 @@ class Replayer:
             ids[i, : len(r)] = torch.tensor(r)
             attention[i, : len(r)] = 1
         names = [f"blocks.{layer}.{site}" for layer in layers]
-        points = resolve_hooks(loaded.model, names, self.spec.corpus.context_length, load_saes(self.spec.saes))
+        points = resolve_hooks(loaded.model, names, self.spec.corpus.context_length, self._saes)
         deepest = max(layers)
         seen: dict[int, torch.Tensor] = {}
 

@@ -127,7 +127,7 @@ def validate(spec: JobSpec) -> Any:
 
         for key in ("dla", "logit_lens"):  # they read neurons' output weights (a diff job's DLA also reads heads)
             if getattr(spec.stats, key) and not (key == "logit_lens" and any(map(has_lens, points))):
-                also = " (or an SAE's latents on a residual stream or mlp.hook_post)" if key == "logit_lens" else ""
+                also = " (or an SAE's latents whose decoder writes the stream)" if key == "logit_lens" else ""
                 raise UserError(f"stats.{key}: it reads blocks.*.mlp.hook_post neurons{also} and this job hooks "
                                 "none; hook them or turn it off")
     return config

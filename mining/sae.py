@@ -219,18 +219,10 @@ def _sparsify(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int
     return SAE(hook, folder, "topk", int(d_in), int(d_sae), k, not transcode, "sparsify", transcode)
 
 
-_LOADED: dict[tuple, SAE] = {}
-
-
 def load_saes(saes: Mapping[str, Any]) -> dict[str, SAE]:
-    """A job's `saes:` (base hook name -> SAESpec) as SAE objects, each read once a process."""
-    out = {}
-    for hook, spec in saes.items():
-        key = (hook, spec.source, spec.subfolder, spec.revision)
-        if key not in _LOADED:
-            _LOADED[key] = load_sae(hook, spec)
-        out[hook] = _LOADED[key]
-    return out
+    """A job's `saes:` (base hook name -> SAESpec) as SAE objects. Each keeps the encoder's tensors it reads on first
+    use, so a caller loads them once and keeps them (the miner's points, the replayer)."""
+    return {hook: load_sae(hook, spec) for hook, spec in saes.items()}
 
 
 def sae_provenance(saes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

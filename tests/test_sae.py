@@ -135,16 +135,29 @@ def test_a_latent_whose_decoder_is_a_neurons_direction_has_that_neurons_lens(tmp
 
 
 @pytest.mark.parametrize("site", ["attn.hook_z", "mlp.hook_pre"])
-def test_latents_before_a_nonlinearity_or_of_heads_get_no_lens_rows(tmp_path, site):
-    from mining.analyses.logit_lens import has_lens, logit_lens_table
+def test_latents_before_a_nonlinearity_or_of_heads_get_no_lens_rows(tmp_path, site, hostile_job):
+    """Their decoders do not write the residual stream directly: a job whose only features they are is refused the
+    logit lens in one line; beside an SAE that has one, only that SAE's latents get rows."""
+    from mining.analyses.logit_lens import has_lens
+    from mining.runner import validate
 
     model = tiny_model("llama").eval()
     base = resolve_hooks(model, [f"blocks.0.{site}"])[0]
-    write_saelens(tmp_path, base.width, 8)
-    point = resolve_hooks(model, [f"{base.name}.hook_sae_acts_post"],
-                          saes={base.name: load_sae(base.name, SAESpec(str(tmp_path)))})[0]
-    assert not has_lens(point)
-    assert logit_lens_table(model, None, [], latents=[]).num_rows == 0
+    write_saelens(tmp_path / "no-lens", base.width, 8)
+    write_saelens(tmp_path / "stream", 32, 8)
+    saes = {base.name: load_sae(base.name, SAESpec(str(tmp_path / "no-lens"))),
+            "blocks.0.hook_resid_post": load_sae("blocks.0.hook_resid_post", SAESpec(str(tmp_path / "stream")))}
+    points = resolve_hooks(model, [f"{hook}.hook_sae_acts_post" for hook in saes], saes=saes)
+    assert [has_lens(p) for p in points] == [p.name.startswith("blocks.0.hook_resid_post") for p in points]
+    job = {"name": "lens", "model": str(hostile_job.parent / "model"), "corpus": {"source": "builtin:python-docs"},
+           "hooks": [f"{base.name}.hook_sae_acts_post"], "saes": {base.name: str(tmp_path / "no-lens")},
+           "stats": {"logit_lens": True}}
+    with pytest.raises(UserError, match=r"stats.logit_lens: it reads blocks.\*.mlp.hook_post neurons \(or an SAE's "
+                                        r"latents whose decoder writes the stream\)"):
+        validate(spec_from_dict(job))
+    job["hooks"].append("blocks.0.hook_resid_post.hook_sae_acts_post")
+    job["saes"]["blocks.0.hook_resid_post"] = str(tmp_path / "stream")
+    validate(spec_from_dict(job))
 
 
 # ---------------------------------------------------------------- refusals, each one line before any mining
