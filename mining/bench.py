@@ -26,9 +26,7 @@ takes twice as long.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import functools
 import gc
 import os
 import platform
@@ -156,13 +154,20 @@ def log(message: str) -> None:
 class Workload:
     """The model, loaded once, and the planned corpus slice every variant runs over."""
 
-    def __init__(self, cfg: BenchConfig):
+    def __init__(self, cfg: BenchConfig, scratch: str | None = None):
+        """scratch: a folder for the files variants need (the sae variant's SAEs); a temporary one if None."""
+        import tempfile
+
         from .hooks import resolve_hooks
         from .models import load_model
         from .runner import plan, validate
         from .spec import spec_from_dict
 
         self.cfg = cfg
+        if scratch is None:  # removed with this object (or at exit)
+            self._tmp = tempfile.TemporaryDirectory(prefix="mining-bench-")
+            scratch = self._tmp.name
+        self.scratch = scratch
         spec = spec_from_dict(bench_job(cfg, "mining"))
         validate(spec)  # hook names, context length vs the model, corpus source: before loading weights
         log(f"loading {cfg.model}")
@@ -194,7 +199,7 @@ class Workload:
         """ShardResults of the token_table variant (mining + DLA + token table): the bytes part writes them."""
 
     def job(self, variant: str) -> dict[str, Any]:
-        return bench_job(self.cfg, variant, self.dense_hook)
+        return bench_job(self.cfg, variant, self.dense_hook, os.path.join(self.scratch, "saes"))
 
     def spec(self, variant: str):
         from .spec import spec_from_dict
@@ -202,8 +207,9 @@ class Workload:
         return spec_from_dict(self.job(variant))
 
 
-def bench_job(cfg: BenchConfig, variant: str, dense_hook: str | None = None) -> dict[str, Any]:
-    """The job spec (as YAML would give it) of a miner variant."""
+def bench_job(cfg: BenchConfig, variant: str, dense_hook: str | None = None,
+              sae_folder: str | None = None) -> dict[str, Any]:
+    """The job spec (as YAML would give it) of a miner variant. The sae variant writes its SAEs in sae_folder (once)."""
     _, extra, dense = MINER_VARIANTS[variant]
     job: dict[str, Any] = {
         "name": "bench",
@@ -219,17 +225,18 @@ def bench_job(cfg: BenchConfig, variant: str, dense_hook: str | None = None) -> 
     if dense:
         job["dense"] = {"hooks": [dense_hook], "token_fraction": 1.0}
     if variant == "sae":
-        job["saes"] = {f"blocks.{layer}.hook_resid_post": folder for layer, folder in bench_saes(cfg.model).items()}
+        if sae_folder is None:
+            raise ValueError("the sae variant needs a folder for its SAEs")
+        job["saes"] = {f"blocks.{layer}.hook_resid_post": folder
+                       for layer, folder in bench_saes(cfg.model, sae_folder).items()}
     return job
 
 
-@functools.lru_cache(maxsize=None)
-def bench_saes(model: str) -> dict[int, str]:
+def bench_saes(model: str, root: str) -> dict[int, str]:
     """An SAE of random weights for every layer's residual stream, in SAELens' layout (float16, encoder only: the
-    mining cost does not depend on the weights), in a temporary folder removed at exit: layer -> folder."""
+    mining cost does not depend on the weights), written in root unless a call did already: layer -> folder. The
+    caller owns root (run_bench: its scratch folder), so nothing outlives the run, not even a killed one's atexit."""
     import json
-    import shutil
-    import tempfile
 
     import torch
     from safetensors.torch import save_file
@@ -241,20 +248,20 @@ def bench_saes(model: str) -> dict[int, str]:
     config = load_config(ModelSpec(id=model))
     d_in, n_layers = dims(config)["d_model"], int(text_config(config).num_hidden_layers)
     d_sae = SAE_EXPANSION * d_in
-    root = Path(tempfile.mkdtemp(prefix="mining-bench-saes-"))
-    atexit.register(shutil.rmtree, root, True)
-    folders = {}
-    for layer in range(n_layers):
+    folders = {layer: Path(root) / f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)}
+    done = Path(root) / "complete"
+    if done.exists():
+        return {layer: str(folder) for layer, folder in folders.items()}
+    for layer, folder in folders.items():
         g = torch.Generator().manual_seed(layer)
-        folder = root / f"blocks.{layer}.hook_resid_post"
-        folder.mkdir()
+        folder.mkdir(parents=True, exist_ok=True)
         save_file({"W_enc": (torch.randn(d_in, d_sae, generator=g) / d_in ** 0.5).half(),
                    "b_enc": torch.zeros(d_sae, dtype=torch.float16), "b_dec": torch.zeros(d_in, dtype=torch.float16)},
                   str(folder / "sae_weights.safetensors"))
         (folder / "cfg.json").write_text(json.dumps({"architecture": "topk", "d_in": d_in, "d_sae": d_sae,
                                                      "k": SAE_K, "normalize_activations": "none"}))
-        folders[layer] = str(folder)
-    return folders
+    done.touch()
+    return {layer: str(folder) for layer, folder in folders.items()}
 
 
 def _on_gpu(device: str) -> bool:
@@ -596,14 +603,19 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
     import torch
 
-    from . import bench_store
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     parts = cfg.parts
     # the memory part's children mine with a number: `auto` is resolved here, on the loaded model, first
     needs_model = any(p in parts for p in THROUGHPUT + ("bytes",)) or (cfg.batch_size == "auto" and "memory" in parts)
-    work = Workload(cfg) if needs_model else None
+    with tempfile.TemporaryDirectory(prefix="mining-bench-") as scratch:  # the Workload's too: gone after the run
+        return _run_bench(cfg, parts, needs_model, scratch)
+
+
+def _run_bench(cfg: BenchConfig, parts: tuple[str, ...], needs_model: bool, scratch: str) -> dict[str, Any]:
+    from . import bench_store
+
+    work = Workload(cfg, scratch) if needs_model else None
     cfg = work.cfg if work else cfg
     result: dict[str, Any] = {"parts": list(parts)}
     if work:
@@ -615,28 +627,28 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         if work.batch_fit:
             result["config"]["batch_fit"] = work.batch_fit
     result["machine"] = machine(work, cfg)
-    with tempfile.TemporaryDirectory(prefix="mining-bench-") as scratch:
-        if any(p in parts for p in THROUGHPUT):
-            result.update(throughput(work, parts, scratch))
-        if "bytes" in parts:
-            result["store"] = bench_store.store_bytes(work, scratch)
-        if "memory" in parts:
-            result["memory"] = memory_part(cfg, work)
-        if "duckdb" in parts:
-            result["duckdb"] = bench_store.duckdb_latency(cfg.synthetic_store or os.path.join(scratch, "synthetic"),
-                                                          cfg.synthetic_tokens, cfg.query_repeats)
+    if any(p in parts for p in THROUGHPUT):
+        result.update(throughput(work, parts, scratch))
+    if "bytes" in parts:
+        result["store"] = bench_store.store_bytes(work, scratch)
+    if "memory" in parts:
+        result["memory"] = memory_part(cfg, work, scratch)
+    if "duckdb" in parts:
+        result["duckdb"] = bench_store.duckdb_latency(cfg.synthetic_store or os.path.join(scratch, "synthetic"),
+                                                      cfg.synthetic_tokens, cfg.query_repeats)
     result["targets"] = verdicts(result)
     return result
 
 
-def memory_part(cfg: BenchConfig, work: Workload | None) -> dict[str, Any]:
+def memory_part(cfg: BenchConfig, work: Workload | None, scratch: str) -> dict[str, Any]:
     import torch
 
     from .bench_store import memory_growth
     from .runner import validate
     from .spec import spec_from_dict
 
-    job = bench_job(cfg, cfg.memory_variant, work.dense_hook if work else middle_hook(cfg))
+    dense_hook = work.dense_hook if work else middle_hook(cfg)
+    job = bench_job(cfg, cfg.memory_variant, dense_hook, os.path.join(scratch, "saes"))
     if not work:
         validate(spec_from_dict(job))  # a bad model or corpus: one line here, not a child's traceback
     n = cfg.memory_tokens or 2 * cfg.batch_size * (cfg.context_length - 1)

@@ -3,6 +3,7 @@ figures. Speed is never asserted, only that the figures exist and are sane."""
 
 import importlib.util
 import json
+import tempfile
 
 import pytest
 
@@ -150,20 +151,25 @@ def test_an_encoder_has_no_dla_to_measure(capsys, tmp_path, minilm_tokenizer):
     assert "an encoder: no LM head" in out and "direct logit attribution: skipped: " in out
 
 
-def test_other_parts(capsys, tiny_llama):
+def test_other_parts(capsys, tiny_llama, tmp_path, monkeypatch):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where the run's scratch folder goes
     r = bench(capsys, tiny_llama, "--parts", "tokens,dense,patterns,sae,alternatives,bytes")
+    assert not list(temp.iterdir()), "the run's scratch folder (its SAEs, caches, stores) outlived it"
     assert r["bare_tokens_per_s"] > 0  # the baseline runs whenever a throughput variant does
     assert r["token_table_ratio"] > 0 and r["dense_ratio"] > 0 and r["patterns_ratio"] > 0 and r["sae_ratio"] > 0
     from mining.bench import SAE_EXPANSION, BenchConfig, bench_job, bench_saes
     from mining.sae import load_saes
     from mining.spec import spec_from_dict
 
-    hooks = {v: bench_job(BenchConfig(), v)["hooks"] for v in ("mining", "patterns", "sae")}  # the variant's extra work
-    assert hooks == {"mining": ["blocks.*.mlp.hook_post"],
+    cfg = BenchConfig(model=str(tiny_llama))
+    hooks = {v: bench_job(cfg, v, sae_folder=str(tmp_path))["hooks"] for v in ("mining", "patterns", "sae")}
+    assert hooks == {"mining": ["blocks.*.mlp.hook_post"],  # each variant's extra work
                      "patterns": ["blocks.*.mlp.hook_post", "blocks.*.attn.hook_pattern"],
                      "sae": ["blocks.*.mlp.hook_post", "blocks.*.hook_resid_post.hook_sae_acts_post"]}
-    saes = load_saes(spec_from_dict(bench_job(BenchConfig(model=str(tiny_llama)), "sae")).saes)
-    assert sorted(saes) == [f"blocks.{layer}.hook_resid_post" for layer in range(len(bench_saes(str(tiny_llama))))]
+    saes = load_saes(spec_from_dict(bench_job(cfg, "sae", sae_folder=str(tmp_path))).saes)
+    assert sorted(saes) == [f"blocks.{layer}.hook_resid_post" for layer in range(len(bench_saes(cfg.model, tmp_path)))]
     assert {(s.kind, s.d_in, s.d_sae) for s in saes.values()} == {("topk", 32, SAE_EXPANSION * 32)}
     alt = r["alternatives"]
     cache = alt["cache_to_disk"]
