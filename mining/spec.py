@@ -308,12 +308,14 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
         value = text
-    parts = key.strip().split(".")
+    parts = _key_parts(key.strip())
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if isinstance(child, str) and part == "model":
             child = {"id": child}
+        if isinstance(child, str) and i == 1 and parts[0] == "saes":  # an SAE given by its source alone
+            child = {"source": child}
         if child is None:
             child = {}
         if not isinstance(child, dict):
@@ -321,6 +323,17 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         node[part] = child
         node = child
     node[parts[-1]] = value
+
+
+def _key_parts(key: str) -> list[str]:
+    """A dotted key's parts, where a key under `saes` is a hook name, dots and all: saes.blocks.3.hook_resid_post
+    -> [saes, blocks.3.hook_resid_post], and saes.blocks.3.hook_resid_post.subfolder adds [subfolder]."""
+    parts = key.split(".")
+    if parts[0] != "saes" or len(parts) < 3:
+        return parts
+    fields = {f.name for f in dataclasses.fields(SAESpec)}
+    tail = [parts.pop()] if parts[-1] in fields else []
+    return ["saes", ".".join(parts[1:])] + tail
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:

@@ -43,6 +43,19 @@ def test_overrides_are_validated_like_the_file(tmp_path):
         load_spec(write(tmp_path, GOOD), ["corpus.max_tokens"])
 
 
+def test_an_sae_override_keys_on_the_whole_hook_name(tmp_path):
+    """The key under `saes` is a hook name with dots in it: `--set saes.blocks.3.hook_resid_post=DIR` names one SAE."""
+    hook = "blocks.3.hook_resid_post"
+    spec = load_spec(write(tmp_path, GOOD), [f"saes.{hook}=/sae/a", "saes.blocks.4.hook_mlp_out.source=b/c",
+                                             "saes.blocks.4.hook_mlp_out.subfolder=layers.4.mlp"])
+    assert {k: (v.source, v.subfolder) for k, v in spec.saes.items()} == {
+        hook: ("/sae/a", None), "blocks.4.hook_mlp_out": ("b/c", "layers.4.mlp")}
+    spec = load_spec(write(tmp_path, GOOD + f"saes: {{{hook}: org/sae}}\n"), [f"saes.{hook}.revision=v2"])
+    assert (spec.saes[hook].source, spec.saes[hook].revision) == ("org/sae", "v2")  # a shorthand source kept
+    with pytest.raises(UserError, match=f"saes.{hook}.layer: expected"):  # not a field: read as a hook name
+        load_spec(write(tmp_path, GOOD), [f"saes.{hook}.layer=3"])
+
+
 @pytest.mark.parametrize("text, key", [
     (GOOD + "bogus: 1\n", "bogus: unknown key"),
     (GOOD.replace("top_k: 8", "top_kk: 8"), "stats.top_kk: unknown key"),
