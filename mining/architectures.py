@@ -6,12 +6,15 @@ input (forward pre-hook) or output (forward hook). "" is the block itself.
 | site                | gpt2 / gpt_neo          | gpt_neox (Pythia)         | gptj          | llama-like              | bert                        |
 |---------------------|-------------------------|---------------------------|---------------|-------------------------|-----------------------------|
 | hook_resid_pre      | block in                | block in                  | block in      | block in                | layer in                    |
+| ln1.hook_normalized | ln_1 out                | input_layernorm out       | ln_1 out      | input_layernorm out     | -                           |
 | attn.hook_pattern   | attn out[1]             | attention out[1]          | attn out[1]   | self_attn out[1]        | attention.self out[1]       |
 |                     | (neo: attn.attention)   |                           |               |                         |                             |
 | attn.hook_z         | attn.c_proj in          | attention.dense in        | attn.out_proj | self_attn.o_proj in     | attention.output.dense in   |
 |                     | (neo: attn.attention.out_proj)                      | in            |                         |                             |
 | hook_resid_mid      | ln_2 in                 | post_attention_layernorm  | -             | post_attention_layernorm| attention.output.LayerNorm  |
 |                     |                         | in (only if not parallel) |               | in                      | out                         |
+| ln2.hook_normalized | ln_2 out                | post_attention_layernorm  | ln_1 out      | post_attention_layernorm| -                           |
+|                     |                         | out                       |               | out                     |                             |
 | mlp.hook_pre        | mlp.c_fc out            | mlp.dense_h_to_4h out     | mlp.fc_in out | mlp.gate_proj out       | intermediate.dense out      |
 | mlp.hook_pre_linear | -                       | -                         | -             | mlp.up_proj out         | -                           |
 | mlp.hook_post       | mlp.c_proj in           | mlp.dense_4h_to_h in      | mlp.fc_out in | mlp.down_proj in        | output.dense in             |
@@ -22,6 +25,11 @@ hook_attn_out is the attention module's output[0] (bert: attention.output.dense 
 and hook_mlp_out the MLP module's output, mlp.hook_post's module's parent (opt, xglm: fc2; bloom, mpt, whose modules
 add the residual themselves: their output projections). Where a family has output norms (out_norms), both are those
 norms' outputs: what joins the residual stream (Granite's multiplier aside).
+
+ln1/ln2.hook_normalized are the outputs of the norms attention and the MLP read (TransformerLens' names, without
+folding: the norm's weight applied); a parallel block's MLP reads the attention's norm (GPT-J, Phi, Cohere, Falcon-7B)
+or its own (GPT-NeoX, Falcon-40B's ln_mlp). Families without a norm before attention and the MLP (OLMo 2/3, EXAONE
+4.0, FlexOlmo) and the post-norm BERT have neither.
 
 attn.hook_pattern is the attention weights (B, heads, query, key) the attention module returns beside its output.
 They exist only with eager attention, so hooks.capture switches the model to eager while a pattern is hooked. The
@@ -62,12 +70,16 @@ from .errors import UserError
 
 IN, OUT = "input", "output"
 
+LN1, LN2 = "ln1.hook_normalized", "ln2.hook_normalized"
+
 SITE_ORDER = (
     "hook_resid_pre",
+    LN1,
     "attn.hook_pattern",
     "attn.hook_z",
     "hook_attn_out",
     "hook_resid_mid",
+    LN2,
     "mlp.hook_expert_weights",
     "mlp.hook_pre",
     "mlp.hook_pre_linear",
@@ -110,6 +122,9 @@ class Arch:
     chunks: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     """site -> (i, n): the activation is the i-th of n equal slices of its module's last dimension (Phi-3's
     gate_up_proj output holds the gate, then up)."""
+    norms: Callable[[object], tuple[str, str]] | None = None
+    """(ln1, ln2): the norms attention and the MLP read, where they depend on the config (a parallel block's MLP
+    reads the attention's norm); None: the sites' own."""
 
     @property
     def gated(self) -> bool:
@@ -117,16 +132,23 @@ class Arch:
 
 
 def _sites(z: str, mid: str | None, pre: str | None, post: str, pre_linear: str | None = None, mid_dir: str = IN,
-           attention: str | None = None, attn_out: str | None = None, mlp_out: str | None = None):
+           attention: str | None = None, attn_out: str | None = None, mlp_out: str | None = None,
+           ln1: str | None = "input_layernorm", ln2: str | None = ""):
     """attention: the module whose output is (attn_output, pattern), z's parent unless given. attn_out, mlp_out: the
     modules whose outputs are what attention and the MLP add to the residual stream: the attention module and
     post's parent (or post itself where it has none) unless given (where those modules add the residual themselves,
-    or normalize it)."""
+    or normalize it). ln1, ln2: the norms whose outputs attention and the MLP read; ln2 "" is mid's module (the
+    MLP's pre-norm, whose input is the stream after attention); None: the block has no such norm."""
     attention = attention or z.rsplit(".", 1)[0]
     s = {"hook_resid_pre": ("", IN), "attn.hook_pattern": (attention, OUT), "attn.hook_z": (z, IN),
          "hook_attn_out": (attn_out or attention, OUT)}
+    if ln1 is not None:
+        s[LN1] = (ln1, OUT)
     if mid is not None:
         s["hook_resid_mid"] = (mid, mid_dir)
+    ln2 = mid if ln2 == "" and mid_dir == IN else ln2 or None
+    if ln2 is not None:
+        s[LN2] = (ln2, OUT)
     if pre is not None:
         s["mlp.hook_pre"] = (pre, OUT)
     if pre_linear is not None:
@@ -137,9 +159,10 @@ def _sites(z: str, mid: str | None, pre: str | None, post: str, pre_linear: str 
     return s
 
 
-GPT2 = Arch("gpt2", "transformer", "h", _sites("attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"), "ln_f")
+GPT2 = Arch("gpt2", "transformer", "h", _sites("attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj", ln1="ln_1"), "ln_f")
 GPT_NEO = Arch(
-    "gpt_neo", "transformer", "h", _sites("attn.attention.out_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"), "ln_f"
+    "gpt_neo", "transformer", "h", _sites("attn.attention.out_proj", "ln_2", "mlp.c_fc", "mlp.c_proj", ln1="ln_1"),
+    "ln_f"
 )
 GPT_NEOX = Arch(
     "gpt_neox",
@@ -150,7 +173,8 @@ GPT_NEOX = Arch(
     parallel=lambda config: bool(getattr(config, "use_parallel_residual", True)),
 )
 GPTJ = Arch(
-    "gptj", "transformer", "h", _sites("attn.out_proj", None, "mlp.fc_in", "mlp.fc_out"), "ln_f",
+    "gptj", "transformer", "h", _sites("attn.out_proj", None, "mlp.fc_in", "mlp.fc_out", ln1="ln_1", ln2="ln_1"),
+    "ln_f",
     parallel=lambda config: True,
 )
 LLAMA = Arch(
@@ -166,16 +190,20 @@ _GEMMA2_SITES = _sites("self_attn.o_proj", "pre_feedforward_layernorm", "mlp.gat
 _SANDWICH = {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}
 GEMMA2 = Arch("gemma2", "model", "layers", _GEMMA2_SITES, "norm", out_norms=_SANDWICH, norm_offset=1.0)
 OLMO2 = Arch("olmo2", "model", "layers",
-             _sites("self_attn.o_proj", "mlp", "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj"), "norm",
+             _sites("self_attn.o_proj", "mlp", "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj", ln1=None, ln2=None),
+             "norm",
              out_norms=_SANDWICH)
 # StarCoder2: llama's attention names around GPT-2's MLP names, LayerNorms. StableLM: llama's names, LayerNorms,
 # attention and MLP in parallel where the config says so (then there is no post-attention norm).
 STARCODER2 = Arch("starcoder2", "model", "layers",
                   _sites("self_attn.o_proj", "post_attention_layernorm", "mlp.c_fc", "mlp.c_proj"), "norm")
 STABLELM = replace(LLAMA, family="stablelm",
-                   parallel=lambda config: bool(getattr(config, "use_parallel_residual", False)))
+                   parallel=lambda config: bool(getattr(config, "use_parallel_residual", False)),
+                   norms=lambda c: ("input_layernorm", "input_layernorm" if getattr(c, "use_parallel_residual", False)
+                                    else "post_attention_layernorm"))
 # Phi-1/1.5/2: attention and MLP in parallel on one LayerNorm's output, a final LayerNorm, an LM head with a bias.
-PHI = Arch("phi", "model", "layers", _sites("self_attn.dense", None, "mlp.fc1", "mlp.fc2"), "final_layernorm",
+PHI = Arch("phi", "model", "layers", _sites("self_attn.dense", None, "mlp.fc1", "mlp.fc2", ln2="input_layernorm"),
+           "final_layernorm",
            parallel=lambda config: True)
 # Phi-3 (and Phi-4): llama-like, but gate and up are one matmul whose output is chunk(2): gate, then up.
 PHI3 = Arch("phi3", "model", "layers",
@@ -192,12 +220,14 @@ _UP_DOWN = _sites("self_attn.o_proj", "post_attention_layernorm", "mlp.up_proj",
 ARCEE = Arch("arcee", "model", "layers", _UP_DOWN, "norm")
 NEMOTRON = Arch("nemotron", "model", "layers", _UP_DOWN, "norm", norm_offset=1.0)
 APERTUS = Arch("apertus", "model", "layers",
-               _sites("self_attn.o_proj", "feedforward_layernorm", "mlp.up_proj", "mlp.down_proj"), "norm")
+               _sites("self_attn.o_proj", "feedforward_layernorm", "mlp.up_proj", "mlp.down_proj",
+                      ln1="attention_layernorm"), "norm")
 # OPT: pre-norm like GPT-2 (self_attn_layer_norm, then final_layer_norm before fc1 in each block). OPT-350m alone
 # normalizes after each sublayer and projects the stream in and out of a smaller embedding.
 _OPT_350M = ("OPT-350m normalizes after attention and MLP (post-norm) and projects the residual stream in and out "
              "of a smaller embedding (word_embed_proj_dim); the other OPT sizes are pre-norm and supported")
-OPT = Arch("opt", "model.decoder", "layers", _sites("self_attn.out_proj", "final_layer_norm", "fc1", "fc2"),
+OPT = Arch("opt", "model.decoder", "layers",
+           _sites("self_attn.out_proj", "final_layer_norm", "fc1", "fc2", ln1="self_attn_layer_norm"),
            "final_layer_norm", flat_tokens=True,
            unsupported=lambda c: None if c.do_layer_norm_before and c.word_embed_proj_dim == c.hidden_size
            else _OPT_350M)
@@ -215,11 +245,13 @@ BLOOM = Arch("bloom", "transformer", "h",
 # MPT: its own names (blocks, norm_1/norm_2, attn.out_proj, ffn.up_proj/down_proj), LayerNorms without biases, ALiBi;
 # its MLP module adds the residual itself (the sites are the projections inside it).
 MPT = Arch("mpt", "transformer", "blocks",
-           _sites("attn.out_proj", "norm_2", "ffn.up_proj", "ffn.down_proj", mlp_out="ffn.down_proj"), "norm_f")
+           _sites("attn.out_proj", "norm_2", "ffn.up_proj", "ffn.down_proj", mlp_out="ffn.down_proj", ln1="norm_1"),
+           "norm_f")
 # Persimmon: GPT-NeoX's MLP names (relu^2) in a llama-style block of LayerNorms. XGLM: OPT's names, unflattened.
 PERSIMMON = Arch("persimmon", "model", "layers", _sites("self_attn.dense", "post_attention_layernorm",
                                                         "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), "final_layernorm")
-XGLM = Arch("xglm", "model", "layers", _sites("self_attn.out_proj", "final_layer_norm", "fc1", "fc2"), "layer_norm")
+XGLM = Arch("xglm", "model", "layers",
+            _sites("self_attn.out_proj", "final_layer_norm", "fc1", "fc2", ln1="self_attn_layer_norm"), "layer_norm")
 # Falcon: GPT-NeoX's MLP names, attention and MLP in parallel (Falcon-7B: one input norm; 40B/180B, the "new decoder
 # architecture": one norm each, ln_attn and ln_mlp), or in sequence where parallel_attn is off (falcon-rw).
 _FALCON_BOTH = ("this Falcon config sets new_decoder_architecture without parallel_attn: its MLP output adds the "
@@ -227,10 +259,14 @@ _FALCON_BOTH = ("this Falcon config sets new_decoder_architecture without parall
 FALCON = Arch("falcon", "transformer", "h",
               _sites("self_attention.dense", "post_attention_layernorm", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
               "ln_f", parallel=lambda config: bool(config.parallel_attn),
-              unsupported=lambda c: _FALCON_BOTH if c.new_decoder_architecture and not c.parallel_attn else None)
+              unsupported=lambda c: _FALCON_BOTH if c.new_decoder_architecture and not c.parallel_attn else None,
+              norms=lambda c: (("ln_attn", "ln_mlp") if c.new_decoder_architecture and
+                               (c.num_ln_in_parallel_attn or 2) == 2 else
+                               ("input_layernorm", "input_layernorm" if c.parallel_attn or c.new_decoder_architecture
+                                else "post_attention_layernorm")))
 # Cohere (Command R, Aya): llama's names, attention and MLP in parallel on one mean-centred norm (CohereLayerNorm, no
 # bias), logits times logit_scale. Granite: llama with multipliers on the blocks' outputs and on the logits.
-COHERE = replace(LLAMA, family="cohere", parallel=lambda config: True,
+COHERE = replace(LLAMA, family="cohere", parallel=lambda config: True, norms=lambda c: ("input_layernorm",) * 2,
                  logit_scale=lambda config: float(config.logit_scale))
 GRANITE = replace(LLAMA, family="granite", logit_scale=lambda config: 1.0 / float(config.logits_scaling),
                   residual_scale=lambda config: float(config.residual_multiplier))
@@ -249,6 +285,7 @@ def _moe(family: str, router: str = "mlp.gate", mid: str = "post_attention_layer
     sites = {"hook_resid_pre": ("", IN), "attn.hook_pattern": ("self_attn", OUT),
              "attn.hook_z": ("self_attn.o_proj", IN), "hook_attn_out": ("self_attn", OUT),
              "hook_resid_mid": (mid, IN), "mlp.hook_expert_weights": (router, OUT),
+             **({LN1: ("input_layernorm", OUT), LN2: (mid, OUT)} if mid != "mlp" else {}),
              "hook_mlp_out": (router.rpartition(".")[0], OUT), "hook_resid_post": ("", OUT)}
     mixed = _DENSE_LAYERS.format(family=family)
     return Arch(family, "model", "layers", sites, "norm", flat_tokens=True,
@@ -264,7 +301,8 @@ BERT = Arch(
     "bert",
     "encoder.layer",
     _sites("attention.output.dense", "attention.output.LayerNorm", "intermediate.dense", "output.dense",
-           mid_dir=OUT, attention="attention.self", attn_out="attention.output.dense", mlp_out="output.dense"),
+           mid_dir=OUT, attention="attention.self", attn_out="attention.output.dense", mlp_out="output.dense",
+           ln1=None),
     None,
 )
 
@@ -379,6 +417,8 @@ def sites_for(arch: Arch, config: object) -> dict[str, tuple[str, str]]:
         sites.pop("hook_resid_mid", None)
     for part in arch.out_norms:  # attention's and the MLP's outputs as they join the stream: after their norms
         sites[f"hook_{part}_out"] = (arch.out_norms[part], OUT)
+    if arch.norms:
+        sites[LN1], sites[LN2] = ((path, OUT) for path in arch.norms(config))
     return sites
 
 
@@ -388,6 +428,11 @@ def why_missing(arch: Arch, config: object, site: str) -> str | None:
         return arch.missing[site]
     if site == "mlp.hook_expert_weights":
         return f"mlp.hook_expert_weights only exists for mixture-of-experts models; {arch.family} has one MLP a layer"
+    if site in (LN1, LN2):
+        return (f"{site} does not exist for {arch.family}: " +
+                ("it is post-norm, its norms act on the residual stream itself (hook_resid_mid, hook_resid_post)"
+                 if arch.family == "bert" else "attention and the MLP read the residual stream without a norm "
+                 "before them (hook_resid_pre, hook_resid_mid); its norms are on their outputs"))
     if site == "hook_resid_mid" and arch.parallel(config):
         return (f"hook_resid_mid does not exist for {arch.family} with parallel residual: attention and MLP "
                 "both read the block input, so there is no residual stream between them")

@@ -4,9 +4,10 @@
     with capture(model, points, lambda point, x: ...):   # x: (B, T, point.width), a view (a chunk: a copy)
         model(input_ids)
 
-Sites (per block L): hook_resid_pre, attn.hook_pattern, attn.hook_z, hook_attn_out, hook_resid_mid, mlp.hook_pre,
-mlp.hook_pre_linear (gated MLPs), mlp.hook_post, hook_mlp_out, hook_resid_post, and mlp.hook_expert_weights
-(mixture-of-experts routers). The module each one maps to, per architecture, is in mining/architectures.py. Hooks
+Sites (per block L): hook_resid_pre, ln1.hook_normalized, attn.hook_pattern, attn.hook_z, hook_attn_out,
+hook_resid_mid, ln2.hook_normalized, mlp.hook_pre, mlp.hook_pre_linear (gated MLPs), mlp.hook_post, hook_mlp_out,
+hook_resid_post, and mlp.hook_expert_weights (mixture-of-experts routers). lnN.hook_normalized is what attention
+(ln1) and the MLP (ln2) read: their norm's output, its weight applied (TransformerLens' name, unfolded). The module each one maps to, per architecture, is in mining/architectures.py. Hooks
 read tensors only, so they work under torch.inference_mode and with any attention implementation; a pattern needs
 eager attention, which capture() switches on while one is hooked.
 
@@ -32,7 +33,7 @@ from .architectures import IN, SITE_ORDER, arch_of, dims, locate, model_type, si
 from .errors import UserError
 from .sae import SAE, SUFFIX, split_sae
 
-_NAME = re.compile(r"blocks\.(\*|-?\d+)\.([A-Za-z_.]+)")
+_NAME = re.compile(r"blocks\.(\*|-?\d+)\.([A-Za-z0-9_.]+)")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ treat neurons. Two on-disk formats are read, told apart by their weight file:
 - EleutherAI sparsify (`cfg.json` with d_in and k, `sae.safetensors`: encoder.weight (d_sae, d_in), encoder.bias,
   W_dec, b_dec): pre = relu(encoder(x - b_dec)) (a transcoder's input is not centred), the k largest kept.
   Its hookpoints are module outputs: `layers.N` is blocks.N.hook_resid_post, `layers.N.mlp` blocks.N.hook_mlp_out
-  (a transcoder there reads the MLP's normalized input, which has no hook here yet).
+  (a transcoder there reads the MLP module's input, blocks.N.ln2.hook_normalized).
 
 The encoder makes the latents; the decoder W_dec gives each latent's direction for the logit lens
 (analyses/logit_lens.py). The latents get no per-token direct logit attribution yet.
@@ -238,5 +238,5 @@ def sae_provenance(saes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         spec = saes[hook]
         out[hook] = {"source": spec.source, "subfolder": spec.subfolder, "revision": spec.revision,
                      "folder": str(sae.folder), "format": sae.layout, "kind": sae.kind, "d_in": sae.d_in,
-                     "d_sae": sae.d_sae, "k": sae.k, "weights_sha256": digest.hexdigest()}
+                     "d_sae": sae.d_sae, "k": sae.k, "transcoder": sae.transcoder, "weights_sha256": digest.hexdigest()}
     return out

@@ -261,13 +261,14 @@ def families(dev: torch.device, config_dir: str, scratch: Path) -> dict:
             tok.save_pretrained(folder)
         moe = "mlp.hook_expert_weights" in MODEL_TYPES[arch].sites
         causal = arch not in ENCODER_TYPES
+        ln2 = ["blocks.1.ln2.hook_normalized"] if "ln2.hook_normalized" in MODEL_TYPES[arch].sites else []
 
-        def mine(device: str, arch=arch, folder=folder, moe=moe, causal=causal):
+        def mine(device: str, arch=arch, folder=folder, moe=moe, causal=causal, ln2=ln2):
             spec = spec_from_dict({
                 "name": arch, "model": {"id": str(folder), "device": device},
                 "corpus": {"source": "builtin:python-docs", "max_tokens": size(1200, 300), "context_length": 48},
                 "hooks": ["blocks.*.mlp.hook_expert_weights" if moe else "blocks.*.mlp.hook_post",
-                          "blocks.0.attn.hook_pattern", "blocks.1.hook_attn_out", "blocks.1.hook_mlp_out"],
+                          "blocks.0.attn.hook_pattern", "blocks.1.hook_attn_out", "blocks.1.hook_mlp_out", *ln2],
                 "stats": {"top_k": 6, "dla": causal and not moe, "token_table": True},
                 "compute": {"batch_size": 8, "shard_tokens": size(400, 150)}})
             loaded = load_model(spec.model)

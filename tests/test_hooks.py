@@ -283,6 +283,54 @@ def test_attn_out_and_mlp_out_are_what_each_adds_to_the_stream(arch):
         close(got["hook_resid_mid"] + got["hook_mlp_out"] * scale, got["hook_resid_post"])
 
 
+NO_INPUT_NORMS = {"olmo2", "olmo3", "exaone4", "flex_olmo", "bert"}  # no norm before attention and the MLP
+
+
+def _first_input(module: nn.Module, out: dict, key: str):
+    """A module's input hidden states (positional or keyword), as (B, T, d) (OPT's MLP and routers see B*T rows)."""
+    def hook(m, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        out[key] = x.reshape(B, T, -1).clone()
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("arch, overrides", [(a, {}) for a in ARCHS if a not in NO_INPUT_NORMS] + [
+    ("falcon", {"new_decoder_architecture": True, "num_ln_in_parallel_attn": 2}),  # Falcon-40B: ln_attn, ln_mlp
+    ("falcon", {"new_decoder_architecture": True, "num_ln_in_parallel_attn": 1}),
+    ("falcon", {"parallel_attn": False}), ("stablelm", {"use_parallel_residual": True}),
+    ("gpt_neox", {"use_parallel_residual": False})])
+def test_ln_normalized_is_what_attention_and_the_mlp_read(arch, overrides):
+    """ln1.hook_normalized is the attention module's input, ln2.hook_normalized the MLP's (its first projection's,
+    or a router's): each norm's output with its weight, what a transcoder reads."""
+    model = tiny_model(arch, **overrides)
+    layer = 1
+    mlp_site = "mlp.hook_expert_weights" if arch in MOE else "mlp.hook_pre"
+    points = {p.site: p for p in resolve_hooks(model, [f"blocks.{layer}.{s}" for s in (
+        "ln1.hook_normalized", "ln2.hook_normalized", "attn.hook_pattern", mlp_site, "hook_resid_pre")], 8)}
+    assert points["ln1.hook_normalized"].width == points["ln2.hook_normalized"].width == points["hook_resid_pre"].width
+    ref: dict = {}
+    handles = [_first_input(model.get_submodule(points["attn.hook_pattern"].module_path), ref, "attn"),
+               _first_input(model.get_submodule(points[mlp_site].module_path), ref, "mlp")]
+    try:
+        with record(model, [points["ln1.hook_normalized"], points["ln2.hook_normalized"],
+                            points["hook_resid_pre"]]) as got:
+            model(ids())
+    finally:
+        for h in handles:
+            h.remove()
+    close(got[points["ln1.hook_normalized"].name], ref["attn"])
+    close(got[points["ln2.hook_normalized"].name], ref["mlp"])
+    assert not torch.allclose(ref["attn"], got[points["hook_resid_pre"].name], atol=1e-3)  # a norm, not the stream
+
+
+@pytest.mark.parametrize("arch", sorted(NO_INPUT_NORMS))
+def test_families_without_input_norms_refuse_ln_normalized_in_one_line(arch):
+    model = tiny_model(arch)
+    assert not {"ln1.hook_normalized", "ln2.hook_normalized"} & set(available_sites(model))
+    with pytest.raises(UserError, match="ln2.hook_normalized does not exist for .*(post-norm|without a norm)"):
+        resolve_hooks(model, ["blocks.0.ln2.hook_normalized"])
+
+
 @pytest.mark.parametrize("arch, sequential", [("gpt_neox", {"use_parallel_residual": False}),
                                             ("falcon", {"parallel_attn": False})])  # falcon-rw
 def test_sequential_variants_of_parallel_families_have_resid_mid(arch, sequential):

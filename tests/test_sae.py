@@ -66,7 +66,8 @@ def test_sparsify_encoder_keeps_the_k_largest(tmp_path, transcode):
 
 @pytest.mark.parametrize("family, site", [("llama", "hook_resid_post"), ("llama", "attn.hook_z"),
                                           ("gpt2", "mlp.hook_post"), ("phi3", "mlp.hook_pre"),
-                                          ("bert", "hook_resid_mid"), ("mixtral", "hook_resid_pre")])
+                                          ("bert", "hook_resid_mid"), ("mixtral", "hook_resid_pre"),
+                                          ("llama", "ln2.hook_normalized"), ("gpt2", "ln1.hook_normalized")])
 def test_latents_are_the_sae_of_their_base_hooks_capture(tmp_path, family, site):
     model = tiny_model(family).eval()
     base = resolve_hooks(model, [f"blocks.1.{site}"])[0]
@@ -117,7 +118,8 @@ def test_a_latent_whose_decoder_is_a_neurons_direction_has_that_neurons_lens(tmp
     saes = {"blocks.1.mlp.hook_post": load_sae("blocks.1.mlp.hook_post", SAESpec(str(tmp_path / "identity"))),
             "blocks.1.hook_resid_post": load_sae("blocks.1.hook_resid_post", SAESpec(str(tmp_path / "stream"))),
             "blocks.1.hook_mlp_out": load_sae("blocks.1.hook_mlp_out", SAESpec(str(tmp_path / "stream"))),
-            "blocks.1.hook_resid_mid": load_sae("blocks.1.hook_resid_mid", SAESpec(str(tmp_path / "transcoder")))}
+            "blocks.1.ln2.hook_normalized": load_sae("blocks.1.ln2.hook_normalized",  # what a transcoder reads
+                                                     SAESpec(str(tmp_path / "transcoder")))}
     names = [f"{hook}.hook_sae_acts_post" for hook in saes]
     points = resolve_hooks(model, names, saes=saes)
     lens = logit_lens_table(model, None, [1], k=5, latents=points).to_pandas()
@@ -254,23 +256,26 @@ def test_a_diff_job_with_saes_is_refused(saes):
 def mined(hostile_job, tmp_path_factory):
     """The tiny Llama over the hostile corpus: a SAELens JumpReLU SAE on layer 1's residual stream (also kept
     densely), a sparsify top-k SAE on layer 0's MLP neurons beside those neurons, and a standard SAE on layer 0's
-    MLP output."""
+    MLP output, and a sparsify transcoder on layer 1's MLP input."""
     from mining.cli import main
 
     root = tmp_path_factory.mktemp("sae-job")
     weights = {"resid": write_saelens(root / "resid", 32, 96, "jumprelu"),
                "mlp": write_sparsify(root / "sparsify" / "layers.0.mlp", 64, 128, k=6),
-               "mlp_out": write_saelens(root / "mlp-out", 32, 64, seed=3)}
+               "mlp_out": write_saelens(root / "mlp-out", 32, 64, seed=3),
+               "transcoder": write_sparsify(root / "transcoder", 32, 64, k=4, transcode=True)}
     job = root / "job.yaml"
     job.write_text(f"""
 name: sae
 model: {{id: "{hostile_job.parent / 'model'}"}}
 corpus: {{source: "files:{hostile_job.parent / 'docs'}/*.txt", context_length: 64, max_tokens: 900}}
 hooks: ["blocks.*.hook_resid_post.hook_sae_acts_post", "blocks.0.mlp.hook_post.hook_sae_acts_post",
-        "blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out.hook_sae_acts_post"]
+        "blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out.hook_sae_acts_post",
+        "blocks.1.ln2.hook_normalized.hook_sae_acts_post"]
 saes:
   blocks.1.hook_resid_post: {root / 'resid'}
   blocks.0.hook_mlp_out: {root / 'mlp-out'}
+  blocks.1.ln2.hook_normalized: {root / 'transcoder'}
   blocks.0.mlp.hook_post: {{source: {root / 'sparsify'}, subfolder: layers.0.mlp}}
 stats: {{top_k: 6, quantile_samples: 2, dla: true, logit_lens: true, logit_lens_k: 4}}
 dense: {{hooks: ["blocks.1.hook_resid_post.hook_sae_acts_post"], token_fraction: 0.25}}
@@ -291,17 +296,20 @@ def brute(mined, hostile_job):
     loaded = load_model(ModelSpec(id=str(hostile_job.parent / "model")))
     prefix = list(special_tokens(loaded.tokenizer, "auto", None).prefix)
     tokens = ds.dataset(store / "tokens").to_table().sort_by("tok").to_pandas()
-    hooks = ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out"]
+    hooks = ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out",
+             "blocks.1.ln2.hook_normalized"]
     acts: dict[str, list] = {hook: [] for hook in hooks}
     with torch.inference_mode(), record(loaded.model, hooks) as out:
         for _, group in tokens.groupby("ctx", sort=True):
             loaded.model(torch.tensor([prefix + group.token_id.tolist()]))
             for hook in hooks:
                 acts[hook].append(out[hook][0, len(prefix):].numpy())
-    resid, mlp, mlp_out = (np.concatenate(acts[hook]) for hook in hooks)
+    resid, mlp, mlp_out, mlp_in = (np.concatenate(acts[hook]) for hook in hooks)
     return {("hook_resid_post.hook_sae_acts_post", 1): reference("jumprelu", weights["resid"], resid),
             ("mlp.hook_post.hook_sae_acts_post", 0): reference("topk", weights["mlp"], mlp, 6),
-            ("hook_mlp_out.hook_sae_acts_post", 0): reference("standard", weights["mlp_out"], mlp_out)}
+            ("hook_mlp_out.hook_sae_acts_post", 0): reference("standard", weights["mlp_out"], mlp_out),
+            ("ln2.hook_normalized.hook_sae_acts_post", 1): reference("topk", weights["transcoder"], mlp_in, 4,
+                                                                     centre=False)}
 
 
 @pytest.mark.ray
@@ -310,8 +318,8 @@ def test_latents_tables_match_brute_force(mined, brute):
     neurons = pq.read_table(store / "neurons.parquet").to_pandas()
     top = pq.read_table(store / "top_examples.parquet").to_pandas()
     assert sorted(set(zip(neurons.hook, neurons.layer))) == [
-        ("hook_mlp_out.hook_sae_acts_post", 0), ("hook_resid_post.hook_sae_acts_post", 1), ("mlp.hook_post", 0),
-        ("mlp.hook_post.hook_sae_acts_post", 0)]
+        ("hook_mlp_out.hook_sae_acts_post", 0), ("hook_resid_post.hook_sae_acts_post", 1),
+        ("ln2.hook_normalized.hook_sae_acts_post", 1), ("mlp.hook_post", 0), ("mlp.hook_post.hook_sae_acts_post", 0)]
     for (hook, layer), acts in brute.items():
         assert acts.shape[0] == 900
         rows = neurons[(neurons.hook == hook) & (neurons.layer == layer)].sort_values("neuron")
@@ -341,7 +349,9 @@ def test_dense_latents_and_provenance(mined, brute):
     assert {h: (r["format"], r["kind"], r["d_sae"], r["k"]) for h, r in recorded.items()} == {
         "blocks.1.hook_resid_post": ("saelens", "jumprelu", 96, None),
         "blocks.0.mlp.hook_post": ("sparsify", "topk", 128, 6),
-        "blocks.0.hook_mlp_out": ("saelens", "standard", 64, None)}
+        "blocks.0.hook_mlp_out": ("saelens", "standard", 64, None),
+        "blocks.1.ln2.hook_normalized": ("sparsify", "topk", 64, 4)}
+    assert recorded["blocks.1.ln2.hook_normalized"]["transcoder"] is True
     assert all(len(r["weights_sha256"]) == 64 for r in recorded.values())
 
 
@@ -354,6 +364,7 @@ def test_latents_logit_lens_rows_and_query(mined):
     counts = lens.groupby(["hook", "layer"]).size().to_dict()
     assert counts == {("hook_resid_post.hook_sae_acts_post", 1): 96 * 2 * 4,
                       ("hook_mlp_out.hook_sae_acts_post", 0): 64 * 2 * 4,
+                      ("ln2.hook_normalized.hook_sae_acts_post", 1): 64 * 2 * 4,  # a transcoder writes the stream
                       ("mlp.hook_post", 0): 64 * 2 * 4, ("mlp.hook_post.hook_sae_acts_post", 0): 128 * 2 * 4}
     con = connect(store)
     rows = run_named(con, "logit-lens", {"hook": "hook_resid_post.hook_sae_acts_post", "layer": "1", "neuron": "7",
@@ -365,15 +376,15 @@ def test_latents_logit_lens_rows_and_query(mined):
 
 
 @pytest.mark.ray
-def test_export_replays_a_latents_activations(mined, brute, tmp_path):
+@pytest.mark.parametrize("hook", ["hook_resid_post.hook_sae_acts_post", "ln2.hook_normalized.hook_sae_acts_post"])
+def test_export_replays_a_latents_activations(mined, brute, tmp_path, hook):
     from mining.cli import main
 
     store, _ = mined
-    acts = brute[("hook_resid_post.hook_sae_acts_post", 1)]
+    acts = brute[(hook, 1)]
     latent = int(acts.max(0).argmax())
     out = tmp_path / "examples.jsonl"
-    assert main(["export", str(store), "--hook", "hook_resid_post.hook_sae_acts_post", "--neuron", f"1:{latent}",
-                 "--k", "3", "--out", str(out)]) == 0
+    assert main(["export", str(store), "--hook", hook, "--neuron", f"1:{latent}", "--k", "3", "--out", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     top = [r for r in records if r["set"] == "top"]
     assert len(top) == 3 and top[0]["value"] == pytest.approx(acts[:, latent].max(), rel=1e-4)

@@ -47,9 +47,11 @@ def test_an_sae_override_keys_on_the_whole_hook_name(tmp_path):
     """The key under `saes` is a hook name with dots in it: `--set saes.blocks.3.hook_resid_post=DIR` names one SAE."""
     hook = "blocks.3.hook_resid_post"
     spec = load_spec(write(tmp_path, GOOD), [f"saes.{hook}=/sae/a", "saes.blocks.4.hook_mlp_out.source=b/c",
-                                             "saes.blocks.4.hook_mlp_out.subfolder=layers.4.mlp"])
+                                             "saes.blocks.4.hook_mlp_out.subfolder=layers.4.mlp",
+                                             "saes.blocks.4.ln2.hook_normalized=/transcoder"])
     assert {k: (v.source, v.subfolder) for k, v in spec.saes.items()} == {
-        hook: ("/sae/a", None), "blocks.4.hook_mlp_out": ("b/c", "layers.4.mlp")}
+        hook: ("/sae/a", None), "blocks.4.hook_mlp_out": ("b/c", "layers.4.mlp"),
+        "blocks.4.ln2.hook_normalized": ("/transcoder", None)}
     spec = load_spec(write(tmp_path, GOOD + f"saes: {{{hook}: org/sae}}\n"), [f"saes.{hook}.revision=v2"])
     assert (spec.saes[hook].source, spec.saes[hook].revision) == ("org/sae", "v2")  # a shorthand source kept
     with pytest.raises(UserError, match=f"saes.{hook}.layer: expected"):  # not a field: read as a hook name
