@@ -27,6 +27,7 @@ from .errors import UserError
 from .examples import SETS, Example, NeuronId, attach, example_record, pick_examples, random_contexts
 from .query import connect, has_tables, local_root, run_named
 from .replay import Replayer
+from .sae import split_sae
 from .storage import atomic_write, atomic_write_text
 
 FORMATS = ("jsonl", "parquet", "openai", "neuronpedia", "html")
@@ -247,7 +248,7 @@ def write_neuronpedia(con: duckdb.DuckDBPyConnection, by_neuron: dict[NeuronId, 
                 (folder / kind / "batch-0.jsonl.gz").write_bytes(gzip.compress(body.encode(), compresslevel=5))
             (folder / "source.jsonl").write_text(json.dumps({
                 "modelId": model_id, "setName": name, "id": source_id, "dataset": corpus, "visibility": "PUBLIC",
-                "hookName": f"blocks.{layer}.{hook}"}) + "\n")
+                "hookName": f"blocks.{layer}.{split_sae(hook)[0]}"}) + "\n")  # an SAE's: the hook it reads
 
     publish_dir(out, build)
     return len(by_neuron)

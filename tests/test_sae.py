@@ -390,6 +390,11 @@ def test_export_replays_a_latents_activations(mined, brute, tmp_path, hook):
     assert len(top) == 3 and top[0]["value"] == pytest.approx(acts[:, latent].max(), rel=1e-4)
     for r in records:  # the replayed context's activation at its peak is the mined value
         assert r["activations"][r["peak_index"]] == pytest.approx(r["value"], rel=1e-3, abs=1e-4)
+    site = tmp_path / "neuronpedia"
+    assert main(["export", str(store), "--hook", hook, "--neuron", f"1:{latent}", "--k", "2", "--format",
+                 "neuronpedia", "--model-id", "tiny", "--out", str(site)]) == 0
+    source = json.loads((site / "tiny" / "1-mine" / "source.jsonl").read_text())
+    assert source["hookName"] == "blocks.1." + hook.removesuffix(".hook_sae_acts_post")  # the SAE's, as Neuronpedia's
 
 
 @pytest.mark.ray
