@@ -30,6 +30,7 @@ import pyarrow as pa
 import torch
 
 from contextlib import nullcontext
+from typing import Mapping
 
 from .dla import DirectLogitAttribution, DlaBatch
 from .batch import OnHost, make_batch, mined_rows, token_scores
@@ -39,6 +40,7 @@ from .hooks import available_sites, capture, mlp_out_weight, n_layers, resolve_h
 from .models import LoadedModel
 from .reducers import Moments, TopK
 from .reducers.pair import CrossMoments, PairMoments
+from .sae import SAE, SUFFIX
 from .shards import Shard
 from .spec import JobSpec, ModelSpec
 
@@ -68,7 +70,7 @@ class DiffMiner(ShardMiner):
         # B's point for each of A's: the same name, or for models of other sizes the same site at the same depth
         self.cross_size = bool(spec.hooks) and structure_difference(self.points, n_layers(loaded_a.model),
                                                                     loaded_b.model, spec.hooks) is not None
-        pairs = paired_points(self.points, n_layers(loaded_a.model), loaded_b.model, self.cross_size)
+        pairs = paired_points(self.points, n_layers(loaded_a.model), loaded_b.model, self.cross_size, self.saes)
         self.partners: dict[str, list[str]] = {}
         for pa_, pb in pairs:
             self.partners.setdefault(pb.name, []).append(pa_.name)
@@ -151,15 +153,16 @@ def pattern_keys(points: list) -> int | None:
 def structure_difference(points_a: list, n_a: int, model_b: torch.nn.Module, hooks) -> str | None:
     """How B differs from A (n_a layers) where the hooks are, or None when B has A's depth and every hooked point
     of A at the same width (model_b may be on the meta device). Otherwise they are models of other sizes, which
-    only neuron_match pairs."""
+    only neuron_match pairs. An SAE's latents compare at the site the SAE reads (B's latents are the same SAE's)."""
     n_b = n_layers(model_b)
     if n_b != n_a:
         return f"models.a has {n_a} layers and models.b {n_b}"
-    widths_b = {q.name: q.width for q in resolve_hooks(model_b, hooks, pattern_keys(points_a))}
-    for p in points_a:
-        if widths_b.get(p.name) != p.width:
-            return (f"{p.name} differs between models.a and models.b "
-                    f"({p.width} vs {widths_b.get(p.name, 'no such hook')} features)")
+    sites = {p.name.removesuffix(SUFFIX): p.sae.d_in if p.sae else p.width for p in points_a}
+    widths_b = {q.name: q.width for q in resolve_hooks(model_b, sorted(sites), pattern_keys(points_a))}
+    for name, width in sites.items():
+        if widths_b.get(name) != width:
+            return (f"{name} differs between models.a and models.b "
+                    f"({width} vs {widths_b.get(name, 'no such hook')} features)")
     return None
 
 
@@ -200,16 +203,18 @@ def matched_layer(layer: int, n_a: int, n_b: int) -> int:
     return 0 if n_a <= 1 else round(layer * (n_b - 1) / (n_a - 1))
 
 
-def paired_points(points_a: list, n_a: int, model_b: torch.nn.Module, cross_size: bool) -> list:
+def paired_points(points_a: list, n_a: int, model_b: torch.nn.Module, cross_size: bool,
+                  saes: Mapping[str, SAE] | None = None) -> list:
     """(A point, B point) for every A point: B's of the same name, or (cross_size) of the same site at the matched
-    layer (A has n_a layers). model_b may be a meta-device model (validation)."""
+    layer (A has n_a layers). saes: the job's, which B's latents are read with too. model_b may be a meta-device
+    model (validation)."""
     if not points_a:
         return []
 
     n_b = n_layers(model_b)
     names = {p.name: f"blocks.{matched_layer(p.layer, n_a, n_b) if cross_size else p.layer}.{p.site}"
              for p in points_a}
-    by_name = {q.name: q for q in resolve_hooks(model_b, sorted(set(names.values())), pattern_keys(points_a))}
+    by_name = {q.name: q for q in resolve_hooks(model_b, sorted(set(names.values())), pattern_keys(points_a), saes)}
     return [(p, by_name[names[p.name]]) for p in points_a]
 
 

@@ -260,7 +260,8 @@ class ShardMiner:
         self.batch_size: int | None = spec.compute.fixed_batch_size
         """Contexts per forward pass: compute.batch_size, or what batch_fit chose for `auto`."""
         n_ctx = spec.corpus.context_length  # an attention pattern's key positions
-        saes = load_saes(spec.saes)
+        self.saes = saes = load_saes(spec.saes)
+        """The job's SAEs by the hook they read (a diff job's model B reads its activations with the same ones)."""
         # a diff job may have no hooks
         self.points: list[HookPoint] = resolve_hooks(loaded.model, spec.hooks, n_ctx, saes) if spec.hooks else []
         self.dense_points = resolve_hooks(loaded.model, spec.dense.hooks, n_ctx, saes) if spec.dense.hooks else []

@@ -106,7 +106,7 @@ def validate(spec: JobSpec) -> Any:
     if unread:
         raise UserError(f"saes.{unread[0]}: no hook reads this SAE; add {unread[0]}{SUFFIX} to hooks, or remove it")
     if spec.is_diff:
-        validate_diff(spec, meta)
+        validate_diff(spec, meta, saes)
     elif points:
         check_state_memory(spec, points)
     from .models import ENCODER_TYPES
@@ -140,8 +140,9 @@ DIFF_UNSUPPORTED = ("quantile_samples", "gate_cases", "polysemanticity", "head_a
                     "logit_lens")
 
 
-def validate_diff(spec: JobSpec, meta_a: Any) -> None:
-    """A diff job: B's files exist, both tokenize alike, the hooks exist in B; per-model analyses refused."""
+def validate_diff(spec: JobSpec, meta_a: Any, saes: dict[str, Any]) -> None:
+    """A diff job: B's files exist, both tokenize alike, the hooks exist in B (saes: the job's, read on both);
+    per-model analyses refused."""
     on = [key for key in DIFF_UNSUPPORTED if getattr(spec.stats, key)]
     if on:
         raise UserError(f"stats.{on[0]}: not available in a diff job (models: a, b); mine each model on its own for it")
@@ -165,15 +166,19 @@ def validate_diff(spec: JobSpec, meta_a: Any) -> None:
     from .diff import check_cross_memory, check_same_structure, paired_points, structure_difference
     from .hooks import n_layers
 
-    points_a = resolve_hooks(meta_a, spec.hooks, spec.corpus.context_length)
+    points_a = resolve_hooks(meta_a, spec.hooks, spec.corpus.context_length, saes)
     meta_b, n_a = meta_model(load_config(b)), n_layers(meta_a)
-    cross_size = structure_difference(points_a, n_a, meta_b, spec.hooks) is not None
+    problem = structure_difference(points_a, n_a, meta_b, spec.hooks)
+    cross_size = problem is not None
+    if cross_size and saes:
+        raise UserError(f"saes: {problem}; a diff reads both models' activations with the same SAEs, which needs "
+                        "models of the same structure where they read")
     if cross_size and not spec.stats.neuron_match:
         check_same_structure(points_a, n_a, meta_b, spec.hooks)
     if cross_size and spec.stats.dla:  # models of other sizes: only neuron_match pairs them, by correlation
         raise UserError("stats.dla: compares the two models neuron by neuron, and models.a and models.b differ "
                         "in size (only neuron_match pairs their neurons, by correlation); turn it off")
-    pairs = paired_points(points_a, n_a, meta_b, cross_size)
+    pairs = paired_points(points_a, n_a, meta_b, cross_size, saes)
     if spec.stats.neuron_match:
         check_cross_memory(pairs)
 

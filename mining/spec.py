@@ -234,8 +234,6 @@ class JobSpec:
         for hook in self.saes:
             if not re.fullmatch(r"blocks\.\d+\.[A-Za-z0-9_.]+", hook) or hook.endswith(".hook_sae_acts_post"):
                 raise UserError(f"saes.{hook}: expected the hook an SAE reads, e.g. blocks.3.hook_resid_post")
-        if self.saes and self.models is not None:
-            raise UserError("saes: not supported in a diff job yet; mine each model's latents in a job of its own")
 
     @property
     def is_diff(self) -> bool:

@@ -197,6 +197,49 @@ def test_diff_job_refusals(pair, tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+def test_sae_latents_are_diffed_through_the_same_sae(pair, tmp_path, capsys):
+    """An SAE on layer 0's neurons reads both models: each latent's activation diff matches the SAE applied to each
+    model's own neurons, and the latent that reads the scaled neuron hardest changes most. Models of other sizes
+    with SAEs are refused in one line."""
+    from safetensors.numpy import load_file, save_file
+    from sae_files import reference, write_saelens
+
+    d_mlp = pair["models"][0].config.intermediate_size
+    w = write_saelens(tmp_path / "sae", d_mlp, 2 * d_mlp, seed=4)
+    weights = tmp_path / "sae" / "sae_weights.safetensors"
+    tensors = load_file(str(weights))
+    tensors["W_enc"][SCALED_NEURON[1], 5] = w["W_enc"][SCALED_NEURON[1], 5] = 4.0  # latent 5 reads B's scaled neuron
+    save_file(tensors, str(weights))
+    job = tmp_path / "job.yaml"
+    text = (JOB.replace("{id: A}", f"{{id: '{pair['a']}'}}").replace("{id: B}", f"{{id: '{pair['b']}'}}")
+            .replace('["blocks.*.mlp.hook_post"]', '["blocks.0.mlp.hook_post.hook_sae_acts_post"]')
+            .replace("neuron_match: true, dla: true", "").replace("actors: 2", "actors: 1")
+            + f"saes: {{blocks.0.mlp.hook_post: '{tmp_path / 'sae'}'}}\n")
+    job.write_text(text)
+    store = tmp_path / "store"
+    assert main(["run", str(job), "--store", str(store), "--no-progress"]) == 0
+    _, ((acts_a, _), (acts_b, _)) = _brute(pair["models"][:2], store, pair["tokenizer"])
+    a, b = (reference("standard", w, acts[0]) for acts in (acts_a, acts_b))
+    diff = pq.read_table(store / "neuron_diff.parquet").to_pandas()
+    assert set(diff.hook) == {"mlp.hook_post.hook_sae_acts_post"} and len(diff) == 2 * d_mlp
+    diff = diff.sort_values("neuron")
+    np.testing.assert_allclose(diff.mean_abs_diff, np.abs(b - a).mean(0), rtol=1e-4, atol=1e-6)
+    live = (a.std(0) > 1e-6) & (b.std(0) > 1e-6)
+    want_corr = [np.corrcoef(a[:, j], b[:, j])[0, 1] for j in np.nonzero(live)[0]]
+    np.testing.assert_allclose(diff["corr"].to_numpy()[live], want_corr, atol=1e-4)
+    first = run_named(connect(store), "neuron-diff", {"hook": "mlp.hook_post.hook_sae_acts_post", "layer": "0",
+                                                      "limit": "1"}).to_pylist()[0]
+    assert first["neuron"] == 5
+
+    big = tiny_model("llama", vocab_size=len(pair["tokenizer"]), seed=5, intermediate_size=160)
+    job.write_text(text.replace(str(pair["b"]), str(_save(big, pair["tokenizer"], tmp_path / "wide"))))
+    assert main(["run", str(job), "--store", str(tmp_path / "refused"), "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: saes: blocks.0.mlp.hook_post differs between models.a and models.b ({d_mlp} "
+                              "vs 160 features); a diff reads both models' activations with the same SAEs")
+    assert not (tmp_path / "refused").exists()
+
+
 def test_models_of_different_sizes_are_diffed_token_by_token(pair, tmp_path, capsys):
     """A larger B (more layers, wider): with `hooks: []` the job compares the two token by token; with hooks it is
     refused before anything is written, and the error says how to diff them."""

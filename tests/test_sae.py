@@ -243,12 +243,6 @@ def test_a_bad_sae_is_refused_in_one_line(case, saes, hostile_job, monkeypatch):
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-def test_a_diff_job_with_saes_is_refused(saes):
-    with pytest.raises(UserError, match="saes: not supported in a diff job"):
-        spec_from_dict({"name": "d", "models": {"a": "gpt2", "b": "gpt2"}, "corpus": {"source": "builtin:python-docs"},
-                        "saes": {"blocks.1.hook_resid_post": str(saes / "good")}})
-
-
 # ---------------------------------------------------------------- a job on Ray, against brute force
 
 
