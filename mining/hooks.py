@@ -7,9 +7,10 @@
 Sites (per block L): hook_resid_pre, ln1.hook_normalized, attn.hook_pattern, attn.hook_z, hook_attn_out,
 hook_resid_mid, ln2.hook_normalized, mlp.hook_pre, mlp.hook_pre_linear (gated MLPs), mlp.hook_post, hook_mlp_out,
 hook_resid_post, and mlp.hook_expert_weights (mixture-of-experts routers). lnN.hook_normalized is what attention
-(ln1) and the MLP (ln2) read: their norm's output, its weight applied (TransformerLens' name, unfolded). The module each one maps to, per architecture, is in mining/architectures.py. Hooks
-read tensors only, so they work under torch.inference_mode and with any attention implementation; a pattern needs
-eager attention, which capture() switches on while one is hooked.
+(ln1) and the MLP (ln2) read: their norm's output, its weight applied (TransformerLens' name, unfolded). The module
+each one maps to, per architecture, is in mining/architectures.py. Hooks read tensors only, so they work under
+torch.inference_mode and with any attention implementation; a pattern needs eager attention, which capture()
+switches on while one is hooked.
 
 attn.hook_pattern is one query token's attention over the context's key positions, per head: TransformerLens'
 pattern[b, h, q, k] at token (b, q) is feature h * context_length + k, keys past the query (or past the context)
@@ -344,9 +345,15 @@ def unembedding(model: nn.Module) -> torch.Tensor:
 
 
 def mlp_out_weight(model: nn.Module, layer: int) -> torch.Tensor:
-    """The MLP output projection as (width, d_model) so that hook_post @ W (+ bias) = MLP output.
-    GPT-2's Conv1D already stores (in, out); nn.Linear stores (out, in) and is transposed (a view)."""
-    point = resolve_hooks(model, [f"blocks.{layer}.mlp.hook_post"])[0]
+    """The MLP output projection as (width, d_model) so that hook_post @ W (+ bias) = MLP output."""
+    return out_weight(model, layer, "mlp.hook_post")
+
+
+def out_weight(model: nn.Module, layer: int, site: str) -> torch.Tensor:
+    """The output projection a site is the input of (mlp.hook_post: the MLP's; attn.hook_z: the attention's) as
+    (width, d_model), so that activation @ W (+ bias) = its output. GPT-2's Conv1D already stores (in, out);
+    nn.Linear stores (out, in) and is transposed (a view)."""
+    point = resolve_hooks(model, [f"blocks.{layer}.{site}"])[0]
     module = model.get_submodule(point.module_path)
     w = module.weight.T if isinstance(module, nn.Linear) else module.weight
     d_model = dims(model.config)["d_model"]

@@ -136,8 +136,36 @@ def test_a_latent_whose_decoder_is_a_neurons_direction_has_that_neurons_lens(tmp
         assert same == expected.get(name.split(".")[2], True), name
 
 
-@pytest.mark.parametrize("site", ["attn.hook_z", "mlp.hook_pre"])
-def test_latents_before_a_nonlinearity_or_of_heads_get_no_lens_rows(tmp_path, site, hostile_job):
+@pytest.mark.parametrize("family", ["llama", "gemma2", "granite"])
+def test_a_latent_of_heads_is_read_through_the_attentions_output_projection(tmp_path, family):
+    """An attn.hook_z SAE whose decoder is the identity: latent j's lens is that of a hook_attn_out latent writing
+    column j of the attention's output projection, through the attention's output norm where there is one (Gemma 2;
+    hook_attn_out is read after it) and with Granite's block multiplier on both."""
+    from mining.analyses.logit_lens import logit_lens_table
+    from mining.hooks import norm_gain, out_norm, out_weight
+
+    model = tiny_model(family).eval()
+    z = resolve_hooks(model, ["blocks.1.attn.hook_z"])[0]
+    w_o = out_weight(model, 1, "attn.hook_z").detach().float()  # (heads x d_head, d_model)
+    norm = out_norm(model, 1, "attn")
+    if norm is not None:
+        w_o = w_o * norm_gain(model, norm)
+    _sae_with_decoder(tmp_path / "z", z.width, torch.eye(z.width))
+    _sae_with_decoder(tmp_path / "out", w_o.shape[1], w_o)
+    saes = {z.name: load_sae(z.name, SAESpec(str(tmp_path / "z"))),
+            "blocks.1.hook_attn_out": load_sae("blocks.1.hook_attn_out", SAESpec(str(tmp_path / "out")))}
+    points = resolve_hooks(model, [f"{hook}.hook_sae_acts_post" for hook in saes], saes=saes)
+    lens = logit_lens_table(model, None, [], k=5, latents=points).to_pandas()
+    key = ["layer", "neuron", "sign", "rank"]
+    heads = lens[lens.hook == "attn.hook_z.hook_sae_acts_post"].set_index(key)
+    out = lens[lens.hook == "hook_attn_out.hook_sae_acts_post"].set_index(key)
+    assert len(heads) == len(out) == z.width * 2 * 5
+    assert (heads.token_id == out.token_id).all()
+    np.testing.assert_allclose(heads.weight, out.weight, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("site", ["ln2.hook_normalized", "mlp.hook_pre"])
+def test_latents_before_a_nonlinearity_or_a_norm_get_no_lens_rows(tmp_path, site, hostile_job):
     """Their decoders do not write the residual stream directly: a job whose only features they are is refused the
     logit lens in one line; beside an SAE that has one, only that SAE's latents get rows."""
     from mining.analyses.logit_lens import has_lens

@@ -21,9 +21,10 @@ rescales every neuron alike and so does not change any ranking. What is left out
   and its table is only a rough lens.
 
 An SAE latent's output direction is its decoder row where that is a residual-stream vector (an SAE on a residual
-stream or on hook_attn_out/hook_mlp_out, a transcoder), or the decoder row through the MLP's output projection (an
-SAE on mlp.hook_post); then the same gains apply (`latent_directions`). SAEs on attn.hook_z or before the MLP's
-nonlinearity get no lens rows.
+stream or on hook_attn_out/hook_mlp_out, a transcoder), or the decoder row through the output projection it is read
+before (an SAE on mlp.hook_post: the MLP's; on attn.hook_z: the attention's, every head's slice at once); then the
+same gains apply (`latent_directions`). SAEs before a nonlinearity or a norm (mlp.hook_pre, lnN.hook_normalized)
+get no lens rows.
 
 Cost: (vocab x d_model x width) multiply-adds per layer - 43 GFLOP for SmolLM2-135M - done as a few
 matmuls over chunks of neurons, each followed by a top-k along the vocabulary.
@@ -41,7 +42,7 @@ from torch import nn
 
 from ..architectures import arch_of, locate, text_config
 from ..errors import UserError
-from ..hooks import HookPoint, final_norm, mlp_out_weight, norm_gain, out_norm, unembedding
+from ..hooks import HookPoint, final_norm, mlp_out_weight, norm_gain, out_norm, out_weight, unembedding
 from ..sae import split_sae
 
 SCHEMA = pa.schema([
@@ -66,10 +67,10 @@ def neuron_logits(model: nn.Module, layer: int, neurons: slice | Sequence[int] |
     return (w_out.float() * _layer_gain(model, layer, gain)) @ w_u
 
 
-def _layer_gain(model: nn.Module, layer: int, gain: torch.Tensor) -> torch.Tensor:
-    """The final norm's gain, times the gain of the norm on this layer's MLP output where there is one, times the
-    factors a family puts on its blocks' outputs and its logits (Granite's, Cohere's)."""
-    norm = out_norm(model, layer, "mlp")
+def _layer_gain(model: nn.Module, layer: int, gain: torch.Tensor, part: str = "mlp") -> torch.Tensor:
+    """The final norm's gain, times the gain of the norm on this layer's MLP (part "attn": attention) output where
+    there is one, times the factors a family puts on its blocks' outputs and its logits (Granite's, Cohere's)."""
+    norm = out_norm(model, layer, part)
     gain = gain if norm is None else gain * norm_gain(model, norm)
     arch, config = arch_of(model), text_config(model.config)
     factor = arch.residual_scale(config) * arch.logit_scale(config)
@@ -121,29 +122,32 @@ def decode_tokens(tokenizer: Any, ids: np.ndarray) -> np.ndarray:
 
 def has_lens(point: HookPoint) -> bool:
     """Whether the logit lens reads this point's features: MLP neurons, and SAE latents whose decoder writes the
-    residual stream (an SAE on a residual stream, on attention's or the MLP's output or on mlp.hook_post, or a
-    transcoder)."""
+    residual stream (an SAE on a residual stream, on attention's or the MLP's output, on mlp.hook_post or
+    attn.hook_z, or a transcoder)."""
     base, latents = split_sae(point.site)
     if not latents:
         return point.site == "mlp.hook_post"
-    return point.sae.transcoder or base in _WRITES or base == "mlp.hook_post"
+    return point.sae.transcoder or base in _WRITES or base in _PROJECTED
 
 
 _WRITES = {"hook_resid_pre": False, "hook_resid_mid": False, "hook_resid_post": False, "hook_attn_out": True,
            "hook_mlp_out": True}
 """Sites that are residual-stream vectors -> whether a block's multiplier (Granite's) still applies to them (what
 attention and the MLP add; their output norms, where a family has them, are already applied)."""
+_PROJECTED = {"mlp.hook_post": "mlp", "attn.hook_z": "attn"}
+"""Sites read before an output projection -> the part whose projection (and output norm) a decoder row passes."""
 
 
 def latent_directions(model: nn.Module, point: HookPoint, gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An SAE's latents' writes into the residual stream (d_sae, d_model) float32, and the gain they are read
-    with: a residual-stream (or attention or MLP output) SAE's decoder rows as they are; an mlp.hook_post SAE's
-    through the MLP's output projection; a transcoder's (the MLP module's output) as they are. Those reaching the
-    stream through the MLP module take its output norm's gain and the family's block factor, as neurons do."""
+    with: a residual-stream (or attention or MLP output) SAE's decoder rows as they are; an mlp.hook_post (attn.hook_z)
+    SAE's through the MLP's (attention's) output projection; a transcoder's (the MLP module's output) as they are.
+    Those reaching the stream through a module take its output norm's gain and the family's block factor, as neurons
+    do."""
     sae, base = point.sae, split_sae(point.site)[0]
     w_dec = sae.decoder().to(gain.device)
-    if base == "mlp.hook_post" and not sae.transcoder:
-        w_dec = w_dec @ mlp_out_weight(model, point.layer).float()
+    if base in _PROJECTED and not sae.transcoder:
+        w_dec = w_dec @ out_weight(model, point.layer, base).float()
     if w_dec.shape[1] != gain.shape[0]:
         raise UserError(f"saes.{sae.hook}: its decoder writes {w_dec.shape[1]} features, the residual stream has "
                         f"{gain.shape[0]}; the logit lens cannot read it")
@@ -151,7 +155,8 @@ def latent_directions(model: nn.Module, point: HookPoint, gain: torch.Tensor) ->
         arch, config = arch_of(model), text_config(model.config)
         factor = arch.logit_scale(config) * (arch.residual_scale(config) if _WRITES[base] else 1.0)
         return w_dec, gain * factor
-    return w_dec, _layer_gain(model, point.layer, gain)
+    return w_dec, _layer_gain(model, point.layer, gain, "attn" if base == "attn.hook_z" and not sae.transcoder
+                              else "mlp")
 
 
 @torch.inference_mode()
