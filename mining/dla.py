@@ -337,8 +337,15 @@ class DlaBatch:
         gain = self.dla.neuron_gain(point.layer, self.directions)  # (U, N)
         self.keep_raw(point.name, "mlp", point.layer, self.per_position(gain).mul_(mined_rows(x, self.sel)))
 
+    def latent_gain(self, point: HookPoint, x: torch.Tensor, writes: torch.Tensor, part: str) -> None:
+        """An SAE's latents: a · (w · d_t), w each latent's write into the stream (analyses.logit_lens.latent_writes),
+        divided in finish() by the final norm's scale and that of the norm on `part`'s output, if any."""
+        gain = self.directions @ writes.T  # (U, d_sae) float32
+        self.keep_raw(point.name, part, point.layer, self.per_position(gain).mul_(mined_rows(x, self.sel).float()))
+
     def keep_raw(self, name: str, part: str, layer: int, values: torch.Tensor) -> None:
-        """A fresh (M, ...) of undivided values of layer's "mlp" neurons or "attn" heads, divided in finish()."""
+        """A fresh (M, ...) of undivided values of layer's "mlp" neurons or "attn" heads (or "stream": what writes
+        the stream directly, SAE latents), divided in finish()."""
         self.raw[name] = values
         self.raw_part[name] = (part, layer)
 

@@ -267,6 +267,13 @@ class ShardMiner:
         self.dense_points = resolve_hooks(loaded.model, spec.dense.hooks, n_ctx, saes) if spec.dense.hooks else []
         self.dla = DirectLogitAttribution(loaded.model) if spec.stats.dla and loaded.causal else None
         self.dla_points = {p.name for p in self.points if p.site == "mlp.hook_post"} if self.dla else set()
+        self.latent_dla: dict[str, tuple[torch.Tensor, str]] = {}
+        """SAE latents whose decoder writes the stream (stats.dla) -> (their writes, (d_sae, d_model) float32; the
+        part whose output norm divides them): their DLA is a · (w · d_t), as a neuron's."""
+        if self.dla and not spec.is_diff:
+            from .analyses.logit_lens import has_lens, latent_writes
+
+            self.latent_dla = {p.name: latent_writes(loaded.model, p) for p in self.points if p.sae and has_lens(p)}
         if self.dla_points and loaded.device.type == "cpu":
             self.dla.cache = GainCache(len(self.dla_points), max(p.width for p in self.points if p.name in self.dla_points))
         self.gate_points = gate_points(loaded.model, self.points) if spec.stats.gate_cases else {}
@@ -309,7 +316,7 @@ class ShardMiner:
         dev = self.loaded.device
         if self.dla is not None and self.dla.cache is not None:
             self.dla.cache.start_shard()
-        stats = {p.name: HookStats.empty(self.spec, dla=p.name in self.dla_points,
+        stats = {p.name: HookStats.empty(self.spec, dla=p.name in self.dla_points or p.name in self.latent_dla,
                                          gated=p.site == "mlp.hook_post" and p.layer in self.gate_points)
                  for p in self.points}
         for name, st in stats.items():
@@ -352,6 +359,8 @@ class ShardMiner:
                         stats[point.name].update_gate(x, rows, s["gate"], s["up"], flat_toks)
                 if dla is not None and point.name in self.dla_points:
                     dla.gain(point, x, numerator)
+                if dla is not None and point.name in self.latent_dla:
+                    dla.latent_gain(point, x, *self.latent_dla[point.name])
                 if point.name in dense and pick[point.name].any():
                     sel = upload(np.flatnonzero(pick[point.name]), x.device)
                     dense[point.name].append((toks_np[pick[point.name]], download(mined_rows(x, sel, torch.float16))))

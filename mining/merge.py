@@ -149,11 +149,11 @@ def _hook_tables(st: HookStats, site: str, layer: int, spec: JobSpec) -> dict[st
             **{k: np.asarray(m[k], np.float64) for k in ("mean", "std", "skew", "kurtosis", "frac_active", "min", "max")},
         })
     if st.dla_top is not None:
-        out["dla_examples"] = _dla_examples(st, layer)
+        out["dla_examples"] = _dla_examples(st, site, layer)
         m = st.dla_moments.finalize()
         n = len(m["mean"])
         out["dla_neurons"] = pa.table({
-            "layer": np.full(n, layer, np.int32), "neuron": np.arange(n, dtype=np.int32),
+            "hook": pa.array([site] * n), "layer": np.full(n, layer, np.int32), "neuron": np.arange(n, dtype=np.int32),
             "count": np.asarray(m["count"], np.int64), "mean_dla": m["mean"], "std_dla": m["std"],
             "frac_positive": m["frac_active"], "min_dla": m["min"], "max_dla": m["max"],
         })
@@ -224,11 +224,12 @@ def _band_samples(kinds: dict, site: str, layer: int) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def _dla_examples(st: HookStats, layer: int) -> pa.Table:
+def _dla_examples(st: HookStats, site: str, layer: int) -> pa.Table:
     parts = []
     for sign, reducer in (("positive", st.dla_top), ("negative", st.dla_bottom)):
-        t = examples_table(*reducer.finalize(), "", layer)
-        parts.append(pa.table({"layer": t["layer"], "neuron": t["neuron"], "sign": pa.array([sign] * t.num_rows),
+        t = examples_table(*reducer.finalize(), site, layer)
+        parts.append(pa.table({"hook": t["hook"], "layer": t["layer"], "neuron": t["neuron"],
+                               "sign": pa.array([sign] * t.num_rows),
                                "rank": t["rank"], "dla": t["value"], "tok": t["tok"]}))
     return pa.concat_tables(parts).sort_by([("neuron", "ascending"), ("sign", "descending"), ("rank", "ascending")])
 

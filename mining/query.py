@@ -89,10 +89,10 @@ def connect(store: str | Path) -> duckdb.DuckDBPyConnection:
         tables = store_tables(root)
         for name, source in tables.items():
             con.execute(f"CREATE VIEW {_ident(name)} AS SELECT * FROM {source}")
-        if "logit_lens" in tables and "hook" not in _columns(con, "logit_lens"):
-            # a store mined before SAE latents had lens rows: every row is an MLP neuron's
-            con.execute(f"CREATE OR REPLACE VIEW logit_lens AS SELECT 'mlp.hook_post' AS hook, * FROM "
-                        f"{tables['logit_lens']}")
+        for name in ("logit_lens", "dla_neurons", "dla_examples"):
+            if name in tables and "hook" not in _columns(con, name):
+                # a store mined before SAE latents had lens and DLA rows: every row is an MLP neuron's
+                con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT 'mlp.hook_post' AS hook, * FROM {tables[name]}")
         if "logprob_b" in _columns(con, "tokens"):
             # a diff store: both models' log-prob of the actual next token on each token row
             con.execute("CREATE VIEW token_diff AS SELECT tok, logprob AS logprob_a, logprob_b, "

@@ -125,11 +125,10 @@ def validate(spec: JobSpec) -> Any:
     if points and not spec.is_diff and not any(p.site == "mlp.hook_post" for p in points):
         from .analyses.logit_lens import has_lens
 
-        for key in ("dla", "logit_lens"):  # they read neurons' output weights (a diff job's DLA also reads heads)
-            if getattr(spec.stats, key) and not (key == "logit_lens" and any(map(has_lens, points))):
-                also = " (or an SAE's latents whose decoder writes the stream)" if key == "logit_lens" else ""
-                raise UserError(f"stats.{key}: it reads blocks.*.mlp.hook_post neurons{also} and this job hooks "
-                                "none; hook them or turn it off")
+        for key in ("dla", "logit_lens"):  # they read neurons' output weights (or latents' decoders)
+            if getattr(spec.stats, key) and not any(map(has_lens, points)):
+                raise UserError(f"stats.{key}: it reads blocks.*.mlp.hook_post neurons (or an SAE's latents whose "
+                                "decoder writes the stream) and this job hooks none; hook them or turn it off")
     return config
 
 

@@ -2,13 +2,14 @@
 -- purpose: where one neuron pushes the actual next token up (sign=positive) or down (negative) hardest, with context
 -- param: layer
 -- param: neuron
+-- param: hook = mlp.hook_post
 -- param: sign = positive
 -- param: k = 10
 -- requires: dla_examples
 WITH e AS (
     SELECT rank, dla, tok
     FROM dla_examples
-    WHERE layer = $layer AND neuron = $neuron AND sign = $sign AND rank <= $k
+    WHERE hook = $hook AND layer = $layer AND neuron = $neuron AND sign = $sign AND rank <= $k
 )
 
 SELECT

@@ -1,5 +1,6 @@
 -- name: dla-neurons
 -- purpose: neurons whose mean direct logit attribution to the actual next token is largest (sign=negative: most harmful)
+-- param: hook = mlp.hook_post
 -- param: sign = positive
 -- param: layer = -1
 -- param: limit = 20
@@ -14,6 +15,6 @@ SELECT
     max_dla,
     count
 FROM dla_neurons
-WHERE ($layer < 0 OR layer = $layer)
+WHERE hook = $hook AND ($layer < 0 OR layer = $layer)
 ORDER BY CASE WHEN $sign = 'negative' THEN mean_dla ELSE -mean_dla END, layer, neuron
 LIMIT $limit;

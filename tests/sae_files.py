@@ -42,7 +42,7 @@ def write_sparsify(folder: Path, d_in: int, d_sae: int, k: int, transcode: bool 
     (folder / "cfg.json").write_text(json.dumps({"d_in": d_in, "num_latents": d_sae, "k": k, "expansion_factor": 1,
                                                  "normalize_decoder": True, "transcode": transcode}))
     return {"W_enc": t["encoder.weight"].numpy().T.astype(np.float64), "b_enc": t["encoder.bias"].numpy(),
-            "b_dec": t["b_dec"].numpy()}
+            "b_dec": t["b_dec"].numpy(), "W_dec": t["W_dec"].numpy().astype(np.float64)}
 
 
 def reference(kind: str, w: dict[str, np.ndarray], x: np.ndarray, k: int | None = None,

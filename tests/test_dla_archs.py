@@ -291,3 +291,63 @@ def test_layernorm_families_neurons_add_up_to_their_mlps_output(arch):
         assert mlp_out.abs().max() > 1e-2
         torch.testing.assert_close(got[point.name].sum(1) + read(bias.expand(len(sel), -1)), mlp_out,
                                    rtol=1e-4, atol=1e-4)
+
+
+def _lossless_sae(folder, d_in: int) -> None:
+    """A standard SAE that reconstructs its input exactly: latents relu(x) and relu(-x), decoder rows +I and -I."""
+    from safetensors.torch import save_file
+    from sae_files import write_saelens
+
+    write_saelens(folder, d_in, 2 * d_in)
+    eye = torch.eye(d_in)
+    save_file({"W_enc": torch.cat([eye, -eye], 1), "b_enc": torch.zeros(2 * d_in), "b_dec": torch.zeros(d_in),
+               "W_dec": torch.cat([eye, -eye], 0)}, str(folder / "sae_weights.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@torch.inference_mode()
+def test_latents_of_a_lossless_sae_add_up_to_what_their_site_writes(arch, tmp_path):
+    """SAEs that reconstruct their sites exactly: the DLA of their latents (stats.dla) adds up, token by token, to
+    what the site adds to the residual stream read through the final norm: the MLP's write for mlp.hook_post and
+    hook_mlp_out SAEs (through its output projection, output norm and Granite's multiplier), the attention's for
+    attn.hook_z and hook_attn_out SAEs, the whole stream for a hook_resid_post SAE."""
+    from mining.analyses.logit_lens import latent_writes
+    from mining.sae import load_saes
+    from mining.spec import SAESpec
+
+    model = tiny_model(arch, vocab_size=VOCAB, seed=4)
+    ids = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
+    ref = _residuals(model, ids)
+    layer = 1
+    sites = ["mlp.hook_post", "hook_mlp_out", "attn.hook_z", "hook_attn_out", "hook_resid_post"]
+    specs = {}
+    for base in resolve_hooks(model, [f"blocks.{layer}.{s}" for s in sites]):
+        _lossless_sae(tmp_path / base.site, base.width)
+        specs[base.name] = SAESpec(str(tmp_path / base.site))
+    saes = load_saes(specs)
+    points = resolve_hooks(model, [f"{hook}.hook_sae_acts_post" for hook in saes], saes=saes)
+    dla = DirectLogitAttribution(model)
+    batch = DlaBatch(dla, _batch(ids))
+    writes = {p.name: latent_writes(model, p) for p in points}
+    with capture(model, points, lambda p, x: batch.latent_gain(p, x, *writes[p.name])), batch.watch_norm():
+        model(input_ids=ids)
+    got = {name.split(".", 2)[2].removesuffix(".hook_sae_acts_post"): v for name, v in batch.finish()}
+
+    sel = torch.from_numpy(batch.sel_np)
+    targets = torch.from_numpy(_batch(ids).targets_np.reshape(-1)[batch.sel_np])
+    norm = final_norm(model)
+    gamma = norm.weight.float() + (1.0 if "gemma" in arch else 0.0)
+    d = unembedding(model)[:, targets].T.float() * gamma * logit_factor(model.config)
+    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    flat = lambda t: t.reshape(-1, t.shape[-1])[sel]  # noqa: E731
+    s = torch.sqrt(flat(ref["final"]).pow(2).mean(-1) + eps)
+    read = lambda v: (flat(v) * d).sum(-1) / s  # noqa: E731
+    mlp_write = read(ref[f"post{layer}"] - ref[f"mid{layer}"])
+    attn_write = read(ref[f"mid{layer}"] - ref[f"pre{layer}"])
+    want = {"mlp.hook_post": mlp_write, "hook_mlp_out": mlp_write, "attn.hook_z": attn_write,
+            "hook_attn_out": attn_write, "hook_resid_post": read(ref[f"post{layer}"])}
+    assert set(got) == set(want)
+    for site, values in got.items():
+        assert values.shape == (len(sel), 2 * resolve_hooks(model, [f"blocks.{layer}.{site}"])[0].width)
+        assert want[site].abs().max() > 1e-2
+        torch.testing.assert_close(values.sum(1), want[site], rtol=1e-4, atol=1e-4, msg=site)

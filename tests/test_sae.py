@@ -3,9 +3,11 @@
 against brute force, and a bad SAE refused in one line before anything is mined."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -309,29 +311,49 @@ compute: {{actors: 2, cpus_per_actor: 1, batch_size: 4, shard_tokens: 400}}
 
 @pytest.fixture(scope="module")
 def brute(mined, hostile_job):
-    """Every mined token's latents, from each context's own forward pass and the formulas above."""
+    """Every mined token's latents, from each context's own forward pass and the formulas above; under "dla", the
+    direct logit attribution of the latents whose decoder writes the stream: a · (W_dec[i] · γ ⊙ W_U[:, next]) / s,
+    s the final RMSNorm's scale (NaN where a token has no next token)."""
     from mining.models import load_model
+    from mining.runner import plan
     from mining.shards import special_tokens
-    from mining.spec import ModelSpec
+    from mining.spec import ModelSpec, load_spec
 
     store, weights = mined
     loaded = load_model(ModelSpec(id=str(hostile_job.parent / "model")))
     prefix = list(special_tokens(loaded.tokenizer, "auto", None).prefix)
     tokens = ds.dataset(store / "tokens").to_table().sort_by("tok").to_pandas()
-    hooks = ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out",
-             "blocks.1.ln2.hook_normalized"]
+    model = loaded.model
+    last = f"blocks.{model.config.num_hidden_layers - 1}.hook_resid_post"  # the final norm's input
+    named = ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out",
+             "blocks.1.ln2.hook_normalized", last]
+    hooks = list(dict.fromkeys(named))  # the last block's output may be one of them
     acts: dict[str, list] = {hook: [] for hook in hooks}
-    with torch.inference_mode(), record(loaded.model, hooks) as out:
+    with torch.inference_mode(), record(model, hooks) as out:
         for _, group in tokens.groupby("ctx", sort=True):
-            loaded.model(torch.tensor([prefix + group.token_id.tolist()]))
+            model(torch.tensor([prefix + group.token_id.tolist()]))
             for hook in hooks:
                 acts[hook].append(out[hook][0, len(prefix):].numpy())
-    resid, mlp, mlp_out, mlp_in = (np.concatenate(acts[hook]) for hook in hooks)
-    return {("hook_resid_post.hook_sae_acts_post", 1): reference("jumprelu", weights["resid"], resid),
+    resid, mlp, mlp_out, mlp_in, final = (np.concatenate(acts[hook]).astype(np.float64) for hook in named)
+    nxt = np.full(len(tokens), -1)  # each mined token's next token in its document
+    for shard in plan(load_spec(store / "job.yaml"), loaded.tokenizer)[0]:
+        grid = shard.tok_grid()
+        for c in range(len(shard.ids)):
+            pos = np.nonzero(grid[c] >= 0)[0]
+            nxt[grid[c, pos]] = np.append(shard.ids[c, pos[1:]], shard.next_id[c])  # the last: the next context's first
+    norm = model.model.norm
+    scale = np.sqrt((final ** 2).mean(-1) + norm.variance_epsilon)
+    d = (model.lm_head.weight.detach().double().numpy()[np.maximum(nxt, 0)] * norm.weight.detach().double().numpy())
+    latents = {"resid": reference("jumprelu", weights["resid"], resid),
+               "transcoder": reference("topk", weights["transcoder"], mlp_in, 4, centre=False)}
+    dla = {name: np.where(nxt[:, None] >= 0, a * (d @ weights[name]["W_dec"].T) / scale[:, None], np.nan)
+           for name, a in latents.items()}
+    return {("hook_resid_post.hook_sae_acts_post", 1): latents["resid"],
             ("mlp.hook_post.hook_sae_acts_post", 0): reference("topk", weights["mlp"], mlp, 6),
             ("hook_mlp_out.hook_sae_acts_post", 0): reference("standard", weights["mlp_out"], mlp_out),
-            ("ln2.hook_normalized.hook_sae_acts_post", 1): reference("topk", weights["transcoder"], mlp_in, 4,
-                                                                     centre=False)}
+            ("ln2.hook_normalized.hook_sae_acts_post", 1): latents["transcoder"],
+            "dla": {("hook_resid_post.hook_sae_acts_post", 1): dla["resid"],
+                    ("ln2.hook_normalized.hook_sae_acts_post", 1): dla["transcoder"]}}
 
 
 @pytest.mark.ray
@@ -342,7 +364,7 @@ def test_latents_tables_match_brute_force(mined, brute):
     assert sorted(set(zip(neurons.hook, neurons.layer))) == [
         ("hook_mlp_out.hook_sae_acts_post", 0), ("hook_resid_post.hook_sae_acts_post", 1),
         ("ln2.hook_normalized.hook_sae_acts_post", 1), ("mlp.hook_post", 0), ("mlp.hook_post.hook_sae_acts_post", 0)]
-    for (hook, layer), acts in brute.items():
+    for (hook, layer), acts in ((key, v) for key, v in brute.items() if key != "dla"):
         assert acts.shape[0] == 900
         rows = neurons[(neurons.hook == hook) & (neurons.layer == layer)].sort_values("neuron")
         assert len(rows) == acts.shape[1]
@@ -356,6 +378,50 @@ def test_latents_tables_match_brute_force(mined, brute):
             np.testing.assert_allclose(col[got.tok.to_numpy()], got.value, rtol=1e-4, atol=1e-5)
     topk = neurons[neurons.hook == "mlp.hook_post.hook_sae_acts_post"]
     assert topk.frac_active.sum() == pytest.approx(6, abs=0.01)  # top-k: 6 latents of 128 on every token
+
+
+@pytest.mark.ray
+def test_latents_dla_matches_brute_force(mined, brute, tmp_path):
+    """stats.dla on latents whose decoder writes the stream (a residual-stream SAE, a transcoder): per latent, the
+    mean, count and extremes of a · (w · d_t) / s, and its top examples; the other SAEs' latents have no rows."""
+    from mining.query import connect, run_named
+
+    store, _ = mined
+    dla = pq.read_table(store / "dla_neurons.parquet").to_pandas()
+    examples = pq.read_table(store / "dla_examples.parquet").to_pandas()
+    assert sorted(set(zip(dla.hook, dla.layer))) == [("hook_mlp_out.hook_sae_acts_post", 0),
+                                                     ("hook_resid_post.hook_sae_acts_post", 1),
+                                                     ("ln2.hook_normalized.hook_sae_acts_post", 1),
+                                                     ("mlp.hook_post", 0), ("mlp.hook_post.hook_sae_acts_post", 0)]
+    for (hook, layer), want in brute["dla"].items():
+        rows = dla[(dla.hook == hook) & (dla.layer == layer)].sort_values("neuron")
+        assert len(rows) == want.shape[1] and (rows["count"] == (~np.isnan(want)).sum(0)).all()
+        scale = np.nanmax(np.abs(want))
+        np.testing.assert_allclose(rows.mean_dla, np.nanmean(want, 0), rtol=1e-3, atol=1e-5 * scale)
+        np.testing.assert_allclose(rows.max_dla, np.nanmax(want, 0), rtol=1e-3, atol=1e-5 * scale)
+        latent = int(np.nanargmax(np.nanmax(want, 0)))
+        got = examples[(examples.hook == hook) & (examples.neuron == latent) & (examples.sign == "positive")]
+        np.testing.assert_allclose(got.sort_values("rank").dla, np.sort(want[~np.isnan(want[:, latent]), latent])
+                                   [::-1][:len(got)], rtol=1e-3, atol=1e-5 * scale)
+    con = connect(store)
+    best = run_named(con, "dla-neurons", {"hook": "hook_resid_post.hook_sae_acts_post", "limit": "1"}).to_pylist()[0]
+    assert best["neuron"] == int(np.nanargmax(np.nanmean(brute["dla"][("hook_resid_post.hook_sae_acts_post", 1)], 0)))
+    assert run_named(con, "dla-examples", {"hook": "hook_resid_post.hook_sae_acts_post", "layer": "1",
+                                           "neuron": str(best["neuron"]), "k": "3"}).num_rows == 3
+    neurons = run_named(con, "dla-neurons", {"limit": "500"}).to_pylist()
+    assert {r["layer"] for r in neurons} == {0} and len(neurons) == 64  # the default hook: layer 0's neurons
+    examples = run_named(con, "dla-examples", {"layer": "0", "neuron": "3"}).to_pylist()
+    con.close()
+    older = tmp_path / "older"  # a store mined before latents had DLA rows: its tables have no hook column
+    shutil.copytree(store, older)
+    for name in ("dla_neurons", "dla_examples"):
+        table = pq.read_table(older / f"{name}.parquet")
+        table = table.filter(pc.equal(table["hook"], "mlp.hook_post")).drop_columns(["hook"])
+        pq.write_table(table, older / f"{name}.parquet")
+    con = connect(older)
+    assert run_named(con, "dla-neurons", {"limit": "500"}).to_pylist() == neurons
+    assert run_named(con, "dla-examples", {"layer": "0", "neuron": "3"}).to_pylist() == examples
+    con.close()
 
 
 @pytest.mark.ray

@@ -40,7 +40,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from ..architectures import arch_of, locate, text_config
+from ..architectures import arch_of, dims, locate, text_config
 from ..errors import UserError
 from ..hooks import HookPoint, final_norm, mlp_out_weight, norm_gain, out_norm, out_weight, unembedding
 from ..sae import split_sae
@@ -138,25 +138,38 @@ _PROJECTED = {"mlp.hook_post": "mlp", "attn.hook_z": "attn"}
 """Sites read before an output projection -> the part whose projection (and output norm) a decoder row passes."""
 
 
-def latent_directions(model: nn.Module, point: HookPoint, gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An SAE's latents' writes into the residual stream (d_sae, d_model) float32, and the gain they are read
-    with: a residual-stream (or attention or MLP output) SAE's decoder rows as they are; an mlp.hook_post (attn.hook_z)
-    SAE's through the MLP's (attention's) output projection; a transcoder's (the MLP module's output) as they are.
-    Those reaching the stream through a module take its output norm's gain and the family's block factor, as neurons
-    do."""
+def latent_writes(model: nn.Module, point: HookPoint) -> tuple[torch.Tensor, str]:
+    """What each of an SAE's latents writes into the residual stream per unit activation, (d_sae, d_model) float32 on
+    the model's device, and the part whose output norm's per-token scale divides it ("mlp", "attn"; "stream": none).
+    A residual-stream (or attention or MLP output) SAE's decoder rows are as they are; an mlp.hook_post (attn.hook_z)
+    SAE's pass the MLP's (attention's) output projection; a transcoder's are the MLP module's output. Those reaching
+    the stream through a module take its output norm's gain and the family's block factor, as neurons do; so do
+    hook_attn_out's and hook_mlp_out's (their norms already applied). The final norm and the logits' factor are the
+    reader's (the lens's gain, DLA's d_t)."""
     sae, base = point.sae, split_sae(point.site)[0]
-    w_dec = sae.decoder().to(gain.device)
+    device = unembedding(model).device
+    w = sae.decoder().to(device)
+    part = "mlp" if sae.transcoder else _PROJECTED.get(base, "stream")
     if base in _PROJECTED and not sae.transcoder:
-        w_dec = w_dec @ out_weight(model, point.layer, base).float()
-    if w_dec.shape[1] != gain.shape[0]:
-        raise UserError(f"saes.{sae.hook}: its decoder writes {w_dec.shape[1]} features, the residual stream has "
-                        f"{gain.shape[0]}; the logit lens cannot read it")
-    if base in _WRITES and not sae.transcoder:  # already in the stream's terms: the logits' factor, the block's
-        arch, config = arch_of(model), text_config(model.config)
-        factor = arch.logit_scale(config) * (arch.residual_scale(config) if _WRITES[base] else 1.0)
-        return w_dec, gain * factor
-    return w_dec, _layer_gain(model, point.layer, gain, "attn" if base == "attn.hook_z" and not sae.transcoder
-                              else "mlp")
+        w = w @ out_weight(model, point.layer, base).float()
+    d_model = dims(model.config)["d_model"]
+    if w.shape[1] != d_model:
+        raise UserError(f"saes.{sae.hook}: its decoder writes {w.shape[1]} features, the residual stream has "
+                        f"{d_model}; its latents' logit effects cannot be read")
+    arch, config = arch_of(model), text_config(model.config)
+    if part != "stream" and (norm := out_norm(model, point.layer, part)) is not None:
+        w = w * norm_gain(model, norm)
+    if part != "stream" or _WRITES.get(base, False):
+        w = w * arch.residual_scale(config)
+    return w, part
+
+
+def latent_directions(model: nn.Module, point: HookPoint, gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An SAE's latents' writes into the residual stream (latent_writes), and the gain the lens reads them with: the
+    final norm's, times the logits' factor."""
+    w, _ = latent_writes(model, point)
+    arch, config = arch_of(model), text_config(model.config)
+    return w.to(gain.device), gain * arch.logit_scale(config)
 
 
 @torch.inference_mode()

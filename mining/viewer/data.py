@@ -54,8 +54,8 @@ def index_rows(con: duckdb.DuckDBPyConnection, nids: Sequence[NeuronId] | None =
         joins.append("LEFT JOIN top_contexts AS tc ON tc.hook = p.hook AND tc.layer = p.layer AND tc.neuron = p.neuron "
                      "AND tc.rank = 1 LEFT JOIN tokens AS t ON t.tok = tc.tok")
     if has_tables(con, "dla_neurons"):
-        extra_cols.append("CASE WHEN p.hook = 'mlp.hook_post' THEN d.mean_dla END AS mean_dla")
-        joins.append("LEFT JOIN dla_neurons AS d ON d.layer = p.layer AND d.neuron = p.neuron")
+        extra_cols.append("d.mean_dla")
+        joins.append("LEFT JOIN dla_neurons AS d ON d.hook = p.hook AND d.layer = p.layer AND d.neuron = p.neuron")
     if has_tables(con, "neuron_coherence"):
         extra_cols.append("c.coherence")
         joins.append("LEFT JOIN neuron_coherence AS c ON c.hook = p.hook AND c.layer = p.layer AND c.neuron = p.neuron")
@@ -114,19 +114,18 @@ def neuron_page(con: duckdb.DuckDBPyConnection, nid: NeuronId, examples: list[Ex
         page.histogram = run_named(con, "histogram", p).to_pylist()
         page.quantiles = run_named(con, "quantiles", p).to_pylist()
     key = [nid.layer, nid.neuron]
-    if nid.hook == "mlp.hook_post" and has_tables(con, "dla_neurons"):
+    if has_tables(con, "dla_neurons"):  # MLP neurons, and SAE latents whose decoder writes the stream
         page.extra.update(_one(con, "SELECT mean_dla, std_dla, frac_positive, min_dla, max_dla FROM dla_neurons "
-                                    "WHERE layer = ? AND neuron = ?", key))
+                                    "WHERE hook = ? AND layer = ? AND neuron = ?", [nid.hook, *key]))
     for table_name, cols in (("neuron_coherence", "coherence"), ("neuron_variance", "var_token, var_position")):
         if has_tables(con, table_name):
             page.extra.update(_one(con, f"SELECT {cols} FROM {table_name} WHERE hook = ? AND layer = ? AND neuron = ?",
                                    [nid.hook, *key]))
     if has_tables(con, "logit_lens"):  # MLP neurons' rows, and SAE latents' where their decoder writes the stream
         page.logit_lens = run_named(con, "logit-lens", {**p, "sign": "both", "k": "10"}).to_pylist()
-    if nid.hook == "mlp.hook_post" and has_tables(con, "dla_examples"):
+    if has_tables(con, "dla_examples"):
         for sign in ("positive", "negative"):
-            page.dla_examples[sign] = run_named(con, "dla-examples", {"layer": p["layer"], "neuron": p["neuron"],
-                                                                       "sign": sign, "k": "5"}).to_pylist()
+            page.dla_examples[sign] = run_named(con, "dla-examples", {**p, "sign": sign, "k": "5"}).to_pylist()
     return page
 
 
