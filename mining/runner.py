@@ -129,6 +129,15 @@ def validate(spec: JobSpec) -> Any:
             if getattr(spec.stats, key) and not any(map(has_lens, points)):
                 raise UserError(f"stats.{key}: it reads blocks.*.mlp.hook_post neurons (or an SAE's latents whose "
                                 "decoder writes the stream) and this job hooks none; hook them or turn it off")
+    reading = [key for key in ("dla", "logit_lens") if getattr(spec.stats, key)]
+    if reading and not spec.is_diff:
+        from .analyses.logit_lens import has_lens
+
+        for p in points:
+            if p.sae and has_lens(p) and not p.sae.has_decoder:
+                raise UserError(f"saes.{p.sae.hook}: {p.sae.folder} has no W_dec of {p.sae.d_sae} rows, and "
+                                f"stats.{reading[0]} reads each latent's decoder row; give the SAE's decoder, or "
+                                f"turn stats.{reading[0]} off")
     return config
 
 

@@ -66,6 +66,8 @@ class SAE:
     """saelens | sparsify."""
     transcoder: bool = False
     """It reconstructs the MLP's output from its input (sparsify's transcode), not its own hook's activation."""
+    has_decoder: bool = True
+    """Its weight file holds W_dec (d_sae, ...), which the logit lens and DLA read; encoding needs none."""
 
     def __post_init__(self) -> None:
         self._weights: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
@@ -93,7 +95,8 @@ class SAE:
 
         with safe_open(str(self.folder / (_SAELENS if self.layout == "saelens" else _SPARSIFY)), framework="pt") as f:
             if "W_dec" not in f.keys():
-                raise UserError(f"saes.{self.hook}: {self.folder} has no W_dec (the decoder the logit lens reads)")
+                raise UserError(f"saes.{self.hook}: {self.folder} has no W_dec (the decoder the logit lens and DLA "
+                                "read)")
             w = f.get_tensor("W_dec").float()
         if w.dim() != 2 or w.shape[0] != self.d_sae:
             raise UserError(f"saes.{self.hook}: W_dec is {tuple(w.shape)}, expected ({self.d_sae}, d_out)")
@@ -200,7 +203,7 @@ def _saelens(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int,
     if kind == "topk" and not (isinstance(k, int) and 0 < k <= d_sae):
         raise UserError(f"{where}: a topk SAE needs k in 1..{d_sae} in its cfg.json (k or activation_fn_kwargs.k)")
     return SAE(hook, folder, kind, d_in, d_sae, k if kind == "topk" else None,
-               bool(cfg.get("apply_b_dec_to_input", True)), "saelens")
+               bool(cfg.get("apply_b_dec_to_input", True)), "saelens", has_decoder=_has_decoder(shapes, d_sae))
 
 
 def _sparsify(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int, ...]], where: str) -> SAE:
@@ -216,7 +219,12 @@ def _sparsify(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int
     if not (isinstance(k, int) and 0 < k <= d_sae):
         raise UserError(f"{where}: sparsify's cfg.json needs k in 1..{d_sae}, got {k!r}")
     transcode = bool(cfg.get("transcode", False))
-    return SAE(hook, folder, "topk", int(d_in), int(d_sae), k, not transcode, "sparsify", transcode)
+    return SAE(hook, folder, "topk", int(d_in), int(d_sae), k, not transcode, "sparsify", transcode,
+               _has_decoder(shapes, d_sae))
+
+
+def _has_decoder(shapes: Mapping[str, tuple[int, ...]], d_sae: int) -> bool:
+    return len(shapes.get("W_dec", ())) == 2 and shapes["W_dec"][0] == d_sae
 
 
 def load_saes(saes: Mapping[str, Any]) -> dict[str, SAE]:

@@ -217,6 +217,11 @@ def saes(tmp_path_factory):
     cfg = json.loads((root / "lying" / "cfg.json").read_text())
     (root / "lying" / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 128}))  # it disagrees with its weights
     (root / "empty").mkdir()
+    write_saelens(root / "encoder-only", 32, 64)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(root / "encoder-only" / "sae_weights.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k != "W_dec"}, str(root / "encoder-only" / "sae_weights.safetensors"))
     return root
 
 
@@ -248,6 +253,9 @@ REFUSALS = {
                           "saes": {"blocks.1.hook_resid_post": "lying"}}, "its cfg.json implies (32, 128)"),
     "unread-sae": ({"hooks": ["blocks.1.hook_resid_post"], "saes": {"blocks.1.hook_resid_post": "good"}},
                    "no hook reads this SAE"),
+    "dla-without-a-decoder": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
+                               "saes": {"blocks.1.hook_resid_post": "encoder-only"}, "stats": {"dla": True}},
+                              "has no W_dec of 64 rows, and stats.dla reads each latent's decoder row"),
     "hub-repo-offline": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
                           "saes": {"blocks.1.hook_resid_post": "nobody/no-such-sae"}},
                          "cannot fetch 'nobody/no-such-sae'"),
