@@ -220,8 +220,8 @@ def saes(tmp_path_factory):
     write_saelens(root / "encoder-only", 32, 64)
     from safetensors.torch import load_file, save_file
 
-    tensors = load_file(str(root / "encoder-only" / "sae_weights.safetensors"))
-    save_file({k: v for k, v in tensors.items() if k != "W_dec"}, str(root / "encoder-only" / "sae_weights.safetensors"))
+    weights = str(root / "encoder-only" / "sae_weights.safetensors")
+    save_file({k: v for k, v in load_file(weights).items() if k != "W_dec"}, weights)
     return root
 
 
