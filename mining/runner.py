@@ -122,17 +122,13 @@ def validate(spec: JobSpec) -> Any:
         if not gate_points(meta, points):
             raise UserError("stats.gate_cases: no hooked blocks.*.mlp.hook_post of a gated MLP (SwiGLU/GeGLU) in "
                             "this job; turn it off for this model")
-    if points and not spec.is_diff and not any(p.site == "mlp.hook_post" for p in points):
+    reading = [key for key in ("dla", "logit_lens") if getattr(spec.stats, key)]  # neurons' output weights, decoders
+    if reading and points and not spec.is_diff:
         from .analyses.logit_lens import has_lens
 
-        for key in ("dla", "logit_lens"):  # they read neurons' output weights (or latents' decoders)
-            if getattr(spec.stats, key) and not any(map(has_lens, points)):
-                raise UserError(f"stats.{key}: it reads blocks.*.mlp.hook_post neurons (or an SAE's latents whose "
-                                "decoder writes the stream) and this job hooks none; hook them or turn it off")
-    reading = [key for key in ("dla", "logit_lens") if getattr(spec.stats, key)]
-    if reading and not spec.is_diff:
-        from .analyses.logit_lens import has_lens
-
+        if not any(map(has_lens, points)):
+            raise UserError(f"stats.{reading[0]}: it reads blocks.*.mlp.hook_post neurons (or an SAE's latents whose "
+                            "decoder writes the stream) and this job hooks none; hook them or turn it off")
         for p in points:
             if p.sae and has_lens(p) and not p.sae.has_decoder:
                 raise UserError(f"saes.{p.sae.hook}: {p.sae.folder} has no W_dec of {p.sae.d_sae} rows, and "
