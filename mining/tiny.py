@@ -168,7 +168,7 @@ _SPECS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
 }
 
 ARCHS = tuple(_SPECS)
-_NORM_CENTRE = {"gemma": 0.0, "gemma2": 0.0, "gemma3_text": 0.0, "olmo2": 1.0, "opt": 1.0, "bloom": 1.0,
+_NORM_CENTRE = {"gemma": 0.0, "gemma2": 0.0, "gemma3_text": 0.0, "gemma3": 0.0, "olmo2": 1.0, "opt": 1.0, "bloom": 1.0,
                 "cohere": 1.0, "cohere2": 1.0, "granite": 1.0, "olmo3": 1.0, "exaone4": 1.0, "vaultgemma": 0.0,
                 "glm4": 1.0, "helium": 1.0, "nemotron": 0.0, "apertus": 1.0, "falcon": 1.0, "flex_olmo": 1.0,
                 "mpt": 1.0, "codegen": 1.0, "persimmon": 1.0, "xglm": 1.0, "granitemoe": 1.0}
