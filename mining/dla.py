@@ -1,4 +1,4 @@
-"""Direct logit attribution (DLA) of MLP neurons to the actual next token.
+"""Direct logit attribution (DLA) of MLP neurons (and SAE latents) to the actual next token.
 
 The final norm is linear in the residual stream once its per-token scale s is held fixed:
 RMSNorm(x) = γ ⊙ x / s, LayerNorm(x) = γ ⊙ (x − mean x) / s + β. So a neuron that writes
@@ -16,6 +16,10 @@ takes γ_out and the divisor is s · s_out; a head (diff jobs) likewise through 
 Gemma 2's final soft-cap (tanh) is not linear: the attribution is to the logit before it. Linear factors are
 taken: the logits' (Cohere's logit_scale, Granite's 1 / logits_scaling) in d_t, and the blocks' outputs' (Granite's
 residual_multiplier) in every neuron's and head's gain.
+
+An SAE latent whose decoder writes the stream is read the same way: a · (w · d_t) / s, w its write into the stream
+per unit activation (analyses/logit_lens.py latent_writes: the decoder row, through the output projection and that
+part's output norm gain where it passes them), divided by that norm's scale too (DlaBatch.latent_gain).
 """
 
 from __future__ import annotations

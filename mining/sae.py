@@ -16,8 +16,8 @@ treat neurons. Two on-disk formats are read, told apart by their weight file:
   Its hookpoints are module outputs: `layers.N` is blocks.N.hook_resid_post, `layers.N.mlp` blocks.N.hook_mlp_out
   (a transcoder there reads the MLP module's input, blocks.N.ln2.hook_normalized).
 
-The encoder makes the latents; the decoder W_dec gives each latent's direction for the logit lens
-(analyses/logit_lens.py). The latents get no per-token direct logit attribution yet.
+The encoder makes the latents; the decoder W_dec gives each latent's write into the residual stream, which the
+logit lens and direct logit attribution read (analyses/logit_lens.py latent_writes).
 """
 
 from __future__ import annotations
