@@ -67,10 +67,10 @@ def neuron_logits(model: nn.Module, layer: int, neurons: slice | Sequence[int] |
     return (w_out.float() * _layer_gain(model, layer, gain)) @ w_u
 
 
-def _layer_gain(model: nn.Module, layer: int, gain: torch.Tensor, part: str = "mlp") -> torch.Tensor:
-    """The final norm's gain, times the gain of the norm on this layer's MLP (part "attn": attention) output where
-    there is one, times the factors a family puts on its blocks' outputs and its logits (Granite's, Cohere's)."""
-    norm = out_norm(model, layer, part)
+def _layer_gain(model: nn.Module, layer: int, gain: torch.Tensor) -> torch.Tensor:
+    """The final norm's gain, times the gain of the norm on this layer's MLP output where there is one, times the
+    factors a family puts on its blocks' outputs and its logits (Granite's, Cohere's)."""
+    norm = out_norm(model, layer, "mlp")
     gain = gain if norm is None else gain * norm_gain(model, norm)
     arch, config = arch_of(model), text_config(model.config)
     factor = arch.residual_scale(config) * arch.logit_scale(config)
