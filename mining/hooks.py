@@ -133,7 +133,7 @@ def resolve_hooks(model: nn.Module, patterns: Sequence[str] | str, context_lengt
             name = f"blocks.{layer}.{site}"
             if latents:
                 points[name] = _sae_point(name, site, layer, path, direction, saes.get(f"blocks.{layer}.{base}"),
-                                          _base_width(base, d), arch.chunks.get(base))
+                                          d, arch.chunks.get(base), sites)
                 continue
             if site == "attn.hook_z":
                 extra = {"width": _base_width(site, d), "n_heads": d["n_heads"], "d_head": d["d_head"]}
@@ -156,14 +156,23 @@ def _base_width(site: str, d: Mapping[str, int]) -> int:
         else d["d_model"]
 
 
-def _sae_point(name: str, site: str, layer: int, path: str, direction: str, sae: SAE | None, width: int,
-               chunk: tuple[int, int] | None) -> HookPoint:
+def _sae_point(name: str, site: str, layer: int, path: str, direction: str, sae: SAE | None, d: Mapping[str, int],
+               chunk: tuple[int, int] | None, sites: Mapping[str, object]) -> HookPoint:
     base = name.removesuffix(SUFFIX)
     if sae is None:
         raise UserError(f"{name!r}: no SAE reads {base}; give one under saes:, e.g. saes: {{{base}: DIR}}")
+    width = _base_width(split_sae(site)[0], d)
     if sae.d_in != width:
         raise UserError(f"saes.{base}: the SAE reads {sae.d_in} features, {base} has {width}; is it this model's "
                         "SAE, for this hook?")
+    if sae.out_hook:  # a SAELens transcoder: what it writes must be a hook of the same block, of its width
+        out_site = sae.out_site
+        if not sae.out_hook.startswith(f"blocks.{layer}.") or out_site not in sites:
+            raise UserError(f"saes.{base}: the transcoder writes {sae.out_hook} (its hook_name_out); only a hook of "
+                            f"the block it reads (blocks.{layer}) that this model has is supported")
+        if sae.d_out != _base_width(out_site, d):
+            raise UserError(f"saes.{base}: the transcoder writes {sae.d_out} features, {sae.out_hook} has "
+                            f"{_base_width(out_site, d)}; is it this model's transcoder?")
     return HookPoint(name, site, layer, path, direction, sae.d_sae, chunk=chunk, sae=sae)
 
 

@@ -11,6 +11,10 @@ treat neurons. Two on-disk formats are read, told apart by their weight file:
   JumpReLU): pre = (x - b_dec if apply_b_dec_to_input) @ W_enc + b_enc; latents relu(pre) (standard), relu(pre)
   where pre > threshold (jumprelu), or the k largest of relu(pre) (topk); gated SAEs gate on pre + b_gate and scale
   (x @ W_enc * exp(r_mag) + b_mag).
+  SAELens' transcoders (architecture transcoder, skip_transcoder, jumprelu_transcoder) read hook_name and
+  reconstruct hook_name_out (cfg.json) of the same block: their input is not centred (b_dec is the output's) and
+  their decoder W_dec (d_sae, d_out) writes hook_name_out. A skip transcoder's W_skip adds to that reconstruction
+  only, so its latents are its encoder's, as another transcoder's.
 - EleutherAI sparsify (`cfg.json` with d_in and k, `sae.safetensors`: encoder.weight (d_sae, d_in), encoder.bias,
   W_dec, b_dec): pre = relu(encoder(x - b_dec)) (a transcoder's input is not centred), the k largest kept.
   Its hookpoints are module outputs: `layers.N` is blocks.N.hook_resid_post, `layers.N.mlp` blocks.N.hook_mlp_out
@@ -40,6 +44,8 @@ _ENCODER = {"saelens": {n: n for n in ("W_enc", "b_enc", "b_dec", "threshold", "
             "sparsify": {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "b_dec": "b_dec"}}
 """Each layout's encoder tensors: our name -> the file's."""
 _KINDS = ("standard", "jumprelu", "topk", "gated")
+_TRANSCODERS = {"transcoder": "standard", "skip_transcoder": "standard", "jumprelu_transcoder": "jumprelu"}
+"""SAELens' transcoder architectures -> how their latents are made (the SAE kind with the same encoder)."""
 
 
 def split_sae(site: str) -> tuple[str, bool]:
@@ -65,7 +71,12 @@ class SAE:
     layout: str
     """saelens | sparsify."""
     transcoder: bool = False
-    """It reconstructs the MLP's output from its input (sparsify's transcode), not its own hook's activation."""
+    """It reconstructs another activation than the one it reads: the MLP module's output from its input (sparsify's
+    transcode), or out_hook (SAELens')."""
+    out_hook: str | None = None
+    """A SAELens transcoder's hook_name_out, e.g. blocks.6.hook_mlp_out: the activation its decoder writes."""
+    d_out: int | None = None
+    """A SAELens transcoder's: the width of out_hook's activation (W_dec's columns)."""
     has_decoder: bool = True
     """Its weight file holds W_dec (d_sae, ...), which the logit lens and DLA read; encoding needs none."""
 
@@ -88,9 +99,14 @@ class SAE:
                 self._weights[key] = {name: t.to(device=device, dtype=dtype).contiguous() for name, t in raw.items()}
             return self._weights[key]
 
+    @property
+    def out_site(self) -> str | None:
+        """out_hook without its block, e.g. hook_mlp_out."""
+        return self.out_hook.split(".", 2)[2] if self.out_hook else None
+
     def decoder(self) -> torch.Tensor:
         """W_dec as float32 (d_sae, d_out): each latent's direction in what the SAE reconstructs (its hook's
-        activation; a transcoder's, the MLP's output)."""
+        activation; a transcoder's, the MLP's output or its out_hook's)."""
         from safetensors import safe_open
 
         with safe_open(str(self.folder / (_SAELENS if self.layout == "saelens" else _SPARSIFY)), framework="pt") as f:
@@ -182,9 +198,14 @@ def _saelens(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int,
     activation = str(cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu")
     if kind == "standard" and activation != "relu":  # SAELens before 6: top-k SAEs were "standard" with a top-k
         kind = activation
+    out_hook = None
+    if kind in _TRANSCODERS:
+        kind, out_hook = _TRANSCODERS[kind], _out_hook(cfg, where)
     if kind not in _KINDS:
-        raise UserError(f"{where}: SAELens architecture {kind!r} is not supported ({', '.join(_KINDS)} are)")
+        raise UserError(f"{where}: SAELens architecture {kind!r} is not supported "
+                        f"({', '.join(_KINDS + tuple(_TRANSCODERS))} are)")
     for key, why in (("hook_head_index", "it reads one head's part of attn.hook_z"),
+                     ("hook_head_index_out", "it writes one head's part of attn.hook_z"),
                      ("rescale_acts_by_decoder_norm", "its latents are scaled by its decoder rows' norms")):
         if cfg.get(key) not in (None, False):
             raise UserError(f"{where}: {key}={cfg[key]!r} is not supported: {why}")
@@ -194,7 +215,8 @@ def _saelens(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int,
     if "W_enc" not in shapes or len(shapes["W_enc"]) != 2:
         raise UserError(f"{where}: {_SAELENS} has no 2-d W_enc")
     d_in, d_sae = (int(cfg.get("d_in", shapes["W_enc"][0])), int(cfg.get("d_sae", shapes["W_enc"][1])))
-    want = {"W_enc": (d_in, d_sae), "b_dec": (d_in,)}
+    d_out = int(cfg.get("d_out") or shapes.get("W_dec", (0, d_in))[1]) if out_hook else None
+    want = {"W_enc": (d_in, d_sae), "b_dec": (d_out or d_in,)}
     want.update({"b_gate": (d_sae,), "r_mag": (d_sae,), "b_mag": (d_sae,)} if kind == "gated" else {"b_enc": (d_sae,)})
     if kind == "jumprelu":
         want["threshold"] = (d_sae,)
@@ -202,8 +224,22 @@ def _saelens(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int,
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     if kind == "topk" and not (isinstance(k, int) and 0 < k <= d_sae):
         raise UserError(f"{where}: a topk SAE needs k in 1..{d_sae} in its cfg.json (k or activation_fn_kwargs.k)")
-    return SAE(hook, folder, kind, d_in, d_sae, k if kind == "topk" else None,
-               bool(cfg.get("apply_b_dec_to_input", True)), "saelens", has_decoder=_has_decoder(shapes, d_sae))
+    if out_hook and "W_dec" in shapes and shapes["W_dec"] != (d_sae, d_out):
+        raise UserError(f"{where}: {_SAELENS}'s W_dec is {shapes['W_dec']}, its cfg.json implies {(d_sae, d_out)}")
+    centre = bool(cfg.get("apply_b_dec_to_input", True)) and not out_hook  # a transcoder's b_dec is its output's
+    return SAE(hook, folder, kind, d_in, d_sae, k if kind == "topk" else None, centre, "saelens",
+               transcoder=bool(out_hook), out_hook=out_hook, d_out=d_out, has_decoder=_has_decoder(shapes, d_sae))
+
+
+def _out_hook(cfg: dict, where: str) -> str:
+    """A SAELens transcoder's hook_name_out, which must be a block's hook named as hooks.py names them."""
+    import re
+
+    out = cfg.get("hook_name_out")
+    if not (isinstance(out, str) and re.fullmatch(r"blocks\.\d+\.[A-Za-z0-9_.]+", out)):
+        raise UserError(f"{where}: a SAELens transcoder's cfg.json needs hook_name_out, the hook it writes, as "
+                        f"blocks.L.SITE (e.g. blocks.6.hook_mlp_out), got {out!r}")
+    return out
 
 
 def _sparsify(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int, ...]], where: str) -> SAE:
@@ -219,8 +255,8 @@ def _sparsify(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int
     if not (isinstance(k, int) and 0 < k <= d_sae):
         raise UserError(f"{where}: sparsify's cfg.json needs k in 1..{d_sae}, got {k!r}")
     transcode = bool(cfg.get("transcode", False))
-    return SAE(hook, folder, "topk", int(d_in), int(d_sae), k, not transcode, "sparsify", transcode,
-               _has_decoder(shapes, d_sae))
+    return SAE(hook, folder, "topk", int(d_in), int(d_sae), k, not transcode, "sparsify", transcoder=transcode,
+               has_decoder=_has_decoder(shapes, d_sae))
 
 
 def _has_decoder(shapes: Mapping[str, tuple[int, ...]], d_sae: int) -> bool:
@@ -246,5 +282,6 @@ def sae_provenance(saes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         spec = saes[hook]
         out[hook] = {"source": spec.source, "subfolder": spec.subfolder, "revision": spec.revision,
                      "folder": str(sae.folder), "format": sae.layout, "kind": sae.kind, "d_in": sae.d_in,
-                     "d_sae": sae.d_sae, "k": sae.k, "transcoder": sae.transcoder, "weights_sha256": digest.hexdigest()}
+                     "d_sae": sae.d_sae, "k": sae.k, "transcoder": sae.transcoder, "hook_name_out": sae.out_hook,
+                     "weights_sha256": digest.hexdigest()}
     return out

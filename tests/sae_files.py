@@ -30,6 +30,29 @@ def write_saelens(folder: Path, d_in: int, d_sae: int, kind: str = "standard", k
     return {name: v.numpy().astype(np.float64) for name, v in t.items()}
 
 
+def write_saelens_transcoder(folder: Path, d_in: int, d_sae: int, d_out: int, hook_name_out: str,
+                             kind: str = "transcoder", seed: int = 2, w_dec: torch.Tensor | None = None,
+                             **cfg) -> dict[str, np.ndarray]:
+    """A random SAELens transcoder (transcoder, skip_transcoder or jumprelu_transcoder) writing hook_name_out; w_dec:
+    its decoder rows (d_sae, d_out), random if not given."""
+    g = torch.Generator().manual_seed(seed)
+    t = {"W_enc": torch.randn(d_in, d_sae, generator=g) / d_in ** 0.5, "b_enc": torch.randn(d_sae, generator=g) * 0.1,
+         "W_dec": torch.randn(d_sae, d_out, generator=g) if w_dec is None else w_dec.float().contiguous(),
+         "b_dec": torch.randn(d_out, generator=g) * 0.1}
+    if kind == "jumprelu_transcoder":
+        t["threshold"] = torch.rand(d_sae, generator=g) * 0.3
+    if kind == "skip_transcoder":
+        t["W_skip"] = torch.randn(d_out, d_in, generator=g) * 0.1
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(folder / "sae_weights.safetensors"))
+    layer = int(hook_name_out.split(".")[1]) if hook_name_out.startswith("blocks.") else 0
+    (folder / "cfg.json").write_text(json.dumps({  # SAELens' TranscoderConfig keeps apply_b_dec_to_input's default
+        "architecture": kind, "d_in": d_in, "d_sae": d_sae, "d_out": d_out, "hook_name_out": hook_name_out,
+        "hook_layer_out": layer, "hook_head_index_out": None, "apply_b_dec_to_input": True,
+        "normalize_activations": "none", **cfg}))
+    return {name: v.numpy().astype(np.float64) for name, v in t.items()}
+
+
 def write_sparsify(folder: Path, d_in: int, d_sae: int, k: int, transcode: bool = False,
                    seed: int = 1) -> dict[str, np.ndarray]:
     """A random SAE in EleutherAI sparsify's layout (cfg.json, sae.safetensors with an nn.Linear encoder)."""

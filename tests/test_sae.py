@@ -18,7 +18,7 @@ from mining.hooks import record, resolve_hooks
 from mining.sae import load_sae, load_saes
 from mining.spec import SAESpec, spec_from_dict
 from mining.tiny import tiny_model
-from sae_files import reference, write_saelens, write_sparsify
+from sae_files import reference, write_saelens, write_saelens_transcoder, write_sparsify
 
 
 # ---------------------------------------------------------------- the encoders
@@ -49,6 +49,23 @@ def test_an_older_saelens_top_k_sae_is_read_as_top_k(tmp_path):
     assert (sae.kind, sae.k) == ("topk", 4)
     x = torch.randn(5, 24, generator=torch.Generator().manual_seed(2))
     np.testing.assert_allclose(sae.encode(x).numpy(), reference("topk", w, x.numpy(), 4), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, encoder", [("transcoder", "standard"), ("skip_transcoder", "standard"),
+                                           ("jumprelu_transcoder", "jumprelu")])
+def test_saelens_transcoders_encode_their_input_uncentred_and_write_their_output_hook(tmp_path, kind, encoder):
+    """SAELens' transcoders read hook_name and write hook_name_out (d_out wide): b_dec is the output's, so the input
+    is not centred whatever apply_b_dec_to_input says; a skip transcoder's W_skip changes its output, not its
+    latents."""
+    w = write_saelens_transcoder(tmp_path, 24, 96, 40, "blocks.3.hook_mlp_out", kind)
+    sae = load_sae("blocks.3.ln2.hook_normalized", SAESpec(str(tmp_path)))
+    assert (sae.kind, sae.d_in, sae.d_sae, sae.d_out, sae.centre_input, sae.transcoder, sae.out_hook,
+            sae.out_site) == (encoder, 24, 96, 40, False, True, "blocks.3.hook_mlp_out", "hook_mlp_out")
+    x = torch.randn(3, 11, 24, generator=torch.Generator().manual_seed(5))
+    got = sae.encode(x).numpy()
+    np.testing.assert_allclose(got, reference(encoder, w, x.numpy(), centre=False), rtol=1e-5, atol=1e-5)
+    assert 0 < (got > 0).mean() < 1
+    assert sae.decoder().shape == (96, 40)
 
 
 @pytest.mark.parametrize("transcode", [False, True])
@@ -104,9 +121,11 @@ def _sae_with_decoder(folder: Path, d_in: int, w_dec: torch.Tensor, transcode: b
 @pytest.mark.parametrize("family", ["llama", "gemma2", "granite"])
 def test_a_latent_whose_decoder_is_a_neurons_direction_has_that_neurons_lens(tmp_path, family):
     """An mlp.hook_post SAE whose decoder is the identity, residual-stream and hook_mlp_out SAEs whose decoder rows
-    are layer 1's MLP output rows, and a transcoder writing those rows: each latent's lens is the neuron's
-    (tests/test_logit_lens.py checks the neurons' against brute force), but where a row is read after something the
-    neuron's write passes: Gemma 2's MLP output norm (both stream SAEs), Granite's multiplier (resid_post)."""
+    are layer 1's MLP output rows, and a transcoder writing those rows; SAELens transcoders writing mlp.hook_post
+    (the identity, from hook_resid_mid) and hook_mlp_out (those rows, from hook_resid_pre): each latent's lens is
+    the neuron's (tests/test_logit_lens.py checks the neurons' against brute force), but where a row is read after
+    something the neuron's write passes: Gemma 2's MLP output norm (the SAEs writing hook_mlp_out or the stream),
+    Granite's multiplier (resid_post). A SAELens transcoder's lens is that of an SAE on the hook it writes."""
     from mining.analyses.logit_lens import logit_lens_table
     from mining.hooks import mlp_out_weight
 
@@ -117,11 +136,16 @@ def test_a_latent_whose_decoder_is_a_neurons_direction_has_that_neurons_lens(tmp
     _sae_with_decoder(tmp_path / "identity", d_mlp, torch.eye(d_mlp))
     _sae_with_decoder(tmp_path / "stream", d_model, w_out)
     _sae_with_decoder(tmp_path / "transcoder", d_model, w_out, transcode=True)
+    write_saelens_transcoder(tmp_path / "to-neurons", d_model, d_mlp, d_mlp, "blocks.1.mlp.hook_post",
+                             w_dec=torch.eye(d_mlp))
+    write_saelens_transcoder(tmp_path / "to-mlp-out", d_model, d_mlp, d_model, "blocks.1.hook_mlp_out", w_dec=w_out)
     saes = {"blocks.1.mlp.hook_post": load_sae("blocks.1.mlp.hook_post", SAESpec(str(tmp_path / "identity"))),
             "blocks.1.hook_resid_post": load_sae("blocks.1.hook_resid_post", SAESpec(str(tmp_path / "stream"))),
             "blocks.1.hook_mlp_out": load_sae("blocks.1.hook_mlp_out", SAESpec(str(tmp_path / "stream"))),
             "blocks.1.ln2.hook_normalized": load_sae("blocks.1.ln2.hook_normalized",  # what a transcoder reads
-                                                     SAESpec(str(tmp_path / "transcoder")))}
+                                                     SAESpec(str(tmp_path / "transcoder"))),
+            "blocks.1.hook_resid_mid": load_sae("blocks.1.hook_resid_mid", SAESpec(str(tmp_path / "to-neurons"))),
+            "blocks.1.hook_resid_pre": load_sae("blocks.1.hook_resid_pre", SAESpec(str(tmp_path / "to-mlp-out")))}
     names = [f"{hook}.hook_sae_acts_post" for hook in saes]
     points = resolve_hooks(model, names, saes=saes)
     lens = logit_lens_table(model, None, [1], k=5, latents=points).to_pandas()
@@ -134,7 +158,8 @@ def test_a_latent_whose_decoder_is_a_neurons_direction_has_that_neurons_lens(tmp
         same = (latents.token_id == neurons.token_id).all() and np.allclose(latents.weight, neurons.weight,
                                                                            rtol=1e-4, atol=1e-6)
         # the stream SAEs' latents read after Gemma 2's MLP output norm; after Granite's multiplier (resid_post)
-        expected = {"hook_resid_post": family == "llama", "hook_mlp_out": family != "gemma2"}
+        expected = {"hook_resid_post": family == "llama", "hook_mlp_out": family != "gemma2",
+                    "hook_resid_pre": family != "gemma2"}  # the SAELens transcoder writing hook_mlp_out
         assert same == expected.get(name.split(".")[2], True), name
 
 
@@ -217,6 +242,13 @@ def saes(tmp_path_factory):
     cfg = json.loads((root / "lying" / "cfg.json").read_text())
     (root / "lying" / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 128}))  # it disagrees with its weights
     (root / "empty").mkdir()
+    write_saelens_transcoder(root / "tc-another-block", 32, 64, 32, "blocks.0.hook_mlp_out")
+    write_saelens_transcoder(root / "tc-hf-name", 32, 64, 32, "model.layers.1.mlp")
+    write_saelens_transcoder(root / "tc-narrow", 32, 64, 16, "blocks.1.hook_mlp_out")
+    write_saelens_transcoder(root / "tc-one-head", 32, 64, 32, "blocks.1.hook_attn_out", hook_head_index_out=2)
+    write_saelens_transcoder(root / "tc-no-out", 32, 64, 32, "blocks.1.hook_mlp_out")
+    cfg = json.loads((root / "tc-no-out" / "cfg.json").read_text())
+    (root / "tc-no-out" / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "hook_name_out"}))
     write_saelens(root / "encoder-only", 32, 64)
     from safetensors.torch import load_file, save_file
 
@@ -256,6 +288,22 @@ REFUSALS = {
     "dla-without-a-decoder": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
                                "saes": {"blocks.1.hook_resid_post": "encoder-only"}, "stats": {"dla": True}},
                               "has no W_dec of 64 rows, and stats.dla reads each latent's decoder row"),
+    "transcoder-writes-another-block": ({"hooks": ["blocks.1.ln2.hook_normalized.hook_sae_acts_post"],
+                                         "saes": {"blocks.1.ln2.hook_normalized": "tc-another-block"}},
+                                        "the transcoder writes blocks.0.hook_mlp_out (its hook_name_out); only a hook "
+                                        "of the block it reads (blocks.1)"),
+    "transcoder-writes-an-hf-module": ({"hooks": ["blocks.1.ln2.hook_normalized.hook_sae_acts_post"],
+                                        "saes": {"blocks.1.ln2.hook_normalized": "tc-hf-name"}},
+                                       "needs hook_name_out, the hook it writes, as blocks.L.SITE"),
+    "transcoder-writes-another-width": ({"hooks": ["blocks.1.ln2.hook_normalized.hook_sae_acts_post"],
+                                         "saes": {"blocks.1.ln2.hook_normalized": "tc-narrow"}},
+                                        "the transcoder writes 16 features, blocks.1.hook_mlp_out has 32"),
+    "transcoder-writes-one-head": ({"hooks": ["blocks.1.hook_resid_mid.hook_sae_acts_post"],
+                                    "saes": {"blocks.1.hook_resid_mid": "tc-one-head"}},
+                                   "hook_head_index_out=2 is not supported"),
+    "transcoder-without-its-output": ({"hooks": ["blocks.1.ln2.hook_normalized.hook_sae_acts_post"],
+                                       "saes": {"blocks.1.ln2.hook_normalized": "tc-no-out"}},
+                                      "needs hook_name_out"),
     "hub-repo-offline": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
                           "saes": {"blocks.1.hook_resid_post": "nobody/no-such-sae"}},
                          "cannot fetch 'nobody/no-such-sae'"),
@@ -288,14 +336,17 @@ def test_a_bad_sae_is_refused_in_one_line(case, saes, hostile_job, monkeypatch):
 def mined(hostile_job, tmp_path_factory):
     """The tiny Llama over the hostile corpus: a SAELens JumpReLU SAE on layer 1's residual stream (also kept
     densely), a sparsify top-k SAE on layer 0's MLP neurons beside those neurons, and a standard SAE on layer 0's
-    MLP output, and a sparsify transcoder on layer 1's MLP input."""
+    MLP output, a sparsify transcoder on layer 1's MLP input, and a SAELens JumpReLU transcoder reading layer 0's
+    MLP input and writing its hook_mlp_out."""
     from mining.cli import main
 
     root = tmp_path_factory.mktemp("sae-job")
     weights = {"resid": write_saelens(root / "resid", 32, 96, "jumprelu"),
                "mlp": write_sparsify(root / "sparsify" / "layers.0.mlp", 64, 128, k=6),
                "mlp_out": write_saelens(root / "mlp-out", 32, 64, seed=3),
-               "transcoder": write_sparsify(root / "transcoder", 32, 64, k=4, transcode=True)}
+               "transcoder": write_sparsify(root / "transcoder", 32, 64, k=4, transcode=True),
+               "saelens_transcoder": write_saelens_transcoder(root / "saelens-transcoder", 32, 48, 32,
+                                                              "blocks.0.hook_mlp_out", "jumprelu_transcoder")}
     job = root / "job.yaml"
     job.write_text(f"""
 name: sae
@@ -303,11 +354,12 @@ model: {{id: "{hostile_job.parent / 'model'}"}}
 corpus: {{source: "files:{hostile_job.parent / 'docs'}/*.txt", context_length: 64, max_tokens: 900}}
 hooks: ["blocks.*.hook_resid_post.hook_sae_acts_post", "blocks.0.mlp.hook_post.hook_sae_acts_post",
         "blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out.hook_sae_acts_post",
-        "blocks.1.ln2.hook_normalized.hook_sae_acts_post"]
+        "blocks.*.ln2.hook_normalized.hook_sae_acts_post"]
 saes:
   blocks.1.hook_resid_post: {root / 'resid'}
   blocks.0.hook_mlp_out: {root / 'mlp-out'}
   blocks.1.ln2.hook_normalized: {root / 'transcoder'}
+  blocks.0.ln2.hook_normalized: {root / 'saelens-transcoder'}
   blocks.0.mlp.hook_post: {{source: {root / 'sparsify'}, subfolder: layers.0.mlp}}
 stats: {{top_k: 6, quantile_samples: 2, dla: true, logit_lens: true, logit_lens_k: 4}}
 dense: {{hooks: ["blocks.1.hook_resid_post.hook_sae_acts_post"], token_fraction: 0.25}}
@@ -334,7 +386,7 @@ def brute(mined, hostile_job):
     model = loaded.model
     last = f"blocks.{model.config.num_hidden_layers - 1}.hook_resid_post"  # the final norm's input
     named = ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out",
-             "blocks.1.ln2.hook_normalized", last]
+             "blocks.1.ln2.hook_normalized", "blocks.0.ln2.hook_normalized", last]
     hooks = list(dict.fromkeys(named))  # the last block's output may be one of them
     acts: dict[str, list] = {hook: [] for hook in hooks}
     with torch.inference_mode(), record(model, hooks) as out:
@@ -342,7 +394,7 @@ def brute(mined, hostile_job):
             model(torch.tensor([prefix + group.token_id.tolist()]))
             for hook in hooks:
                 acts[hook].append(out[hook][0, len(prefix):].numpy())
-    resid, mlp, mlp_out, mlp_in, final = (np.concatenate(acts[hook]).astype(np.float64) for hook in named)
+    resid, mlp, mlp_out, mlp_in, mlp_in0, final = (np.concatenate(acts[hook]).astype(np.float64) for hook in named)
     nxt = np.full(len(tokens), -1)  # each mined token's next token in its document
     for shard in plan(load_spec(store / "job.yaml"), loaded.tokenizer)[0]:
         grid = shard.tok_grid()
@@ -353,15 +405,18 @@ def brute(mined, hostile_job):
     scale = np.sqrt((final ** 2).mean(-1) + norm.variance_epsilon)
     d = (model.lm_head.weight.detach().double().numpy()[np.maximum(nxt, 0)] * norm.weight.detach().double().numpy())
     latents = {"resid": reference("jumprelu", weights["resid"], resid),
-               "transcoder": reference("topk", weights["transcoder"], mlp_in, 4, centre=False)}
+               "transcoder": reference("topk", weights["transcoder"], mlp_in, 4, centre=False),
+               "saelens_transcoder": reference("jumprelu", weights["saelens_transcoder"], mlp_in0, centre=False)}
     dla = {name: np.where(nxt[:, None] >= 0, a * (d @ weights[name]["W_dec"].T) / scale[:, None], np.nan)
            for name, a in latents.items()}
     return {("hook_resid_post.hook_sae_acts_post", 1): latents["resid"],
             ("mlp.hook_post.hook_sae_acts_post", 0): reference("topk", weights["mlp"], mlp, 6),
             ("hook_mlp_out.hook_sae_acts_post", 0): reference("standard", weights["mlp_out"], mlp_out),
             ("ln2.hook_normalized.hook_sae_acts_post", 1): latents["transcoder"],
+            ("ln2.hook_normalized.hook_sae_acts_post", 0): latents["saelens_transcoder"],
             "dla": {("hook_resid_post.hook_sae_acts_post", 1): dla["resid"],
-                    ("ln2.hook_normalized.hook_sae_acts_post", 1): dla["transcoder"]}}
+                    ("ln2.hook_normalized.hook_sae_acts_post", 1): dla["transcoder"],
+                    ("ln2.hook_normalized.hook_sae_acts_post", 0): dla["saelens_transcoder"]}}
 
 
 @pytest.mark.ray
@@ -371,7 +426,8 @@ def test_latents_tables_match_brute_force(mined, brute):
     top = pq.read_table(store / "top_examples.parquet").to_pandas()
     assert sorted(set(zip(neurons.hook, neurons.layer))) == [
         ("hook_mlp_out.hook_sae_acts_post", 0), ("hook_resid_post.hook_sae_acts_post", 1),
-        ("ln2.hook_normalized.hook_sae_acts_post", 1), ("mlp.hook_post", 0), ("mlp.hook_post.hook_sae_acts_post", 0)]
+        ("ln2.hook_normalized.hook_sae_acts_post", 0), ("ln2.hook_normalized.hook_sae_acts_post", 1),
+        ("mlp.hook_post", 0), ("mlp.hook_post.hook_sae_acts_post", 0)]
     for (hook, layer), acts in ((key, v) for key, v in brute.items() if key != "dla"):
         assert acts.shape[0] == 900
         rows = neurons[(neurons.hook == hook) & (neurons.layer == layer)].sort_values("neuron")
@@ -399,6 +455,7 @@ def test_latents_dla_matches_brute_force(mined, brute, tmp_path):
     examples = pq.read_table(store / "dla_examples.parquet").to_pandas()
     assert sorted(set(zip(dla.hook, dla.layer))) == [("hook_mlp_out.hook_sae_acts_post", 0),
                                                      ("hook_resid_post.hook_sae_acts_post", 1),
+                                                     ("ln2.hook_normalized.hook_sae_acts_post", 0),
                                                      ("ln2.hook_normalized.hook_sae_acts_post", 1),
                                                      ("mlp.hook_post", 0), ("mlp.hook_post.hook_sae_acts_post", 0)]
     for (hook, layer), want in brute["dla"].items():
@@ -408,7 +465,8 @@ def test_latents_dla_matches_brute_force(mined, brute, tmp_path):
         np.testing.assert_allclose(rows.mean_dla, np.nanmean(want, 0), rtol=1e-3, atol=1e-5 * scale)
         np.testing.assert_allclose(rows.max_dla, np.nanmax(want, 0), rtol=1e-3, atol=1e-5 * scale)
         latent = int(np.nanargmax(np.nanmax(want, 0)))
-        got = examples[(examples.hook == hook) & (examples.neuron == latent) & (examples.sign == "positive")]
+        got = examples[(examples.hook == hook) & (examples.layer == layer) & (examples.neuron == latent)
+                       & (examples.sign == "positive")]
         np.testing.assert_allclose(got.sort_values("rank").dla, np.sort(want[~np.isnan(want[:, latent]), latent])
                                    [::-1][:len(got)], rtol=1e-3, atol=1e-5 * scale)
     con = connect(store)
@@ -446,8 +504,10 @@ def test_dense_latents_and_provenance(mined, brute):
         "blocks.1.hook_resid_post": ("saelens", "jumprelu", 96, None),
         "blocks.0.mlp.hook_post": ("sparsify", "topk", 128, 6),
         "blocks.0.hook_mlp_out": ("saelens", "standard", 64, None),
-        "blocks.1.ln2.hook_normalized": ("sparsify", "topk", 64, 4)}
-    assert recorded["blocks.1.ln2.hook_normalized"]["transcoder"] is True
+        "blocks.1.ln2.hook_normalized": ("sparsify", "topk", 64, 4),
+        "blocks.0.ln2.hook_normalized": ("saelens", "jumprelu", 48, None)}
+    assert {h: (r["transcoder"], r["hook_name_out"]) for h, r in recorded.items() if r["transcoder"]} == {
+        "blocks.1.ln2.hook_normalized": (True, None), "blocks.0.ln2.hook_normalized": (True, "blocks.0.hook_mlp_out")}
     assert all(len(r["weights_sha256"]) == 64 for r in recorded.values())
 
 
@@ -461,6 +521,7 @@ def test_latents_logit_lens_rows_and_query(mined):
     assert counts == {("hook_resid_post.hook_sae_acts_post", 1): 96 * 2 * 4,
                       ("hook_mlp_out.hook_sae_acts_post", 0): 64 * 2 * 4,
                       ("ln2.hook_normalized.hook_sae_acts_post", 1): 64 * 2 * 4,  # a transcoder writes the stream
+                      ("ln2.hook_normalized.hook_sae_acts_post", 0): 48 * 2 * 4,
                       ("mlp.hook_post", 0): 64 * 2 * 4, ("mlp.hook_post.hook_sae_acts_post", 0): 128 * 2 * 4}
     con = connect(store)
     rows = run_named(con, "logit-lens", {"hook": "hook_resid_post.hook_sae_acts_post", "layer": "1", "neuron": "7",

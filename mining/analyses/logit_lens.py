@@ -123,11 +123,14 @@ def decode_tokens(tokenizer: Any, ids: np.ndarray) -> np.ndarray:
 def has_lens(point: HookPoint) -> bool:
     """Whether the logit lens reads this point's features: MLP neurons, and SAE latents whose decoder writes the
     residual stream (an SAE on a residual stream, on attention's or the MLP's output, on mlp.hook_post or
-    attn.hook_z, or a transcoder)."""
+    attn.hook_z, or a transcoder: sparsify's, or SAELens' writing such a site)."""
     base, latents = split_sae(point.site)
     if not latents:
         return point.site == "mlp.hook_post"
-    return point.sae.transcoder or base in _WRITES or base in _PROJECTED
+    if point.sae.transcoder and not point.sae.out_hook:  # sparsify's: the MLP module's output
+        return True
+    written = point.sae.out_site or base
+    return written in _WRITES or written in _PROJECTED
 
 
 _WRITES = {"hook_resid_pre": False, "hook_resid_mid": False, "hook_resid_post": False, "hook_attn_out": True,
@@ -142,15 +145,18 @@ def latent_writes(model: nn.Module, point: HookPoint) -> tuple[torch.Tensor, str
     """What each of an SAE's latents writes into the residual stream per unit activation, (d_sae, d_model) float32 on
     the model's device, and the part whose output norm's per-token scale divides it ("mlp", "attn"; "stream": none).
     A residual-stream (or attention or MLP output) SAE's decoder rows are as they are; an mlp.hook_post (attn.hook_z)
-    SAE's pass the MLP's (attention's) output projection; a transcoder's are the MLP module's output. Those reaching
-    the stream through a module take its output norm's gain and the family's block factor, as neurons do; so do
+    SAE's pass the MLP's (attention's) output projection; a sparsify transcoder's are the MLP module's output; a
+    SAELens transcoder's are read as an SAE's on the hook it writes (its out_hook). Those reaching the stream
+    through a module take its output norm's gain and the family's block factor, as neurons do; so do
     hook_attn_out's and hook_mlp_out's (their norms already applied). The final norm and the logits' factor are the
     reader's (the lens's gain, DLA's d_t)."""
-    sae, base = point.sae, split_sae(point.site)[0]
+    sae = point.sae
+    base = sae.out_site or split_sae(point.site)[0]  # the site its decoder writes
+    module_output = sae.transcoder and not sae.out_hook  # sparsify's transcoder: the MLP module's output
     device = unembedding(model).device
     w = sae.decoder().to(device)
-    part = "mlp" if sae.transcoder else _PROJECTED.get(base, "stream")
-    if base in _PROJECTED and not sae.transcoder:
+    part = "mlp" if module_output else _PROJECTED.get(base, "stream")
+    if base in _PROJECTED and not module_output:
         w = w @ out_weight(model, point.layer, base).float()
     d_model = dims(model.config)["d_model"]
     if w.shape[1] != d_model:
