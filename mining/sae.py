@@ -198,6 +198,7 @@ def _saelens(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int,
     activation = str(cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu")
     if kind == "standard" and activation != "relu":  # SAELens before 6: top-k SAEs were "standard" with a top-k
         kind = activation
+    _check_reads(hook, cfg.get("hook_name"), where)
     out_hook = None
     if kind in _TRANSCODERS:
         kind, out_hook = _TRANSCODERS[kind], _out_hook(cfg, where)
@@ -229,6 +230,21 @@ def _saelens(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int,
     centre = bool(cfg.get("apply_b_dec_to_input", True)) and not out_hook  # a transcoder's b_dec is its output's
     return SAE(hook, folder, kind, d_in, d_sae, k if kind == "topk" else None, centre, "saelens",
                transcoder=bool(out_hook), out_hook=out_hook, d_out=d_out, has_decoder=_has_decoder(shapes, d_sae))
+
+
+def _check_reads(hook: str, named: Any, where: str) -> None:
+    """Refuse an SAE keyed by another hook than the one its cfg.json says it was trained on (another layer, most
+    often). A name that is not a block's TransformerLens name (e.g. a Hugging Face module's) is not compared; a
+    block's hook_resid_post is the next block's hook_resid_pre."""
+    import re
+
+    def canonical(name: str) -> str:
+        m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", name)
+        return f"blocks.{int(m.group(1)) - 1}.hook_resid_post" if m and int(m.group(1)) > 0 else name
+
+    if isinstance(named, str) and re.fullmatch(r"blocks\.\d+\.[A-Za-z0-9_.]+", named) and \
+            canonical(named) != canonical(hook):
+        raise UserError(f"{where}: its cfg.json says it reads {named} (hook_name); key it by that hook")
 
 
 def _out_hook(cfg: dict, where: str) -> str:

@@ -4,6 +4,7 @@ against brute force, and a bad SAE refused in one line before anything is mined.
 
 import json
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,17 @@ def test_saelens_transcoders_encode_their_input_uncentred_and_write_their_output
     np.testing.assert_allclose(got, reference(encoder, w, x.numpy(), centre=False), rtol=1e-5, atol=1e-5)
     assert 0 < (got > 0).mean() < 1
     assert sae.decoder().shape == (96, 40)
+
+
+@pytest.mark.parametrize("named", [None, "blocks.4.hook_resid_post", "blocks.5.hook_resid_pre", "model.layers.4"])
+def test_an_sae_keyed_by_the_hook_its_config_names_or_its_equal_loads(tmp_path, named):
+    """A block's hook_resid_post is the next block's hook_resid_pre; a name outside TransformerLens' (a Hugging Face
+    module's) is not compared. Another hook is refused (the bad-SAE cases below)."""
+    write_saelens(tmp_path, 24, 96, **({"hook_name": named} if named else {}))
+    assert load_sae("blocks.4.hook_resid_post", SAESpec(str(tmp_path))).d_sae == 96
+    with pytest.raises(UserError, match="key it by that hook") if named and named.startswith("blocks") else \
+            nullcontext():
+        load_sae("blocks.4.hook_mlp_out", SAESpec(str(tmp_path)))
 
 
 @pytest.mark.parametrize("transcode", [False, True])
@@ -242,6 +254,7 @@ def saes(tmp_path_factory):
     cfg = json.loads((root / "lying" / "cfg.json").read_text())
     (root / "lying" / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 128}))  # it disagrees with its weights
     (root / "empty").mkdir()
+    write_saelens(root / "trained-on-layer-0", 32, 64, hook_name="blocks.0.hook_resid_post")
     write_saelens_transcoder(root / "tc-another-block", 32, 64, 32, "blocks.0.hook_mlp_out")
     write_saelens_transcoder(root / "tc-hf-name", 32, 64, 32, "model.layers.1.mlp")
     write_saelens_transcoder(root / "tc-narrow", 32, 64, 16, "blocks.1.hook_mlp_out")
@@ -304,6 +317,9 @@ REFUSALS = {
     "transcoder-without-its-output": ({"hooks": ["blocks.1.ln2.hook_normalized.hook_sae_acts_post"],
                                        "saes": {"blocks.1.ln2.hook_normalized": "tc-no-out"}},
                                       "needs hook_name_out"),
+    "keyed-by-another-hook": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
+                               "saes": {"blocks.1.hook_resid_post": "trained-on-layer-0"}},
+                              "its cfg.json says it reads blocks.0.hook_resid_post (hook_name); key it by that hook"),
     "hub-repo-offline": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
                           "saes": {"blocks.1.hook_resid_post": "nobody/no-such-sae"}},
                          "cannot fetch 'nobody/no-such-sae'"),
