@@ -34,7 +34,7 @@ from torch import nn
 
 from .architectures import arch_of, text_config
 from .batch import Batch, mined_rows
-from .hooks import HookPoint, final_norm, mlp_out_weight, n_layers, norm_gain, out_norm, unembedding
+from .hooks import HookPoint, final_norm, mlp_out_weight, n_layers, norm_gain, out_norm, unembedding, write_gain
 from .reducers import cuda_layer, kernels, layer_kernel
 from .reducers.device import applies as device_path, upload
 
@@ -143,13 +143,13 @@ class DirectLogitAttribution:
         self.readout = self.gamma * arch.logit_scale(config)
         """d_t's elementwise factor: the final norm's gain times what the model multiplies its logits by (Cohere,
         Granite)."""
-        self.residual_scale = arch.residual_scale(config)
-        """What each block multiplies its attention's and MLP's outputs by (Granite): in every gain."""
         self.out_norms = {(part, layer): norm for layer in range(n_layers(model)) for part in ("attn", "mlp")
                           if (norm := out_norm(model, layer, part)) is not None}
         """(part, layer) -> the norm the output of layer's "attn" or "mlp" passes before the residual stream (Gemma
         2/3, OLMo 2); empty elsewhere."""
-        self.out_gains = {key: norm_gain(model, norm) for key, norm in self.out_norms.items()}  # their gamma_out
+        self.write_gains = {(part, layer): write_gain(model, layer, part) for layer in range(n_layers(model))
+                            for part in ("attn", "mlp")}
+        """(part, layer) -> hooks.write_gain: that output norm's gain times Granite's block multiplier, or None."""
         self._w_out: dict[int, torch.Tensor] = {}
         # On a GPU a half-precision model's gains are one matmul in its own dtype (the precision its down
         # projection ran in): in float32 the (M, d) x (d, N) gain of every layer would cost as much as the
@@ -184,18 +184,15 @@ class DirectLogitAttribution:
 
     def head_directions(self, layer: int, directions: torch.Tensor) -> torch.Tensor:
         """d_t as the heads of `layer` see it: times the gain of the norm on the attention's output, if any."""
-        gain = self.out_gains.get(("attn", layer))
-        directions = directions if gain is None else directions * gain
-        return directions if self.residual_scale == 1.0 else directions * self.residual_scale
+        gain = self.write_gains["attn", layer]
+        return directions if gain is None else directions * gain
 
     def neuron_gain(self, layer: int, directions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """w_out · d_t for every neuron: (U, d) @ (d, N) -> (U, N); out: a (U, N) float32 tensor to write it to."""
         if layer not in self._w_out:
             w_out = mlp_out_weight(self.model, layer)  # (N, d)
-            if ("mlp", layer) in self.out_gains:  # its gain, as the final norm's is in d_t
-                w_out = w_out.float() * self.out_gains["mlp", layer]
-            if self.residual_scale != 1.0:
-                w_out = w_out.float() * self.residual_scale
+            if (gain := self.write_gains["mlp", layer]) is not None:  # as the final norm's gain is in d_t
+                w_out = w_out.float() * gain
             self._w_out[layer] = w_out.to(self.gain_dtype)
         w = self._w_out[layer].T
         if self.gain_dtype == torch.float32 and not directions.is_cuda and len(directions) < GAIN_ROWS_MIN:

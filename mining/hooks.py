@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .architectures import IN, SITE_ORDER, arch_of, dims, locate, model_type, sites_for, why_missing
+from .architectures import IN, SITE_ORDER, arch_of, dims, locate, model_type, sites_for, text_config, why_missing
 from .errors import UserError
 from .sae import SAE, SUFFIX, split_sae
 
@@ -337,6 +337,22 @@ def norm_gain(model: nn.Module, norm: nn.Module) -> torch.Tensor:
         return torch.ones(dims(model.config)["d_model"], device=unembedding(model).device)
     offset = arch_of(model).norm_offset
     return weight.detach().float() + offset if offset else weight.detach().float()
+
+
+def write_gain(model: nn.Module, layer: int, part: str = "mlp", norm: bool = True) -> torch.Tensor | None:
+    """What the output of layer `layer`'s `part` ("mlp" or "attn") is multiplied by, feature by feature, on its way
+    into the residual stream: its output norm's gain (Gemma 2/3, OLMo 2, GLM-4; that norm's per-token scale is the
+    caller's) times the family's block multiplier (Granite's), as (d_model,) float32; norm=False: the multiplier
+    alone (what hook_attn_out and hook_mlp_out, read after the norm, still pass). None where both are 1. The one
+    place DLA (neurons, heads, latents) and the logit lens take this from."""
+    arch = arch_of(model)
+    scale = arch.residual_scale(text_config(model.config))
+    out = out_norm(model, layer, part) if norm else None
+    if out is None:
+        return None if scale == 1.0 else torch.full((dims(model.config)["d_model"],), float(scale),
+                                                     device=unembedding(model).device)
+    gain = norm_gain(model, out)
+    return gain if scale == 1.0 else gain * scale
 
 
 def unembedding(model: nn.Module) -> torch.Tensor:

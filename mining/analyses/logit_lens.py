@@ -42,7 +42,7 @@ from torch import nn
 
 from ..architectures import arch_of, dims, locate, text_config
 from ..errors import UserError
-from ..hooks import HookPoint, final_norm, mlp_out_weight, norm_gain, out_norm, out_weight, unembedding
+from ..hooks import HookPoint, final_norm, mlp_out_weight, norm_gain, out_weight, unembedding, write_gain
 from ..sae import split_sae
 
 SCHEMA = pa.schema([
@@ -70,10 +70,9 @@ def neuron_logits(model: nn.Module, layer: int, neurons: slice | Sequence[int] |
 def _layer_gain(model: nn.Module, layer: int, gain: torch.Tensor) -> torch.Tensor:
     """The final norm's gain, times the gain of the norm on this layer's MLP output where there is one, times the
     factors a family puts on its blocks' outputs and its logits (Granite's, Cohere's)."""
-    norm = out_norm(model, layer, "mlp")
-    gain = gain if norm is None else gain * norm_gain(model, norm)
-    arch, config = arch_of(model), text_config(model.config)
-    factor = arch.residual_scale(config) * arch.logit_scale(config)
+    written = write_gain(model, layer, "mlp")
+    gain = gain if written is None else gain * written
+    factor = arch_of(model).logit_scale(text_config(model.config))
     return gain if factor == 1.0 else gain * factor
 
 
@@ -162,11 +161,9 @@ def latent_writes(model: nn.Module, point: HookPoint) -> tuple[torch.Tensor, str
     if w.shape[1] != d_model:
         raise UserError(f"saes.{sae.hook}: its decoder writes {w.shape[1]} features, the residual stream has "
                         f"{d_model}; its latents' logit effects cannot be read")
-    arch, config = arch_of(model), text_config(model.config)
-    if part != "stream" and (norm := out_norm(model, point.layer, part)) is not None:
-        w = w * norm_gain(model, norm)
-    if part != "stream" or _WRITES.get(base, False):
-        w = w * arch.residual_scale(config)
+    if part != "stream" or _WRITES.get(base, False):  # hook_attn_out/hook_mlp_out: the multiplier, not the norm
+        gain = write_gain(model, point.layer, "mlp" if part == "stream" else part, norm=part != "stream")
+        w = w if gain is None else w * gain
     return w, part
 
 
