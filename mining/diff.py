@@ -7,8 +7,9 @@ and each hook's (A, B) pair feeds the paired reducers:
     diff_top/bottom  tokens where B - A is largest / smallest                -> neuron_diff_examples
     top, top_b   each model's top-k (changed max-activating examples)        -> diff_top_examples
     cross        A x B cross-correlation of a layer (stats.neuron_match)     -> neuron_match
-    dla_moments(_b)  each model's mean direct logit attribution (stats.dla)  -> dla_diff, and per
-                 head (attn.hook_z through each head's W_O slice)             -> head_dla_diff
+    dla_moments(_b)  each model's mean direct logit attribution (stats.dla)  -> dla_diff (neurons, and
+                 SAE latents whose decoder writes the stream: through each model's own output projections and
+                 norms), and per head (attn.hook_z through each head's W_O slice) -> head_dla_diff
 
 The token rows carry both models' log-prob of the actual next token (`token_diff` view). The
 weights are compared on an actor after mining (`weight_diff_tables`).
@@ -75,6 +76,13 @@ class DiffMiner(ShardMiner):
         for pa_, pb in pairs:
             self.partners.setdefault(pb.name, []).append(pa_.name)
         self.points_b = {pb.name: pb for _, pb in pairs}
+        self.latent_dla_b: dict[str, tuple[torch.Tensor, str]] = {}
+        """latent_dla's for B: the same decoder rows, through B's output projections and norms."""
+        if self.latent_dla:
+            from .analyses.logit_lens import latent_writes
+
+            self.latent_dla_b = {pb.name: latent_writes(loaded_b.model, pb) for pa_, pb in pairs
+                                 if pa_.name in self.latent_dla}
         # with dla: each head's direct logit attribution too, read at attn.hook_z through its W_O slice
         self.heads_a = resolve_hooks(loaded_a.model, ["blocks.*.attn.hook_z"]) if self.dla else []
         self.heads_b = resolve_hooks(loaded_b.model, ["blocks.*.attn.hook_z"]) if self.dla else []
@@ -89,7 +97,7 @@ class DiffMiner(ShardMiner):
         start = time.perf_counter()
         dev = self.loaded.device
         stats = {p.name: HookStats(cross=CrossMoments()) if self.cross_size else
-                 diff_stats(self.spec, p.name in self.dla_points) for p in self.points}
+                 diff_stats(self.spec, p.name in self.dla_points or p.name in self.latent_dla) for p in self.points}
         stats.update({p.name: HookStats(dla_moments=Moments(), dla_moments_b=Moments()) for p in self.heads_a})
         paired = {p.name for p in self.points}
         token_parts = []
@@ -111,6 +119,8 @@ class DiffMiner(ShardMiner):
                 acts[point.name] = mined_rows(x, rows).float()
                 if dla_a is not None and point.name in self.dla_points:
                     dla_a.gain(point, x)
+                if dla_a is not None and point.name in self.latent_dla:
+                    dla_a.latent_gain(point, x, *self.latent_dla[point.name])
 
             def pair_b(point, x: torch.Tensor) -> None:
                 if point.site == "attn.hook_z":
@@ -124,6 +134,8 @@ class DiffMiner(ShardMiner):
                         _update_pair(stats[a], acts.pop(a), b, flat_toks)
                 if dla_b is not None and point.name in self.dla_points:
                     dla_b.gain(point, x)
+                if dla_b is not None and point.name in self.latent_dla_b:
+                    dla_b.latent_gain(point, x, *self.latent_dla_b[point.name])
 
             with capture(self.loaded.model, self.points + [p for p in self.heads_a if p.name not in paired], keep_a), \
                     (dla_a.watch_norm() if dla_a else nullcontext()):
@@ -277,7 +289,7 @@ def diff_hook_tables(st: HookStats, site: str, layer: int) -> dict[str, pa.Table
     out["diff_top_examples"] = pa.concat_tables(tops)
     if st.dla_moments is not None:
         ma, mb = st.dla_moments.finalize(), st.dla_moments_b.finalize()
-        out["dla_diff"] = pa.table({"layer": np.full(n, layer, np.int32), "neuron": np.arange(n, dtype=np.int32),
+        out["dla_diff"] = pa.table({**key,
                                     "mean_dla_a": ma["mean"], "mean_dla_b": mb["mean"],
                                     "diff": mb["mean"] - ma["mean"], "count": np.asarray(ma["count"], np.int64)})
     if st.cross is not None:

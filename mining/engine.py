@@ -270,7 +270,7 @@ class ShardMiner:
         self.latent_dla: dict[str, tuple[torch.Tensor, str]] = {}
         """SAE latents whose decoder writes the stream (stats.dla) -> (their writes, (d_sae, d_model) float32; the
         part whose output norm divides them): their DLA is a · (w · d_t), as a neuron's."""
-        if self.dla and not spec.is_diff:
+        if self.dla:
             from .analyses.logit_lens import has_lens, latent_writes
 
             self.latent_dla = {p.name: latent_writes(loaded.model, p) for p in self.points if p.sae and has_lens(p)}

@@ -89,7 +89,7 @@ def connect(store: str | Path) -> duckdb.DuckDBPyConnection:
         tables = store_tables(root)
         for name, source in tables.items():
             con.execute(f"CREATE VIEW {_ident(name)} AS SELECT * FROM {source}")
-        for name in ("logit_lens", "dla_neurons", "dla_examples"):
+        for name in ("logit_lens", "dla_neurons", "dla_examples", "dla_diff"):
             if name in tables and "hook" not in _columns(con, name):
                 # a store mined before SAE latents had lens and DLA rows: every row is an MLP neuron's
                 con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT 'mlp.hook_post' AS hook, * FROM {tables[name]}")

@@ -1,6 +1,8 @@
 """Diff jobs (`models: {a, b}`): tiny Llama pairs with a planted difference the diff must find first,
 checked against brute force; a permuted copy whose neuron correspondence must be recovered."""
 
+import shutil
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -147,6 +149,10 @@ def test_dla_diff_matches_each_model_alone(scaled, pair, tmp_path):
     top = run_named(connect(scaled), "dla-diff", {"what": "neuron", "limit": "64"}).to_pylist()
     assert [r["unit"] for r in top if r["layer"] == SCALED_NEURON[0]][0] == SCALED_NEURON[1]
     assert len(run_named(connect(scaled), "dla-diff", {"what": "head"}).to_pylist()) == 8
+    older = tmp_path / "older"  # a diff store mined before SAE latents had DLA rows: dla_diff has no hook column
+    shutil.copytree(scaled, older)
+    pq.write_table(pq.read_table(older / "dla_diff.parquet").drop_columns(["hook"]), older / "dla_diff.parquet")
+    assert run_named(connect(older), "dla-diff", {"what": "neuron", "limit": "64"}).to_pylist() == top
 
 
 def test_token_diff_and_queries(scaled, pair):
@@ -238,6 +244,47 @@ def test_sae_latents_are_diffed_through_the_same_sae(pair, tmp_path, capsys):
     assert err[-1].startswith(f"error: saes: blocks.0.mlp.hook_post differs between models.a and models.b ({d_mlp} "
                               "vs 160 features); a diff reads both models' activations with the same SAEs")
     assert not (tmp_path / "refused").exists()
+
+
+def test_sae_latents_dla_in_a_diff_is_each_models_own(pair, tmp_path):
+    """B = A with layer 0's down-projection column of neuron 7 x2: the same neurons, so the same latents of an SAE on
+    them, but the latents whose decoder rows weigh neuron 7 write something else into B's stream. The diff store's
+    mean DLA of each latent in A and in B equals that of a single-model job on A and on B."""
+    from sae_files import write_saelens
+
+    a = pair["models"][0]
+    d_mlp = a.config.intermediate_size
+    b = tiny_model("llama", vocab_size=len(pair["tokenizer"]))  # tiny_model's weights are seeded: b is a copy of A
+    with torch.no_grad():
+        b.model.layers[0].mlp.down_proj.weight[:, 7] *= 2
+    b_path = _save(b, pair["tokenizer"], tmp_path / "model-b")
+    write_saelens(tmp_path / "sae", d_mlp, 2 * d_mlp, seed=6)
+    hook = "mlp.hook_post.hook_sae_acts_post"
+    text = (JOB.replace('["blocks.*.mlp.hook_post"]', f'["blocks.0.{hook}"]').replace("neuron_match: true, ", "")
+            + f"saes: {{blocks.0.mlp.hook_post: '{tmp_path / 'sae'}'}}\n")
+    job = tmp_path / "diff.yaml"
+    job.write_text(text.replace("{id: A}", f"{{id: '{pair['a']}'}}").replace("{id: B}", f"{{id: '{b_path}'}}"))
+    assert main(["run", str(job), "--store", str(tmp_path / "diff"), "--no-progress"]) == 0
+    diff = pq.read_table(tmp_path / "diff" / "dla_diff.parquet").to_pandas()
+    assert set(diff.hook) == {hook} and len(diff) == 2 * d_mlp
+    diff = diff.sort_values("neuron")
+    same = pq.read_table(tmp_path / "diff" / "neuron_diff.parquet").to_pandas()
+    assert same.mean_abs_diff.max() < 1e-5  # the same latents in both models
+    for side, path in (("a", pair["a"]), ("b", b_path)):
+        alone = tmp_path / f"{side}.yaml"
+        alone.write_text(text.replace("models: {a: {id: A}, b: {id: B}}", f"model: {{id: '{path}'}}"))
+        assert main(["run", str(alone), "--store", str(tmp_path / side), "--no-progress"]) == 0
+        want = pq.read_table(tmp_path / side / "dla_neurons.parquet").to_pandas()
+        want = want[want.hook == hook].sort_values("neuron")
+        np.testing.assert_allclose(diff[f"mean_dla_{side}"], want.mean_dla, rtol=1e-5, atol=1e-8)
+    assert (diff["count"] == want["count"].to_numpy()).all()
+    assert np.abs(diff["diff"]).max() > 0.01 * np.abs(diff["mean_dla_a"]).max()  # B's writes moved them
+    con = connect(tmp_path / "diff")
+    top = run_named(con, "dla-diff", {"hook": hook, "limit": "3"}).to_pylist()
+    assert [r["unit"] for r in top] == diff.iloc[np.argsort(-np.abs(diff["diff"].to_numpy()), kind="stable")[:3]]\
+        .neuron.tolist()
+    assert run_named(con, "dla-diff", {"limit": "3"}).num_rows == 0  # the default hook: neurons, none mined here
+    con.close()
 
 
 def test_models_of_different_sizes_are_diffed_token_by_token(pair, tmp_path, capsys):

@@ -175,9 +175,9 @@ def neuron_page_data(con: duckdb.DuckDBPyConnection, nid: NeuronId, replay: "Dif
     if nid.hook == "mlp.hook_post" and has_tables(con, "neuron_weight_diff"):
         extra.update(_one(con, "SELECT in_norm, out_norm, in_rel, out_rel FROM neuron_weight_diff "
                                "WHERE layer = ? AND neuron = ?", [nid.layer, nid.neuron]))
-    if nid.hook == "mlp.hook_post" and has_tables(con, "dla_diff"):
+    if has_tables(con, "dla_diff"):  # neurons, and SAE latents that write the stream
         extra.update(_one(con, "SELECT mean_dla_a, mean_dla_b, diff AS dla_diff FROM dla_diff "
-                               "WHERE layer = ? AND neuron = ?", [nid.layer, nid.neuron]))
+                               "WHERE hook = ? AND layer = ? AND neuron = ?", [nid.hook, nid.layer, nid.neuron]))
     traces = {s: replay.traces(con, nid, sets[s][:TRACES]) for s in TRACED} if replay else {}
     return {"stats": rows[0], "extra": extra, "sets": sets, "traces": traces}
 
