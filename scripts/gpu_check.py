@@ -241,7 +241,8 @@ def mismatches(ref: list, got: list) -> list[str]:
 def families(dev: torch.device, config_dir: str, scratch: Path) -> dict:
     """ShardMiner on a tiny random model of every family (mining.tiny.ARCHS; three in a dry run), on the device
     against the CPU: its neurons (a mixture of experts' routing probabilities) with DLA where it is a causal LM
-    with MLP neurons, its first layer's attention pattern (eager attention on the device), and the token table.
+    with MLP neurons, its first layer's attention pattern (eager attention on the device), the latents of a random
+    SAE on its second layer's residual stream (their DLA too, where the neurons have it), and the token table.
     Each family's mismatches are reported, as the miner stage's."""
     from transformers import AutoTokenizer
 
@@ -262,13 +263,16 @@ def families(dev: torch.device, config_dir: str, scratch: Path) -> dict:
         moe = "mlp.hook_expert_weights" in MODEL_TYPES[arch].sites
         causal = arch not in ENCODER_TYPES
         ln2 = ["blocks.1.ln2.hook_normalized"] if "ln2.hook_normalized" in MODEL_TYPES[arch].sites else []
+        sae = random_sae(scratch / f"sae-{arch}", folder)
 
-        def mine(device: str, arch=arch, folder=folder, moe=moe, causal=causal, ln2=ln2):
+        def mine(device: str, arch=arch, folder=folder, moe=moe, causal=causal, ln2=ln2, sae=sae):
             spec = spec_from_dict({
                 "name": arch, "model": {"id": str(folder), "device": device},
                 "corpus": {"source": "builtin:python-docs", "max_tokens": size(1200, 300), "context_length": 48},
                 "hooks": ["blocks.*.mlp.hook_expert_weights" if moe else "blocks.*.mlp.hook_post",
-                          "blocks.0.attn.hook_pattern", "blocks.1.hook_attn_out", "blocks.1.hook_mlp_out", *ln2],
+                          "blocks.0.attn.hook_pattern", "blocks.1.hook_attn_out", "blocks.1.hook_mlp_out", *ln2,
+                          "blocks.1.hook_resid_post.hook_sae_acts_post"],
+                "saes": {"blocks.1.hook_resid_post": str(sae)},
                 "stats": {"top_k": 6, "dla": causal and not moe, "token_table": True},
                 "compute": {"batch_size": 8, "shard_tokens": size(400, 150)}})
             loaded = load_model(spec.model)
@@ -278,8 +282,10 @@ def families(dev: torch.device, config_dir: str, scratch: Path) -> dict:
 
         t0 = time.perf_counter()
         try:
-            bad = mismatches(cpu_path(lambda: mine("cpu")), mine(str(dev)))
-            out[arch] = {"mismatches": len(bad), "first": bad[:5]}
+            got = mine(str(dev))
+            bad = mismatches(cpu_path(lambda: mine("cpu")), got)
+            latents = got[0].stats["blocks.1.hook_resid_post.hook_sae_acts_post"].state_dict()["moments.mean"]
+            out[arch] = {"mismatches": len(bad), "first": bad[:5], "latents": len(latents)}
         except Exception as e:  # noqa: BLE001 - each family reports; the stage fails after all have run
             out[arch] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         out[arch]["seconds"] = round(time.perf_counter() - t0, 1)
@@ -287,7 +293,29 @@ def families(dev: torch.device, config_dir: str, scratch: Path) -> dict:
     errors = [arch for arch, r in out.items() if "error" in r]
     if errors:
         raise RuntimeError(f"families that failed to mine on {dev}: {', '.join(errors)}; {out}")
-    return {"families": out, "with_mismatches": sorted(a for a, r in out.items() if r["mismatches"])}
+    return {"families": out, "with_mismatches": sorted(a for a, r in out.items() if r["mismatches"]),
+            "latents": {a: r["latents"] for a, r in out.items()}}
+
+
+def random_sae(folder: Path, model: Path) -> Path:
+    """A random SAELens JumpReLU SAE (4x, with its decoder) on a model's residual stream, written once."""
+    from safetensors.torch import save_file
+
+    from mining.architectures import dims
+    from mining.models import load_config
+    from mining.spec import ModelSpec
+
+    if not (folder / "cfg.json").exists():
+        d = dims(load_config(ModelSpec(id=str(model))))["d_model"]
+        g = torch.Generator().manual_seed(d)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"W_enc": torch.randn(d, 4 * d, generator=g) / d ** 0.5,
+                   "b_enc": torch.randn(4 * d, generator=g) * 0.1, "threshold": torch.rand(4 * d, generator=g) * 0.2,
+                   "W_dec": torch.randn(4 * d, d, generator=g), "b_dec": torch.randn(d, generator=g) * 0.1},
+                  str(folder / "sae_weights.safetensors"))
+        (folder / "cfg.json").write_text(json.dumps({"architecture": "jumprelu", "d_in": d, "d_sae": 4 * d,
+                                                     "normalize_activations": "none"}))
+    return folder
 
 
 def timed(fn, n: int = 20) -> float:

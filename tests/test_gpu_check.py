@@ -36,6 +36,7 @@ def test_the_device_sessions_stages_run(tmp_path, smol_tokenizer):
     # the emulated kernel against the CPU path: the same arithmetic, so no family may differ at all
     mismatched = {a: r["mismatches"] for a, r in report["families"]["families"].items()}
     assert mismatched == {"opt": 0, "gemma2": 0, "olmoe": 0}
+    assert report["families"]["latents"] == {"opt": 128, "gemma2": 128, "olmoe": 128}  # each one's SAE was mined
 
 
 def test_a_failed_stage_fails_the_script(tmp_path):
