@@ -5,7 +5,7 @@
 
 An SAE reads its hook's activation x (B, T, d_in) and gives d_sae latents a token: feature i of
 `blocks.L.SITE.hook_sae_acts_post` is latent i. Every statistic, export and the viewer then treat latents as they
-treat neurons. Two on-disk formats are read, told apart by their weight file:
+treat neurons. Three on-disk formats are read, told apart by their weight file:
 
 - SAELens (`cfg.json`, `sae_weights.safetensors`: W_enc (d_in, d_sae), b_enc, W_dec, b_dec, and `threshold` for
   JumpReLU): pre = (x - b_dec if apply_b_dec_to_input) @ W_enc + b_enc; latents relu(pre) (standard), relu(pre)
@@ -15,6 +15,9 @@ treat neurons. Two on-disk formats are read, told apart by their weight file:
   reconstruct hook_name_out (cfg.json) of the same block: their input is not centred (b_dec is the output's) and
   their decoder W_dec (d_sae, d_out) writes hook_name_out. A skip transcoder's W_skip adds to that reconstruction
   only, so its latents are its encoder's, as another transcoder's.
+- Gemma Scope's own layout (`params.npz`: W_enc, W_dec, b_enc, b_dec, threshold; no config): JumpReLU,
+  pre = x @ W_enc + b_enc (not centred), latents relu(pre) where pre > threshold. The hook it reads is the key's
+  (Gemma Scope's res, mlp and att SAEs read hook_resid_post, hook_mlp_out and attn.hook_z).
 - EleutherAI sparsify (`cfg.json` with d_in and k, `sae.safetensors`: encoder.weight (d_sae, d_in), encoder.bias,
   W_dec, b_dec): pre = relu(encoder(x - b_dec)) (a transcoder's input is not centred), the k largest kept.
   Its hookpoints are module outputs: `layers.N` is blocks.N.hook_resid_post, `layers.N.mlp` blocks.N.hook_mlp_out
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import json
 import threading
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -39,9 +43,12 @@ from .errors import UserError
 SUFFIX = ".hook_sae_acts_post"
 """A hook name ending in this is its base hook's SAE latents (SAELens' HookedSAETransformer names them so)."""
 
-_SAELENS, _SPARSIFY = "sae_weights.safetensors", "sae.safetensors"
+_SAELENS, _SPARSIFY, _GEMMASCOPE = "sae_weights.safetensors", "sae.safetensors", "params.npz"
+WEIGHTS = {"saelens": _SAELENS, "sparsify": _SPARSIFY, "gemmascope": _GEMMASCOPE}
+"""Each layout's weight file, which tells the layouts apart."""
 _ENCODER = {"saelens": {n: n for n in ("W_enc", "b_enc", "b_dec", "threshold", "b_gate", "r_mag", "b_mag")},
-            "sparsify": {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "b_dec": "b_dec"}}
+            "sparsify": {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "b_dec": "b_dec"},
+            "gemmascope": {n: n for n in ("W_enc", "b_enc", "b_dec", "threshold")}}
 """Each layout's encoder tensors: our name -> the file's."""
 _KINDS = ("standard", "jumprelu", "topk", "gated")
 _TRANSCODERS = {"transcoder": "standard", "skip_transcoder": "standard", "jumprelu_transcoder": "jumprelu"}
@@ -69,7 +76,7 @@ class SAE:
     centre_input: bool
     """Subtract b_dec from the input before encoding."""
     layout: str
-    """saelens | sparsify."""
+    """saelens | sparsify | gemmascope."""
     transcoder: bool = False
     """It reconstructs another activation than the one it reads: the MLP module's output from its input (sparsify's
     transcode), or out_hook (SAELens')."""
@@ -88,16 +95,17 @@ class SAE:
         key = (device, dtype)
         with self._lock:
             if key not in self._weights:
-                from safetensors import safe_open
-
                 names = _ENCODER[self.layout]  # the encoder's tensors only: a decoder is as large and not needed
-                with safe_open(str(self.folder / (_SAELENS if self.layout == "saelens" else _SPARSIFY)),
-                               framework="pt") as f:
-                    raw = {mine: f.get_tensor(theirs) for mine, theirs in names.items() if theirs in f.keys()}
+                found = read_tensors(self.weights, list(names.values()))
+                raw = {mine: found[theirs] for mine, theirs in names.items() if theirs in found}
                 if self.layout == "sparsify":  # encoder is an nn.Linear: weight (d_sae, d_in)
                     raw["W_enc"] = raw["W_enc"].T
                 self._weights[key] = {name: t.to(device=device, dtype=dtype).contiguous() for name, t in raw.items()}
             return self._weights[key]
+
+    @property
+    def weights(self) -> Path:
+        return self.folder / WEIGHTS[self.layout]
 
     @property
     def out_site(self) -> str | None:
@@ -107,13 +115,10 @@ class SAE:
     def decoder(self) -> torch.Tensor:
         """W_dec as float32 (d_sae, d_out): each latent's direction in what the SAE reconstructs (its hook's
         activation; a transcoder's, the MLP's output or its out_hook's)."""
-        from safetensors import safe_open
-
-        with safe_open(str(self.folder / (_SAELENS if self.layout == "saelens" else _SPARSIFY)), framework="pt") as f:
-            if "W_dec" not in f.keys():
-                raise UserError(f"saes.{self.hook}: {self.folder} has no W_dec (the decoder the logit lens and DLA "
-                                "read)")
-            w = f.get_tensor("W_dec").float()
+        found = read_tensors(self.weights, ["W_dec"])
+        if "W_dec" not in found:
+            raise UserError(f"saes.{self.hook}: {self.folder} has no W_dec (the decoder the logit lens and DLA read)")
+        w = found["W_dec"].float()
         if w.dim() != 2 or w.shape[0] != self.d_sae:
             raise UserError(f"saes.{self.hook}: W_dec is {tuple(w.shape)}, expected ({self.d_sae}, d_out)")
         return w
@@ -164,25 +169,49 @@ def load_sae(hook: str, spec: Any) -> SAE:
     """Read an SAE's config and its weight file's header (no tensors); every problem is one UserError line."""
     folder = sae_folder(hook, spec)
     where = f"saes.{hook}"
-    layout = "saelens" if (folder / _SAELENS).is_file() else "sparsify" if (folder / _SPARSIFY).is_file() else None
-    if layout is None or not (folder / "cfg.json").is_file():
+    layout = next((name for name, file in WEIGHTS.items() if (folder / file).is_file()), None)
+    if layout is None or (layout != "gemmascope" and not (folder / "cfg.json").is_file()):
         raise UserError(f"{where}: {folder} holds no SAE: expected cfg.json beside {_SAELENS} (SAELens) or "
-                        f"{_SPARSIFY} (sparsify)")
+                        f"{_SPARSIFY} (sparsify), or Gemma Scope's {_GEMMASCOPE}")
     try:
-        cfg = json.loads((folder / "cfg.json").read_text())
-        shapes = _shapes(folder / (_SAELENS if layout == "saelens" else _SPARSIFY))
-    except (OSError, ValueError) as e:
+        cfg = json.loads((folder / "cfg.json").read_text()) if layout != "gemmascope" else {}
+        shapes = _shapes(folder / WEIGHTS[layout])
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise UserError(f"{where}: cannot read the SAE in {folder} ({str(e).splitlines()[0][:200]})") from None
-    if layout == "saelens":
-        return _saelens(hook, folder, cfg, shapes, where)
-    return _sparsify(hook, folder, cfg, shapes, where)
+    return {"saelens": _saelens, "sparsify": _sparsify, "gemmascope": _gemmascope}[layout](hook, folder, cfg, shapes,
+                                                                                          where)
 
 
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape from the file's headers (no tensor is read)."""
+    if path.suffix == ".npz":  # a zip of .npy files, each with its own header
+        import numpy as np
+
+        shapes = {}
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                with z.open(name) as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    shapes[name.removesuffix(".npy")] = tuple(read(f)[0])
+        return shapes
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Those of the named tensors the weight file has (a safetensors file, or Gemma Scope's params.npz)."""
+    if path.suffix == ".npz":
+        import numpy as np
+
+        with np.load(path) as f:
+            return {name: torch.from_numpy(np.ascontiguousarray(f[name])) for name in names if name in f.files}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in names if name in f.keys()}
 
 
 def _need(shapes: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]], where: str, path: str) -> None:
@@ -258,6 +287,16 @@ def _out_hook(cfg: dict, where: str) -> str:
     return out
 
 
+def _gemmascope(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int, ...]], where: str) -> SAE:
+    """Gemma Scope's own layout (params.npz, no config): a JumpReLU SAE whose input is not centred."""
+    if len(shapes.get("W_enc", ())) != 2:
+        raise UserError(f"{where}: {_GEMMASCOPE} has no 2-d W_enc")
+    d_in, d_sae = shapes["W_enc"]
+    _need(shapes, {"b_enc": (d_sae,), "threshold": (d_sae,), "b_dec": (d_in,)}, where, _GEMMASCOPE)
+    return SAE(hook, folder, "jumprelu", int(d_in), int(d_sae), None, False, "gemmascope",
+               has_decoder=_has_decoder(shapes, d_sae))
+
+
 def _sparsify(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int, ...]], where: str) -> SAE:
     if "encoder.weight" not in shapes or len(shapes["encoder.weight"]) != 2:
         raise UserError(f"{where}: {_SPARSIFY} has no 2-d encoder.weight")
@@ -292,7 +331,7 @@ def sae_provenance(saes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
     for hook, sae in load_saes(saes).items():
         digest = hashlib.sha256()
-        with open(sae.folder / (_SAELENS if sae.layout == "saelens" else _SPARSIFY), "rb") as f:
+        with open(sae.weights, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         spec = saes[hook]

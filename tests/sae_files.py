@@ -53,6 +53,19 @@ def write_saelens_transcoder(folder: Path, d_in: int, d_sae: int, d_out: int, ho
     return {name: v.numpy().astype(np.float64) for name, v in t.items()}
 
 
+def write_gemmascope(folder: Path, d_in: int, d_sae: int, seed: int = 7) -> dict[str, np.ndarray]:
+    """A random JumpReLU SAE in Gemma Scope's own layout: params.npz (W_enc, W_dec, b_enc, b_dec, threshold), no
+    config."""
+    rng = np.random.default_rng(seed)
+    t = {"W_enc": rng.standard_normal((d_in, d_sae)) / d_in ** 0.5, "W_dec": rng.standard_normal((d_sae, d_in)),
+         "b_enc": rng.standard_normal(d_sae) * 0.1, "b_dec": rng.standard_normal(d_in) * 0.1,
+         "threshold": rng.random(d_sae) * 0.3}
+    t = {name: v.astype(np.float32) for name, v in t.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "params.npz", **t)
+    return {name: v.astype(np.float64) for name, v in t.items()}
+
+
 def write_sparsify(folder: Path, d_in: int, d_sae: int, k: int, transcode: bool = False,
                    seed: int = 1) -> dict[str, np.ndarray]:
     """A random SAE in EleutherAI sparsify's layout (cfg.json, sae.safetensors with an nn.Linear encoder)."""

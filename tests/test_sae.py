@@ -19,7 +19,7 @@ from mining.hooks import record, resolve_hooks
 from mining.sae import load_sae, load_saes
 from mining.spec import SAESpec, spec_from_dict
 from mining.tiny import tiny_model
-from sae_files import reference, write_saelens, write_saelens_transcoder, write_sparsify
+from sae_files import reference, write_gemmascope, write_saelens, write_saelens_transcoder, write_sparsify
 
 
 # ---------------------------------------------------------------- the encoders
@@ -78,6 +78,19 @@ def test_an_sae_keyed_by_the_hook_its_config_names_or_its_equal_loads(tmp_path, 
     with pytest.raises(UserError, match="key it by that hook") if named and named.startswith("blocks") else \
             nullcontext():
         load_sae("blocks.4.hook_mlp_out", SAESpec(str(tmp_path)))
+
+
+def test_a_gemma_scope_sae_is_read_from_its_params_npz(tmp_path):
+    """Gemma Scope's own layout (params.npz, no config): a JumpReLU SAE whose input is not centred."""
+    w = write_gemmascope(tmp_path, 24, 96)
+    sae = load_sae("blocks.3.hook_resid_post", SAESpec(str(tmp_path)))
+    assert (sae.kind, sae.d_in, sae.d_sae, sae.centre_input, sae.layout, sae.has_decoder) == \
+        ("jumprelu", 24, 96, False, "gemmascope", True)
+    x = torch.randn(3, 11, 24, generator=torch.Generator().manual_seed(5))
+    got = sae.encode(x).numpy()
+    np.testing.assert_allclose(got, reference("jumprelu", w, x.numpy(), centre=False), rtol=1e-5, atol=1e-5)
+    assert 0 < (got > 0).mean() < 1
+    np.testing.assert_array_equal(sae.decoder().numpy(), w["W_dec"].astype(np.float32))
 
 
 @pytest.mark.parametrize("transcode", [False, True])
@@ -254,6 +267,10 @@ def saes(tmp_path_factory):
     cfg = json.loads((root / "lying" / "cfg.json").read_text())
     (root / "lying" / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 128}))  # it disagrees with its weights
     (root / "empty").mkdir()
+    write_gemmascope(root / "gemmascope-without-threshold", 32, 64)
+    npz = root / "gemmascope-without-threshold" / "params.npz"
+    params = dict(np.load(npz))
+    np.savez(npz, **{k: v for k, v in params.items() if k != "threshold"})
     write_saelens(root / "trained-on-layer-0", 32, 64, hook_name="blocks.0.hook_resid_post")
     write_saelens_transcoder(root / "tc-another-block", 32, 64, 32, "blocks.0.hook_mlp_out")
     write_saelens_transcoder(root / "tc-hf-name", 32, 64, 32, "model.layers.1.mlp")
@@ -320,6 +337,9 @@ REFUSALS = {
     "keyed-by-another-hook": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
                                "saes": {"blocks.1.hook_resid_post": "trained-on-layer-0"}},
                               "its cfg.json says it reads blocks.0.hook_resid_post (hook_name); key it by that hook"),
+    "gemma-scope-without-threshold": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
+                                       "saes": {"blocks.1.hook_resid_post": "gemmascope-without-threshold"}},
+                                      "params.npz has no tensor 'threshold'"),
     "hub-repo-offline": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
                           "saes": {"blocks.1.hook_resid_post": "nobody/no-such-sae"}},
                          "cannot fetch 'nobody/no-such-sae'"),
@@ -352,8 +372,8 @@ def test_a_bad_sae_is_refused_in_one_line(case, saes, hostile_job, monkeypatch):
 def mined(hostile_job, tmp_path_factory):
     """The tiny Llama over the hostile corpus: a SAELens JumpReLU SAE on layer 1's residual stream (also kept
     densely), a sparsify top-k SAE on layer 0's MLP neurons beside those neurons, and a standard SAE on layer 0's
-    MLP output, a sparsify transcoder on layer 1's MLP input, and a SAELens JumpReLU transcoder reading layer 0's
-    MLP input and writing its hook_mlp_out."""
+    MLP output, a sparsify transcoder on layer 1's MLP input, a SAELens JumpReLU transcoder reading layer 0's
+    MLP input and writing its hook_mlp_out, and a Gemma Scope SAE (params.npz) on layer 0's residual stream."""
     from mining.cli import main
 
     root = tmp_path_factory.mktemp("sae-job")
@@ -362,7 +382,8 @@ def mined(hostile_job, tmp_path_factory):
                "mlp_out": write_saelens(root / "mlp-out", 32, 64, seed=3),
                "transcoder": write_sparsify(root / "transcoder", 32, 64, k=4, transcode=True),
                "saelens_transcoder": write_saelens_transcoder(root / "saelens-transcoder", 32, 48, 32,
-                                                              "blocks.0.hook_mlp_out", "jumprelu_transcoder")}
+                                                              "blocks.0.hook_mlp_out", "jumprelu_transcoder"),
+               "gemmascope": write_gemmascope(root / "gemmascope", 32, 64)}
     job = root / "job.yaml"
     job.write_text(f"""
 name: sae
@@ -376,6 +397,7 @@ saes:
   blocks.0.hook_mlp_out: {root / 'mlp-out'}
   blocks.1.ln2.hook_normalized: {root / 'transcoder'}
   blocks.0.ln2.hook_normalized: {root / 'saelens-transcoder'}
+  blocks.0.hook_resid_post: {root / 'gemmascope'}
   blocks.0.mlp.hook_post: {{source: {root / 'sparsify'}, subfolder: layers.0.mlp}}
 stats: {{top_k: 6, quantile_samples: 2, dla: true, logit_lens: true, logit_lens_k: 4}}
 dense: {{hooks: ["blocks.1.hook_resid_post.hook_sae_acts_post"], token_fraction: 0.25}}
@@ -402,7 +424,7 @@ def brute(mined, hostile_job):
     model = loaded.model
     last = f"blocks.{model.config.num_hidden_layers - 1}.hook_resid_post"  # the final norm's input
     named = ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out",
-             "blocks.1.ln2.hook_normalized", "blocks.0.ln2.hook_normalized", last]
+             "blocks.1.ln2.hook_normalized", "blocks.0.ln2.hook_normalized", "blocks.0.hook_resid_post", last]
     hooks = list(dict.fromkeys(named))  # the last block's output may be one of them
     acts: dict[str, list] = {hook: [] for hook in hooks}
     with torch.inference_mode(), record(model, hooks) as out:
@@ -410,7 +432,8 @@ def brute(mined, hostile_job):
             model(torch.tensor([prefix + group.token_id.tolist()]))
             for hook in hooks:
                 acts[hook].append(out[hook][0, len(prefix):].numpy())
-    resid, mlp, mlp_out, mlp_in, mlp_in0, final = (np.concatenate(acts[hook]).astype(np.float64) for hook in named)
+    resid, mlp, mlp_out, mlp_in, mlp_in0, resid0, final = (np.concatenate(acts[hook]).astype(np.float64)
+                                                            for hook in named)
     nxt = np.full(len(tokens), -1)  # each mined token's next token in its document
     for shard in plan(load_spec(store / "job.yaml"), loaded.tokenizer)[0]:
         grid = shard.tok_grid()
@@ -422,7 +445,8 @@ def brute(mined, hostile_job):
     d = (model.lm_head.weight.detach().double().numpy()[np.maximum(nxt, 0)] * norm.weight.detach().double().numpy())
     latents = {"resid": reference("jumprelu", weights["resid"], resid),
                "transcoder": reference("topk", weights["transcoder"], mlp_in, 4, centre=False),
-               "saelens_transcoder": reference("jumprelu", weights["saelens_transcoder"], mlp_in0, centre=False)}
+               "saelens_transcoder": reference("jumprelu", weights["saelens_transcoder"], mlp_in0, centre=False),
+               "gemmascope": reference("jumprelu", weights["gemmascope"], resid0, centre=False)}
     dla = {name: np.where(nxt[:, None] >= 0, a * (d @ weights[name]["W_dec"].T) / scale[:, None], np.nan)
            for name, a in latents.items()}
     return {("hook_resid_post.hook_sae_acts_post", 1): latents["resid"],
@@ -430,9 +454,11 @@ def brute(mined, hostile_job):
             ("hook_mlp_out.hook_sae_acts_post", 0): reference("standard", weights["mlp_out"], mlp_out),
             ("ln2.hook_normalized.hook_sae_acts_post", 1): latents["transcoder"],
             ("ln2.hook_normalized.hook_sae_acts_post", 0): latents["saelens_transcoder"],
+            ("hook_resid_post.hook_sae_acts_post", 0): latents["gemmascope"],
             "dla": {("hook_resid_post.hook_sae_acts_post", 1): dla["resid"],
                     ("ln2.hook_normalized.hook_sae_acts_post", 1): dla["transcoder"],
-                    ("ln2.hook_normalized.hook_sae_acts_post", 0): dla["saelens_transcoder"]}}
+                    ("ln2.hook_normalized.hook_sae_acts_post", 0): dla["saelens_transcoder"],
+                    ("hook_resid_post.hook_sae_acts_post", 0): dla["gemmascope"]}}
 
 
 @pytest.mark.ray
@@ -441,8 +467,9 @@ def test_latents_tables_match_brute_force(mined, brute):
     neurons = pq.read_table(store / "neurons.parquet").to_pandas()
     top = pq.read_table(store / "top_examples.parquet").to_pandas()
     assert sorted(set(zip(neurons.hook, neurons.layer))) == [
-        ("hook_mlp_out.hook_sae_acts_post", 0), ("hook_resid_post.hook_sae_acts_post", 1),
-        ("ln2.hook_normalized.hook_sae_acts_post", 0), ("ln2.hook_normalized.hook_sae_acts_post", 1),
+        ("hook_mlp_out.hook_sae_acts_post", 0), ("hook_resid_post.hook_sae_acts_post", 0),
+        ("hook_resid_post.hook_sae_acts_post", 1), ("ln2.hook_normalized.hook_sae_acts_post", 0),
+        ("ln2.hook_normalized.hook_sae_acts_post", 1),
         ("mlp.hook_post", 0), ("mlp.hook_post.hook_sae_acts_post", 0)]
     for (hook, layer), acts in ((key, v) for key, v in brute.items() if key != "dla"):
         assert acts.shape[0] == 900
@@ -470,6 +497,7 @@ def test_latents_dla_matches_brute_force(mined, brute, tmp_path):
     dla = pq.read_table(store / "dla_neurons.parquet").to_pandas()
     examples = pq.read_table(store / "dla_examples.parquet").to_pandas()
     assert sorted(set(zip(dla.hook, dla.layer))) == [("hook_mlp_out.hook_sae_acts_post", 0),
+                                                     ("hook_resid_post.hook_sae_acts_post", 0),
                                                      ("hook_resid_post.hook_sae_acts_post", 1),
                                                      ("ln2.hook_normalized.hook_sae_acts_post", 0),
                                                      ("ln2.hook_normalized.hook_sae_acts_post", 1),
@@ -486,7 +514,8 @@ def test_latents_dla_matches_brute_force(mined, brute, tmp_path):
         np.testing.assert_allclose(got.sort_values("rank").dla, np.sort(want[~np.isnan(want[:, latent]), latent])
                                    [::-1][:len(got)], rtol=1e-3, atol=1e-5 * scale)
     con = connect(store)
-    best = run_named(con, "dla-neurons", {"hook": "hook_resid_post.hook_sae_acts_post", "limit": "1"}).to_pylist()[0]
+    best = run_named(con, "dla-neurons", {"hook": "hook_resid_post.hook_sae_acts_post", "layer": "1",
+                                          "limit": "1"}).to_pylist()[0]
     assert best["neuron"] == int(np.nanargmax(np.nanmean(brute["dla"][("hook_resid_post.hook_sae_acts_post", 1)], 0)))
     assert run_named(con, "dla-examples", {"hook": "hook_resid_post.hook_sae_acts_post", "layer": "1",
                                            "neuron": str(best["neuron"]), "k": "3"}).num_rows == 3
@@ -521,7 +550,8 @@ def test_dense_latents_and_provenance(mined, brute):
         "blocks.0.mlp.hook_post": ("sparsify", "topk", 128, 6),
         "blocks.0.hook_mlp_out": ("saelens", "standard", 64, None),
         "blocks.1.ln2.hook_normalized": ("sparsify", "topk", 64, 4),
-        "blocks.0.ln2.hook_normalized": ("saelens", "jumprelu", 48, None)}
+        "blocks.0.ln2.hook_normalized": ("saelens", "jumprelu", 48, None),
+        "blocks.0.hook_resid_post": ("gemmascope", "jumprelu", 64, None)}
     assert {h: (r["transcoder"], r["hook_name_out"]) for h, r in recorded.items() if r["transcoder"]} == {
         "blocks.1.ln2.hook_normalized": (True, None), "blocks.0.ln2.hook_normalized": (True, "blocks.0.hook_mlp_out")}
     assert all(len(r["weights_sha256"]) == 64 for r in recorded.values())
@@ -538,6 +568,7 @@ def test_latents_logit_lens_rows_and_query(mined):
                       ("hook_mlp_out.hook_sae_acts_post", 0): 64 * 2 * 4,
                       ("ln2.hook_normalized.hook_sae_acts_post", 1): 64 * 2 * 4,  # a transcoder writes the stream
                       ("ln2.hook_normalized.hook_sae_acts_post", 0): 48 * 2 * 4,
+                      ("hook_resid_post.hook_sae_acts_post", 0): 64 * 2 * 4,
                       ("mlp.hook_post", 0): 64 * 2 * 4, ("mlp.hook_post.hook_sae_acts_post", 0): 128 * 2 * 4}
     con = connect(store)
     rows = run_named(con, "logit-lens", {"hook": "hook_resid_post.hook_sae_acts_post", "layer": "1", "neuron": "7",
