@@ -170,6 +170,11 @@ def load_sae(hook: str, spec: Any) -> SAE:
     folder = sae_folder(hook, spec)
     where = f"saes.{hook}"
     layout = next((name for name, file in WEIGHTS.items() if (folder / file).is_file()), None)
+    writes = getattr(spec, "writes", None)
+    if writes and layout != "gemmascope":
+        raise UserError(f"{where}.writes: only for an SAE in Gemma Scope's layout (params.npz); a SAELens "
+                        "transcoder's cfg.json names the hook it writes (hook_name_out), a sparsify transcoder writes "
+                        "its MLP's output")
     if layout is None or (layout != "gemmascope" and not (folder / "cfg.json").is_file()):
         raise UserError(f"{where}: {folder} holds no SAE: expected cfg.json beside {_SAELENS} (SAELens) or "
                         f"{_SPARSIFY} (sparsify), or Gemma Scope's {_GEMMASCOPE}")
@@ -178,8 +183,9 @@ def load_sae(hook: str, spec: Any) -> SAE:
         shapes = _shapes(folder / WEIGHTS[layout])
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise UserError(f"{where}: cannot read the SAE in {folder} ({str(e).splitlines()[0][:200]})") from None
-    return {"saelens": _saelens, "sparsify": _sparsify, "gemmascope": _gemmascope}[layout](hook, folder, cfg, shapes,
-                                                                                          where)
+    if layout == "gemmascope":
+        return _gemmascope(hook, folder, shapes, where, writes)
+    return (_saelens if layout == "saelens" else _sparsify)(hook, folder, cfg, shapes, where)
 
 
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -282,19 +288,24 @@ def _out_hook(cfg: dict, where: str) -> str:
 
     out = cfg.get("hook_name_out")
     if not (isinstance(out, str) and re.fullmatch(r"blocks\.\d+\.[A-Za-z0-9_.]+", out)):
-        raise UserError(f"{where}: a SAELens transcoder's cfg.json needs hook_name_out, the hook it writes, as "
-                        f"blocks.L.SITE (e.g. blocks.6.hook_mlp_out), got {out!r}")
+        what = f"{where}:" if where.endswith(".writes") else \
+            f"{where}: a SAELens transcoder's cfg.json needs hook_name_out,"
+        raise UserError(f"{what} the hook it writes, as blocks.L.SITE (e.g. blocks.6.hook_mlp_out), got {out!r}")
     return out
 
 
-def _gemmascope(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int, ...]], where: str) -> SAE:
-    """Gemma Scope's own layout (params.npz, no config): a JumpReLU SAE whose input is not centred."""
+def _gemmascope(hook: str, folder: Path, shapes: Mapping[str, tuple[int, ...]], where: str,
+                writes: str | None) -> SAE:
+    """Gemma Scope's own layout (params.npz, no config): a JumpReLU SAE whose input is not centred; with `writes`, a
+    transcoder writing that hook (W_dec and b_dec its width)."""
     if len(shapes.get("W_enc", ())) != 2:
         raise UserError(f"{where}: {_GEMMASCOPE} has no 2-d W_enc")
     d_in, d_sae = shapes["W_enc"]
-    _need(shapes, {"b_enc": (d_sae,), "threshold": (d_sae,), "b_dec": (d_in,)}, where, _GEMMASCOPE)
-    return SAE(hook, folder, "jumprelu", int(d_in), int(d_sae), None, False, "gemmascope",
-               has_decoder=_has_decoder(shapes, d_sae))
+    out_hook = _out_hook({"hook_name_out": writes}, f"{where}.writes") if writes else None
+    d_out = int(shapes.get("W_dec", (d_sae, d_in))[1]) if out_hook else None
+    _need(shapes, {"b_enc": (d_sae,), "threshold": (d_sae,), "b_dec": (d_out or d_in,)}, where, _GEMMASCOPE)
+    return SAE(hook, folder, "jumprelu", int(d_in), int(d_sae), None, False, "gemmascope", transcoder=bool(out_hook),
+               out_hook=out_hook, d_out=d_out, has_decoder=_has_decoder(shapes, d_sae))
 
 
 def _sparsify(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int, ...]], where: str) -> SAE:
@@ -336,6 +347,7 @@ def sae_provenance(saes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                 digest.update(block)
         spec = saes[hook]
         out[hook] = {"source": spec.source, "subfolder": spec.subfolder, "revision": spec.revision,
+                     "writes": spec.writes,
                      "folder": str(sae.folder), "format": sae.layout, "kind": sae.kind, "d_in": sae.d_in,
                      "d_sae": sae.d_sae, "k": sae.k, "transcoder": sae.transcoder, "hook_name_out": sae.out_hook,
                      "weights_sha256": digest.hexdigest()}

@@ -199,6 +199,9 @@ class SAESpec:
     """The SAE's folder inside the source (sparsify and SAELens releases hold one a hook, e.g. layers.3)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of a repo id."""
+    writes: str | None = None
+    """A transcoder in Gemma Scope's layout (which has no config): the hook its decoder writes, e.g.
+    blocks.5.hook_mlp_out. SAELens' transcoders name it in their cfg.json (hook_name_out)."""
 
 
 @dataclass(frozen=True)

@@ -53,12 +53,14 @@ def write_saelens_transcoder(folder: Path, d_in: int, d_sae: int, d_out: int, ho
     return {name: v.numpy().astype(np.float64) for name, v in t.items()}
 
 
-def write_gemmascope(folder: Path, d_in: int, d_sae: int, seed: int = 7) -> dict[str, np.ndarray]:
+def write_gemmascope(folder: Path, d_in: int, d_sae: int, seed: int = 7,
+                     w_dec: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """A random JumpReLU SAE in Gemma Scope's own layout: params.npz (W_enc, W_dec, b_enc, b_dec, threshold), no
-    config."""
+    config; w_dec: its decoder rows (d_sae, d_out), a transcoder's."""
     rng = np.random.default_rng(seed)
-    t = {"W_enc": rng.standard_normal((d_in, d_sae)) / d_in ** 0.5, "W_dec": rng.standard_normal((d_sae, d_in)),
-         "b_enc": rng.standard_normal(d_sae) * 0.1, "b_dec": rng.standard_normal(d_in) * 0.1,
+    w_dec = rng.standard_normal((d_sae, d_in)) if w_dec is None else w_dec
+    t = {"W_enc": rng.standard_normal((d_in, d_sae)) / d_in ** 0.5, "W_dec": w_dec,
+         "b_enc": rng.standard_normal(d_sae) * 0.1, "b_dec": rng.standard_normal(w_dec.shape[1]) * 0.1,
          "threshold": rng.random(d_sae) * 0.3}
     t = {name: v.astype(np.float32) for name, v in t.items()}
     folder.mkdir(parents=True, exist_ok=True)

@@ -150,7 +150,8 @@ def test_a_latent_whose_decoder_is_a_neurons_direction_has_that_neurons_lens(tmp
     (the identity, from hook_resid_mid) and hook_mlp_out (those rows, from hook_resid_pre): each latent's lens is
     the neuron's (tests/test_logit_lens.py checks the neurons' against brute force), but where a row is read after
     something the neuron's write passes: Gemma 2's MLP output norm (the SAEs writing hook_mlp_out or the stream),
-    Granite's multiplier (resid_post). A SAELens transcoder's lens is that of an SAE on the hook it writes."""
+    Granite's multiplier (resid_post). A transcoder's lens (SAELens', or Gemma Scope's told what it writes) is that
+    of an SAE on the hook it writes."""
     from mining.analyses.logit_lens import logit_lens_table
     from mining.hooks import mlp_out_weight
 
@@ -164,13 +165,16 @@ def test_a_latent_whose_decoder_is_a_neurons_direction_has_that_neurons_lens(tmp
     write_saelens_transcoder(tmp_path / "to-neurons", d_model, d_mlp, d_mlp, "blocks.1.mlp.hook_post",
                              w_dec=torch.eye(d_mlp))
     write_saelens_transcoder(tmp_path / "to-mlp-out", d_model, d_mlp, d_model, "blocks.1.hook_mlp_out", w_dec=w_out)
+    write_gemmascope(tmp_path / "gemmascope-to-mlp-out", d_model, d_mlp, w_dec=w_out.numpy())
     saes = {"blocks.1.mlp.hook_post": load_sae("blocks.1.mlp.hook_post", SAESpec(str(tmp_path / "identity"))),
             "blocks.1.hook_resid_post": load_sae("blocks.1.hook_resid_post", SAESpec(str(tmp_path / "stream"))),
             "blocks.1.hook_mlp_out": load_sae("blocks.1.hook_mlp_out", SAESpec(str(tmp_path / "stream"))),
             "blocks.1.ln2.hook_normalized": load_sae("blocks.1.ln2.hook_normalized",  # what a transcoder reads
                                                      SAESpec(str(tmp_path / "transcoder"))),
             "blocks.1.hook_resid_mid": load_sae("blocks.1.hook_resid_mid", SAESpec(str(tmp_path / "to-neurons"))),
-            "blocks.1.hook_resid_pre": load_sae("blocks.1.hook_resid_pre", SAESpec(str(tmp_path / "to-mlp-out")))}
+            "blocks.1.hook_resid_pre": load_sae("blocks.1.hook_resid_pre", SAESpec(str(tmp_path / "to-mlp-out"))),
+            "blocks.1.ln1.hook_normalized": load_sae("blocks.1.ln1.hook_normalized", SAESpec(
+                str(tmp_path / "gemmascope-to-mlp-out"), writes="blocks.1.hook_mlp_out"))}
     names = [f"{hook}.hook_sae_acts_post" for hook in saes]
     points = resolve_hooks(model, names, saes=saes)
     lens = logit_lens_table(model, None, [1], k=5, latents=points).to_pandas()
@@ -184,7 +188,8 @@ def test_a_latent_whose_decoder_is_a_neurons_direction_has_that_neurons_lens(tmp
                                                                            rtol=1e-4, atol=1e-6)
         # the stream SAEs' latents read after Gemma 2's MLP output norm; after Granite's multiplier (resid_post)
         expected = {"hook_resid_post": family == "llama", "hook_mlp_out": family != "gemma2",
-                    "hook_resid_pre": family != "gemma2"}  # the SAELens transcoder writing hook_mlp_out
+                    "hook_resid_pre": family != "gemma2",  # the SAELens transcoder writing hook_mlp_out
+                    "ln1": family != "gemma2"}  # the Gemma Scope one
         assert same == expected.get(name.split(".")[2], True), name
 
 
@@ -337,6 +342,14 @@ REFUSALS = {
     "keyed-by-another-hook": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
                                "saes": {"blocks.1.hook_resid_post": "trained-on-layer-0"}},
                               "its cfg.json says it reads blocks.0.hook_resid_post (hook_name); key it by that hook"),
+    "writes-of-a-saelens-sae": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
+                                 "saes": {"blocks.1.hook_resid_post": {"source": "good",
+                                                                       "writes": "blocks.1.hook_mlp_out"}}},
+                                "writes: only for an SAE in Gemma Scope's layout"),
+    "gemma-scope-writes-nonsense": ({"hooks": ["blocks.1.ln2.hook_normalized.hook_sae_acts_post"],
+                                     "saes": {"blocks.1.ln2.hook_normalized": {"source": "gemmascope-without-threshold",
+                                                                               "writes": "mlp_out"}}},
+                                    "writes: the hook it writes, as blocks.L.SITE"),
     "gemma-scope-without-threshold": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
                                        "saes": {"blocks.1.hook_resid_post": "gemmascope-without-threshold"}},
                                       "params.npz has no tensor 'threshold'"),
