@@ -165,11 +165,11 @@ def _sae_point(name: str, site: str, layer: int, path: str, direction: str, sae:
     if sae.d_in != width:
         raise UserError(f"saes.{base}: the SAE reads {sae.d_in} features, {base} has {width}; is it this model's "
                         "SAE, for this hook?")
-    if sae.out_hook:  # a SAELens transcoder: what it writes must be a hook of the same block, of its width
+    if sae.out_hook:  # a transcoder told what it writes: a hook of the same block, of its width
         out_site = sae.out_site
         if not sae.out_hook.startswith(f"blocks.{layer}.") or out_site not in sites:
-            raise UserError(f"saes.{base}: the transcoder writes {sae.out_hook} (its hook_name_out); only a hook of "
-                            f"the block it reads (blocks.{layer}) that this model has is supported")
+            raise UserError(f"saes.{base}: the transcoder writes {sae.out_hook}; only a hook of the block it reads "
+                            f"(blocks.{layer}) that this model has is supported")
         if sae.d_out != _base_width(out_site, d):
             raise UserError(f"saes.{base}: the transcoder writes {sae.d_out} features, {sae.out_hook} has "
                             f"{_base_width(out_site, d)}; is it this model's transcoder?")

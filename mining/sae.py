@@ -79,11 +79,12 @@ class SAE:
     """saelens | sparsify | gemmascope."""
     transcoder: bool = False
     """It reconstructs another activation than the one it reads: the MLP module's output from its input (sparsify's
-    transcode), or out_hook (SAELens')."""
+    transcode), or out_hook."""
     out_hook: str | None = None
-    """A SAELens transcoder's hook_name_out, e.g. blocks.6.hook_mlp_out: the activation its decoder writes."""
+    """The activation a transcoder's decoder writes, e.g. blocks.6.hook_mlp_out: SAELens' hook_name_out, or the job's
+    saes.HOOK.writes for one in Gemma Scope's layout."""
     d_out: int | None = None
-    """A SAELens transcoder's: the width of out_hook's activation (W_dec's columns)."""
+    """With out_hook: that activation's width (W_dec's columns)."""
     has_decoder: bool = True
     """Its weight file holds W_dec (d_sae, ...), which the logit lens and DLA read; encoding needs none."""
 

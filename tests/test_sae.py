@@ -325,8 +325,8 @@ REFUSALS = {
                               "has no W_dec of 64 rows, and stats.dla reads each latent's decoder row"),
     "transcoder-writes-another-block": ({"hooks": ["blocks.1.ln2.hook_normalized.hook_sae_acts_post"],
                                          "saes": {"blocks.1.ln2.hook_normalized": "tc-another-block"}},
-                                        "the transcoder writes blocks.0.hook_mlp_out (its hook_name_out); only a hook "
-                                        "of the block it reads (blocks.1)"),
+                                        "the transcoder writes blocks.0.hook_mlp_out; only a hook of the block it "
+                                        "reads (blocks.1)"),
     "transcoder-writes-an-hf-module": ({"hooks": ["blocks.1.ln2.hook_normalized.hook_sae_acts_post"],
                                         "saes": {"blocks.1.ln2.hook_normalized": "tc-hf-name"}},
                                        "needs hook_name_out, the hook it writes, as blocks.L.SITE"),

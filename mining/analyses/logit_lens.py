@@ -122,7 +122,7 @@ def decode_tokens(tokenizer: Any, ids: np.ndarray) -> np.ndarray:
 def has_lens(point: HookPoint) -> bool:
     """Whether the logit lens reads this point's features: MLP neurons, and SAE latents whose decoder writes the
     residual stream (an SAE on a residual stream, on attention's or the MLP's output, on mlp.hook_post or
-    attn.hook_z, or a transcoder: sparsify's, or SAELens' writing such a site)."""
+    attn.hook_z, or a transcoder: sparsify's, or one whose out_hook is such a site)."""
     base, latents = split_sae(point.site)
     if not latents:
         return point.site == "mlp.hook_post"
@@ -145,7 +145,7 @@ def latent_writes(model: nn.Module, point: HookPoint) -> tuple[torch.Tensor, str
     the model's device, and the part whose output norm's per-token scale divides it ("mlp", "attn"; "stream": none).
     A residual-stream (or attention or MLP output) SAE's decoder rows are as they are; an mlp.hook_post (attn.hook_z)
     SAE's pass the MLP's (attention's) output projection; a sparsify transcoder's are the MLP module's output; a
-    SAELens transcoder's are read as an SAE's on the hook it writes (its out_hook). Those reaching the stream
+    transcoder with an out_hook (SAELens', Gemma Scope's) is read as an SAE on that hook. Those reaching the stream
     through a module take its output norm's gain and the family's block factor, as neurons do; so do
     hook_attn_out's and hook_mlp_out's (their norms already applied). The final norm and the logits' factor are the
     reader's (the lens's gain, DLA's d_t)."""
