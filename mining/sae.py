@@ -234,6 +234,8 @@ def _saelens(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int,
     activation = str(cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu")
     if kind == "standard" and activation != "relu":  # SAELens before 6: top-k SAEs were "standard" with a top-k
         kind = activation
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    cfg = {**meta, **cfg}  # SAELens 6 keeps hook_name and hook_head_index under metadata
     _check_reads(hook, cfg.get("hook_name"), where)
     out_hook = None
     if kind in _TRANSCODERS:

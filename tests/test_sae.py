@@ -277,6 +277,9 @@ def saes(tmp_path_factory):
     params = dict(np.load(npz))
     np.savez(npz, **{k: v for k, v in params.items() if k != "threshold"})
     write_saelens(root / "trained-on-layer-0", 32, 64, hook_name="blocks.0.hook_resid_post")
+    write_saelens(root / "saelens-6-on-layer-0", 32, 64, metadata={"hook_name": "blocks.0.hook_resid_post"})
+    write_saelens(root / "saelens-6-one-head", 32, 64, metadata={"hook_name": "blocks.1.hook_resid_post",
+                                                               "hook_head_index": 3})
     write_saelens_transcoder(root / "tc-another-block", 32, 64, 32, "blocks.0.hook_mlp_out")
     write_saelens_transcoder(root / "tc-hf-name", 32, 64, 32, "model.layers.1.mlp")
     write_saelens_transcoder(root / "tc-narrow", 32, 64, 16, "blocks.1.hook_mlp_out")
@@ -353,6 +356,12 @@ REFUSALS = {
     "gemma-scope-without-threshold": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
                                        "saes": {"blocks.1.hook_resid_post": "gemmascope-without-threshold"}},
                                       "params.npz has no tensor 'threshold'"),
+    "keyed-by-another-hook-saelens-6": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
+                                         "saes": {"blocks.1.hook_resid_post": "saelens-6-on-layer-0"}},
+                                        "its cfg.json says it reads blocks.0.hook_resid_post (hook_name)"),
+    "one-head-saelens-6": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
+                            "saes": {"blocks.1.hook_resid_post": "saelens-6-one-head"}},
+                           "hook_head_index=3 is not supported"),
     "hub-repo-offline": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
                           "saes": {"blocks.1.hook_resid_post": "nobody/no-such-sae"}},
                          "cannot fetch 'nobody/no-such-sae'"),
