@@ -284,6 +284,13 @@ def test_sae_latents_dla_in_a_diff_is_each_models_own(pair, tmp_path):
     assert [r["unit"] for r in top] == diff.iloc[np.argsort(-np.abs(diff["diff"].to_numpy()), kind="stable")[:3]]\
         .neuron.tolist()
     assert run_named(con, "dla-diff", {"limit": "3"}).num_rows == 0  # the default hook: neurons, none mined here
+    from mining.examples import NeuronId
+    from mining.viewer.diffview import neuron_page_data
+
+    latent = int(top[0]["unit"])
+    extra = neuron_page_data(con, NeuronId(hook, 0, latent))["extra"]  # the diff viewer's page of that latent
+    assert extra["dla_diff"] == pytest.approx(top[0]["diff"]) and extra["mean_dla_b"] == pytest.approx(
+        top[0]["mean_dla_b"])
     con.close()
 
 
