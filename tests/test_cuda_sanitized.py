@@ -46,8 +46,8 @@ def test_the_emulated_kernel_under_sanitizers_in_the_other_thread_order(tmp_path
            "MINING_CUDA_EMULATE_FLIP": "1",
            "MINING_CACHE_DIR": str(tmp_path / "cache")}  # the sanitized build apart from the usual one
     # -s: a sanitizer report goes to the process's stderr, which pytest's capture would drop when the process exits
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-                           "-k", CASES, "tests/test_cuda_layer.py"],
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "--basetemp",
+                           str(tmp_path / "basetemp"), "-k", CASES, "tests/test_cuda_layer.py"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     report = done.stdout[-4000:] + done.stderr[-8000:]
     assert done.returncode == 0, report

@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_cpu_kernels_with_numbas_bounds_checks(tmp_path):
     env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
-                           "tests/test_dla_defer.py", "tests/test_states_format.py"],
+    # --basetemp: the run's folders inside this test's, not a numbered one beside the suite's (conftest keeps the last)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
+                           str(tmp_path / "basetemp"), "tests/test_kernels.py", "tests/test_dla_defer.py",
+                           "tests/test_states_format.py"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     report = done.stdout[-6000:] + done.stderr[-3000:]
     assert done.returncode == 0, report
