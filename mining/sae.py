@@ -30,6 +30,7 @@ logit lens and direct logit attribution read (analyses/logit_lens.py latent_writ
 from __future__ import annotations
 
 import json
+import re
 import threading
 import zipfile
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ _ENCODER = {"saelens": {n: n for n in ("W_enc", "b_enc", "b_dec", "threshold", "
             "gemmascope": {n: n for n in ("W_enc", "b_enc", "b_dec", "threshold")}}
 """Each layout's encoder tensors: our name -> the file's."""
 _KINDS = ("standard", "jumprelu", "topk", "gated")
+_BLOCK_HOOK = re.compile(r"blocks\.\d+\.[A-Za-z0-9_.]+")
+"""A block's hook as TransformerLens (and hooks.py) name it."""
 _TRANSCODERS = {"transcoder": "standard", "skip_transcoder": "standard", "jumprelu_transcoder": "jumprelu"}
 """SAELens' transcoder architectures -> how their latents are made (the SAE kind with the same encoder)."""
 
@@ -274,23 +277,19 @@ def _check_reads(hook: str, named: Any, where: str) -> None:
     """Refuse an SAE keyed by another hook than the one its cfg.json says it was trained on (another layer, most
     often). A name that is not a block's TransformerLens name (e.g. a Hugging Face module's) is not compared; a
     block's hook_resid_post is the next block's hook_resid_pre."""
-    import re
-
     def canonical(name: str) -> str:
         m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", name)
         return f"blocks.{int(m.group(1)) - 1}.hook_resid_post" if m and int(m.group(1)) > 0 else name
 
-    if isinstance(named, str) and re.fullmatch(r"blocks\.\d+\.[A-Za-z0-9_.]+", named) and \
+    if isinstance(named, str) and _BLOCK_HOOK.fullmatch(named) and \
             canonical(named) != canonical(hook):
         raise UserError(f"{where}: its cfg.json says it reads {named} (hook_name); key it by that hook")
 
 
 def _out_hook(cfg: dict, where: str) -> str:
     """A SAELens transcoder's hook_name_out, which must be a block's hook named as hooks.py names them."""
-    import re
-
     out = cfg.get("hook_name_out")
-    if not (isinstance(out, str) and re.fullmatch(r"blocks\.\d+\.[A-Za-z0-9_.]+", out)):
+    if not (isinstance(out, str) and _BLOCK_HOOK.fullmatch(out)):
         what = f"{where}:" if where.endswith(".writes") else \
             f"{where}: a SAELens transcoder's cfg.json needs hook_name_out,"
         raise UserError(f"{what} the hook it writes, as blocks.L.SITE (e.g. blocks.6.hook_mlp_out), got {out!r}")

@@ -161,10 +161,11 @@ def latent_writes(model: nn.Module, point: HookPoint) -> tuple[torch.Tensor, str
     if w.shape[1] != d_model:
         raise UserError(f"saes.{sae.hook}: its decoder writes {w.shape[1]} features, the residual stream has "
                         f"{d_model}; its latents' logit effects cannot be read")
-    if part != "stream" or _WRITES.get(base, False):  # hook_attn_out/hook_mlp_out: the multiplier, not the norm
-        gain = write_gain(model, point.layer, "mlp" if part == "stream" else part, norm=part != "stream")
-        w = w if gain is None else w * gain
-    return w, part
+    if part != "stream":
+        gain = write_gain(model, point.layer, part)
+    else:  # hook_attn_out/hook_mlp_out: the block's multiplier, their norm already applied; the stream itself: none
+        gain = write_gain(model, point.layer, norm=False) if _WRITES.get(base, False) else None
+    return (w if gain is None else w * gain), part
 
 
 def latent_directions(model: nn.Module, point: HookPoint, gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
