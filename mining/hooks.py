@@ -133,7 +133,7 @@ def resolve_hooks(model: nn.Module, patterns: Sequence[str] | str, context_lengt
             name = f"blocks.{layer}.{site}"
             if latents:
                 points[name] = _sae_point(name, site, layer, path, direction, saes.get(f"blocks.{layer}.{base}"),
-                                          d, arch.chunks.get(base), sites)
+                                          d, arch.chunks.get(base), sites, n_layers)
                 continue
             if site == "attn.hook_z":
                 extra = {"width": _base_width(site, d), "n_heads": d["n_heads"], "d_head": d["d_head"]}
@@ -157,7 +157,7 @@ def _base_width(site: str, d: Mapping[str, int]) -> int:
 
 
 def _sae_point(name: str, site: str, layer: int, path: str, direction: str, sae: SAE | None, d: Mapping[str, int],
-               chunk: tuple[int, int] | None, sites: Mapping[str, object]) -> HookPoint:
+               chunk: tuple[int, int] | None, sites: Mapping[str, object], n_layers: int) -> HookPoint:
     base = name.removesuffix(SUFFIX)
     if sae is None:
         raise UserError(f"{name!r}: no SAE reads {base}; give one under saes:, e.g. saes: {{{base}: DIR}}")
@@ -173,6 +173,10 @@ def _sae_point(name: str, site: str, layer: int, path: str, direction: str, sae:
         if sae.d_out != _base_width(out_site, d):
             raise UserError(f"saes.{base}: the transcoder writes {sae.d_out} features, {sae.out_hook} has "
                             f"{_base_width(out_site, d)}; is it this model's transcoder?")
+        n_out = getattr(sae, "n_out", 1)  # a cross-layer transcoder writes out_site of later blocks too
+        if layer + n_out > n_layers:
+            raise UserError(f"saes.{base}: the cross-layer transcoder writes {out_site} of blocks {layer}.."
+                            f"{layer + n_out - 1}, this model has blocks 0..{n_layers - 1}; is it this model's?")
     return HookPoint(name, site, layer, path, direction, sae.d_sae, chunk=chunk, sae=sae)
 
 

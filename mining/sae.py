@@ -5,7 +5,7 @@
 
 An SAE reads its hook's activation x (B, T, d_in) and gives d_sae latents a token: feature i of
 `blocks.L.SITE.hook_sae_acts_post` is latent i. Every statistic, export and the viewer then treat latents as they
-treat neurons. Three on-disk formats are read, told apart by their weight file:
+treat neurons. Four on-disk formats are read, told apart by their files:
 
 - SAELens (`cfg.json`, `sae_weights.safetensors`: W_enc (d_in, d_sae), b_enc, W_dec, b_dec, and `threshold` for
   JumpReLU): pre = (x - b_dec if apply_b_dec_to_input) @ W_enc + b_enc; latents relu(pre) (standard), relu(pre)
@@ -18,6 +18,15 @@ treat neurons. Three on-disk formats are read, told apart by their weight file:
 - Gemma Scope's own layout (`params.npz`: W_enc, W_dec, b_enc, b_dec, threshold; no config): JumpReLU,
   pre = x @ W_enc + b_enc (not centred), latents relu(pre) where pre > threshold. The hook it reads is the key's
   (Gemma Scope's res, mlp and att SAEs read hook_resid_post, hook_mlp_out and attn.hook_z).
+- circuit-tracer's transcoder sets (`config.yaml` with model_kind transcoder_set, feature_input_hook,
+  feature_output_hook and its `transcoders`, one file a layer, layer_L.safetensors: W_enc (d_sae, d_in), b_enc,
+  W_dec (d_sae, d_out), b_dec, and `threshold` or `activation_function.threshold` for JumpReLU; W_skip, where
+  present, adds to the reconstruction only): pre = x @ W_enc.T + b_enc (not centred), latents relu(pre), where
+  pre > threshold for JumpReLU. The key's block picks the layer's file; its hook is feature_input_hook (mlp.hook_in
+  is ln2.hook_normalized, what the MLP reads), and the latents write feature_output_hook (mlp.hook_out is
+  hook_mlp_out). A cross-layer transcoder (model_kind cross_layer_transcoder; W_enc_L.safetensors: W_enc_L
+  (d_sae, d_in), b_enc_L, b_dec_L, threshold_L; W_dec_L.safetensors: W_dec_L (d_sae, n_layers - L, d_out)) is read
+  a layer at a time the same way, its latents writing feature_output_hook of their block and of every later one.
 - EleutherAI sparsify (`cfg.json` with d_in and k, `sae.safetensors`: encoder.weight (d_sae, d_in), encoder.bias,
   W_dec, b_dec): pre = relu(encoder(x - b_dec)) (a transcoder's input is not centred), the k largest kept.
   Its hookpoints are module outputs: `layers.N` is blocks.N.hook_resid_post, `layers.N.mlp` blocks.N.hook_mlp_out
@@ -46,11 +55,20 @@ SUFFIX = ".hook_sae_acts_post"
 
 _SAELENS, _SPARSIFY, _GEMMASCOPE = "sae_weights.safetensors", "sae.safetensors", "params.npz"
 WEIGHTS = {"saelens": _SAELENS, "sparsify": _SPARSIFY, "gemmascope": _GEMMASCOPE}
-"""Each layout's weight file, which tells the layouts apart."""
+"""Each layout's weight file, which tells the layouts apart (circuit-tracer's has one a layer, beside its config)."""
+_TRACER = "config.yaml"
+"""A circuit-tracer transcoder set's config, which tells that layout apart."""
 _ENCODER = {"saelens": {n: n for n in ("W_enc", "b_enc", "b_dec", "threshold", "b_gate", "r_mag", "b_mag")},
             "sparsify": {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "b_dec": "b_dec"},
-            "gemmascope": {n: n for n in ("W_enc", "b_enc", "b_dec", "threshold")}}
+            "gemmascope": {n: n for n in ("W_enc", "b_enc", "b_dec", "threshold")},
+            "circuit-tracer": {n: n for n in ("W_enc", "b_enc", "b_dec", "threshold")}}
 """Each layout's encoder tensors: our name -> the file's."""
+_ROW_ENCODERS = ("sparsify", "circuit-tracer")
+"""Layouts whose encoder is stored (d_sae, d_in), as an nn.Linear's weight."""
+_TRACER_THRESHOLD = "activation_function.threshold"
+"""circuit-tracer's name for a JumpReLU threshold in the files its JumpReLU module saved (others say threshold)."""
+_TRACER_SITES = {"mlp.hook_in": "ln2.hook_normalized", "mlp.hook_out": "hook_mlp_out"}
+"""circuit-tracer's names for what the MLP reads and writes -> hooks.py's; its other names are TransformerLens'."""
 _KINDS = ("standard", "jumprelu", "topk", "gated")
 _BLOCK_HOOK = re.compile(r"blocks\.\d+\.[A-Za-z0-9_.]+")
 """A block's hook as TransformerLens (and hooks.py) name it."""
@@ -79,7 +97,7 @@ class SAE:
     centre_input: bool
     """Subtract b_dec from the input before encoding."""
     layout: str
-    """saelens | sparsify | gemmascope."""
+    """saelens | sparsify | gemmascope | circuit-tracer."""
     transcoder: bool = False
     """It reconstructs another activation than the one it reads: the MLP module's output from its input (sparsify's
     transcode), or out_hook."""
@@ -90,6 +108,8 @@ class SAE:
     """With out_hook: that activation's width (W_dec's columns)."""
     has_decoder: bool = True
     """Its weight file holds W_dec (d_sae, ...), which the logit lens and DLA read; encoding needs none."""
+    file: str | None = None
+    """Its weight file in folder, where the layout has one a layer (circuit-tracer's); else the layout's."""
 
     def __post_init__(self) -> None:
         self._weights: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
@@ -99,17 +119,26 @@ class SAE:
         key = (device, dtype)
         with self._lock:
             if key not in self._weights:
-                names = _ENCODER[self.layout]  # the encoder's tensors only: a decoder is as large and not needed
-                found = read_tensors(self.weights, list(names.values()))
-                raw = {mine: found[theirs] for mine, theirs in names.items() if theirs in found}
-                if self.layout == "sparsify":  # encoder is an nn.Linear: weight (d_sae, d_in)
+                names = self._encoder_names()  # the encoder's tensors only: a decoder is as large and not needed
+                found = read_tensors(self.weights, [name for names_of in names.values() for name in names_of])
+                raw = {mine: next(found[n] for n in theirs if n in found) for mine, theirs in names.items()
+                       if any(n in found for n in theirs)}
+                if self.layout in _ROW_ENCODERS:
                     raw["W_enc"] = raw["W_enc"].T
                 self._weights[key] = {name: t.to(device=device, dtype=dtype).contiguous() for name, t in raw.items()}
             return self._weights[key]
 
+    def _encoder_names(self) -> dict[str, tuple[str, ...]]:
+        """Our name of each encoder tensor -> the names its weight file may give it (the first it has is read)."""
+        names = {mine: (theirs,) for mine, theirs in _ENCODER[self.layout].items()}
+        if self.layout == "circuit-tracer":
+            names["threshold"] = ("threshold", _TRACER_THRESHOLD)
+        return names
+
     @property
     def weights(self) -> Path:
-        return self.folder / WEIGHTS[self.layout]
+        """The file its encoder is read from."""
+        return self.folder / (self.file or WEIGHTS[self.layout])
 
     @property
     def out_site(self) -> str | None:
@@ -146,6 +175,41 @@ class SAE:
         return acts
 
 
+@dataclass(eq=False)
+class CrossLayerTranscoder(SAE):
+    """One layer's part of a circuit-tracer cross-layer transcoder: W_enc_L.safetensors (W_enc_L (d_sae, d_in),
+    b_enc_L, b_dec_L, and threshold_L for JumpReLU) and W_dec_L.safetensors (W_dec_L (d_sae, n_out, d_out)). Its
+    latents read layer L's hook; each writes out_hook's site of block L and of the n_out - 1 blocks after it."""
+
+    layer: int = 0
+    n_out: int = 1
+    """The blocks each latent writes, from its own on."""
+
+    def _encoder_names(self) -> dict[str, tuple[str, ...]]:
+        return {name: (f"{name}_{self.layer}",) for name in ("W_enc", "b_enc", "b_dec", "threshold")}
+
+    @property
+    def weights(self) -> Path:
+        return self.folder / f"W_enc_{self.layer}.safetensors"
+
+    @property
+    def decoder_file(self) -> Path:
+        return self.folder / f"W_dec_{self.layer}.safetensors"
+
+    def decoder(self) -> torch.Tensor:
+        """W_dec_L as float32 (d_sae, n_out, d_out): each latent's write into out_hook's site of block L + j."""
+        name = f"W_dec_{self.layer}"
+        found = read_tensors(self.decoder_file, [name]) if self.decoder_file.is_file() else {}
+        if name not in found:
+            raise UserError(f"saes.{self.hook}: {self.folder} has no {self.decoder_file.name} with {name} (the decoder "
+                            "the logit lens and DLA read)")
+        w = found[name].float()
+        if tuple(w.shape) != (self.d_sae, self.n_out, self.d_out):
+            raise UserError(f"saes.{self.hook}: {name} is {tuple(w.shape)}, expected "
+                            f"{(self.d_sae, self.n_out, self.d_out)}")
+        return w
+
+
 def sae_folder(hook: str, spec: Any) -> Path:
     """The local folder of an SAESpec: a directory as given, or a Hugging Face repo's snapshot (downloaded once)."""
     where = f"saes.{hook}"
@@ -155,18 +219,35 @@ def sae_folder(hook: str, spec: Any) -> Path:
     elif spec.source.startswith((".", "/", "~")) or spec.source.count("/") != 1:
         raise UserError(f"{where}.source: {spec.source!r} is neither a local directory nor a Hugging Face repo id")
     else:
-        try:
-            from huggingface_hub import snapshot_download
-
-            pattern = [f"{spec.subfolder}/*"] if spec.subfolder else None
-            root = snapshot_download(spec.source, revision=spec.revision, allow_patterns=pattern)
-        except Exception as e:  # offline, not found, gated: huggingface_hub raises many kinds
-            raise UserError(f"{where}.source: cannot fetch {spec.source!r} from the Hugging Face hub "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        folder = Path(root) / spec.subfolder if spec.subfolder else Path(root)
+        folder = _fetch(hook, spec, where)
     if not folder.is_dir():
         raise UserError(f"{where}: no folder {folder}")
     return folder
+
+
+def _fetch(hook: str, spec: Any, where: str) -> Path:
+    """A hub repo's SAE folder, downloaded once: the subfolder's files (the whole repo without one), or, for a
+    circuit-tracer transcoder set, whose folder holds every layer's file (tens of GB), its config and the file of
+    the key's layer."""
+    from huggingface_hub import snapshot_download
+
+    prefix = f"{spec.subfolder}/" if spec.subfolder else ""
+    try:
+        root = Path(snapshot_download(spec.source, revision=spec.revision, allow_patterns=[prefix + _TRACER]))
+        config = root / prefix / _TRACER
+        if config.is_file():
+            cfg = _tracer_config(config, where)
+            files = _clt_files(_layer_of(hook)) if _is_clt(cfg) else (_tracer_file(cfg, hook, spec, where),)
+            pattern = [prefix + _TRACER, *(prefix + f for f in files)]
+        else:
+            pattern = [f"{prefix}*"] if prefix else None
+        root = Path(snapshot_download(spec.source, revision=spec.revision, allow_patterns=pattern))
+    except UserError:
+        raise
+    except Exception as e:  # offline, not found, gated: huggingface_hub raises many kinds
+        raise UserError(f"{where}.source: cannot fetch {spec.source!r} from the Hugging Face hub "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return root / spec.subfolder if spec.subfolder else root
 
 
 def load_sae(hook: str, spec: Any) -> SAE:
@@ -174,14 +255,19 @@ def load_sae(hook: str, spec: Any) -> SAE:
     folder = sae_folder(hook, spec)
     where = f"saes.{hook}"
     layout = next((name for name, file in WEIGHTS.items() if (folder / file).is_file()), None)
+    if layout is None and (folder / _TRACER).is_file():
+        layout = "circuit-tracer"
     writes = getattr(spec, "writes", None)
     if writes and layout != "gemmascope":
         raise UserError(f"{where}.writes: only for an SAE in Gemma Scope's layout (params.npz); a SAELens "
-                        "transcoder's cfg.json names the hook it writes (hook_name_out), a sparsify transcoder writes "
-                        "its MLP's output")
+                        "transcoder's cfg.json names the hook it writes (hook_name_out), a circuit-tracer set's "
+                        "config.yaml too (feature_output_hook), and a sparsify transcoder writes its MLP's output")
+    if layout == "circuit-tracer":
+        return _circuit_tracer(hook, folder, spec, where)
     if layout is None or (layout != "gemmascope" and not (folder / "cfg.json").is_file()):
         raise UserError(f"{where}: {folder} holds no SAE: expected cfg.json beside {_SAELENS} (SAELens) or "
-                        f"{_SPARSIFY} (sparsify), or Gemma Scope's {_GEMMASCOPE}")
+                        f"{_SPARSIFY} (sparsify), Gemma Scope's {_GEMMASCOPE}, or a circuit-tracer transcoder "
+                        f"set's {_TRACER}")
     try:
         cfg = json.loads((folder / "cfg.json").read_text()) if layout != "gemmascope" else {}
         shapes = _shapes(folder / WEIGHTS[layout])
@@ -224,12 +310,14 @@ def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
         return {name: f.get_tensor(name) for name in names if name in f.keys()}
 
 
-def _need(shapes: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]], where: str, path: str) -> None:
+def _need(shapes: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]], where: str, path: str,
+          by: str = "its cfg.json") -> None:
+    """by: what the wanted shapes come from."""
     for name, shape in want.items():
         if name not in shapes:
             raise UserError(f"{where}: {path} has no tensor {name!r} (it has {', '.join(sorted(shapes))})")
         if shapes[name] != shape:
-            raise UserError(f"{where}: {path}'s {name} is {shapes[name]}, its cfg.json implies {shape}")
+            raise UserError(f"{where}: {path}'s {name} is {shapes[name]}, {by} implies {shape}")
 
 
 def _saelens(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int, ...]], where: str) -> SAE:
@@ -305,9 +393,127 @@ def _gemmascope(hook: str, folder: Path, shapes: Mapping[str, tuple[int, ...]], 
     d_in, d_sae = shapes["W_enc"]
     out_hook = _out_hook({"hook_name_out": writes}, f"{where}.writes") if writes else None
     d_out = int(shapes.get("W_dec", (d_sae, d_in))[1]) if out_hook else None
-    _need(shapes, {"b_enc": (d_sae,), "threshold": (d_sae,), "b_dec": (d_out or d_in,)}, where, _GEMMASCOPE)
+    _need(shapes, {"b_enc": (d_sae,), "threshold": (d_sae,), "b_dec": (d_out or d_in,)}, where, _GEMMASCOPE,
+          "its W_enc and W_dec")
     return SAE(hook, folder, "jumprelu", int(d_in), int(d_sae), None, False, "gemmascope", transcoder=bool(out_hook),
                out_hook=out_hook, d_out=d_out, has_decoder=_has_decoder(shapes, d_sae))
+
+
+def _tracer_config(path: Path, where: str) -> dict:
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{where}: cannot read {path} ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{where}: {path} is not a circuit-tracer config (a mapping with feature_input_hook, "
+                        "feature_output_hook and transcoders)")
+    kind = cfg.get("model_kind", "transcoder_set")
+    if kind not in ("transcoder_set", "cross_layer_transcoder"):
+        raise UserError(f"{where}: circuit-tracer model_kind {kind!r} is not supported (transcoder_set and "
+                        "cross_layer_transcoder are)")
+    return cfg
+
+
+def _is_clt(cfg: dict) -> bool:
+    return cfg.get("model_kind") == "cross_layer_transcoder"
+
+
+def _layer_of(hook: str) -> int:
+    m = re.fullmatch(r"blocks\.(\d+)\..+", hook)
+    return int(m.group(1)) if m else -1
+
+
+def _clt_files(layer: int) -> tuple[str, str]:
+    """A cross-layer transcoder's files of one layer: its encoder's, its decoder's."""
+    return f"W_enc_{layer}.safetensors", f"W_dec_{layer}.safetensors"
+
+
+def _tracer_file(cfg: dict, hook: str, spec: Any, where: str) -> str:
+    """The weight file of the key's layer in a circuit-tracer set's folder: its entry under `transcoders` (a list
+    of paths a layer, or of {layer, filepath}; an hf:// path is read inside the repo), else layer_L.safetensors."""
+    layer = _layer_of(hook)
+    entries = cfg.get("transcoders") if isinstance(cfg.get("transcoders"), list) else []
+    path = next((e.get("filepath") for e in entries if isinstance(e, dict) and e.get("layer") == layer), None)
+    if path is None and all(isinstance(e, str) for e in entries) and 0 <= layer < len(entries):
+        path = entries[layer]
+    if not isinstance(path, str):
+        return f"layer_{layer}.safetensors"
+    if path.startswith("hf://"):  # hf://org/repo/path/in/repo?revision=...
+        path = path[len("hf://"):].split("?")[0].split("/", 2)[-1]
+        if spec.subfolder and path.startswith(f"{spec.subfolder}/"):
+            path = path[len(spec.subfolder) + 1:]
+    if not path.endswith(".safetensors"):
+        raise UserError(f"{where}: its config.yaml gives layer {layer} the file {path!r}; only circuit-tracer's "
+                        "safetensors files are read (for Gemma Scope's params.npz, key its folder with writes:)")
+    return path
+
+
+def _circuit_tracer(hook: str, folder: Path, spec: Any, where: str) -> SAE:
+    """One layer's transcoder of a circuit-tracer set: it reads feature_input_hook and writes
+    feature_output_hook of the key's block, its input not centred."""
+    cfg = _tracer_config(folder / _TRACER, where)
+    block, _, site = hook.partition(".")[2].partition(".")
+    reads, writes = (str(cfg.get(key)) for key in ("feature_input_hook", "feature_output_hook"))
+    if _TRACER_SITES.get(reads, reads) != site:
+        raise UserError(f"{where}: its config.yaml says its transcoders read {reads} "
+                        f"(blocks.{block}.{_TRACER_SITES.get(reads, reads)}); key it by that hook")
+    out_hook = _out_hook({"hook_name_out": f"blocks.{block}.{_TRACER_SITES.get(writes, writes)}"}, where)
+    if _is_clt(cfg):
+        return _clt(hook, folder, out_hook, where)
+    file = _tracer_file(cfg, hook, spec, where)
+    if not (folder / file).is_file():
+        raise UserError(f"{where}: {folder} has no {file} (the transcoder of layer {block})")
+    try:
+        shapes = _shapes(folder / file)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: cannot read {folder / file} ({str(e).splitlines()[0][:200]})") from None
+    if len(shapes.get("W_enc", ())) != 2:
+        raise UserError(f"{where}: {file} has no 2-d W_enc")
+    d_sae, d_in = shapes["W_enc"]
+    d_out = int(shapes.get("W_dec", (d_sae, d_in))[1])
+    if "W_dec" in shapes and shapes["W_dec"] != (d_sae, d_out):
+        raise UserError(f"{where}: {file}'s W_dec is {shapes['W_dec']}, its W_enc implies ({d_sae}, d_out)")
+    want = {"b_enc": (d_sae,), "b_dec": (d_out,)}
+    threshold = next((n for n in ("threshold", _TRACER_THRESHOLD) if n in shapes), None)
+    if threshold:
+        want[threshold] = (d_sae,)
+    _need(shapes, want, where, file, "its W_enc and W_dec")
+    return SAE(hook, folder, "jumprelu" if threshold else "standard", int(d_in), int(d_sae), None, False,
+               "circuit-tracer", transcoder=True, out_hook=out_hook, d_out=d_out,
+               has_decoder=_has_decoder(shapes, d_sae), file=file)
+
+
+def _clt(hook: str, folder: Path, out_hook: str, where: str) -> CrossLayerTranscoder:
+    """Layer L's encoder of a circuit-tracer cross-layer transcoder, its decoder's shape from its file's header."""
+    layer = _layer_of(hook)
+    encoder, decoder = _clt_files(layer)
+    if not (folder / encoder).is_file():
+        raise UserError(f"{where}: {folder} has no {encoder} (the cross-layer transcoder's encoder of layer {layer})")
+    try:
+        shapes = _shapes(folder / encoder)
+        dec = _shapes(folder / decoder) if (folder / decoder).is_file() else {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: cannot read the cross-layer transcoder in {folder} "
+                        f"({str(e).splitlines()[0][:200]})") from None
+    w_enc = shapes.get(f"W_enc_{layer}", ())
+    if len(w_enc) != 2:
+        raise UserError(f"{where}: {encoder} has no 2-d W_enc_{layer}")
+    d_sae, d_in = w_enc
+    d_out = int(shapes.get(f"b_dec_{layer}", (d_in,))[0])
+    w_dec = dec.get(f"W_dec_{layer}")
+    if w_dec is not None and (len(w_dec) != 3 or w_dec[0] != d_sae or w_dec[2] != d_out):
+        raise UserError(f"{where}: {decoder}'s W_dec_{layer} is {w_dec}, its encoder implies ({d_sae}, n_layers - "
+                        f"{layer}, {d_out})")
+    want = {f"b_enc_{layer}": (d_sae,), f"b_dec_{layer}": (d_out,)}
+    threshold = f"threshold_{layer}" in shapes
+    if threshold:
+        want[f"threshold_{layer}"] = (d_sae,)
+    _need(shapes, want, where, encoder, "its W_enc")
+    return CrossLayerTranscoder(hook, folder, "jumprelu" if threshold else "standard", int(d_in), int(d_sae), None,
+                                False, "circuit-tracer", transcoder=True, out_hook=out_hook, d_out=d_out,
+                                has_decoder=w_dec is not None, layer=layer, n_out=int(w_dec[1]) if w_dec else 1)
 
 
 def _sparsify(hook: str, folder: Path, cfg: dict, shapes: Mapping[str, tuple[int, ...]], where: str) -> SAE:
@@ -350,7 +556,8 @@ def sae_provenance(saes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         spec = saes[hook]
         out[hook] = {"source": spec.source, "subfolder": spec.subfolder, "revision": spec.revision,
                      "writes": spec.writes,
-                     "folder": str(sae.folder), "format": sae.layout, "kind": sae.kind, "d_in": sae.d_in,
+                     "folder": str(sae.folder), "weights": str(sae.weights), "format": sae.layout, "kind": sae.kind,
+                     "d_in": sae.d_in,
                      "d_sae": sae.d_sae, "k": sae.k, "transcoder": sae.transcoder, "hook_name_out": sae.out_hook,
                      "weights_sha256": digest.hexdigest()}
     return out

@@ -21,7 +21,7 @@ def warm() -> float:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .engine import ShardMiner, frequent_tokens
-    from .models import LoadedModel, load_tokenizer, resolve_source
+    from .models import LoadedModel, load_tokenizer, quiet_transformers, resolve_source
     from .reducers import kernels
     from .runner import plan
     from .spec import ModelSpec, spec_from_dict
@@ -31,6 +31,7 @@ def warm() -> float:
     if kernels.numba is None:  # pragma: no cover - numba is a dependency
         return 0.0
     start = time.perf_counter()
+    quiet_transformers()  # no progress bars in the set-up's output
     bundled = ModelSpec(id="smollm2-135m")
     tokenizer = load_tokenizer(bundled)  # also converts the bundled GGUF once, for the demo and the tests
     spec = spec_from_dict({

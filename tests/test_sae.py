@@ -2,6 +2,7 @@
 `SITE.hook_sae_acts_post` against the SAE applied to SITE's own capture on several families, a Ray job's tables
 against brute force, and a bad SAE refused in one line before anything is mined."""
 
+import hashlib
 import json
 import shutil
 from contextlib import nullcontext
@@ -19,7 +20,8 @@ from mining.hooks import record, resolve_hooks
 from mining.sae import load_sae, load_saes
 from mining.spec import SAESpec, spec_from_dict
 from mining.tiny import tiny_model
-from sae_files import reference, write_gemmascope, write_saelens, write_saelens_transcoder, write_sparsify
+from sae_files import (reference, write_circuit_tracer, write_clt, write_gemmascope, write_saelens,
+                       write_saelens_transcoder, write_sparsify)
 
 
 # ---------------------------------------------------------------- the encoders
@@ -93,6 +95,133 @@ def test_a_gemma_scope_sae_is_read_from_its_params_npz(tmp_path):
     np.testing.assert_array_equal(sae.decoder().numpy(), w["W_dec"].astype(np.float32))
 
 
+@pytest.mark.parametrize("jumprelu, entries", [(None, "uris"), ("threshold", "dicts"),
+                                               ("activation_function.threshold", "none")])
+def test_a_circuit_tracer_transcoder_set_gives_each_layer_its_own_file(tmp_path, jumprelu, entries):
+    """circuit-tracer's transcoder sets (config.yaml, layer_L.safetensors with W_enc (d_sae, d_in), bfloat16): the
+    key's block picks its layer's file however the config lists them; the input is not centred, ReLU or JumpReLU
+    (either name of the threshold), and the latents write feature_output_hook (mlp.hook_out: hook_mlp_out). W_skip
+    adds to the reconstruction only."""
+    w = write_circuit_tracer(tmp_path, {0: (24, 96, 24), 1: (24, 80, 24), 2: (24, 64, 24)}, jumprelu=jumprelu,
+                             skip=True, entries=entries)
+    x = torch.randn(3, 11, 24, generator=torch.Generator().manual_seed(5))
+    for layer in (1, 2):
+        sae = load_sae(f"blocks.{layer}.ln2.hook_normalized", SAESpec(str(tmp_path)))
+        assert (sae.kind, sae.d_in, sae.d_sae, sae.centre_input, sae.layout, sae.transcoder, sae.out_hook,
+                sae.d_out, sae.file) == ("jumprelu" if jumprelu else "standard", 24, w[layer]["W_enc"].shape[1],
+                                         False, "circuit-tracer", True, f"blocks.{layer}.hook_mlp_out", 24,
+                                         f"layer_{layer}.safetensors")
+        got = sae.encode(x).numpy()
+        want = reference("jumprelu" if jumprelu else "standard", w[layer], x.numpy(), centre=False)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert 0 < (got > 0).mean() < 1
+        np.testing.assert_array_equal(sae.decoder().numpy(), w[layer]["W_dec"].astype(np.float32))
+
+
+@pytest.mark.parametrize("jumprelu", [False, True])
+def test_a_cross_layer_transcoders_layer_encodes_with_its_own_tensors(tmp_path, jumprelu):
+    """A circuit-tracer cross-layer transcoder (config.yaml, W_enc_L/W_dec_L.safetensors): the key's layer's encoder
+    (W_enc_L (d_sae, d_in), b_enc_L, threshold_L), not centred; its decoder (d_sae, n_layers - L, d_out) writes
+    hook_mlp_out of its block and each after it."""
+    w = write_clt(tmp_path, 4, 24, 64, 24, jumprelu=jumprelu)
+    x = torch.randn(3, 11, 24, generator=torch.Generator().manual_seed(5))
+    for layer in (1, 3):
+        sae = load_sae(f"blocks.{layer}.hook_resid_mid", SAESpec(str(tmp_path)))
+        assert (sae.kind, sae.d_in, sae.d_sae, sae.centre_input, sae.layout, sae.out_hook, sae.d_out, sae.n_out,
+                sae.has_decoder, sae.weights.name) == ("jumprelu" if jumprelu else "standard", 24, 64, False,
+                                                       "circuit-tracer", f"blocks.{layer}.hook_mlp_out", 24, 4 - layer,
+                                                       True, f"W_enc_{layer}.safetensors")
+        got = sae.encode(x).numpy()
+        want = reference("jumprelu" if jumprelu else "standard", w[layer], x.numpy(), centre=False)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert 0 < (got > 0).mean() < 1
+        np.testing.assert_array_equal(sae.decoder().numpy(), w[layer]["W_dec"].astype(np.float32))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "granite"])
+def test_a_cross_layer_latents_lens_sums_its_writes_into_each_block(tmp_path, family):
+    """Layer 0's latents of a cross-layer transcoder writing a quarter of a direction into block 0's hook_mlp_out and
+    three quarters into block 1's have the lens of a per-layer transcoder writing all of it into block 1's
+    (hook_mlp_out joins the stream as it is; Granite's multiplier is on each block's write)."""
+    from mining.analyses.logit_lens import logit_lens_table
+
+    model = tiny_model(family).eval()
+    d_model = model.config.hidden_size
+    rows = torch.randn(48, d_model, generator=torch.Generator().manual_seed(3))
+    write_clt(tmp_path / "clt", 2, d_model, 48, d_model, w_dec={0: torch.stack([rows * 0.25, rows * 0.75], 1)},
+              dtype=torch.float32, layers=range(1))
+    write_circuit_tracer(tmp_path / "set", {1: (d_model, 48, d_model)}, "hook_resid_mid", "hook_mlp_out", w_dec=rows,
+                         dtype=torch.float32)
+    saes = {"blocks.0.hook_resid_mid": load_sae("blocks.0.hook_resid_mid", SAESpec(str(tmp_path / "clt"))),
+            "blocks.1.hook_resid_mid": load_sae("blocks.1.hook_resid_mid", SAESpec(str(tmp_path / "set")))}
+    points = resolve_hooks(model, ["blocks.*.hook_resid_mid.hook_sae_acts_post"], saes=saes)
+    lens = logit_lens_table(model, None, [], k=5, latents=points).to_pandas()
+    key = ["neuron", "sign", "rank"]
+    clt, single = (lens[lens.layer == layer].set_index(key).sort_index() for layer in (0, 1))
+    assert len(clt) == len(single) == 48 * 2 * 5
+    assert (clt.token_id == single.token_id).all()
+    np.testing.assert_allclose(clt.weight, single.weight, rtol=1e-4, atol=1e-6)
+
+
+def test_a_cross_layer_transcoder_on_the_hub_fetches_one_layers_encoder_and_decoder(tmp_path, monkeypatch):
+    import fnmatch
+
+    import huggingface_hub
+
+    repo = tmp_path / "repo"
+    write_clt(repo, 3, 24, 32, 24)
+    asked, cache = [], tmp_path / "cache"
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        asked.append(allow_patterns)
+        for f in repo.iterdir():
+            if allow_patterns is None or any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                cache.mkdir(exist_ok=True)
+                shutil.copy(f, cache / f.name)
+        return str(cache)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    sae = load_sae("blocks.2.hook_resid_mid", SAESpec("someone/clt"))
+    assert asked[-1] == ["config.yaml", "W_enc_2.safetensors", "W_dec_2.safetensors"]
+    assert sorted(f.name for f in cache.iterdir()) == ["W_dec_2.safetensors", "W_enc_2.safetensors", "config.yaml"]
+    assert (sae.n_out, sae.d_sae) == (1, 32)
+
+
+def test_a_circuit_tracer_set_on_the_hub_fetches_its_config_and_one_layers_file(tmp_path, monkeypatch):
+    """A set's repo holds every layer's file (1.7 GB each for Qwen3-0.6B's): the key's layer's alone is fetched."""
+    import fnmatch
+
+    import huggingface_hub
+
+    repo = tmp_path / "repo"
+    write_circuit_tracer(repo / "relu", {0: (24, 32, 24), 1: (24, 32, 24), 2: (24, 32, 24)}, entries="uris")
+    for f in (repo / "relu").iterdir():  # as the config's hf:// paths have it: the files in the repo's subfolder
+        f.rename(repo / f.name)
+    config = (repo / "config.yaml").read_text().replace("transcoders/layer_", "transcoders/relu/layer_")
+    (repo / "relu" / "config.yaml").write_text(config)
+    (repo / "relu" / "features").mkdir()  # circuit-tracer repos also hold the features' dashboards
+    (repo / "relu" / "features" / "layer_1.bin").write_bytes(b"0" * 10)
+    for f in list(repo.glob("*.safetensors")):
+        f.rename(repo / "relu" / f.name)
+    asked, cache = [], tmp_path / "cache"
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        asked.append(allow_patterns)
+        for f in repo.rglob("*"):
+            name = f.relative_to(repo).as_posix()
+            if f.is_file() and (allow_patterns is None or any(fnmatch.fnmatch(name, p) for p in allow_patterns)):
+                (cache / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, cache / name)
+        return str(cache)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    sae = load_sae("blocks.1.ln2.hook_normalized", SAESpec("someone/transcoders", subfolder="relu"))
+    assert asked == [["relu/config.yaml"], ["relu/config.yaml", "relu/layer_1.safetensors"]]
+    assert sorted(f.relative_to(cache).as_posix() for f in cache.rglob("*") if f.is_file()) == \
+        ["relu/config.yaml", "relu/layer_1.safetensors"]
+    assert (sae.folder, sae.file, sae.d_sae) == (cache / "relu", "layer_1.safetensors", 32)
+
+
 @pytest.mark.parametrize("transcode", [False, True])
 def test_sparsify_encoder_keeps_the_k_largest(tmp_path, transcode):
     w = write_sparsify(tmp_path, 20, 80, k=5, transcode=transcode)
@@ -150,8 +279,8 @@ def test_a_latent_whose_decoder_is_a_neurons_direction_has_that_neurons_lens(tmp
     (the identity, from hook_resid_mid) and hook_mlp_out (those rows, from hook_resid_pre): each latent's lens is
     the neuron's (tests/test_logit_lens.py checks the neurons' against brute force), but where a row is read after
     something the neuron's write passes: Gemma 2's MLP output norm (the SAEs writing hook_mlp_out or the stream),
-    Granite's multiplier (resid_post). A transcoder's lens (SAELens', or Gemma Scope's told what it writes) is that
-    of an SAE on the hook it writes."""
+    Granite's multiplier (resid_post). A transcoder's lens (SAELens', Gemma Scope's told what it writes, or a
+    circuit-tracer set's) is that of an SAE on the hook it writes."""
     from mining.analyses.logit_lens import logit_lens_table
     from mining.hooks import mlp_out_weight
 
@@ -166,6 +295,8 @@ def test_a_latent_whose_decoder_is_a_neurons_direction_has_that_neurons_lens(tmp
                              w_dec=torch.eye(d_mlp))
     write_saelens_transcoder(tmp_path / "to-mlp-out", d_model, d_mlp, d_model, "blocks.1.hook_mlp_out", w_dec=w_out)
     write_gemmascope(tmp_path / "gemmascope-to-mlp-out", d_model, d_mlp, w_dec=w_out.numpy())
+    write_circuit_tracer(tmp_path / "tracer-to-mlp-out", {1: (d_model, d_mlp, d_model)}, "hook_attn_out", w_dec=w_out,
+                         dtype=torch.float32)
     saes = {"blocks.1.mlp.hook_post": load_sae("blocks.1.mlp.hook_post", SAESpec(str(tmp_path / "identity"))),
             "blocks.1.hook_resid_post": load_sae("blocks.1.hook_resid_post", SAESpec(str(tmp_path / "stream"))),
             "blocks.1.hook_mlp_out": load_sae("blocks.1.hook_mlp_out", SAESpec(str(tmp_path / "stream"))),
@@ -174,7 +305,8 @@ def test_a_latent_whose_decoder_is_a_neurons_direction_has_that_neurons_lens(tmp
             "blocks.1.hook_resid_mid": load_sae("blocks.1.hook_resid_mid", SAESpec(str(tmp_path / "to-neurons"))),
             "blocks.1.hook_resid_pre": load_sae("blocks.1.hook_resid_pre", SAESpec(str(tmp_path / "to-mlp-out"))),
             "blocks.1.ln1.hook_normalized": load_sae("blocks.1.ln1.hook_normalized", SAESpec(
-                str(tmp_path / "gemmascope-to-mlp-out"), writes="blocks.1.hook_mlp_out"))}
+                str(tmp_path / "gemmascope-to-mlp-out"), writes="blocks.1.hook_mlp_out")),
+            "blocks.1.hook_attn_out": load_sae("blocks.1.hook_attn_out", SAESpec(str(tmp_path / "tracer-to-mlp-out")))}
     names = [f"{hook}.hook_sae_acts_post" for hook in saes]
     points = resolve_hooks(model, names, saes=saes)
     lens = logit_lens_table(model, None, [1], k=5, latents=points).to_pandas()
@@ -189,7 +321,8 @@ def test_a_latent_whose_decoder_is_a_neurons_direction_has_that_neurons_lens(tmp
         # the stream SAEs' latents read after Gemma 2's MLP output norm; after Granite's multiplier (resid_post)
         expected = {"hook_resid_post": family == "llama", "hook_mlp_out": family != "gemma2",
                     "hook_resid_pre": family != "gemma2",  # the SAELens transcoder writing hook_mlp_out
-                    "ln1": family != "gemma2"}  # the Gemma Scope one
+                    "ln1": family != "gemma2",  # the Gemma Scope one
+                    "hook_attn_out": family != "gemma2"}  # the circuit-tracer one
         assert same == expected.get(name.split(".")[2], True), name
 
 
@@ -288,6 +421,16 @@ def saes(tmp_path_factory):
     cfg = json.loads((root / "tc-no-out" / "cfg.json").read_text())
     (root / "tc-no-out" / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "hook_name_out"}))
     write_saelens(root / "encoder-only", 32, 64)
+    write_circuit_tracer(root / "tracer", {0: (32, 64, 32), 1: (32, 64, 32)})
+    write_circuit_tracer(root / "tracer-layer-0-only", {0: (32, 64, 32)})
+    write_circuit_tracer(root / "tracer-narrow", {0: (16, 64, 32), 1: (16, 64, 32)})
+    write_circuit_tracer(root / "tracer-other-kind", {0: (32, 64, 32)}, model_kind="crosscoder")
+    write_clt(root / "clt-of-a-deeper-model", 4, 32, 64, 32)
+    write_clt(root / "clt-layer-0-only", 2, 32, 64, 32, layers=range(1))
+    write_circuit_tracer(root / "tracer-npz", {0: (32, 64, 32)}, transcoders=["layer_0/params.npz"] * 2)
+    write_circuit_tracer(root / "tracer-to-a-module", {1: (32, 64, 32)}, writes="mlp.down_proj")
+    write_circuit_tracer(root / "tracer-not-a-mapping", {1: (32, 64, 32)})
+    (root / "tracer-not-a-mapping" / "config.yaml").write_text("- just\n- a list\n")
     from safetensors.torch import load_file, save_file
 
     weights = str(root / "encoder-only" / "sae_weights.safetensors")
@@ -366,6 +509,39 @@ REFUSALS = {
                           "saes": {"blocks.1.hook_resid_post": "nobody/no-such-sae"}},
                          "cannot fetch 'nobody/no-such-sae'"),
     "wildcard-key": ({"saes": {"blocks.*.hook_resid_post": "good"}}, "expected the hook an SAE reads"),
+    "tracer-keyed-by-another-hook": ({"hooks": ["blocks.1.hook_resid_post.hook_sae_acts_post"],
+                                      "saes": {"blocks.1.hook_resid_post": "tracer"}},
+                                     "its config.yaml says its transcoders read mlp.hook_in "
+                                     "(blocks.1.ln2.hook_normalized); key it by that hook"),
+    "tracer-without-the-layer": ({"hooks": ["blocks.1.ln2.hook_normalized.hook_sae_acts_post"],
+                                  "saes": {"blocks.1.ln2.hook_normalized": "tracer-layer-0-only"}},
+                                 "has no layer_1.safetensors (the transcoder of layer 1)"),
+    "tracer-another-width": ({"hooks": ["blocks.1.ln2.hook_normalized.hook_sae_acts_post"],
+                              "saes": {"blocks.1.ln2.hook_normalized": "tracer-narrow"}}, "the SAE reads 16 features"),
+    "tracer-other-kind": ({"hooks": ["blocks.0.ln2.hook_normalized.hook_sae_acts_post"],
+                           "saes": {"blocks.0.ln2.hook_normalized": "tracer-other-kind"}},
+                          "model_kind 'crosscoder' is not supported"),
+    "clt-of-a-deeper-model": ({"hooks": ["blocks.0.hook_resid_mid.hook_sae_acts_post"],
+                               "saes": {"blocks.0.hook_resid_mid": "clt-of-a-deeper-model"}},
+                              "the cross-layer transcoder writes hook_mlp_out of blocks 0..3, this model has "
+                              "blocks 0..1"),
+    "clt-without-the-layer": ({"hooks": ["blocks.1.hook_resid_mid.hook_sae_acts_post"],
+                               "saes": {"blocks.1.hook_resid_mid": "clt-layer-0-only"}},
+                              "has no W_enc_1.safetensors (the cross-layer transcoder's encoder of layer 1)"),
+    "tracer-npz-file": ({"hooks": ["blocks.1.ln2.hook_normalized.hook_sae_acts_post"],
+                         "saes": {"blocks.1.ln2.hook_normalized": "tracer-npz"}},
+                        "gives layer 1 the file 'layer_0/params.npz'; only circuit-tracer's safetensors files"),
+    "tracer-writes-a-module": ({"hooks": ["blocks.1.ln2.hook_normalized.hook_sae_acts_post"],
+                                "saes": {"blocks.1.ln2.hook_normalized": "tracer-to-a-module"}},
+                               "the transcoder writes blocks.1.mlp.down_proj; only a hook of the block it reads "
+                               "(blocks.1) that this model has"),
+    "tracer-not-a-config": ({"hooks": ["blocks.1.ln2.hook_normalized.hook_sae_acts_post"],
+                             "saes": {"blocks.1.ln2.hook_normalized": "tracer-not-a-mapping"}},
+                            "is not a circuit-tracer config"),
+    "writes-of-a-tracer-set": ({"hooks": ["blocks.1.ln2.hook_normalized.hook_sae_acts_post"],
+                                "saes": {"blocks.1.ln2.hook_normalized": {"source": "tracer",
+                                                                          "writes": "blocks.1.hook_mlp_out"}}},
+                               "a circuit-tracer set's config.yaml too (feature_output_hook)"),
 }
 
 
@@ -395,7 +571,9 @@ def mined(hostile_job, tmp_path_factory):
     """The tiny Llama over the hostile corpus: a SAELens JumpReLU SAE on layer 1's residual stream (also kept
     densely), a sparsify top-k SAE on layer 0's MLP neurons beside those neurons, and a standard SAE on layer 0's
     MLP output, a sparsify transcoder on layer 1's MLP input, a SAELens JumpReLU transcoder reading layer 0's
-    MLP input and writing its hook_mlp_out, and a Gemma Scope SAE (params.npz) on layer 0's residual stream."""
+    MLP input and writing its hook_mlp_out, a Gemma Scope SAE (params.npz) on layer 0's residual stream, and a
+    circuit-tracer set's JumpReLU skip transcoder reading layer 1's hook_resid_mid and writing its MLP's output, and
+    layer 0's part of a circuit-tracer cross-layer transcoder reading layer 0's and writing both MLPs' outputs."""
     from mining.cli import main
 
     root = tmp_path_factory.mktemp("sae-job")
@@ -405,7 +583,11 @@ def mined(hostile_job, tmp_path_factory):
                "transcoder": write_sparsify(root / "transcoder", 32, 64, k=4, transcode=True),
                "saelens_transcoder": write_saelens_transcoder(root / "saelens-transcoder", 32, 48, 32,
                                                               "blocks.0.hook_mlp_out", "jumprelu_transcoder"),
-               "gemmascope": write_gemmascope(root / "gemmascope", 32, 64)}
+               "gemmascope": write_gemmascope(root / "gemmascope", 32, 64),
+               "tracer": write_circuit_tracer(root / "tracer", {0: (32, 40, 32), 1: (32, 56, 32)}, "hook_resid_mid",
+                                              jumprelu="activation_function.threshold", skip=True)[1],
+               "clt": write_clt(root / "clt", 2, 32, 40, 32, layers=range(1))[0]}
+    weights["clt"]["W_dec"] = weights["clt"]["W_dec"].sum(1)  # its whole write into the stream: both blocks'
     job = root / "job.yaml"
     job.write_text(f"""
 name: sae
@@ -413,13 +595,15 @@ model: {{id: "{hostile_job.parent / 'model'}"}}
 corpus: {{source: "files:{hostile_job.parent / 'docs'}/*.txt", context_length: 64, max_tokens: 900}}
 hooks: ["blocks.*.hook_resid_post.hook_sae_acts_post", "blocks.0.mlp.hook_post.hook_sae_acts_post",
         "blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out.hook_sae_acts_post",
-        "blocks.*.ln2.hook_normalized.hook_sae_acts_post"]
+        "blocks.*.ln2.hook_normalized.hook_sae_acts_post", "blocks.*.hook_resid_mid.hook_sae_acts_post"]
 saes:
   blocks.1.hook_resid_post: {root / 'resid'}
   blocks.0.hook_mlp_out: {root / 'mlp-out'}
   blocks.1.ln2.hook_normalized: {root / 'transcoder'}
   blocks.0.ln2.hook_normalized: {root / 'saelens-transcoder'}
   blocks.0.hook_resid_post: {root / 'gemmascope'}
+  blocks.1.hook_resid_mid: {root / 'tracer'}
+  blocks.0.hook_resid_mid: {root / 'clt'}
   blocks.0.mlp.hook_post: {{source: {root / 'sparsify'}, subfolder: layers.0.mlp}}
 stats: {{top_k: 6, quantile_samples: 2, dla: true, logit_lens: true, logit_lens_k: 4}}
 dense: {{hooks: ["blocks.1.hook_resid_post.hook_sae_acts_post"], token_fraction: 0.25}}
@@ -446,7 +630,8 @@ def brute(mined, hostile_job):
     model = loaded.model
     last = f"blocks.{model.config.num_hidden_layers - 1}.hook_resid_post"  # the final norm's input
     named = ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.0.hook_mlp_out",
-             "blocks.1.ln2.hook_normalized", "blocks.0.ln2.hook_normalized", "blocks.0.hook_resid_post", last]
+             "blocks.1.ln2.hook_normalized", "blocks.0.ln2.hook_normalized", "blocks.0.hook_resid_post",
+             "blocks.1.hook_resid_mid", "blocks.0.hook_resid_mid", last]
     hooks = list(dict.fromkeys(named))  # the last block's output may be one of them
     acts: dict[str, list] = {hook: [] for hook in hooks}
     with torch.inference_mode(), record(model, hooks) as out:
@@ -454,8 +639,8 @@ def brute(mined, hostile_job):
             model(torch.tensor([prefix + group.token_id.tolist()]))
             for hook in hooks:
                 acts[hook].append(out[hook][0, len(prefix):].numpy())
-    resid, mlp, mlp_out, mlp_in, mlp_in0, resid0, final = (np.concatenate(acts[hook]).astype(np.float64)
-                                                            for hook in named)
+    resid, mlp, mlp_out, mlp_in, mlp_in0, resid0, mid1, mid0, final = (
+        np.concatenate(acts[hook]).astype(np.float64) for hook in named)
     nxt = np.full(len(tokens), -1)  # each mined token's next token in its document
     for shard in plan(load_spec(store / "job.yaml"), loaded.tokenizer)[0]:
         grid = shard.tok_grid()
@@ -468,7 +653,9 @@ def brute(mined, hostile_job):
     latents = {"resid": reference("jumprelu", weights["resid"], resid),
                "transcoder": reference("topk", weights["transcoder"], mlp_in, 4, centre=False),
                "saelens_transcoder": reference("jumprelu", weights["saelens_transcoder"], mlp_in0, centre=False),
-               "gemmascope": reference("jumprelu", weights["gemmascope"], resid0, centre=False)}
+               "gemmascope": reference("jumprelu", weights["gemmascope"], resid0, centre=False),
+               "tracer": reference("jumprelu", weights["tracer"], mid1, centre=False),
+               "clt": reference("standard", weights["clt"], mid0, centre=False)}
     dla = {name: np.where(nxt[:, None] >= 0, a * (d @ weights[name]["W_dec"].T) / scale[:, None], np.nan)
            for name, a in latents.items()}
     return {("hook_resid_post.hook_sae_acts_post", 1): latents["resid"],
@@ -477,7 +664,11 @@ def brute(mined, hostile_job):
             ("ln2.hook_normalized.hook_sae_acts_post", 1): latents["transcoder"],
             ("ln2.hook_normalized.hook_sae_acts_post", 0): latents["saelens_transcoder"],
             ("hook_resid_post.hook_sae_acts_post", 0): latents["gemmascope"],
-            "dla": {("hook_resid_post.hook_sae_acts_post", 1): dla["resid"],
+            ("hook_resid_mid.hook_sae_acts_post", 1): latents["tracer"],
+            ("hook_resid_mid.hook_sae_acts_post", 0): latents["clt"],
+            "dla": {("hook_resid_mid.hook_sae_acts_post", 1): dla["tracer"],
+                    ("hook_resid_mid.hook_sae_acts_post", 0): dla["clt"],
+                    ("hook_resid_post.hook_sae_acts_post", 1): dla["resid"],
                     ("ln2.hook_normalized.hook_sae_acts_post", 1): dla["transcoder"],
                     ("ln2.hook_normalized.hook_sae_acts_post", 0): dla["saelens_transcoder"],
                     ("hook_resid_post.hook_sae_acts_post", 0): dla["gemmascope"]}}
@@ -489,7 +680,8 @@ def test_latents_tables_match_brute_force(mined, brute):
     neurons = pq.read_table(store / "neurons.parquet").to_pandas()
     top = pq.read_table(store / "top_examples.parquet").to_pandas()
     assert sorted(set(zip(neurons.hook, neurons.layer))) == [
-        ("hook_mlp_out.hook_sae_acts_post", 0), ("hook_resid_post.hook_sae_acts_post", 0),
+        ("hook_mlp_out.hook_sae_acts_post", 0), ("hook_resid_mid.hook_sae_acts_post", 0),
+        ("hook_resid_mid.hook_sae_acts_post", 1), ("hook_resid_post.hook_sae_acts_post", 0),
         ("hook_resid_post.hook_sae_acts_post", 1), ("ln2.hook_normalized.hook_sae_acts_post", 0),
         ("ln2.hook_normalized.hook_sae_acts_post", 1),
         ("mlp.hook_post", 0), ("mlp.hook_post.hook_sae_acts_post", 0)]
@@ -519,6 +711,8 @@ def test_latents_dla_matches_brute_force(mined, brute, tmp_path):
     dla = pq.read_table(store / "dla_neurons.parquet").to_pandas()
     examples = pq.read_table(store / "dla_examples.parquet").to_pandas()
     assert sorted(set(zip(dla.hook, dla.layer))) == [("hook_mlp_out.hook_sae_acts_post", 0),
+                                                     ("hook_resid_mid.hook_sae_acts_post", 0),
+                                                     ("hook_resid_mid.hook_sae_acts_post", 1),
                                                      ("hook_resid_post.hook_sae_acts_post", 0),
                                                      ("hook_resid_post.hook_sae_acts_post", 1),
                                                      ("ln2.hook_normalized.hook_sae_acts_post", 0),
@@ -573,10 +767,17 @@ def test_dense_latents_and_provenance(mined, brute):
         "blocks.0.hook_mlp_out": ("saelens", "standard", 64, None),
         "blocks.1.ln2.hook_normalized": ("sparsify", "topk", 64, 4),
         "blocks.0.ln2.hook_normalized": ("saelens", "jumprelu", 48, None),
-        "blocks.0.hook_resid_post": ("gemmascope", "jumprelu", 64, None)}
+        "blocks.0.hook_resid_post": ("gemmascope", "jumprelu", 64, None),
+        "blocks.1.hook_resid_mid": ("circuit-tracer", "jumprelu", 56, None),
+        "blocks.0.hook_resid_mid": ("circuit-tracer", "standard", 40, None)}
     assert {h: (r["transcoder"], r["hook_name_out"]) for h, r in recorded.items() if r["transcoder"]} == {
-        "blocks.1.ln2.hook_normalized": (True, None), "blocks.0.ln2.hook_normalized": (True, "blocks.0.hook_mlp_out")}
+        "blocks.1.ln2.hook_normalized": (True, None), "blocks.0.ln2.hook_normalized": (True, "blocks.0.hook_mlp_out"),
+        "blocks.1.hook_resid_mid": (True, "blocks.1.hook_mlp_out"),
+        "blocks.0.hook_resid_mid": (True, "blocks.0.hook_mlp_out")}
     assert all(len(r["weights_sha256"]) == 64 for r in recorded.values())
+    tracer = recorded["blocks.1.hook_resid_mid"]  # one file a layer: layer 1's is the one read and hashed
+    assert tracer["weights"] == str(Path(tracer["folder"]) / "layer_1.safetensors")
+    assert tracer["weights_sha256"] == hashlib.sha256(Path(tracer["weights"]).read_bytes()).hexdigest()
 
 
 @pytest.mark.ray
@@ -591,6 +792,8 @@ def test_latents_logit_lens_rows_and_query(mined):
                       ("ln2.hook_normalized.hook_sae_acts_post", 1): 64 * 2 * 4,  # a transcoder writes the stream
                       ("ln2.hook_normalized.hook_sae_acts_post", 0): 48 * 2 * 4,
                       ("hook_resid_post.hook_sae_acts_post", 0): 64 * 2 * 4,
+                      ("hook_resid_mid.hook_sae_acts_post", 1): 56 * 2 * 4,  # circuit-tracer's transcoders
+                      ("hook_resid_mid.hook_sae_acts_post", 0): 40 * 2 * 4,
                       ("mlp.hook_post", 0): 64 * 2 * 4, ("mlp.hook_post.hook_sae_acts_post", 0): 128 * 2 * 4}
     con = connect(store)
     rows = run_named(con, "logit-lens", {"hook": "hook_resid_post.hook_sae_acts_post", "layer": "1", "neuron": "7",

@@ -154,6 +154,8 @@ def latent_writes(model: nn.Module, point: HookPoint) -> tuple[torch.Tensor, str
     module_output = sae.transcoder and not sae.out_hook  # sparsify's transcoder: the MLP module's output
     device = unembedding(model).device
     w = sae.decoder().to(device)
+    if w.dim() == 3:  # a cross-layer transcoder's: each latent writes base in this block and the n - 1 after it
+        return _cross_layer_writes(model, point, w), "stream"
     part = "mlp" if module_output else _PROJECTED.get(base, "stream")
     if base in _PROJECTED and not module_output:
         w = w @ out_weight(model, point.layer, base).float()
@@ -166,6 +168,20 @@ def latent_writes(model: nn.Module, point: HookPoint) -> tuple[torch.Tensor, str
     else:  # hook_attn_out/hook_mlp_out: the block's multiplier, their norm already applied; the stream itself: none
         gain = write_gain(model, point.layer, norm=False) if _WRITES.get(base, False) else None
     return (w if gain is None else w * gain), part
+
+
+def _cross_layer_writes(model: nn.Module, point: HookPoint, w: torch.Tensor) -> torch.Tensor:
+    """A cross-layer transcoder's decoder (d_sae, n, d_model): what it writes into blocks L..L+n-1's out site (one
+    that joins the stream as it is: its output norm already applied) summed, each block's multiplier on its own."""
+    base, layer = point.sae.out_site, point.layer
+    if base not in _WRITES:  # its blocks are checked against the model's when its hook is resolved
+        raise UserError(f"saes.{point.sae.hook}: the cross-layer transcoder writes {base}; the logit lens and DLA "
+                        "read one writing a residual-stream vector (hook_mlp_out, hook_attn_out)")
+    total = torch.zeros(w.shape[0], w.shape[2], device=w.device)
+    for j in range(w.shape[1]):
+        gain = write_gain(model, layer + j, norm=False) if _WRITES[base] else None
+        total += w[:, j] if gain is None else w[:, j] * gain
+    return total
 
 
 def latent_directions(model: nn.Module, point: HookPoint, gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
