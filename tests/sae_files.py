@@ -74,10 +74,9 @@ def write_circuit_tracer(folder: Path, layers: dict[int, tuple[int, int, int]], 
                          dtype: torch.dtype = torch.bfloat16, **cfg) -> dict[int, dict[str, np.ndarray]]:
     """A random circuit-tracer transcoder set: config.yaml and layer_L.safetensors for each layer L -> (d_in, d_sae,
     d_out), in bfloat16 (as circuit-tracer saves them) unless dtype says otherwise. jumprelu: the threshold's name
-    (threshold, or
-    activation_function.threshold as its JumpReLU module saves it), None for ReLU; skip: a W_skip too; entries: the
-    config's transcoders as hf:// paths ("uris"), {layer, filepath} mappings ("dicts") or none ("none"); w_dec: the
-    decoder rows of every layer. Each layer's tensors as NumPy, W_enc (d_in, d_sae) as the reference reads it."""
+    (threshold, or activation_function.threshold as its JumpReLU module saves it), None for ReLU; skip: a W_skip
+    too; entries: the config's transcoders as hf:// paths ("uris"), {layer, filepath} mappings ("dicts") or none
+    ("none"); w_dec: the decoder rows of every layer. Each layer's tensors as NumPy, W_enc (d_in, d_sae) as the reference reads it."""
     import yaml
 
     g = torch.Generator().manual_seed(seed)
