@@ -163,47 +163,15 @@ def test_a_cross_layer_latents_lens_sums_its_writes_into_each_block(tmp_path, fa
     np.testing.assert_allclose(clt.weight, single.weight, rtol=1e-4, atol=1e-6)
 
 
-def test_a_cross_layer_transcoder_on_the_hub_fetches_one_layers_encoder_and_decoder(tmp_path, monkeypatch):
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A Hugging Face repo served from a folder: huggingface_hub.snapshot_download copies the files its
+    allow_patterns match into a cache; (the repo's folder, the cache, the patterns each call asked for)."""
     import fnmatch
 
     import huggingface_hub
 
-    repo = tmp_path / "repo"
-    write_clt(repo, 3, 24, 32, 24)
-    asked, cache = [], tmp_path / "cache"
-
-    def snapshot_download(repo_id, revision=None, allow_patterns=None):
-        asked.append(allow_patterns)
-        for f in repo.iterdir():
-            if allow_patterns is None or any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
-                cache.mkdir(exist_ok=True)
-                shutil.copy(f, cache / f.name)
-        return str(cache)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    sae = load_sae("blocks.2.hook_resid_mid", SAESpec("someone/clt"))
-    assert asked[-1] == ["config.yaml", "W_enc_2.safetensors", "W_dec_2.safetensors"]
-    assert sorted(f.name for f in cache.iterdir()) == ["W_dec_2.safetensors", "W_enc_2.safetensors", "config.yaml"]
-    assert (sae.n_out, sae.d_sae) == (1, 32)
-
-
-def test_a_circuit_tracer_set_on_the_hub_fetches_its_config_and_one_layers_file(tmp_path, monkeypatch):
-    """A set's repo holds every layer's file (1.7 GB each for Qwen3-0.6B's): the key's layer's alone is fetched."""
-    import fnmatch
-
-    import huggingface_hub
-
-    repo = tmp_path / "repo"
-    write_circuit_tracer(repo / "relu", {0: (24, 32, 24), 1: (24, 32, 24), 2: (24, 32, 24)}, entries="uris")
-    for f in (repo / "relu").iterdir():  # as the config's hf:// paths have it: the files in the repo's subfolder
-        f.rename(repo / f.name)
-    config = (repo / "config.yaml").read_text().replace("transcoders/layer_", "transcoders/relu/layer_")
-    (repo / "relu" / "config.yaml").write_text(config)
-    (repo / "relu" / "features").mkdir()  # circuit-tracer repos also hold the features' dashboards
-    (repo / "relu" / "features" / "layer_1.bin").write_bytes(b"0" * 10)
-    for f in list(repo.glob("*.safetensors")):
-        f.rename(repo / "relu" / f.name)
-    asked, cache = [], tmp_path / "cache"
+    repo, cache, asked = tmp_path / "repo", tmp_path / "cache", []
 
     def snapshot_download(repo_id, revision=None, allow_patterns=None):
         asked.append(allow_patterns)
@@ -215,10 +183,33 @@ def test_a_circuit_tracer_set_on_the_hub_fetches_its_config_and_one_layers_file(
         return str(cache)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return repo, cache, asked
+
+
+def _fetched(cache: Path) -> list[str]:
+    return sorted(f.relative_to(cache).as_posix() for f in cache.rglob("*") if f.is_file())
+
+
+def test_a_cross_layer_transcoder_on_the_hub_fetches_one_layers_encoder_and_decoder(hub):
+    repo, cache, asked = hub
+    write_clt(repo, 3, 24, 32, 24)
+    sae = load_sae("blocks.2.hook_resid_mid", SAESpec("someone/clt"))
+    assert asked == [["config.yaml"], ["config.yaml", "W_enc_2.safetensors", "W_dec_2.safetensors"]]
+    assert _fetched(cache) == ["W_dec_2.safetensors", "W_enc_2.safetensors", "config.yaml"]
+    assert (sae.n_out, sae.d_sae) == (1, 32)
+
+
+def test_a_circuit_tracer_set_on_the_hub_fetches_its_config_and_one_layers_file(hub):
+    """A set's repo holds every layer's file (1.7 GB each for Qwen3-0.6B's): the key's layer's alone is fetched."""
+    repo, cache, asked = hub
+    write_circuit_tracer(repo / "relu", {0: (24, 32, 24), 1: (24, 32, 24), 2: (24, 32, 24)}, entries="uris")
+    config = repo / "relu" / "config.yaml"  # its hf:// paths name the files in the repo's subfolder
+    config.write_text(config.read_text().replace("transcoders/layer_", "transcoders/relu/layer_"))
+    (repo / "relu" / "features").mkdir()  # circuit-tracer repos also hold the features' dashboards
+    (repo / "relu" / "features" / "layer_1.bin").write_bytes(b"0" * 10)
     sae = load_sae("blocks.1.ln2.hook_normalized", SAESpec("someone/transcoders", subfolder="relu"))
     assert asked == [["relu/config.yaml"], ["relu/config.yaml", "relu/layer_1.safetensors"]]
-    assert sorted(f.relative_to(cache).as_posix() for f in cache.rglob("*") if f.is_file()) == \
-        ["relu/config.yaml", "relu/layer_1.safetensors"]
+    assert _fetched(cache) == ["relu/config.yaml", "relu/layer_1.safetensors"]
     assert (sae.folder, sae.file, sae.d_sae) == (cache / "relu", "layer_1.safetensors", 32)
 
 
