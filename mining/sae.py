@@ -44,7 +44,7 @@ import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -198,16 +198,24 @@ class CrossLayerTranscoder(SAE):
 
     def decoder(self) -> torch.Tensor:
         """W_dec_L as float32 (d_sae, n_out, d_out): each latent's write into out_hook's site of block L + j."""
+        return torch.stack(list(self.decoder_blocks()), dim=1)
+
+    def decoder_blocks(self) -> Iterator[torch.Tensor]:
+        """W_dec_L[:, j] as float32 (d_sae, d_out) for each block L + j in turn, read a slice at a time: layer 0's
+        whole decoder of a 26-layer CLT with 16k latents a layer is 2 GB in bfloat16, 4 GB as float32."""
+        from safetensors import safe_open
+
         name = f"W_dec_{self.layer}"
-        found = read_tensors(self.decoder_file, [name]) if self.decoder_file.is_file() else {}
-        if name not in found:
-            raise UserError(f"saes.{self.hook}: {self.folder} has no {self.decoder_file.name} with {name} (the decoder "
-                            "the logit lens and DLA read)")
-        w = found[name].float()
-        if tuple(w.shape) != (self.d_sae, self.n_out, self.d_out):
-            raise UserError(f"saes.{self.hook}: {name} is {tuple(w.shape)}, expected "
-                            f"{(self.d_sae, self.n_out, self.d_out)}")
-        return w
+        if not self.decoder_file.is_file():
+            raise UserError(f"saes.{self.hook}: {self.folder} has no {self.decoder_file.name} (the decoder the logit "
+                            "lens and DLA read)")
+        with safe_open(str(self.decoder_file), framework="pt") as f:
+            shape = tuple(f.get_slice(name).get_shape()) if name in f.keys() else None
+            if shape != (self.d_sae, self.n_out, self.d_out):
+                raise UserError(f"saes.{self.hook}: {self.decoder_file.name}'s {name} is {shape}, expected "
+                                f"{(self.d_sae, self.n_out, self.d_out)}")
+            for j in range(self.n_out):
+                yield f.get_slice(name)[:, j, :].float()
 
 
 def sae_folder(hook: str, spec: Any) -> Path:

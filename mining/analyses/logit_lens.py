@@ -43,7 +43,7 @@ from torch import nn
 from ..architectures import arch_of, dims, locate, text_config
 from ..errors import UserError
 from ..hooks import HookPoint, final_norm, mlp_out_weight, norm_gain, out_weight, unembedding, write_gain
-from ..sae import split_sae
+from ..sae import CrossLayerTranscoder, split_sae
 
 SCHEMA = pa.schema([
     ("hook", pa.string()), ("layer", pa.int32()), ("neuron", pa.int32()), ("sign", pa.string()), ("rank", pa.int32()),
@@ -152,10 +152,10 @@ def latent_writes(model: nn.Module, point: HookPoint) -> tuple[torch.Tensor, str
     sae = point.sae
     base = sae.out_site or split_sae(point.site)[0]  # the site its decoder writes
     module_output = sae.transcoder and not sae.out_hook  # sparsify's transcoder: the MLP module's output
+    if isinstance(sae, CrossLayerTranscoder):  # each latent writes base in this block and the n - 1 after it
+        return _cross_layer_writes(model, point, sae), "stream"
     device = unembedding(model).device
     w = sae.decoder().to(device)
-    if w.dim() == 3:  # a cross-layer transcoder's: each latent writes base in this block and the n - 1 after it
-        return _cross_layer_writes(model, point, w), "stream"
     part = "mlp" if module_output else _PROJECTED.get(base, "stream")
     if base in _PROJECTED and not module_output:
         w = w @ out_weight(model, point.layer, base).float()
@@ -170,17 +170,18 @@ def latent_writes(model: nn.Module, point: HookPoint) -> tuple[torch.Tensor, str
     return (w if gain is None else w * gain), part
 
 
-def _cross_layer_writes(model: nn.Module, point: HookPoint, w: torch.Tensor) -> torch.Tensor:
-    """A cross-layer transcoder's decoder (d_sae, n, d_model): what it writes into blocks L..L+n-1's out site (one
-    that joins the stream as it is: its output norm already applied) summed, each block's multiplier on its own."""
-    base, layer = point.sae.out_site, point.layer
+def _cross_layer_writes(model: nn.Module, point: HookPoint, sae: CrossLayerTranscoder) -> torch.Tensor:
+    """What a cross-layer transcoder's latents write into blocks L..L+n-1's out site (one that joins the stream as it
+    is: its output norm already applied), summed, each block's multiplier on its own: (d_sae, d_model) float32."""
+    base, layer = sae.out_site, point.layer
     if base not in _WRITES:  # its blocks are checked against the model's when its hook is resolved
-        raise UserError(f"saes.{point.sae.hook}: the cross-layer transcoder writes {base}; the logit lens and DLA "
-                        "read one writing a residual-stream vector (hook_mlp_out, hook_attn_out)")
-    total = torch.zeros(w.shape[0], w.shape[2], device=w.device)
-    for j in range(w.shape[1]):
+        raise UserError(f"saes.{sae.hook}: the cross-layer transcoder writes {base}; the logit lens and DLA read one "
+                        "writing a residual-stream vector (hook_mlp_out, hook_attn_out)")
+    device = unembedding(model).device
+    total = torch.zeros(sae.d_sae, sae.d_out, device=device)
+    for j, w in enumerate(sae.decoder_blocks()):
         gain = write_gain(model, layer + j, norm=False) if _WRITES[base] else None
-        total += w[:, j] if gain is None else w[:, j] * gain
+        total += w.to(device) if gain is None else w.to(device) * gain
     return total
 
 
