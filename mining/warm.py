@@ -5,8 +5,9 @@ The kernels (reducers/kernels.py, reducers/layer_kernel.py, byteshuffle.py) are 
 beside their source. On a fresh install every process that mines before that cache exists compiles them all
 again: both actors of the demo, the test suite's three workers and the Ray actors of their first jobs, each
 taking about 50 s of a core. Here one process mines one shard of a tiny random Llama with every statistic that
-runs a kernel (top-k, top contexts, histograms, moments, DLA, polysemanticity), writes and reads its states and
-merges two of them: the real code paths, so the cached signatures are the ones a job asks for.
+runs a kernel (top-k, top contexts, histograms, moments, DLA, polysemanticity), merges two shards' states, writes
+and reads them, then feeds each reducer on its own: the real code paths, so the cached signatures are the ones a
+job asks for (tests/test_kernels.py checks every cached kernel gets one).
 """
 
 from __future__ import annotations
@@ -78,7 +79,13 @@ def _each_reducer() -> None:
 
 
 def main() -> int:
-    seconds = warm()
+    from .errors import UserError
+
+    try:
+        seconds = warm()
+    except UserError as e:  # the bundled model's package missing, say
+        print(f"mining.warm: {e}", file=sys.stderr)
+        return 1
     print(f"mining.warm: CPU kernels compiled and cached ({seconds:.0f} s)", file=sys.stderr)
     return 0
 
