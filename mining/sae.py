@@ -69,6 +69,9 @@ _TRACER_THRESHOLD = "activation_function.threshold"
 """circuit-tracer's name for a JumpReLU threshold in the files its JumpReLU module saved (others say threshold)."""
 _TRACER_SITES = {"mlp.hook_in": "ln2.hook_normalized", "mlp.hook_out": "hook_mlp_out"}
 """circuit-tracer's names for what the MLP reads and writes -> hooks.py's; its other names are TransformerLens'."""
+_CLT_WRITES = ("hook_mlp_out", "hook_attn_out")
+"""What a cross-layer transcoder may write: sites that join the residual stream as they are, so that its writes
+into several blocks add up (the logit lens and DLA sum them)."""
 _KINDS = ("standard", "jumprelu", "topk", "gated")
 _BLOCK_HOOK = re.compile(r"blocks\.\d+\.[A-Za-z0-9_.]+")
 """A block's hook as TransformerLens (and hooks.py) name it."""
@@ -495,6 +498,9 @@ def _circuit_tracer(hook: str, folder: Path, spec: Any, where: str) -> SAE:
 
 def _clt(hook: str, folder: Path, out_hook: str, where: str) -> CrossLayerTranscoder:
     """Layer L's encoder of a circuit-tracer cross-layer transcoder, its decoder's shape from its file's header."""
+    if out_hook.split(".", 2)[2] not in _CLT_WRITES:
+        raise UserError(f"{where}: the cross-layer transcoder writes {out_hook.split('.', 2)[2]}; one writing "
+                        f"{' or '.join(_CLT_WRITES)} (what joins the residual stream) is supported")
     layer = _layer_of(hook)
     encoder, decoder = _clt_files(layer)
     if not (folder / encoder).is_file():

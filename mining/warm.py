@@ -7,7 +7,7 @@ again: both actors of the demo, the test suite's three workers and the Ray actor
 taking about 50 s of a core. Here one process mines one shard of a tiny random Llama with every statistic that
 runs a kernel (top-k, top contexts, histograms, moments, DLA, polysemanticity), merges two shards' states, writes
 and reads them, then feeds each reducer on its own: the real code paths, so the cached signatures are the ones a
-job asks for (tests/test_kernels.py checks every cached kernel gets one).
+job asks for (tests/test_warm.py checks every cached kernel gets one).
 """
 
 from __future__ import annotations

@@ -418,6 +418,7 @@ def saes(tmp_path_factory):
     write_circuit_tracer(root / "tracer-other-kind", {0: (32, 64, 32)}, model_kind="crosscoder")
     write_clt(root / "clt-of-a-deeper-model", 4, 32, 64, 32)
     write_clt(root / "clt-layer-0-only", 2, 32, 64, 32, layers=range(1))
+    write_clt(root / "clt-to-resid-post", 2, 32, 64, 32, writes="hook_resid_post")
     write_circuit_tracer(root / "tracer-npz", {0: (32, 64, 32)}, transcoders=["layer_0/params.npz"] * 2)
     write_circuit_tracer(root / "tracer-to-a-module", {1: (32, 64, 32)}, writes="mlp.down_proj")
     write_circuit_tracer(root / "tracer-not-a-mapping", {1: (32, 64, 32)})
@@ -516,6 +517,10 @@ REFUSALS = {
                                "saes": {"blocks.0.hook_resid_mid": "clt-of-a-deeper-model"}},
                               "the cross-layer transcoder writes hook_mlp_out of blocks 0..3, this model has "
                               "blocks 0..1"),
+    "clt-writes-the-stream": ({"hooks": ["blocks.0.hook_resid_mid.hook_sae_acts_post"],
+                               "saes": {"blocks.0.hook_resid_mid": "clt-to-resid-post"}},
+                              "the cross-layer transcoder writes hook_resid_post; one writing hook_mlp_out or "
+                              "hook_attn_out"),
     "clt-without-the-layer": ({"hooks": ["blocks.1.hook_resid_mid.hook_sae_acts_post"],
                                "saes": {"blocks.1.hook_resid_mid": "clt-layer-0-only"}},
                               "has no W_enc_1.safetensors (the cross-layer transcoder's encoder of layer 1)"),

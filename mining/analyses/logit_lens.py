@@ -150,10 +150,10 @@ def latent_writes(model: nn.Module, point: HookPoint) -> tuple[torch.Tensor, str
     hook_attn_out's and hook_mlp_out's (their norms already applied). The final norm and the logits' factor are the
     reader's (the lens's gain, DLA's d_t)."""
     sae = point.sae
+    if isinstance(sae, CrossLayerTranscoder):  # each latent writes its out site in this block and the n - 1 after it
+        return _cross_layer_writes(model, point, sae), "stream"
     base = sae.out_site or split_sae(point.site)[0]  # the site its decoder writes
     module_output = sae.transcoder and not sae.out_hook  # sparsify's transcoder: the MLP module's output
-    if isinstance(sae, CrossLayerTranscoder):  # each latent writes base in this block and the n - 1 after it
-        return _cross_layer_writes(model, point, sae), "stream"
     device = unembedding(model).device
     w = sae.decoder().to(device)
     part = "mlp" if module_output else _PROJECTED.get(base, "stream")
@@ -171,16 +171,14 @@ def latent_writes(model: nn.Module, point: HookPoint) -> tuple[torch.Tensor, str
 
 
 def _cross_layer_writes(model: nn.Module, point: HookPoint, sae: CrossLayerTranscoder) -> torch.Tensor:
-    """What a cross-layer transcoder's latents write into blocks L..L+n-1's out site (one that joins the stream as it
-    is: its output norm already applied), summed, each block's multiplier on its own: (d_sae, d_model) float32."""
-    base, layer = sae.out_site, point.layer
-    if base not in _WRITES:  # its blocks are checked against the model's when its hook is resolved
-        raise UserError(f"saes.{sae.hook}: the cross-layer transcoder writes {base}; the logit lens and DLA read one "
-                        "writing a residual-stream vector (hook_mlp_out, hook_attn_out)")
+    """What a cross-layer transcoder's latents write into blocks L..L+n-1's hook_mlp_out (or hook_attn_out: sae.py
+    refuses any other site), which joins the stream as it is, its output norm already applied: summed, each
+    block's multiplier on its own, (d_sae, d_model) float32. Its blocks were checked against the model's when its
+    hook was resolved."""
     device = unembedding(model).device
     total = torch.zeros(sae.d_sae, sae.d_out, device=device)
     for j, w in enumerate(sae.decoder_blocks()):
-        gain = write_gain(model, layer + j, norm=False) if _WRITES[base] else None
+        gain = write_gain(model, point.layer + j, norm=False)
         total += w.to(device) if gain is None else w.to(device) * gain
     return total
 
